@@ -123,7 +123,7 @@ struct nk_region {
   uint64_t slots_off;
   uint64_t rings_off;
   uint32_t tenant_id;
-  uint32_t reserved0[7];
+  uint32_t reserved0[5];
   /* line 1: the engine says whether it sleeps; guests ring the eventfd only then */
   NK_ATOMIC(uint32_t) engine_sleeping;
   uint32_t reserved1[15];

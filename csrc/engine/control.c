@@ -1,0 +1,255 @@
+/* Control connections from tenant processes (one per guest thread).
+ *
+ * A connection's tenant is decided when it is accepted, from SO_PEERCRED and the network
+ * namespace of that process, never from anything the process sends (DESIGN §D). A process
+ * outside every tenant's namespace is refused. Requests are fixed-size and validated field by
+ * field; a malformed request gets an error reply, a malformed stream closes the connection.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "engine.h"
+
+struct nk_ctl {
+  int fd;
+  struct nk_tenant *t;
+  struct nk_handle h;
+  struct nk_ctl *next;
+};
+static struct nk_ctl *ctls;
+static int ctl_listen_fd = -1;
+static struct nk_handle h_ctl_listen = {NK_H_CTL_LISTEN, 0, NULL};
+
+int nk_control_listen(const char *path) {
+  int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  struct sockaddr_un un = {.sun_family = AF_UNIX};
+  if (strlen(path) >= sizeof(un.sun_path)) return -ENAMETOOLONG;
+  strcpy(un.sun_path, path);
+  unlink(path);
+  if (bind(fd, (struct sockaddr *)&un, sizeof(un)) < 0 || listen(fd, 512) < 0) {
+    int e = errno;
+    close(fd);
+    return -e;
+  }
+  /* Tenant processes run as various users (nginx workers as www-data): the socket is open to
+   * all, and the namespace check on each connection decides. */
+  chmod(path, 0666);
+  ctl_listen_fd = fd;
+  nk_ep_add(fd, EPOLLIN, &h_ctl_listen);
+  return 0;
+}
+
+static uint64_t pid_netns(pid_t pid) {
+  char p[64];
+  snprintf(p, sizeof(p), "/proc/%d/ns/net", (int)pid);
+  struct stat st;
+  return stat(p, &st) == 0 ? st.st_ino : 0;
+}
+
+static void ctl_close(struct nk_ctl *c) {
+  nk_ep_del(c->fd);
+  close(c->fd);
+  for (struct nk_ctl **p = &ctls; *p; p = &(*p)->next)
+    if (*p == c) {
+      *p = c->next;
+      break;
+    }
+  free(c);
+}
+
+/* Forget tenant pointers of connections when a tenant goes away. */
+void nk_control_forget_tenant(struct nk_tenant *t);
+void nk_control_forget_tenant(struct nk_tenant *t) {
+  struct nk_ctl *c = ctls;
+  while (c) {
+    struct nk_ctl *n = c->next;
+    if (c->t == t) ctl_close(c);
+    c = n;
+  }
+}
+
+static void accept_ctl(void) {
+  for (;;) {
+    int fd = accept4(ctl_listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return;
+    struct ucred cr;
+    socklen_t l = sizeof(cr);
+    struct nk_tenant *t = NULL;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0) t = nk_tenant_by_ino(pid_netns(cr.pid));
+    if (!t) {
+      NK_INFO("refused a control connection from pid %d: not in a tenant namespace", (int)cr.pid);
+      close(fd);
+      continue;
+    }
+    struct nk_ctl *c = calloc(1, sizeof(*c));
+    if (!c) {
+      close(fd);
+      continue;
+    }
+    c->fd = fd;
+    c->t = t;
+    c->h = (struct nk_handle){NK_H_CTL, 0, c};
+    c->next = ctls;
+    ctls = c;
+    nk_ep_add(fd, EPOLLIN | EPOLLRDHUP, &c->h);
+  }
+}
+
+static void reply(struct nk_ctl *c, struct nk_rep *rep, const int *fds, int nfds) {
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * 2)];
+    struct cmsghdr align;
+  } cm;
+  memset(&cm, 0, sizeof(cm));
+  struct iovec iov = {.iov_base = rep, .iov_len = sizeof(*rep)};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+  if (nfds) {
+    mh.msg_control = cm.buf;
+    mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+    struct cmsghdr *h = CMSG_FIRSTHDR(&mh);
+    h->cmsg_level = SOL_SOCKET;
+    h->cmsg_type = SCM_RIGHTS;
+    h->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+    memcpy(CMSG_DATA(h), fds, sizeof(int) * (size_t)nfds);
+  }
+  /* The guest waits for this reply; a full socket means a broken guest: drop it. */
+  if (sendmsg(c->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof(*rep)) ctl_close(c);
+}
+
+static bool proxy_fd_ok(int fd) {
+  int v;
+  socklen_t l = sizeof(v);
+  if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &l) < 0 || v != AF_UNIX) return false;
+  l = sizeof(v);
+  return getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &l) == 0 && v == SOCK_SEQPACKET;
+}
+
+static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
+  struct nk_rep rep;
+  memset(&rep, 0, sizeof(rep));
+  struct nk_tenant *t = c->t;
+  if (req->op == NK_OP_REGISTER) {
+    struct nk_reginfo info = {.region_size = t->size, .tenant_id = t->id, .ipv4 = t->ipv4,
+                              .ipv6 = t->ipv6};
+    memcpy(rep.optval, &info, sizeof(info));
+    int fds[2] = {t->memfd, t->doorbell_fd};
+    reply(c, &rep, fds, 2);
+    return;
+  }
+  if (req->op == NK_OP_SOCKET) {
+    int domain = req->arg0, type = req->arg1;
+    if (rfd < 0 || !proxy_fd_ok(rfd)) {
+      rep.err = -EINVAL;
+    } else if (domain != AF_INET && domain != AF_INET6) {
+      rep.err = -EAFNOSUPPORT;
+    } else if (type != SOCK_STREAM && type != SOCK_DGRAM) {
+      rep.err = -EPROTONOSUPPORT;
+    } else {
+      struct nk_esock *es = nk_esock_alloc(t, rfd, domain, type, req->inode);
+      if (!es) {
+        NK_INFO("tenant %s: socket limit (%u) reached", t->name, t->nslots);
+        rep.err = -EMFILE;
+      } else {
+        rfd = -1; /* owned by the socket now */
+        nk_ep_add(es->proxy, EPOLLIN | EPOLLRDHUP, &es->h_proxy);
+        rep.slot = es->slot;
+        rep.gen = es->gen;
+      }
+    }
+    if (rfd >= 0) close(rfd);
+    reply(c, &rep, NULL, 0);
+    return;
+  }
+  if (rfd >= 0) close(rfd);
+  struct nk_esock *es = nk_esock_get(t, req->slot, req->gen);
+  if (!es || es->closing) {
+    rep.err = -EBADF;
+    reply(c, &rep, NULL, 0);
+    return;
+  }
+  uint32_t optlen = req->optlen > NK_OPT_MAX ? NK_OPT_MAX : req->optlen;
+  switch (req->op) {
+    case NK_OP_BIND:
+      rep.err = nk_sock_bind(es, &req->addr);
+      break;
+    case NK_OP_LISTEN:
+      rep.err = nk_sock_listen(es, req->arg0);
+      break;
+    case NK_OP_CONNECT: {
+      int inprog = 0;
+      rep.err = nk_sock_connect(es, &req->addr, &inprog);
+      rep.val = inprog;
+      break;
+    }
+    case NK_OP_SHUTDOWN:
+      rep.err = nk_sock_shutdown(es, req->arg0);
+      break;
+    case NK_OP_SETSOCKOPT:
+      rep.err = nk_sock_setopt(es, req->arg0, req->arg1, req->optval, optlen);
+      break;
+    case NK_OP_GETSOCKOPT: {
+      socklen_t l = optlen;
+      rep.err = nk_sock_getopt(es, req->arg0, req->arg1, rep.optval, &l);
+      rep.optlen = l;
+      break;
+    }
+    default:
+      rep.err = -EOPNOTSUPP;
+  }
+  reply(c, &rep, NULL, 0);
+}
+
+static void read_ctl(struct nk_ctl *c) {
+  for (int i = 0; i < 16; i++) {
+    struct nk_req req;
+    union {
+      char buf[CMSG_SPACE(sizeof(int) * 4)];
+      struct cmsghdr align;
+    } cm;
+    struct iovec iov = {.iov_base = &req, .iov_len = sizeof(req)};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                        .msg_controllen = sizeof(cm.buf)};
+    ssize_t n = recvmsg(c->fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0 && errno == EAGAIN) return;
+    int rfd = -1;
+    for (struct cmsghdr *h = CMSG_FIRSTHDR(&mh); n > 0 && h; h = CMSG_NXTHDR(&mh, h)) {
+      if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
+      int k = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+      for (int j = 0; j < k; j++) {
+        int fd;
+        memcpy(&fd, CMSG_DATA(h) + j * sizeof(int), sizeof(int));
+        if (rfd < 0) rfd = fd;
+        else close(fd); /* more than we asked for */
+      }
+    }
+    if (n != sizeof(req)) {
+      if (rfd >= 0) close(rfd);
+      ctl_close(c); /* EOF, error or a malformed message */
+      return;
+    }
+    handle_req(c, &req, rfd);
+    /* handle_req may have closed c on a failed reply: stop if it is gone. */
+    struct nk_ctl *p;
+    for (p = ctls; p && p != c; p = p->next) {
+    }
+    if (!p) return;
+  }
+}
+
+void nk_control_event(struct nk_handle *h, uint32_t ev) {
+  if (h->type == NK_H_CTL_LISTEN) {
+    accept_ctl();
+    return;
+  }
+  struct nk_ctl *c = h->obj;
+  if (ev & EPOLLIN) {
+    read_ctl(c);
+    return;
+  }
+  if (ev & (EPOLLHUP | EPOLLERR | EPOLLRDHUP)) ctl_close(c);
+}

@@ -1,0 +1,83 @@
+/* Name resolution for tenants (DESIGN §E). glibc's resolver opens its sockets internally, out of
+ * LD_PRELOAD's reach, so each tenant gets a DNS stub on 127.0.0.53:53 inside its own namespace
+ * (its resolv.conf points there). The engine relays each query through the tenant's NSM, from
+ * the tenant's address, to the configured upstream, and the answer back. UDP only: answers
+ * that need TCP come back truncated and glibc reports the failure. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/epoll.h>
+
+#include "engine.h"
+
+int nk_dns_open(struct nk_tenant *t) {
+  int fd = nk_in_netns(t->netns_fd, AF_INET, SOCK_DGRAM);
+  if (fd < 0) return fd;
+  struct sockaddr_in in = {.sin_family = AF_INET, .sin_port = htons(53)};
+  inet_pton(AF_INET, "127.0.0.53", &in.sin_addr);
+  if (bind(fd, (struct sockaddr *)&in, sizeof(in)) < 0) {
+    int e = errno;
+    close(fd);
+    return -e;
+  }
+  int up = t->nsm->ops->open_socket(t->nsm, AF_INET, SOCK_DGRAM);
+  if (up < 0) {
+    close(fd);
+    return up;
+  }
+  struct sockaddr_storage ss;
+  socklen_t l = nk_addr_to_sa(&t->ipv4, &ss);
+  bind(up, (struct sockaddr *)&ss, l);
+  t->dns_fd = fd;
+  t->dns_up_fd = up;
+  t->h_dns = (struct nk_handle){NK_H_DNS, 0, t};
+  t->h_dns_up = (struct nk_handle){NK_H_DNS_UP, 0, t};
+  nk_ep_add(fd, EPOLLIN, &t->h_dns);
+  nk_ep_add(up, EPOLLIN, &t->h_dns_up);
+  return 0;
+}
+
+void nk_dns_close(struct nk_tenant *t) {
+  if (t->dns_fd >= 0) {
+    nk_ep_del(t->dns_fd);
+    close(t->dns_fd);
+  }
+  if (t->dns_up_fd >= 0) {
+    nk_ep_del(t->dns_up_fd);
+    close(t->dns_up_fd);
+  }
+  t->dns_fd = t->dns_up_fd = -1;
+}
+
+void nk_dns_event(struct nk_tenant *t, bool upstream) {
+  uint8_t buf[4096];
+  for (int i = 0; i < 64; i++) {
+    struct sockaddr_storage from;
+    socklen_t fl = sizeof(from);
+    ssize_t n = recvfrom(upstream ? t->dns_up_fd : t->dns_fd, buf, sizeof(buf), MSG_DONTWAIT,
+                         (struct sockaddr *)&from, &fl);
+    if (n < 0) return;
+    if (n < 12) continue; /* shorter than a DNS header */
+    uint16_t id = (uint16_t)(buf[0] << 8 | buf[1]);
+    unsigned idx = id % NK_DNS_PENDING;
+    if (!upstream) {
+      if (!E.dns_upstream.family) continue;
+      t->dns_pending[idx].id = id;
+      t->dns_pending[idx].used = true;
+      t->dns_pending[idx].client = from;
+      t->dns_pending[idx].len = fl;
+      struct sockaddr_storage ss;
+      socklen_t l = nk_addr_to_sa(&E.dns_upstream, &ss);
+      sendto(t->dns_up_fd, buf, (size_t)n, MSG_DONTWAIT, (struct sockaddr *)&ss, l);
+    } else {
+      /* Only answers from the upstream, for a query we relayed. */
+      struct nk_addr src;
+      nk_addr_from_sa(&src, (struct sockaddr *)&from);
+      if (!nk_addr_eq_ip(&src, &E.dns_upstream) || src.port != E.dns_upstream.port) continue;
+      if (!t->dns_pending[idx].used || t->dns_pending[idx].id != id) continue;
+      t->dns_pending[idx].used = false;
+      sendto(t->dns_fd, buf, (size_t)n, MSG_DONTWAIT,
+             (struct sockaddr *)&t->dns_pending[idx].client, t->dns_pending[idx].len);
+    }
+  }
+}

@@ -1,0 +1,212 @@
+/* CoreEngine internals.
+ *
+ * The engine is one thread: an epoll loop over the control and admin sockets, the engine ends
+ * of every proxy fd, every NSM socket and each tenant's doorbell eventfd, plus a scan of the
+ * tenants' doorbell bits while it polls. Nothing here is shared with another thread.
+ *
+ * Trust: everything inside a tenant region can be written by the tenant at any time. Engine
+ * state (struct nk_esock, struct nk_tenant) lives in engine memory only; values read from the
+ * region are read once and checked (indices, lengths, slot numbers, opcodes).
+ */
+#ifndef NK_ENGINE_H
+#define NK_ENGINE_H
+
+#include <netinet/in.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "netkernel/abi.h"
+#include "netkernel/ring.h"
+
+extern int nk_debug;
+#define NK_LOG(lvl, fmt, ...)                                                               \
+  do {                                                                                      \
+    if (nk_debug >= (lvl)) fprintf(stderr, "engine %s: " fmt "\n", __func__, ##__VA_ARGS__); \
+  } while (0)
+#define NK_INFO(fmt, ...) fprintf(stderr, "engine: " fmt "\n", ##__VA_ARGS__)
+
+/* What an epoll event points at. */
+enum nk_htype {
+  NK_H_CTL_LISTEN = 1,
+  NK_H_ADMIN_LISTEN,
+  NK_H_CTL,
+  NK_H_ADMIN,
+  NK_H_PROXY,
+  NK_H_KFD,
+  NK_H_DOORBELL,
+  NK_H_DNS,
+  NK_H_DNS_UP,
+  NK_H_SIGNAL,
+};
+struct nk_handle {
+  enum nk_htype type;
+  int idx;
+  void *obj;
+};
+
+/* ---- NSMs: one ops table, one file per module (csrc/nsm/) ---- */
+struct nk_nsm;
+struct nk_nsm_ops {
+  const char *type;
+  /* Opens a socket on this stack; returns fd or -errno. */
+  int (*open_socket)(struct nk_nsm *nsm, int domain, int type);
+};
+struct nk_nsm {
+  char name[32];
+  int netns_fd;
+  const struct nk_nsm_ops *ops;
+  struct nk_nsm *next;
+};
+extern const struct nk_nsm_ops nk_nsm_kernel_ops;
+int nk_in_netns(int netns_fd, int domain, int type); /* socket() inside a namespace */
+
+/* ---- tenants ---- */
+struct nk_esock;
+#define NK_DNS_PENDING 256
+struct nk_tenant {
+  uint32_t id;
+  char name[64];
+  uint64_t netns_ino;
+  int netns_fd;
+  struct nk_nsm *nsm;
+  struct nk_addr ipv4, ipv6;
+  int memfd;
+  uint8_t *base;
+  uint64_t size;
+  struct nk_region *rg;
+  struct nk_slot *slots;
+  uint8_t *rings;
+  uint32_t nslots, ring_size, words;
+  int doorbell_fd;
+  struct nk_handle h_doorbell, h_dns, h_dns_up;
+  struct nk_esock **socks;
+  uint32_t nsocks, next_free;
+  uint64_t tx_bytes, rx_bytes;
+  int dns_fd, dns_up_fd;
+  struct {
+    uint16_t id;
+    bool used;
+    struct sockaddr_storage client;
+    socklen_t len;
+  } dns_pending[NK_DNS_PENDING];
+  struct nk_tenant *next;
+};
+
+#define NK_MAX_KFD 3
+#define NK_MAX_OPTS 24
+struct nk_opt {
+  int level, name;
+  socklen_t len;
+  uint8_t val[64];
+};
+
+struct nk_esock {
+  struct nk_tenant *t;
+  uint32_t slot, gen;
+  int kind;   /* NK_KIND_* */
+  int family; /* as the application created it */
+  int type;   /* SOCK_STREAM / SOCK_DGRAM */
+  int proxy;  /* engine end of the proxy socketpair */
+  struct nk_handle h_proxy;
+  int kfd[NK_MAX_KFD]; /* kernel sockets on the NSM (or in the tenant's netns for loopback) */
+  int kfd_family[NK_MAX_KFD];
+  bool kfd_loop[NK_MAX_KFD]; /* lives in the tenant's own namespace (its loopback) */
+  struct nk_handle h_kfd[NK_MAX_KFD];
+  int nk;
+  uint32_t state;
+  bool can_read, can_write;
+  bool blocker_held;
+  bool shut_wr_pending;
+  bool closing; /* the guest closed its last reference: flush, then free */
+  bool dead;    /* reset: no more I/O */
+  bool active;
+  bool v6only;
+  bool linger0;
+  bool bound;
+  bool pending_listen_out; /* listener waits for room on its proxy end */
+  int pending_fd;          /* accepted connection waiting for delivery */
+  struct nk_newconn pending_msg;
+  uint32_t ready_sent;
+  struct nk_addr bind_addr;
+  struct nk_opt opts[NK_MAX_OPTS];
+  int nopts;
+  uint64_t tx_bytes, rx_bytes;
+  struct nk_ring tx, rx;
+  struct nk_esock *next_active;
+};
+
+/* ---- the engine ---- */
+struct nk_engine {
+  int ep;
+  int self_netns;
+  uint64_t self_netns_ino;
+  struct nk_nsm *nsms;
+  struct nk_tenant *tenants;
+  uint32_t next_tenant_id;
+  struct nk_esock *active_head;
+  struct nk_addr dns_upstream;
+  uint64_t spin_ns;
+  bool stop;
+};
+extern struct nk_engine E;
+
+/* main.c */
+int nk_ep_add(int fd, uint32_t events, struct nk_handle *h);
+int nk_ep_mod(int fd, uint32_t events, struct nk_handle *h);
+void nk_ep_del(int fd);
+uint64_t nk_now_ns(void);
+
+/* tenant.c */
+struct nk_nsm *nk_nsm_find(const char *name);
+int nk_nsm_add(const char *name, const char *netns_path);
+struct nk_tenant *nk_tenant_find(const char *name);
+struct nk_tenant *nk_tenant_by_ino(uint64_t ino);
+int nk_tenant_add(const char *name, const char *netns_path, const char *nsm, const char *v4,
+                  const char *v6, struct nk_tenant **out);
+int nk_tenant_del(struct nk_tenant *t);
+struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int type,
+                                uint64_t inode);
+struct nk_esock *nk_esock_get(struct nk_tenant *t, uint32_t slot, uint32_t gen);
+void nk_esock_free(struct nk_esock *es);
+bool nk_tenant_scan_doorbells(struct nk_tenant *t);
+
+/* sock.c */
+void nk_sock_activate(struct nk_esock *es);
+void nk_sock_service(struct nk_esock *es);
+void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev);
+void nk_sock_kfd_event(struct nk_esock *es, int idx, uint32_t ev);
+void nk_sock_reset(struct nk_esock *es, int err);
+void nk_sock_close_kfds(struct nk_esock *es, bool rst);
+int nk_sock_bind(struct nk_esock *es, const struct nk_addr *a);
+int nk_sock_listen(struct nk_esock *es, int backlog);
+int nk_sock_connect(struct nk_esock *es, const struct nk_addr *a, int *in_progress);
+int nk_sock_shutdown(struct nk_esock *es, int how);
+int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len);
+int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len);
+
+/* control.c, admin.c */
+int nk_control_listen(const char *path);
+void nk_control_event(struct nk_handle *h, uint32_t ev);
+int nk_admin_listen(const char *path);
+void nk_admin_event(struct nk_handle *h, uint32_t ev);
+
+/* dns.c */
+int nk_dns_open(struct nk_tenant *t);
+void nk_dns_close(struct nk_tenant *t);
+void nk_dns_event(struct nk_tenant *t, bool upstream);
+
+/* addr.c */
+int nk_addr_parse(const char *s, struct nk_addr *a);
+void nk_addr_fmt(const struct nk_addr *a, char *buf, size_t len);
+socklen_t nk_addr_to_sa(const struct nk_addr *a, struct sockaddr_storage *ss);
+void nk_addr_from_sa(struct nk_addr *a, const struct sockaddr *sa);
+bool nk_addr_is_any(const struct nk_addr *a);
+bool nk_addr_is_loopback(const struct nk_addr *a);
+bool nk_addr_is_mapped(const struct nk_addr *a);
+void nk_addr_unmap(struct nk_addr *a); /* ::ffff:a.b.c.d -> a.b.c.d */
+bool nk_addr_eq_ip(const struct nk_addr *a, const struct nk_addr *b);
+
+#endif

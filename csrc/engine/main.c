@@ -1,0 +1,186 @@
+/* CoreEngine main loop.
+ *
+ * Adaptive polling (DESIGN §C): after the last piece of work the engine keeps polling (epoll
+ * with a zero timeout plus a scan of the tenants' doorbell bits) for spin_ns, then announces
+ * that it sleeps in every region and blocks in epoll_wait. Guests ring the doorbell eventfd
+ * only when they see it asleep, so while traffic flows nobody makes a wake-up system call, and
+ * an idle engine costs no CPU.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "engine.h"
+
+struct nk_engine E;
+int nk_debug;
+
+int nk_ep_add(int fd, uint32_t events, struct nk_handle *h) {
+  struct epoll_event ev = {.events = events, .data.ptr = h};
+  if (epoll_ctl(E.ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+    if (errno == EEXIST) return nk_ep_mod(fd, events, h);
+    return -errno;
+  }
+  return 0;
+}
+
+int nk_ep_mod(int fd, uint32_t events, struct nk_handle *h) {
+  struct epoll_event ev = {.events = events, .data.ptr = h};
+  return epoll_ctl(E.ep, EPOLL_CTL_MOD, fd, &ev) < 0 ? -errno : 0;
+}
+
+void nk_ep_del(int fd) { epoll_ctl(E.ep, EPOLL_CTL_DEL, fd, NULL); }
+
+uint64_t nk_now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void usage(void) {
+  fprintf(stderr,
+          "usage: netkernel-engine [--control PATH] [--admin PATH]\n"
+          "  normally started by the NetKernel daemon (netkernel up)\n");
+}
+
+static void set_sleeping(uint32_t v) {
+  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+    atomic_store(&t->rg->engine_sleeping, v);
+}
+
+static bool scan_all(void) {
+  bool any = false;
+  for (struct nk_tenant *t = E.tenants; t; t = t->next) any |= nk_tenant_scan_doorbells(t);
+  return any;
+}
+
+static bool run_active(void) {
+  bool any = false;
+  /* Bounded: sockets activated while we run go to the next round. */
+  struct nk_esock *list = E.active_head;
+  E.active_head = NULL;
+  while (list) {
+    struct nk_esock *es = list;
+    list = es->next_active;
+    es->active = false;
+    nk_sock_service(es);
+    any = true;
+  }
+  return any;
+}
+
+static void dispatch(struct epoll_event *ev) {
+  struct nk_handle *h = ev->data.ptr;
+  switch (h->type) {
+    case NK_H_CTL_LISTEN:
+    case NK_H_CTL:
+      nk_control_event(h, ev->events);
+      break;
+    case NK_H_ADMIN_LISTEN:
+    case NK_H_ADMIN:
+      nk_admin_event(h, ev->events);
+      break;
+    case NK_H_PROXY:
+      nk_sock_proxy_event(h->obj, ev->events);
+      break;
+    case NK_H_KFD:
+      nk_sock_kfd_event(h->obj, h->idx, ev->events);
+      break;
+    case NK_H_DOORBELL: {
+      struct nk_tenant *t = h->obj;
+      uint64_t v;
+      while (read(t->doorbell_fd, &v, sizeof(v)) > 0) {
+      }
+      break;
+    }
+    case NK_H_DNS:
+      nk_dns_event(h->obj, false);
+      break;
+    case NK_H_DNS_UP:
+      nk_dns_event(h->obj, true);
+      break;
+    case NK_H_SIGNAL:
+      E.stop = true;
+      break;
+  }
+}
+
+int main(int argc, char **argv) {
+  const char *ctl = "/run/netkernel/engine.sock", *adm = "/run/netkernel/admin.sock";
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--control") && i + 1 < argc) ctl = argv[++i];
+    else if (!strcmp(argv[i], "--admin") && i + 1 < argc) adm = argv[++i];
+    else {
+      usage();
+      return 2;
+    }
+  }
+  const char *dbg = getenv("NETKERNEL_DEBUG");
+  nk_debug = dbg ? atoi(dbg) : 0;
+  const char *spin = getenv("NETKERNEL_SPIN_US");
+  E.spin_ns = (spin ? strtoull(spin, NULL, 10) : 50) * 1000ull;
+  E.ep = epoll_create1(EPOLL_CLOEXEC);
+  E.self_netns = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+  if (E.ep < 0 || E.self_netns < 0) {
+    perror("netkernel-engine: setup");
+    return 1;
+  }
+  struct stat st;
+  fstat(E.self_netns, &st);
+  E.self_netns_ino = st.st_ino;
+  signal(SIGPIPE, SIG_IGN);
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGINT);
+  sigprocmask(SIG_BLOCK, &mask, NULL);
+  int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+  static struct nk_handle h_sig = {NK_H_SIGNAL, 0, NULL};
+  nk_ep_add(sfd, EPOLLIN, &h_sig);
+  int r;
+  if ((r = nk_control_listen(ctl)) < 0 || (r = nk_admin_listen(adm)) < 0) {
+    fprintf(stderr, "netkernel-engine: cannot listen on %s / %s: %s\n", ctl, adm, strerror(-r));
+    return 1;
+  }
+  NK_INFO("ready: control %s, admin %s, spin %llu us", ctl, adm,
+          (unsigned long long)(E.spin_ns / 1000));
+
+  struct epoll_event evs[256];
+  uint64_t last_work = nk_now_ns();
+  while (!E.stop) {
+    int timeout = 0;
+    bool slept = false;
+    if (!E.active_head && nk_now_ns() - last_work > E.spin_ns) {
+      /* E1: announce sleep, then look once more for work a guest posted meanwhile. */
+      set_sleeping(1);
+      atomic_thread_fence(memory_order_seq_cst);
+      if (scan_all()) {
+        set_sleeping(0);
+      } else {
+        timeout = -1;
+        slept = true;
+      }
+    }
+    int n = epoll_wait(E.ep, evs, 256, timeout);
+    if (slept) set_sleeping(0);
+    if (n < 0 && errno != EINTR) {
+      perror("netkernel-engine: epoll_wait");
+      return 1;
+    }
+    for (int i = 0; i < n; i++) dispatch(&evs[i]);
+    bool work = n > 0;
+    work |= scan_all();
+    work |= run_active();
+    if (work) last_work = nk_now_ns();
+  }
+  NK_INFO("stopping");
+  unlink(ctl);
+  unlink(adm);
+  return 0;
+}

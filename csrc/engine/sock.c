@@ -1,0 +1,814 @@
+/* Engine side of a NetKernel socket: moves bytes between the tenant's rings and the NSM's
+ * kernel sockets, mirrors readiness onto the proxy fd, and runs the socket calls the guest
+ * asks for. See csrc/guest/sock.c for the guest half of the readiness protocol.
+ *
+ * Kernel sockets are edge-triggered in epoll: can_read / can_write remember that a socket may
+ * still have data or room after we stopped (ring full or empty), so no edge is lost.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+
+#include "engine.h"
+
+#define KFD_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+#define PROXY_EVENTS (EPOLLIN | EPOLLRDHUP)
+
+static struct nk_slot *slot_of(struct nk_esock *es) { return &es->t->slots[es->slot]; }
+
+void nk_sock_activate(struct nk_esock *es) {
+  if (es->active) return;
+  es->active = true;
+  es->next_active = E.active_head;
+  E.active_head = es;
+}
+
+/* ---- kernel sockets ---- */
+
+static int kfd_add(struct nk_esock *es, int fd, int family, bool loop) {
+  if (es->nk >= NK_MAX_KFD) return -EMFILE;
+  int k = es->nk++;
+  es->kfd[k] = fd;
+  es->kfd_family[k] = family;
+  es->kfd_loop[k] = loop;
+  /* Replay the options the application set before this kernel socket existed. */
+  for (int i = 0; i < es->nopts; i++) {
+    struct nk_opt *o = &es->opts[i];
+    if (o->level == IPPROTO_IPV6 && family != AF_INET6) continue;
+    if (o->level == IPPROTO_IP && family != AF_INET) continue;
+    setsockopt(fd, o->level, o->name, o->val, o->len);
+  }
+  if (family == AF_INET6) {
+    int v = es->v6only || !loop;
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v, sizeof(v));
+  }
+  return k;
+}
+
+static int kfd_open(struct nk_esock *es, int family, bool loop) {
+  int fd = loop ? nk_in_netns(es->t->netns_fd, family, es->type)
+                : es->t->nsm->ops->open_socket(es->t->nsm, family, es->type);
+  if (fd < 0) return fd;
+  int k = kfd_add(es, fd, family, loop);
+  if (k < 0) close(fd);
+  return k;
+}
+
+static void kfd_watch(struct nk_esock *es, int k) {
+  nk_ep_add(es->kfd[k], KFD_EVENTS, &es->h_kfd[k]);
+}
+
+void nk_sock_close_kfds(struct nk_esock *es, bool rst) {
+  for (int k = 0; k < es->nk; k++) {
+    if (es->kfd[k] < 0) continue;
+    if (rst && es->type == SOCK_STREAM && es->kind != NK_KIND_LISTENER) {
+      struct linger l = {1, 0};
+      setsockopt(es->kfd[k], SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+    }
+    nk_ep_del(es->kfd[k]);
+    close(es->kfd[k]);
+    es->kfd[k] = -1;
+  }
+  es->nk = 0;
+}
+
+/* Keep only kernel socket k (after connect picked one of a wildcard bind's sockets). */
+static void kfd_keep_only(struct nk_esock *es, int k) {
+  for (int i = 0; i < es->nk; i++)
+    if (i != k && es->kfd[i] >= 0) {
+      nk_ep_del(es->kfd[i]);
+      close(es->kfd[i]);
+    }
+  es->kfd[0] = es->kfd[k];
+  es->kfd_family[0] = es->kfd_family[k];
+  es->kfd_loop[0] = es->kfd_loop[k];
+  es->nk = 1;
+}
+
+static void set_local_from_kfd(struct nk_esock *es, int k) {
+  struct sockaddr_storage ss;
+  socklen_t l = sizeof(ss);
+  if (getsockname(es->kfd[k], (struct sockaddr *)&ss, &l) == 0)
+    nk_addr_from_sa(&slot_of(es)->local, (struct sockaddr *)&ss);
+}
+
+static void set_peer_from_kfd(struct nk_esock *es, int k) {
+  struct sockaddr_storage ss;
+  socklen_t l = sizeof(ss);
+  if (getpeername(es->kfd[k], (struct sockaddr *)&ss, &l) == 0)
+    nk_addr_from_sa(&slot_of(es)->peer, (struct sockaddr *)&ss);
+}
+
+/* ---- readiness ---- */
+
+static void send_ready(struct nk_esock *es) {
+  char r = NK_MSG_READY;
+  if (send(es->proxy, &r, 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
+    es->ready_sent++;
+    atomic_store_explicit(&slot_of(es)->ready_sent, es->ready_sent, memory_order_relaxed);
+  }
+}
+
+/* Queue a READY record when there is something to read and none is outstanding.
+ * R1: the fence orders our ring/EOF stores before the load of rx_ack; pairs with R2 in
+ * GuestLib's stream_recv(), which publishes rx_ack before re-checking the ring. */
+static void maybe_ready(struct nk_esock *es) {
+  struct nk_slot *s = slot_of(es);
+  atomic_thread_fence(memory_order_seq_cst);
+  int64_t fill = nk_ring_fill_checked(&es->rx);
+  bool has = fill > 0 || atomic_load(&s->rx_eof) || atomic_load(&s->rx_err);
+  if (!has) return;
+  uint32_t ack = atomic_load(&s->rx_ack);
+  if (ack == es->ready_sent) send_ready(es);
+}
+
+static bool writable_now(struct nk_esock *es) {
+  struct nk_slot *s = slot_of(es);
+  if (es->dead || atomic_load(&s->tx_closed)) return true;
+  if (es->kind == NK_KIND_LISTENER) return false;
+  if (es->state == NK_ST_CONNECTING) return false;
+  int64_t fill = nk_ring_fill_checked(&es->tx);
+  if (fill < 0) return true;
+  return (uint64_t)(es->tx.size - fill) >= es->tx.size / 4;
+}
+
+static void release_blocker(struct nk_esock *es) {
+  if (!es->blocker_held || !writable_now(es)) return;
+  char buf[NK_BLOCKER_SIZE];
+  (void)recv(es->proxy, buf, sizeof(buf), MSG_DONTWAIT);
+  es->blocker_held = false;
+  nk_ep_mod(es->proxy, PROXY_EVENTS, &es->h_proxy);
+}
+
+/* The tenant broke its socket (bad indices, bad record): reset that socket only. */
+void nk_sock_reset(struct nk_esock *es, int err) {
+  struct nk_slot *s = slot_of(es);
+  NK_LOG(1, "tenant %s slot %u reset: %s", es->t->name, es->slot, strerror(err));
+  nk_sock_close_kfds(es, true);
+  es->dead = true;
+  es->state = NK_ST_CLOSED;
+  atomic_store(&s->state, NK_ST_CLOSED);
+  atomic_store(&s->rx_err, err);
+  atomic_store(&s->rx_eof, 1);
+  atomic_store(&s->tx_closed, EPIPE);
+  release_blocker(es);
+  maybe_ready(es);
+}
+
+static void conn_error(struct nk_esock *es, int err) {
+  struct nk_slot *s = slot_of(es);
+  atomic_store(&s->so_error, err);
+  atomic_store(&s->rx_err, err);
+  atomic_store(&s->rx_eof, 1);
+  atomic_store(&s->tx_closed, EPIPE);
+  nk_sock_close_kfds(es, false);
+  es->dead = true;
+  es->state = NK_ST_CLOSED;
+  atomic_store(&s->state, NK_ST_CLOSED);
+}
+
+/* ---- stream data ---- */
+
+static void stream_tx(struct nk_esock *es) {
+  int64_t fill = nk_ring_fill_checked(&es->tx);
+  if (fill < 0) {
+    nk_sock_reset(es, ECONNRESET);
+    return;
+  }
+  while (fill > 0 && es->can_write) {
+    struct iovec iov[2];
+    uint32_t tail = atomic_load_explicit(es->tx.tail, memory_order_relaxed);
+    int cnt = nk_ring_iov(&es->tx, tail, (uint32_t)fill, iov);
+    struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
+    ssize_t n = sendmsg(es->kfd[0], &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n > 0) {
+      nk_ring_consume(&es->tx, (uint32_t)n);
+      fill -= n;
+      es->tx_bytes += (uint64_t)n;
+      es->t->tx_bytes += (uint64_t)n;
+      continue;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+      if (errno == EAGAIN) es->can_write = false;
+      continue;
+    }
+    conn_error(es, n < 0 ? errno : EPIPE);
+    return;
+  }
+  if (fill == 0 && es->shut_wr_pending) {
+    shutdown(es->kfd[0], SHUT_WR);
+    es->shut_wr_pending = false;
+  }
+}
+
+static void stream_rx(struct nk_esock *es) {
+  struct nk_slot *s = slot_of(es);
+  while (es->can_read && !atomic_load(&s->rx_eof)) {
+    int64_t fill = nk_ring_fill_checked(&es->rx);
+    if (fill < 0) {
+      nk_sock_reset(es, ECONNRESET);
+      return;
+    }
+    uint32_t space = es->rx.size - (uint32_t)fill;
+    if (space == 0) {
+      /* Stop reading: TCP flow control pushes back on the sender. The guest kicks us when
+       * it drains. S1: seq_cst store then re-check; pairs with the guest's consume + load. */
+      atomic_store(&s->rx_stalled, 1);
+      if (nk_ring_fill_checked(&es->rx) < (int64_t)es->rx.size) {
+        atomic_store(&s->rx_stalled, 0);
+        continue;
+      }
+      return;
+    }
+    atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed);
+    struct iovec iov[2];
+    uint32_t head = atomic_load_explicit(es->rx.head, memory_order_relaxed);
+    int cnt = nk_ring_iov(&es->rx, head, space, iov);
+    ssize_t n = readv(es->kfd[0], iov, cnt);
+    if (n > 0) {
+      nk_ring_produce(&es->rx, (uint32_t)n);
+      es->rx_bytes += (uint64_t)n;
+      es->t->rx_bytes += (uint64_t)n;
+      if ((uint32_t)n < space) es->can_read = false; /* drained: wait for the next edge */
+      continue;
+    }
+    if (n == 0) {
+      atomic_store(&s->rx_eof, 1);
+      break;
+    }
+    if (errno == EAGAIN) {
+      es->can_read = false;
+      break;
+    }
+    if (errno == EINTR) continue;
+    conn_error(es, errno);
+    break;
+  }
+}
+
+/* ---- datagrams ---- */
+
+static int dgram_kfd_for(struct nk_esock *es, const struct nk_addr *dst) {
+  bool loop = nk_addr_is_loopback(dst);
+  int fam = dst->family;
+  for (int k = 0; k < es->nk; k++)
+    if (es->kfd_loop[k] == loop && (es->kfd_family[k] == fam || (loop && es->kfd_family[k] == AF_INET6)))
+      return k;
+  /* First send without bind: open a socket bound to the tenant's address. */
+  int k = kfd_open(es, loop ? es->family : fam, loop);
+  if (k < 0) return k;
+  if (!loop) {
+    struct nk_addr src = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
+    struct sockaddr_storage ss;
+    socklen_t l = nk_addr_to_sa(&src, &ss);
+    bind(es->kfd[k], (struct sockaddr *)&ss, l);
+  }
+  set_local_from_kfd(es, k);
+  kfd_watch(es, k);
+  return k;
+}
+
+static void dgram_tx(struct nk_esock *es) {
+  for (;;) {
+    int64_t fill = nk_ring_fill_checked(&es->tx);
+    if (fill < 0) {
+      nk_sock_reset(es, ECONNRESET);
+      return;
+    }
+    if (fill == 0) return;
+    struct nk_dgram h;
+    uint32_t tail = atomic_load_explicit(es->tx.tail, memory_order_relaxed);
+    if (fill < (int64_t)sizeof(h)) {
+      nk_sock_reset(es, ECONNRESET);
+      return;
+    }
+    nk_ring_copy_out(&es->tx, tail, &h, sizeof(h)); /* read once, then validate the copy */
+    if (h.len > NK_DGRAM_MAX || (int64_t)NK_DGRAM_SPACE(h.len) > fill) {
+      nk_sock_reset(es, ECONNRESET);
+      return;
+    }
+    struct nk_addr dst = h.addr;
+    nk_addr_unmap(&dst);
+    int k;
+    if (dst.family == 0) {
+      k = es->nk ? 0 : -EDESTADDRREQ; /* connected socket */
+    } else if (dst.family != AF_INET && dst.family != AF_INET6) {
+      k = -EAFNOSUPPORT;
+    } else {
+      k = dgram_kfd_for(es, &dst);
+    }
+    if (k >= 0) {
+      struct iovec iov[2];
+      int cnt = nk_ring_iov(&es->tx, tail + sizeof(h), h.len, iov);
+      struct sockaddr_storage ss;
+      struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
+      if (dst.family) {
+        mh.msg_name = &ss;
+        mh.msg_namelen = nk_addr_to_sa(&dst, &ss);
+      }
+      ssize_t n = sendmsg(es->kfd[k], &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n < 0 && errno == EAGAIN) {
+        es->can_write = false;
+        return; /* retry on EPOLLOUT */
+      }
+      if (n > 0) {
+        es->tx_bytes += (uint64_t)n;
+        es->t->tx_bytes += (uint64_t)n;
+      }
+      /* Other send errors drop the datagram, as UDP would. */
+    }
+    nk_ring_consume(&es->tx, (uint32_t)NK_DGRAM_SPACE(h.len));
+  }
+}
+
+static void dgram_rx(struct nk_esock *es) {
+  struct nk_slot *s = slot_of(es);
+  for (int k = 0; k < es->nk; k++) {
+    for (;;) {
+      int64_t fill = nk_ring_fill_checked(&es->rx);
+      if (fill < 0) {
+        nk_sock_reset(es, ECONNRESET);
+        return;
+      }
+      char peekbuf[1];
+      ssize_t len = recv(es->kfd[k], peekbuf, 1, MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT);
+      if (len < 0) break;
+      uint32_t need = (uint32_t)NK_DGRAM_SPACE((uint32_t)len);
+      if (es->rx.size - (uint32_t)fill < need) {
+        atomic_store(&s->rx_stalled, 1);
+        if (es->rx.size - (uint32_t)nk_ring_fill_checked(&es->rx) >= need) {
+          atomic_store(&s->rx_stalled, 0);
+          continue;
+        }
+        return;
+      }
+      atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed);
+      uint32_t head = atomic_load_explicit(es->rx.head, memory_order_relaxed);
+      struct iovec iov[2];
+      int cnt = nk_ring_iov(&es->rx, head + sizeof(struct nk_dgram), (uint32_t)len, iov);
+      struct sockaddr_storage ss;
+      struct msghdr mh = {.msg_name = &ss, .msg_namelen = sizeof(ss), .msg_iov = iov,
+                          .msg_iovlen = (size_t)cnt};
+      ssize_t n = recvmsg(es->kfd[k], &mh, MSG_DONTWAIT);
+      if (n < 0) break;
+      struct nk_dgram h = {.len = (uint32_t)n};
+      nk_addr_from_sa(&h.addr, (struct sockaddr *)&ss);
+      nk_ring_copy_in(&es->rx, head, &h, sizeof(h));
+      nk_ring_produce(&es->rx, (uint32_t)NK_DGRAM_SPACE((uint32_t)n));
+      es->rx_bytes += (uint64_t)n;
+      es->t->rx_bytes += (uint64_t)n;
+    }
+  }
+}
+
+/* ---- listeners ---- */
+
+static bool deliver_conn(struct nk_esock *l, int gfd, struct nk_newconn *msg) {
+  union {
+    char buf[CMSG_SPACE(sizeof(int))];
+    struct cmsghdr align;
+  } cm;
+  memset(&cm, 0, sizeof(cm));
+  struct iovec iov = {.iov_base = msg, .iov_len = sizeof(*msg)};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                      .msg_controllen = sizeof(cm.buf)};
+  struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(c), &gfd, sizeof(int));
+  return sendmsg(l->proxy, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) == sizeof(*msg);
+}
+
+static void listener_accept(struct nk_esock *l) {
+  struct nk_tenant *t = l->t;
+  if (l->pending_fd >= 0) {
+    if (!deliver_conn(l, l->pending_fd, &l->pending_msg)) return;
+    close(l->pending_fd);
+    l->pending_fd = -1;
+    if (l->pending_listen_out) {
+      l->pending_listen_out = false;
+      nk_ep_mod(l->proxy, PROXY_EVENTS, &l->h_proxy);
+    }
+  }
+  for (int k = 0; k < l->nk; k++) {
+    for (;;) {
+      struct sockaddr_storage ss;
+      socklen_t sl = sizeof(ss);
+      int cfd = accept4(l->kfd[k], (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (cfd < 0) break;
+      int sv[2];
+      if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+        close(cfd);
+        break;
+      }
+      int one = 1;
+      setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
+      struct stat st;
+      fstat(sv[1], &st);
+      struct nk_esock *es = nk_esock_alloc(t, sv[0], l->family, SOCK_STREAM, st.st_ino);
+      if (!es) {
+        /* Admission limit: refuse this connection, keep the listener. */
+        NK_INFO("tenant %s: out of sockets (%u), connection refused", t->name, t->nslots);
+        struct linger lg = {1, 0};
+        setsockopt(cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        close(cfd);
+        close(sv[0]);
+        close(sv[1]);
+        continue;
+      }
+      /* Options set on the listener are inherited by its connections, as in Linux. */
+      memcpy(es->opts, l->opts, sizeof(es->opts));
+      es->nopts = l->nopts;
+      kfd_add(es, cfd, l->kfd_family[k], l->kfd_loop[k]);
+      es->state = NK_ST_CONNECTED;
+      struct nk_slot *s = slot_of(es);
+      set_local_from_kfd(es, 0);
+      nk_addr_from_sa(&s->peer, (struct sockaddr *)&ss);
+      atomic_store(&s->state, NK_ST_CONNECTED);
+      es->can_read = es->can_write = true;
+      nk_ep_add(es->proxy, PROXY_EVENTS, &es->h_proxy);
+      kfd_watch(es, 0);
+      struct nk_newconn msg = {.type = NK_MSG_NEWCONN, .slot = es->slot, .gen = es->gen,
+                               .peer = s->peer, .local = s->local};
+      if (!deliver_conn(l, sv[1], &msg)) {
+        /* The application's accept queue is full: hold this one until it drains. */
+        l->pending_fd = sv[1];
+        l->pending_msg = msg;
+        l->pending_listen_out = true;
+        nk_ep_mod(l->proxy, PROXY_EVENTS | EPOLLOUT, &l->h_proxy);
+        nk_sock_activate(es);
+        return;
+      }
+      close(sv[1]);
+      nk_sock_activate(es);
+    }
+  }
+}
+
+/* ---- closing ---- */
+
+static void finish_close(struct nk_esock *es) {
+  struct nk_slot *s = slot_of(es);
+  if (es->kind == NK_KIND_STREAM && !es->dead && es->nk) {
+    /* Unread received data at close makes Linux send a reset; so do we. */
+    int64_t unread = nk_ring_fill_checked(&es->rx);
+    bool rst = es->linger0 || unread != 0;
+    if (!rst) {
+      int64_t fill = nk_ring_fill_checked(&es->tx);
+      if (fill > 0) return; /* flush the rest first; EPOLLOUT brings us back */
+    }
+    (void)s;
+    nk_sock_close_kfds(es, rst);
+  }
+  nk_esock_free(es);
+}
+
+void nk_sock_service(struct nk_esock *es) {
+  es->active = false;
+  struct nk_slot *s = slot_of(es);
+  atomic_store_explicit(&s->kick, 0, memory_order_relaxed);
+  if (!es->dead) {
+    if (es->kind == NK_KIND_LISTENER) {
+      listener_accept(es);
+    } else if (es->kind == NK_KIND_STREAM && es->state == NK_ST_CONNECTED && es->nk) {
+      stream_tx(es);
+      if (!es->dead) stream_rx(es);
+    } else if (es->kind == NK_KIND_DGRAM) {
+      dgram_tx(es);
+      if (!es->dead) dgram_rx(es);
+    }
+  }
+  if (es->closing) {
+    finish_close(es);
+    return;
+  }
+  release_blocker(es);
+  if (es->kind != NK_KIND_LISTENER) maybe_ready(es);
+}
+
+void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev) {
+  if (ev & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)) {
+    /* Every guest reference is gone (closed, or the processes died). */
+    nk_ep_del(es->proxy);
+    close(es->proxy);
+    es->proxy = -1;
+    es->closing = true;
+    nk_sock_service(es);
+    return;
+  }
+  if ((ev & EPOLLOUT) && es->kind == NK_KIND_LISTENER) nk_sock_activate(es);
+  if (ev & EPOLLIN) {
+    /* Only blockers travel guest -> engine. Hold it while the socket cannot take data. */
+    if (!es->blocker_held) {
+      es->blocker_held = true;
+      nk_ep_mod(es->proxy, EPOLLRDHUP | (es->pending_listen_out ? EPOLLOUT : 0), &es->h_proxy);
+    }
+    nk_sock_activate(es);
+  }
+}
+
+static void connect_done(struct nk_esock *es) {
+  struct nk_slot *s = slot_of(es);
+  int err = 0;
+  socklen_t l = sizeof(err);
+  getsockopt(es->kfd[0], SOL_SOCKET, SO_ERROR, &err, &l);
+  if (err) {
+    atomic_store(&s->so_error, err);
+    nk_sock_close_kfds(es, false);
+    es->state = NK_ST_NEW;
+    es->bound = false;
+    atomic_store(&s->state, NK_ST_NEW);
+    send_ready(es); /* Linux reports a failed connect as readable too */
+    return;
+  }
+  es->state = NK_ST_CONNECTED;
+  set_local_from_kfd(es, 0);
+  set_peer_from_kfd(es, 0);
+  atomic_store(&s->state, NK_ST_CONNECTED);
+}
+
+void nk_sock_kfd_event(struct nk_esock *es, int idx, uint32_t ev) {
+  (void)idx;
+  if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP)) es->can_read = true;
+  if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) es->can_write = true;
+  if (es->state == NK_ST_CONNECTING && (ev & (EPOLLOUT | EPOLLERR | EPOLLHUP))) connect_done(es);
+  nk_sock_activate(es);
+}
+
+/* ---- socket calls ---- */
+
+static int bind_one(struct nk_esock *es, int family, bool loop, const struct nk_addr *a,
+                    uint16_t port) {
+  int k = kfd_open(es, family, loop);
+  if (k < 0) return k;
+  struct nk_addr b = *a;
+  b.port = port;
+  struct sockaddr_storage ss;
+  socklen_t l = nk_addr_to_sa(&b, &ss);
+  if (bind(es->kfd[k], (struct sockaddr *)&ss, l) < 0) return -errno;
+  return k;
+}
+
+static uint16_t kfd_port(struct nk_esock *es, int k) {
+  struct sockaddr_storage ss;
+  socklen_t l = sizeof(ss);
+  struct nk_addr a = {0};
+  if (getsockname(es->kfd[k], (struct sockaddr *)&ss, &l) == 0) nk_addr_from_sa(&a, (void *)&ss);
+  return a.port;
+}
+
+/* Binding maps the application's address onto the tenant's: a wildcard means the tenant's
+ * addresses on its NSM plus its own loopback; loopback stays in the tenant's namespace. */
+int nk_sock_bind(struct nk_esock *es, const struct nk_addr *req) {
+  if (es->bound || es->nk) return -EINVAL;
+  struct nk_tenant *t = es->t;
+  struct nk_addr a = *req;
+  if (a.family == 0) a.family = (uint16_t)es->family;
+  if (a.family != es->family) return -EAFNOSUPPORT;
+  struct nk_addr ip = a;
+  nk_addr_unmap(&ip);
+  uint16_t port = a.port;
+  int r;
+  struct nk_addr any4 = {.family = AF_INET}, any6 = {.family = AF_INET6};
+  if (nk_addr_is_any(&a)) {
+    if (es->family == AF_INET) {
+      if ((r = bind_one(es, AF_INET, false, &t->ipv4, port)) < 0) goto fail;
+      port = kfd_port(es, r);
+      if ((r = bind_one(es, AF_INET, true, &any4, port)) < 0) goto fail;
+    } else {
+      if ((r = bind_one(es, AF_INET6, false, &t->ipv6, port)) < 0) goto fail;
+      port = kfd_port(es, r);
+      if (!es->v6only && (r = bind_one(es, AF_INET, false, &t->ipv4, port)) < 0) goto fail;
+      if ((r = bind_one(es, AF_INET6, true, &any6, port)) < 0) goto fail;
+    }
+  } else if (nk_addr_is_loopback(&ip)) {
+    if ((r = bind_one(es, es->family, true, &a, port)) < 0) goto fail;
+    port = kfd_port(es, r);
+  } else if (nk_addr_eq_ip(&ip, &t->ipv4) && !(es->family == AF_INET6 && es->v6only)) {
+    if ((r = bind_one(es, AF_INET, false, &t->ipv4, port)) < 0) goto fail;
+    port = kfd_port(es, r);
+  } else if (nk_addr_eq_ip(&ip, &t->ipv6)) {
+    if ((r = bind_one(es, AF_INET6, false, &t->ipv6, port)) < 0) goto fail;
+    port = kfd_port(es, r);
+  } else {
+    return -EADDRNOTAVAIL;
+  }
+  es->bound = true;
+  es->bind_addr = a;
+  es->bind_addr.port = port;
+  slot_of(es)->local = es->bind_addr;
+  es->state = NK_ST_BOUND;
+  atomic_store(&slot_of(es)->state, NK_ST_BOUND);
+  if (es->kind == NK_KIND_DGRAM)
+    for (int k = 0; k < es->nk; k++) kfd_watch(es, k);
+  return 0;
+fail:
+  nk_sock_close_kfds(es, false);
+  return r;
+}
+
+int nk_sock_listen(struct nk_esock *es, int backlog) {
+  if (es->type != SOCK_STREAM) return -EOPNOTSUPP;
+  if (es->kind == NK_KIND_LISTENER) {
+    for (int k = 0; k < es->nk; k++) listen(es->kfd[k], backlog);
+    return 0;
+  }
+  if (es->state != NK_ST_NEW && es->state != NK_ST_BOUND) return -EINVAL;
+  if (!es->bound) {
+    struct nk_addr any = {.family = (uint16_t)es->family};
+    int r = nk_sock_bind(es, &any);
+    if (r < 0) return r;
+  }
+  for (int k = 0; k < es->nk; k++)
+    if (listen(es->kfd[k], backlog) < 0) return -errno;
+  /* Deep accept queue on the proxy: each pending connection is one small record. */
+  int big = 4 << 20;
+  setsockopt(es->proxy, SOL_SOCKET, SO_SNDBUF, &big, sizeof(big));
+  es->kind = NK_KIND_LISTENER;
+  es->state = NK_ST_LISTEN;
+  struct nk_slot *s = slot_of(es);
+  s->kind = NK_KIND_LISTENER;
+  atomic_store(&s->state, NK_ST_LISTEN);
+  for (int k = 0; k < es->nk; k++) nk_ep_add(es->kfd[k], EPOLLIN, &es->h_kfd[k]);
+  return 0;
+}
+
+int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_progress) {
+  struct nk_slot *s = slot_of(es);
+  *in_progress = 0;
+  if (es->kind == NK_KIND_LISTENER) return -EISCONN;
+  struct nk_addr dst = *req;
+  if (dst.family == 0 && es->kind == NK_KIND_DGRAM) { /* AF_UNSPEC: dissolve the association */
+    memset(&s->peer, 0, sizeof(s->peer));
+    es->state = es->bound ? NK_ST_BOUND : NK_ST_NEW;
+    atomic_store(&s->state, es->state);
+    return 0;
+  }
+  if (dst.family == AF_INET6 && es->family == AF_INET) return -EAFNOSUPPORT;
+  nk_addr_unmap(&dst);
+  if (dst.family == AF_INET && es->family == AF_INET6 && es->v6only) return -ENETUNREACH;
+  bool loop = nk_addr_is_loopback(&dst);
+  int fam = dst.family;
+  int k = -1;
+  for (int i = 0; i < es->nk; i++)
+    if (es->kfd_loop[i] == loop && (es->kfd_family[i] == fam || (loop && es->kfd_family[i] == AF_INET6)))
+      k = i;
+  if (es->nk && k < 0) return es->bound ? -EADDRNOTAVAIL : -EINVAL;
+  if (k < 0) {
+    k = kfd_open(es, loop ? (es->family == AF_INET6 ? AF_INET6 : AF_INET) : fam, loop);
+    if (k < 0) return k;
+    if (!loop) {
+      /* Connections leave with the tenant's own source address (DESIGN §F). */
+      int one = 1;
+      setsockopt(es->kfd[k], IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
+      struct nk_addr src = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
+      struct sockaddr_storage ss;
+      socklen_t l = nk_addr_to_sa(&src, &ss);
+      if (bind(es->kfd[k], (struct sockaddr *)&ss, l) < 0) {
+        int e = errno;
+        nk_sock_close_kfds(es, false);
+        return -e;
+      }
+    }
+  }
+  kfd_keep_only(es, k);
+  k = 0;
+  struct sockaddr_storage ss;
+  socklen_t l;
+  if (loop && es->kfd_family[0] == AF_INET6 && dst.family == AF_INET) {
+    struct nk_addr m = {.family = AF_INET6, .port = dst.port};
+    m.addr[10] = m.addr[11] = 0xff;
+    memcpy(m.addr + 12, dst.addr, 4);
+    l = nk_addr_to_sa(&m, &ss);
+  } else {
+    l = nk_addr_to_sa(&dst, &ss);
+  }
+  int r = connect(es->kfd[0], (struct sockaddr *)&ss, l);
+  if (r < 0 && errno != EINPROGRESS) {
+    int e = errno;
+    if (es->kind == NK_KIND_STREAM) {
+      nk_sock_close_kfds(es, false);
+      es->bound = false;
+    }
+    return -e;
+  }
+  if (es->kind == NK_KIND_DGRAM) {
+    s->peer = dst;
+    set_local_from_kfd(es, 0);
+    es->state = NK_ST_CONNECTED;
+    atomic_store(&s->state, NK_ST_CONNECTED);
+    if (!es->bound) kfd_watch(es, 0);
+    es->bound = true;
+    return 0;
+  }
+  es->can_read = es->can_write = true;
+  kfd_watch(es, 0);
+  if (r == 0) {
+    es->state = NK_ST_CONNECTING;
+    connect_done(es);
+  } else {
+    es->state = NK_ST_CONNECTING;
+    atomic_store(&s->state, NK_ST_CONNECTING);
+    set_local_from_kfd(es, 0);
+    s->peer = dst;
+    *in_progress = 1;
+  }
+  nk_sock_activate(es);
+  return 0;
+}
+
+int nk_sock_shutdown(struct nk_esock *es, int how) {
+  struct nk_slot *s = slot_of(es);
+  if (es->kind == NK_KIND_LISTENER) {
+    /* Linux lets shutdown() wake a listener's accept(); the socket then accepts no more. */
+    return -ENOTCONN;
+  }
+  if (es->state != NK_ST_CONNECTED || es->dead) return -ENOTCONN;
+  if (how == SHUT_WR || how == SHUT_RDWR) {
+    atomic_store(&s->tx_closed, EPIPE);
+    es->shut_wr_pending = true;
+  }
+  if (how == SHUT_RD || how == SHUT_RDWR) {
+    if (es->nk) shutdown(es->kfd[0], SHUT_RD);
+    atomic_store(&s->rx_eof, 1);
+  }
+  nk_sock_activate(es);
+  return 0;
+}
+
+static void remember_opt(struct nk_esock *es, int level, int name, const void *val,
+                         socklen_t len) {
+  if (len > sizeof(es->opts[0].val)) return;
+  int i;
+  for (i = 0; i < es->nopts; i++)
+    if (es->opts[i].level == level && es->opts[i].name == name) break;
+  if (i == es->nopts) {
+    if (es->nopts == NK_MAX_OPTS) return;
+    es->nopts++;
+  }
+  es->opts[i] = (struct nk_opt){.level = level, .name = name, .len = len};
+  memcpy(es->opts[i].val, val, len);
+}
+
+int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len) {
+  if (level == IPPROTO_IPV6 && name == IPV6_V6ONLY) {
+    if (es->family != AF_INET6) return -ENOPROTOOPT;
+    if (len < sizeof(int)) return -EINVAL;
+    if (es->bound) return -EINVAL;
+    int v;
+    memcpy(&v, val, sizeof(v));
+    es->v6only = v != 0;
+    return 0;
+  }
+  if (level == SOL_SOCKET && name == SO_LINGER) {
+    struct linger lg = {0};
+    if (len < sizeof(lg)) return -EINVAL;
+    memcpy(&lg, val, sizeof(lg));
+    es->linger0 = lg.l_onoff && lg.l_linger == 0;
+  }
+  int err = 0;
+  for (int k = 0; k < es->nk; k++) {
+    if (level == IPPROTO_IPV6 && es->kfd_family[k] != AF_INET6) continue;
+    if (level == IPPROTO_IP && es->kfd_family[k] != AF_INET) continue;
+    if (setsockopt(es->kfd[k], level, name, val, len) < 0 && !err) err = -errno;
+  }
+  if (!es->nk) {
+    /* Validate against a scratch socket so the application sees Linux's verdict now. */
+    int fd = socket(es->family, es->type | SOCK_CLOEXEC, 0);
+    if (fd >= 0) {
+      if (setsockopt(fd, level, name, val, len) < 0) err = -errno;
+      close(fd);
+    }
+  }
+  if (!err) remember_opt(es, level, name, val, len);
+  return err;
+}
+
+int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len) {
+  if (level == IPPROTO_IPV6 && name == IPV6_V6ONLY) {
+    if (es->family != AF_INET6) return -ENOPROTOOPT;
+    int v = es->v6only;
+    memcpy(val, &v, sizeof(v));
+    *len = sizeof(v);
+    return 0;
+  }
+  int fd = -1;
+  for (int k = 0; k < es->nk; k++)
+    if (!es->kfd_loop[k] || fd < 0) fd = es->kfd[k];
+  bool scratch = fd < 0;
+  if (scratch) {
+    fd = socket(es->family, es->type | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    for (int i = 0; i < es->nopts; i++)
+      setsockopt(fd, es->opts[i].level, es->opts[i].name, es->opts[i].val, es->opts[i].len);
+  }
+  int r = getsockopt(fd, level, name, val, len) < 0 ? -errno : 0;
+  if (scratch) close(fd);
+  return r;
+}

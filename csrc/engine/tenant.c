@@ -1,0 +1,284 @@
+/* NSMs, tenants, their shared regions and the slot table.
+ *
+ * A tenant's region is a memfd created here and handed only to processes whose network
+ * namespace is the tenant's (checked in control.c). Rings are allocated with the slot and
+ * their pages are given back to the kernel when the slot is freed, so idle sockets do not pin
+ * memory.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include "engine.h"
+
+struct nk_nsm *nk_nsm_find(const char *name) {
+  for (struct nk_nsm *n = E.nsms; n; n = n->next)
+    if (strcmp(n->name, name) == 0) return n;
+  return NULL;
+}
+
+int nk_nsm_add(const char *name, const char *netns_path) {
+  if (strlen(name) >= sizeof(((struct nk_nsm *)0)->name)) return -ENAMETOOLONG;
+  if (nk_nsm_find(name)) return -EEXIST;
+  int fd = open(netns_path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -errno;
+  struct nk_nsm *n = calloc(1, sizeof(*n));
+  if (!n) {
+    close(fd);
+    return -ENOMEM;
+  }
+  strcpy(n->name, name);
+  n->netns_fd = fd;
+  n->ops = &nk_nsm_kernel_ops;
+  n->next = E.nsms;
+  E.nsms = n;
+  NK_INFO("nsm %s (%s) added: %s", name, n->ops->type, netns_path);
+  return 0;
+}
+
+struct nk_tenant *nk_tenant_find(const char *name) {
+  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+    if (strcmp(t->name, name) == 0) return t;
+  return NULL;
+}
+
+struct nk_tenant *nk_tenant_by_ino(uint64_t ino) {
+  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+    if (t->netns_ino == ino) return t;
+  return NULL;
+}
+
+static uint32_t env_u32(const char *name, uint32_t dflt) {
+  const char *v = getenv(name);
+  return v && *v ? (uint32_t)strtoul(v, NULL, 0) : dflt;
+}
+
+static int region_create(struct nk_tenant *t) {
+  uint32_t ring = env_u32("NETKERNEL_RING_SIZE", NK_DEFAULT_RING_SIZE);
+  uint32_t nslots = env_u32("NETKERNEL_SLOTS", NK_DEFAULT_SLOTS);
+  if (ring < 4096 || (ring & (ring - 1)) || nslots == 0 || nslots > NK_MAX_SLOTS) return -EINVAL;
+  t->ring_size = ring;
+  t->nslots = nslots;
+  t->words = NK_DOORBELL_WORDS(nslots);
+  uint64_t hdr = sizeof(struct nk_region) + t->words * sizeof(uint64_t);
+  uint64_t slots_off = (hdr + 4095) & ~4095ull;
+  uint64_t rings_off = (slots_off + (uint64_t)nslots * sizeof(struct nk_slot) + 4095) & ~4095ull;
+  uint64_t size = rings_off + (uint64_t)nslots * 2u * ring;
+  char nm[80];
+  snprintf(nm, sizeof(nm), "netkernel-%s", t->name);
+  /* Huge pages when the host has them reserved, else normal pages; both are sparse. */
+  int fd = memfd_create(nm, MFD_CLOEXEC | MFD_HUGETLB);
+  if (fd < 0 || ftruncate(fd, (off_t)size) < 0) {
+    if (fd >= 0) close(fd);
+    fd = memfd_create(nm, MFD_CLOEXEC);
+    if (fd < 0) return -errno;
+    if (ftruncate(fd, (off_t)size) < 0) {
+      int e = errno;
+      close(fd);
+      return -e;
+    }
+  }
+  void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (base == MAP_FAILED) {
+    int e = errno;
+    close(fd);
+    return -e;
+  }
+  t->memfd = fd;
+  t->base = base;
+  t->size = size;
+  t->rg = base;
+  t->rg->magic = NK_REGION_MAGIC;
+  t->rg->version = NK_ABI_VERSION;
+  t->rg->nslots = nslots;
+  t->rg->ring_size = ring;
+  t->rg->size = size;
+  t->rg->slots_off = slots_off;
+  t->rg->rings_off = rings_off;
+  t->rg->tenant_id = t->id;
+  t->slots = (struct nk_slot *)(t->base + slots_off);
+  t->rings = t->base + rings_off;
+  return 0;
+}
+
+int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name, const char *v4,
+                  const char *v6, struct nk_tenant **out) {
+  if (strlen(name) >= sizeof(((struct nk_tenant *)0)->name)) return -ENAMETOOLONG;
+  if (nk_tenant_find(name)) return -EEXIST;
+  struct nk_nsm *nsm = nk_nsm_find(nsm_name);
+  if (!nsm) return -ENOENT;
+  struct nk_tenant *t = calloc(1, sizeof(*t));
+  if (!t) return -ENOMEM;
+  int r;
+  strcpy(t->name, name);
+  t->nsm = nsm;
+  t->memfd = t->doorbell_fd = t->dns_fd = t->dns_up_fd = t->netns_fd = -1;
+  if ((r = nk_addr_parse(v4, &t->ipv4)) < 0 || t->ipv4.family != AF_INET) goto fail_free;
+  if ((r = nk_addr_parse(v6, &t->ipv6)) < 0 || t->ipv6.family != AF_INET6) {
+    r = -EINVAL;
+    goto fail_free;
+  }
+  t->netns_fd = open(netns_path, O_RDONLY | O_CLOEXEC);
+  if (t->netns_fd < 0) {
+    r = -errno;
+    goto fail_free;
+  }
+  struct stat st;
+  fstat(t->netns_fd, &st);
+  t->netns_ino = st.st_ino;
+  if (t->netns_ino == E.self_netns_ino || nk_tenant_by_ino(t->netns_ino)) {
+    r = -EBUSY; /* a tenant must have a namespace of its own */
+    goto fail_ns;
+  }
+  t->id = ++E.next_tenant_id;
+  if ((r = region_create(t)) < 0) goto fail_ns;
+  t->socks = calloc(t->nslots, sizeof(*t->socks));
+  if (!t->socks) {
+    r = -ENOMEM;
+    goto fail_region;
+  }
+  t->doorbell_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (t->doorbell_fd < 0) {
+    r = -errno;
+    goto fail_socks;
+  }
+  t->h_doorbell = (struct nk_handle){NK_H_DOORBELL, 0, t};
+  nk_ep_add(t->doorbell_fd, EPOLLIN, &t->h_doorbell);
+  if (nk_dns_open(t) < 0) NK_INFO("tenant %s: no DNS stub (lo down?)", name);
+  t->next = E.tenants;
+  E.tenants = t;
+  NK_INFO("tenant %s (id %u) on nsm %s: %s %s", name, t->id, nsm->name, v4, v6);
+  *out = t;
+  return 0;
+fail_socks:
+  free(t->socks);
+fail_region:
+  munmap(t->base, t->size);
+  close(t->memfd);
+fail_ns:
+  close(t->netns_fd);
+fail_free:
+  free(t);
+  return r < 0 ? r : -EINVAL;
+}
+
+int nk_tenant_del(struct nk_tenant *t) {
+  for (uint32_t i = 0; i < t->nslots; i++)
+    if (t->socks[i]) nk_esock_free(t->socks[i]);
+  nk_dns_close(t);
+  nk_ep_del(t->doorbell_fd);
+  close(t->doorbell_fd);
+  for (struct nk_tenant **p = &E.tenants; *p; p = &(*p)->next)
+    if (*p == t) {
+      *p = t->next;
+      break;
+    }
+  /* Processes of the tenant may still map the region; the memfd lives until they unmap. */
+  munmap(t->base, t->size);
+  close(t->memfd);
+  close(t->netns_fd);
+  NK_INFO("tenant %s removed", t->name);
+  free(t->socks);
+  free(t);
+  return 0;
+}
+
+struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int type,
+                                uint64_t inode) {
+  if (t->nsocks >= t->nslots) return NULL;
+  uint32_t i = t->next_free;
+  while (t->socks[i]) i = (i + 1) % t->nslots;
+  t->next_free = (i + 1) % t->nslots;
+  struct nk_esock *es = calloc(1, sizeof(*es));
+  if (!es) return NULL;
+  struct nk_slot *s = &t->slots[i];
+  es->t = t;
+  es->slot = i;
+  es->gen = s->gen + 1; /* the engine's copy decides; the region copy is informational */
+  es->family = family;
+  es->type = type;
+  es->kind = type == SOCK_DGRAM ? NK_KIND_DGRAM : NK_KIND_STREAM;
+  es->proxy = proxy;
+  es->pending_fd = -1;
+  es->state = NK_ST_NEW;
+  es->can_write = true;
+  for (int k = 0; k < NK_MAX_KFD; k++) es->kfd[k] = -1;
+  /* Reset the shared header before the guest can see the slot. */
+  memset(s, 0, sizeof(*s));
+  s->gen = es->gen;
+  s->kind = (uint32_t)es->kind;
+  s->family = (uint32_t)family;
+  s->inode = inode;
+  uint8_t *ring = t->rings + (uint64_t)i * 2u * t->ring_size;
+  nk_ring_init(&es->tx, ring, t->ring_size, &s->tx_head, &s->tx_tail);
+  nk_ring_init(&es->rx, ring + t->ring_size, t->ring_size, &s->rx_head, &s->rx_tail);
+  es->h_proxy = (struct nk_handle){NK_H_PROXY, 0, es};
+  for (int k = 0; k < NK_MAX_KFD; k++) es->h_kfd[k] = (struct nk_handle){NK_H_KFD, k, es};
+  t->socks[i] = es;
+  t->nsocks++;
+  return es;
+}
+
+struct nk_esock *nk_esock_get(struct nk_tenant *t, uint32_t slot, uint32_t gen) {
+  if (slot >= t->nslots) return NULL;
+  struct nk_esock *es = t->socks[slot];
+  if (!es || es->gen != gen) return NULL;
+  return es;
+}
+
+void nk_esock_free(struct nk_esock *es) {
+  struct nk_tenant *t = es->t;
+  nk_sock_close_kfds(es, true);
+  if (es->pending_fd >= 0) close(es->pending_fd);
+  if (es->proxy >= 0) {
+    nk_ep_del(es->proxy);
+    close(es->proxy);
+  }
+  /* Unlink from the active list. */
+  for (struct nk_esock **p = &E.active_head; *p; p = &(*p)->next_active)
+    if (*p == es) {
+      *p = es->next_active;
+      break;
+    }
+  struct nk_slot *s = &t->slots[es->slot];
+  s->inode = 0;
+  s->kind = NK_KIND_FREE;
+  atomic_store(&s->state, NK_ST_CLOSED);
+  /* Give the ring pages back: a closed socket pins no memory. */
+  uint64_t off = (uint64_t)(t->rings - t->base) + (uint64_t)es->slot * 2u * t->ring_size;
+  fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+            (off_t)(2u * t->ring_size));
+  t->socks[es->slot] = NULL;
+  t->nsocks--;
+  free(es);
+}
+
+/* Collects the doorbell bits guests set; returns true if any socket was activated.
+ * E1: the exchanges are seq_cst; they pair with D1 in GuestLib's doorbell(). */
+bool nk_tenant_scan_doorbells(struct nk_tenant *t) {
+  struct nk_region *rg = t->rg;
+  if (!atomic_load_explicit(&rg->doorbell_summary, memory_order_relaxed)) return false;
+  atomic_exchange(&rg->doorbell_summary, 0);
+  bool any = false;
+  for (uint32_t w = 0; w < t->words; w++) {
+    uint64_t bits = atomic_load_explicit(&rg->doorbell[w], memory_order_relaxed);
+    if (!bits) continue;
+    bits = atomic_exchange(&rg->doorbell[w], 0);
+    while (bits) {
+      uint32_t b = (uint32_t)__builtin_ctzll(bits);
+      bits &= bits - 1;
+      uint32_t slot = w * 64 + b;
+      /* Bits for slots that are not allocated are tenant garbage: ignore them. */
+      if (slot < t->nslots && t->socks[slot]) {
+        nk_sock_activate(t->socks[slot]);
+        any = true;
+      }
+    }
+  }
+  return any;
+}

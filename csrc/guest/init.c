@@ -1,0 +1,194 @@
+/* Process set-up: the constructor, registration with the engine, the per-thread control
+ * connections and fork handling.
+ *
+ * Control connections are per thread so that a request and its reply never interleave with
+ * another thread's (and never with readiness records, which travel on the proxy fds).
+ * Lock order at fork: ctl_lock, then reg_lock (taken in prepare, released in parent/child).
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/auxv.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include "guest.h"
+
+struct nk_guest nk_g = {.doorbell_fd = -1};
+int nk_debug;
+
+static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t ctl_lock = PTHREAD_MUTEX_INITIALIZER;
+static __thread int t_ctl = -1;
+/* Every control fd this process opened, so the fork child can drop the parent's ones. */
+#define NK_MAX_CTL 1024
+static int ctl_fds[NK_MAX_CTL];
+static int n_ctl;
+
+static void atfork_prepare(void) {
+  pthread_mutex_lock(&ctl_lock);
+  pthread_mutex_lock(&reg_lock);
+}
+static void atfork_parent(void) {
+  pthread_mutex_unlock(&reg_lock);
+  pthread_mutex_unlock(&ctl_lock);
+}
+static void atfork_child(void) {
+  /* The parent's control connections carry the parent's requests: the child opens its own.
+   * The region mapping and the doorbell stay valid (same tenant). */
+  for (int i = 0; i < n_ctl; i++) nk_libc.close(ctl_fds[i]);
+  n_ctl = 0;
+  t_ctl = -1;
+  pthread_mutex_unlock(&reg_lock);
+  pthread_mutex_unlock(&ctl_lock);
+}
+
+__attribute__((constructor)) static void nk_ctor(void) {
+  int saved = errno;
+  nk_libc_init();
+  const char *dbg = getenv("NETKERNEL_DEBUG");
+  nk_debug = dbg ? atoi(dbg) : 0;
+  /* Never take configuration from the environment of a setuid program (torsocks). */
+  if (getauxval(AT_SECURE)) goto out;
+  nk_g.ctl_path = getenv("NETKERNEL_SOCKET");
+  if (!nk_g.ctl_path || !*nk_g.ctl_path) goto out;
+  pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+  nk_g.enabled = true;
+out:
+  errno = saved;
+}
+
+static int ctl_connect(void) {
+  int fd = nk_libc.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  struct sockaddr_un un = {.sun_family = AF_UNIX};
+  strncpy(un.sun_path, nk_g.ctl_path, sizeof(un.sun_path) - 1);
+  if (nk_libc.connect(fd, (struct sockaddr *)&un, sizeof(un)) < 0) {
+    int e = errno;
+    nk_libc.close(fd);
+    NK_LOG(0, "cannot reach the NetKernel engine at %s: %s", nk_g.ctl_path, strerror(e));
+    return -ENETDOWN;
+  }
+  pthread_mutex_lock(&ctl_lock);
+  if (n_ctl < NK_MAX_CTL) ctl_fds[n_ctl++] = fd;
+  pthread_mutex_unlock(&ctl_lock);
+  return fd;
+}
+
+/* Sends req (with send_fd attached when >= 0) and waits for the reply. Up to two fds that
+ * come back are stored in rep-adjacent out parameters by the REGISTER path only. */
+static int ctl_call_fds(struct nk_req *req, int send_fd, struct nk_rep *rep, int *fds, int nfds) {
+  if (t_ctl < 0) {
+    int fd = ctl_connect();
+    if (fd < 0) return fd;
+    t_ctl = fd;
+  }
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * 2)];
+    struct cmsghdr align;
+  } cm;
+  struct iovec iov = {.iov_base = req, .iov_len = sizeof(*req)};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+  if (send_fd >= 0) {
+    memset(&cm, 0, sizeof(cm));
+    mh.msg_control = cm.buf;
+    mh.msg_controllen = CMSG_SPACE(sizeof(int));
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &send_fd, sizeof(int));
+  }
+  ssize_t n;
+  do n = nk_libc.sendmsg(t_ctl, &mh, MSG_NOSIGNAL);
+  while (n < 0 && errno == EINTR);
+  if (n < 0) goto dead;
+  struct iovec riov = {.iov_base = rep, .iov_len = sizeof(*rep)};
+  struct msghdr rh = {.msg_iov = &riov, .msg_iovlen = 1, .msg_control = cm.buf,
+                      .msg_controllen = sizeof(cm.buf)};
+  do n = nk_libc.recvmsg(t_ctl, &rh, MSG_CMSG_CLOEXEC);
+  while (n < 0 && errno == EINTR);
+  if (n != (ssize_t)sizeof(*rep)) goto dead;
+  int got = 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&rh); c; c = CMSG_NXTHDR(&rh, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+    for (int i = 0; i < k; i++) {
+      int fd;
+      memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      if (got < nfds) fds[got++] = fd;
+      else nk_libc.close(fd);
+    }
+  }
+  for (int i = got; i < nfds; i++) fds[i] = -1;
+  return 0;
+dead:
+  /* The engine went away: this is an error for the caller, never a hang. */
+  NK_LOG(0, "lost the control connection to the engine");
+  nk_libc.close(t_ctl);
+  t_ctl = -1;
+  return -ENETDOWN;
+}
+
+int nk_ctl_call(struct nk_req *req, int send_fd, struct nk_rep *rep) {
+  int saved = errno;
+  int r = ctl_call_fds(req, send_fd, rep, NULL, 0);
+  errno = saved;
+  return r;
+}
+
+int nk_ensure_registered(void) {
+  if (!nk_g.enabled) return -ENETDOWN;
+  if (__atomic_load_n(&nk_g.registered, __ATOMIC_ACQUIRE)) return 0;
+  int saved = errno, r = 0;
+  pthread_mutex_lock(&reg_lock);
+  if (nk_g.registered) goto out;
+  struct nk_req req = {.op = NK_OP_REGISTER};
+  struct nk_rep rep;
+  int fds[2];
+  r = ctl_call_fds(&req, -1, &rep, fds, 2);
+  if (r < 0) goto out;
+  if (rep.err) {
+    r = rep.err;
+    NK_LOG(0, "the engine refused this process: %s", strerror(-r));
+    goto out;
+  }
+  if (fds[0] < 0 || fds[1] < 0) {
+    r = -EPROTO;
+    goto out;
+  }
+  struct nk_reginfo info;
+  memcpy(&info, rep.optval, sizeof(info));
+  void *base = mmap(NULL, info.region_size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+  nk_libc.close(fds[0]);
+  if (base == MAP_FAILED) {
+    r = -errno;
+    nk_libc.close(fds[1]);
+    goto out;
+  }
+  struct nk_region *rg = base;
+  if (rg->magic != NK_REGION_MAGIC || rg->version != NK_ABI_VERSION) {
+    NK_LOG(0, "engine speaks ABI %u, GuestLib %u", rg->version, NK_ABI_VERSION);
+    munmap(base, info.region_size);
+    nk_libc.close(fds[1]);
+    r = -EPROTO;
+    goto out;
+  }
+  nk_g.region = rg;
+  nk_g.region_size = info.region_size;
+  nk_g.nslots = rg->nslots;
+  nk_g.ring_size = rg->ring_size;
+  nk_g.slots = (struct nk_slot *)((uint8_t *)base + rg->slots_off);
+  nk_g.rings = (uint8_t *)base + rg->rings_off;
+  nk_g.doorbell_fd = fds[1];
+  nk_g.info = info;
+  __atomic_store_n(&nk_g.registered, true, __ATOMIC_RELEASE);
+  NK_LOG(1, "registered: tenant %u, %u slots of %u bytes", info.tenant_id, nk_g.nslots,
+         nk_g.ring_size);
+out:
+  pthread_mutex_unlock(&reg_lock);
+  errno = saved;
+  return r;
+}

@@ -1,0 +1,722 @@
+/* NetKernel sockets as seen by the guest: the proxy fd for readiness and lifetime
+ * (DESIGN §A), the shared rings for bytes (§B), control requests for everything else.
+ *
+ * Readiness protocol (the engine side is in csrc/engine/sock.c):
+ *  - readable: the engine queues one READY record on the proxy fd whenever the receive ring is
+ *    non-empty, at EOF or on error, and no record is outstanding (ready_sent == rx_ack in its
+ *    private count). We consume records only when the ring is empty and no EOF/error is
+ *    pending, bump rx_ack, then look at the ring again; if something arrived in between we
+ *    "kick" the engine so it re-evaluates and queues a fresh record. No wake-up is lost.
+ *  - writable: when the transmit ring is full we queue a blocker record on the proxy fd, whose
+ *    size makes the kernel report our end unwritable; the engine consumes it when space frees.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "guest.h"
+
+struct nk_slot *nk_slot_at(int slot) { return &nk_g.slots[slot]; }
+
+void nk_slot_rings(int slot, struct nk_ring *tx, struct nk_ring *rx) {
+  struct nk_slot *s = nk_slot_at(slot);
+  uint8_t *base = nk_g.rings + (uint64_t)slot * 2u * nk_g.ring_size;
+  if (tx) nk_ring_init(tx, base, nk_g.ring_size, &s->tx_head, &s->tx_tail);
+  if (rx) nk_ring_init(rx, base + nk_g.ring_size, nk_g.ring_size, &s->rx_head, &s->rx_tail);
+}
+
+/* ---- small helpers ---- */
+
+static void lock(_Atomic uint32_t *l) {
+  for (int spins = 0;; spins++) {
+    uint32_t z = 0;
+    if (atomic_compare_exchange_weak_explicit(l, &z, 1, memory_order_acquire, memory_order_relaxed))
+      return;
+    if (spins > 100) sched_yield();
+  }
+}
+static void unlock(_Atomic uint32_t *l) { atomic_store_explicit(l, 0, memory_order_release); }
+
+/* Tell the engine that this slot needs attention; wake it only when it sleeps. */
+static void doorbell(int slot) {
+  struct nk_region *rg = nk_g.region;
+  uint64_t bit = 1ull << (slot & 63);
+  /* D1: seq_cst; pairs with E1 in the engine's sleep path (store sleeping, then scan bits). */
+  atomic_fetch_or(&rg->doorbell[slot >> 6], bit);
+  atomic_fetch_or(&rg->doorbell_summary, 1ull << ((slot >> 6) & 63));
+  if (atomic_load(&rg->engine_sleeping) && atomic_exchange(&rg->engine_sleeping, 0)) {
+    uint64_t one = 1;
+    int saved = errno;
+    if (nk_libc.write(nk_g.doorbell_fd, &one, sizeof(one)) < 0) { /* counter full: it is awake */
+    }
+    errno = saved;
+  }
+}
+
+static void kick(int slot) {
+  atomic_store(&nk_slot_at(slot)->kick, 1);
+  doorbell(slot);
+}
+
+static bool is_nonblock(int fd, int flags) {
+  if (flags & MSG_DONTWAIT) return true;
+  int fl = nk_libc.fcntl(fd, F_GETFL);
+  return fl >= 0 && (fl & O_NONBLOCK);
+}
+
+/* Waits for events on the proxy fd. Returns >0 ready, 0 timeout, -errno. A hang-up means the
+ * engine end is gone: the socket is dead. */
+static int wait_fd(int fd, short events, uint32_t timeout_ms) {
+  struct pollfd p = {.fd = fd, .events = events};
+  int r = poll(&p, 1, timeout_ms ? (int)timeout_ms : -1);
+  if (r < 0) return -errno;
+  if (r == 0) return 0;
+  if (p.revents & (POLLHUP | POLLERR | POLLNVAL)) return -ECONNRESET;
+  return 1;
+}
+
+/* Queue a blocker so the proxy fd reads as unwritable; skip it when one is already queued. */
+static void send_blocker(int fd) {
+  static const char blocker[NK_BLOCKER_SIZE];
+  struct pollfd p = {.fd = fd, .events = POLLOUT};
+  if (poll(&p, 1, 0) == 1 && (p.revents & POLLOUT))
+    (void)nk_libc.send(fd, blocker, sizeof(blocker), MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+/* Consume READY records; returns how many. */
+static uint32_t eat_ready(int fd) {
+  uint32_t n = 0;
+  char buf[8];
+  while (nk_libc.recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0) n++;
+  return n;
+}
+
+static int epipe(int flags) {
+  if (!(flags & MSG_NOSIGNAL)) raise(SIGPIPE);
+  return -EPIPE;
+}
+
+/* ---- addresses ---- */
+
+int nk_addr_from_sockaddr(struct nk_addr *a, const struct sockaddr *sa, socklen_t len) {
+  memset(a, 0, sizeof(*a));
+  if (!sa || len < sizeof(sa_family_t)) return -EINVAL;
+  if (sa->sa_family == AF_INET) {
+    if (len < sizeof(struct sockaddr_in)) return -EINVAL;
+    const struct sockaddr_in *in = (const void *)sa;
+    a->family = AF_INET;
+    a->port = in->sin_port;
+    memcpy(a->addr, &in->sin_addr, 4);
+    return 0;
+  }
+  if (sa->sa_family == AF_INET6) {
+    if (len < sizeof(struct sockaddr_in6)) return -EINVAL;
+    const struct sockaddr_in6 *in6 = (const void *)sa;
+    a->family = AF_INET6;
+    a->port = in6->sin6_port;
+    a->scope_id = in6->sin6_scope_id;
+    memcpy(a->addr, &in6->sin6_addr, 16);
+    return 0;
+  }
+  if (sa->sa_family == AF_UNSPEC) return 0;
+  return -EAFNOSUPPORT;
+}
+
+/* Render a in the application's family (IPv4 becomes v4-mapped for AF_INET6 sockets). */
+socklen_t nk_addr_to_sockaddr(const struct nk_addr *a, int family, struct sockaddr_storage *ss) {
+  memset(ss, 0, sizeof(*ss));
+  if (family == AF_INET) {
+    struct sockaddr_in *in = (void *)ss;
+    in->sin_family = AF_INET;
+    in->sin_port = a->port;
+    if (a->family == AF_INET) memcpy(&in->sin_addr, a->addr, 4);
+    return sizeof(*in);
+  }
+  struct sockaddr_in6 *in6 = (void *)ss;
+  in6->sin6_family = AF_INET6;
+  in6->sin6_port = a->port;
+  if (a->family == AF_INET) {
+    in6->sin6_addr.s6_addr[10] = 0xff;
+    in6->sin6_addr.s6_addr[11] = 0xff;
+    memcpy(&in6->sin6_addr.s6_addr[12], a->addr, 4);
+  } else if (a->family == AF_INET6) {
+    memcpy(&in6->sin6_addr, a->addr, 16);
+    in6->sin6_scope_id = a->scope_id;
+  }
+  return sizeof(*in6);
+}
+
+static void copy_out_addr(const struct sockaddr_storage *ss, socklen_t sl, struct sockaddr *sa,
+                          socklen_t *len) {
+  if (!sa || !len) return;
+  socklen_t n = *len < sl ? *len : sl;
+  memcpy(sa, ss, n);
+  *len = sl;
+}
+
+/* ---- socket lifecycle ---- */
+
+int nk_socket(int domain, int type, int protocol) {
+  int base = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
+  int r = nk_ensure_registered();
+  if (r < 0) return r;
+  int sv[2];
+  if (nk_libc.socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return -errno;
+  /* The smallest send buffer makes one blocker record enough to read as unwritable. */
+  int one = 1;
+  nk_libc.setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
+  struct stat st;
+  fstat(sv[0], &st);
+  struct nk_req req = {.op = NK_OP_SOCKET, .arg0 = domain, .arg1 = base, .arg2 = protocol,
+                       .inode = st.st_ino};
+  struct nk_rep rep;
+  r = nk_ctl_call(&req, sv[1], &rep);
+  nk_libc.close(sv[1]);
+  if (r == 0) r = rep.err;
+  if (r < 0) {
+    nk_libc.close(sv[0]);
+    return r;
+  }
+  if (!(type & SOCK_CLOEXEC)) nk_libc.fcntl(sv[0], F_SETFD, 0);
+  if (type & SOCK_NONBLOCK) nk_libc.fcntl(sv[0], F_SETFL, O_NONBLOCK);
+  nk_fd_set(sv[0], (int)rep.slot);
+  NK_LOG(2, "socket(%d,%d,%d) = fd %d slot %u", domain, base, protocol, sv[0], rep.slot);
+  return sv[0];
+}
+
+static int simple_req(int slot, uint32_t op, int32_t arg0, const struct nk_addr *addr,
+                      struct nk_rep *rep) {
+  struct nk_req req = {.op = op, .slot = (uint32_t)slot, .gen = nk_slot_at(slot)->gen, .arg0 = arg0};
+  if (addr) req.addr = *addr;
+  int r = nk_ctl_call(&req, -1, rep);
+  return r < 0 ? r : rep->err;
+}
+
+int nk_bind(int fd, int slot, const struct sockaddr *sa, socklen_t len) {
+  (void)fd;
+  struct nk_addr a;
+  int r = nk_addr_from_sockaddr(&a, sa, len);
+  if (r < 0) return r;
+  struct nk_rep rep;
+  return simple_req(slot, NK_OP_BIND, 0, &a, &rep);
+}
+
+int nk_listen(int fd, int slot, int backlog) {
+  (void)fd;
+  struct nk_rep rep;
+  return simple_req(slot, NK_OP_LISTEN, backlog, NULL, &rep);
+}
+
+int nk_accept4(int fd, int slot, struct sockaddr *sa, socklen_t *len, int flags) {
+  struct nk_slot *s = nk_slot_at(slot);
+  if (s->kind != NK_KIND_LISTENER) return -EINVAL;
+  for (;;) {
+    struct nk_newconn nc;
+    union {
+      char buf[CMSG_SPACE(sizeof(int))];
+      struct cmsghdr align;
+    } cm;
+    struct iovec iov = {.iov_base = &nc, .iov_len = sizeof(nc)};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                        .msg_controllen = sizeof(cm.buf)};
+    ssize_t n = nk_libc.recvmsg(fd, &mh, (flags & SOCK_CLOEXEC) ? MSG_CMSG_CLOEXEC : 0);
+    if (n < 0) return -errno;
+    if (n == 0) return -ECONNABORTED; /* engine end gone */
+    int nfd = -1;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+      memcpy(&nfd, CMSG_DATA(c), sizeof(int));
+    if (n != sizeof(nc) || nc.type != NK_MSG_NEWCONN || nc.slot >= nk_g.nslots) {
+      if (nfd >= 0) nk_libc.close(nfd);
+      continue;
+    }
+    if (nfd < 0) return (mh.msg_flags & MSG_CTRUNC) ? -EMFILE : -ECONNABORTED;
+    if (flags & SOCK_NONBLOCK) nk_libc.fcntl(nfd, F_SETFL, O_NONBLOCK);
+    nk_fd_set(nfd, (int)nc.slot);
+    struct sockaddr_storage ss;
+    socklen_t sl = nk_addr_to_sockaddr(&nc.peer, (int)s->family, &ss);
+    copy_out_addr(&ss, sl, sa, len);
+    NK_LOG(2, "accept fd %d -> fd %d slot %u", fd, nfd, nc.slot);
+    return nfd;
+  }
+}
+
+int nk_connect(int fd, int slot, const struct sockaddr *sa, socklen_t len) {
+  struct nk_slot *s = nk_slot_at(slot);
+  struct nk_addr a;
+  int r = nk_addr_from_sockaddr(&a, sa, len);
+  if (r < 0) return r;
+  if (s->kind == NK_KIND_STREAM) {
+    uint32_t st = atomic_load(&s->state);
+    if (st == NK_ST_CONNECTED) return -EISCONN;
+    if (st == NK_ST_CONNECTING) return -EALREADY;
+    if (a.family == 0) return -EAFNOSUPPORT;
+    send_blocker(fd); /* unwritable until the connection is established */
+  }
+  struct nk_rep rep;
+  r = simple_req(slot, NK_OP_CONNECT, 0, &a, &rep);
+  if (r < 0 || s->kind != NK_KIND_STREAM || rep.val == 0) return r;
+  if (is_nonblock(fd, 0)) return -EINPROGRESS;
+  for (;;) {
+    int w = wait_fd(fd, POLLOUT, s->sndtimeo_ms);
+    if (w == 0) return -ETIMEDOUT;
+    if (w == -EINTR) return -EINTR;
+    if (w < 0) return w;
+    if (atomic_load(&s->state) != NK_ST_CONNECTING) break;
+  }
+  int err = atomic_exchange(&s->so_error, 0);
+  return err ? -err : 0;
+}
+
+int nk_shutdown(int fd, int slot, int how) {
+  (void)fd;
+  if (how < SHUT_RD || how > SHUT_RDWR) return -EINVAL;
+  struct nk_rep rep;
+  return simple_req(slot, NK_OP_SHUTDOWN, how, NULL, &rep);
+}
+
+/* ---- data path: stream ---- */
+
+static size_t iov_total(const struct iovec *iov, size_t n) {
+  size_t t = 0;
+  for (size_t i = 0; i < n; i++) t += iov[i].iov_len;
+  return t;
+}
+
+/* Copies from the caller's iovecs (advancing vi and voff) into the ring at position at. */
+static void gather_in(struct nk_ring *r, uint32_t at, const struct iovec *iov, size_t *vi,
+                      size_t *voff, uint32_t len) {
+  while (len) {
+    size_t avail = iov[*vi].iov_len - *voff;
+    if (avail == 0) {
+      (*vi)++;
+      *voff = 0;
+      continue;
+    }
+    uint32_t n = avail < len ? (uint32_t)avail : len;
+    nk_ring_copy_in(r, at, (const uint8_t *)iov[*vi].iov_base + *voff, n);
+    at += n;
+    *voff += n;
+    len -= n;
+  }
+}
+
+static void scatter_out(const struct nk_ring *r, uint32_t at, const struct iovec *iov, size_t *vi,
+                        size_t *voff, uint32_t len) {
+  while (len) {
+    size_t avail = iov[*vi].iov_len - *voff;
+    if (avail == 0) {
+      (*vi)++;
+      *voff = 0;
+      continue;
+    }
+    uint32_t n = avail < len ? (uint32_t)avail : len;
+    nk_ring_copy_out(r, at, (uint8_t *)iov[*vi].iov_base + *voff, n);
+    at += n;
+    *voff += n;
+    len -= n;
+  }
+}
+
+/* Wait until the transmit ring has space, or fail. Called with tx_lock released. */
+static int wait_tx(int fd, int slot, struct nk_ring *tx, int flags, bool nonblock) {
+  struct nk_slot *s = nk_slot_at(slot);
+  send_blocker(fd);
+  if (nk_ring_space(tx) > 0 || atomic_load(&s->tx_closed)) return 0; /* raced with the engine */
+  if (nonblock) return -EAGAIN;
+  int w = wait_fd(fd, POLLOUT, s->sndtimeo_ms);
+  (void)flags;
+  if (w == 0) return -EAGAIN;
+  if (w < 0) return w;
+  return 0;
+}
+
+static ssize_t stream_send(int fd, int slot, const struct iovec *iov, size_t iovcnt, int flags) {
+  struct nk_slot *s = nk_slot_at(slot);
+  size_t total = iov_total(iov, iovcnt), done = 0, vi = 0, voff = 0;
+  bool nonblock = is_nonblock(fd, flags) ;
+  struct nk_ring tx;
+  nk_slot_rings(slot, &tx, NULL);
+  for (;;) {
+    uint32_t closed = atomic_load(&s->tx_closed);
+    if (closed) return done ? (ssize_t)done : (closed == EPIPE ? epipe(flags) : -(int)closed);
+    uint32_t st = atomic_load(&s->state);
+    if (st != NK_ST_CONNECTED) {
+      if (st == NK_ST_CONNECTING) {
+        if (nonblock) return done ? (ssize_t)done : -EAGAIN;
+        int w = wait_fd(fd, POLLOUT, s->sndtimeo_ms);
+        if (w <= 0) return done ? (ssize_t)done : (w == 0 ? -EAGAIN : w);
+        continue;
+      }
+      return done ? (ssize_t)done : epipe(flags);
+    }
+    if (done == total) return (ssize_t)done;
+    lock(&s->tx_lock);
+    uint32_t space = nk_ring_space(&tx);
+    uint32_t n = total - done < space ? (uint32_t)(total - done) : space;
+    if (n) {
+      gather_in(&tx, atomic_load_explicit(tx.head, memory_order_relaxed), iov, &vi, &voff, n);
+      nk_ring_produce(&tx, n);
+      done += n;
+    }
+    unlock(&s->tx_lock);
+    if (n) doorbell(slot);
+    if (done == total) return (ssize_t)done;
+    if (nonblock && done) return (ssize_t)done;
+    int r = wait_tx(fd, slot, &tx, flags, nonblock);
+    if (r < 0) {
+      if (r == -ECONNRESET && done == 0) return epipe(flags);
+      return done ? (ssize_t)done : r;
+    }
+  }
+}
+
+static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iovcnt, int flags) {
+  struct nk_slot *s = nk_slot_at(slot);
+  size_t total = iov_total(iov, iovcnt), got = 0, vi = 0, voff = 0;
+  bool nonblock = is_nonblock(fd, flags);
+  bool peek = flags & MSG_PEEK, waitall = (flags & MSG_WAITALL) && !peek;
+  struct nk_ring rx;
+  nk_slot_rings(slot, NULL, &rx);
+  uint32_t st = atomic_load(&s->state);
+  if (st != NK_ST_CONNECTED && st != NK_ST_CLOSED) return st == NK_ST_CONNECTING && nonblock ? -EAGAIN : -ENOTCONN;
+  if (total == 0) return 0;
+  for (;;) {
+    lock(&s->rx_lock);
+    uint32_t fill = nk_ring_fill(&rx);
+    if (fill) {
+      uint32_t n = total - got < fill ? (uint32_t)(total - got) : fill;
+      scatter_out(&rx, atomic_load_explicit(rx.tail, memory_order_relaxed), iov, &vi, &voff, n);
+      if (!peek) nk_ring_consume(&rx, n);
+      got += n;
+      unlock(&s->rx_lock);
+      if (!peek && atomic_load(&s->rx_stalled)) kick(slot);
+      if (got == total || !waitall) return (ssize_t)got;
+      continue;
+    }
+    /* Empty. Errors and EOF stay readable: never eat the record for them. */
+    int err = atomic_load(&s->rx_err);
+    if (err && !peek) err = atomic_exchange(&s->rx_err, 0);
+    if (err) {
+      unlock(&s->rx_lock);
+      return got ? (ssize_t)got : -err;
+    }
+    if (atomic_load(&s->rx_eof)) {
+      unlock(&s->rx_lock);
+      return (ssize_t)got;
+    }
+    uint32_t eaten = eat_ready(fd);
+    if (eaten) atomic_fetch_add(&s->rx_ack, eaten);
+    /* R2: seq_cst re-check after publishing the ack; pairs with the engine's push-then-check. */
+    bool more = nk_ring_fill(&rx) || atomic_load(&s->rx_eof) || atomic_load(&s->rx_err);
+    unlock(&s->rx_lock);
+    if (more) {
+      if (eaten) kick(slot);
+      continue;
+    }
+    if (got && !waitall) return (ssize_t)got;
+    if (nonblock) return got ? (ssize_t)got : -EAGAIN;
+    int w = wait_fd(fd, POLLIN, s->rcvtimeo_ms);
+    if (w == 0) return got ? (ssize_t)got : -EAGAIN;
+    if (w < 0) return got ? (ssize_t)got : w;
+  }
+}
+
+/* ---- data path: datagrams ---- */
+
+static ssize_t dgram_send(int fd, int slot, const struct msghdr *msg, int flags) {
+  struct nk_slot *s = nk_slot_at(slot);
+  size_t len = iov_total(msg->msg_iov, msg->msg_iovlen);
+  struct nk_dgram h = {.len = (uint32_t)len};
+  if (msg->msg_name && msg->msg_namelen) {
+    int r = nk_addr_from_sockaddr(&h.addr, msg->msg_name, msg->msg_namelen);
+    if (r < 0) return r;
+  } else if (atomic_load(&s->state) != NK_ST_CONNECTED) {
+    return -EDESTADDRREQ;
+  }
+  if (len > NK_DGRAM_MAX || NK_DGRAM_SPACE(len) > nk_g.ring_size) return -EMSGSIZE;
+  bool nonblock = is_nonblock(fd, flags);
+  struct nk_ring tx;
+  nk_slot_rings(slot, &tx, NULL);
+  uint32_t need = (uint32_t)NK_DGRAM_SPACE(len);
+  for (;;) {
+    lock(&s->tx_lock);
+    if (nk_ring_space(&tx) >= need) {
+      uint32_t at = atomic_load_explicit(tx.head, memory_order_relaxed);
+      nk_ring_copy_in(&tx, at, &h, sizeof(h));
+      size_t vi = 0, voff = 0;
+      gather_in(&tx, at + sizeof(h), msg->msg_iov, &vi, &voff, (uint32_t)len);
+      nk_ring_produce(&tx, need);
+      unlock(&s->tx_lock);
+      doorbell(slot);
+      return (ssize_t)len;
+    }
+    unlock(&s->tx_lock);
+    int r = wait_tx(fd, slot, &tx, flags, nonblock);
+    if (r < 0) return r;
+  }
+}
+
+static ssize_t dgram_recv(int fd, int slot, struct msghdr *msg, int flags) {
+  struct nk_slot *s = nk_slot_at(slot);
+  bool nonblock = is_nonblock(fd, flags);
+  struct nk_ring rx;
+  nk_slot_rings(slot, NULL, &rx);
+  for (;;) {
+    lock(&s->rx_lock);
+    if (nk_ring_fill(&rx) >= sizeof(struct nk_dgram)) {
+      uint32_t at = atomic_load_explicit(rx.tail, memory_order_relaxed);
+      struct nk_dgram h;
+      nk_ring_copy_out(&rx, at, &h, sizeof(h));
+      size_t cap = iov_total(msg->msg_iov, msg->msg_iovlen);
+      uint32_t n = h.len < cap ? h.len : (uint32_t)cap;
+      size_t vi = 0, voff = 0;
+      scatter_out(&rx, at + sizeof(h), msg->msg_iov, &vi, &voff, n);
+      if (!(flags & MSG_PEEK)) nk_ring_consume(&rx, (uint32_t)NK_DGRAM_SPACE(h.len));
+      unlock(&s->rx_lock);
+      if (!(flags & MSG_PEEK) && atomic_load(&s->rx_stalled)) kick(slot);
+      msg->msg_flags = h.len > cap ? MSG_TRUNC : 0;
+      msg->msg_controllen = 0;
+      if (msg->msg_name) {
+        struct sockaddr_storage ss;
+        socklen_t sl = nk_addr_to_sockaddr(&h.addr, (int)s->family, &ss);
+        copy_out_addr(&ss, sl, msg->msg_name, &msg->msg_namelen);
+      }
+      return (flags & MSG_TRUNC) ? (ssize_t)h.len : (ssize_t)n;
+    }
+    int err = atomic_exchange(&s->rx_err, 0);
+    if (err) {
+      unlock(&s->rx_lock);
+      return -err;
+    }
+    uint32_t eaten = eat_ready(fd);
+    if (eaten) atomic_fetch_add(&s->rx_ack, eaten);
+    bool more = nk_ring_fill(&rx) >= sizeof(struct nk_dgram) || atomic_load(&s->rx_err);
+    unlock(&s->rx_lock);
+    if (more) {
+      if (eaten) kick(slot);
+      continue;
+    }
+    if (nonblock) return -EAGAIN;
+    int w = wait_fd(fd, POLLIN, s->rcvtimeo_ms);
+    if (w == 0) return -EAGAIN;
+    if (w < 0) return w;
+  }
+}
+
+/* ---- entry points used by interpose.c ---- */
+
+ssize_t nk_sendmsg(int fd, int slot, const struct msghdr *msg, int flags) {
+  struct nk_slot *s = nk_slot_at(slot);
+  if (s->kind == NK_KIND_DGRAM) return dgram_send(fd, slot, msg, flags);
+  if (s->kind == NK_KIND_LISTENER) return epipe(flags);
+  /* A destination address on a connected stream socket is ignored, as Linux does. */
+  return stream_send(fd, slot, msg->msg_iov, msg->msg_iovlen, flags);
+}
+
+ssize_t nk_recvmsg(int fd, int slot, struct msghdr *msg, int flags) {
+  struct nk_slot *s = nk_slot_at(slot);
+  if (s->kind == NK_KIND_DGRAM) return dgram_recv(fd, slot, msg, flags);
+  if (s->kind == NK_KIND_LISTENER) return -ENOTCONN;
+  msg->msg_controllen = 0;
+  msg->msg_flags = 0;
+  if (msg->msg_name) {
+    struct sockaddr_storage ss;
+    socklen_t sl = nk_addr_to_sockaddr(&s->peer, (int)s->family, &ss);
+    copy_out_addr(&ss, sl, msg->msg_name, &msg->msg_namelen);
+  }
+  return stream_recv(fd, slot, msg->msg_iov, msg->msg_iovlen, flags);
+}
+
+/* sendfile into a NetKernel socket: read the file straight into the transmit ring. */
+ssize_t nk_sendfile(int out_fd, int slot, int in_fd, off_t *offset, size_t count) {
+  struct nk_slot *s = nk_slot_at(slot);
+  if (s->kind != NK_KIND_STREAM) return -EINVAL;
+  bool nonblock = is_nonblock(out_fd, 0);
+  struct nk_ring tx;
+  nk_slot_rings(slot, &tx, NULL);
+  off_t pos = offset ? *offset : 0;
+  size_t done = 0;
+  while (done < count) {
+    uint32_t closed = atomic_load(&s->tx_closed);
+    if (closed || atomic_load(&s->state) != NK_ST_CONNECTED) {
+      if (done) break;
+      return epipe(0);
+    }
+    lock(&s->tx_lock);
+    uint32_t space = nk_ring_space(&tx);
+    uint32_t want = count - done < space ? (uint32_t)(count - done) : space;
+    ssize_t n = 0;
+    if (want) {
+      struct iovec iov[2];
+      int cnt = nk_ring_iov(&tx, atomic_load_explicit(tx.head, memory_order_relaxed), want, iov);
+      n = offset ? preadv(in_fd, iov, cnt, pos) : nk_libc.readv(in_fd, iov, cnt);
+      if (n > 0) nk_ring_produce(&tx, (uint32_t)n);
+    }
+    unlock(&s->tx_lock);
+    if (n < 0) {
+      if (done) break;
+      return -errno;
+    }
+    if (n > 0) {
+      doorbell(slot);
+      done += (size_t)n;
+      pos += n;
+      continue;
+    }
+    if (want) break; /* end of file */
+    if (nonblock && done) break;
+    int r = wait_tx(out_fd, slot, &tx, 0, nonblock);
+    if (r < 0) {
+      if (done) break;
+      return r;
+    }
+  }
+  if (offset) *offset = pos;
+  return (ssize_t)done;
+}
+
+int nk_getname(int fd, int slot, struct sockaddr *sa, socklen_t *len, bool peer) {
+  (void)fd;
+  struct nk_slot *s = nk_slot_at(slot);
+  if (!len) return -EFAULT;
+  if (peer) {
+    uint32_t st = atomic_load(&s->state);
+    if (st != NK_ST_CONNECTED && !(s->kind == NK_KIND_DGRAM && s->peer.family)) return -ENOTCONN;
+    if (st == NK_ST_CONNECTED && !s->peer.family) return -ENOTCONN;
+  }
+  struct nk_addr a = peer ? s->peer : s->local;
+  struct sockaddr_storage ss;
+  socklen_t sl = nk_addr_to_sockaddr(&a, (int)s->family, &ss);
+  copy_out_addr(&ss, sl, sa, len);
+  return 0;
+}
+
+static int opt_int(const void *val, socklen_t len) {
+  int v = 0;
+  memcpy(&v, val, len < sizeof(int) ? len : sizeof(int));
+  return v;
+}
+
+static int put_int(void *val, socklen_t *len, int v) {
+  if (!val || !len || *len < sizeof(int)) return -EINVAL;
+  memcpy(val, &v, sizeof(int));
+  *len = sizeof(int);
+  return 0;
+}
+
+static uint32_t tv_ms(const void *val, socklen_t len) {
+  struct timeval tv = {0};
+  memcpy(&tv, val, len < sizeof(tv) ? len : sizeof(tv));
+  uint64_t ms = (uint64_t)tv.tv_sec * 1000u + (uint64_t)(tv.tv_usec + 999) / 1000u;
+  return ms > UINT32_MAX ? UINT32_MAX : (uint32_t)ms;
+}
+
+int nk_setsockopt(int fd, int slot, int level, int name, const void *val, socklen_t len) {
+  struct nk_slot *s = nk_slot_at(slot);
+  if (!val && len) return -EFAULT;
+  if (level == SOL_SOCKET && (name == SO_RCVTIMEO || name == SO_SNDTIMEO)) {
+    if (len < sizeof(struct timeval)) return -EINVAL;
+    uint32_t ms = tv_ms(val, len);
+    if (name == SO_RCVTIMEO) s->rcvtimeo_ms = ms;
+    else s->sndtimeo_ms = ms;
+    /* The proxy fd itself is waited on by accept(): give it the same timeout. */
+    nk_libc.setsockopt(fd, level, name, val, len);
+    return 0;
+  }
+  if (level == SOL_SOCKET && name == SO_RCVLOWAT) {
+    s->rcvlowat = (uint32_t)opt_int(val, len);
+    return 0;
+  }
+  if (len > NK_OPT_MAX) return -EINVAL;
+  struct nk_req req = {.op = NK_OP_SETSOCKOPT, .slot = (uint32_t)slot, .gen = s->gen,
+                       .arg0 = level, .arg1 = name, .optlen = len};
+  memcpy(req.optval, val, len);
+  struct nk_rep rep;
+  int r = nk_ctl_call(&req, -1, &rep);
+  return r < 0 ? r : rep.err;
+}
+
+int nk_getsockopt(int fd, int slot, int level, int name, void *val, socklen_t *len) {
+  (void)fd;
+  struct nk_slot *s = nk_slot_at(slot);
+  if (!len) return -EFAULT;
+  if (level == SOL_SOCKET) {
+    switch (name) {
+      case SO_ERROR:
+        return put_int(val, len, atomic_exchange(&s->so_error, 0));
+      case SO_TYPE:
+        return put_int(val, len, s->kind == NK_KIND_DGRAM ? SOCK_DGRAM : SOCK_STREAM);
+      case SO_DOMAIN:
+        return put_int(val, len, (int)s->family);
+      case SO_PROTOCOL:
+        return put_int(val, len, s->kind == NK_KIND_DGRAM ? IPPROTO_UDP : IPPROTO_TCP);
+      case SO_ACCEPTCONN:
+        return put_int(val, len, s->kind == NK_KIND_LISTENER);
+      case SO_RCVLOWAT:
+        return put_int(val, len, s->rcvlowat ? (int)s->rcvlowat : 1);
+      case SO_RCVTIMEO:
+      case SO_SNDTIMEO: {
+        uint32_t ms = name == SO_RCVTIMEO ? s->rcvtimeo_ms : s->sndtimeo_ms;
+        struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+        if (!val || *len < sizeof(tv)) return -EINVAL;
+        memcpy(val, &tv, sizeof(tv));
+        *len = sizeof(tv);
+        return 0;
+      }
+    }
+  }
+  struct nk_req req = {.op = NK_OP_GETSOCKOPT, .slot = (uint32_t)slot, .gen = s->gen,
+                       .arg0 = level, .arg1 = name,
+                       .optlen = *len > NK_OPT_MAX ? NK_OPT_MAX : *len};
+  struct nk_rep rep;
+  int r = nk_ctl_call(&req, -1, &rep);
+  if (r < 0) return r;
+  if (rep.err) return rep.err;
+  socklen_t n = rep.optlen < *len ? rep.optlen : *len;
+  if (val) memcpy(val, rep.optval, n);
+  *len = rep.optlen;
+  return 0;
+}
+
+int nk_ioctl(int fd, int slot, unsigned long req, void *arg) {
+  struct nk_slot *s = nk_slot_at(slot);
+  if (req == FIONREAD) {
+    struct nk_ring rx;
+    nk_slot_rings(slot, NULL, &rx);
+    int v = 0;
+    uint32_t fill = nk_ring_fill(&rx);
+    if (s->kind == NK_KIND_DGRAM) {
+      if (fill >= sizeof(struct nk_dgram)) {
+        struct nk_dgram h;
+        nk_ring_copy_out(&rx, atomic_load_explicit(rx.tail, memory_order_relaxed), &h, sizeof(h));
+        v = (int)h.len;
+      }
+    } else {
+      v = (int)fill;
+    }
+    if (!arg) return -EFAULT;
+    memcpy(arg, &v, sizeof(v));
+    return 0;
+  }
+  if (req == TIOCOUTQ) {
+    struct nk_ring tx;
+    nk_slot_rings(slot, &tx, NULL);
+    int v = (int)nk_ring_fill(&tx);
+    if (!arg) return -EFAULT;
+    memcpy(arg, &v, sizeof(v));
+    return 0;
+  }
+  /* FIONBIO and friends act on the proxy fd itself, which carries O_NONBLOCK. */
+  int r = nk_libc.ioctl(fd, req, arg);
+  return r < 0 ? -errno : r;
+}
