@@ -123,6 +123,7 @@ struct nk_esock {
   bool closing; /* the guest closed its last reference: flush, then free */
   bool dead;    /* reset: no more I/O */
   bool active;
+  bool freed; /* on the graveyard: events still queued for it are ignored */
   bool v6only;
   bool linger0;
   bool bound;
@@ -147,6 +148,7 @@ struct nk_engine {
   struct nk_tenant *tenants;
   uint32_t next_tenant_id;
   struct nk_esock *active_head;
+  struct nk_esock *graveyard; /* freed sockets, released after the current event batch */
   struct nk_addr dns_upstream;
   uint64_t spin_ns;
   bool stop;
@@ -171,6 +173,7 @@ struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int 
                                 uint64_t inode);
 struct nk_esock *nk_esock_get(struct nk_tenant *t, uint32_t slot, uint32_t gen);
 void nk_esock_free(struct nk_esock *es);
+void nk_esock_reap(void);
 bool nk_tenant_scan_doorbells(struct nk_tenant *t);
 
 /* sock.c */

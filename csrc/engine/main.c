@@ -68,6 +68,7 @@ static bool run_active(void) {
   while (list) {
     struct nk_esock *es = list;
     list = es->next_active;
+    if (es->freed) continue;
     es->active = false;
     nk_sock_service(es);
     any = true;
@@ -87,10 +88,10 @@ static void dispatch(struct epoll_event *ev) {
       nk_admin_event(h, ev->events);
       break;
     case NK_H_PROXY:
-      nk_sock_proxy_event(h->obj, ev->events);
+      if (!((struct nk_esock *)h->obj)->freed) nk_sock_proxy_event(h->obj, ev->events);
       break;
     case NK_H_KFD:
-      nk_sock_kfd_event(h->obj, h->idx, ev->events);
+      if (!((struct nk_esock *)h->obj)->freed) nk_sock_kfd_event(h->obj, h->idx, ev->events);
       break;
     case NK_H_DOORBELL: {
       struct nk_tenant *t = h->obj;
@@ -177,6 +178,7 @@ int main(int argc, char **argv) {
     bool work = n > 0;
     work |= scan_all();
     work |= run_active();
+    nk_esock_reap();
     if (work) last_work = nk_now_ns();
   }
   NK_INFO("stopping");

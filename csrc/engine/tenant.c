@@ -255,7 +255,19 @@ void nk_esock_free(struct nk_esock *es) {
             (off_t)(2u * t->ring_size));
   t->socks[es->slot] = NULL;
   t->nsocks--;
-  free(es);
+  /* Events for this socket may still sit in the current epoll batch: free it afterwards. */
+  es->freed = true;
+  es->active = true; /* never queue it again */
+  es->next_active = E.graveyard;
+  E.graveyard = es;
+}
+
+void nk_esock_reap(void) {
+  while (E.graveyard) {
+    struct nk_esock *es = E.graveyard;
+    E.graveyard = es->next_active;
+    free(es);
+  }
 }
 
 /* Collects the doorbell bits guests set; returns true if any socket was activated.
