@@ -1,0 +1,132 @@
+"""Build and run the C test programs (tests/c, tests/semantics) from pytest.
+
+A C program reports through its exit status: 0 pass, 77 skip (liburing's runner convention),
+anything else fail. Builds are cached by source mtime and flags, so one session compiles each
+program once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+INCLUDE = REPO / "include"
+SKIP_EXIT = 77
+
+BASE_FLAGS = (
+    "-O2",
+    "-g",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-D_GNU_SOURCE",
+    f"-I{INCLUDE}",
+    "-pthread",
+)
+
+
+def compiler() -> str:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc})")
+    return cc
+
+
+def build_c(src: Path, out_dir: Path, extra_flags: Sequence[str] = ()) -> Path:
+    """Compile src into out_dir, reusing an earlier build when nothing changed.
+
+    The output name carries a hash of the flags, so the same source built with and without
+    sanitizers yields two executables side by side.
+    """
+    src = Path(src).resolve()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cc = compiler()
+    flags = [*BASE_FLAGS, *extra_flags]
+    tag = hashlib.sha1(" ".join([cc, *flags]).encode()).hexdigest()[:10]
+    exe = out_dir / f"{src.stem}-{tag}"
+    deps = [src, *INCLUDE.rglob("*.h")]
+    newest = max(p.stat().st_mtime for p in deps)
+    if exe.exists() and exe.stat().st_mtime >= newest:
+        return exe
+    cmd = [cc, *flags, "-o", str(exe), str(src)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"compile failed: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    return exe
+
+
+def cc_supports(flags: Sequence[str], out_dir: Path) -> bool:
+    """True when the compiler can build and run a trivial program with these flags."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = out_dir / "probe.c"
+    src.write_text("int main(void) { return 0; }\n")
+    exe = out_dir / ("probe-" + hashlib.sha1(" ".join(flags).encode()).hexdigest()[:10])
+    try:
+        if subprocess.run([compiler(), *flags, "-o", str(exe), str(src)],
+                          check=False, capture_output=True).returncode != 0:
+            return False
+        return subprocess.run([str(exe)], check=False, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def run_c(exe: Path | Sequence[str], args: Sequence[str] = (), timeout: float = 60,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a test program; exit 77 becomes pytest.skip, a timeout a failure.
+
+    exe may be a command prefix (a list) so callers can wrap the program, e.g. in a tenant.
+    Returns the completed process; the caller asserts on returncode and output.
+    """
+    cmd = [str(exe)] if isinstance(exe, (str, Path)) else [str(a) for a in exe]
+    cmd += [str(a) for a in args]
+    # Own session, so a timeout kills the program's forked children too (they would
+    # otherwise hold the output pipes open and hang communicate()).
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(p.pid)
+        out, err = p.communicate()
+        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout}s\n"
+                             f"stdout:\n{out}\nstderr:\n{err}") from None
+    finally:
+        _kill_group(p.pid)
+    proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    if proc.returncode == SKIP_EXIT:
+        pytest.skip(f"{' '.join(cmd)}: {(proc.stdout + proc.stderr).strip()}")
+    return proc
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def describe(proc: subprocess.CompletedProcess[str]) -> str:
+    args = proc.args if isinstance(proc.args, list) else [proc.args]
+    return (f"{' '.join(map(str, args))} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+
+
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The per-session build cache: one folder under pytest's base temp dir."""
+    d = tmp_path_factory.getbasetemp() / "cbuild"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                  "-fno-omit-frame-pointer")
