@@ -1,0 +1,7 @@
+"""`python -m netkernel` is the `netkernel` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
