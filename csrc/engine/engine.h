@@ -118,6 +118,7 @@ struct nk_esock {
   int nk;
   uint32_t state;
   bool can_read, can_write;
+  bool peer_fin; /* the kernel socket reported RDHUP/HUP/ERR */
   bool blocker_held;
   bool shut_wr_pending;
   bool closing; /* the guest closed its last reference: flush, then free */

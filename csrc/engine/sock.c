@@ -17,7 +17,7 @@
 #include "engine.h"
 
 #define KFD_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
-#define PROXY_EVENTS (EPOLLIN | EPOLLRDHUP)
+#define PROXY_EVENTS EPOLLIN
 
 static struct nk_slot *slot_of(struct nk_esock *es) { return &es->t->slots[es->slot]; }
 
@@ -108,10 +108,18 @@ static void set_peer_from_kfd(struct nk_esock *es, int k) {
 
 static void send_ready(struct nk_esock *es) {
   char r = NK_MSG_READY;
-  if (send(es->proxy, &r, 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
-    es->ready_sent++;
-    atomic_store_explicit(&slot_of(es)->ready_sent, es->ready_sent, memory_order_relaxed);
-  }
+  /* Publish the count first: GuestLib compares it with rx_ack to know a record is queued. */
+  atomic_store(&slot_of(es)->ready_sent, es->ready_sent + 1);
+  if (send(es->proxy, &r, 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) es->ready_sent++;
+  else atomic_store(&slot_of(es)->ready_sent, es->ready_sent);
+}
+
+/* Mirror the end of the byte stream onto the proxy fd: shutting our end for writing gives the
+ * guest end POLLIN|POLLRDHUP for good, as a TCP socket has after the peer's FIN or a reset.
+ * We never shut our end for reading: its EPOLLHUP must keep meaning "the guest closed it".
+ * (So the guest does not see POLLHUP after a reset, where Linux reports it; see docs.) */
+static void proxy_shutdown(struct nk_esock *es) {
+  if (es->proxy >= 0) shutdown(es->proxy, SHUT_WR);
 }
 
 /* Queue a READY record when there is something to read and none is outstanding.
@@ -156,8 +164,8 @@ void nk_sock_reset(struct nk_esock *es, int err) {
   atomic_store(&s->rx_err, err);
   atomic_store(&s->rx_eof, 1);
   atomic_store(&s->tx_closed, EPIPE);
+  proxy_shutdown(es);
   release_blocker(es);
-  maybe_ready(es);
 }
 
 static void conn_error(struct nk_esock *es, int err) {
@@ -170,6 +178,8 @@ static void conn_error(struct nk_esock *es, int err) {
   es->dead = true;
   es->state = NK_ST_CLOSED;
   atomic_store(&s->state, NK_ST_CLOSED);
+  proxy_shutdown(es);
+  release_blocker(es);
 }
 
 /* ---- stream data ---- */
@@ -234,11 +244,14 @@ static void stream_rx(struct nk_esock *es) {
       nk_ring_produce(&es->rx, (uint32_t)n);
       es->rx_bytes += (uint64_t)n;
       es->t->rx_bytes += (uint64_t)n;
-      if ((uint32_t)n < space) es->can_read = false; /* drained: wait for the next edge */
+      /* A short read means the socket is drained: wait for the next edge. Not after the
+       * peer's FIN, whose edge may have come with this data: read on until 0. */
+      if ((uint32_t)n < space && !es->peer_fin) es->can_read = false;
       continue;
     }
     if (n == 0) {
       atomic_store(&s->rx_eof, 1);
+      proxy_shutdown(es); /* readable for good: no READY record needed */
       break;
     }
     if (errno == EAGAIN) {
@@ -493,7 +506,7 @@ void nk_sock_service(struct nk_esock *es) {
 }
 
 void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev) {
-  if (ev & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)) {
+  if (ev & (EPOLLHUP | EPOLLERR)) {
     /* Every guest reference is gone (closed, or the processes died). */
     nk_ep_del(es->proxy);
     close(es->proxy);
@@ -507,7 +520,7 @@ void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev) {
     /* Only blockers travel guest -> engine. Hold it while the socket cannot take data. */
     if (!es->blocker_held) {
       es->blocker_held = true;
-      nk_ep_mod(es->proxy, EPOLLRDHUP | (es->pending_listen_out ? EPOLLOUT : 0), &es->h_proxy);
+      nk_ep_mod(es->proxy, es->pending_listen_out ? EPOLLOUT : 0, &es->h_proxy);
     }
     nk_sock_activate(es);
   }
@@ -519,12 +532,16 @@ static void connect_done(struct nk_esock *es) {
   socklen_t l = sizeof(err);
   getsockopt(es->kfd[0], SOL_SOCKET, SO_ERROR, &err, &l);
   if (err) {
+    /* Linux reports a failed connect as EPOLLIN|EPOLLOUT|EPOLLERR|EPOLLHUP; a proxy fd
+     * shut both ways reads as EPOLLIN|EPOLLOUT|EPOLLHUP, which is what callers test. The
+     * socket is finished, as it is for nearly every program after a failed connect. */
     atomic_store(&s->so_error, err);
     nk_sock_close_kfds(es, false);
     es->state = NK_ST_NEW;
-    es->bound = false;
+    es->dead = true;
     atomic_store(&s->state, NK_ST_NEW);
-    send_ready(es); /* Linux reports a failed connect as readable too */
+    proxy_shutdown(es);
+    release_blocker(es);
     return;
   }
   es->state = NK_ST_CONNECTED;
@@ -536,6 +553,7 @@ static void connect_done(struct nk_esock *es) {
 void nk_sock_kfd_event(struct nk_esock *es, int idx, uint32_t ev) {
   (void)idx;
   if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP)) es->can_read = true;
+  if (ev & (EPOLLHUP | EPOLLERR | EPOLLRDHUP)) es->peer_fin = true;
   if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) es->can_write = true;
   if (es->state == NK_ST_CONNECTING && (ev & (EPOLLOUT | EPOLLERR | EPOLLHUP))) connect_done(es);
   nk_sock_activate(es);
@@ -643,6 +661,7 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_prog
   struct nk_slot *s = slot_of(es);
   *in_progress = 0;
   if (es->kind == NK_KIND_LISTENER) return -EISCONN;
+  if (es->dead) return -ECONNABORTED;
   struct nk_addr dst = *req;
   if (dst.family == 0 && es->kind == NK_KIND_DGRAM) { /* AF_UNSPEC: dissolve the association */
     memset(&s->peer, 0, sizeof(s->peer));
@@ -737,6 +756,8 @@ int nk_sock_shutdown(struct nk_esock *es, int how) {
   if (how == SHUT_RD || how == SHUT_RDWR) {
     if (es->nk) shutdown(es->kfd[0], SHUT_RD);
     atomic_store(&s->rx_eof, 1);
+    maybe_ready(es);
+    proxy_shutdown(es);
   }
   nk_sock_activate(es);
   return 0;

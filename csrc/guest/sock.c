@@ -73,14 +73,15 @@ static bool is_nonblock(int fd, int flags) {
   return fl >= 0 && (fl & O_NONBLOCK);
 }
 
-/* Waits for events on the proxy fd. Returns >0 ready, 0 timeout, -errno. A hang-up means the
- * engine end is gone: the socket is dead. */
+/* Waits for events on the proxy fd. Returns 1 ready, 2 hung up, 0 timeout, -errno. A hang-up
+ * means the engine shut the socket (reset, failed connect) or is gone: callers look at the
+ * slot once more for the reason and otherwise report ECONNRESET. */
 static int wait_fd(int fd, short events, uint32_t timeout_ms) {
   struct pollfd p = {.fd = fd, .events = events};
   int r = poll(&p, 1, timeout_ms ? (int)timeout_ms : -1);
   if (r < 0) return -errno;
   if (r == 0) return 0;
-  if (p.revents & (POLLHUP | POLLERR | POLLNVAL)) return -ECONNRESET;
+  if (p.revents & (POLLHUP | POLLERR | POLLNVAL)) return 2;
   return 1;
 }
 
@@ -98,6 +99,28 @@ static uint32_t eat_ready(int fd) {
   char buf[8];
   while (nk_libc.recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0) n++;
   return n;
+}
+
+/* After a read emptied the receive ring: take back the READY record now, so that a
+ * level-triggered poller does not see the socket readable with nothing to read (Linux never
+ * reports that). Called with rx_lock held. Skipped when no record is outstanding. */
+static void drained(int fd, int slot, struct nk_ring *rx, bool dgram) {
+  struct nk_slot *s = nk_slot_at(slot);
+  if (atomic_load(&s->rx_eof) || atomic_load(&s->rx_err)) return;
+  if (atomic_load_explicit(&s->ready_sent, memory_order_relaxed) == atomic_load(&s->rx_ack)) return;
+  uint32_t eaten = eat_ready(fd);
+  if (!eaten) return;
+  atomic_fetch_add(&s->rx_ack, eaten);
+  /* R2: as in stream_recv(): data that raced in gets a fresh record from the engine. */
+  uint32_t fill = nk_ring_fill(rx);
+  if ((dgram ? fill >= sizeof(struct nk_dgram) : fill > 0) || atomic_load(&s->rx_eof)) kick(slot);
+}
+
+/* The engine stopped reading the NSM because the ring was full: tell it there is room.
+ * S2: the fence orders our tail store before the load of rx_stalled; pairs with S1. */
+static void after_consume(int slot) {
+  atomic_thread_fence(memory_order_seq_cst);
+  if (atomic_load(&nk_slot_at(slot)->rx_stalled)) kick(slot);
 }
 
 static int epipe(int flags) {
@@ -257,7 +280,8 @@ int nk_connect(int fd, int slot, const struct sockaddr *sa, socklen_t len) {
   if (r < 0) return r;
   if (s->kind == NK_KIND_STREAM) {
     uint32_t st = atomic_load(&s->state);
-    if (st == NK_ST_CONNECTED) return -EISCONN;
+    /* Linux: the first connect() after an asynchronous completion returns 0. */
+    if (st == NK_ST_CONNECTED) return atomic_exchange(&s->async_connect, 0) ? 0 : -EISCONN;
     if (st == NK_ST_CONNECTING) return -EALREADY;
     if (a.family == 0) return -EAFNOSUPPORT;
     send_blocker(fd); /* unwritable until the connection is established */
@@ -265,13 +289,17 @@ int nk_connect(int fd, int slot, const struct sockaddr *sa, socklen_t len) {
   struct nk_rep rep;
   r = simple_req(slot, NK_OP_CONNECT, 0, &a, &rep);
   if (r < 0 || s->kind != NK_KIND_STREAM || rep.val == 0) return r;
-  if (is_nonblock(fd, 0)) return -EINPROGRESS;
+  if (is_nonblock(fd, 0)) {
+    atomic_store(&s->async_connect, 1);
+    return -EINPROGRESS;
+  }
   for (;;) {
     int w = wait_fd(fd, POLLOUT, s->sndtimeo_ms);
     if (w == 0) return -ETIMEDOUT;
     if (w == -EINTR) return -EINTR;
     if (w < 0) return w;
     if (atomic_load(&s->state) != NK_ST_CONNECTING) break;
+    if (w == 2) return -ECONNRESET;
   }
   int err = atomic_exchange(&s->so_error, 0);
   return err ? -err : 0;
@@ -337,6 +365,7 @@ static int wait_tx(int fd, int slot, struct nk_ring *tx, int flags, bool nonbloc
   (void)flags;
   if (w == 0) return -EAGAIN;
   if (w < 0) return w;
+  if (w == 2 && !atomic_load(&s->tx_closed)) return -ECONNRESET;
   return 0;
 }
 
@@ -355,6 +384,7 @@ static ssize_t stream_send(int fd, int slot, const struct iovec *iov, size_t iov
         if (nonblock) return done ? (ssize_t)done : -EAGAIN;
         int w = wait_fd(fd, POLLOUT, s->sndtimeo_ms);
         if (w <= 0) return done ? (ssize_t)done : (w == 0 ? -EAGAIN : w);
+        if (w == 2 && atomic_load(&s->state) == NK_ST_CONNECTING) return -ECONNRESET;
         continue;
       }
       return done ? (ssize_t)done : epipe(flags);
@@ -384,7 +414,7 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
   struct nk_slot *s = nk_slot_at(slot);
   size_t total = iov_total(iov, iovcnt), got = 0, vi = 0, voff = 0;
   bool nonblock = is_nonblock(fd, flags);
-  bool peek = flags & MSG_PEEK, waitall = (flags & MSG_WAITALL) && !peek;
+  bool peek = flags & MSG_PEEK, waitall = (flags & MSG_WAITALL) && !peek, hup = false;
   struct nk_ring rx;
   nk_slot_rings(slot, NULL, &rx);
   uint32_t st = atomic_load(&s->state);
@@ -398,8 +428,9 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
       scatter_out(&rx, atomic_load_explicit(rx.tail, memory_order_relaxed), iov, &vi, &voff, n);
       if (!peek) nk_ring_consume(&rx, n);
       got += n;
+      if (!peek && n == fill) drained(fd, slot, &rx, false);
       unlock(&s->rx_lock);
-      if (!peek && atomic_load(&s->rx_stalled)) kick(slot);
+      if (!peek) after_consume(slot);
       if (got == total || !waitall) return (ssize_t)got;
       continue;
     }
@@ -425,9 +456,11 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
     }
     if (got && !waitall) return (ssize_t)got;
     if (nonblock) return got ? (ssize_t)got : -EAGAIN;
+    if (hup) return got ? (ssize_t)got : -ECONNRESET;
     int w = wait_fd(fd, POLLIN, s->rcvtimeo_ms);
     if (w == 0) return got ? (ssize_t)got : -EAGAIN;
     if (w < 0) return got ? (ssize_t)got : w;
+    hup = w == 2;
   }
 }
 
@@ -468,7 +501,7 @@ static ssize_t dgram_send(int fd, int slot, const struct msghdr *msg, int flags)
 
 static ssize_t dgram_recv(int fd, int slot, struct msghdr *msg, int flags) {
   struct nk_slot *s = nk_slot_at(slot);
-  bool nonblock = is_nonblock(fd, flags);
+  bool nonblock = is_nonblock(fd, flags), hup = false;
   struct nk_ring rx;
   nk_slot_rings(slot, NULL, &rx);
   for (;;) {
@@ -481,9 +514,12 @@ static ssize_t dgram_recv(int fd, int slot, struct msghdr *msg, int flags) {
       uint32_t n = h.len < cap ? h.len : (uint32_t)cap;
       size_t vi = 0, voff = 0;
       scatter_out(&rx, at + sizeof(h), msg->msg_iov, &vi, &voff, n);
-      if (!(flags & MSG_PEEK)) nk_ring_consume(&rx, (uint32_t)NK_DGRAM_SPACE(h.len));
+      if (!(flags & MSG_PEEK)) {
+        nk_ring_consume(&rx, (uint32_t)NK_DGRAM_SPACE(h.len));
+        drained(fd, slot, &rx, true);
+      }
       unlock(&s->rx_lock);
-      if (!(flags & MSG_PEEK) && atomic_load(&s->rx_stalled)) kick(slot);
+      if (!(flags & MSG_PEEK)) after_consume(slot);
       msg->msg_flags = h.len > cap ? MSG_TRUNC : 0;
       msg->msg_controllen = 0;
       if (msg->msg_name) {
@@ -507,9 +543,11 @@ static ssize_t dgram_recv(int fd, int slot, struct msghdr *msg, int flags) {
       continue;
     }
     if (nonblock) return -EAGAIN;
+    if (hup) return -ECONNRESET;
     int w = wait_fd(fd, POLLIN, s->rcvtimeo_ms);
     if (w == 0) return -EAGAIN;
     if (w < 0) return w;
+    hup = w == 2;
   }
 }
 

@@ -98,7 +98,7 @@ struct nk_slot {
   NK_ATOMIC(uint32_t) kick;   /* guest asks the engine to re-evaluate this socket */
   NK_ATOMIC(uint32_t) tx_lock;
   NK_ATOMIC(uint32_t) rx_lock;
-  NK_ATOMIC(uint32_t) nonblock_hint; /* unused by the engine */
+  NK_ATOMIC(uint32_t) async_connect; /* an EINPROGRESS connect not yet reported done */
   uint32_t rcvtimeo_ms;              /* SO_RCVTIMEO, 0 = none */
   uint32_t sndtimeo_ms;              /* SO_SNDTIMEO, 0 = none */
   uint32_t rcvlowat;
