@@ -156,6 +156,7 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
         rep.err = -EMFILE;
       } else {
         rfd = -1; /* owned by the socket now */
+        es->proxy_in_tenant_ns = true;
         nk_ep_add(es->proxy, EPOLLIN, &es->h_proxy);
         rep.slot = es->slot;
         rep.gen = es->gen;

@@ -62,6 +62,7 @@ struct nk_nsm {
 };
 extern const struct nk_nsm_ops nk_nsm_kernel_ops;
 int nk_in_netns(int netns_fd, int domain, int type); /* socket() inside a namespace */
+int nk_in_netns_proto(int netns_fd, int domain, int type, int protocol);
 
 /* ---- tenants ---- */
 struct nk_esock;
@@ -86,6 +87,7 @@ struct nk_tenant {
   uint32_t nsocks, next_free;
   uint64_t tx_bytes, rx_bytes;
   int dns_fd, dns_up_fd;
+  int diag_fd; /* NETLINK_SOCK_DIAG in the tenant's namespace */
   struct {
     uint16_t id;
     bool used;
@@ -119,6 +121,10 @@ struct nk_esock {
   uint32_t state;
   bool can_read, can_write;
   bool peer_fin; /* the kernel socket reported RDHUP/HUP/ERR */
+  bool guest_shut_wr; /* the application called shutdown(SHUT_WR) */
+  bool proxy_in_tenant_ns; /* the guest made the socketpair (in its namespace) */
+  bool zombie;        /* engine end closed to show POLLHUP; freed when the guest end is gone */
+  uint64_t guest_ino; /* inode of the guest end, from sock_diag (zombies only) */
   bool blocker_held;
   bool shut_wr_pending;
   bool closing; /* the guest closed its last reference: flush, then free */
@@ -152,6 +158,8 @@ struct nk_engine {
   struct nk_esock *graveyard; /* freed sockets, released after the current event batch */
   struct nk_addr dns_upstream;
   uint64_t spin_ns;
+  uint32_t nzombies;
+  uint64_t next_sweep_ns;
   bool stop;
 };
 extern struct nk_engine E;
@@ -196,6 +204,11 @@ int nk_control_listen(const char *path);
 void nk_control_event(struct nk_handle *h, uint32_t ev);
 int nk_admin_listen(const char *path);
 void nk_admin_event(struct nk_handle *h, uint32_t ev);
+
+/* diag.c */
+uint64_t nk_diag_peer_of_fd(struct nk_tenant *t, int fd);
+int nk_diag_exists(struct nk_tenant *t, uint64_t ino);
+void nk_sock_sweep_zombies(void);
 
 /* dns.c */
 int nk_dns_open(struct nk_tenant *t);

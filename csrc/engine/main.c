@@ -164,9 +164,14 @@ int main(int argc, char **argv) {
       if (scan_all()) {
         set_sleeping(0);
       } else {
-        timeout = -1;
+        /* Sockets waiting for their guest end to close are checked a few times a second. */
+        timeout = E.nzombies ? 100 : -1;
         slept = true;
       }
+    }
+    if (E.nzombies && nk_now_ns() >= E.next_sweep_ns) {
+      nk_sock_sweep_zombies();
+      E.next_sweep_ns = nk_now_ns() + 100000000ull;
     }
     int n = epoll_wait(E.ep, evs, 256, timeout);
     if (slept) set_sleeping(0);

@@ -108,6 +108,7 @@ static void set_peer_from_kfd(struct nk_esock *es, int k) {
 
 static void send_ready(struct nk_esock *es) {
   char r = NK_MSG_READY;
+  if (es->proxy < 0) return;
   /* Publish the count first: GuestLib compares it with rx_ack to know a record is queued. */
   atomic_store(&slot_of(es)->ready_sent, es->ready_sent + 1);
   if (send(es->proxy, &r, 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) es->ready_sent++;
@@ -120,6 +121,39 @@ static void send_ready(struct nk_esock *es) {
  * (So the guest does not see POLLHUP after a reset, where Linux reports it; see docs.) */
 static void proxy_shutdown(struct nk_esock *es) {
   if (es->proxy >= 0) shutdown(es->proxy, SHUT_WR);
+}
+
+/* The connection is over in both directions (reset, refused, or FIN both ways): close the
+ * engine end so the guest end reads POLLIN|POLLOUT|POLLHUP|POLLRDHUP, as Linux reports. The
+ * slot stays reserved (its ring may hold unread bytes and the guest still maps it) until the
+ * sweep finds the guest end gone. Without sock_diag, fall back to a write shutdown. */
+static void hang_up(struct nk_esock *es) {
+  if (es->proxy < 0 || es->zombie) return;
+  uint64_t ino = nk_diag_peer_of_fd(es->proxy_in_tenant_ns ? es->t : NULL, es->proxy);
+  NK_LOG(1, "tenant %s slot %u hangs up (guest end %llu)", es->t->name, es->slot, (unsigned long long)ino);
+  if (!ino) {
+    proxy_shutdown(es);
+    return;
+  }
+  nk_ep_del(es->proxy);
+  close(es->proxy);
+  es->proxy = -1;
+  es->blocker_held = false;
+  es->guest_ino = ino;
+  es->zombie = true;
+  E.nzombies++;
+}
+
+void nk_sock_sweep_zombies(void) {
+  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+    for (uint32_t i = 0; i < t->nslots; i++) {
+      struct nk_esock *es = t->socks[i];
+      if (!es || !es->zombie || es->closing) continue;
+      if (nk_diag_exists(es->proxy_in_tenant_ns ? t : NULL, es->guest_ino) == 0) {
+        es->closing = true;
+        nk_sock_activate(es);
+      }
+    }
 }
 
 /* Queue a READY record when there is something to read and none is outstanding.
@@ -146,7 +180,7 @@ static bool writable_now(struct nk_esock *es) {
 }
 
 static void release_blocker(struct nk_esock *es) {
-  if (!es->blocker_held || !writable_now(es)) return;
+  if (es->proxy < 0 || !es->blocker_held || !writable_now(es)) return;
   char buf[NK_BLOCKER_SIZE];
   (void)recv(es->proxy, buf, sizeof(buf), MSG_DONTWAIT);
   es->blocker_held = false;
@@ -156,7 +190,9 @@ static void release_blocker(struct nk_esock *es) {
 /* The tenant broke its socket (bad indices, bad record): reset that socket only. */
 void nk_sock_reset(struct nk_esock *es, int err) {
   struct nk_slot *s = slot_of(es);
-  NK_LOG(1, "tenant %s slot %u reset: %s", es->t->name, es->slot, strerror(err));
+  NK_LOG(1, "tenant %s slot %u reset (%s): tx %u/%u rx %u/%u", es->t->name, es->slot,
+         strerror(err), atomic_load(es->tx.head), atomic_load(es->tx.tail),
+         atomic_load(es->rx.head), atomic_load(es->rx.tail));
   nk_sock_close_kfds(es, true);
   es->dead = true;
   es->state = NK_ST_CLOSED;
@@ -164,7 +200,7 @@ void nk_sock_reset(struct nk_esock *es, int err) {
   atomic_store(&s->rx_err, err);
   atomic_store(&s->rx_eof, 1);
   atomic_store(&s->tx_closed, EPIPE);
-  proxy_shutdown(es);
+  hang_up(es);
   release_blocker(es);
 }
 
@@ -178,7 +214,7 @@ static void conn_error(struct nk_esock *es, int err) {
   es->dead = true;
   es->state = NK_ST_CLOSED;
   atomic_store(&s->state, NK_ST_CLOSED);
-  proxy_shutdown(es);
+  hang_up(es);
   release_blocker(es);
 }
 
@@ -251,7 +287,9 @@ static void stream_rx(struct nk_esock *es) {
     }
     if (n == 0) {
       atomic_store(&s->rx_eof, 1);
-      proxy_shutdown(es); /* readable for good: no READY record needed */
+      /* Readable for good: no READY record needed. Both directions shut: POLLHUP. */
+      if (es->guest_shut_wr) hang_up(es);
+      else proxy_shutdown(es);
       break;
     }
     if (errno == EAGAIN) {
@@ -540,7 +578,7 @@ static void connect_done(struct nk_esock *es) {
     es->state = NK_ST_NEW;
     es->dead = true;
     atomic_store(&s->state, NK_ST_NEW);
-    proxy_shutdown(es);
+    hang_up(es);
     release_blocker(es);
     return;
   }
@@ -752,12 +790,15 @@ int nk_sock_shutdown(struct nk_esock *es, int how) {
   if (how == SHUT_WR || how == SHUT_RDWR) {
     atomic_store(&s->tx_closed, EPIPE);
     es->shut_wr_pending = true;
+    es->guest_shut_wr = true;
   }
   if (how == SHUT_RD || how == SHUT_RDWR) {
     if (es->nk) shutdown(es->kfd[0], SHUT_RD);
     atomic_store(&s->rx_eof, 1);
-    maybe_ready(es);
-    proxy_shutdown(es);
+  }
+  if (atomic_load(&s->rx_eof)) {
+    if (es->guest_shut_wr) hang_up(es);
+    else proxy_shutdown(es);
   }
   nk_sock_activate(es);
   return 0;

@@ -117,7 +117,7 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
   int r;
   strcpy(t->name, name);
   t->nsm = nsm;
-  t->memfd = t->doorbell_fd = t->dns_fd = t->dns_up_fd = t->netns_fd = -1;
+  t->memfd = t->doorbell_fd = t->dns_fd = t->dns_up_fd = t->netns_fd = t->diag_fd = -1;
   if ((r = nk_addr_parse(v4, &t->ipv4)) < 0 || t->ipv4.family != AF_INET) goto fail_free;
   if ((r = nk_addr_parse(v6, &t->ipv6)) < 0 || t->ipv6.family != AF_INET6) {
     r = -EINVAL;
@@ -171,6 +171,7 @@ int nk_tenant_del(struct nk_tenant *t) {
   for (uint32_t i = 0; i < t->nslots; i++)
     if (t->socks[i]) nk_esock_free(t->socks[i]);
   nk_dns_close(t);
+  if (t->diag_fd >= 0) close(t->diag_fd);
   nk_ep_del(t->doorbell_fd);
   close(t->doorbell_fd);
   for (struct nk_tenant **p = &E.tenants; *p; p = &(*p)->next)
@@ -234,6 +235,7 @@ struct nk_esock *nk_esock_get(struct nk_tenant *t, uint32_t slot, uint32_t gen) 
 void nk_esock_free(struct nk_esock *es) {
   struct nk_tenant *t = es->t;
   nk_sock_close_kfds(es, true);
+  if (es->zombie) E.nzombies--;
   if (es->pending_fd >= 0) close(es->pending_fd);
   if (es->proxy >= 0) {
     nk_ep_del(es->proxy);

@@ -52,8 +52,13 @@ __attribute__((constructor)) static void nk_ctor(void) {
   nk_debug = dbg ? atoi(dbg) : 0;
   /* Never take configuration from the environment of a setuid program (torsocks). */
   if (getauxval(AT_SECURE)) goto out;
-  nk_g.ctl_path = getenv("NETKERNEL_SOCKET");
-  if (!nk_g.ctl_path || !*nk_g.ctl_path) goto out;
+  /* Copy it: programs like nginx rewrite their environment block (setproctitle) and clear the
+   * environment of their workers, which still need the engine. */
+  static char path[108];
+  const char *env = getenv("NETKERNEL_SOCKET");
+  if (!env || !*env || strlen(env) >= sizeof(path)) goto out;
+  strcpy(path, env);
+  nk_g.ctl_path = path;
   pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
   nk_g.enabled = true;
 out:

@@ -9,8 +9,12 @@
 
 /* The engine is single-threaded, so switching its namespace around one socket() is safe. */
 int nk_in_netns(int netns_fd, int domain, int type) {
+  return nk_in_netns_proto(netns_fd, domain, type, 0);
+}
+
+int nk_in_netns_proto(int netns_fd, int domain, int type, int protocol) {
   if (setns(netns_fd, CLONE_NEWNET) < 0) return -errno;
-  int fd = socket(domain, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  int fd = socket(domain, type | SOCK_NONBLOCK | SOCK_CLOEXEC, protocol);
   int err = fd < 0 ? -errno : 0;
   if (setns(E.self_netns, CLONE_NEWNET) < 0) {
     /* Staying in a tenant's namespace would be a security hole: stop here. */
