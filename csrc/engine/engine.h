@@ -84,7 +84,9 @@ struct nk_tenant {
   int doorbell_fd;
   struct nk_handle h_doorbell, h_dns, h_dns_up;
   struct nk_esock **socks;
-  uint32_t nsocks, next_free;
+  uint32_t nsocks;
+  uint32_t *free_stack; /* free slots, most recently freed on top: reuse warm ring pages */
+  uint32_t nfree;
   uint64_t tx_bytes, rx_bytes;
   int dns_fd, dns_up_fd;
   int diag_fd; /* NETLINK_SOCK_DIAG in the tenant's namespace */

@@ -479,7 +479,12 @@ static void listener_accept(struct nk_esock *l) {
       kfd_add(es, cfd, l->kfd_family[k], l->kfd_loop[k]);
       es->state = NK_ST_CONNECTED;
       struct nk_slot *s = slot_of(es);
-      set_local_from_kfd(es, 0);
+      if (l->kfd_loop[k]) {
+        set_local_from_kfd(es, 0); /* any 127/8 address: ask the kernel */
+      } else {
+        s->local = l->kfd_family[k] == AF_INET ? t->ipv4 : t->ipv6; /* the NSM listener's */
+        s->local.port = l->bind_addr.port;
+      }
       nk_addr_from_sa(&s->peer, (struct sockaddr *)&ss);
       atomic_store(&s->state, NK_ST_CONNECTED);
       es->can_read = es->can_write = true;

@@ -16,6 +16,8 @@
 
 #include "engine.h"
 
+#define NK_TRIM_BYTES (16u * 1024u)
+
 struct nk_nsm *nk_nsm_find(const char *name) {
   for (struct nk_nsm *n = E.nsms; n; n = n->next)
     if (strcmp(n->name, name) == 0) return n;
@@ -138,10 +140,13 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
   t->id = ++E.next_tenant_id;
   if ((r = region_create(t)) < 0) goto fail_ns;
   t->socks = calloc(t->nslots, sizeof(*t->socks));
-  if (!t->socks) {
+  t->free_stack = calloc(t->nslots, sizeof(*t->free_stack));
+  if (!t->socks || !t->free_stack) {
     r = -ENOMEM;
-    goto fail_region;
+    goto fail_socks;
   }
+  for (uint32_t i = 0; i < t->nslots; i++) t->free_stack[i] = t->nslots - 1 - i;
+  t->nfree = t->nslots;
   t->doorbell_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (t->doorbell_fd < 0) {
     r = -errno;
@@ -157,7 +162,7 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
   return 0;
 fail_socks:
   free(t->socks);
-fail_region:
+  free(t->free_stack);
   munmap(t->base, t->size);
   close(t->memfd);
 fail_ns:
@@ -185,18 +190,17 @@ int nk_tenant_del(struct nk_tenant *t) {
   close(t->netns_fd);
   NK_INFO("tenant %s removed", t->name);
   free(t->socks);
+  free(t->free_stack);
   free(t);
   return 0;
 }
 
 struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int type,
                                 uint64_t inode) {
-  if (t->nsocks >= t->nslots) return NULL;
-  uint32_t i = t->next_free;
-  while (t->socks[i]) i = (i + 1) % t->nslots;
-  t->next_free = (i + 1) % t->nslots;
+  if (t->nfree == 0) return NULL;
   struct nk_esock *es = calloc(1, sizeof(*es));
   if (!es) return NULL;
+  uint32_t i = t->free_stack[--t->nfree];
   struct nk_slot *s = &t->slots[i];
   es->t = t;
   es->slot = i;
@@ -251,11 +255,16 @@ void nk_esock_free(struct nk_esock *es) {
   s->inode = 0;
   s->kind = NK_KIND_FREE;
   atomic_store(&s->state, NK_ST_CLOSED);
-  /* Give the ring pages back: a closed socket pins no memory. */
-  uint64_t off = (uint64_t)(t->rings - t->base) + (uint64_t)es->slot * 2u * t->ring_size;
-  fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
-            (off_t)(2u * t->ring_size));
+  /* Give ring pages back when the socket moved enough bytes to have touched many of them; a
+   * short connection's few pages are reused warm by the next socket (slots are reused LIFO).
+   * So a closed socket pins at most 2 * NK_TRIM_BYTES. */
+  if (es->tx_bytes + es->rx_bytes > NK_TRIM_BYTES) {
+    uint64_t off = (uint64_t)(t->rings - t->base) + (uint64_t)es->slot * 2u * t->ring_size;
+    fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+              (off_t)(2u * t->ring_size));
+  }
   t->socks[es->slot] = NULL;
+  t->free_stack[t->nfree++] = es->slot;
   t->nsocks--;
   /* Events for this socket may still sit in the current epoll batch: free it afterwards. */
   es->freed = true;

@@ -116,6 +116,7 @@ int nk_getname(int fd, int slot, struct sockaddr *sa, socklen_t *len, bool peer)
 int nk_getsockopt(int fd, int slot, int level, int name, void *val, socklen_t *len);
 int nk_setsockopt(int fd, int slot, int level, int name, const void *val, socklen_t len);
 int nk_ioctl(int fd, int slot, unsigned long req, void *arg);
+void nk_note_nonblock(int slot, bool on);
 
 /* addr helpers */
 int nk_addr_from_sockaddr(struct nk_addr *a, const struct sockaddr *sa, socklen_t len);

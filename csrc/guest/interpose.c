@@ -255,6 +255,10 @@ static int do_fcntl(int (*real)(int, int, ...), int fd, int cmd, va_list ap) {
   void *arg = va_arg(ap, void *);
   int r = real(fd, cmd, arg);
   if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) nk_fd_copy(fd, r);
+  if (r >= 0 && cmd == F_SETFL) {
+    int s = nk_fd_slot(fd);
+    if (s >= 0) nk_note_nonblock(s, ((long)arg & O_NONBLOCK) != 0);
+  }
   return r;
 }
 

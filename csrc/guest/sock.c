@@ -67,11 +67,16 @@ static void kick(int slot) {
   doorbell(slot);
 }
 
+/* O_NONBLOCK belongs to the open file description, which every copy of the proxy fd (dup,
+ * fork, exec, SCM_RIGHTS) shares, as they share the slot: so the slot mirrors it, kept up to
+ * date by socket(), accept4(), fcntl(F_SETFL) and ioctl(FIONBIO). No system call per read. */
 static bool is_nonblock(int fd, int flags) {
-  if (flags & MSG_DONTWAIT) return true;
-  int fl = nk_libc.fcntl(fd, F_GETFL);
-  return fl >= 0 && (fl & O_NONBLOCK);
+  (void)fd;
+  return (flags & MSG_DONTWAIT) || atomic_load_explicit(&nk_slot_at(nk_fd_slot(fd))->nonblock,
+                                                        memory_order_relaxed);
 }
+
+void nk_note_nonblock(int slot, bool on) { atomic_store(&nk_slot_at(slot)->nonblock, on); }
 
 /* Waits for events on the proxy fd. Returns 1 ready, 2 hung up, 0 timeout, -errno. A hang-up
  * means the engine shut the socket (reset, failed connect) or is gone: callers look at the
@@ -211,6 +216,7 @@ int nk_socket(int domain, int type, int protocol) {
   }
   if (!(type & SOCK_CLOEXEC)) nk_libc.fcntl(sv[0], F_SETFD, 0);
   if (type & SOCK_NONBLOCK) nk_libc.fcntl(sv[0], F_SETFL, O_NONBLOCK);
+  nk_note_nonblock((int)rep.slot, type & SOCK_NONBLOCK);
   nk_fd_set(sv[0], (int)rep.slot);
   NK_LOG(2, "socket(%d,%d,%d) = fd %d slot %u", domain, base, protocol, sv[0], rep.slot);
   return sv[0];
@@ -264,6 +270,7 @@ int nk_accept4(int fd, int slot, struct sockaddr *sa, socklen_t *len, int flags)
     }
     if (nfd < 0) return (mh.msg_flags & MSG_CTRUNC) ? -EMFILE : -ECONNABORTED;
     if (flags & SOCK_NONBLOCK) nk_libc.fcntl(nfd, F_SETFL, O_NONBLOCK);
+    nk_note_nonblock((int)nc.slot, flags & SOCK_NONBLOCK);
     nk_fd_set(nfd, (int)nc.slot);
     struct sockaddr_storage ss;
     socklen_t sl = nk_addr_to_sockaddr(&nc.peer, (int)s->family, &ss);
@@ -756,5 +763,7 @@ int nk_ioctl(int fd, int slot, unsigned long req, void *arg) {
   }
   /* FIONBIO and friends act on the proxy fd itself, which carries O_NONBLOCK. */
   int r = nk_libc.ioctl(fd, req, arg);
-  return r < 0 ? -errno : r;
+  if (r < 0) return -errno;
+  if (req == FIONBIO && arg) nk_note_nonblock(slot, *(int *)arg != 0);
+  return r;
 }

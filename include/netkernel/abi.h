@@ -102,7 +102,8 @@ struct nk_slot {
   uint32_t rcvtimeo_ms;              /* SO_RCVTIMEO, 0 = none */
   uint32_t sndtimeo_ms;              /* SO_SNDTIMEO, 0 = none */
   uint32_t rcvlowat;
-  uint32_t reserved3[8];
+  NK_ATOMIC(uint32_t) nonblock; /* O_NONBLOCK of the proxy fd's file description, mirrored */
+  uint32_t reserved3[7];
 };
 _Static_assert(sizeof(struct nk_slot) == 8 * NK_CACHELINE, "nk_slot size");
 _Static_assert(offsetof(struct nk_slot, local) == NK_CACHELINE, "nk_slot.local");
