@@ -291,11 +291,14 @@ int nk_connect(int fd, int slot, const struct sockaddr *sa, socklen_t len) {
     if (st == NK_ST_CONNECTED) return atomic_exchange(&s->async_connect, 0) ? 0 : -EISCONN;
     if (st == NK_ST_CONNECTING) return -EALREADY;
     if (a.family == 0) return -EAFNOSUPPORT;
-    send_blocker(fd); /* unwritable until the connection is established */
   }
   struct nk_rep rep;
   r = simple_req(slot, NK_OP_CONNECT, 0, &a, &rep);
   if (r < 0 || s->kind != NK_KIND_STREAM || rep.val == 0) return r;
+  /* In progress: unwritable until established. The blocker goes out before connect()
+   * returns, so the application never sees the socket writable too early; the engine holds
+   * it while connecting and lets it go at once if the connection already finished. */
+  send_blocker(fd);
   if (is_nonblock(fd, 0)) {
     atomic_store(&s->async_connect, 1);
     return -EINPROGRESS;
