@@ -61,6 +61,16 @@ log = logging.getLogger("netkernel.daemon")
 RESOLV_CONF = "nameserver 127.0.0.53\n"  # the engine's stub inside each tenant namespace
 
 
+def abi_version() -> int | None:
+    """The shared-memory ABI version GuestLib and the engine were built with (generated from
+    include/netkernel/abi.h at build time; absent in a source tree that was never built)."""
+    try:
+        from netkernel import _abi  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return int(_abi.NK_ABI_VERSION)
+
+
 def nsm_netns(name: str) -> str:
     return NSM_NETNS_PREFIX + name
 
@@ -388,6 +398,7 @@ class Daemon:
                 for i, n in enumerate(c.nsms)
             ],
             "tenants": len(self.tenants),
+            "abi_version": abi_version(),
         }
 
     def ps(self) -> list[dict[str, Any]]:
