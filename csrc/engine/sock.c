@@ -88,6 +88,8 @@ static void kfd_keep_only(struct nk_esock *es, int k) {
   es->kfd_family[0] = es->kfd_family[k];
   es->kfd_loop[0] = es->kfd_loop[k];
   es->nk = 1;
+  /* Events for it must now name index 0 (fails harmlessly when it is not watched yet). */
+  if (k != 0) nk_ep_mod(es->kfd[0], KFD_EVENTS, &es->h_kfd[0]);
 }
 
 static void set_local_from_kfd(struct nk_esock *es, int k) {
@@ -388,7 +390,12 @@ static void dgram_rx(struct nk_esock *es) {
       }
       char peekbuf[1];
       ssize_t len = recv(es->kfd[k], peekbuf, 1, MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT);
-      if (len < 0) break;
+      if (len < 0) {
+        /* Not EAGAIN: a pending ICMP error (connected socket), which this recv consumed.
+         * The guest's next recv() reports it, once, as Linux does. */
+        if (errno != EAGAIN && errno != EINTR) atomic_store(&s->rx_err, errno);
+        break;
+      }
       uint32_t need = (uint32_t)NK_DGRAM_SPACE((uint32_t)len);
       if (es->rx.size - (uint32_t)fill < need) {
         atomic_store(&s->rx_stalled, 1);
@@ -594,7 +601,8 @@ static void connect_done(struct nk_esock *es) {
 }
 
 void nk_sock_kfd_event(struct nk_esock *es, int idx, uint32_t ev) {
-  (void)idx;
+  NK_LOG(2, "slot %u kfd %d events 0x%x", es->slot, idx, ev);
+
   if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP)) es->can_read = true;
   if (ev & (EPOLLHUP | EPOLLERR | EPOLLRDHUP)) es->peer_fin = true;
   if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) es->can_write = true;
