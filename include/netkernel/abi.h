@@ -30,7 +30,7 @@
 #define NK_ABI_VERSION 1
 #define NK_CACHELINE 64
 
-#define NK_DEFAULT_RING_SIZE (256u * 1024u) /* bytes per direction per socket */
+#define NK_DEFAULT_RING_SIZE (1024u * 1024u) /* bytes per direction per socket */
 #define NK_DEFAULT_SLOTS 1024u               /* sockets per tenant region */
 #define NK_DOORBELL_WORDS(nslots) (((nslots) + 63u) / 64u)
 #define NK_MAX_SLOTS 65536u

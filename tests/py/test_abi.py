@@ -28,7 +28,7 @@ def test_generated_constants(tmp_path: Path) -> None:
     # Values the C side pins with static asserts or uses on the wire.
     assert fresh["NK_REGION_MAGIC"] == int.from_bytes(b"NKRG", "big")
     assert fresh["NK_MSG_READY"] == ord("R")
-    assert fresh["NK_DEFAULT_RING_SIZE"] == 256 * 1024
+    assert fresh["NK_DEFAULT_RING_SIZE"] == 1024 * 1024
     assert fresh["NK_OP_REGISTER"] == 1
 
 
