@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/auxv.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
@@ -60,6 +61,11 @@ __attribute__((constructor)) static void nk_ctor(void) {
   strcpy(path, env);
   nk_g.ctl_path = path;
   pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+  /* Processes of other tenants run as the same user: non-dumpable keeps them (and anything
+   * without CAP_SYS_PTRACE) out of our /proc/PID/fd, mem and map_files, where this tenant's
+   * region and sockets could be found. NETKERNEL_DUMPABLE=1 keeps core dumps for debugging. */
+  const char *dump = getenv("NETKERNEL_DUMPABLE");
+  if (!dump || strcmp(dump, "1") != 0) prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
   nk_g.enabled = true;
 out:
   errno = saved;
