@@ -831,7 +831,77 @@ static void remember_opt(struct nk_esock *es, int level, int name, const void *v
   memcpy(es->opts[i].val, val, len);
 }
 
+/* The engine runs with every capability, and a tenant's option reaches a kernel socket with
+ * the engine's privileges and in the engine's address space. So: refuse what an unprivileged
+ * Linux process may not do (Linux's own errno), what would let a tenant leave its addresses
+ * or the operator's stack settings, and every option whose value holds a pointer or a file
+ * descriptor (it would name the engine's memory or fds). Everything else goes to the NSM. */
+static int opt_refused(int level, int name, const void *val, socklen_t len) {
+  int v = 0;
+  if (val && len >= sizeof(int)) memcpy(&v, val, sizeof(int));
+  if (level == SOL_SOCKET) {
+    switch (name) {
+      case SO_DEBUG:
+      case SO_MARK:
+      case SO_SNDBUFFORCE:
+      case SO_RCVBUFFORCE:
+      case SO_BUSY_POLL:
+      case SO_BINDTODEVICE:
+      case SO_BINDTOIFINDEX:
+        return -EPERM;
+      case SO_PRIORITY:
+        return v < 0 || v > 6 ? -EPERM : 0;
+      case SO_ATTACH_FILTER:
+      case SO_ATTACH_BPF:
+      case SO_ATTACH_REUSEPORT_CBPF:
+      case SO_ATTACH_REUSEPORT_EBPF:
+      case SO_DETACH_FILTER:
+      case SO_LOCK_FILTER:
+        return -EOPNOTSUPP;
+    }
+  } else if (level == IPPROTO_TCP) {
+    switch (name) {
+      case TCP_REPAIR:
+      case TCP_REPAIR_QUEUE:
+      case TCP_QUEUE_SEQ:
+      case TCP_REPAIR_OPTIONS:
+      case TCP_REPAIR_WINDOW:
+      case TCP_TX_DELAY:
+        return -EPERM;
+      case TCP_CONGESTION: /* the operator chooses congestion control, per NSM */
+      case TCP_ULP:
+      case TCP_ZEROCOPY_RECEIVE:
+        return -EPERM;
+    }
+  } else if (level == IPPROTO_IP) {
+    switch (name) {
+      case IP_TRANSPARENT:
+      case IP_FREEBIND:
+      case IP_XFRM_POLICY:
+      case IP_IPSEC_POLICY:
+        return -EPERM;
+    }
+  } else if (level == IPPROTO_IPV6) {
+    switch (name) {
+      case IPV6_TRANSPARENT:
+      case IPV6_FREEBIND:
+      case IPV6_XFRM_POLICY:
+      case IPV6_IPSEC_POLICY:
+        return -EPERM;
+    }
+  } else if (level != IPPROTO_UDP) {
+    return -ENOPROTOOPT; /* SOL_TLS and other layers: not offered */
+  }
+  return 0;
+}
+
 int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len) {
+  int refused = opt_refused(level, name, val, len);
+  if (refused) {
+    NK_INFO("tenant %s: setsockopt(%d, %d) refused: %s", es->t->name, level, name,
+            strerror(-refused));
+    return refused;
+  }
   if (level == IPPROTO_IPV6 && name == IPV6_V6ONLY) {
     if (es->family != AF_INET6) return -ENOPROTOOPT;
     if (len < sizeof(int)) return -EINVAL;
@@ -866,6 +936,10 @@ int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, so
 }
 
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len) {
+  if (level == IPPROTO_TCP && name == TCP_ZEROCOPY_RECEIVE) return -EOPNOTSUPP; /* addresses */
+  if (level != SOL_SOCKET && level != IPPROTO_TCP && level != IPPROTO_IP &&
+      level != IPPROTO_IPV6 && level != IPPROTO_UDP)
+    return -ENOPROTOOPT;
   if (level == IPPROTO_IPV6 && name == IPV6_V6ONLY) {
     if (es->family != AF_INET6) return -ENOPROTOOPT;
     int v = es->v6only;

@@ -85,3 +85,11 @@ def test_kill9_mid_transfer(tenant: Any, peer_ns: Any) -> None:
     transfer(other, peer, 16, 7102)
     transfer(victim, peer, 4, 7103)  # the tenant itself recovers with new processes
     assert src.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL, 137)
+
+
+def test_privileged_socket_options_refused(tenant: Any) -> None:
+    t = tenant("opts")
+    for host in (t.ipv4, t.ipv6):
+        r = t.run([sys.executable, str(HERE / "progs" / "options.py"), host], capture_output=True,
+                  text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == "OK", r.stdout + r.stderr
