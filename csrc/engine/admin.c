@@ -182,16 +182,9 @@ void nk_admin_event(struct nk_handle *h, uint32_t ev) {
     for (;;) {
       int fd = accept4(admin_listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) return;
-      struct ucred cr;
-      socklen_t l = sizeof(cr);
-      char p[64];
-      struct stat st;
-      snprintf(p, sizeof(p), "/proc/%d/ns/net", 0);
-      bool ok = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0 && cr.uid == 0;
-      if (ok) {
-        snprintf(p, sizeof(p), "/proc/%d/ns/net", (int)cr.pid);
-        ok = stat(p, &st) == 0 && st.st_ino == E.self_netns_ino;
-      }
+      struct ucred cr = {0};
+      uint64_t ns = nk_peer_netns(fd, &cr);
+      bool ok = cr.uid == 0 && ns == E.self_netns_ino;
       if (!ok) {
         close(fd);
         continue;

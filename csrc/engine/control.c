@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 
@@ -44,9 +45,32 @@ int nk_control_listen(const char *path) {
   return 0;
 }
 
-static uint64_t pid_netns(pid_t pid) {
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+#define NK_PIDFD_GET_NET_NAMESPACE _IO(0xFF, 4) /* linux/pidfd.h, Linux 6.11 */
+
+/* The network namespace of the process at the other end of a Unix connection. With a pidfd
+ * (Linux 6.5+ SO_PEERPIDFD, 6.11+ namespace ioctl) this names exactly the process that
+ * connected, even if its pid was since reused; older kernels fall back to /proc/PID. */
+uint64_t nk_peer_netns(int fd, struct ucred *cred) {
+  socklen_t l = sizeof(*cred);
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, &l) < 0) return 0;
+  int pidfd = -1;
+  l = sizeof(pidfd);
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &l) == 0 && pidfd >= 0) {
+    int ns = ioctl(pidfd, NK_PIDFD_GET_NET_NAMESPACE, 0);
+    close(pidfd);
+    if (ns >= 0) {
+      struct stat st;
+      uint64_t ino = fstat(ns, &st) == 0 ? st.st_ino : 0;
+      close(ns);
+      return ino;
+    }
+    if (errno == ESRCH) return 0; /* the process that connected is gone */
+  }
   char p[64];
-  snprintf(p, sizeof(p), "/proc/%d/ns/net", (int)pid);
+  snprintf(p, sizeof(p), "/proc/%d/ns/net", (int)cred->pid);
   struct stat st;
   return stat(p, &st) == 0 ? st.st_ino : 0;
 }
@@ -77,10 +101,8 @@ static void accept_ctl(void) {
   for (;;) {
     int fd = accept4(ctl_listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) return;
-    struct ucred cr;
-    socklen_t l = sizeof(cr);
-    struct nk_tenant *t = NULL;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0) t = nk_tenant_by_ino(pid_netns(cr.pid));
+    struct ucred cr = {0};
+    struct nk_tenant *t = nk_tenant_by_ino(nk_peer_netns(fd, &cr));
     if (!t) {
       NK_INFO("refused a control connection from pid %d: not in a tenant namespace", (int)cr.pid);
       close(fd);

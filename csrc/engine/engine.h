@@ -202,6 +202,7 @@ int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, so
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len);
 
 /* control.c, admin.c */
+uint64_t nk_peer_netns(int fd, struct ucred *cred);
 int nk_control_listen(const char *path);
 void nk_control_event(struct nk_handle *h, uint32_t ev);
 int nk_admin_listen(const char *path);
