@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib
 import ipaddress
 import logging
 import os
@@ -65,10 +66,10 @@ def abi_version() -> int | None:
     """The shared-memory ABI version GuestLib and the engine were built with (generated from
     include/netkernel/abi.h at build time; absent in a source tree that was never built)."""
     try:
-        from netkernel import _abi  # type: ignore[attr-defined]
+        abi = importlib.import_module("netkernel._abi")
     except ImportError:
         return None
-    return int(_abi.NK_ABI_VERSION)
+    return int(abi.NK_ABI_VERSION)
 
 
 def nsm_netns(name: str) -> str:

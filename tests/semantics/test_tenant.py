@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from test_native import PROGRAMS, build_program, run_program
 
 # Known gaps, by program: the reason is what differs from Linux.
 KNOWN_GAPS = {
-    "udp_basic": "an ICMP error on UDP is reported by recv() (ECONNREFUSED) but the proxy fd cannot show POLLERR",
+    "udp_basic": "an ICMP error on UDP is reported by recv() (ECONNREFUSED), "
+    "but the proxy fd cannot show POLLERR",
 }
 
 ADDRS = ["127.0.0.1", "::1", "tenant-v4", "tenant-v6"]
