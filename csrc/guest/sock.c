@@ -428,7 +428,14 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
   struct nk_ring rx;
   nk_slot_rings(slot, NULL, &rx);
   uint32_t st = atomic_load(&s->state);
-  if (st != NK_ST_CONNECTED && st != NK_ST_CLOSED) return st == NK_ST_CONNECTING && nonblock ? -EAGAIN : -ENOTCONN;
+  while (st == NK_ST_CONNECTING) { /* Linux waits for the handshake, or says EAGAIN */
+    if (nonblock) return -EAGAIN;
+    int w = wait_fd(fd, POLLOUT, s->rcvtimeo_ms);
+    if (w <= 0) return w == 0 ? -EAGAIN : w;
+    st = atomic_load(&s->state);
+    if (w == 2 && st == NK_ST_CONNECTING) return -ECONNRESET;
+  }
+  if (st != NK_ST_CONNECTED && st != NK_ST_CLOSED) return -ENOTCONN;
   if (total == 0) return 0;
   for (;;) {
     lock(&s->rx_lock);
