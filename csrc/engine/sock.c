@@ -108,13 +108,26 @@ static void set_peer_from_kfd(struct nk_esock *es, int k) {
 
 /* ---- readiness ---- */
 
+static bool has_input(struct nk_esock *es) {
+  struct nk_slot *s = slot_of(es);
+  int64_t fill = nk_ring_fill_checked(&es->rx);
+  if (es->kind == NK_KIND_DGRAM) fill = fill >= (int64_t)sizeof(struct nk_dgram) ? fill : 0;
+  return fill > 0 || atomic_load(&s->rx_eof) || atomic_load(&s->rx_err);
+}
+
+/* Queue one READY record. The intent is published in ready_sent first and the ring looked at
+ * again afterwards (R3, seq_cst; pairs with R4 in GuestLib's drained()): a reader that
+ * emptied the ring meanwhile either sees the intent and waits for the record or its
+ * retraction, or we see the empty ring and retract. Either way no record outlives the bytes
+ * it announced: programs such as wrk count "readable, then EAGAIN" as an error. */
 static void send_ready(struct nk_esock *es) {
   char r = NK_MSG_READY;
+  struct nk_slot *s = slot_of(es);
   if (es->proxy < 0) return;
-  /* Publish the count first: GuestLib compares it with rx_ack to know a record is queued. */
-  atomic_store(&slot_of(es)->ready_sent, es->ready_sent + 1);
-  if (send(es->proxy, &r, 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) es->ready_sent++;
-  else atomic_store(&slot_of(es)->ready_sent, es->ready_sent);
+  atomic_store(&s->ready_sent, es->ready_sent + 1);
+  atomic_thread_fence(memory_order_seq_cst);
+  if (has_input(es) && send(es->proxy, &r, 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) es->ready_sent++;
+  else atomic_store(&s->ready_sent, es->ready_sent);
 }
 
 /* Mirror the end of the byte stream onto the proxy fd: shutting our end for writing gives the
@@ -164,9 +177,7 @@ void nk_sock_sweep_zombies(void) {
 static void maybe_ready(struct nk_esock *es) {
   struct nk_slot *s = slot_of(es);
   atomic_thread_fence(memory_order_seq_cst);
-  int64_t fill = nk_ring_fill_checked(&es->rx);
-  bool has = fill > 0 || atomic_load(&s->rx_eof) || atomic_load(&s->rx_err);
-  if (!has) return;
+  if (!has_input(es)) return;
   uint32_t ack = atomic_load(&s->rx_ack);
   if (ack == es->ready_sent) send_ready(es);
 }

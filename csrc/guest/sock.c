@@ -112,8 +112,20 @@ static uint32_t eat_ready(int fd) {
 static void drained(int fd, int slot, struct nk_ring *rx, bool dgram) {
   struct nk_slot *s = nk_slot_at(slot);
   if (atomic_load(&s->rx_eof) || atomic_load(&s->rx_err)) return;
-  if (atomic_load_explicit(&s->ready_sent, memory_order_relaxed) == atomic_load(&s->rx_ack)) return;
+  /* R4: seq_cst fence between our tail store and the load of ready_sent; pairs with R3 in the
+   * engine's send_ready(). */
+  atomic_thread_fence(memory_order_seq_cst);
+  uint32_t sent = atomic_load(&s->ready_sent), ack = atomic_load(&s->rx_ack);
+  if (sent == ack) return;
   uint32_t eaten = eat_ready(fd);
+  /* A record announced but not here yet is being sent right now, or is about to be
+   * retracted. Wait for either, briefly: left behind, it would make the socket read as
+   * readable with nothing to read. */
+  for (int tries = 0; eaten < sent - ack && tries < 20; tries++) {
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    if (poll(&p, 1, 1) == 1) eaten += eat_ready(fd);
+    sent = atomic_load(&s->ready_sent);
+  }
   if (!eaten) return;
   atomic_fetch_add(&s->rx_ack, eaten);
   /* R2: as in stream_recv(): data that raced in gets a fresh record from the engine. */
@@ -460,6 +472,7 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
     }
     if (atomic_load(&s->rx_eof)) {
       unlock(&s->rx_lock);
+      NK_LOG(2, "fd %d slot %d: EOF after %zu (want %zu)", fd, slot, got, total);
       return (ssize_t)got;
     }
     uint32_t eaten = eat_ready(fd);
