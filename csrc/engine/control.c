@@ -75,15 +75,29 @@ uint64_t nk_peer_netns(int fd, struct ucred *cred) {
   return stat(p, &st) == 0 ? st.st_ino : 0;
 }
 
+static struct nk_ctl *dead_ctls;
+
+/* Closed now, freed after the event batch (an event for it may still be queued). */
 static void ctl_close(struct nk_ctl *c) {
+  if (c->fd < 0) return;
   nk_ep_del(c->fd);
   close(c->fd);
+  c->fd = -1;
   for (struct nk_ctl **p = &ctls; *p; p = &(*p)->next)
     if (*p == c) {
       *p = c->next;
       break;
     }
-  free(c);
+  c->next = dead_ctls;
+  dead_ctls = c;
+}
+
+void nk_control_reap(void) {
+  while (dead_ctls) {
+    struct nk_ctl *c = dead_ctls;
+    dead_ctls = c->next;
+    free(c);
+  }
 }
 
 /* Forget tenant pointers of connections when a tenant goes away. */
@@ -256,11 +270,7 @@ static void read_ctl(struct nk_ctl *c) {
       return;
     }
     handle_req(c, &req, rfd);
-    /* handle_req may have closed c on a failed reply: stop if it is gone. */
-    struct nk_ctl *p;
-    for (p = ctls; p && p != c; p = p->next) {
-    }
-    if (!p) return;
+    if (c->fd < 0) return; /* closed on a failed reply */
   }
 }
 
@@ -270,6 +280,7 @@ void nk_control_event(struct nk_handle *h, uint32_t ev) {
     return;
   }
   struct nk_ctl *c = h->obj;
+  if (c->fd < 0) return; /* closed earlier in this batch */
   if (ev & EPOLLIN) {
     read_ctl(c);
     return;

@@ -90,6 +90,7 @@ struct nk_tenant {
   uint64_t tx_bytes, rx_bytes;
   int dns_fd, dns_up_fd;
   int diag_fd; /* NETLINK_SOCK_DIAG in the tenant's namespace */
+  bool dead;   /* deleted: freed after the current event batch */
   struct {
     uint16_t id;
     bool used;
@@ -135,6 +136,7 @@ struct nk_esock {
   bool freed; /* on the graveyard: events still queued for it are ignored */
   bool v6only;
   bool linger0;
+  struct linger linger; /* as the application set it (SO_LINGER is not passed on) */
   bool bound;
   bool pending_listen_out; /* listener waits for room on its proxy end */
   int pending_fd;          /* accepted connection waiting for delivery */
@@ -158,6 +160,7 @@ struct nk_engine {
   uint32_t next_tenant_id;
   struct nk_esock *active_head;
   struct nk_esock *graveyard; /* freed sockets, released after the current event batch */
+  struct nk_tenant *dead_tenants;
   struct nk_addr dns_upstream;
   uint64_t spin_ns;
   uint32_t nzombies;
@@ -184,7 +187,8 @@ struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int 
                                 uint64_t inode);
 struct nk_esock *nk_esock_get(struct nk_tenant *t, uint32_t slot, uint32_t gen);
 void nk_esock_free(struct nk_esock *es);
-void nk_esock_reap(void);
+void nk_esock_reap(void); /* also releases deleted tenants and closed control connections */
+void nk_control_reap(void);
 bool nk_tenant_scan_doorbells(struct nk_tenant *t);
 
 /* sock.c */

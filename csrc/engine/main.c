@@ -95,16 +95,15 @@ static void dispatch(struct epoll_event *ev) {
       break;
     case NK_H_DOORBELL: {
       struct nk_tenant *t = h->obj;
+      if (t->dead) break;
       uint64_t v;
       while (read(t->doorbell_fd, &v, sizeof(v)) > 0) {
       }
       break;
     }
     case NK_H_DNS:
-      nk_dns_event(h->obj, false);
-      break;
     case NK_H_DNS_UP:
-      nk_dns_event(h->obj, true);
+      if (!((struct nk_tenant *)h->obj)->dead) nk_dns_event(h->obj, h->type == NK_H_DNS_UP);
       break;
     case NK_H_SIGNAL:
       E.stop = true;

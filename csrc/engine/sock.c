@@ -494,6 +494,8 @@ static void listener_accept(struct nk_esock *l) {
       /* Options set on the listener are inherited by its connections, as in Linux. */
       memcpy(es->opts, l->opts, sizeof(es->opts));
       es->nopts = l->nopts;
+      es->linger = l->linger;
+      es->linger0 = l->linger0;
       kfd_add(es, cfd, l->kfd_family[k], l->kfd_loop[k]);
       es->state = NK_ST_CONNECTED;
       struct nk_slot *s = slot_of(es);
@@ -923,10 +925,15 @@ int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, so
     return 0;
   }
   if (level == SOL_SOCKET && name == SO_LINGER) {
+    /* Kept here, never given to the kernel socket: close() of a socket with a linger time
+     * blocks, even a non-blocking one, and would stall the engine for every tenant. The
+     * engine applies {1, 0} itself when it closes with a reset. */
     struct linger lg = {0};
     if (len < sizeof(lg)) return -EINVAL;
     memcpy(&lg, val, sizeof(lg));
+    es->linger = lg;
     es->linger0 = lg.l_onoff && lg.l_linger == 0;
+    return 0;
   }
   int err = 0;
   for (int k = 0; k < es->nk; k++) {
@@ -948,6 +955,12 @@ int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, so
 
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len) {
   if (level == IPPROTO_TCP && name == TCP_ZEROCOPY_RECEIVE) return -EOPNOTSUPP; /* addresses */
+  if (level == SOL_SOCKET && name == SO_LINGER) {
+    if (*len < sizeof(es->linger)) return -EINVAL;
+    memcpy(val, &es->linger, sizeof(es->linger));
+    *len = sizeof(es->linger);
+    return 0;
+  }
   if (level != SOL_SOCKET && level != IPPROTO_TCP && level != IPPROTO_IP &&
       level != IPPROTO_IPV6 && level != IPPROTO_UDP)
     return -ENOPROTOOPT;

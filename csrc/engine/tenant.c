@@ -189,9 +189,10 @@ int nk_tenant_del(struct nk_tenant *t) {
   close(t->memfd);
   close(t->netns_fd);
   NK_INFO("tenant %s removed", t->name);
-  free(t->socks);
-  free(t->free_stack);
-  free(t);
+  /* Events for its doorbell and DNS sockets may still sit in this epoll batch. */
+  t->dead = true;
+  t->next = E.dead_tenants;
+  E.dead_tenants = t;
   return 0;
 }
 
@@ -279,6 +280,14 @@ void nk_esock_reap(void) {
     E.graveyard = es->next_active;
     free(es);
   }
+  while (E.dead_tenants) {
+    struct nk_tenant *t = E.dead_tenants;
+    E.dead_tenants = t->next;
+    free(t->socks);
+    free(t->free_stack);
+    free(t);
+  }
+  nk_control_reap();
 }
 
 /* Collects the doorbell bits guests set; returns true if any socket was activated.
