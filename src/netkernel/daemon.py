@@ -335,6 +335,11 @@ class Daemon:
 
     def _create_tenant_fabric(self, t: Tenant) -> None:
         netns.netns_add(t.netns)  # only `lo`: the tenant has no path around NetKernel
+        # Its own addresses also sit on its `lo` (routes to nowhere else): glibc's
+        # getaddrinfo(AI_ADDRCONFIG) asks the kernel over netlink, which LD_PRELOAD cannot
+        # see, whether the namespace has an IPv4 / IPv6 address before it looks a name up.
+        netns.addr_add("lo", f"{t.ipv4}/32", netns=t.netns)
+        netns.addr_add("lo", f"{t.ipv6}/128", netns=t.netns)
         ns = nsm_netns(t.nsm)
         netns.addr_add("eth0", f"{t.ipv4}/32", netns=ns)
         netns.addr_add("eth0", f"{t.ipv6}/128", netns=ns)
