@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = Path(__import__("netkernel").__file__).parent  # the code actually under test
+# The source tree: mypy given a path inside site-packages trips over the modules around it.
+PACKAGE = ROOT / "src" / "netkernel"
 CHECKED = [str(PACKAGE), str(ROOT / "tests" / "conftest.py"), str(ROOT / "tests" / "py")]
 
 
