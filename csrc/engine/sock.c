@@ -131,9 +131,9 @@ static void send_ready(struct nk_esock *es) {
 }
 
 /* Mirror the end of the byte stream onto the proxy fd: shutting our end for writing gives the
- * guest end POLLIN|POLLRDHUP for good, as a TCP socket has after the peer's FIN or a reset.
- * We never shut our end for reading: its EPOLLHUP must keep meaning "the guest closed it".
- * (So the guest does not see POLLHUP after a reset, where Linux reports it; see docs.) */
+ * guest end POLLIN|POLLRDHUP for good, as a TCP socket has after the peer's FIN. We never
+ * shut our end for reading: its EPOLLHUP must keep meaning "the guest closed it". When the
+ * connection is over both ways, hang_up() closes our end instead. */
 static void proxy_shutdown(struct nk_esock *es) {
   if (es->proxy >= 0) shutdown(es->proxy, SHUT_WR);
 }
@@ -530,7 +530,6 @@ static void listener_accept(struct nk_esock *l) {
 /* ---- closing ---- */
 
 static void finish_close(struct nk_esock *es) {
-  struct nk_slot *s = slot_of(es);
   if (es->kind == NK_KIND_STREAM && !es->dead && es->nk) {
     /* Unread received data at close makes Linux send a reset; so do we. */
     int64_t unread = nk_ring_fill_checked(&es->rx);
@@ -539,7 +538,6 @@ static void finish_close(struct nk_esock *es) {
       int64_t fill = nk_ring_fill_checked(&es->tx);
       if (fill > 0) return; /* flush the rest first; EPOLLOUT brings us back */
     }
-    (void)s;
     nk_sock_close_kfds(es, rst);
   }
   nk_esock_free(es);
@@ -595,9 +593,9 @@ static void connect_done(struct nk_esock *es) {
   socklen_t l = sizeof(err);
   getsockopt(es->kfd[0], SOL_SOCKET, SO_ERROR, &err, &l);
   if (err) {
-    /* Linux reports a failed connect as EPOLLIN|EPOLLOUT|EPOLLERR|EPOLLHUP; a proxy fd
-     * shut both ways reads as EPOLLIN|EPOLLOUT|EPOLLHUP, which is what callers test. The
-     * socket is finished, as it is for nearly every program after a failed connect. */
+    /* Linux reports a failed connect as EPOLLIN|EPOLLOUT|EPOLLERR|EPOLLHUP; a hung-up proxy
+     * fd reads as EPOLLIN|EPOLLOUT|EPOLLHUP, which is what callers test. The socket is
+     * finished, as it is for nearly every program after a failed connect. */
     atomic_store(&s->so_error, err);
     nk_sock_close_kfds(es, false);
     es->state = NK_ST_NEW;
