@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, api, netns
+from . import __version__, api, bench, netns
 from . import tenant as launcher
 from .config import ENGINE_PID_FILE, LOG_FILE, PID_FILE, engine_binary, guestlib, load_config
 from .errors import (
@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     cn = sub.add_parser("conns", help="list connections")
     cn.add_argument("--tenant", metavar="NAME")
     cn.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="measure NetKernel against the native stack (iperf3, sockperf, "
+                       "nginx, redis, idle CPU)")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.add_argument("--quick", action="store_true", help="one run per side instead of three")
+    b.add_argument("--duration", type=int, default=bench.DEFAULT_DURATION, metavar="SECONDS",
+                   help=f"length of each timed run (default: {bench.DEFAULT_DURATION})")
+    b.add_argument("--only", metavar="METRIC[,METRIC]",
+                   help="measure only these: " + ", ".join(bench.METRIC_NAMES))
     return p
 
 
@@ -318,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_ps(args)
         if args.command == "conns":
             return cmd_conns(args)
+        if args.command == "bench":
+            return bench.main(args)
         parser.error(f"unknown command {args.command}")
     except NetKernelError as e:
         print(f"netkernel: {e}", file=sys.stderr)

@@ -1,0 +1,1176 @@
+"""`netkernel bench`: NetKernel against the native stack, interleaved in one run.
+
+Both configurations run the same unmodified program and reach the same peer over one veth
+and the bridge ``nk0``:
+
+```
+ nkb-native (198.19.251.1) ── veth ─┐
+                                    ├── nk0 ── veth ── nkb-peer (198.19.250.1)
+ tenant nkbench ─ engine ─ NSM ─ veth ┘                  servers / load generators
+```
+
+For each metric the native and the NetKernel run alternate (native first on odd
+repetitions, NetKernel first on even ones) and the median of the repetitions is reported
+with ratio = netkernel / native. The floors are informational: the bench exits 0 when it
+measured everything, whatever the numbers, and non-zero when a program is missing or a
+run failed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any, TextIO
+
+from . import __version__, api, netns
+from .config import BRIDGE, LOG_FILE, libdir
+from .errors import NetKernelError, NotRootError
+
+# -- what is measured -----------------------------------------------------------------------
+
+TENANT = "nkbench"
+PEER_NS = "nkb-peer"
+NATIVE_NS = "nkb-native"
+PEER_V4, PEER_V6 = "198.19.250.1", "fd6e:6b00::ff:fa"
+NATIVE_V4, NATIVE_V6 = "198.19.251.1", "fd6e:6b00::ff:fb"
+PREFIX_V4, PREFIX_V6 = 15, 64
+FABRIC_V4 = ipaddress.ip_network("198.18.0.0/15")  # the default config's subnet
+
+IPERF3_PORT = 5201
+SOCKPERF_PORT = 11111
+HTTP_PORT = 80
+REDIS_PORT = 6379
+IDLE_PORT = 7000
+
+DEFAULT_DURATION = 10
+DEFAULT_REPETITIONS = 3
+IDLE_SECONDS = 5.0
+IDLE_SETTLE = 1.0
+WRK_CONNECTIONS = 32
+REDIS_REQUESTS = 100_000
+REDIS_CLIENTS = 32
+
+# Debian 12 package of each program the bench runs.
+PACKAGES = {
+    "iperf3": "iperf3",
+    "sockperf": "sockperf",
+    "nginx": "nginx",
+    "wrk": "wrk",
+    "redis-server": "redis-server",
+    "redis-benchmark": "redis-tools",
+    "ip": "iproute2",
+    "ss": "iproute2",
+}
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The issue's acceptance floor: ``of`` ("ratio" or "value") ``op`` ``bound``."""
+
+    op: str  # ">=", "<=" or "<"
+    bound: float
+    of: str = "ratio"
+
+    def met(self, x: float | None) -> bool | None:
+        if x is None:
+            return None
+        if self.op == ">=":
+            return x >= self.bound
+        if self.op == "<=":
+            return x <= self.bound
+        return x < self.bound
+
+    def __str__(self) -> str:
+        if self.of == "ratio":
+            return f"ratio {self.op} {self.bound:g}"
+        return f"{self.op} {self.bound:g} %"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"of": self.of, "op": self.op, "bound": self.bound}
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    unit: str
+    programs: tuple[str, ...]
+    floor: Floor
+    what: str
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("iperf3_tcp_gbps", "Gbit/s", ("iperf3",), Floor(">=", 0.7),
+           "iperf3 TCP throughput, one stream, client on the measured side"),
+    Metric("tcp_rr_p50_us", "us", ("sockperf",), Floor("<=", 1.6),
+           "sockperf TCP ping-pong p50 latency, 64-byte messages"),
+    Metric("nginx_keepalive_rps", "req/s", ("nginx", "wrk"), Floor(">=", 0.7),
+           "nginx 1 KiB file, wrk keep-alive, 32 connections"),
+    Metric("nginx_close_rps", "req/s", ("nginx", "wrk"), Floor(">=", 0.5),
+           "nginx 1 KiB file, wrk with Connection: close, 32 connections"),
+    Metric("redis_get_rps", "req/s", ("redis-server", "redis-benchmark"), Floor(">=", 0.7),
+           "redis-server GET, redis-benchmark 32 clients"),
+    Metric("idle_cpu_percent", "%", (), Floor("<", 2.0, of="value"),
+           "engine + daemon CPU over 5 s with the tenant idle, percent of one core"),
+)
+METRIC_NAMES = tuple(m.name for m in METRICS)
+IDLE = "idle_cpu_percent"
+SIDES = ("native", "netkernel")
+
+
+class BenchError(NetKernelError):
+    """A program is missing, the setup failed or a measurement could not be taken."""
+
+
+class ParseError(BenchError):
+    """A program's output did not contain the figure we need."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGHUP while benchmarking: unwind through the cleanup like Ctrl-C."""
+
+
+# -- parsers -----------------------------------------------------------------------------------
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def parse_iperf3(text: str) -> dict[str, float]:
+    """``iperf3 -J`` client report → {"gbps": receiver Gbit/s, "retransmits": n}.
+
+    iperf3 3.12 exits 0 even when the test failed; the error is in the report's "error".
+    """
+    try:
+        rep = json.loads(text)
+    except json.JSONDecodeError:
+        raise ParseError(f"iperf3: the output is not a JSON report:\n{_tail(text)}") from None
+    if not isinstance(rep, dict):
+        raise ParseError("iperf3: the JSON report is not an object")
+    if rep.get("error"):
+        raise ParseError(f"iperf3: {rep['error']}")
+    try:
+        received = rep["end"]["sum_received"]
+        bps = float(received["bits_per_second"])
+        nbytes = int(received["bytes"])
+    except (KeyError, TypeError, ValueError):
+        raise ParseError("iperf3: the report has no end.sum_received") from None
+    if nbytes <= 0:
+        raise ParseError("iperf3: the receiver got no bytes")
+    retransmits = rep["end"].get("sum_sent", {}).get("retransmits", 0)
+    return {"gbps": bps / 1e9, "retransmits": float(retransmits or 0)}
+
+
+_SOCKPERF_PCT = re.compile(r"percentile\s+(\d+\.\d+)\s*=\s*([0-9.]+)")
+_SOCKPERF_ERR = re.compile(r"(?:ERROR|error)[:!]?\s*(.*)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def parse_sockperf(text: str) -> dict[str, float]:
+    """``sockperf ping-pong`` output → {"p50_us", "p99_us", "avg_us"} (sockperf reports usec).
+
+    sockperf 3.7 exits 0 even when it could not connect: no percentiles means failure.
+    """
+    text = _ANSI.sub("", text)
+    pcts = {m[1]: float(m[2]) for m in _SOCKPERF_PCT.finditer(text)}
+    if "50.000" not in pcts:
+        err = _SOCKPERF_ERR.search(text)
+        why = err[1].strip() if err else "no 'percentile 50.000' line"
+        raise ParseError(f"sockperf: {why}\n{_tail(text)}")
+    out = {"p50_us": pcts["50.000"]}
+    if "99.000" in pcts:
+        out["p99_us"] = pcts["99.000"]
+    avg = re.search(r"avg-latency=([0-9.]+)", text)
+    if avg:
+        out["avg_us"] = float(avg[1])
+    return out
+
+
+@dataclass
+class WrkResult:
+    requests_per_sec: float
+    requests: int
+    socket_errors: dict[str, int] = field(
+        default_factory=lambda: {"connect": 0, "read": 0, "write": 0, "timeout": 0})
+    non_2xx_3xx: int = 0
+
+    @property
+    def total_socket_errors(self) -> int:
+        return sum(self.socket_errors.values())
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """wrk's summary → requests/s, request count, "Socket errors" and non-2xx/3xx counts."""
+    rps = re.search(r"^Requests/sec:\s*([0-9.]+)", text, re.M)
+    if not rps:
+        raise ParseError(f"wrk: no 'Requests/sec' in its output:\n{_tail(text)}")
+    n = re.search(r"^\s*(\d+) requests in ", text, re.M)
+    res = WrkResult(float(rps[1]), int(n[1]) if n else 0)
+    se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if se:
+        res.socket_errors = dict(zip(("connect", "read", "write", "timeout"),
+                                     map(int, se.groups()), strict=True))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if bad:
+        res.non_2xx_3xx = int(bad[1])
+    return res
+
+
+def parse_redis_benchmark(text: str, test: str = "GET") -> float:
+    """requests/s of ``test`` from ``redis-benchmark --csv`` or ``-q`` output."""
+    csv = re.search(rf'^"{re.escape(test)}","([0-9.]+)"', text, re.M)
+    if csv:
+        return float(csv[1])
+    # -q: progress lines "GET: rps=..." end in \r; the result is "GET: N requests per second".
+    quiet = re.findall(rf"{re.escape(test)}: ([0-9.]+) requests per second", text)
+    if quiet:
+        return float(quiet[-1])
+    raise ParseError(f"redis-benchmark: no {test} result in its output:\n{_tail(text)}")
+
+
+# -- small helpers -------------------------------------------------------------------------------
+
+def median(xs: Sequence[float]) -> float | None:
+    return float(statistics.median(xs)) if xs else None
+
+
+def ratio(native: float | None, netkernel: float | None) -> float | None:
+    if native is None or netkernel is None or native == 0:
+        return None
+    return netkernel / native
+
+
+def select_metrics(only: str | None) -> list[Metric]:
+    if not only:
+        return list(METRICS)
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    unknown = [w for w in wanted if w not in METRIC_NAMES]
+    if unknown or not wanted:
+        raise BenchError(f"--only: unknown metric {', '.join(unknown) or '(none)'} "
+                         f"(known: {', '.join(METRIC_NAMES)})")
+    return [m for m in METRICS if m.name in wanted]
+
+
+def missing_programs(metrics: Sequence[Metric]) -> list[str]:
+    needed = ["ip", "ss"]
+    for m in metrics:
+        needed += [p for p in m.programs if p not in needed]
+    return [p for p in needed if shutil.which(p) is None]
+
+
+def missing_message(missing: Sequence[str]) -> str:
+    pkgs = sorted({PACKAGES.get(p, p) for p in missing})
+    return (f"bench needs {', '.join(missing)}, not found in PATH; "
+            f"install with: apt-get install {' '.join(pkgs)}")
+
+
+def proc_cpu_ticks(pid: int) -> int:
+    """utime + stime of a process (all its threads), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def cpu_percent(pids: Sequence[int], seconds: float,
+                sleep: Callable[[float], None] = time.sleep) -> dict[int, float]:
+    """Percent of one core each pid used over ``seconds`` (0 for a pid that vanished)."""
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def sample() -> dict[int, int | None]:
+        out: dict[int, int | None] = {}
+        for pid in pids:
+            try:
+                out[pid] = proc_cpu_ticks(pid)
+            except (OSError, IndexError, ValueError):
+                out[pid] = None
+        return out
+
+    t0, before = time.monotonic(), sample()
+    sleep(seconds)
+    t1, after = time.monotonic(), sample()
+    elapsed = max(t1 - t0, 1e-6)
+    result = {}
+    for pid in pids:
+        b, a = before[pid], after[pid]
+        result[pid] = 0.0 if a is None or b is None else (a - b) / hz / elapsed * 100.0
+    return result
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "netkernel": __version__,
+        "libdir": str(libdir()),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                info["os"] = line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        info["memory_gib"] = round(kb / 1024 / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        info["tcp_congestion_control"] = \
+            Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        pass
+    return info
+
+
+def program_versions(programs: Sequence[str]) -> dict[str, str]:
+    probes = {
+        "iperf3": ["iperf3", "--version"],
+        "sockperf": ["sockperf", "--version"],
+        "nginx": ["nginx", "-v"],
+        "wrk": ["wrk", "-v"],
+        "redis-server": ["redis-server", "--version"],
+    }
+    out = {}
+    for p in programs:
+        if p not in probes:
+            continue
+        try:
+            r = subprocess.run(probes[p], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        lines = (r.stdout + r.stderr).strip().splitlines()
+        if lines:
+            out[p] = _ANSI.sub("", lines[0]).strip()
+    return out
+
+
+# -- where programs run --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Place:
+    """Where a program runs: a namespace we made (via `ip netns exec`) or the tenant
+    (via `netkernel run`)."""
+
+    name: str  # "peer", "native", "netkernel"
+    addr: str
+    netns: str | None = None
+    tenant: str | None = None
+
+    def argv(self, cmd: Sequence[str]) -> list[str]:
+        if self.tenant is not None:
+            return [sys.executable, "-m", "netkernel", "run", "--tenant", self.tenant, "--", *cmd]
+        assert self.netns is not None
+        return ["ip", "netns", "exec", self.netns, *cmd]
+
+
+def url_host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr else addr
+
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 2;
+user root;
+pid {d}/nginx-{side}.pid;
+error_log {d}/nginx-{side}.error.log warn;
+
+events {{
+    use epoll;
+    worker_connections 1024;
+}}
+
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_requests 1000000;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    default_type application/octet-stream;
+
+    server {{
+        listen {listen};
+        root {d}/www;
+    }}
+}}
+"""
+
+# The idle tenant: a listener holding one accepted connection, blocked in accept().
+IDLE_PROG = """\
+import socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(16)
+held = []
+while True:
+    c, _ = s.accept()
+    held.append(c)
+"""
+
+
+# -- the bench ------------------------------------------------------------------------------------
+
+@dataclass
+class Options:
+    duration: int = DEFAULT_DURATION
+    repetitions: int = DEFAULT_REPETITIONS
+    metrics: list[Metric] = field(default_factory=lambda: list(METRICS))
+    quick: bool = False
+
+
+@dataclass
+class MetricResult:
+    metric: Metric
+    samples: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SIDES})
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def native(self) -> float | None:
+        return median(self.samples["native"])
+
+    @property
+    def netkernel(self) -> float | None:
+        return median(self.samples["netkernel"])
+
+    @property
+    def ratio(self) -> float | None:
+        return ratio(self.native, self.netkernel)
+
+    def as_json(self) -> dict[str, Any]:
+        r = self.ratio
+        d: dict[str, Any] = {
+            "metric": self.metric.name,
+            "unit": self.metric.unit,
+            "native": self.native,
+            "netkernel": self.netkernel,
+            "ratio": r,
+            "floor": self.metric.floor.as_json(),
+            "meets_floor": self.metric.floor.met(r),
+            "native_samples": self.samples["native"],
+            "netkernel_samples": self.samples["netkernel"],
+        }
+        d.update(self.extra)
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+@dataclass
+class IdleResult:
+    percent: float | None = None
+    engine: float | None = None
+    daemon: float | None = None
+    tenant: float | None = None
+    seconds: float = IDLE_SECONDS
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        floor = next(m.floor for m in METRICS if m.name == IDLE)
+        return {
+            "percent": self.percent, "engine_percent": self.engine,
+            "daemon_percent": self.daemon, "tenant_processes_percent": self.tenant,
+            "seconds": self.seconds, "floor": floor.as_json(),
+            "meets_floor": floor.met(self.percent),
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+@dataclass
+class Report:
+    results: list[MetricResult]
+    idle: IdleResult | None
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+
+    @property
+    def errors(self) -> list[str]:
+        errs = [f"{r.metric.name}: {r.error}" for r in self.results if r.error]
+        if self.idle is not None and self.idle.error:
+            errs.append(f"{IDLE}: {self.idle.error}")
+        return errs
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "results": [r.as_json() for r in self.results],
+            "idle_cpu_percent": self.idle.percent if self.idle else None,
+            "idle_cpu": self.idle.as_json() if self.idle else None,
+            "machine": self.machine,
+            "settings": self.settings,
+            "errors": self.errors,
+        }
+
+
+def _fmt(x: float | None, unit: str) -> str:
+    if x is None:
+        return "-"
+    if unit == "req/s":
+        return f"{x:,.0f}"
+    if unit == "Gbit/s":
+        return f"{x:.2f}"
+    if unit == "us":
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def render_table(report: Report) -> str:
+    headers = ["metric", "unit", "native", "netkernel", "ratio", "floor", "meets floor"]
+    right = {2, 3, 4}
+    rows: list[list[str]] = []
+
+    def verdict(ok: bool | None, error: str | None) -> str:
+        if error:
+            return "FAILED (error below)"
+        return "-" if ok is None else ("yes" if ok else "NO")
+
+    for r in report.results:
+        m = r.metric
+        rt = r.ratio
+        rows.append([m.name, m.unit, _fmt(r.native, m.unit), _fmt(r.netkernel, m.unit),
+                     "-" if rt is None else f"{rt:.2f}", str(m.floor),
+                     verdict(m.floor.met(rt), r.error)])
+    if report.idle is not None:
+        floor = next(m.floor for m in METRICS if m.name == IDLE)
+        rows.append([IDLE, "%", "-", _fmt(report.idle.percent, "%"), "-", str(floor),
+                     verdict(floor.met(report.idle.percent), report.idle.error)])
+    cells = [headers] + rows
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(parts).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    s = report.settings
+    notes = [f"median of {s['repetitions']} run(s) per side, {s['duration']} s each, "
+             "native and NetKernel alternating; ratio = netkernel / native"]
+    for r in report.results:
+        for side in SIDES:
+            errs = r.extra.get(f"{side}_socket_errors")
+            if errs is not None:
+                total = sum(errs.values())
+                bad = r.extra.get(f"{side}_non_2xx_3xx", 0)
+                detail = ", ".join(f"{k} {v}" for k, v in errs.items())
+                notes.append(f"{r.metric.name} {side}: socket errors {total}"
+                             + (f" ({detail})" if total else "")
+                             + (f", non-2xx/3xx responses {bad}" if bad else ""))
+    engine = [f"{r.metric.name} {r.extra['netkernel_engine_cpu_percent']:.0f} %" for r in report.results
+              if r.extra.get("netkernel_engine_cpu_percent") is not None]
+    if engine:
+        notes.append("engine CPU during the NetKernel runs (of one core): " + ", ".join(engine))
+    if report.idle is not None and report.idle.percent is not None:
+        i = report.idle
+        notes.append(f"idle: engine {i.engine:.2f} % + daemon {i.daemon:.2f} % of one core over "
+                     f"{i.seconds:.0f} s (tenant processes: {i.tenant:.2f} %)")
+    return "\n".join(lines + [""] + notes)
+
+
+class Bench:
+    def __init__(self, opts: Options, progress: TextIO | None = None) -> None:
+        self.opts = opts
+        self.out = progress if progress is not None else sys.stderr
+        self.tmp = Path(tempfile.mkdtemp(prefix="netkernel-bench-"))
+        self.tmp.chmod(0o755)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.started_daemon = False
+        self.made_tenant = False
+        self.made_ns: list[str] = []
+        self.peer = Place("peer", PEER_V4, netns=PEER_NS)
+        self.native = Place("native", NATIVE_V4, netns=NATIVE_NS)
+        self.tenant: Place | None = None
+        self.tenant_netns = ""
+        self.status: dict[str, Any] = {}
+        self.engine_pid: int | None = None
+        self._engine_cpu: list[float] = []  # per NetKernel run of the current metric
+        self.step = 0
+        measured = [m for m in opts.metrics if m.name != IDLE]
+        self.total_steps = len(measured) * opts.repetitions * 2
+
+    # -- output ----------------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        print(f"bench: {msg}", file=self.out, flush=True)
+
+    # -- processes ---------------------------------------------------------------------------
+    def run(self, place: Place, cmd: Sequence[str], timeout: float, what: str,
+            ok_codes: Sequence[int] = (0,)) -> str:
+        """Run to completion; return stdout+stderr; BenchError on timeout or a bad status."""
+        argv = place.argv(cmd)
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, timeout=timeout, cwd=self.tmp)
+        except subprocess.TimeoutExpired as e:
+            out = (e.output or b"").decode(errors="replace")
+            raise BenchError(f"{what}: `{' '.join(cmd)}` ({place.name}) did not finish within "
+                             f"{timeout:.0f}s\n{_tail(out)}" + self._log_hint(place)) from None
+        out = proc.stdout.decode(errors="replace")
+        if proc.returncode not in ok_codes:
+            raise BenchError(f"{what}: `{' '.join(cmd)}` ({place.name}) exited with status "
+                             f"{proc.returncode}\n{_tail(out)}" + self._log_hint(place))
+        return out
+
+    def _log_hint(self, place: Place) -> str:
+        return f"\n(see {LOG_FILE} for the engine's side)" if place.tenant else ""
+
+    def spawn(self, place: Place, cmd: Sequence[str], log_name: str) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / log_name, "wb")  # the child keeps its own copy
+        try:
+            # Own session: a Ctrl-C on the terminal reaches us, and we stop servers in order.
+            p = subprocess.Popen(place.argv(cmd), stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, cwd=self.tmp, start_new_session=True)
+        finally:
+            log.close()
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+        if p.poll() is None:
+            try:
+                p.send_signal(sig)
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=timeout)
+            except ProcessLookupError:
+                pass
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def log_text(self, log_name: str) -> str:
+        try:
+            return (self.tmp / log_name).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _died(self, p: subprocess.Popen[bytes], place: Place, what: str, log_name: str) -> BenchError:
+        return BenchError(f"{what} ({place.name}) exited with status {p.returncode} while starting:\n"
+                          f"{_tail(self.log_text(log_name))}" + self._log_hint(place))
+
+    def wait_listening(self, ns: str, port: int, p: subprocess.Popen[bytes], place: Place,
+                       what: str, log_name: str, timeout: float = 20) -> None:
+        """A server in one of our namespaces: wait for its listening socket (no probe
+        connection, which iperf3 would count as a test)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise self._died(p, place, what, log_name)
+            r = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"],
+                               capture_output=True, text=True)
+            if r.stdout.strip():
+                return
+            time.sleep(0.1)
+        raise BenchError(f"{what} ({place.name}) not listening on port {port} after {timeout:.0f}s:\n"
+                         f"{_tail(self.log_text(log_name))}")
+
+    def wait_accepting(self, addr: str, port: int, p: subprocess.Popen[bytes], place: Place,
+                       what: str, log_name: str, timeout: float = 20) -> None:
+        """Poll from the peer namespace until addr:port accepts (the path the load takes)."""
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+        def attempt() -> bool:
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.settimeout(0.5)
+            try:
+                s.connect((addr, port))
+                return True
+            except OSError:
+                return False
+            finally:
+                s.close()
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise self._died(p, place, what, log_name)
+            if netns.run_in_netns(PEER_NS, attempt):
+                return
+            time.sleep(0.1)
+        raise BenchError(f"{what} ({place.name}) not accepting on {addr}:{port} after "
+                         f"{timeout:.0f}s:\n{_tail(self.log_text(log_name))}" + self._log_hint(place))
+
+    # -- setup and teardown ----------------------------------------------------------------
+    def setup(self) -> None:
+        self.status = api.ping() or {}
+        if not self.status:
+            self.say("the daemon is not running: starting it (built-in config); "
+                     "it is stopped at the end")
+            self.started_daemon = True  # even if `up` is interrupted half-way: `down` cleans up
+            r = subprocess.run([sys.executable, "-m", "netkernel", "up"], capture_output=True,
+                               text=True, timeout=120)
+            if r.returncode != 0:
+                raise BenchError(f"`netkernel up` failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+            self.status = api.ping() or {}
+            if not self.status:
+                raise BenchError("the daemon started but does not answer")
+        else:
+            self.say(f"using the running daemon (pid {self.status.get('pid')})")
+        nsms = self.status.get("nsms") or []
+        if nsms:
+            nsm_v4 = ipaddress.ip_address(str(nsms[0]["ipv4"]).split("/")[0])
+            if nsm_v4 not in FABRIC_V4:
+                raise BenchError(f"the daemon's subnet is not the default {FABRIC_V4} (NSM "
+                                 f"{nsms[0]['name']} has {nsm_v4}); the bench needs the default "
+                                 "[network] addresses for its peer namespaces")
+        if self.status.get("engine_pid"):
+            self.engine_pid = int(self.status["engine_pid"])
+        self._remove_leftovers()
+        for ns, v4, v6 in ((PEER_NS, PEER_V4, PEER_V6), (NATIVE_NS, NATIVE_V4, NATIVE_V6)):
+            self._attach_ns(ns, v4, v6)
+        # The load generator: wrk closes a `Connection: close` connection as soon as it has
+        # the response, for a few per cent of them before the server's FIN arrives, so the
+        # peer collects TIME_WAIT sockets (a few hundred a second). Once they fill its even ephemeral
+        # ports (~14k of 28k) every connect() scans the port range and wrk becomes
+        # CPU-bound in the kernel (measured: 12k -> 300 req/s for whichever side runs then).
+        # Reusing TIME_WAIT ports for outgoing connections is the usual load-generator
+        # setting; it touches only the peer, never the stacks being compared.
+        netns.sysctl("net.ipv4.tcp_tw_reuse", "1", netns=PEER_NS)
+        self.made_tenant = True  # set first: an interrupted create may still have happened
+        reply = api.call("tenant-create", name=TENANT)
+        t = reply["tenant"]
+        self.tenant = Place("netkernel", str(t["ipv4"]), tenant=TENANT)
+        self.tenant_netns = str(t["netns"])
+        self.say(f"peer {PEER_NS} {PEER_V4}, native {NATIVE_NS} {NATIVE_V4}, tenant {TENANT} "
+                 f"{t['ipv4']} (NSM {t['nsm']}); all on bridge {BRIDGE}")
+
+    def _attach_ns(self, ns: str, v4: str, v6: str) -> None:
+        """Like tests/conftest.py's peer_ns: a veth from the namespace to nk0."""
+        self.made_ns.append(ns)
+        netns.netns_add(ns)
+        # Root-side veth named like the namespace (<= 15 bytes), the inner end is eth0.
+        netns.ip("link", "add", ns, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        netns.ip("link", "set", ns, "master", BRIDGE, "up")
+        netns.sysctl("net.ipv6.conf.eth0.accept_dad", "0", netns=ns)
+        netns.addr_add("eth0", f"{v4}/{PREFIX_V4}", netns=ns)
+        netns.addr_add("eth0", f"{v6}/{PREFIX_V6}", netns=ns)  # nodad
+        netns.ip("link", "set", "eth0", "up", netns=ns)
+
+    def _remove_leftovers(self) -> None:
+        """An aborted earlier run (kill -9) may have left our namespaces or tenant."""
+        stale = [n for n in netns.netns_list() if n in (PEER_NS, NATIVE_NS)]
+        if stale:
+            self.say(f"removing leftovers of an earlier run: {', '.join(stale)}")
+            self._del_namespaces(stale)
+        for link in (PEER_NS, NATIVE_NS):
+            netns.link_del(link)
+        if any(t.get("name") == TENANT for t in api.call("ps").get("tenants", [])):
+            self.say(f"removing tenant {TENANT} left by an earlier run")
+            api.call("tenant-delete", name=TENANT)
+
+    @staticmethod
+    def _del_namespaces(names: list[str]) -> None:
+        netns.kill_netns_processes(names)
+        for n in names:
+            netns.netns_del(n)
+            netns.link_del(n)
+
+    def cleanup(self) -> list[str]:
+        """Undo everything; never raises. Returns what went wrong (for a warning)."""
+        problems: list[str] = []
+        for p in list(self.procs):
+            try:
+                self.stop(p, timeout=5)
+            except Exception as e:  # keep cleaning
+                problems.append(f"stopping pid {p.pid}: {e}")
+        if self.made_tenant:
+            try:
+                if any(t.get("name") == TENANT for t in api.call("ps").get("tenants", [])):
+                    api.call("tenant-delete", name=TENANT)
+            except NetKernelError as e:
+                if api.ping() is not None:  # a daemon that died took the tenant with it
+                    problems.append(f"deleting tenant {TENANT}: {e}")
+        try:
+            self._del_namespaces(list(self.made_ns))
+        except Exception as e:
+            problems.append(f"removing namespaces: {e}")
+        left = [n for n in netns.netns_list() if n in self.made_ns]
+        if left:
+            problems.append(f"namespaces still present: {', '.join(left)}")
+        if self.started_daemon:
+            r = subprocess.run([sys.executable, "-m", "netkernel", "down"], capture_output=True,
+                               text=True, timeout=120)
+            if r.returncode != 0:
+                problems.append(f"`netkernel down` failed: {r.stdout}{r.stderr}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return problems
+
+    # -- measurements -----------------------------------------------------------------------
+    def sides(self, rep: int) -> list[Place]:
+        assert self.tenant is not None
+        order = [self.native, self.tenant]
+        return order if rep % 2 == 0 else order[::-1]
+
+    @contextmanager
+    def engine_load(self, place: Place) -> Iterator[None]:
+        """The engine's CPU (percent of one core) while a NetKernel run's load is on."""
+        pid = self.engine_pid
+        before = None
+        if place.tenant is not None and pid is not None:
+            try:
+                before = (time.monotonic(), proc_cpu_ticks(pid))
+            except (OSError, IndexError, ValueError):
+                pass
+        yield
+        if before is None or pid is None:
+            return
+        try:
+            ticks = proc_cpu_ticks(pid) - before[1]
+        except (OSError, IndexError, ValueError):
+            return
+        elapsed = max(time.monotonic() - before[0], 1e-6)
+        self._engine_cpu.append(ticks / os.sysconf("SC_CLK_TCK") / elapsed * 100.0)
+
+    def progress(self, m: Metric, place: Place, rep: int, text: str) -> None:
+        self.step += 1
+        width = len(str(self.total_steps))
+        self.say(f"[{self.step:>{width}}/{self.total_steps}] {m.name:<19} {place.name:<9} "
+                 f"run {rep + 1}/{self.opts.repetitions}: {text}")
+
+    def measure(self, m: Metric) -> MetricResult:
+        res = MetricResult(m)
+        self._engine_cpu = []
+        fn: dict[str, Callable[[MetricResult], None]] = {
+            "iperf3_tcp_gbps": self.m_iperf3,
+            "tcp_rr_p50_us": self.m_sockperf,
+            "nginx_keepalive_rps": lambda r: self.m_nginx(r, close=False),
+            "nginx_close_rps": lambda r: self.m_nginx(r, close=True),
+            "redis_get_rps": self.m_redis,
+        }
+        try:
+            fn[m.name](res)
+        except BenchError as e:
+            res.error = str(e)
+            self.say(f"{m.name}: FAILED: {e}")
+            self.step = self._steps_through(m)
+        if self._engine_cpu:
+            res.extra["netkernel_engine_cpu_percent"] = round(median(self._engine_cpu) or 0.0, 1)
+        return res
+
+    def _steps_through(self, m: Metric) -> int:
+        measured = [x for x in self.opts.metrics if x.name != IDLE]
+        return (measured.index(m) + 1) * self.opts.repetitions * 2
+
+    def _peer_server(self, cmd: Sequence[str], port: int, what: str) -> subprocess.Popen[bytes]:
+        log = f"{what}-peer.log"
+        p = self.spawn(self.peer, cmd, log)
+        self.wait_listening(PEER_NS, port, p, self.peer, what, log)
+        return p
+
+    def m_iperf3(self, res: MetricResult) -> None:
+        d = self.opts.duration
+        server = self._peer_server(["iperf3", "-s", "-p", str(IPERF3_PORT), "-B", PEER_V4],
+                                   IPERF3_PORT, "iperf3-server")
+        retrans: dict[str, float] = {s: 0.0 for s in SIDES}
+        try:
+            for rep in range(self.opts.repetitions):
+                for place in self.sides(rep):
+                    cmd = ["iperf3", "-c", PEER_V4, "-p", str(IPERF3_PORT), "-t", str(d), "-J",
+                           "--connect-timeout", "5000"]
+                    out = ""
+                    with self.engine_load(place):
+                        for _attempt in range(10):  # the server may still be finishing the last test
+                            out = self.run(place, cmd, d + 60, "iperf3 client")
+                            if "server is busy" not in out:
+                                break
+                            time.sleep(0.5)
+                    try:
+                        r = parse_iperf3(out)
+                    except ParseError as e:
+                        raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
+                    res.samples[place.name].append(r["gbps"])
+                    retrans[place.name] += r["retransmits"]
+                    self.progress(res.metric, place, rep, f"{r['gbps']:.2f} Gbit/s")
+                    if server.poll() is not None:
+                        raise self._died(server, self.peer, "iperf3 server", "iperf3-server-peer.log")
+        finally:
+            self.stop(server)
+        for s in SIDES:
+            res.extra[f"{s}_retransmits"] = int(retrans[s])
+
+    def m_sockperf(self, res: MetricResult) -> None:
+        d = self.opts.duration
+        server = self._peer_server(["sockperf", "server", "--tcp", "-i", PEER_V4, "-p",
+                                    str(SOCKPERF_PORT)], SOCKPERF_PORT, "sockperf-server")
+        p99: dict[str, list[float]] = {s: [] for s in SIDES}
+        try:
+            for rep in range(self.opts.repetitions):
+                for place in self.sides(rep):
+                    with self.engine_load(place):
+                        out = self.run(place, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t",
+                                               str(d), "-i", PEER_V4, "-p", str(SOCKPERF_PORT)],
+                                       d + 60, "sockperf ping-pong")
+                    try:
+                        r = parse_sockperf(out)
+                    except ParseError as e:
+                        raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
+                    res.samples[place.name].append(r["p50_us"])
+                    if "p99_us" in r:
+                        p99[place.name].append(r["p99_us"])
+                    self.progress(res.metric, place, rep, f"p50 {r['p50_us']:.1f} us")
+        finally:
+            self.stop(server, signal.SIGINT)
+        for s in SIDES:
+            res.extra[f"{s}_p99_us"] = median(p99[s])
+
+    def _nginx_files(self) -> None:
+        www = self.tmp / "www"
+        if (www / "1k.bin").exists():
+            return
+        (self.tmp / "tmp").mkdir(exist_ok=True)
+        www.mkdir(exist_ok=True)
+        www.chmod(0o755)
+        f = www / "1k.bin"
+        f.write_bytes(os.urandom(1024))
+        f.chmod(0o644)
+
+    def m_nginx(self, res: MetricResult, close: bool) -> None:
+        self._nginx_files()
+        d = self.opts.duration
+        errors: dict[str, dict[str, int]] = {
+            s: {"connect": 0, "read": 0, "write": 0, "timeout": 0} for s in SIDES}
+        non2xx = {s: 0 for s in SIDES}
+        error_log_lines: dict[str, list[str]] = {s: [] for s in SIDES}
+        for rep in range(self.opts.repetitions):
+            for place in self.sides(rep):
+                conf = self.tmp / f"nginx-{place.name}.conf"
+                conf.write_text(NGINX_CONF.format(d=self.tmp, side=place.name,
+                                                  listen=f"{url_host(place.addr)}:{HTTP_PORT}"))
+                errlog = self.tmp / f"nginx-{place.name}.error.log"
+                errlog.write_bytes(b"")
+                log = f"nginx-{place.name}.log"
+                server = self.spawn(place, ["nginx", "-p", str(self.tmp), "-c", str(conf),
+                                            "-e", str(errlog)], log)
+                try:
+                    self.wait_accepting(place.addr, HTTP_PORT, server, place, "nginx", log)
+                    cmd = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{d}s"]
+                    if close:
+                        cmd += ["-H", "Connection: close"]
+                    cmd.append(f"http://{url_host(place.addr)}:{HTTP_PORT}/1k.bin")
+                    with self.engine_load(place):
+                        out = self.run(self.peer, cmd, d + 60, f"wrk against nginx ({place.name})")
+                    try:
+                        r = parse_wrk(out)
+                    except ParseError as e:
+                        raise BenchError(f"{e} (against nginx in {place.name})"
+                                         + self._log_hint(place)) from None
+                    if server.poll() is not None:
+                        raise BenchError(f"nginx ({place.name}) died during the run:\n"
+                                         f"{_tail(self.log_text(log))}" + self._log_hint(place))
+                finally:
+                    self.stop(server)
+                res.samples[place.name].append(r.requests_per_sec)
+                for k, v in r.socket_errors.items():
+                    errors[place.name][k] += v
+                non2xx[place.name] += r.non_2xx_3xx
+                bad = [ln for ln in errlog.read_text(errors="replace").splitlines()
+                       if re.search(r"\[(error|crit|alert|emerg)\]", ln)]
+                error_log_lines[place.name] += bad
+                note = ""
+                if r.total_socket_errors or r.non_2xx_3xx:
+                    note = (f" (socket errors {r.total_socket_errors}, "
+                            f"non-2xx/3xx {r.non_2xx_3xx})")
+                self.progress(res.metric, place, rep, f"{r.requests_per_sec:,.0f} req/s{note}")
+        for s in SIDES:
+            res.extra[f"{s}_socket_errors"] = errors[s]
+            res.extra[f"{s}_non_2xx_3xx"] = non2xx[s]
+            res.extra[f"{s}_nginx_error_log"] = error_log_lines[s][:5]
+            res.extra[f"{s}_nginx_error_log_lines"] = len(error_log_lines[s])
+
+    def m_redis(self, res: MetricResult) -> None:
+        for rep in range(self.opts.repetitions):
+            for place in self.sides(rep):
+                log = f"redis-{place.name}.log"
+                server = self.spawn(place, ["redis-server", "--save", "", "--appendonly", "no",
+                                            "--protected-mode", "no", "--port", str(REDIS_PORT)], log)
+                try:
+                    self.wait_accepting(place.addr, REDIS_PORT, server, place, "redis-server", log)
+                    # Its connection loop never gives up, hence the timeout (and the wait above).
+                    with self.engine_load(place):
+                        out = self.run(self.peer, ["redis-benchmark", "-h", place.addr,
+                                                   "-p", str(REDIS_PORT), "-t", "get",
+                                                   "-n", str(REDIS_REQUESTS), "-c", str(REDIS_CLIENTS),
+                                                   "--csv"],
+                                       300, f"redis-benchmark against redis-server ({place.name})")
+                    try:
+                        rps = parse_redis_benchmark(out)
+                    except ParseError as e:
+                        raise BenchError(f"{e} (against redis-server in {place.name})"
+                                         + self._log_hint(place)) from None
+                    if server.poll() is not None:
+                        raise BenchError(f"redis-server ({place.name}) died during the run:\n"
+                                         f"{_tail(self.log_text(log))}" + self._log_hint(place))
+                finally:
+                    self.stop(server)
+                res.samples[place.name].append(rps)
+                self.progress(res.metric, place, rep, f"{rps:,.0f} req/s")
+
+    def m_idle(self) -> IdleResult:
+        assert self.tenant is not None
+        res = IdleResult()
+        try:
+            status = api.ping()
+            if status is None:
+                raise BenchError("the daemon is not running any more")
+            daemon_pid, engine_pid = int(status["pid"]), int(status["engine_pid"])
+            log = "idle-netkernel.log"
+            server = self.spawn(self.tenant, [sys.executable, "-c", IDLE_PROG, self.tenant.addr,
+                                              str(IDLE_PORT)], log)
+            try:
+                self.wait_accepting(self.tenant.addr, IDLE_PORT, server, self.tenant,
+                                    "idle listener", log)
+
+                addr = self.tenant.addr
+
+                def connect() -> socket.socket:
+                    return socket.create_connection((addr, IDLE_PORT), timeout=5)
+
+                held = netns.run_in_netns(PEER_NS, connect)
+                try:
+                    time.sleep(IDLE_SETTLE)  # let the engine's post-work polling wind down
+                    tenant_pids = netns.pids_in_netns(self.tenant_netns)
+                    pids = [engine_pid, daemon_pid, *tenant_pids]
+                    self.say(f"{IDLE}: measuring engine (pid {engine_pid}) and daemon (pid "
+                             f"{daemon_pid}) for {IDLE_SECONDS:.0f} s; tenant idle with a "
+                             "listener and one open connection")
+                    pct = cpu_percent(pids, IDLE_SECONDS)
+                finally:
+                    held.close()
+            finally:
+                self.stop(server)
+            res.engine, res.daemon = pct[engine_pid], pct[daemon_pid]
+            res.tenant = sum(pct[p] for p in tenant_pids)
+            res.percent = res.engine + res.daemon
+            self.say(f"{IDLE}: {res.percent:.2f} % (engine {res.engine:.2f} %, "
+                     f"daemon {res.daemon:.2f} %, tenant processes {res.tenant:.2f} %)")
+        except (BenchError, OSError, KeyError, ValueError, TypeError) as e:
+            res.error = str(e)
+            self.say(f"{IDLE}: FAILED: {e}")
+        return res
+
+    def run_all(self) -> Report:
+        results = []
+        idle = None
+        for m in self.opts.metrics:
+            if m.name == IDLE:
+                continue
+            self.say(f"{m.name}: {m.what}")
+            results.append(self.measure(m))
+        if any(m.name == IDLE for m in self.opts.metrics):
+            idle = self.m_idle()
+        machine = machine_info()
+        programs = sorted({p for m in self.opts.metrics for p in m.programs})
+        machine["programs"] = program_versions(programs)
+        settings = {"duration": self.opts.duration, "repetitions": self.opts.repetitions,
+                    "quick": self.opts.quick, "wrk_connections": WRK_CONNECTIONS,
+                    "redis_requests": REDIS_REQUESTS, "redis_clients": REDIS_CLIENTS,
+                    "idle_seconds": IDLE_SECONDS,
+                    "daemon_started_by_bench": self.started_daemon,
+                    "peer": f"{PEER_NS} {PEER_V4}", "native": f"{NATIVE_NS} {NATIVE_V4}",
+                    "tenant": f"{TENANT} {self.tenant.addr if self.tenant else '-'}"}
+        return Report(results, idle, machine, settings)
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C so that the cleanup runs."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """While cleaning up, a second Ctrl-C must not leave half the fabric behind."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_bench(opts: Options, progress: TextIO | None = None) -> Report:
+    """Set up, measure, clean up (also on Ctrl-C, SIGTERM or an error)."""
+    if os.geteuid() != 0:
+        raise NotRootError()
+    missing = missing_programs(opts.metrics)
+    if missing:
+        raise BenchError(missing_message(missing))
+    bench = Bench(opts, progress)
+    interrupted: BaseException | None = None
+    try:
+        with _signals_interrupt():
+            bench.setup()
+            return bench.run_all()
+    except (KeyboardInterrupt, Interrupted) as e:
+        interrupted = e
+        raise
+    finally:
+        with _signals_ignored():
+            if interrupted is not None:
+                bench.say("interrupted: cleaning up")
+            problems = bench.cleanup()
+        for p in problems:
+            bench.say(f"warning: cleanup: {p}")
+        if interrupted is not None:
+            bench.say("cleaned up")
+
+
+def main(args: Any, stdout: IO[str] | None = None) -> int:
+    """The `netkernel bench` command (args from cli.build_parser())."""
+    out = stdout or sys.stdout
+    if args.duration < 1:
+        raise BenchError("--duration must be at least 1 second")
+    opts = Options(duration=args.duration,
+                   repetitions=1 if args.quick else DEFAULT_REPETITIONS,
+                   metrics=select_metrics(args.only), quick=args.quick)
+    try:
+        report = run_bench(opts)
+    except Interrupted as e:
+        print(f"netkernel: bench interrupted by {e}", file=sys.stderr)
+        return 128 + int(getattr(signal, str(e), signal.SIGTERM))
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2), file=out)
+    else:
+        print(render_table(report), file=out)
+    errors = report.errors
+    for err in errors:
+        print(f"netkernel: bench: {err}", file=sys.stderr)
+    if errors:
+        print(f"netkernel: bench: {len(errors)} measurement(s) failed", file=sys.stderr)
+        return 1
+    return 0
