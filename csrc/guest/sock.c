@@ -98,12 +98,30 @@ static void send_blocker(int fd) {
     (void)nk_libc.send(fd, blocker, sizeof(blocker), MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
-/* Consume READY records; returns how many. */
-static uint32_t eat_ready(int fd) {
+static uint32_t eat_ready(int fd, uint32_t want) {
   uint32_t n = 0;
   char buf[8];
-  while (nk_libc.recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0) n++;
+  while (n < want && nk_libc.recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0) n++;
   return n;
+}
+
+/* Takes back the READY records the engine announced (ready_sent - rx_ack): one recv() per
+ * record and none when there is none, so a read costs no extra system call on a quiet
+ * socket. A record announced but not here yet is being sent right now, or is about to be
+ * retracted (R3 in the engine): wait for either, briefly; left behind, it would make the
+ * socket read as readable with nothing to read. Returns how many were taken; the caller
+ * adds them to rx_ack. R4: the fence orders the caller's ring accesses before the loads. */
+static uint32_t take_records(int fd, struct nk_slot *s) {
+  atomic_thread_fence(memory_order_seq_cst);
+  uint32_t sent = atomic_load(&s->ready_sent), ack = atomic_load(&s->rx_ack);
+  if (sent == ack) return 0;
+  uint32_t eaten = eat_ready(fd, sent - ack);
+  for (int tries = 0; eaten < sent - ack && tries < 20; tries++) {
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    if (poll(&p, 1, 1) == 1) eaten += eat_ready(fd, sent - ack - eaten);
+    sent = atomic_load(&s->ready_sent);
+  }
+  return eaten;
 }
 
 /* After a read emptied the receive ring: take back the READY record now, so that a
@@ -112,20 +130,7 @@ static uint32_t eat_ready(int fd) {
 static void drained(int fd, int slot, struct nk_ring *rx, bool dgram) {
   struct nk_slot *s = nk_slot_at(slot);
   if (atomic_load(&s->rx_eof) || atomic_load(&s->rx_err)) return;
-  /* R4: seq_cst fence between our tail store and the load of ready_sent; pairs with R3 in the
-   * engine's send_ready(). */
-  atomic_thread_fence(memory_order_seq_cst);
-  uint32_t sent = atomic_load(&s->ready_sent), ack = atomic_load(&s->rx_ack);
-  if (sent == ack) return;
-  uint32_t eaten = eat_ready(fd);
-  /* A record announced but not here yet is being sent right now, or is about to be
-   * retracted. Wait for either, briefly: left behind, it would make the socket read as
-   * readable with nothing to read. */
-  for (int tries = 0; eaten < sent - ack && tries < 20; tries++) {
-    struct pollfd p = {.fd = fd, .events = POLLIN};
-    if (poll(&p, 1, 1) == 1) eaten += eat_ready(fd);
-    sent = atomic_load(&s->ready_sent);
-  }
+  uint32_t eaten = take_records(fd, s);
   if (!eaten) return;
   atomic_fetch_add(&s->rx_ack, eaten);
   /* R2: as in stream_recv(): data that raced in gets a fresh record from the engine. */
@@ -475,7 +480,7 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
       NK_LOG(2, "fd %d slot %d: EOF after %zu (want %zu)", fd, slot, got, total);
       return (ssize_t)got;
     }
-    uint32_t eaten = eat_ready(fd);
+    uint32_t eaten = take_records(fd, s);
     if (eaten) atomic_fetch_add(&s->rx_ack, eaten);
     /* R2: seq_cst re-check after publishing the ack; pairs with the engine's push-then-check. */
     bool more = nk_ring_fill(&rx) || atomic_load(&s->rx_eof) || atomic_load(&s->rx_err);
@@ -564,7 +569,7 @@ static ssize_t dgram_recv(int fd, int slot, struct msghdr *msg, int flags) {
       unlock(&s->rx_lock);
       return -err;
     }
-    uint32_t eaten = eat_ready(fd);
+    uint32_t eaten = take_records(fd, s);
     if (eaten) atomic_fetch_add(&s->rx_ack, eaten);
     bool more = nk_ring_fill(&rx) >= sizeof(struct nk_dgram) || atomic_load(&s->rx_err);
     unlock(&s->rx_lock);
