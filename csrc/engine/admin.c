@@ -142,9 +142,14 @@ static void command(struct nk_admin *a, char *line) {
         char l[64], p[64];
         nk_addr_fmt(&t->slots[i].local, l, sizeof(l));
         nk_addr_fmt(&t->slots[i].peer, p, sizeof(p));
-        out(a, "conn tenant=%s slot=%u kind=%s state=%s local=%s peer=%s tx_bytes=%llu rx_bytes=%llu",
+        struct nk_slot *sl = &t->slots[i];
+        out(a, "conn tenant=%s slot=%u kind=%s state=%s local=%s peer=%s tx_bytes=%llu rx_bytes=%llu"
+            " tx_queued=%lld rx_queued=%lld ready_sent=%u rx_ack=%u blocker=%d stalled=%u",
             t->name, i, kind_name(es->kind), es->closing ? "closing" : state_name(es->state), l, p,
-            (unsigned long long)es->tx_bytes, (unsigned long long)es->rx_bytes);
+            (unsigned long long)es->tx_bytes, (unsigned long long)es->rx_bytes,
+            (long long)nk_ring_fill_checked(&es->tx), (long long)nk_ring_fill_checked(&es->rx),
+            es->ready_sent, atomic_load(&sl->rx_ack), es->blocker_held,
+            atomic_load(&sl->rx_stalled));
       }
     }
     return out(a, "ok");

@@ -142,6 +142,8 @@ struct nk_esock {
   int pending_fd;          /* accepted connection waiting for delivery */
   struct nk_newconn pending_msg;
   uint32_t ready_sent;
+  uint32_t seen_at_ready;     /* guest's rx_seen when the last READY record went out */
+  uint64_t rx_bytes_at_ready; /* rx_bytes then */
   struct nk_addr bind_addr;
   struct nk_opt opts[NK_MAX_OPTS];
   int nopts;

@@ -126,8 +126,13 @@ static void send_ready(struct nk_esock *es) {
   if (es->proxy < 0) return;
   atomic_store(&s->ready_sent, es->ready_sent + 1);
   atomic_thread_fence(memory_order_seq_cst);
-  if (has_input(es) && send(es->proxy, &r, 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) es->ready_sent++;
-  else atomic_store(&s->ready_sent, es->ready_sent);
+  if (has_input(es) && send(es->proxy, &r, 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
+    es->ready_sent++;
+    es->seen_at_ready = atomic_load(&s->rx_seen);
+    es->rx_bytes_at_ready = es->rx_bytes;
+  } else {
+    atomic_store(&s->ready_sent, es->ready_sent);
+  }
 }
 
 /* Mirror the end of the byte stream onto the proxy fd: shutting our end for writing gives the
@@ -135,6 +140,7 @@ static void send_ready(struct nk_esock *es) {
  * shut our end for reading: its EPOLLHUP must keep meaning "the guest closed it". When the
  * connection is over both ways, hang_up() closes our end instead. */
 static void proxy_shutdown(struct nk_esock *es) {
+  NK_LOG(2, "tenant %s slot %u: end of stream", es->t->name, es->slot);
   if (es->proxy >= 0) shutdown(es->proxy, SHUT_WR);
 }
 
@@ -179,7 +185,16 @@ static void maybe_ready(struct nk_esock *es) {
   atomic_thread_fence(memory_order_seq_cst);
   if (!has_input(es)) return;
   uint32_t ack = atomic_load(&s->rx_ack);
-  if (ack == es->ready_sent) send_ready(es);
+  if (ack == es->ready_sent) {
+    send_ready(es);
+    return;
+  }
+  /* A record is outstanding, but the guest looked at the ring since we queued it and bytes
+   * arrived since: queue another, so an edge-triggered poller sees a new EPOLLIN edge as it
+   * would for new data on a Linux socket. E3: the fence above orders our ring stores before
+   * this load; pairs with E2 in GuestLib. The guest takes back every record when it drains. */
+  if (atomic_load(&s->rx_seen) != es->seen_at_ready && es->rx_bytes != es->rx_bytes_at_ready)
+    send_ready(es);
 }
 
 static bool writable_now(struct nk_esock *es) {
@@ -219,6 +234,7 @@ void nk_sock_reset(struct nk_esock *es, int err) {
 
 static void conn_error(struct nk_esock *es, int err) {
   struct nk_slot *s = slot_of(es);
+  NK_LOG(1, "tenant %s slot %u: connection error %s", es->t->name, es->slot, strerror(err));
   atomic_store(&s->so_error, err);
   atomic_store(&s->rx_err, err);
   atomic_store(&s->rx_eof, 1);

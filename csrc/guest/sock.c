@@ -98,12 +98,34 @@ static void send_blocker(int fd) {
     (void)nk_libc.send(fd, blocker, sizeof(blocker), MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
+/* Reads up to want READY records, 64 per system call. */
 static uint32_t eat_ready(int fd, uint32_t want) {
+  enum { BATCH = 64 };
+  char bufs[BATCH][8];
+  struct iovec iov[BATCH];
+  struct mmsghdr m[BATCH];
   uint32_t n = 0;
-  char buf[8];
-  while (n < want && nk_libc.recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0) n++;
+  while (n < want) {
+    unsigned k = want - n < BATCH ? want - n : BATCH;
+    for (unsigned i = 0; i < k; i++) {
+      iov[i] = (struct iovec){.iov_base = bufs[i], .iov_len = sizeof(bufs[i])};
+      m[i] = (struct mmsghdr){.msg_hdr = {.msg_iov = &iov[i], .msg_iovlen = 1}};
+    }
+    int r = k == 1 ? (int)(nk_libc.recv(fd, bufs[0], sizeof(bufs[0]), MSG_DONTWAIT) > 0)
+                   : nk_libc.recvmmsg(fd, m, k, MSG_DONTWAIT, NULL);
+    if (r <= 0) break;
+    n += (uint32_t)r;
+    if ((unsigned)r < k) break;
+  }
   return n;
 }
+
+/* Tell the engine we looked at the receive ring. Linux raises a new EPOLLIN edge for every
+ * arrival of data, also while unread data is queued, and nginx counts on it: it reads the
+ * FIONREAD amount, then waits for the next edge. The engine queues an extra READY record for
+ * data it pushes after we looked. E2: seq_cst, before the caller loads the ring's fill;
+ * pairs with E3 in the engine's maybe_ready(). */
+static void seen(struct nk_slot *s) { atomic_fetch_add(&s->rx_seen, 1); }
 
 /* Takes back the READY records the engine announced (ready_sent - rx_ack): one recv() per
  * record and none when there is none, so a read costs no extra system call on a quiet
@@ -428,7 +450,13 @@ static ssize_t stream_send(int fd, int slot, const struct iovec *iov, size_t iov
     unlock(&s->tx_lock);
     if (n) doorbell(slot);
     if (done == total) return (ssize_t)done;
-    if (nonblock && done) return (ssize_t)done;
+    if (nonblock && done) {
+      /* A short write tells the caller the socket is full; an edge-triggered poller (nginx)
+       * then waits for EPOLLOUT. So the proxy fd must turn unwritable now, and writable
+       * again when the engine has made room, or that edge never comes. */
+      send_blocker(fd);
+      return (ssize_t)done;
+    }
     int r = wait_tx(fd, slot, &tx, flags, nonblock);
     if (r < 0) {
       if (r == -ECONNRESET && done == 0) return epipe(flags);
@@ -456,6 +484,7 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
   if (total == 0) return 0;
   for (;;) {
     lock(&s->rx_lock);
+    seen(s);
     uint32_t fill = nk_ring_fill(&rx);
     if (fill) {
       uint32_t n = total - got < fill ? (uint32_t)(total - got) : fill;
@@ -541,6 +570,7 @@ static ssize_t dgram_recv(int fd, int slot, struct msghdr *msg, int flags) {
   nk_slot_rings(slot, NULL, &rx);
   for (;;) {
     lock(&s->rx_lock);
+    seen(s);
     if (nk_ring_fill(&rx) >= sizeof(struct nk_dgram)) {
       uint32_t at = atomic_load_explicit(rx.tail, memory_order_relaxed);
       struct nk_dgram h;
@@ -647,7 +677,10 @@ ssize_t nk_sendfile(int out_fd, int slot, int in_fd, off_t *offset, size_t count
       continue;
     }
     if (want) break; /* end of file */
-    if (nonblock && done) break;
+    if (nonblock && done) {
+      send_blocker(out_fd); /* short: unwritable until the engine makes room (see stream_send) */
+      break;
+    }
     int r = wait_tx(out_fd, slot, &tx, 0, nonblock);
     if (r < 0) {
       if (done) break;
@@ -767,6 +800,7 @@ int nk_ioctl(int fd, int slot, unsigned long req, void *arg) {
     struct nk_ring rx;
     nk_slot_rings(slot, NULL, &rx);
     int v = 0;
+    seen(s);
     uint32_t fill = nk_ring_fill(&rx);
     if (s->kind == NK_KIND_DGRAM) {
       if (fill >= sizeof(struct nk_dgram)) {

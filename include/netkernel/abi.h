@@ -103,7 +103,8 @@ struct nk_slot {
   uint32_t sndtimeo_ms;              /* SO_SNDTIMEO, 0 = none */
   uint32_t rcvlowat;
   NK_ATOMIC(uint32_t) nonblock; /* O_NONBLOCK of the proxy fd's file description, mirrored */
-  uint32_t reserved3[7];
+  NK_ATOMIC(uint32_t) rx_seen;  /* bumped each time the guest looks at the receive ring */
+  uint32_t reserved3[6];
 };
 _Static_assert(sizeof(struct nk_slot) == 8 * NK_CACHELINE, "nk_slot size");
 _Static_assert(offsetof(struct nk_slot, local) == NK_CACHELINE, "nk_slot.local");
