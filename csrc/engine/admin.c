@@ -28,18 +28,8 @@ static struct nk_handle h_admin_listen = {NK_H_ADMIN_LISTEN, 0, NULL};
 void nk_control_forget_tenant(struct nk_tenant *t);
 
 int nk_admin_listen(const char *path) {
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -errno;
-  struct sockaddr_un un = {.sun_family = AF_UNIX};
-  if (strlen(path) >= sizeof(un.sun_path)) return -ENAMETOOLONG;
-  strcpy(un.sun_path, path);
-  unlink(path);
-  if (bind(fd, (struct sockaddr *)&un, sizeof(un)) < 0 || listen(fd, 16) < 0) {
-    int e = errno;
-    close(fd);
-    return -e;
-  }
-  chmod(path, 0600);
+  int fd = nk_unix_listen(path, SOCK_STREAM, 0600, 16);
+  if (fd < 0) return fd;
   admin_listen_fd = fd;
   nk_ep_add(fd, EPOLLIN, &h_admin_listen);
   return 0;

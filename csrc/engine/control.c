@@ -26,20 +26,10 @@ static int ctl_listen_fd = -1;
 static struct nk_handle h_ctl_listen = {NK_H_CTL_LISTEN, 0, NULL};
 
 int nk_control_listen(const char *path) {
-  int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -errno;
-  struct sockaddr_un un = {.sun_family = AF_UNIX};
-  if (strlen(path) >= sizeof(un.sun_path)) return -ENAMETOOLONG;
-  strcpy(un.sun_path, path);
-  unlink(path);
-  if (bind(fd, (struct sockaddr *)&un, sizeof(un)) < 0 || listen(fd, 512) < 0) {
-    int e = errno;
-    close(fd);
-    return -e;
-  }
   /* Tenant processes run as various users (nginx workers as www-data): the socket is open to
    * all, and the namespace check on each connection decides. */
-  chmod(path, 0666);
+  int fd = nk_unix_listen(path, SOCK_SEQPACKET, 0666, 512);
+  if (fd < 0) return fd;
   ctl_listen_fd = fd;
   nk_ep_add(fd, EPOLLIN, &h_ctl_listen);
   return 0;

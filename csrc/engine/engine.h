@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <sys/socket.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include "netkernel/abi.h"
@@ -175,6 +176,7 @@ extern struct nk_engine E;
 int nk_ep_add(int fd, uint32_t events, struct nk_handle *h);
 int nk_ep_mod(int fd, uint32_t events, struct nk_handle *h);
 void nk_ep_del(int fd);
+int nk_unix_listen(const char *path, int type, mode_t mode, int backlog);
 uint64_t nk_now_ns(void);
 
 /* tenant.c */

@@ -14,6 +14,7 @@
 #include <sys/epoll.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 
 #include "engine.h"
@@ -36,6 +37,23 @@ int nk_ep_mod(int fd, uint32_t events, struct nk_handle *h) {
 }
 
 void nk_ep_del(int fd) { epoll_ctl(E.ep, EPOLL_CTL_DEL, fd, NULL); }
+
+/* A listening Unix socket at path (replacing a stale one) with the given file mode. */
+int nk_unix_listen(const char *path, int type, mode_t mode, int backlog) {
+  struct sockaddr_un un = {.sun_family = AF_UNIX};
+  if (strlen(path) >= sizeof(un.sun_path)) return -ENAMETOOLONG;
+  strcpy(un.sun_path, path);
+  int fd = socket(AF_UNIX, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  unlink(path);
+  if (bind(fd, (struct sockaddr *)&un, sizeof(un)) < 0 || listen(fd, backlog) < 0 ||
+      chmod(path, mode) < 0) {
+    int e = errno;
+    close(fd);
+    return -e;
+  }
+  return fd;
+}
 
 uint64_t nk_now_ns(void) {
   struct timespec ts;

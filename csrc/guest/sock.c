@@ -369,9 +369,10 @@ static size_t iov_total(const struct iovec *iov, size_t n) {
   return t;
 }
 
-/* Copies from the caller's iovecs (advancing vi and voff) into the ring at position at. */
-static void gather_in(struct nk_ring *r, uint32_t at, const struct iovec *iov, size_t *vi,
-                      size_t *voff, uint32_t len) {
+/* Copies len bytes between the caller's iovecs (from iov[*vi] + *voff, advanced as it goes)
+ * and the ring at position at: into the ring when in, out of it otherwise. */
+static void iov_copy(struct nk_ring *r, uint32_t at, const struct iovec *iov, size_t *vi,
+                     size_t *voff, uint32_t len, bool in) {
   while (len) {
     size_t avail = iov[*vi].iov_len - *voff;
     if (avail == 0) {
@@ -380,28 +381,23 @@ static void gather_in(struct nk_ring *r, uint32_t at, const struct iovec *iov, s
       continue;
     }
     uint32_t n = avail < len ? (uint32_t)avail : len;
-    nk_ring_copy_in(r, at, (const uint8_t *)iov[*vi].iov_base + *voff, n);
+    uint8_t *p = (uint8_t *)iov[*vi].iov_base + *voff;
+    if (in) nk_ring_copy_in(r, at, p, n);
+    else nk_ring_copy_out(r, at, p, n);
     at += n;
     *voff += n;
     len -= n;
   }
 }
 
-static void scatter_out(const struct nk_ring *r, uint32_t at, const struct iovec *iov, size_t *vi,
+static void gather_in(struct nk_ring *r, uint32_t at, const struct iovec *iov, size_t *vi,
+                      size_t *voff, uint32_t len) {
+  iov_copy(r, at, iov, vi, voff, len, true);
+}
+
+static void scatter_out(struct nk_ring *r, uint32_t at, const struct iovec *iov, size_t *vi,
                         size_t *voff, uint32_t len) {
-  while (len) {
-    size_t avail = iov[*vi].iov_len - *voff;
-    if (avail == 0) {
-      (*vi)++;
-      *voff = 0;
-      continue;
-    }
-    uint32_t n = avail < len ? (uint32_t)avail : len;
-    nk_ring_copy_out(r, at, (uint8_t *)iov[*vi].iov_base + *voff, n);
-    at += n;
-    *voff += n;
-    len -= n;
-  }
+  iov_copy(r, at, iov, vi, voff, len, false);
 }
 
 /* Wait until the transmit ring has space, or fail. Called with tx_lock released. */
