@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -208,23 +207,9 @@ def wait_port(ns: Peer | str | None, host: str, port: int, timeout: float = 10.0
     """Poll until ``host:port`` accepts a TCP connection, seen from namespace ``ns``
     (a Peer, a netns name, or None for the root namespace)."""
     name = ns.name if isinstance(ns, Peer) else ns
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    def attempt() -> bool:
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.settimeout(0.5)
-        try:
-            s.connect((host, port))
-            return True
-        except OSError:
-            return False
-        finally:
-            s.close()
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        # A socket made in a thread that entered the namespace lives in that namespace.
-        if netns.run_in_netns(name, attempt) if name else attempt():
+        if netns.tcp_accepts(name, host, port):
             return
         time.sleep(0.1)
     raise TimeoutError(f"{host}:{port} not accepting after {timeout}s (from {name or 'root ns'})")

@@ -692,24 +692,11 @@ class Bench:
     def wait_accepting(self, addr: str, port: int, p: subprocess.Popen[bytes], place: Place,
                        what: str, log_name: str, timeout: float = 20) -> None:
         """Poll from the peer namespace until addr:port accepts (the path the load takes)."""
-        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-
-        def attempt() -> bool:
-            s = socket.socket(family, socket.SOCK_STREAM)
-            s.settimeout(0.5)
-            try:
-                s.connect((addr, port))
-                return True
-            except OSError:
-                return False
-            finally:
-                s.close()
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if p.poll() is not None:
                 raise self._died(p, place, what, log_name)
-            if netns.run_in_netns(PEER_NS, attempt):
+            if netns.tcp_accepts(PEER_NS, addr, port):
                 return
             time.sleep(0.1)
         raise BenchError(f"{what} ({place.name}) not accepting on {addr}:{port} after "

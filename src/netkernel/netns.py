@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -118,6 +119,24 @@ def run_in_netns(name: str, fn: Callable[[], T]) -> T:
         raise error[0]
     return result[0]
 
+
+
+def tcp_accepts(name: str | None, host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when host:port accepts a TCP connection, tried from netns ``name`` (None: here).
+
+    The socket is made in a thread that entered the namespace, so it lives there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    def attempt() -> bool:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            try:
+                s.connect((host, port))
+                return True
+            except OSError:
+                return False
+
+    return run_in_netns(name, attempt) if name else attempt()
 
 def sysctl(key: str, value: str, netns: str | None = None) -> None:
     path = Path("/proc/sys") / key.replace(".", "/")
