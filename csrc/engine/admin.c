@@ -4,6 +4,7 @@
  * too, but never in this namespace. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <linux/tcp.h> /* struct tcp_info with delivery_rate (glibc's copy is older) */
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -83,16 +84,142 @@ static const char *state_name(uint32_t s) {
   return s < 6 ? names[s] : "?";
 }
 
+/* "key=value" with an unsigned decimal value; false on anything else. */
+static bool kv_u64(const char *arg, const char *key, uint64_t *out) {
+  size_t kl = strlen(key);
+  if (strncmp(arg, key, kl) || arg[kl] != '=') return false;
+  const char *v = arg + kl + 1;
+  if (*v < '0' || *v > '9') return false;
+  char *end;
+  errno = 0;
+  unsigned long long x = strtoull(v, &end, 10);
+  if (*end || errno) return false;
+  *out = x;
+  return true;
+}
+
+/* tenant-set NAME key=value...: all checked before any is applied. */
+static void tenant_set(struct nk_admin *a, struct nk_tenant *t, int argc, char **argv) {
+  uint64_t rate_tx = t->rate[NK_TX] * 8, rate_rx = t->rate[NK_RX] * 8, weight = t->weight,
+           max_sockets = t->max_sockets, max_memory = t->max_memory;
+  for (int i = 2; i < argc; i++) {
+    uint64_t v;
+    if (kv_u64(argv[i], "rate_tx", &v)) rate_tx = v;
+    else if (kv_u64(argv[i], "rate_rx", &v)) rate_rx = v;
+    else if (kv_u64(argv[i], "weight", &v)) weight = v;
+    else if (kv_u64(argv[i], "max_sockets", &v)) max_sockets = v;
+    else if (kv_u64(argv[i], "max_memory", &v)) max_memory = v;
+    else
+      return err(a, EINVAL, "bad setting '%s' (known: rate_tx, rate_rx, weight, max_sockets, "
+                 "max_memory, each =unsigned integer)", argv[i]);
+  }
+  if (weight < 1 || weight > 1000) return err(a, EINVAL, "weight must be 1..1000");
+  if (max_sockets > t->nslots)
+    return err(a, EINVAL, "max_sockets %llu is above the tenant's %u slots",
+               (unsigned long long)max_sockets, t->nslots);
+  if (rate_tx != t->rate[NK_TX] * 8) nk_tenant_set_rate(t, NK_TX, rate_tx);
+  if (rate_rx != t->rate[NK_RX] * 8) nk_tenant_set_rate(t, NK_RX, rate_rx);
+  t->weight = (uint32_t)weight;
+  t->max_sockets = (uint32_t)max_sockets;
+  t->max_memory = max_memory;
+  NK_EVENT("policy_set", "tenant=%s rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu",
+           t->name, (unsigned long long)rate_tx, (unsigned long long)rate_rx, t->weight,
+           t->max_sockets, (unsigned long long)t->max_memory);
+  out(a, "ok");
+}
+
+static const char *tcp_state_name(uint8_t st) {
+  static const char *names[] = {"?", "established", "syn-sent", "syn-recv", "fin-wait-1",
+                                "fin-wait-2", "time-wait", "close", "close-wait", "last-ack",
+                                "listen", "closing"};
+  return st < sizeof(names) / sizeof(names[0]) ? names[st] : "?";
+}
+
+/* One "conn" line; for TCP on an NSM, the NSM's own view from TCP_INFO. */
+static void conn_line(struct nk_admin *a, struct nk_tenant *t, uint32_t i, struct nk_esock *es) {
+  char l[64], p[64], tcp[384] = "";
+  struct nk_slot *sl = &t->slots[i];
+  nk_addr_fmt(&sl->local, l, sizeof(l));
+  nk_addr_fmt(&sl->peer, p, sizeof(p));
+  struct nk_nsm *m = nk_sock_nsm(es);
+  if (es->type == SOCK_STREAM && es->nk && es->kind != NK_KIND_LISTENER) {
+    struct tcp_info ti;
+    socklen_t tl = sizeof(ti);
+    char ca[16] = "";
+    socklen_t cl = sizeof(ca) - 1;
+    memset(&ti, 0, sizeof(ti));
+    if (getsockopt(es->kfd[0], IPPROTO_TCP, TCP_INFO, &ti, &tl) == 0) {
+      getsockopt(es->kfd[0], IPPROTO_TCP, TCP_CONGESTION, ca, &cl);
+      snprintf(tcp, sizeof(tcp),
+               " tcp_state=%s rtt_us=%u rttvar_us=%u cwnd=%u ssthresh=%u mss=%u retrans=%u"
+               " total_retrans=%u lost=%u unacked=%u delivery_rate=%llu pacing_rate=%llu"
+               " bytes_acked=%llu bytes_received=%llu ca=%s",
+               tcp_state_name(ti.tcpi_state), ti.tcpi_rtt, ti.tcpi_rttvar, ti.tcpi_snd_cwnd,
+               ti.tcpi_snd_ssthresh, ti.tcpi_snd_mss, ti.tcpi_retrans, ti.tcpi_total_retrans,
+               ti.tcpi_lost, ti.tcpi_unacked, (unsigned long long)ti.tcpi_delivery_rate,
+               (unsigned long long)ti.tcpi_pacing_rate, (unsigned long long)ti.tcpi_bytes_acked,
+               (unsigned long long)ti.tcpi_bytes_received, ca[0] ? ca : "?");
+    }
+  }
+  out(a, "conn tenant=%s slot=%u kind=%s state=%s nsm=%s proto=%s local=%s peer=%s tx_bytes=%llu"
+      " rx_bytes=%llu tx_queued=%lld rx_queued=%lld ready_sent=%u rx_ack=%u blocker=%d stalled=%u"
+      " throttled=%d%s",
+      t->name, i, kind_name(es->kind), es->closing ? "closing" : state_name(es->state),
+      m ? m->name : (es->nk ? "loopback" : "-"), es->type == SOCK_STREAM ? "tcp" : "udp", l, p,
+      (unsigned long long)es->tx_bytes, (unsigned long long)es->rx_bytes,
+      (long long)nk_ring_fill_checked(&es->tx), (long long)nk_ring_fill_checked(&es->rx),
+      es->ready_sent, atomic_load(&sl->rx_ack), es->blocker_held, atomic_load(&sl->rx_stalled),
+      es->throttled, tcp);
+}
+
 static void command(struct nk_admin *a, char *line) {
-  char *argv[8];
+  char *argv[16];
   int argc = 0;
-  for (char *tok = strtok(line, " \t\r"); tok && argc < 8; tok = strtok(NULL, " \t\r"))
+  for (char *tok = strtok(line, " \t\r"); tok && argc < 16; tok = strtok(NULL, " \t\r"))
     argv[argc++] = tok;
   if (argc == 0) return err(a, EINVAL, "empty request");
   const char *cmd = argv[0];
   if (!strcmp(cmd, "nsm-add") && argc == 3) {
     int r = nk_nsm_add(argv[1], argv[2]);
     if (r < 0) return err(a, -r, "cannot add nsm %s: %s", argv[1], strerror(-r));
+    return out(a, "ok");
+  }
+  if (!strcmp(cmd, "nsm-del") && argc == 2) {
+    struct nk_nsm *m = nk_nsm_find(argv[1]);
+    if (!m) return err(a, ENOENT, "unknown nsm '%s'", argv[1]);
+    int r = nk_nsm_del(m);
+    if (r == -EBUSY) return err(a, EBUSY, "nsm %s still has tenants or connections", argv[1]);
+    return r < 0 ? err(a, -r, "cannot remove nsm %s", argv[1]) : out(a, "ok");
+  }
+  if (!strcmp(cmd, "nsm-set") && argc == 3) {
+    struct nk_nsm *m = nk_nsm_find(argv[1]);
+    if (!m) return err(a, ENOENT, "unknown nsm '%s'", argv[1]);
+    uint64_t bw;
+    if (!kv_u64(argv[2], "bandwidth", &bw))
+      return err(a, EINVAL, "bad setting '%s' (known: bandwidth=BITS_PER_SECOND)", argv[2]);
+    nk_nsm_set_bandwidth(m, bw);
+    NK_EVENT("nsm_set", "nsm=%s bandwidth=%llu", m->name, (unsigned long long)bw);
+    return out(a, "ok");
+  }
+  if (!strcmp(cmd, "tenant-set") && argc >= 3) {
+    struct nk_tenant *t = nk_tenant_find(argv[1]);
+    if (!t) return err(a, ENOENT, "unknown tenant '%s'", argv[1]);
+    return tenant_set(a, t, argc, argv);
+  }
+  if (!strcmp(cmd, "tenant-move") && argc == 3) {
+    struct nk_tenant *t = nk_tenant_find(argv[1]);
+    if (!t) return err(a, ENOENT, "unknown tenant '%s'", argv[1]);
+    struct nk_nsm *m = nk_nsm_find(argv[2]);
+    if (!m) return err(a, ENOENT, "unknown nsm '%s'", argv[2]);
+    int r = nk_tenant_move(t, m);
+    if (r < 0) return err(a, -r, "tenant %s moved to %s, but some listeners could not follow "
+                          "(see the log)", t->name, m->name);
+    return out(a, "ok %d", r);
+  }
+  if (!strcmp(cmd, "tenant-move-done") && argc == 2) {
+    struct nk_tenant *t = nk_tenant_find(argv[1]);
+    if (!t) return err(a, ENOENT, "unknown tenant '%s'", argv[1]);
+    nk_tenant_move_done(t);
     return out(a, "ok");
   }
   if (!strcmp(cmd, "tenant-add") && argc == 6) {
@@ -118,29 +245,33 @@ static void command(struct nk_admin *a, char *line) {
   }
   if (!strcmp(cmd, "stats") && argc == 1) {
     for (struct nk_tenant *t = E.tenants; t; t = t->next)
-      out(a, "tenant %s id=%u nsm=%s sockets=%u tx_bytes=%llu rx_bytes=%llu", t->name, t->id,
-          t->nsm->name, t->nsocks, (unsigned long long)t->tx_bytes,
-          (unsigned long long)t->rx_bytes);
+      out(a, "tenant %s id=%u nsm=%s sockets=%u tx_bytes=%llu rx_bytes=%llu memory=%llu"
+          " rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu"
+          " refused_sockets=%llu refused_memory=%llu slots=%u",
+          t->name, t->id, t->nsm->name, t->nsocks, (unsigned long long)t->tx_bytes,
+          (unsigned long long)t->rx_bytes, (unsigned long long)nk_tenant_memory(t),
+          (unsigned long long)t->rate[NK_TX] * 8, (unsigned long long)t->rate[NK_RX] * 8,
+          t->weight, t->max_sockets, (unsigned long long)t->max_memory,
+          (unsigned long long)t->refused_sockets, (unsigned long long)t->refused_memory,
+          t->nslots);
+    for (struct nk_nsm *m = E.nsms; m; m = m->next) {
+      uint32_t tenants = 0, socks = 0;
+      for (struct nk_tenant *t = E.tenants; t; t = t->next) {
+        tenants += t->nsm == m;
+        for (uint32_t i = 0; i < t->nslots; i++)
+          if (t->socks[i] && nk_sock_nsm(t->socks[i]) == m) socks++;
+      }
+      out(a, "nsm %s type=%s tenants=%u sockets=%u tx_bytes=%llu rx_bytes=%llu bandwidth=%llu",
+          m->name, m->ops->type, tenants, socks, (unsigned long long)m->bytes[NK_TX],
+          (unsigned long long)m->bytes[NK_RX], (unsigned long long)m->bandwidth_bps);
+    }
     return out(a, "ok");
   }
   if (!strcmp(cmd, "conns") && argc <= 2) {
     for (struct nk_tenant *t = E.tenants; t; t = t->next) {
       if (argc == 2 && strcmp(argv[1], t->name)) continue;
-      for (uint32_t i = 0; i < t->nslots; i++) {
-        struct nk_esock *es = t->socks[i];
-        if (!es) continue;
-        char l[64], p[64];
-        nk_addr_fmt(&t->slots[i].local, l, sizeof(l));
-        nk_addr_fmt(&t->slots[i].peer, p, sizeof(p));
-        struct nk_slot *sl = &t->slots[i];
-        out(a, "conn tenant=%s slot=%u kind=%s state=%s local=%s peer=%s tx_bytes=%llu rx_bytes=%llu"
-            " tx_queued=%lld rx_queued=%lld ready_sent=%u rx_ack=%u blocker=%d stalled=%u",
-            t->name, i, kind_name(es->kind), es->closing ? "closing" : state_name(es->state), l, p,
-            (unsigned long long)es->tx_bytes, (unsigned long long)es->rx_bytes,
-            (long long)nk_ring_fill_checked(&es->tx), (long long)nk_ring_fill_checked(&es->rx),
-            es->ready_sent, atomic_load(&sl->rx_ack), es->blocker_held,
-            atomic_load(&sl->rx_stalled));
-      }
+      for (uint32_t i = 0; i < t->nslots; i++)
+        if (t->socks[i]) conn_line(a, t, i, t->socks[i]);
     }
     return out(a, "ok");
   }

@@ -178,8 +178,7 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
     } else {
       struct nk_esock *es = nk_esock_alloc(t, rfd, domain, type, req->inode);
       if (!es) {
-        NK_INFO("tenant %s: socket limit (%u) reached", t->name, t->nslots);
-        rep.err = -EMFILE;
+        rep.err = -errno; /* EMFILE / ENOBUFS from the tenant's limits, logged there */
       } else {
         rfd = -1; /* owned by the socket now */
         es->proxy_in_tenant_ns = true;

@@ -20,19 +20,30 @@ int nk_dns_open(struct nk_tenant *t) {
     close(fd);
     return -e;
   }
-  int up = t->nsm->ops->open_socket(t->nsm, AF_INET, SOCK_DGRAM);
-  if (up < 0) {
-    close(fd);
-    return up;
+  t->dns_fd = fd;
+  t->h_dns = (struct nk_handle){NK_H_DNS, 0, t};
+  nk_ep_add(fd, EPOLLIN, &t->h_dns);
+  int r = nk_dns_reopen_upstream(t);
+  if (r < 0) {
+    nk_dns_close(t);
+    return r;
   }
+  return 0;
+}
+
+/* The relay socket lives on the tenant's NSM and sends from the tenant's address. */
+int nk_dns_reopen_upstream(struct nk_tenant *t) {
+  int up = t->nsm->ops->open_socket(t->nsm, AF_INET, SOCK_DGRAM);
+  if (up < 0) return up;
   struct sockaddr_storage ss;
   socklen_t l = nk_addr_to_sa(&t->ipv4, &ss);
   bind(up, (struct sockaddr *)&ss, l);
-  t->dns_fd = fd;
+  if (t->dns_up_fd >= 0) {
+    nk_ep_del(t->dns_up_fd);
+    close(t->dns_up_fd);
+  }
   t->dns_up_fd = up;
-  t->h_dns = (struct nk_handle){NK_H_DNS, 0, t};
   t->h_dns_up = (struct nk_handle){NK_H_DNS_UP, 0, t};
-  nk_ep_add(fd, EPOLLIN, &t->h_dns);
   nk_ep_add(up, EPOLLIN, &t->h_dns_up);
   return 0;
 }

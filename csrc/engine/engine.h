@@ -28,6 +28,8 @@ extern int nk_debug;
     if (nk_debug >= (lvl)) fprintf(stderr, "engine %s: " fmt "\n", __func__, ##__VA_ARGS__); \
   } while (0)
 #define NK_INFO(fmt, ...) fprintf(stderr, "engine: " fmt "\n", ##__VA_ARGS__)
+/* Structured events for the daemon's log: "engine: event=NAME key=value ...". */
+#define NK_EVENT(name, fmt, ...) fprintf(stderr, "engine: event=" name " " fmt "\n", ##__VA_ARGS__)
 
 /* What an epoll event points at. */
 enum nk_htype {
@@ -55,10 +57,24 @@ struct nk_nsm_ops {
   /* Opens a socket on this stack; returns fd or -errno. */
   int (*open_socket)(struct nk_nsm *nsm, int domain, int type);
 };
+/* ---- policy (policy.c) ---- */
+enum { NK_TX = 0, NK_RX = 1 };
+/* A token bucket in bytes. rate 0 = unlimited. tokens may go negative (a datagram larger than
+ * the tokens at hand is sent whole and paid for afterwards). */
+struct nk_bucket {
+  uint64_t rate;  /* bytes per second */
+  uint64_t burst; /* bytes */
+  double tokens;
+  uint64_t last_ns;
+};
+
 struct nk_nsm {
   char name[32];
   int netns_fd;
   const struct nk_nsm_ops *ops;
+  uint64_t bandwidth_bps;  /* the operator's figure for the uplink; 0 = not shared by weight */
+  struct nk_bucket link[2]; /* what the engine lets through, per direction, when shared */
+  uint64_t bytes[2];
   struct nk_nsm *next;
 };
 extern const struct nk_nsm_ops nk_nsm_kernel_ops;
@@ -89,6 +105,23 @@ struct nk_tenant {
   uint32_t *free_stack; /* free slots, most recently freed on top: reuse warm ring pages */
   uint32_t nfree;
   uint64_t tx_bytes, rx_bytes;
+  /* Operator policy (tenant-set). Rates in bytes/s, 0 = unlimited; limits 0 = none. */
+  uint64_t rate[2];
+  uint32_t weight;
+  uint32_t max_sockets;
+  uint64_t max_memory;
+  struct nk_bucket bucket[2];
+  /* Weighted sharing of an NSM's link: virtual time = bytes moved / weight. The tenant
+   * counts as backlogged while it keeps asking for bandwidth (active_until). */
+  double vt[2];
+  uint64_t active_until[2];
+  uint64_t refused_sockets, refused_memory;
+  uint64_t last_refusal_log_ns;
+  /* Sockets with work, served round-robin between tenants (a tenant with many busy sockets
+   * does not lengthen the round for the others). */
+  struct nk_esock *active_head;
+  bool in_active;
+  struct nk_tenant *next_active;
   int dns_fd, dns_up_fd;
   int diag_fd; /* NETLINK_SOCK_DIAG in the tenant's namespace */
   bool dead;   /* deleted: freed after the current event batch */
@@ -101,7 +134,8 @@ struct nk_tenant {
   struct nk_tenant *next;
 };
 
-#define NK_MAX_KFD 3
+/* v6 + v4 on the NSM and v6 on loopback for a dual-stack listener, plus two during a move. */
+#define NK_MAX_KFD 6
 #define NK_MAX_OPTS 24
 struct nk_opt {
   int level, name;
@@ -119,6 +153,7 @@ struct nk_esock {
   struct nk_handle h_proxy;
   int kfd[NK_MAX_KFD]; /* kernel sockets on the NSM (or in the tenant's netns for loopback) */
   int kfd_family[NK_MAX_KFD];
+  struct nk_nsm *kfd_nsm[NK_MAX_KFD]; /* NULL for the tenant's loopback */
   bool kfd_loop[NK_MAX_KFD]; /* lives in the tenant's own namespace (its loopback) */
   struct nk_handle h_kfd[NK_MAX_KFD];
   int nk;
@@ -140,6 +175,7 @@ struct nk_esock {
   struct linger linger; /* as the application set it (SO_LINGER is not passed on) */
   bool bound;
   bool pending_listen_out; /* listener waits for room on its proxy end */
+  int backlog;
   int pending_fd;          /* accepted connection waiting for delivery */
   struct nk_newconn pending_msg;
   uint32_t ready_sent;
@@ -151,6 +187,9 @@ struct nk_esock {
   uint64_t tx_bytes, rx_bytes;
   struct nk_ring tx, rx;
   struct nk_esock *next_active;
+  bool throttled; /* waiting for tokens: on E.throttled until throttle_until */
+  uint64_t throttle_until;
+  struct nk_esock *next_throttled;
 };
 
 /* ---- the engine ---- */
@@ -161,7 +200,9 @@ struct nk_engine {
   struct nk_nsm *nsms;
   struct nk_tenant *tenants;
   uint32_t next_tenant_id;
-  struct nk_esock *active_head;
+  struct nk_tenant *active_tenants; /* round-robin ring of tenants with active sockets */
+  struct nk_esock *throttled;
+  uint64_t next_wake_ns; /* earliest throttle_until, UINT64_MAX when none */
   struct nk_esock *graveyard; /* freed sockets, released after the current event batch */
   struct nk_tenant *dead_tenants;
   struct nk_addr dns_upstream;
@@ -182,6 +223,9 @@ uint64_t nk_now_ns(void);
 /* tenant.c */
 struct nk_nsm *nk_nsm_find(const char *name);
 int nk_nsm_add(const char *name, const char *netns_path);
+int nk_nsm_del(struct nk_nsm *m);
+int nk_tenant_move(struct nk_tenant *t, struct nk_nsm *to);
+int nk_tenant_move_done(struct nk_tenant *t);
 struct nk_tenant *nk_tenant_find(const char *name);
 struct nk_tenant *nk_tenant_by_ino(uint64_t ino);
 int nk_tenant_add(const char *name, const char *netns_path, const char *nsm, const char *v4,
@@ -197,6 +241,9 @@ bool nk_tenant_scan_doorbells(struct nk_tenant *t);
 
 /* sock.c */
 void nk_sock_activate(struct nk_esock *es);
+int nk_sock_listen_on(struct nk_esock *es, struct nk_nsm *m); /* tenant move */
+void nk_sock_drop_listeners_off(struct nk_esock *es, struct nk_nsm *keep);
+struct nk_nsm *nk_sock_nsm(const struct nk_esock *es);
 void nk_sock_service(struct nk_esock *es);
 void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev);
 void nk_sock_kfd_event(struct nk_esock *es, int idx, uint32_t ev);
@@ -208,6 +255,18 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *a, int *in_progre
 int nk_sock_shutdown(struct nk_esock *es, int how);
 int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len);
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len);
+
+/* policy.c */
+#define NK_QUANTUM 16384u /* smallest grant worth a system call for a stream */
+uint64_t nk_policy_grant(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t want,
+                         uint64_t need);
+void nk_policy_charge(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t n);
+void nk_policy_unthrottle(struct nk_esock *es);
+void nk_policy_wake_due(uint64_t now);
+int nk_tenant_admit(struct nk_tenant *t);
+void nk_tenant_set_rate(struct nk_tenant *t, int dir, uint64_t bits_per_s);
+void nk_nsm_set_bandwidth(struct nk_nsm *m, uint64_t bits_per_s);
+uint64_t nk_tenant_memory(const struct nk_tenant *t);
 
 /* control.c, admin.c */
 uint64_t nk_peer_netns(int fd, struct ucred *cred);
@@ -224,6 +283,7 @@ void nk_sock_sweep_zombies(void);
 /* dns.c */
 int nk_dns_open(struct nk_tenant *t);
 void nk_dns_close(struct nk_tenant *t);
+int nk_dns_reopen_upstream(struct nk_tenant *t); /* after a move: relay through the new NSM */
 void nk_dns_event(struct nk_tenant *t, bool upstream);
 
 /* addr.c */

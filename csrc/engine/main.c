@@ -78,18 +78,34 @@ static bool scan_all(void) {
   return any;
 }
 
+/* Sockets one tenant may have served per round: a tenant with hundreds of busy connections
+ * then delays another tenant's next turn by at most this many services. */
+#define NK_TENANT_BUDGET 16
+
+/* One round over the tenants with work. Bounded: what is activated meanwhile waits for the
+ * next round. */
 static bool run_active(void) {
   bool any = false;
-  /* Bounded: sockets activated while we run go to the next round. */
-  struct nk_esock *list = E.active_head;
-  E.active_head = NULL;
-  while (list) {
-    struct nk_esock *es = list;
-    list = es->next_active;
-    if (es->freed) continue;
-    es->active = false;
-    nk_sock_service(es);
-    any = true;
+  struct nk_tenant *round = E.active_tenants;
+  E.active_tenants = NULL;
+  while (round) {
+    struct nk_tenant *t = round;
+    round = t->next_active;
+    t->in_active = false;
+    for (int n = 0; n < NK_TENANT_BUDGET && t->active_head; n++) {
+      struct nk_esock *es = t->active_head;
+      t->active_head = es->next_active;
+      es->active = false;
+      nk_sock_service(es);
+      any = true;
+    }
+    if (t->active_head && !t->in_active && !t->dead) {
+      t->in_active = true;
+      t->next_active = NULL;
+      struct nk_tenant **q = &E.active_tenants;
+      while (*q) q = &(*q)->next_active;
+      *q = t;
+    }
   }
   return any;
 }
@@ -171,18 +187,25 @@ int main(int argc, char **argv) {
 
   struct epoll_event evs[256];
   uint64_t last_work = nk_now_ns();
+  E.next_wake_ns = UINT64_MAX;
   while (!E.stop) {
-    int timeout = 0;
+    int64_t timeout_ns = 0;
     bool slept = false;
-    if (!E.active_head && nk_now_ns() - last_work > E.spin_ns) {
+    uint64_t now = nk_now_ns();
+    if (!E.active_tenants && now - last_work > E.spin_ns) {
       /* E1: announce sleep, then look once more for work a guest posted meanwhile. */
       set_sleeping(1);
       atomic_thread_fence(memory_order_seq_cst);
       if (scan_all()) {
         set_sleeping(0);
       } else {
-        /* Sockets waiting for their guest end to close are checked a few times a second. */
-        timeout = E.nzombies ? 100 : -1;
+        /* Sockets waiting for their guest end to close are checked a few times a second;
+         * throttled sockets are woken when their tokens are due. */
+        timeout_ns = E.nzombies ? 100000000 : -1;
+        if (E.throttled) {
+          int64_t due = E.next_wake_ns > now ? (int64_t)(E.next_wake_ns - now) : 0;
+          if (timeout_ns < 0 || due < timeout_ns) timeout_ns = due;
+        }
         slept = true;
       }
     }
@@ -190,7 +213,8 @@ int main(int argc, char **argv) {
       nk_sock_sweep_zombies();
       E.next_sweep_ns = nk_now_ns() + 100000000ull;
     }
-    int n = epoll_wait(E.ep, evs, 256, timeout);
+    struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
+    int n = epoll_pwait2(E.ep, evs, 256, timeout_ns < 0 ? NULL : &ts, NULL);
     if (slept) set_sleeping(0);
     if (n < 0 && errno != EINTR) {
       perror("netkernel-engine: epoll_wait");
@@ -198,6 +222,7 @@ int main(int argc, char **argv) {
     }
     for (int i = 0; i < n; i++) dispatch(&evs[i]);
     bool work = n > 0;
+    nk_policy_wake_due(nk_now_ns());
     work |= scan_all();
     work |= run_active();
     nk_esock_reap();

@@ -21,21 +21,37 @@
 
 static struct nk_slot *slot_of(struct nk_esock *es) { return &es->t->slots[es->slot]; }
 
+/* Queue es for service: FIFO within its tenant, and the tenant on the round-robin ring. */
 void nk_sock_activate(struct nk_esock *es) {
   if (es->active) return;
   es->active = true;
-  es->next_active = E.active_head;
-  E.active_head = es;
+  es->next_active = NULL;
+  struct nk_tenant *t = es->t;
+  struct nk_esock **p = &t->active_head;
+  while (*p) p = &(*p)->next_active;
+  *p = es;
+  if (!t->in_active) {
+    t->in_active = true;
+    t->next_active = NULL;
+    struct nk_tenant **q = &E.active_tenants;
+    while (*q) q = &(*q)->next_active;
+    *q = t;
+  }
 }
+
+/* The NSM a connected or connecting socket's traffic goes through (NULL: loopback). */
+struct nk_nsm *nk_sock_nsm(const struct nk_esock *es) { return es->nk ? es->kfd_nsm[0] : NULL; }
 
 /* ---- kernel sockets ---- */
 
-static int kfd_add(struct nk_esock *es, int fd, int family, bool loop) {
+static int kfd_add(struct nk_esock *es, int fd, int family, struct nk_nsm *nsm) {
   if (es->nk >= NK_MAX_KFD) return -EMFILE;
+  bool loop = nsm == NULL;
   int k = es->nk++;
   es->kfd[k] = fd;
   es->kfd_family[k] = family;
   es->kfd_loop[k] = loop;
+  es->kfd_nsm[k] = nsm;
   /* Replay the options the application set before this kernel socket existed. */
   for (int i = 0; i < es->nopts; i++) {
     struct nk_opt *o = &es->opts[i];
@@ -50,13 +66,19 @@ static int kfd_add(struct nk_esock *es, int fd, int family, bool loop) {
   return k;
 }
 
-static int kfd_open(struct nk_esock *es, int family, bool loop) {
-  int fd = loop ? nk_in_netns(es->t->netns_fd, family, es->type)
-                : es->t->nsm->ops->open_socket(es->t->nsm, family, es->type);
+/* A new kernel socket on the tenant's NSM of the moment (new connections follow a move), or
+ * in the tenant's own namespace for its loopback. */
+static int kfd_open_on(struct nk_esock *es, int family, struct nk_nsm *nsm) {
+  int fd = !nsm ? nk_in_netns(es->t->netns_fd, family, es->type)
+                : nsm->ops->open_socket(nsm, family, es->type);
   if (fd < 0) return fd;
-  int k = kfd_add(es, fd, family, loop);
+  int k = kfd_add(es, fd, family, nsm);
   if (k < 0) close(fd);
   return k;
+}
+
+static int kfd_open(struct nk_esock *es, int family, bool loop) {
+  return kfd_open_on(es, family, loop ? NULL : es->t->nsm);
 }
 
 static void kfd_watch(struct nk_esock *es, int k) {
@@ -73,6 +95,7 @@ void nk_sock_close_kfds(struct nk_esock *es, bool rst) {
     nk_ep_del(es->kfd[k]);
     close(es->kfd[k]);
     es->kfd[k] = -1;
+    es->kfd_nsm[k] = NULL;
   }
   es->nk = 0;
 }
@@ -87,6 +110,7 @@ static void kfd_keep_only(struct nk_esock *es, int k) {
   es->kfd[0] = es->kfd[k];
   es->kfd_family[0] = es->kfd_family[k];
   es->kfd_loop[0] = es->kfd_loop[k];
+  es->kfd_nsm[0] = es->kfd_nsm[k];
   es->nk = 1;
   /* Events for it must now name index 0 (fails harmlessly when it is not watched yet). */
   if (k != 0) nk_ep_mod(es->kfd[0], KFD_EVENTS, &es->h_kfd[0]);
@@ -255,10 +279,14 @@ static void stream_tx(struct nk_esock *es) {
     nk_sock_reset(es, ECONNRESET);
     return;
   }
+  struct nk_nsm *m = nk_sock_nsm(es);
   while (fill > 0 && es->can_write) {
+    uint64_t want = (uint64_t)fill;
+    uint64_t grant = nk_policy_grant(es, m, NK_TX, want, want < NK_QUANTUM ? want : NK_QUANTUM);
+    if (grant == 0) break; /* woken when the tokens are there */
     struct iovec iov[2];
     uint32_t tail = atomic_load_explicit(es->tx.tail, memory_order_relaxed);
-    int cnt = nk_ring_iov(&es->tx, tail, (uint32_t)fill, iov);
+    int cnt = nk_ring_iov(&es->tx, tail, (uint32_t)(grant < want ? grant : want), iov);
     struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
     ssize_t n = sendmsg(es->kfd[0], &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (n > 0) {
@@ -266,6 +294,7 @@ static void stream_tx(struct nk_esock *es) {
       fill -= n;
       es->tx_bytes += (uint64_t)n;
       es->t->tx_bytes += (uint64_t)n;
+      nk_policy_charge(es, m, NK_TX, (uint64_t)n);
       continue;
     }
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
@@ -301,6 +330,10 @@ static void stream_rx(struct nk_esock *es) {
       return;
     }
     atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed);
+    struct nk_nsm *m = nk_sock_nsm(es);
+    uint64_t grant = nk_policy_grant(es, m, NK_RX, space, space < NK_QUANTUM ? space : NK_QUANTUM);
+    if (grant == 0) return; /* TCP flow control holds the sender meanwhile */
+    if (grant < space) space = (uint32_t)grant;
     struct iovec iov[2];
     uint32_t head = atomic_load_explicit(es->rx.head, memory_order_relaxed);
     int cnt = nk_ring_iov(&es->rx, head, space, iov);
@@ -309,6 +342,7 @@ static void stream_rx(struct nk_esock *es) {
       nk_ring_produce(&es->rx, (uint32_t)n);
       es->rx_bytes += (uint64_t)n;
       es->t->rx_bytes += (uint64_t)n;
+      nk_policy_charge(es, m, NK_RX, (uint64_t)n);
       /* A short read means the socket is drained: wait for the next edge. Not after the
        * peer's FIN, whose edge may have come with this data: read on until 0. */
       if ((uint32_t)n < space && !es->peer_fin) es->can_read = false;
@@ -383,6 +417,7 @@ static void dgram_tx(struct nk_esock *es) {
       k = dgram_kfd_for(es, &dst);
     }
     if (k >= 0) {
+      if (!nk_policy_grant(es, es->kfd_nsm[k], NK_TX, h.len, h.len)) return;
       struct iovec iov[2];
       int cnt = nk_ring_iov(&es->tx, tail + sizeof(h), h.len, iov);
       struct sockaddr_storage ss;
@@ -399,6 +434,7 @@ static void dgram_tx(struct nk_esock *es) {
       if (n > 0) {
         es->tx_bytes += (uint64_t)n;
         es->t->tx_bytes += (uint64_t)n;
+        nk_policy_charge(es, es->kfd_nsm[k], NK_TX, (uint64_t)n);
       }
       /* Other send errors drop the datagram, as UDP would. */
     }
@@ -423,6 +459,7 @@ static void dgram_rx(struct nk_esock *es) {
         if (errno != EAGAIN && errno != EINTR) atomic_store(&s->rx_err, errno);
         break;
       }
+      if (!nk_policy_grant(es, es->kfd_nsm[k], NK_RX, (uint64_t)len, (uint64_t)len)) break;
       uint32_t need = (uint32_t)NK_DGRAM_SPACE((uint32_t)len);
       if (es->rx.size - (uint32_t)fill < need) {
         atomic_store(&s->rx_stalled, 1);
@@ -447,6 +484,7 @@ static void dgram_rx(struct nk_esock *es) {
       nk_ring_produce(&es->rx, (uint32_t)NK_DGRAM_SPACE((uint32_t)n));
       es->rx_bytes += (uint64_t)n;
       es->t->rx_bytes += (uint64_t)n;
+      nk_policy_charge(es, es->kfd_nsm[k], NK_RX, (uint64_t)n);
     }
   }
 }
@@ -498,8 +536,8 @@ static void listener_accept(struct nk_esock *l) {
       fstat(sv[1], &st);
       struct nk_esock *es = nk_esock_alloc(t, sv[0], l->family, SOCK_STREAM, st.st_ino);
       if (!es) {
-        /* Admission limit: refuse this connection, keep the listener. */
-        NK_INFO("tenant %s: out of sockets (%u), connection refused", t->name, t->nslots);
+        /* Admission limit (logged by nk_tenant_admit): refuse this connection with a reset,
+         * keep the listener. */
         struct linger lg = {1, 0};
         setsockopt(cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
         close(cfd);
@@ -512,7 +550,7 @@ static void listener_accept(struct nk_esock *l) {
       es->nopts = l->nopts;
       es->linger = l->linger;
       es->linger0 = l->linger0;
-      kfd_add(es, cfd, l->kfd_family[k], l->kfd_loop[k]);
+      kfd_add(es, cfd, l->kfd_family[k], l->kfd_nsm[k]);
       es->state = NK_ST_CONNECTED;
       struct nk_slot *s = slot_of(es);
       if (l->kfd_loop[k]) {
@@ -713,6 +751,7 @@ int nk_sock_listen(struct nk_esock *es, int backlog) {
   if (es->type != SOCK_STREAM) return -EOPNOTSUPP;
   if (es->kind == NK_KIND_LISTENER) {
     for (int k = 0; k < es->nk; k++) listen(es->kfd[k], backlog);
+    es->backlog = backlog;
     return 0;
   }
   if (es->state != NK_ST_NEW && es->state != NK_ST_BOUND) return -EINVAL;
@@ -723,6 +762,7 @@ int nk_sock_listen(struct nk_esock *es, int backlog) {
   }
   for (int k = 0; k < es->nk; k++)
     if (listen(es->kfd[k], backlog) < 0) return -errno;
+  es->backlog = backlog;
   /* Deep accept queue on the proxy: each pending connection is one small record. */
   int big = 4 << 20;
   setsockopt(es->proxy, SOL_SOCKET, SO_SNDBUF, &big, sizeof(big));
@@ -998,4 +1038,63 @@ int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_
   int r = getsockopt(fd, level, name, val, len) < 0 ? -errno : 0;
   if (scratch) close(fd);
   return r;
+}
+
+/* ---- tenant move ---- */
+
+/* Give listener es kernel listeners on NSM m as well, on the same addresses and port, so new
+ * connections arriving at m find it. The old NSM's listeners stay until the daemon has
+ * steered new traffic away from them (nk_sock_drop_listeners_off). */
+int nk_sock_listen_on(struct nk_esock *es, struct nk_nsm *m) {
+  int n = es->nk, added = 0;
+  for (int k = 0; k < n; k++) {
+    if (es->kfd_loop[k] || es->kfd_nsm[k] == m) continue;
+    bool have = false;
+    for (int j = 0; j < es->nk; j++)
+      if (es->kfd_nsm[j] == m && es->kfd_family[j] == es->kfd_family[k]) have = true;
+    if (have) continue;
+    int fam = es->kfd_family[k];
+    int j = kfd_open_on(es, fam, m);
+    if (j < 0) return j;
+    struct nk_addr a = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
+    a.port = es->bind_addr.port;
+    struct sockaddr_storage ss;
+    socklen_t l = nk_addr_to_sa(&a, &ss);
+    if (bind(es->kfd[j], (struct sockaddr *)&ss, l) < 0 || listen(es->kfd[j], es->backlog) < 0) {
+      int e = errno;
+      close(es->kfd[j]);
+      es->kfd[j] = -1;
+      es->nk--;
+      return -e;
+    }
+    nk_ep_add(es->kfd[j], EPOLLIN, &es->h_kfd[j]);
+    added++;
+  }
+  return added;
+}
+
+/* Accept what is still queued on listeners outside keep (and loopback), then close them. */
+void nk_sock_drop_listeners_off(struct nk_esock *es, struct nk_nsm *keep) {
+  listener_accept(es);
+  int w = 0;
+  for (int k = 0; k < es->nk; k++) {
+    if (es->kfd_loop[k] || es->kfd_nsm[k] == keep) {
+      if (w != k) {
+        es->kfd[w] = es->kfd[k];
+        es->kfd_family[w] = es->kfd_family[k];
+        es->kfd_loop[w] = es->kfd_loop[k];
+        es->kfd_nsm[w] = es->kfd_nsm[k];
+        nk_ep_mod(es->kfd[w], EPOLLIN, &es->h_kfd[w]); /* events must name the new index */
+      }
+      w++;
+      continue;
+    }
+    nk_ep_del(es->kfd[k]);
+    close(es->kfd[k]);
+  }
+  for (int k = w; k < es->nk; k++) {
+    es->kfd[k] = -1;
+    es->kfd_nsm[k] = NULL;
+  }
+  es->nk = w;
 }

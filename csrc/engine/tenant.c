@@ -5,6 +5,7 @@
  * their pages are given back to the kernel when the slot is freed, so idle sockets do not pin
  * memory.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -40,6 +41,62 @@ int nk_nsm_add(const char *name, const char *netns_path) {
   n->next = E.nsms;
   E.nsms = n;
   NK_INFO("nsm %s (%s) added: %s", name, n->ops->type, netns_path);
+  return 0;
+}
+
+/* An NSM can go only when nothing uses it: no tenant assigned, no socket left on it. */
+int nk_nsm_del(struct nk_nsm *m) {
+  for (struct nk_tenant *t = E.tenants; t; t = t->next) {
+    if (t->nsm == m) return -EBUSY;
+    for (uint32_t i = 0; i < t->nslots; i++) {
+      struct nk_esock *es = t->socks[i];
+      if (!es) continue;
+      for (int k = 0; k < es->nk; k++)
+        if (es->kfd_nsm[k] == m) return -EBUSY;
+    }
+  }
+  for (struct nk_nsm **p = &E.nsms; *p; p = &(*p)->next)
+    if (*p == m) {
+      *p = m->next;
+      break;
+    }
+  close(m->netns_fd);
+  NK_INFO("nsm %s removed", m->name);
+  free(m);
+  return 0;
+}
+
+/* New sockets of t open on to; its listeners listen on both NSMs until move_done. Existing
+ * connections stay where they are (the daemon steers their packets there). */
+int nk_tenant_move(struct nk_tenant *t, struct nk_nsm *to) {
+  struct nk_nsm *from = t->nsm;
+  t->nsm = to;
+  t->active_until[NK_TX] = t->active_until[NK_RX] = 0; /* a newcomer on to's link */
+  int r = nk_dns_reopen_upstream(t);
+  if (r < 0) NK_INFO("tenant %s: DNS relay not moved: %s", t->name, strerror(-r));
+  int listeners = 0, failed = 0;
+  for (uint32_t i = 0; i < t->nslots; i++) {
+    struct nk_esock *es = t->socks[i];
+    if (!es || es->kind != NK_KIND_LISTENER || es->dead || es->closing) continue;
+    r = nk_sock_listen_on(es, to);
+    if (r < 0) {
+      failed++;
+      NK_EVENT("listener_not_moved", "tenant=%s slot=%u port=%u error=%s", t->name, i,
+               ntohs(es->bind_addr.port), strerrorname_np(-r));
+    } else {
+      listeners++;
+    }
+  }
+  NK_EVENT("tenant_moved", "tenant=%s from=%s to=%s listeners=%d failed=%d", t->name, from->name,
+           to->name, listeners, failed);
+  return failed ? -EADDRINUSE : listeners;
+}
+
+int nk_tenant_move_done(struct nk_tenant *t) {
+  for (uint32_t i = 0; i < t->nslots; i++) {
+    struct nk_esock *es = t->socks[i];
+    if (es && es->kind == NK_KIND_LISTENER && !es->dead) nk_sock_drop_listeners_off(es, t->nsm);
+  }
   return 0;
 }
 
@@ -119,6 +176,7 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
   int r;
   strcpy(t->name, name);
   t->nsm = nsm;
+  t->weight = 1;
   t->memfd = t->doorbell_fd = t->dns_fd = t->dns_up_fd = t->netns_fd = t->diag_fd = -1;
   if ((r = nk_addr_parse(v4, &t->ipv4)) < 0 || t->ipv4.family != AF_INET) goto fail_free;
   if ((r = nk_addr_parse(v6, &t->ipv6)) < 0 || t->ipv6.family != AF_INET6) {
@@ -179,6 +237,11 @@ int nk_tenant_del(struct nk_tenant *t) {
   if (t->diag_fd >= 0) close(t->diag_fd);
   nk_ep_del(t->doorbell_fd);
   close(t->doorbell_fd);
+  for (struct nk_tenant **p = &E.active_tenants; *p; p = &(*p)->next_active)
+    if (*p == t) {
+      *p = t->next_active;
+      break;
+    }
   for (struct nk_tenant **p = &E.tenants; *p; p = &(*p)->next)
     if (*p == t) {
       *p = t->next;
@@ -198,9 +261,16 @@ int nk_tenant_del(struct nk_tenant *t) {
 
 struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int type,
                                 uint64_t inode) {
-  if (t->nfree == 0) return NULL;
+  int r = nk_tenant_admit(t);
+  if (r < 0) {
+    errno = -r;
+    return NULL;
+  }
   struct nk_esock *es = calloc(1, sizeof(*es));
-  if (!es) return NULL;
+  if (!es) {
+    errno = ENOBUFS;
+    return NULL;
+  }
   uint32_t i = t->free_stack[--t->nfree];
   struct nk_slot *s = &t->slots[i];
   es->t = t;
@@ -246,12 +316,13 @@ void nk_esock_free(struct nk_esock *es) {
     nk_ep_del(es->proxy);
     close(es->proxy);
   }
-  /* Unlink from the active list. */
-  for (struct nk_esock **p = &E.active_head; *p; p = &(*p)->next_active)
+  /* Unlink from the active and throttled lists. */
+  for (struct nk_esock **p = &t->active_head; *p; p = &(*p)->next_active)
     if (*p == es) {
       *p = es->next_active;
       break;
     }
+  nk_policy_unthrottle(es);
   struct nk_slot *s = &t->slots[es->slot];
   s->inode = 0;
   s->kind = NK_KIND_FREE;

@@ -1,0 +1,193 @@
+/* Operator policy, enforced where every tenant byte passes: rate limits per tenant and
+ * direction, weighted sharing of an NSM's uplink between tenants, and admission limits.
+ *
+ * Rates are token buckets in bytes of payload. Sharing is by tenant, not by flow: each
+ * tenant has a virtual time (bytes moved / weight) per direction, and a tenant may use the
+ * link's tokens only while its virtual time is not ahead of the slowest backlogged tenant's
+ * by more than a slack. A tenant with eight connections therefore gets what a tenant with one
+ * gets at equal weight. The engine keeps the link's queue empty by sending below the
+ * operator's bandwidth figure (NK_LINK_SHARE), so the kernel's per-flow TCP dynamics at the
+ * bottleneck never get to decide the shares.
+ *
+ * A socket that must wait is put on E.throttled with the time its tokens will be there; the
+ * main loop sleeps until the earliest such time (nothing spins while throttled).
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "engine.h"
+
+#define NK_BURST_MIN (64u * 1024u)
+#define NK_BURST_NS 2000000ull        /* 2 ms of the rate */
+#define NK_LINK_SHARE 0.92            /* payload budget: leaves room for TCP/IP/Ethernet headers */
+#define NK_SLACK (256.0 * 1024.0)     /* virtual-time lead (bytes at weight 1) still allowed */
+#define NK_BACKLOG_NS 20000000ull     /* a tenant that asked within 20 ms is backlogged */
+#define NK_FAIR_RETRY_NS 200000ull    /* an ineligible tenant looks again after 0.2 ms */
+#define NK_REFUSAL_LOG_NS 1000000000ull
+
+static void bucket_set(struct nk_bucket *b, uint64_t rate) {
+  b->rate = rate;
+  uint64_t burst = rate * NK_BURST_NS / 1000000000ull;
+  b->burst = burst > NK_BURST_MIN ? burst : NK_BURST_MIN;
+  b->tokens = (double)b->burst;
+  b->last_ns = nk_now_ns();
+}
+
+static double bucket_refill(struct nk_bucket *b, uint64_t now) {
+  if (now > b->last_ns) {
+    b->tokens += (double)(now - b->last_ns) * (double)b->rate / 1e9;
+    if (b->tokens > (double)b->burst) b->tokens = (double)b->burst;
+    b->last_ns = now;
+  }
+  return b->tokens;
+}
+
+/* Nanoseconds until the bucket holds need bytes. */
+static uint64_t bucket_wait(const struct nk_bucket *b, uint64_t need) {
+  if (b->tokens >= (double)need) return 0;
+  return (uint64_t)(((double)need - b->tokens) * 1e9 / (double)b->rate) + 1000;
+}
+
+void nk_tenant_set_rate(struct nk_tenant *t, int dir, uint64_t bits_per_s) {
+  t->rate[dir] = bits_per_s / 8;
+  bucket_set(&t->bucket[dir], t->rate[dir]);
+}
+
+void nk_nsm_set_bandwidth(struct nk_nsm *m, uint64_t bits_per_s) {
+  m->bandwidth_bps = bits_per_s;
+  for (int d = 0; d < 2; d++) bucket_set(&m->link[d], (uint64_t)((double)bits_per_s / 8 * NK_LINK_SHARE));
+}
+
+/* The smallest virtual time among the backlogged tenants sharing m (t itself included). */
+static double share_floor(struct nk_tenant *t, struct nk_nsm *m, int dir, uint64_t now) {
+  double vmin = t->vt[dir];
+  for (struct nk_tenant *o = E.tenants; o; o = o->next)
+    if (o != t && o->nsm == m && o->active_until[dir] > now && o->vt[dir] < vmin) vmin = o->vt[dir];
+  return vmin;
+}
+
+static void throttle(struct nk_esock *es, uint64_t until) {
+  if (es->throttled) {
+    if (until < es->throttle_until) es->throttle_until = until;
+  } else {
+    es->throttled = true;
+    es->throttle_until = until;
+    es->next_throttled = E.throttled;
+    E.throttled = es;
+  }
+  if (es->throttle_until < E.next_wake_ns) E.next_wake_ns = es->throttle_until;
+}
+
+/* How many bytes es may move now through NSM m (NULL: the tenant's own loopback, never
+ * limited). Returns 0 when fewer than need bytes are allowed; the socket is then woken when
+ * they should be. A datagram asks need = its length and is sent whole. */
+uint64_t nk_policy_grant(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t want,
+                         uint64_t need) {
+  struct nk_tenant *t = es->t;
+  if (!m || want == 0 || (!t->rate[dir] && !m->link[dir].rate)) return want;
+  uint64_t now = nk_now_ns();
+  uint64_t grant = want, wait = 0;
+  if (t->rate[dir]) {
+    struct nk_bucket *b = &t->bucket[dir];
+    uint64_t n = need < b->burst ? need : b->burst;
+    double have = bucket_refill(b, now);
+    if (have < (double)n) wait = bucket_wait(b, n);
+    else if ((double)grant > have) grant = (uint64_t)have;
+  }
+  if (m->link[dir].rate) {
+    /* Coming back from idle: no credit for the time away. */
+    if (t->active_until[dir] <= now) {
+      double floor = share_floor(t, m, dir, now);
+      if (t->vt[dir] < floor) t->vt[dir] = floor;
+    }
+    t->active_until[dir] = now + NK_BACKLOG_NS;
+    struct nk_bucket *b = &m->link[dir];
+    uint64_t n = need < b->burst ? need : b->burst;
+    double have = bucket_refill(b, now);
+    if (t->vt[dir] > share_floor(t, m, dir, now) + NK_SLACK) {
+      uint64_t w = bucket_wait(b, n);
+      w = w > NK_FAIR_RETRY_NS ? w : NK_FAIR_RETRY_NS;
+      if (w > wait) wait = w;
+    } else if (have < (double)n) {
+      uint64_t w = bucket_wait(b, n);
+      if (w > wait) wait = w;
+    } else if ((double)grant > have) {
+      grant = (uint64_t)have;
+    }
+  }
+  if (wait) {
+    throttle(es, now + wait);
+    return 0;
+  }
+  return grant < need ? need : grant;
+}
+
+void nk_policy_charge(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t n) {
+  if (!m) return;
+  struct nk_tenant *t = es->t;
+  m->bytes[dir] += n;
+  if (t->rate[dir]) t->bucket[dir].tokens -= (double)n;
+  if (m->link[dir].rate) {
+    m->link[dir].tokens -= (double)n;
+    t->vt[dir] += (double)n / (double)(t->weight ? t->weight : 1);
+  }
+}
+
+/* Wake the sockets whose tokens are due; recompute the next wake-up. */
+void nk_policy_wake_due(uint64_t now) {
+  if (!E.throttled || now < E.next_wake_ns) return;
+  uint64_t next = UINT64_MAX;
+  for (struct nk_esock **p = &E.throttled; *p;) {
+    struct nk_esock *es = *p;
+    if (es->throttle_until <= now) {
+      *p = es->next_throttled;
+      es->throttled = false;
+      nk_sock_activate(es);
+    } else {
+      if (es->throttle_until < next) next = es->throttle_until;
+      p = &es->next_throttled;
+    }
+  }
+  E.next_wake_ns = next;
+}
+
+void nk_policy_unthrottle(struct nk_esock *es) {
+  if (!es->throttled) return;
+  for (struct nk_esock **p = &E.throttled; *p; p = &(*p)->next_throttled)
+    if (*p == es) {
+      *p = es->next_throttled;
+      break;
+    }
+  es->throttled = false;
+}
+
+/* Committed shared memory: each socket owns a transmit and a receive ring. */
+uint64_t nk_tenant_memory(const struct nk_tenant *t) {
+  return (uint64_t)t->nsocks * 2u * t->ring_size;
+}
+
+static int refuse(struct nk_tenant *t, int err, const char *reason, uint64_t limit,
+                  uint64_t *counter) {
+  (*counter)++;
+  uint64_t now = nk_now_ns();
+  /* One line per second at most: a program retrying in a loop must not flood the log. */
+  if (now - t->last_refusal_log_ns >= NK_REFUSAL_LOG_NS || !t->last_refusal_log_ns) {
+    t->last_refusal_log_ns = now;
+    NK_EVENT("socket_refused", "tenant=%s reason=%s limit=%llu errno=%s refused_total=%llu",
+             t->name, reason, (unsigned long long)limit, strerrorname_np(err),
+             (unsigned long long)(t->refused_sockets + t->refused_memory));
+  }
+  return -err;
+}
+
+/* May the tenant open one more socket? 0 or the errno Linux gives when it runs out: EMFILE
+ * for the socket limit (as for the descriptor limit), ENOBUFS for memory. */
+int nk_tenant_admit(struct nk_tenant *t) {
+  if (t->max_sockets && t->nsocks >= t->max_sockets)
+    return refuse(t, EMFILE, "max_sockets", t->max_sockets, &t->refused_sockets);
+  if (t->max_memory && nk_tenant_memory(t) + 2ull * t->ring_size > t->max_memory)
+    return refuse(t, ENOBUFS, "max_memory", t->max_memory, &t->refused_memory);
+  if (t->nfree == 0) return refuse(t, EMFILE, "slots", t->nslots, &t->refused_sockets);
+  return 0;
+}
