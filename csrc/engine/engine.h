@@ -119,8 +119,12 @@ struct nk_tenant {
   uint64_t last_refusal_log_ns;
   /* Sockets with work, served round-robin between tenants (a tenant with many busy sockets
    * does not lengthen the round for the others). */
-  struct nk_esock *active_head;
+  struct nk_esock *active_head, *active_tail;
   bool in_active;
+  bool carried; /* had more work than one round's budget */
+  uint64_t cpu_used_ns; /* when the engine last worked for it */
+  double cpu_tokens;    /* engine time (ns) it may still use while others contend */
+  uint64_t cpu_last_ns;
   struct nk_tenant *next_active;
   int dns_fd, dns_up_fd;
   int diag_fd; /* NETLINK_SOCK_DIAG in the tenant's namespace */
@@ -159,6 +163,7 @@ struct nk_esock {
   int nk;
   uint32_t state;
   bool can_read, can_write;
+  bool watch_out; /* EPOLLOUT armed on kfd[0] */
   bool peer_fin; /* the kernel socket reported RDHUP/HUP/ERR */
   bool guest_shut_wr; /* the application called shutdown(SHUT_WR) */
   bool proxy_in_tenant_ns; /* the guest made the socketpair (in its namespace) */

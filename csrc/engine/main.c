@@ -78,33 +78,80 @@ static bool scan_all(void) {
   return any;
 }
 
-/* Sockets one tenant may have served per round: a tenant with hundreds of busy connections
- * then delays another tenant's next turn by at most this many services. */
+/* Sockets one tenant may have served per round when it has the engine to itself; with
+ * others active, one per round. */
 #define NK_TENANT_BUDGET 16
+/* Engine time is shared by weight between the tenants that used it in the last 0.5 ms: a
+ * tenant that floods the engine (many sockets, tiny writes) costs the others at most its
+ * share of the engine's time, not all of it. */
+#define NK_CONTEND_NS 500000ull
+#define NK_CPU_BURST_NS 50000.0
+
+static void queue_tenant(struct nk_tenant *t) {
+  t->in_active = true;
+  t->next_active = NULL;
+  struct nk_tenant **q = &E.active_tenants;
+  while (*q) q = &(*q)->next_active;
+  *q = t;
+}
+
+/* Refill t's engine-time tokens at its weighted share of the contending tenants. */
+static void cpu_refill(struct nk_tenant *t, uint64_t now, uint32_t weights) {
+  if (now > t->cpu_last_ns) {
+    t->cpu_tokens += (double)(now - t->cpu_last_ns) * t->weight / (weights ? weights : 1);
+    if (t->cpu_tokens > NK_CPU_BURST_NS) t->cpu_tokens = NK_CPU_BURST_NS;
+  }
+  t->cpu_last_ns = now;
+}
 
 /* One round over the tenants with work. Bounded: what is activated meanwhile waits for the
- * next round. */
+ * next round. Tenants that came with new work go before those carried over with a backlog,
+ * so a light tenant's request waits behind at most one service of a heavy one's. */
 static bool run_active(void) {
   bool any = false;
   struct nk_tenant *round = E.active_tenants;
   E.active_tenants = NULL;
-  while (round) {
-    struct nk_tenant *t = round;
-    round = t->next_active;
-    t->in_active = false;
-    for (int n = 0; n < NK_TENANT_BUDGET && t->active_head; n++) {
-      struct nk_esock *es = t->active_head;
-      t->active_head = es->next_active;
-      es->active = false;
-      nk_sock_service(es);
-      any = true;
+  uint64_t now = nk_now_ns();
+  uint32_t weights = 0, contending = 0;
+  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+    if (t->cpu_used_ns + NK_CONTEND_NS > now) {
+      weights += t->weight;
+      contending++;
     }
-    if (t->active_head && !t->in_active && !t->dead) {
-      t->in_active = true;
-      t->next_active = NULL;
-      struct nk_tenant **q = &E.active_tenants;
-      while (*q) q = &(*q)->next_active;
-      *q = t;
+  int budget = contending > 1 ? 1 : NK_TENANT_BUDGET;
+  for (int pass = 0; pass < 2; pass++) {
+    for (struct nk_tenant **p = &round; *p;) {
+      struct nk_tenant *t = *p;
+      if (t->carried != (pass == 1)) {
+        p = &t->next_active;
+        continue;
+      }
+      *p = t->next_active;
+      t->in_active = false;
+      if (contending > 1) {
+        cpu_refill(t, now, weights);
+        if (t->carried && t->cpu_tokens < 0) { /* over its share: next round */
+          queue_tenant(t);
+          continue;
+        }
+      }
+      t->carried = false;
+      uint64_t t0 = nk_now_ns();
+      for (int n = 0; n < budget && t->active_head; n++) {
+        struct nk_esock *es = t->active_head;
+        t->active_head = es->next_active;
+        if (!t->active_head) t->active_tail = NULL;
+        es->active = false;
+        nk_sock_service(es);
+        any = true;
+      }
+      uint64_t t1 = nk_now_ns();
+      t->cpu_used_ns = t1;
+      if (contending > 1) t->cpu_tokens -= (double)(t1 - t0);
+      if (t->active_head && !t->dead) {
+        t->carried = true;
+        if (!t->in_active) queue_tenant(t);
+      }
     }
   }
   return any;

@@ -16,7 +16,11 @@
 
 #include "engine.h"
 
+/* EPOLLOUT is watched on a stream socket only while it connects or after a send met a full
+ * buffer: otherwise every ACK that frees send space would be an event for the engine, and a
+ * tenant with many chatty connections would flood it. */
 #define KFD_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+#define KFD_EVENTS_NO_OUT (EPOLLIN | EPOLLRDHUP | EPOLLET)
 #define PROXY_EVENTS EPOLLIN
 
 static struct nk_slot *slot_of(struct nk_esock *es) { return &es->t->slots[es->slot]; }
@@ -27,9 +31,9 @@ void nk_sock_activate(struct nk_esock *es) {
   es->active = true;
   es->next_active = NULL;
   struct nk_tenant *t = es->t;
-  struct nk_esock **p = &t->active_head;
-  while (*p) p = &(*p)->next_active;
-  *p = es;
+  if (t->active_head) t->active_tail->next_active = es;
+  else t->active_head = es;
+  t->active_tail = es;
   if (!t->in_active) {
     t->in_active = true;
     t->next_active = NULL;
@@ -81,7 +85,16 @@ static int kfd_open(struct nk_esock *es, int family, bool loop) {
   return kfd_open_on(es, family, loop ? NULL : es->t->nsm);
 }
 
+static void kfd_watch_out(struct nk_esock *es, bool on) {
+  if (es->watch_out == on || !es->nk) return;
+  es->watch_out = on;
+  /* Re-arming checks readiness now (EPOLL_CTL_MOD), so room that freed up meanwhile still
+   * produces the event. */
+  nk_ep_mod(es->kfd[0], on ? KFD_EVENTS : KFD_EVENTS_NO_OUT, &es->h_kfd[0]);
+}
+
 static void kfd_watch(struct nk_esock *es, int k) {
+  if (k == 0) es->watch_out = true;
   nk_ep_add(es->kfd[k], KFD_EVENTS, &es->h_kfd[k]);
 }
 
@@ -113,7 +126,10 @@ static void kfd_keep_only(struct nk_esock *es, int k) {
   es->kfd_nsm[0] = es->kfd_nsm[k];
   es->nk = 1;
   /* Events for it must now name index 0 (fails harmlessly when it is not watched yet). */
-  if (k != 0) nk_ep_mod(es->kfd[0], KFD_EVENTS, &es->h_kfd[0]);
+  if (k != 0) {
+    es->watch_out = true;
+    nk_ep_mod(es->kfd[0], KFD_EVENTS, &es->h_kfd[0]);
+  }
 }
 
 static void set_local_from_kfd(struct nk_esock *es, int k) {
@@ -298,7 +314,10 @@ static void stream_tx(struct nk_esock *es) {
       continue;
     }
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-      if (errno == EAGAIN) es->can_write = false;
+      if (errno == EAGAIN) {
+        es->can_write = false;
+        kfd_watch_out(es, true);
+      }
       continue;
     }
     conn_error(es, n < 0 ? errno : EPIPE);
@@ -672,6 +691,8 @@ void nk_sock_kfd_event(struct nk_esock *es, int idx, uint32_t ev) {
   if (ev & (EPOLLHUP | EPOLLERR | EPOLLRDHUP)) es->peer_fin = true;
   if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) es->can_write = true;
   if (es->state == NK_ST_CONNECTING && (ev & (EPOLLOUT | EPOLLERR | EPOLLHUP))) connect_done(es);
+  if ((ev & EPOLLOUT) && es->type == SOCK_STREAM && es->state == NK_ST_CONNECTED)
+    kfd_watch_out(es, false);
   nk_sock_activate(es);
 }
 

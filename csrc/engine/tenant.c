@@ -317,9 +317,12 @@ void nk_esock_free(struct nk_esock *es) {
     close(es->proxy);
   }
   /* Unlink from the active and throttled lists. */
-  for (struct nk_esock **p = &t->active_head; *p; p = &(*p)->next_active)
-    if (*p == es) {
-      *p = es->next_active;
+  struct nk_esock *prev = NULL;
+  for (struct nk_esock *x = t->active_head; x; prev = x, x = x->next_active)
+    if (x == es) {
+      if (prev) prev->next_active = es->next_active;
+      else t->active_head = es->next_active;
+      if (t->active_tail == es) t->active_tail = prev;
       break;
     }
   nk_policy_unthrottle(es);
