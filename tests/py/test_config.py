@@ -1,0 +1,219 @@
+"""Config parsing and policy values, in-process: no daemon, no root needed.
+
+Every rejected config must say which file, which line, which key, why, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+from pathlib import Path
+
+import pytest
+
+from netkernel import config
+from netkernel.config import (
+    Config,
+    Policy,
+    format_key_path,
+    format_rate,
+    load_config,
+    locate_key,
+    parse_rate,
+    parse_size,
+    policy_with,
+)
+from netkernel.errors import ConfigError
+
+FULL = """\
+[daemon]
+api_socket = "/run/netkernel/other.sock"
+metrics_listen = "[::1]:9999"
+log_format = "json"
+
+[network]
+ipv4_subnet = "198.18.0.0/15"
+
+[defaults]
+max_sockets = 100
+max_memory = "2GiB"
+rate_tx = "0"
+weight = 1
+
+[[nsm]]
+name = "kernel"
+kind = "kernel"
+congestion_control = "reno"
+
+[[nsm]]
+name = "fast"
+congestion_control = "bbr"
+bandwidth = "500Mbit"
+[nsm.sysctl]
+"net.ipv4.tcp_wmem" = "4096 16384 4194304"
+"net.core.somaxconn" = 4096
+
+[[tenant]]
+name = "web"
+nsm = "fast"
+rate_tx = "200Mbit"
+rate_rx = 0
+weight = 2
+max_memory = "512MiB"
+
+[[tenant]]
+name = "db"
+
+[dns]
+hosts = { "db.example" = "198.19.1.1" }
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "netkernel.toml"
+    path.write_text(text)
+    return path
+
+
+def test_full_config(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, FULL))
+    assert c.api_socket == Path("/run/netkernel/other.sock")
+    assert c.metrics_listen == ("::1", 9999)
+    assert c.log_format == "json"
+    assert c.defaults == Policy(max_sockets=100, max_memory=2 << 30)
+    kernel, fast = c.nsms
+    assert (kernel.name, kernel.congestion_control, kernel.bandwidth) == ("kernel", "reno", 0)
+    assert (fast.congestion_control, fast.bandwidth) == ("bbr", 500_000_000)
+    assert fast.sysctls == (("net.ipv4.tcp_wmem", "4096 16384 4194304"), ("net.core.somaxconn", "4096"))
+    web, db = c.tenants
+    # A tenant's policy is the [defaults] with its own keys on top.
+    assert web.nsm == "fast"
+    assert web.policy == Policy(rate_tx=200_000_000, rate_rx=0, weight=2, max_sockets=100,
+                                max_memory=512 << 20)
+    assert db.nsm == "kernel" and db.policy == c.defaults
+    assert c.dns_hosts == (("db.example", "198.19.1.1"),)
+
+
+def test_default_config_is_the_no_file_path(tmp_path: Path) -> None:
+    assert load_config(None) == Config()
+    assert load_config(write(tmp_path, "")) == Config()
+    c = Config()
+    assert [n.name for n in c.nsms] == ["kernel"] and c.tenants == ()
+    assert c.api_socket == config.DAEMON_SOCKET and c.api_group is None
+    assert c.metrics_listen == ("127.0.0.1", 9464) and c.log_format == "text"
+    assert load_config(write(tmp_path, '[daemon]\nmetrics_listen = ""\n')).metrics_listen is None
+
+
+# (config text, line, key path, words the reason must contain)
+BAD = [
+    ("[[nsm]]\nname = \"kernel\"\n[[nsm]]\nname = \"b\"\ncongestion_control = \"vegas\"\n",
+     5, "nsm[1].congestion_control", ["'vegas'", "reno", "bbr", "cubic"]),
+    ("[daemon]\nlog_format = \"xml\"\n", 2, "daemon.log_format", ["'xml'", "\"json\""]),
+    ("[daemon]\n\nmetrics_listen = \"localhost\"\n", 3, "daemon.metrics_listen", ["host:port"]),
+    ("[daemon]\nmetrics_listen = \"127.0.0.1:99999\"\n", 2, "daemon.metrics_listen", ["1-65535"]),
+    ("[daemon]\napi_socket = \"relative.sock\"\n", 2, "daemon.api_socket", ["absolute"]),
+    ("[daemon]\napi_group = \"no-such-group-nk\"\n", 2, "daemon.api_group",
+     ["groupadd no-such-group-nk", "root-only"]),
+    ("[defaults]\nrate_tx = \"20 0Mbit\"\n", 2, "defaults.rate_tx", ["not a rate", "200Mbit"]),
+    ("[defaults]\nweight = 0\n", 2, "defaults.weight", ["1 to 1000"]),
+    ("[defaults]\nmax_sockets = 70000\n", 2, "defaults.max_sockets", ["1 to 65536"]),
+    ("[defaults]\nmax_memory = \"lots\"\n", 2, "defaults.max_memory", ["not a size", "512MiB"]),
+    ("[defaults]\nburst = 3\n", 2, "defaults.burst", ["unknown key", "rate_tx"]),
+    ("[[nsm]]\nname = \"k\"\nbandwidth = \"fast\"\n", 3, "nsm[0].bandwidth", ["not a rate"]),
+    ("[[nsm]]\nname = \"k\"\n[nsm.sysctl]\n\"net.core.nope\" = 1\n", 4, 'nsm[0].sysctl."net.core.nope"',
+     ["no sysctl"]),
+    ("[[nsm]]\nname = \"k\"\n[nsm.sysctl]\n\"kernel.panic\" = 1\n", 4, 'nsm[0].sysctl."kernel.panic"',
+     ["net.*"]),
+    ("[[nsm]]\nname = \"k\"\nsysctl = { \"net.ipv4.tcp_congestion_control\" = \"bbr\" }\n", 3,
+     'nsm[0].sysctl."net.ipv4.tcp_congestion_control"', ["congestion_control ="]),
+    ("[[nsm]]\nname = \"k\"\ncolour = \"red\"\n", 3, "nsm[0].colour", ["unknown key", "congestion_control"]),
+    ("[[nsm]]\nname = \"Kernel!\"\n", 2, "nsm[0].name", ["invalid NSM name"]),
+    ("[[nsm]]\nname = \"a\"\n[[nsm]]\nname = \"a\"\n", 4, "nsm[1].name", ["twice"]),
+    ("[[tenant]]\nname = \"web\"\nnsm = \"nope\"\n", 3, "tenant[0].nsm", ["no NSM named 'nope'", "kernel"]),
+    ("[[tenant]]\nname = \"web\"\n\nrate_rx = \"1 Gbyte\"\n", 4, "tenant[0].rate_rx", ["not a rate"]),
+    ("[[tenant]]\nname = \"Web Server\"\n", 2, "tenant[0].name", ["invalid tenant name"]),
+    ("[network]\nipv4_subnet = \"198.18.0.0/24\"\n", 2, "network.ipv4_subnet", ["too small"]),
+    ("[dns]\nhosts = { \"a.example\" = \"nowhere\" }\n", 2, 'dns.hosts."a.example"', ["not an IP address"]),
+    ("[oops]\n", 1, "oops", ["unknown section", "daemon"]),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "key", "words"), BAD, ids=[b[2] for b in BAD])
+def test_bad_config_names_file_line_key_and_reason(tmp_path: Path, text: str, line: int, key: str,
+                                                   words: list[str]) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert message.startswith(f"config file {path}, line {line}: {key}: "), message
+    for word in words:
+        assert word in message, message
+
+
+def test_syntax_error_has_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "[network]\nipv4_subnet = 1 2\n")
+    with pytest.raises(ConfigError, match=r"invalid TOML.*line 2, column") as e:
+        load_config(path)
+    assert str(e.value).startswith(f"config file {path}: invalid TOML")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_api_group_must_exist_and_is_kept(tmp_path: Path) -> None:
+    group = grp.getgrgid(os.getgid()).gr_name
+    assert load_config(write(tmp_path, f'[daemon]\napi_group = "{group}"\n')).api_group == group
+
+
+def test_rates() -> None:
+    assert parse_rate("200Mbit") == 200_000_000
+    assert parse_rate("1.5Gbit") == 1_500_000_000
+    assert parse_rate("500M") == 500_000_000
+    assert parse_rate("100kbit/s") == 100_000
+    assert parse_rate("0") == 0 and parse_rate(0) == 0
+    assert parse_rate(12345) == 12345
+    for bad in ("20 0Mbit", "200MB", "fast", "-1", "", "1e9"):
+        with pytest.raises(ValueError, match="is not a rate; use e.g. 200Mbit, 1.5Gbit"):
+            parse_rate(bad)
+    with pytest.raises(ValueError, match="negative"):
+        parse_rate(-5)
+    assert format_rate(200_000_000) == "200Mbit" and format_rate(1_500_000_000) == "1.5Gbit"
+    assert format_rate(0) == "unlimited"
+
+
+def test_sizes() -> None:
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size("64K") == 64 << 10
+    assert parse_size("1GB") == 10**9
+    assert parse_size("4096") == 4096 == parse_size(4096)
+    for bad in ("lots", "1iB", "2 GiB x"):
+        with pytest.raises(ValueError, match="is not a size"):
+            parse_size(bad)
+
+
+def test_policy_changes_and_caps() -> None:
+    p = policy_with(Policy(), {"rate_tx": "200Mbit", "weight": "3", "max_memory": "512MiB"})
+    assert p == Policy(rate_tx=200_000_000, weight=3, max_memory=512 << 20)
+    assert p.engine_args() == (f"rate_tx=200000000 rate_rx=0 weight=3 max_sockets={config.ENGINE_SLOTS} "
+                               "max_memory=536870912")
+    # More sockets than the engine's slots could never open: capped there.
+    assert policy_with(Policy(), {"max_sockets": 5000}).max_sockets == config.ENGINE_SLOTS
+    with pytest.raises(ValueError, match=r"^weight: 1001 is not a valid weight; use a whole number from 1 "):
+        policy_with(Policy(), {"weight": 1001})
+    with pytest.raises(ValueError, match="unknown policy key 'burst'"):
+        policy_with(Policy(), {"burst": 1})
+
+
+def test_locate_key() -> None:
+    text = FULL
+    lines = text.splitlines()
+    line = locate_key(text, ("nsm", 1, "bandwidth"))
+    assert line is not None and lines[line - 1].startswith("bandwidth")
+    line = locate_key(text, ("nsm", 1, "sysctl", "net.core.somaxconn"))
+    assert line is not None and lines[line - 1].startswith('"net.core.somaxconn"')
+    line = locate_key(text, ("tenant", 1, "name"))
+    assert line is not None and lines[line - 1] == 'name = "db"'
+    # A key that is not written: the nearest table that is.
+    line = locate_key(text, ("tenant", 1, "weight"))
+    assert line is not None and lines[line - 1] == "[[tenant]]" and lines[line] == 'name = "db"'
+    assert format_key_path(("nsm", 1, "sysctl", "net.core.somaxconn")) == 'nsm[1].sysctl."net.core.somaxconn"'
