@@ -11,10 +11,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .errors import EngineError, NetKernelError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -25,24 +28,75 @@ class Reply:
 
 @dataclass(frozen=True)
 class TenantStats:
+    """One ``tenant NAME k=v ...`` line of ``stats``; a key an older engine does not send is
+    None."""
+
     name: str
-    id: int
-    nsm: str
-    sockets: int
-    tx_bytes: int
-    rx_bytes: int
+    id: int | None = None
+    nsm: str | None = None
+    sockets: int | None = None
+    tx_bytes: int | None = None
+    rx_bytes: int | None = None
+    memory: int | None = None
+    rate_tx: int | None = None
+    rate_rx: int | None = None
+    weight: int | None = None
+    max_sockets: int | None = None
+    max_memory: int | None = None
+    refused_sockets: int | None = None
+    refused_memory: int | None = None
+
+
+@dataclass(frozen=True)
+class NSMStats:
+    """One ``nsm NAME k=v ...`` line of ``stats``."""
+
+    name: str
+    tenants: int | None = None
+    sockets: int | None = None
+    tx_bytes: int | None = None
+    rx_bytes: int | None = None
+    bandwidth: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    tenants: tuple[TenantStats, ...]
+    nsms: tuple[NSMStats, ...]
+
+    def tenant(self, name: str) -> TenantStats | None:
+        return next((t for t in self.tenants if t.name == name), None)
+
+    def nsm(self, name: str) -> NSMStats | None:
+        return next((n for n in self.nsms if n.name == name), None)
 
 
 @dataclass(frozen=True)
 class Conn:
+    """One ``conn k=v ...`` line of ``conns``. TCP_INFO fields (rtt_us ... ca) are None for
+    UDP and for connections that never reach the NSM's kernel stack."""
+
     tenant: str
-    slot: int
-    kind: str
-    state: str
-    local: str
-    peer: str
-    tx_bytes: int
-    rx_bytes: int
+    slot: int | None = None
+    kind: str | None = None
+    state: str | None = None
+    nsm: str | None = None
+    proto: str | None = None
+    local: str | None = None
+    peer: str | None = None
+    tx_bytes: int | None = None
+    rx_bytes: int | None = None
+    tx_queued: int | None = None
+    rx_queued: int | None = None
+    tcp_state: str | None = None
+    rtt_us: int | None = None
+    rttvar_us: int | None = None
+    cwnd: int | None = None
+    retrans: int | None = None
+    total_retrans: int | None = None
+    delivery_rate: int | None = None  # bytes/s, as TCP_INFO reports it
+    pacing_rate: int | None = None
+    ca: str | None = None
 
 
 def _fields(line: str, tag: str) -> tuple[list[str], dict[str, str]]:
@@ -61,18 +115,38 @@ def _fields(line: str, tag: str) -> tuple[list[str], dict[str, str]]:
     return pos, kv
 
 
-def parse_stats(lines: tuple[str, ...] | list[str]) -> list[TenantStats]:
-    out = []
+def _typed(cls: type[T], kv: dict[str, str], **given: Any) -> T:
+    """``cls`` from the keys it knows, converted to each field's type; unknown keys are
+    ignored and a value that does not parse counts as missing (newer or older engines)."""
+    values: dict[str, Any] = dict(given)
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in values or f.name not in kv:
+            continue
+        raw = kv[f.name]
+        if str(f.type).startswith("int"):
+            try:
+                values[f.name] = int(raw)
+            except ValueError:
+                continue
+        else:
+            values[f.name] = raw
+    return cls(**values)
+
+
+def parse_stats(lines: tuple[str, ...] | list[str]) -> EngineStats:
+    tenants: list[TenantStats] = []
+    nsms: list[NSMStats] = []
     for line in lines:
-        if not line.startswith("tenant "):
-            continue  # tolerate lines added by newer engines
-        pos, kv = _fields(line, "tenant")
-        out.append(TenantStats(
-            name=pos[0], id=int(kv.get("id", -1)), nsm=kv.get("nsm", ""),
-            sockets=int(kv.get("sockets", 0)), tx_bytes=int(kv.get("tx_bytes", 0)),
-            rx_bytes=int(kv.get("rx_bytes", 0)),
-        ))
-    return out
+        # Other lines are tolerated: a newer engine may add kinds.
+        if line.startswith("tenant "):
+            pos, kv = _fields(line, "tenant")
+            if pos:
+                tenants.append(_typed(TenantStats, kv, name=pos[0]))
+        elif line.startswith("nsm "):
+            pos, kv = _fields(line, "nsm")
+            if pos:
+                nsms.append(_typed(NSMStats, kv, name=pos[0]))
+    return EngineStats(tuple(tenants), tuple(nsms))
 
 
 def parse_conns(lines: tuple[str, ...] | list[str]) -> list[Conn]:
@@ -81,11 +155,7 @@ def parse_conns(lines: tuple[str, ...] | list[str]) -> list[Conn]:
         if not line.startswith("conn "):
             continue
         _, kv = _fields(line, "conn")
-        out.append(Conn(
-            tenant=kv.get("tenant", ""), slot=int(kv.get("slot", -1)), kind=kv.get("kind", ""),
-            state=kv.get("state", ""), local=kv.get("local", ""), peer=kv.get("peer", ""),
-            tx_bytes=int(kv.get("tx_bytes", 0)), rx_bytes=int(kv.get("rx_bytes", 0)),
-        ))
+        out.append(_typed(Conn, kv, tenant=kv.get("tenant", "")))
     return out
 
 
@@ -171,11 +241,27 @@ class EngineClient:
     def dns_upstream(self, ip: str, port: int) -> None:
         self.request(f"dns-upstream {ip} {port}")
 
-    def stats(self) -> list[TenantStats]:
+    def nsm_del(self, name: str) -> None:
+        self.request(f"nsm-del {name}")
+
+    def nsm_set(self, name: str, bandwidth: int) -> None:
+        self.request(f"nsm-set {name} bandwidth={bandwidth}")
+
+    def tenant_set(self, name: str, settings: str) -> None:
+        """``settings``: ``key=value ...`` (see config.Policy.engine_args)."""
+        self.request(f"tenant-set {name} {settings}")
+
+    def tenant_move(self, name: str, nsm: str) -> None:
+        self.request(f"tenant-move {name} {nsm}")
+
+    def tenant_move_done(self, name: str) -> None:
+        self.request(f"tenant-move-done {name}")
+
+    def stats(self) -> EngineStats:
         return parse_stats(self.request("stats").lines)
 
-    def conns(self) -> list[Conn]:
-        return parse_conns(self.request("conns").lines)
+    def conns(self, tenant: str | None = None) -> list[Conn]:
+        return parse_conns(self.request(f"conns {tenant}" if tenant else "conns").lines)
 
 
 def wait_ready(path: Path, alive: Callable[[], bool], timeout: float = 10.0) -> None:

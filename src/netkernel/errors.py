@@ -49,6 +49,10 @@ class TenantError(NetKernelError):
     pass
 
 
+class NSMError(NetKernelError):
+    pass
+
+
 class CommandNotFoundError(NetKernelError):
     # 127 is what shells return for "command not found"; scripts rely on it.
     exit_code = 127
@@ -74,3 +78,8 @@ class EngineError(NetKernelError):
         self.engine_message = message
         verb = request.split(" ", 1)[0]
         super().__init__(f"engine refused {verb}: {errno_name} {message}".rstrip())
+
+    @property
+    def unsupported(self) -> bool:
+        """The engine does not know this request at all (an older engine binary)."""
+        return self.errno_name == "EINVAL" and self.engine_message.startswith("unknown request")

@@ -151,6 +151,19 @@ def sysctl(key: str, value: str, netns: str | None = None) -> None:
         raise NetlinkError(f"cannot set sysctl {key}={value}{where}: {e.strerror}") from None
 
 
+def sysctl_get(key: str, netns: str | None = None) -> str | None:
+    """A sysctl's value as the namespace sees it, or None if it has no such key."""
+    path = Path("/proc/sys") / key.replace(".", "/")
+
+    def read() -> str | None:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return None
+
+    return run_in_netns(netns, read) if netns else read()
+
+
 # -- links and addresses --------------------------------------------------------------------
 
 def link_exists(name: str, netns: str | None = None) -> bool:
@@ -191,6 +204,15 @@ def addr_add(dev: str, cidr: str, netns: str | None = None) -> None:
 
 def addr_del(dev: str, cidr: str, netns: str | None = None) -> None:
     ip("addr", "del", cidr, "dev", dev, netns=netns, check=False)
+
+
+def addr_list(dev: str, netns: str | None = None) -> list[str]:
+    """The addresses on ``dev`` as ``address/prefixlen``."""
+    out: list[str] = []
+    for link in ip_json("addr", "show", "dev", dev, netns=netns):
+        for a in link.get("addr_info", []):
+            out.append(f"{a['local']}/{a['prefixlen']}")
+    return out
 
 
 # -- processes in a namespace ------------------------------------------------------------------
