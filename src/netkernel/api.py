@@ -1,14 +1,18 @@
-"""The daemon's control protocol: JSON lines over a root-only Unix socket.
+"""The daemon's control API: JSON lines over a Unix socket (docs/api.md has every op).
 
 Request  ``{"v": 1, "op": "tenant-create", "name": "web"}``
 Reply    ``{"ok": true, ...}`` or ``{"ok": false, "error": "reason a person can act on"}``
 
-One connection may carry several requests in order.
+One connection may carry several requests in order. The socket is root-only (0600) unless
+the config names an ``api_group``, whose members may then use it too (0660, group-owned).
+Requests are checked here against ``OPS`` (version, op, field names and types) before the
+daemon sees them, so every handler gets only fields it knows, of the right type.
 """
 
 from __future__ import annotations
 
 import errno
+import grp
 import json
 import logging
 import os
@@ -16,10 +20,11 @@ import socket
 import socketserver
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DAEMON_SOCKET
+from . import config
 from .errors import DaemonError, DaemonNotRunningError, NetKernelError
 
 log = logging.getLogger(__name__)
@@ -27,10 +32,85 @@ log = logging.getLogger(__name__)
 VERSION = 1
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
+# Set by the CLI's --api-socket; NETKERNEL_API_SOCKET is the environment's way to say it.
+socket_override: Path | None = None
+
+_NUMBER_OR_TEXT = (int, str)
+_POLICY_FIELDS: dict[str, tuple[type, ...]] = {key: _NUMBER_OR_TEXT for key in config.POLICY_PARSERS}
+
+
+@dataclass(frozen=True)
+class Op:
+    """Fields one op takes: name -> accepted JSON types."""
+
+    required: dict[str, tuple[type, ...]] = field(default_factory=dict)
+    optional: dict[str, tuple[type, ...]] = field(default_factory=dict)
+
+
+OPS: dict[str, Op] = {
+    "status": Op(),
+    "ps": Op(),
+    "conns": Op(optional={"tenant": (str,)}),
+    "tenant-create": Op(required={"name": (str,)}, optional={"nsm": (str,), **_POLICY_FIELDS}),
+    "tenant-delete": Op(required={"name": (str,)}),
+    "tenant-set": Op(required={"name": (str,)}, optional=_POLICY_FIELDS),
+    "tenant-move": Op(required={"name": (str,), "nsm": (str,)}),
+    "nsm-list": Op(),
+    "nsm-add": Op(required={"name": (str,)},
+                  optional={"congestion_control": (str,), "bandwidth": _NUMBER_OR_TEXT,
+                            "sysctl": (dict,)}),
+    "nsm-remove": Op(required={"name": (str,)}),
+    "shutdown": Op(),
+}
+_TYPE_NAMES = {int: "a number", str: "a string", dict: "an object"}
+
+
+def socket_path() -> Path:
+    """Where the CLI looks for the daemon: --api-socket, NETKERNEL_API_SOCKET, the default."""
+    if socket_override is not None:
+        return socket_override
+    env = os.environ.get("NETKERNEL_API_SOCKET")
+    return Path(env) if env else config.DAEMON_SOCKET
+
+
+def check_request(req: object) -> dict[str, Any]:
+    """The request if it is well-formed, else DaemonError saying what is wrong with it."""
+    if not isinstance(req, dict):
+        raise DaemonError("bad request: expected a JSON object like "
+                          f"{{\"v\": {VERSION}, \"op\": \"status\"}}")
+    if "v" not in req:
+        raise DaemonError(f"bad request: missing \"v\" (the protocol version; this daemon speaks {VERSION})")
+    if req["v"] != VERSION:
+        raise DaemonError(f"unsupported protocol version {req['v']!r}: this daemon speaks {VERSION} "
+                          "(is the netkernel command from another release than the daemon?)")
+    op = req.get("op")
+    if not isinstance(op, str):
+        raise DaemonError("bad request: missing \"op\" (a string, e.g. \"status\")")
+    spec = OPS.get(op)
+    if spec is None:
+        raise DaemonError(f"unknown op {op!r} (known: {', '.join(OPS)})")
+    for name, types in {**spec.required, **spec.optional}.items():
+        if name not in req or (req[name] is None and name in spec.optional):
+            if name in spec.required:
+                raise DaemonError(f"op {op!r} needs field {name!r} ({_TYPE_NAMES[types[0]]})")
+            continue
+        value = req[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            wanted = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise DaemonError(f"op {op!r}: field {name!r} must be {wanted}, not {json.dumps(value)}")
+    unknown = sorted(set(req) - {"v", "op"} - set(spec.required) - set(spec.optional))
+    if unknown:
+        known = ", ".join([*spec.required, *spec.optional]) or "none"
+        raise DaemonError(f"op {op!r}: unknown field(s) {', '.join(map(repr, unknown))} (known: {known})")
+    return {k: v for k, v in req.items() if v is not None}
+
 
 def call(op: str, path: Path | None = None, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
-    """Send one request; return the reply's fields or raise DaemonError with its message."""
-    path = path or DAEMON_SOCKET  # looked up at call time so tests can point elsewhere
+    """Send one request; return the reply's fields or raise DaemonError with its message.
+
+    Arguments that are None are left out (the daemon's defaults apply)."""
+    path = path or socket_path()  # looked up at call time so tests can point elsewhere
+    request = {"v": VERSION, "op": op, **{k: v for k, v in args.items() if v is not None}}
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:
@@ -39,8 +119,9 @@ def call(op: str, path: Path | None = None, timeout: float = 60.0, **args: Any) 
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonNotRunningError() from None
         except PermissionError:
-            raise NetKernelError(f"permission denied on {path} (must run as root; try sudo)") from None
-        s.sendall(json.dumps({"v": VERSION, "op": op, **args}).encode() + b"\n")
+            raise NetKernelError(f"permission denied on {path}: the API is for root and the "
+                                 "configured api_group only (try sudo)") from None
+        s.sendall(json.dumps(request).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
             chunk = s.recv(65536)
@@ -73,14 +154,12 @@ class _RequestHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         for raw in self.rfile:
             try:
-                req = json.loads(raw)
-                if not isinstance(req, dict) or req.get("v") != VERSION or "op" not in req:
-                    raise DaemonError(f"bad request: expected {{\"v\": {VERSION}, \"op\": ...}}")
-                reply = {"ok": True, **self.server.handler(req)}
+                req = check_request(json.loads(raw))
+                reply = {"ok": True, **self.server.handlers[req["op"]](req)}
             except NetKernelError as e:
                 reply = {"ok": False, "error": str(e)}
-            except json.JSONDecodeError:
-                reply = {"ok": False, "error": "bad request: not JSON"}
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                reply = {"ok": False, "error": "bad request: not JSON (send one JSON object per line)"}
             except Exception as e:  # keep serving; the log has the traceback
                 log.exception("api: request failed")
                 reply = {"ok": False, "error": f"internal error: {e} (see the daemon log)"}
@@ -94,19 +173,30 @@ class _RequestHandler(socketserver.StreamRequestHandler):
 class ApiServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: Path, handler: Handler) -> None:
-        self.handler = handler
+    def __init__(self, path: Path, handlers: dict[str, Handler], group: str | None = None) -> None:
+        missing = set(OPS) - set(handlers)
+        if missing:
+            raise AssertionError(f"no handler for op(s) {', '.join(sorted(missing))}")
+        self.handlers = handlers
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         try:
             path.unlink()
         except FileNotFoundError:
             pass
         # Created 0600 from the start (umask), not chmod-ed afterwards: no window where
-        # another user could connect.
+        # another user could connect. The group, if any, is let in only after chown.
         old = os.umask(0o177)
         try:
             super().__init__(str(path), _RequestHandler)
         finally:
             os.umask(old)
+        if group is not None:
+            try:
+                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            except KeyError:
+                self.server_close()
+                raise DaemonError(f"api_group {group!r} does not exist (groupadd {group})") from None
+            os.chmod(path, 0o660)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -114,7 +204,9 @@ class ApiServer(socketserver.ThreadingUnixStreamServer):
         self._thread.start()
 
     def stop(self) -> None:
-        self.shutdown()
+        if self._thread is not None:  # shutdown() would wait forever for a loop never started
+            self.shutdown()
+            self._thread = None
         self.server_close()
         try:
             os.unlink(self.server_address)  # type: ignore[arg-type]
