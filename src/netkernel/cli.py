@@ -10,13 +10,25 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__, api, bench, netns
+from . import __version__, api, bench, config, netns
 from . import tenant as launcher
-from .config import ENGINE_PID_FILE, LOG_FILE, PID_FILE, engine_binary, guestlib, load_config
+from .config import (
+    ENGINE_PID_FILE,
+    LOG_FILE,
+    PID_FILE,
+    Policy,
+    check_sysctl,
+    engine_binary,
+    format_rate,
+    format_size,
+    guestlib,
+    load_config,
+)
 from .errors import (
     DaemonAlreadyRunningError,
     KernelFeatureError,
@@ -31,6 +43,70 @@ STOP_TIMEOUT = 20.0
 EXIT_NOT_RUNNING = 3  # `status` when the daemon is down (LSB convention)
 
 
+def _argument_type(parse: Callable[[str], Any], metavar: str) -> Callable[[str], Any]:
+    """An argparse type from one of config's parsers: its ValueError text becomes the
+    usage error (``argument --rate-tx: '20 0Mbit' is not a rate; use e.g. ...``)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = metavar  # argparse names the type in some messages
+    return convert
+
+
+def _sysctl_argument(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"{text!r} is not KEY=VALUE; use e.g. net.core.somaxconn=4096")
+    return check_sysctl(key.strip(), value)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{text!r} is not a positive number of seconds, e.g. 1 or 0.5")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _add_policy_options(p: argparse.ArgumentParser) -> None:
+    rate = _argument_type(config.parse_rate, "rate")
+    p.add_argument("--rate-tx", type=rate, metavar="RATE",
+                   help="egress limit in bits/s, e.g. 200Mbit, 1.5Gbit; 0 = unlimited")
+    p.add_argument("--rate-rx", type=rate, metavar="RATE", help="ingress limit, as --rate-tx")
+    p.add_argument("--rate", type=rate, metavar="RATE", help="both limits at once")
+    p.add_argument("--weight", type=_argument_type(config.parse_weight, "weight"), metavar="W",
+                   help="share of a bottleneck relative to other tenants, 1-1000")
+    p.add_argument("--max-sockets", type=_argument_type(config.parse_max_sockets, "count"),
+                   metavar="N", help=f"open sockets at most (1-{config.MAX_SLOTS}, capped at the "
+                   f"engine's {config.ENGINE_SLOTS} slots)")
+    p.add_argument("--max-memory", type=_argument_type(config.parse_size, "size"), metavar="SIZE",
+                   help="shared memory for socket rings, e.g. 512MiB (2 MiB per socket); 0 = unlimited")
+
+
+def _policy_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The policy options given, as API fields."""
+    if args.rate is not None and (args.rate_tx is not None or args.rate_rx is not None):
+        args.parser.error("--rate sets both directions; give either --rate or --rate-tx/--rate-rx")
+    given = {
+        "rate_tx": args.rate if args.rate is not None else args.rate_tx,
+        "rate_rx": args.rate if args.rate is not None else args.rate_rx,
+        "weight": args.weight, "max_sockets": args.max_sockets, "max_memory": args.max_memory,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="netkernel",
@@ -39,39 +115,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"netkernel {__version__}")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"], help="default: warning")
+    p.add_argument("--api-socket", type=Path, metavar="PATH",
+                   help="the daemon's API socket (default: $NETKERNEL_API_SOCKET or "
+                   f"{config.DAEMON_SOCKET}; `up` uses the config's [daemon] api_socket)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="start the daemon, the engine and the network fabric")
+    def command(parent: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, **kw)
+        sp.set_defaults(parser=sp)  # for usage errors found after parsing
+        return sp
+
+    up = command(sub, "up", help="start the daemon, the engine and the network fabric")
     up.add_argument("--config", type=Path, help="TOML config file (default: built-in)")
-    up.add_argument("--foreground", action="store_true", help="run the daemon in this process")
+    up.add_argument("--foreground", action="store_true",
+                    help="run the daemon in this process, logging to stderr (for systemd)")
 
-    sub.add_parser("down", help="stop everything and remove what `up` created")
+    command(sub, "down", help="stop everything and remove what `up` created")
 
-    st = sub.add_parser("status", help="is the daemon running; NSMs and tenant count")
+    st = command(sub, "status", help="is the daemon running; NSMs and tenant count")
     st.add_argument("--json", action="store_true")
 
-    run = sub.add_parser("run", help="run a command in a tenant (created on first use)")
+    run = command(sub, "run", help="run a command in a tenant (created on first use)")
     run.add_argument("--tenant", required=True, metavar="NAME")
     run.add_argument("--nsm", metavar="NSM", help="NSM for a new tenant (default: the first)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
-    t = sub.add_parser("tenant", help="create or delete tenants")
+    t = command(sub, "tenant", help="create, change, move, delete or list tenants")
     tsub = t.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
-    tc = tsub.add_parser("create", help="create a tenant")
+    tc = command(tsub, "create", help="create a tenant")
     tc.add_argument("name")
-    tc.add_argument("--nsm")
-    td = tsub.add_parser("delete", help="kill a tenant's processes and remove it")
+    tc.add_argument("--nsm", help="its NSM (default: the first)")
+    _add_policy_options(tc)
+    ts = command(tsub, "set", help="change a tenant's policy, live")
+    ts.add_argument("name")
+    _add_policy_options(ts)
+    tm = command(tsub, "move", help="move a tenant to another NSM; open connections stay where they are")
+    tm.add_argument("name")
+    tm.add_argument("--nsm", required=True, help="the NSM to move to")
+    td = command(tsub, "delete", help="kill a tenant's processes and remove it")
     td.add_argument("name")
+    tl = command(tsub, "list", help="list tenants (as `netkernel ps`)")
+    tl.add_argument("--json", action="store_true")
 
-    ps = sub.add_parser("ps", help="list tenants")
+    ps = command(sub, "ps", help="list tenants: NSM, processes, sockets, bytes, rates, policy")
     ps.add_argument("--json", action="store_true")
 
-    cn = sub.add_parser("conns", help="list connections")
+    cn = command(sub, "conns", help="list connections, with TCP_INFO from the NSM")
     cn.add_argument("--tenant", metavar="NAME")
     cn.add_argument("--json", action="store_true")
 
-    b = sub.add_parser("bench", help="measure NetKernel against the native stack (iperf3, sockperf, "
-                       "nginx, redis, idle CPU)")
+    top = command(sub, "top", help="live per-tenant rates (Ctrl-C to quit)")
+    top.add_argument("--interval", type=_argument_type(_positive_float, "seconds"), default=1.0,
+                     metavar="S", help="seconds between refreshes (default: 1)")
+    top.add_argument("--iterations", type=_argument_type(_positive_int, "count"), metavar="N",
+                     help="stop after N refreshes (default: until Ctrl-C)")
+    top.add_argument("--json", action="store_true", help="one JSON object per refresh")
+
+    n = command(sub, "nsm", help="list, add or remove NSMs")
+    nsub = n.add_subparsers(dest="nsm_command", required=True, metavar="ACTION")
+    nl = command(nsub, "list", help="NSMs with their settings, tenants and traffic")
+    nl.add_argument("--json", action="store_true")
+    na = command(nsub, "add", help="add a kernel NSM (its own namespace and sysctls)")
+    na.add_argument("name")
+    na.add_argument("--congestion-control", type=_argument_type(config.check_congestion_control, "name"),
+                    metavar="NAME", help="TCP congestion control, one of: "
+                    + " ".join(config.available_congestion_control()))
+    na.add_argument("--bandwidth", type=_argument_type(config.parse_rate, "rate"), metavar="RATE",
+                    help="the uplink's capacity, shared between tenants by weight, e.g. 500Mbit")
+    na.add_argument("--sysctl", type=_argument_type(_sysctl_argument, "sysctl"), action="append",
+                    default=[], metavar="KEY=VALUE", help="a net.* sysctl in its namespace (repeatable)")
+    nr = command(nsub, "remove", help="remove an NSM that no tenant uses")
+    nr.add_argument("name")
+
+    b = command(sub, "bench", help="measure NetKernel against the native stack (iperf3, sockperf, "
+                "nginx, redis, idle CPU)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.add_argument("--quick", action="store_true", help="one run per side instead of three")
     b.add_argument("--duration", type=int, default=bench.DEFAULT_DURATION, metavar="SECONDS",
@@ -119,8 +236,8 @@ def _read_pid(path: Path) -> int | None:
 def cmd_up(args: argparse.Namespace) -> int:
     require_root()
     config_path = args.config.resolve() if args.config else None
-    config = load_config(config_path)  # fail on a bad config before starting anything
-    status = api.ping()
+    cfg = load_config(config_path)  # fail on a bad config before starting anything
+    status = api.ping(cfg.api_socket)
     if status is not None:
         raise DaemonAlreadyRunningError(status.get("pid"))
     missing = netns.check_kernel_features()
@@ -130,11 +247,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     guestlib()
 
     if args.foreground:
-        from .daemon import Daemon
-        # The daemon's own log format and level, on this terminal.
-        logging.basicConfig(force=True, level=logging.DEBUG if args.log_level == "debug" else logging.INFO,
-                            format="%(asctime)s netkernel[%(process)d] %(levelname)s %(name)s: %(message)s")
-        return Daemon(config).run()
+        from .daemon import Daemon, configure_logging
+        # The daemon's own log format and level, on stderr (the journal under systemd).
+        configure_logging("debug" if args.log_level == "debug" else "info", cfg.log_format)
+        return Daemon(cfg).run()
 
     cmd = [sys.executable, "-m", "netkernel.daemon", "--log-level",
            "debug" if args.log_level == "debug" else "info"]
@@ -147,7 +263,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                                 start_new_session=True, close_fds=True)
     deadline = time.monotonic() + START_TIMEOUT
     while True:
-        status = api.ping()
+        status = api.ping(cfg.api_socket)
         if status is not None and status.get("pid") == proc.pid:
             break
         code = proc.poll()
@@ -161,7 +277,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise NetKernelError(f"the daemon {why} (log above; full log in {LOG_FILE})")
         time.sleep(0.1)
     nsms = ", ".join(n["name"] for n in status.get("nsms", []))
-    print(f"netkernel: up (daemon pid {proc.pid}, NSMs: {nsms}; log: {LOG_FILE})")
+    extra = f", API {cfg.api_socket}" if cfg.api_socket != config.DAEMON_SOCKET else ""
+    print(f"netkernel: up (daemon pid {proc.pid}, NSMs: {nsms}{extra}; log: {LOG_FILE})")
     return 0
 
 
@@ -227,6 +344,10 @@ def _wait_gone(pid: int, what: str) -> None:
         time.sleep(0.05)
 
 
+def _print_json(doc: object, compact: bool = False) -> None:
+    print(json.dumps(doc, indent=None if compact else 2))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = api.ping()
     if status is None:
@@ -237,22 +358,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_NOT_RUNNING
     status.pop("ok", None)
     if args.json:
-        print(json.dumps(status, indent=2))
+        _print_json(status)
         return 0
     print(f"netkernel: running (daemon pid {status['pid']}, engine pid {status['engine_pid']}, "
           f"up {status['uptime']:.0f}s), {status['tenants']} tenant(s)")
-    print(table(["NSM", "KIND", "NETNS", "IPV4", "IPV6", "TENANTS"],
-                [[n["name"], n["kind"], n["netns"], n["ipv4"], n["ipv6"], n["tenants"]]
-                 for n in status["nsms"]]))
+    if status.get("metrics"):
+        print(f"metrics: {status['metrics']}")
+    print(table(["NSM", "KIND", "NETNS", "IPV4", "IPV6", "CC", "BANDWIDTH", "TENANTS"],
+                [[n["name"], n["kind"], n["netns"], n["ipv4"], n["ipv6"], n.get("congestion_control"),
+                  _limit(n.get("bandwidth"), "-"), n["tenants"]] for n in status["nsms"]]))
     return 0
 
 
-def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        parser.error("run: missing command (usage: netkernel run --tenant NAME -- CMD [ARGS...])")
+        args.parser.error("run: missing command (usage: netkernel run --tenant NAME -- CMD [ARGS...])")
     require_root()
     launcher.resolve_command(cmd[0])  # exit 127 before any tenant is created
     reply = api.call("tenant-create", name=args.tenant, nsm=args.nsm)
@@ -260,51 +383,171 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return launcher.run(args.tenant, t["netns_path"], t["resolv_conf"], cmd)
 
 
+def _limit(bits: int | None, zero: str = "unlimited") -> str | None:
+    """A configured rate: 200Mbit, or ``zero`` for 0."""
+    if bits is None:
+        return None
+    return zero if bits == 0 else format_rate(bits)
+
+
+def _bps(bits: float | None) -> str | None:
+    """A measured rate."""
+    if bits is None:
+        return None
+    return "0" if bits < 1 else format_rate(round(bits)) + "/s"
+
+
+def _bytes(n: int | None) -> str | None:
+    return None if n is None else format_size(n)
+
+
+def _describe_policy(policy: dict[str, Any]) -> str:
+    return Policy(**policy).describe()
+
+
 def cmd_tenant(args: argparse.Namespace) -> int:
-    require_root()
-    if args.tenant_command == "create":
-        reply = api.call("tenant-create", name=args.name, nsm=args.nsm)
+    action = args.tenant_command
+    if action == "list":
+        return cmd_ps(args)
+    if action == "create":
+        reply = api.call("tenant-create", name=args.name, nsm=args.nsm, **_policy_args(args))
         t = reply["tenant"]
         verb = "created" if reply["created"] else "exists"
-        print(f"tenant {t['name']} {verb}: nsm {t['nsm']}, {t['ipv4']}, {t['ipv6']}")
+        print(f"tenant {t['name']} {verb}: nsm {t['nsm']}, {t['ipv4']}, {t['ipv6']}, "
+              f"{_describe_policy(t['policy'])}")
+    elif action == "set":
+        changes = _policy_args(args)
+        if not changes:
+            args.parser.error("nothing to change: give --rate-tx, --rate-rx, --rate, --weight, "
+                              "--max-sockets or --max-memory")
+        t = api.call("tenant-set", name=args.name, **changes)["tenant"]
+        print(f"tenant {t['name']}: {_describe_policy(t['policy'])}")
+    elif action == "move":
+        reply = api.call("tenant-move", name=args.name, nsm=args.nsm)
+        t = reply["tenant"]
+        if not reply["moved"]:
+            print(f"tenant {t['name']} is already on NSM {t['nsm']}")
+        else:
+            print(f"tenant {t['name']} moved to NSM {t['nsm']}: new connections use it; "
+                  f"{reply['pinned_flows']} open connection(s) stay on NSM "
+                  f"{', '.join(t['draining'])} until they close")
+            if reply.get("warning"):
+                print(f"netkernel: warning: {reply['warning']}", file=sys.stderr)
     else:
         api.call("tenant-delete", name=args.name)
         print(f"tenant {args.name} deleted")
     return 0
 
 
-def _size(n: int | None) -> str | None:
-    if n is None:
-        return None
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024  # type: ignore[assignment]
-    return None
+def _ps_rows(tenants: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for t in tenants:
+        nsm = t["nsm"] + (f" (from {','.join(t['draining'])})" if t.get("draining") else "")
+        p = t["policy"]
+        rows.append([t["name"], nsm, t["ipv4"], ",".join(map(str, t["pids"])) or "-", t["sockets"],
+                     _bytes(t["memory"]), _bytes(t["tx_bytes"]), _bytes(t["rx_bytes"]),
+                     _bps(t["tx_bps"]), _bps(t["rx_bps"]), _limit(p["rate_tx"]), _limit(p["rate_rx"]),
+                     p["weight"], p["max_sockets"], format_size(p["max_memory"], zero="unlimited")])
+    return rows
+
+
+PS_HEADERS = ["NAME", "NSM", "IPV4", "PIDS", "SOCKETS", "MEMORY", "TX", "RX", "TX/S", "RX/S",
+              "LIMIT-TX", "LIMIT-RX", "WEIGHT", "MAX-SOCKETS", "MAX-MEMORY"]
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
     tenants = api.call("ps")["tenants"]
     if args.json:
-        print(json.dumps({"tenants": tenants}, indent=2))
+        _print_json({"tenants": tenants})
         return 0
-    print(table(
-        ["NAME", "NSM", "IPV4", "IPV6", "PIDS", "SOCKETS", "TX", "RX"],
-        [[t["name"], t["nsm"], t["ipv4"], t["ipv6"], ",".join(map(str, t["pids"])) or "-",
-          t["sockets"], _size(t["tx_bytes"]), _size(t["rx_bytes"])] for t in tenants]))
+    print(table(PS_HEADERS, _ps_rows(tenants)))
     return 0
+
+
+def _rtt(us: int | None) -> str | None:
+    return None if us is None else f"{us / 1000:.2f}ms"
 
 
 def cmd_conns(args: argparse.Namespace) -> int:
     conns = api.call("conns", tenant=args.tenant)["conns"]
     if args.json:
-        print(json.dumps({"conns": conns}, indent=2))
+        _print_json({"conns": conns})
         return 0
     print(table(
-        ["TENANT", "SLOT", "KIND", "STATE", "LOCAL", "PEER", "TX", "RX"],
-        [[c["tenant"], c["slot"], c["kind"], c["state"], c["local"], c["peer"],
-          _size(c["tx_bytes"]), _size(c["rx_bytes"])] for c in conns]))
+        ["TENANT", "NSM", "PROTO", "KIND", "STATE", "LOCAL", "PEER", "TX", "RX", "RTT", "CWND",
+         "RETRANS", "DELIVERY", "CC"],
+        [[c["tenant"], c.get("nsm"), c.get("proto"), c.get("kind"), c.get("tcp_state") or c.get("state"),
+          c.get("local"), c.get("peer"), _bytes(c.get("tx_bytes")), _bytes(c.get("rx_bytes")),
+          _rtt(c.get("rtt_us")), c.get("cwnd"),
+          None if c.get("retrans") is None else f"{c['retrans']}/{c.get('total_retrans')}",
+          None if c.get("delivery_rate") is None else _bps(c["delivery_rate"] * 8), c.get("ca")]
+         for c in conns]))
     return 0
+
+
+TOP_HEADERS = ["NAME", "NSM", "SOCKETS", "TX/S", "RX/S", "LIMIT-TX", "LIMIT-RX", "WEIGHT", "TX", "RX"]
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """Refresh a per-tenant rates table every --interval seconds (rates are the daemon's,
+    sampled from the engine every second)."""
+    tty = sys.stdout.isatty()
+    count = 0
+    try:
+        while True:
+            tenants = api.call("ps")["tenants"]
+            now = time.time()
+            if args.json:
+                print(json.dumps({"time": round(now, 3), "tenants": tenants}), flush=True)
+            else:
+                rows = [[t["name"], t["nsm"], t["sockets"], _bps(t["tx_bps"]), _bps(t["rx_bps"]),
+                         _limit(t["policy"]["rate_tx"]), _limit(t["policy"]["rate_rx"]),
+                         t["policy"]["weight"], _bytes(t["tx_bytes"]), _bytes(t["rx_bytes"])]
+                        for t in tenants]
+                head = (f"netkernel top - {datetime.fromtimestamp(now):%H:%M:%S}, {len(tenants)} "
+                        f"tenant(s), every {args.interval:g}s (Ctrl-C to quit)")
+                print((CLEAR_SCREEN if tty else "") + head + "\n" + table(TOP_HEADERS, rows)
+                      + ("" if tty else "\n"), flush=True)
+            count += 1
+            if args.iterations is not None and count >= args.iterations:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_nsm(args: argparse.Namespace) -> int:
+    action = args.nsm_command
+    if action == "list":
+        nsms = api.call("nsm-list")["nsms"]
+        if args.json:
+            _print_json({"nsms": nsms})
+            return 0
+        print(table(
+            ["NAME", "KIND", "NETNS", "IPV4", "IPV6", "CC", "BANDWIDTH", "TENANTS", "SOCKETS", "TX", "RX",
+             "TX/S", "RX/S"],
+            [[n["name"], n["kind"], n["netns"], n["ipv4"], n["ipv6"], n["congestion_control"],
+              _limit(n["bandwidth"], "-"),
+              ",".join(n["tenants"] + [f"{d}(draining)" for d in n["draining"]]) or "-",
+              n["sockets"], _bytes(n["tx_bytes"]), _bytes(n["rx_bytes"]), _bps(n["tx_bps"]),
+              _bps(n["rx_bps"])] for n in nsms]))
+    elif action == "add":
+        n = api.call("nsm-add", name=args.name, congestion_control=args.congestion_control,
+                     bandwidth=args.bandwidth, sysctl=dict(args.sysctl) or None)["nsm"]
+        print(f"nsm {n['name']} added: netns {n['netns']}, {n['ipv4']}, {n['ipv6']}, "
+              f"congestion control {n['congestion_control']}"
+              + (f", bandwidth {format_rate(n['bandwidth'])}" if n["bandwidth"] else ""))
+    else:
+        api.call("nsm-remove", name=args.name)
+        print(f"nsm {args.name} removed")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "up": cmd_up, "down": cmd_down, "status": cmd_status, "run": cmd_run, "tenant": cmd_tenant,
+    "ps": cmd_ps, "conns": cmd_conns, "top": cmd_top, "nsm": cmd_nsm, "bench": bench.main,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -312,30 +555,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="netkernel: %(levelname)s: %(message)s")
+    api.socket_override = args.api_socket
     try:
-        if args.command == "up":
-            return cmd_up(args)
-        if args.command == "down":
-            return cmd_down(args)
-        if args.command == "status":
-            return cmd_status(args)
-        if args.command == "run":
-            return cmd_run(args, parser)
-        if args.command == "tenant":
-            return cmd_tenant(args)
-        if args.command == "ps":
-            return cmd_ps(args)
-        if args.command == "conns":
-            return cmd_conns(args)
-        if args.command == "bench":
-            return bench.main(args)
-        parser.error(f"unknown command {args.command}")
+        return COMMANDS[args.command](args)
     except NetKernelError as e:
         print(f"netkernel: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
-    return 2
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """The NetKernel daemon: builds the fabric, runs the engine and the DNS responder, and
-serves the control API until told to stop (or until the engine dies).
+serves the control API and the metrics endpoint until told to stop (or until the engine dies).
 
 Fabric (DESIGN §F): a bridge ``nk0`` in the root namespace holding the first address of each
 subnet; per NSM a namespace ``nk-nsm-<name>`` joined to the bridge by a veth pair and holding
 the addresses of its tenants; per tenant a namespace ``nk-t-<name>`` with only ``lo``. There is
 no default route, forwarding or NAT: an NSM reaches the bridge's L2 segment and nothing else.
+
+Start-up is all or nothing: everything the config asks for (NSMs with their sysctls, tenants
+with their policy, the metrics endpoint) is in place before the API socket appears, and any
+failure tears everything down again.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import fcntl
 import importlib
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -21,12 +26,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from . import netns
-from .api import ApiServer
+from . import netns, steer
+from .api import ApiServer, Handler
 from .config import (
     ADMIN_SOCKET,
     BRIDGE,
@@ -34,6 +40,7 @@ from .config import (
     ENGINE_PID_FILE,
     ENGINE_SOCKET,
     LOCK_FILE,
+    MAX_NSMS,
     MAX_TENANTS,
     NSM_NETNS_PREFIX,
     NSM_VETH_PREFIX,
@@ -42,24 +49,41 @@ from .config import (
     TENANT_NETNS_PREFIX,
     TENANTS_DIR,
     Config,
+    NSMConfig,
+    Policy,
+    check_congestion_control,
+    check_nsm_name,
+    check_sysctl,
     check_tenant_name,
     engine_binary,
+    format_rate,
     load_config,
+    parse_rate,
+    policy_with,
 )
 from .dns import TENANT_SUFFIX, Addrs, DNSServer, HostsFile
-from .engine import EngineClient, wait_ready
+from .engine import EngineClient, EngineStats, wait_ready
 from .errors import (
+    ConfigError,
     DaemonAlreadyRunningError,
     DaemonError,
     EngineError,
     NetKernelError,
+    NSMError,
     TenantError,
     UnknownNSMError,
 )
+from .metrics import MetricsServer, NSMSample, Snapshot, TenantSample
 
 log = logging.getLogger("netkernel.daemon")
 
 RESOLV_CONF = "nameserver 127.0.0.53\n"  # the engine's stub inside each tenant namespace
+SAMPLE_INTERVAL = 1.0  # engine stats for rates
+DRAIN_INTERVAL = 2.0  # how often moved tenants' old NSMs are checked for remaining flows
+# Between the two steer.begin_move calls of a move: a connect() the engine issued just
+# before tenant-move may still be completing its handshake in the old NSM; the second call
+# pins it there too.
+MOVE_SETTLE = 0.2
 
 
 def abi_version() -> int | None:
@@ -80,6 +104,97 @@ def tenant_netns(name: str) -> str:
     return TENANT_NETNS_PREFIX + name
 
 
+# -- structured logs ---------------------------------------------------------------------------
+
+def _log_value(value: object) -> str:
+    text = str(value)
+    if not text or any(c in text for c in " \"=\n"):
+        return json.dumps(text)
+    return text
+
+
+def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
+    """``event=NAME key=value ...`` in the text log; the same as fields of the JSON object
+    with log_format = "json"."""
+    kept = {k: v for k, v in fields.items() if v is not None}
+    text = " ".join([f"event={event}"] + [f"{k}={_log_value(v)}" for k, v in kept.items()])
+    log.log(level, "%s", text, extra={"nk_fields": {"event": event, **kept}})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; events carry their fields as top-level keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        doc.update(getattr(record, "nk_fields", {}))
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+TEXT_FORMAT = "%(asctime)s netkernel[%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str, log_format: str = "text", stream: IO[str] | None = None) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
+
+
+def _engine_log_relay(pipe: IO[bytes]) -> None:
+    """With JSON logs the engine's stderr lines (``engine: event=NAME k=v ...``) become JSON
+    objects too, so that the whole log is one format."""
+    engine_log = logging.getLogger("netkernel.engine")
+    for raw in pipe:
+        line = raw.decode(errors="replace").rstrip("\n")
+        text = line.removeprefix("engine: ")
+        fields: dict[str, str] = {}
+        if text.startswith("event="):
+            for word in text.split():
+                key, sep, value = word.partition("=")
+                if sep:
+                    fields[key] = value
+        engine_log.info("%s", text, extra={"nk_fields": fields})
+
+
+def allow_congestion_control(name: str) -> None:
+    """Let namespaces other than the host's pick ``name`` as their default.
+
+    The kernel refuses (EPERM) a namespace's tcp_congestion_control unless the algorithm is
+    in the host's tcp_allowed_congestion_control, a host-wide list that also says which
+    algorithms unprivileged programs may choose with setsockopt(TCP_CONGESTION). We add it
+    there; nothing else on the host changes, and it is left in place at `down`.
+    """
+    key = "net.ipv4.tcp_allowed_congestion_control"
+    allowed = (netns.sysctl_get(key) or "").split()
+    if name not in allowed:
+        netns.sysctl(key, " ".join([*allowed, name]))
+        log_event("host_sysctl_changed", key=key, value=" ".join([*allowed, name]),
+                  reason=f"an NSM uses congestion control {name}")
+
+
+# -- records -------------------------------------------------------------------------------------
+
+@dataclass
+class NSM:
+    config: NSMConfig
+    index: int  # its addresses are host 2+index of each subnet
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def netns(self) -> str:
+        return nsm_netns(self.config.name)
+
+
 @dataclass
 class Tenant:
     name: str
@@ -88,10 +203,18 @@ class Tenant:
     id: int  # the engine's tenant id
     ipv4: str
     ipv6: str
+    policy: Policy = field(default_factory=Policy)
+    # NSMs the tenant was moved away from whose old connections are still open.
+    draining: list[str] = field(default_factory=list)
+    steered: bool = False  # steer holds rules for its addresses (it was moved at least once)
 
     @property
     def netns(self) -> str:
         return tenant_netns(self.name)
+
+    @property
+    def cidrs(self) -> tuple[str, str]:
+        return f"{self.ipv4}/32", f"{self.ipv6}/128"
 
     def record(self) -> dict[str, Any]:
         return {
@@ -115,6 +238,10 @@ def cleanup_all(keep_lock: bool = False) -> list[str]:
     for name in ours:
         netns.netns_del(name)  # takes the NSM's eth0 and its veth peer with it
         removed.append(f"netns {name}")
+    try:
+        steer.remove_all(BRIDGE)
+    except Exception as e:  # the rest must still go
+        log.warning("removing the steering rules of %s failed: %s", BRIDGE, e)
     for link in netns.link_names():
         if link == BRIDGE or link.startswith(NSM_VETH_PREFIX):
             netns.link_del(link)
@@ -141,18 +268,31 @@ def cleanup_all(keep_lock: bool = False) -> list[str]:
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.nsms: dict[str, NSM] = {}  # in creation order: the first is the default
         self.tenants: dict[str, Tenant] = {}
         self.engine: subprocess.Popen[bytes] | None = None
         self.engine_client = EngineClient(ADMIN_SOCKET)
         self.dns: DNSServer | None = None
         self.api: ApiServer | None = None
+        self.metrics: MetricsServer | None = None
         self.hosts = HostsFile()
         self.stop_event = threading.Event()
         self.stopping = False
         self.exit_code = 0
-        self.lock = threading.Lock()  # serialises tenant create/delete
+        # Serialises every change to NSMs and tenants, and the drain checks.
+        self.lock = threading.Lock()
         self._lock_fd: int | None = None
         self.started = time.time()
+        # NSM address indices handed out so far: a removed NSM's addresses are not reused
+        # while others are free, so no neighbour cache still points them at its old MAC.
+        self._nsm_indices_used: set[int] = set()
+        # Rates: the previous sample (time, tx, rx) and the latest rates (bit/s) per name.
+        self._samples: dict[str, tuple[float, int, int]] = {}
+        self.rates: dict[str, tuple[float, float]] = {}
+        self._nsm_samples: dict[str, tuple[float, int, int]] = {}
+        self.nsm_rates: dict[str, tuple[float, float]] = {}
+        self._refused: dict[str, tuple[int, int]] = {}
+        self._warned_no_policy = False
 
     # -- lifecycle ------------------------------------------------------------------------
     def acquire_lock(self) -> None:
@@ -186,26 +326,96 @@ class Daemon:
         self.dns = DNSServer(str(self.config.bridge_ipv4), 53, self.resolve)
         self.dns.start()
         log.info("dns: answering on %s:53", self.config.bridge_ipv4)
-        self.api = ApiServer(DAEMON_SOCKET, self.handle)
+        for tc in self.config.tenants:
+            self.create_tenant(tc.name, tc.nsm, tc.policy)
+        if self.config.metrics_listen is not None:
+            host, port = self.config.metrics_listen
+            self.metrics = MetricsServer(host, port, self.metrics_snapshot)
+            self.metrics.start()
+        for target, name in ((self._sample_loop, "stats-sampler"), (self._drain_loop, "move-drainer")):
+            threading.Thread(target=target, name=name, daemon=True).start()
+        # Last: `netkernel up` waits for this socket, so it sees a daemon that is complete.
+        self.api = ApiServer(self.config.api_socket, self.api_handlers(), self.config.api_group)
         self.api.start()
-        log.info("ready: api on %s (pid %d)", DAEMON_SOCKET, os.getpid())
+        log_event("daemon_ready", pid=os.getpid(), api=self.config.api_socket,
+                  api_group=self.config.api_group,
+                  metrics=self.metrics.address if self.metrics else None,
+                  nsms=",".join(self.nsms), tenants=len(self.tenants))
 
     def build_fabric(self) -> None:
         c = self.config
-        plen4, plen6 = c.ipv4_subnet.prefixlen, c.ipv6_prefix.prefixlen
         netns.bridge_add(BRIDGE)
-        netns.addr_add(BRIDGE, f"{c.bridge_ipv4}/{plen4}")
-        netns.addr_add(BRIDGE, f"{c.bridge_ipv6}/{plen6}")
-        for i, nsm in enumerate(c.nsms):
-            ns = nsm_netns(nsm.name)
-            netns.netns_add(ns)
+        netns.addr_add(BRIDGE, f"{c.bridge_ipv4}/{c.ipv4_subnet.prefixlen}")
+        netns.addr_add(BRIDGE, f"{c.bridge_ipv6}/{c.ipv6_prefix.prefixlen}")
+        for nsm_config in c.nsms:
+            self._create_nsm_fabric(nsm_config)
+
+    def _free_nsm_index(self) -> int:
+        live = {n.index for n in self.nsms.values()}
+        for candidates in (self._nsm_indices_used | live, live):
+            index = next((i for i in range(MAX_NSMS) if i not in candidates), None)
+            if index is not None:
+                return index
+        raise NSMError(f"too many NSMs (limit {MAX_NSMS})")
+
+    def _create_nsm_fabric(self, nsm_config: NSMConfig) -> NSM:
+        """The NSM's namespace, sysctls, veth and addresses; all undone if any step fails."""
+        c = self.config
+        nsm = NSM(nsm_config, self._free_nsm_index())
+        ns = nsm.netns
+        v4, v6 = c.nsm_ipv4(nsm.index), c.nsm_ipv6(nsm.index)
+        netns.netns_add(ns)
+        try:
             # Tenants bind only their own addresses; never let an NSM bind a foreign one.
             netns.sysctl("net.ipv4.ip_nonlocal_bind", "0", netns=ns)
             netns.sysctl("net.ipv6.conf.default.accept_dad", "0", netns=ns)
+            # ARP requests must carry the NSM's own address, not a tenant's: after a tenant
+            # move, a tenant address as ARP source would teach the peers' neighbour caches
+            # the old NSM's MAC for it again.
+            netns.sysctl("net.ipv4.conf.all.arp_announce", "2", netns=ns)
             netns.veth_into(NSM_VETH_PREFIX + nsm.name, ns, "eth0", BRIDGE)
-            netns.addr_add("eth0", f"{c.nsm_ipv4(i)}/{plen4}", netns=ns)
-            netns.addr_add("eth0", f"{c.nsm_ipv6(i)}/{plen6}", netns=ns)
-            log.info("nsm %s: netns %s, eth0 %s %s", nsm.name, ns, c.nsm_ipv4(i), c.nsm_ipv6(i))
+            netns.addr_add("eth0", f"{v4}/{c.ipv4_subnet.prefixlen}", netns=ns)
+            netns.addr_add("eth0", f"{v6}/{c.ipv6_prefix.prefixlen}", netns=ns)
+            if nsm_config.congestion_control:
+                allow_congestion_control(nsm_config.congestion_control)
+                netns.sysctl("net.ipv4.tcp_congestion_control", nsm_config.congestion_control, netns=ns)
+            # After the veth: a sysctl may name eth0.
+            for key, value in nsm_config.sysctls:
+                try:
+                    netns.sysctl(key, value, netns=ns)
+                except NetKernelError as e:
+                    if netns.sysctl_get(key, ns) is None:
+                        raise NSMError(f"{e} (this sysctl is host-wide: network namespaces do not "
+                                       "have it, so it cannot be set per NSM)") from None
+                    raise
+        except NetKernelError as e:
+            self._remove_nsm_fabric(nsm)
+            raise NSMError(f"NSM {nsm.name!r}: {e}") from None
+        except BaseException:
+            self._remove_nsm_fabric(nsm)
+            raise
+        self.nsms[nsm.name] = nsm
+        self._nsm_indices_used.add(nsm.index)
+        log_event("nsm_created", nsm=nsm.name, kind=nsm_config.kind, netns=ns, ipv4=v4, ipv6=v6,
+                  congestion_control=nsm_config.congestion_control,
+                  bandwidth=format_rate(nsm_config.bandwidth) if nsm_config.bandwidth else None,
+                  sysctls=len(nsm_config.sysctls))
+        return nsm
+
+    @staticmethod
+    def _remove_nsm_fabric(nsm: NSM) -> None:
+        netns.netns_del(nsm.netns)  # takes eth0 and so the veth pair with it
+        netns.link_del(NSM_VETH_PREFIX + nsm.name)
+
+    def _register_nsm(self, nsm: NSM) -> None:
+        self.engine_client.nsm_add(nsm.name, str(netns.netns_path(nsm.netns)))
+        if nsm.config.bandwidth:
+            try:
+                self.engine_client.nsm_set(nsm.name, nsm.config.bandwidth)
+            except EngineError as e:
+                hint = " (this engine predates NSM bandwidth; update it)" if e.unsupported else ""
+                raise NSMError(f"NSM {nsm.name!r}: cannot set bandwidth "
+                               f"{format_rate(nsm.config.bandwidth)}: {e}{hint}") from None
 
     def start_engine(self) -> None:
         binary = engine_binary()
@@ -213,9 +423,14 @@ class Daemon:
             path.unlink(missing_ok=True)
         cmd = [str(binary), "--control", str(ENGINE_SOCKET), "--admin", str(ADMIN_SOCKET)]
         log.info("starting engine: %s", " ".join(cmd))
-        # The engine logs to stderr, which is the daemon's log.
-        self.engine = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        relay = self.config.log_format == "json"
+        # The engine logs to stderr, which is the daemon's log (relayed as JSON if asked).
+        self.engine = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE if relay else None)
         engine = self.engine
+        if relay and engine.stderr is not None:
+            threading.Thread(target=_engine_log_relay, args=(engine.stderr,), name="engine-log",
+                             daemon=True).start()
         # Recorded so that `netkernel down` can stop an engine orphaned by a killed daemon.
         ENGINE_PID_FILE.write_text(f"{engine.pid}\n")
         wait_ready(ADMIN_SOCKET, lambda: engine.poll() is None)
@@ -224,8 +439,8 @@ class Daemon:
             # it tells tenants apart by network namespace, not by file permissions.
             os.chmod(ENGINE_SOCKET, 0o666)
         threading.Thread(target=self._watch_engine, name="engine-watch", daemon=True).start()
-        for nsm in self.config.nsms:
-            self.engine_client.nsm_add(nsm.name, str(netns.netns_path(nsm_netns(nsm.name))))
+        for nsm in self.nsms.values():
+            self._register_nsm(nsm)
         self.engine_client.dns_upstream(str(self.config.bridge_ipv4), 53)
         log.info("engine ready (pid %d)", engine.pid)
 
@@ -233,7 +448,7 @@ class Daemon:
         assert self.engine is not None
         status = self.engine.wait()
         if not self.stopping:
-            log.error("the engine exited unexpectedly (status %d); stopping the daemon", status)
+            log_event("engine_exited", logging.ERROR, status=status, action="stopping the daemon")
             self.exit_code = 1
             self.stop_event.set()
 
@@ -259,9 +474,12 @@ class Daemon:
         if self._lock_fd is None:
             return  # never got the lock: another daemon owns the fabric
         self.stopping = True
+        self.stop_event.set()  # ends the sampler and drainer threads
         log.info("stopping")
         if self.api:
             self.api.stop()
+        if self.metrics:
+            self.metrics.stop()
         if self.dns:
             self.dns.stop()
         netns.kill_netns_processes(t.netns for t in self.tenants.values())
@@ -282,7 +500,7 @@ class Daemon:
             RUN_DIR.rmdir()
         except OSError:
             pass
-        log.info("stopped")
+        log_event("daemon_stopped", pid=os.getpid())
 
     def _cleanup_keep_lock(self) -> None:
         for item in cleanup_all(keep_lock=True):
@@ -300,143 +518,486 @@ class Daemon:
             return configured
         return self.hosts.lookup(name)
 
-    # -- tenants ------------------------------------------------------------------------
-    def create_tenant(self, name: str, nsm_name: str | None) -> tuple[Tenant, bool]:
-        check_tenant_name(name)
-        if nsm_name is not None and self.config.nsm(nsm_name) is None:
-            known = ", ".join(n.name for n in self.config.nsms)
-            raise UnknownNSMError(f"unknown NSM {nsm_name!r} (configured: {known})")
+    # -- NSMs -------------------------------------------------------------------------------
+    def _nsm(self, name: str) -> NSM:
+        nsm = self.nsms.get(name)
+        if nsm is None:
+            raise UnknownNSMError(f"unknown NSM {name!r} (configured: {', '.join(self.nsms) or 'none'})")
+        return nsm
+
+    def add_nsm(self, name: str, congestion_control: str | None, bandwidth: object,
+                sysctls: dict[str, object]) -> NSM:
+        """An NSM at runtime, built as at start-up; nothing is left behind if a step fails."""
+        check_nsm_name(name)
+        try:
+            cc = check_congestion_control(congestion_control) if congestion_control else None
+            rate = parse_rate(bandwidth) if bandwidth is not None else 0
+            checked = tuple(check_sysctl(k, v) for k, v in sysctls.items())
+        except ValueError as e:
+            raise NSMError(f"NSM {name!r}: {e}") from None
         with self.lock:
+            if name in self.nsms:
+                raise NSMError(f"NSM {name!r} exists already (see: netkernel nsm list)")
+            nsm = self._create_nsm_fabric(NSMConfig(name, "kernel", cc, rate, checked))
+            try:
+                self._register_nsm(nsm)
+            except BaseException:
+                del self.nsms[name]
+                try:
+                    self.engine_client.nsm_del(name)
+                except NetKernelError:
+                    pass  # never registered, or an engine that cannot remove NSMs
+                self._remove_nsm_fabric(nsm)
+                raise
+            log_event("nsm_added", nsm=name)
+            return nsm
+
+    def remove_nsm(self, name: str) -> None:
+        with self.lock:
+            nsm = self._nsm(name)
+            assigned = sorted(t.name for t in self.tenants.values() if t.nsm == name)
+            if assigned:
+                raise NSMError(f"NSM {name!r} still serves tenant(s) {', '.join(assigned)}; move them "
+                               f"(netkernel tenant move NAME --nsm OTHER) or delete them first")
+            draining = sorted(t.name for t in self.tenants.values() if name in t.draining)
+            if draining:
+                raise NSMError(f"NSM {name!r} still carries connections of tenant(s) {', '.join(draining)} "
+                               "moved away from it; try again once they have closed "
+                               "(netkernel conns shows them)")
+            if len(self.nsms) == 1:
+                raise NSMError(f"NSM {name!r} is the last one; tenants need at least one NSM")
+            try:
+                self.engine_client.nsm_del(name)
+            except EngineError as e:
+                if e.unsupported:
+                    raise NSMError("this engine cannot remove NSMs (nsm-del); update it") from None
+                if e.errno_name == "EBUSY":
+                    raise NSMError(f"NSM {name!r} is busy: {e.engine_message}") from None
+                raise NSMError(f"cannot remove NSM {name!r}: {e}") from None
+            del self.nsms[name]
+            self._remove_nsm_fabric(nsm)
+            log_event("nsm_removed", nsm=name)
+
+    # -- tenants ------------------------------------------------------------------------
+    def _tenant(self, name: str) -> Tenant:
+        t = self.tenants.get(name)
+        if t is None:
+            raise TenantError(f"no tenant named {name!r} (see: netkernel ps)")
+        return t
+
+    def create_tenant(self, name: str, nsm_name: str | None,
+                      policy: Policy | None = None) -> tuple[Tenant, bool]:
+        """The tenant, created if new (policy None: the config's defaults), and whether it
+        was created."""
+        check_tenant_name(name)
+        with self.lock:
+            if nsm_name is not None:
+                self._nsm(nsm_name)
             existing = self.tenants.get(name)
             if existing is not None:
                 if nsm_name is not None and nsm_name != existing.nsm:
                     raise TenantError(
-                        f"tenant {name!r} is on NSM {existing.nsm!r}; moving a tenant to "
-                        f"another NSM is not supported yet (delete it first: "
-                        f"netkernel tenant delete {name})")
+                        f"tenant {name!r} is on NSM {existing.nsm!r}; move it with: "
+                        f"netkernel tenant move {name} --nsm {nsm_name}")
+                if policy is not None and policy != existing.policy:
+                    raise TenantError(
+                        f"tenant {name!r} exists with another policy ({existing.policy.describe()}); "
+                        f"change it with: netkernel tenant set {name} ...")
                 return existing, False
-            nsm = nsm_name or self.config.nsms[0].name
+            if not self.nsms:
+                raise TenantError("there is no NSM to put a tenant on (add one: netkernel nsm add NAME)")
+            nsm = nsm_name or next(iter(self.nsms))
             used = {t.index for t in self.tenants.values()}
             index = next((n for n in range(1, MAX_TENANTS + 1) if n not in used), None)
             if index is None:
                 raise TenantError(f"too many tenants (limit {MAX_TENANTS})")
             t = Tenant(name, nsm, index, -1, str(self.config.tenant_ipv4(index)),
-                       str(self.config.tenant_ipv6(index)))
+                       str(self.config.tenant_ipv6(index)), policy or self.config.defaults)
+            engine_added = False
             try:
                 self._create_tenant_fabric(t)
                 t.id = self.engine_client.tenant_add(
                     name, str(netns.netns_path(t.netns)), nsm, t.ipv4, t.ipv6)
+                engine_added = True
+                self._apply_policy(t, t.policy)
             except BaseException:
+                if engine_added:
+                    try:
+                        self.engine_client.tenant_del(name)
+                    except NetKernelError as e:
+                        log.warning("tenant %s: %s", name, e)
                 self._delete_tenant_fabric(t)
                 raise
             self.tenants[name] = t
-            log.info("tenant %s: id %d, nsm %s, %s %s", name, t.id, nsm, t.ipv4, t.ipv6)
+            log_event("tenant_created", tenant=name, nsm=nsm, id=t.id, ipv4=t.ipv4, ipv6=t.ipv6,
+                      **self._policy_fields(t.policy))
             return t, True
+
+    @staticmethod
+    def _policy_fields(p: Policy) -> dict[str, int]:
+        return {"rate_tx": p.rate_tx, "rate_rx": p.rate_rx, "weight": p.weight,
+                "max_sockets": p.max_sockets, "max_memory": p.max_memory}
+
+    def _apply_policy(self, t: Tenant, policy: Policy) -> None:
+        try:
+            self.engine_client.tenant_set(t.name, policy.engine_args())
+        except EngineError as e:
+            if e.unsupported and policy == Policy():
+                # An engine without tenant policy: nothing but its own defaults was asked.
+                if not self._warned_no_policy:
+                    log.warning("this engine does not support tenant policy (tenant-set); "
+                                "tenants run with the engine's defaults")
+                    self._warned_no_policy = True
+                return
+            if e.unsupported:
+                raise TenantError("this engine does not support tenant policy (tenant-set); "
+                                  "update it, or leave rates, weight and limits at their defaults") from None
+            raise TenantError(f"tenant {t.name!r}: the engine refused the policy: "
+                              f"{e.engine_message}") from None
+
+    def set_policy(self, name: str, changes: dict[str, object]) -> Tenant:
+        with self.lock:
+            t = self._tenant(name)
+            try:
+                policy = policy_with(t.policy, changes)
+            except ValueError as e:
+                raise TenantError(str(e)) from None
+            self._apply_policy(t, policy)
+            old = t.policy
+            t.policy = policy
+            changed = {k: v for k, v in self._policy_fields(policy).items()
+                       if v != self._policy_fields(old)[k]}
+            log_event("tenant_policy_set", tenant=name, nsm=t.nsm, **changed)
+            return t
 
     def _create_tenant_fabric(self, t: Tenant) -> None:
         netns.netns_add(t.netns)  # only `lo`: the tenant has no path around NetKernel
         # Its own addresses also sit on its `lo` (routes to nowhere else): glibc's
         # getaddrinfo(AI_ADDRCONFIG) asks the kernel over netlink, which LD_PRELOAD cannot
         # see, whether the namespace has an IPv4 / IPv6 address before it looks a name up.
-        netns.addr_add("lo", f"{t.ipv4}/32", netns=t.netns)
-        netns.addr_add("lo", f"{t.ipv6}/128", netns=t.netns)
-        ns = nsm_netns(t.nsm)
-        netns.addr_add("eth0", f"{t.ipv4}/32", netns=ns)
-        netns.addr_add("eth0", f"{t.ipv6}/128", netns=ns)
+        for cidr in t.cidrs:
+            netns.addr_add("lo", cidr, netns=t.netns)
+        self._add_tenant_addresses(t, self._nsm(t.nsm))
         d = TENANTS_DIR / t.name
         d.mkdir(mode=0o755, parents=True, exist_ok=True)
         (d / "resolv.conf").write_text(RESOLV_CONF)
 
+    @staticmethod
+    def _add_tenant_addresses(t: Tenant, nsm: NSM) -> None:
+        for cidr in t.cidrs:
+            netns.addr_add("eth0", cidr, netns=nsm.netns)
+
+    def _remove_tenant_addresses(self, t: Tenant, nsm_name: str) -> None:
+        nsm = self.nsms.get(nsm_name)
+        if nsm is not None:
+            for cidr in t.cidrs:
+                netns.addr_del("eth0", cidr, netns=nsm.netns)
+
     def _delete_tenant_fabric(self, t: Tenant) -> None:
         netns.kill_netns_processes([t.netns])
-        ns = nsm_netns(t.nsm)
-        netns.addr_del("eth0", f"{t.ipv4}/32", netns=ns)
-        netns.addr_del("eth0", f"{t.ipv6}/128", netns=ns)
+        for nsm_name in [t.nsm, *t.draining]:
+            self._remove_tenant_addresses(t, nsm_name)
         netns.netns_del(t.netns)
         shutil.rmtree(TENANTS_DIR / t.name, ignore_errors=True)
 
     def delete_tenant(self, name: str) -> None:
         with self.lock:
-            t = self.tenants.get(name)
-            if t is None:
-                raise TenantError(f"no tenant named {name!r}")
+            t = self._tenant(name)
             netns.kill_netns_processes([t.netns])
             try:
                 self.engine_client.tenant_del(name)
             except EngineError as e:
                 log.warning("tenant %s: %s", name, e)  # gone from the engine is what we want
+            if t.steered:
+                try:
+                    steer.forget_tenant(BRIDGE, t.ipv4, t.ipv6)
+                except Exception as e:  # the tenant goes anyway; its rules match nothing now
+                    log.warning("tenant %s: removing its steering rules failed: %s", name, e)
             self._delete_tenant_fabric(t)
             del self.tenants[name]
-            log.info("tenant %s deleted", name)
+            self._samples.pop(name, None)
+            self.rates.pop(name, None)
+            self._refused.pop(name, None)
+            log_event("tenant_deleted", tenant=name, nsm=t.nsm)
+
+    def move_tenant(self, name: str, nsm_name: str) -> tuple[Tenant, int | None, str | None]:
+        """Move a tenant to another NSM: new connections go there, open ones stay where they
+        are until they close. Returns the tenant, the number of flows pinned to the old NSM
+        (None if the tenant was already on ``nsm_name``) and the engine's warning if some of
+        the tenant's listeners could not follow."""
+        with self.lock:
+            t = self._tenant(name)
+            new = self._nsm(nsm_name)
+            if t.nsm == new.name:
+                return t, None, None
+            old = self._nsm(t.nsm)
+            # Moving back to an NSM it is still draining from: its addresses are still there.
+            present = set(netns.addr_list("eth0", netns=new.netns))
+            added = not set(t.cidrs) <= present
+            if added:
+                self._add_tenant_addresses(t, new)
+            warning = None
+            try:
+                self.engine_client.tenant_move(name, new.name)
+            except EngineError as e:
+                if e.errno_name not in ("ENOENT", "EINVAL"):
+                    # The engine did move the tenant, but some listener could not be opened
+                    # in the new NSM: finish the move (the engine is already there) and say so.
+                    warning = e.engine_message
+                else:
+                    if added:
+                        self._remove_tenant_addresses(t, new.name)
+                    if e.unsupported:
+                        raise TenantError("this engine cannot move tenants (tenant-move); "
+                                          "update it") from None
+                    raise TenantError(f"cannot move tenant {name!r} to {new.name!r}: "
+                                      f"{e.engine_message}") from None
+            try:
+                t.steered = True
+                steer.begin_move(BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns)
+                time.sleep(MOVE_SETTLE)
+                pinned = steer.begin_move(BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns)
+                self.engine_client.tenant_move_done(name)
+            except BaseException as e:
+                self._undo_move(t, old, new, added)
+                if isinstance(e, NetKernelError | OSError | subprocess.SubprocessError):
+                    raise TenantError(f"moving tenant {name!r} to {new.name!r} failed and was undone: "
+                                      f"{e}") from None
+                raise
+            t.nsm = new.name
+            if new.name in t.draining:
+                t.draining.remove(new.name)
+            if old.name not in t.draining:
+                t.draining.append(old.name)
+            log_event("tenant_moved", logging.WARNING if warning else logging.INFO, tenant=name,
+                      nsm=new.name, from_nsm=old.name, pinned_flows=pinned, warning=warning)
+            return t, pinned, warning
+
+    def _undo_move(self, t: Tenant, old: NSM, new: NSM, added: bool) -> None:
+        """Best effort back to before a failed move: the engine and the steering on ``old``."""
+        for undo, what in (
+            (lambda: self.engine_client.tenant_move(t.name, old.name), "engine tenant-move back"),
+            (lambda: self.engine_client.tenant_move_done(t.name), "engine tenant-move-done"),
+            (lambda: steer.begin_move(BRIDGE, t.ipv4, t.ipv6, new.netns, old.netns), "steering back"),
+        ):
+            try:
+                undo()
+            except Exception as e:
+                log.error("tenant %s: undoing a failed move: %s failed: %s", t.name, what, e)
+        if added:
+            self._remove_tenant_addresses(t, new.name)
+
+    def drain_once(self) -> None:
+        """Finish moves whose old NSM carries no connection of the tenant any more."""
+        with self.lock:
+            for t in list(self.tenants.values()):
+                for old in list(t.draining):
+                    if old not in self.nsms:
+                        t.draining.remove(old)
+                        continue
+                    if steer.finish_if_drained(BRIDGE, t.ipv4, t.ipv6, nsm_netns(old)):
+                        self._remove_tenant_addresses(t, old)
+                        t.draining.remove(old)
+                        log_event("tenant_drained", tenant=t.name, nsm=old)
+
+    def _drain_loop(self) -> None:
+        while not self.stop_event.wait(DRAIN_INTERVAL):
+            try:
+                self.drain_once()
+            except Exception:  # try again next round; the log says why
+                log.exception("checking moved tenants' old NSMs failed")
+
+    # -- rates --------------------------------------------------------------------------------
+    def _sample_loop(self) -> None:
+        while not self.stop_event.wait(SAMPLE_INTERVAL):
+            try:
+                stats = self.engine_client.stats()
+            except NetKernelError as e:
+                log.debug("stats sample failed: %s", e)
+                continue
+            self.record_sample(stats, time.monotonic())
+
+    @staticmethod
+    def _rate(samples: dict[str, tuple[float, int, int]], name: str, now: float,
+              tx: int | None, rx: int | None) -> tuple[float, float] | None:
+        if tx is None or rx is None:
+            return None
+        prev = samples.get(name)
+        samples[name] = (now, tx, rx)
+        if prev is None or now <= prev[0]:
+            return None
+        dt = now - prev[0]
+        # Counters start again at 0 when a tenant is re-created under the same name.
+        return max(0.0, (tx - prev[1]) * 8 / dt), max(0.0, (rx - prev[2]) * 8 / dt)
+
+    def record_sample(self, stats: EngineStats, now: float) -> None:
+        """Rates from two successive samples, and a log event when limits refused sockets."""
+        for s in stats.tenants:
+            rate = self._rate(self._samples, s.name, now, s.tx_bytes, s.rx_bytes)
+            if rate is not None:
+                self.rates[s.name] = rate
+            refused = (s.refused_sockets or 0, s.refused_memory or 0)
+            before = self._refused.get(s.name, refused)
+            self._refused[s.name] = refused
+            for reason, count, prev, limit in (("max_sockets", refused[0], before[0], s.max_sockets),
+                                               ("max_memory", refused[1], before[1], s.max_memory)):
+                if count > prev:
+                    log_event("sockets_refused", logging.WARNING, tenant=s.name, nsm=s.nsm, reason=reason,
+                              limit=limit, count=count - prev)
+        for n in stats.nsms:
+            rate = self._rate(self._nsm_samples, n.name, now, n.tx_bytes, n.rx_bytes)
+            if rate is not None:
+                self.nsm_rates[n.name] = rate
 
     # -- API ------------------------------------------------------------------------------
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        op = req["op"]
-        if op == "status":
-            return self.status()
-        if op == "tenant-create":
-            nsm = req.get("nsm")
-            t, created = self.create_tenant(str(req.get("name", "")), str(nsm) if nsm else None)
+    def api_handlers(self) -> dict[str, Handler]:
+        def policy_changes(req: dict[str, Any]) -> dict[str, object]:
+            return {k: req[k] for k in Policy.__dataclass_fields__ if k in req}
+
+        def tenant_create(req: dict[str, Any]) -> dict[str, Any]:
+            changes = policy_changes(req)
+            try:
+                policy = policy_with(self.config.defaults, changes) if changes else None
+            except ValueError as e:
+                raise TenantError(str(e)) from None
+            t, created = self.create_tenant(req["name"], req.get("nsm"), policy)
             return {"tenant": t.record(), "created": created}
-        if op == "tenant-delete":
-            self.delete_tenant(str(req.get("name", "")))
+
+        def tenant_set(req: dict[str, Any]) -> dict[str, Any]:
+            changes = policy_changes(req)
+            if not changes:
+                raise DaemonError("tenant-set: nothing to change; give one or more of "
+                                  + ", ".join(Policy.__dataclass_fields__))
+            return {"tenant": self.set_policy(req["name"], changes).record()}
+
+        def tenant_move(req: dict[str, Any]) -> dict[str, Any]:
+            t, pinned, warning = self.move_tenant(req["name"], req["nsm"])
+            return {"tenant": t.record(), "moved": pinned is not None, "pinned_flows": pinned,
+                    "warning": warning}
+
+        def tenant_delete(req: dict[str, Any]) -> dict[str, Any]:
+            self.delete_tenant(req["name"])
             return {}
-        if op == "ps":
-            return {"tenants": self.ps()}
-        if op == "conns":
-            return {"conns": self.conns(req.get("tenant"))}
-        if op == "shutdown":
+
+        def nsm_add(req: dict[str, Any]) -> dict[str, Any]:
+            self.add_nsm(req["name"], req.get("congestion_control"), req.get("bandwidth"),
+                         req.get("sysctl", {}))
+            return {"nsm": next(n for n in self.nsm_list() if n["name"] == req["name"])}
+
+        def nsm_remove(req: dict[str, Any]) -> dict[str, Any]:
+            self.remove_nsm(req["name"])
+            return {}
+
+        def shutdown(req: dict[str, Any]) -> dict[str, Any]:
             self.stop_event.set()
             return {"pid": os.getpid()}
-        raise DaemonError(f"unknown op {op!r}")
+
+        return {
+            "status": lambda req: self.status(),
+            "ps": lambda req: {"tenants": self.ps()},
+            "conns": lambda req: {"conns": self.conns(req.get("tenant"))},
+            "tenant-create": tenant_create,
+            "tenant-delete": tenant_delete,
+            "tenant-set": tenant_set,
+            "tenant-move": tenant_move,
+            "nsm-list": lambda req: {"nsms": self.nsm_list()},
+            "nsm-add": nsm_add,
+            "nsm-remove": nsm_remove,
+            "shutdown": shutdown,
+        }
+
+    def _nsm_summary(self, nsm: NSM) -> dict[str, Any]:
+        c = self.config
+        return {"name": nsm.name, "kind": nsm.config.kind, "netns": nsm.netns,
+                "ipv4": str(c.nsm_ipv4(nsm.index)), "ipv6": str(c.nsm_ipv6(nsm.index)),
+                "congestion_control": nsm.config.congestion_control,
+                "bandwidth": nsm.config.bandwidth,
+                "tenants": sum(1 for t in list(self.tenants.values()) if t.nsm == nsm.name)}
 
     def status(self) -> dict[str, Any]:
-        c = self.config
         return {
             "running": True,
             "pid": os.getpid(),
             "engine_pid": self.engine.pid if self.engine else None,
             "uptime": round(time.time() - self.started, 1),
-            "nsms": [
-                {"name": n.name, "kind": n.kind, "netns": nsm_netns(n.name),
-                 "ipv4": str(c.nsm_ipv4(i)), "ipv6": str(c.nsm_ipv6(i)),
-                 "tenants": sum(1 for t in self.tenants.values() if t.nsm == n.name)}
-                for i, n in enumerate(c.nsms)
-            ],
+            "nsms": [self._nsm_summary(n) for n in list(self.nsms.values())],
             "tenants": len(self.tenants),
+            "api_socket": str(self.config.api_socket),
+            "metrics": f"http://{self.metrics.address}/metrics" if self.metrics else None,
             "abi_version": abi_version(),
         }
 
-    def ps(self) -> list[dict[str, Any]]:
+    def _engine_stats(self) -> EngineStats | None:
         try:
-            stats = {s.name: s for s in self.engine_client.stats()}
+            return self.engine_client.stats()
         except NetKernelError as e:
             log.warning("stats unavailable: %s", e)
-            stats = {}
+            return None
+
+    def nsm_list(self) -> list[dict[str, Any]]:
+        stats = self._engine_stats()
+        tenants = list(self.tenants.values())
         out = []
-        for t in sorted(self.tenants.values(), key=lambda t: t.name):
-            s = stats.get(t.name)
+        for nsm in list(self.nsms.values()):
+            s = stats.nsm(nsm.name) if stats else None
+            rates = self.nsm_rates.get(nsm.name)
+            out.append({
+                **self._nsm_summary(nsm),
+                # What the namespace really runs, not only what was asked.
+                "congestion_control": netns.sysctl_get("net.ipv4.tcp_congestion_control", nsm.netns),
+                "sysctl": dict(nsm.config.sysctls),
+                "tenants": sorted(t.name for t in tenants if t.nsm == nsm.name),
+                "draining": sorted(t.name for t in tenants if nsm.name in t.draining),
+                "sockets": s.sockets if s else None,
+                "tx_bytes": s.tx_bytes if s else None,
+                "rx_bytes": s.rx_bytes if s else None,
+                "tx_bps": round(rates[0]) if rates else None,
+                "rx_bps": round(rates[1]) if rates else None,
+            })
+        return out
+
+    def ps(self) -> list[dict[str, Any]]:
+        stats = self._engine_stats()
+        out = []
+        for t in sorted(list(self.tenants.values()), key=lambda t: t.name):
+            s = stats.tenant(t.name) if stats else None
+            rates = self.rates.get(t.name)
             out.append({
                 "name": t.name, "nsm": t.nsm, "id": t.id, "ipv4": t.ipv4, "ipv6": t.ipv6,
                 "netns": t.netns, "pids": netns.pids_in_netns(t.netns),
                 "sockets": s.sockets if s else None,
+                "memory": s.memory if s else None,
                 "tx_bytes": s.tx_bytes if s else None,
                 "rx_bytes": s.rx_bytes if s else None,
+                "tx_bps": round(rates[0]) if rates else None,
+                "rx_bps": round(rates[1]) if rates else None,
+                "refused_sockets": s.refused_sockets if s else None,
+                "refused_memory": s.refused_memory if s else None,
+                "policy": asdict(t.policy),
+                "draining": list(t.draining),
             })
         return out
 
-    def conns(self, tenant: Any) -> list[dict[str, Any]]:
-        if tenant is not None and tenant not in self.tenants:
-            raise TenantError(f"no tenant named {tenant!r}")
-        return [asdict(c) for c in self.engine_client.conns()
+    def conns(self, tenant: str | None) -> list[dict[str, Any]]:
+        if tenant is not None:
+            self._tenant(tenant)
+        return [asdict(c) for c in self.engine_client.conns(tenant)
                 if tenant is None or c.tenant == tenant]
 
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s netkernel[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    def metrics_snapshot(self) -> Snapshot:
+        try:
+            stats: EngineStats | None = self.engine_client.stats()
+        except NetKernelError:
+            stats = None
+        tenants = list(self.tenants.values())
+        return Snapshot(
+            up=stats is not None,
+            tenants=tuple(TenantSample(t.name, t.nsm, t.policy, stats.tenant(t.name) if stats else None)
+                          for t in tenants),
+            nsms=tuple(NSMSample(n.name, sum(1 for t in tenants if t.nsm == n.name),
+                                 stats.nsm(n.name) if stats else None)
+                       for n in list(self.nsms.values())),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,9 +1009,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         config = load_config(args.config)
-    except NetKernelError as e:
+    except ConfigError as e:
         log.error("%s", e)
         return 1
+    configure_logging(args.log_level, config.log_format)
     return Daemon(config).run()
 
 
