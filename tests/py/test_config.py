@@ -217,3 +217,10 @@ def test_locate_key() -> None:
     line = locate_key(text, ("tenant", 1, "weight"))
     assert line is not None and lines[line - 1] == "[[tenant]]" and lines[line] == 'name = "db"'
     assert format_key_path(("nsm", 1, "sysctl", "net.core.somaxconn")) == 'nsm[1].sysctl."net.core.somaxconn"'
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "netkernel.toml"
+    c = load_config(example)
+    assert [n.name for n in c.nsms] == ["kernel", "bbr"]
+    assert [(t.name, t.nsm) for t in c.tenants] == [("web", "kernel"), ("batch", "bbr")]
