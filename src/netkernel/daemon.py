@@ -238,10 +238,12 @@ def cleanup_all(keep_lock: bool = False) -> list[str]:
     for name in ours:
         netns.netns_del(name)  # takes the NSM's eth0 and its veth peer with it
         removed.append(f"netns {name}")
-    try:
-        steer.remove_all(BRIDGE)
-    except Exception as e:  # the rest must still go
-        log.warning("removing the steering rules of %s failed: %s", BRIDGE, e)
+    # Without nft no tenant was ever moved, so there is no steering table to remove.
+    if shutil.which(steer.NFT):
+        try:
+            steer.remove_all(BRIDGE)
+        except Exception as e:  # the rest must still go
+            log.warning("removing the steering rules of %s failed: %s", BRIDGE, e)
     for link in netns.link_names():
         if link == BRIDGE or link.startswith(NSM_VETH_PREFIX):
             netns.link_del(link)
