@@ -90,7 +90,7 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
                    help="share of a bottleneck relative to other tenants, 1-1000")
     p.add_argument("--max-sockets", type=_argument_type(config.parse_max_sockets, "count"),
                    metavar="N", help=f"open sockets at most (1-{config.MAX_SLOTS}, capped at the "
-                   f"engine's {config.ENGINE_SLOTS} slots)")
+                   f"engine's {config.ENGINE_SLOTS} slots; 0 = no limit but the slots)")
     p.add_argument("--max-memory", type=_argument_type(config.parse_size, "size"), metavar="SIZE",
                    help="shared memory for socket rings, e.g. 512MiB (2 MiB per socket); 0 = unlimited")
 
@@ -447,7 +447,8 @@ def _ps_rows(tenants: list[dict[str, Any]]) -> list[list[Any]]:
         rows.append([t["name"], nsm, t["ipv4"], ",".join(map(str, t["pids"])) or "-", t["sockets"],
                      _bytes(t["memory"]), _bytes(t["tx_bytes"]), _bytes(t["rx_bytes"]),
                      _bps(t["tx_bps"]), _bps(t["rx_bps"]), _limit(p["rate_tx"]), _limit(p["rate_rx"]),
-                     p["weight"], p["max_sockets"], format_size(p["max_memory"], zero="unlimited")])
+                     p["weight"], p["max_sockets"] or "unlimited",
+                     format_size(p["max_memory"], zero="unlimited")])
     return rows
 
 

@@ -186,8 +186,9 @@ def parse_weight(value: object) -> int:
 
 
 def parse_max_sockets(value: object) -> int:
-    """1..MAX_SLOTS; capped at the engine's slots per tenant, since no more can ever open."""
-    return min(_whole_number(value, "socket limit", 1, MAX_SLOTS), ENGINE_SLOTS)
+    """0 (no limit but the tenant's slots) or 1..MAX_SLOTS, capped at the engine's slots per
+    tenant, since no more can ever open."""
+    return min(_whole_number(value, "socket limit", 0, MAX_SLOTS), ENGINE_SLOTS)
 
 
 def format_rate(bits: int | None) -> str:
@@ -223,7 +224,7 @@ class Policy:
     rate_tx: int = 0
     rate_rx: int = 0
     weight: int = 1
-    max_sockets: int = ENGINE_SLOTS
+    max_sockets: int = ENGINE_SLOTS  # 0: no limit but the slots
     max_memory: int = 0
 
     def engine_args(self) -> str:
@@ -232,7 +233,7 @@ class Policy:
 
     def describe(self) -> str:
         return (f"rate_tx={format_rate(self.rate_tx)} rate_rx={format_rate(self.rate_rx)} "
-                f"weight={self.weight} max_sockets={self.max_sockets} "
+                f"weight={self.weight} max_sockets={self.max_sockets or 'unlimited'} "
                 f"max_memory={format_size(self.max_memory, zero='unlimited')}")
 
 
