@@ -178,6 +178,8 @@ class ApiServer(socketserver.ThreadingUnixStreamServer):
         if missing:
             raise AssertionError(f"no handler for op(s) {', '.join(sorted(missing))}")
         self.handlers = handlers
+        # A directory made here (a configured api_socket elsewhere) goes again at stop().
+        self._made_dir = None if path.parent.exists() else path.parent
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         try:
             path.unlink()
@@ -213,3 +215,8 @@ class ApiServer(socketserver.ThreadingUnixStreamServer):
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise
+        if self._made_dir is not None:
+            try:
+                self._made_dir.rmdir()
+            except OSError:
+                pass  # not empty: someone else put something there

@@ -104,6 +104,7 @@ def test_api_group_gets_0660(tmp_path: Path) -> None:
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == group.gr_gid
     finally:
         srv.stop()
+    assert not path.parent.exists()
 
 
 def test_cli_finds_socket_from_option_then_env(server: tuple[Path, api.ApiServer], tmp_path: Path,
