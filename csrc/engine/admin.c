@@ -247,13 +247,13 @@ static void command(struct nk_admin *a, char *line) {
     for (struct nk_tenant *t = E.tenants; t; t = t->next)
       out(a, "tenant %s id=%u nsm=%s sockets=%u tx_bytes=%llu rx_bytes=%llu memory=%llu"
           " rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu"
-          " refused_sockets=%llu refused_memory=%llu slots=%u",
+          " refused_sockets=%llu refused_memory=%llu slots=%u engine_ns=%llu engine_skips=%llu",
           t->name, t->id, t->nsm->name, t->nsocks, (unsigned long long)t->tx_bytes,
           (unsigned long long)t->rx_bytes, (unsigned long long)nk_tenant_memory(t),
           (unsigned long long)t->rate[NK_TX] * 8, (unsigned long long)t->rate[NK_RX] * 8,
           t->weight, t->max_sockets, (unsigned long long)t->max_memory,
           (unsigned long long)t->refused_sockets, (unsigned long long)t->refused_memory,
-          t->nslots);
+          t->nslots, (unsigned long long)t->cpu_total_ns, (unsigned long long)t->cpu_skips);
     for (struct nk_nsm *m = E.nsms; m; m = m->next) {
       uint32_t tenants = 0, socks = 0;
       for (struct nk_tenant *t = E.tenants; t; t = t->next) {

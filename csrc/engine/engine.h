@@ -122,9 +122,10 @@ struct nk_tenant {
   struct nk_esock *active_head, *active_tail;
   bool in_active;
   bool carried; /* had more work than one round's budget */
-  uint64_t cpu_used_ns; /* when the engine last worked for it */
+  uint64_t cpu_used_ns; /* when it last had the engine, or sat out a round for it */
   double cpu_tokens;    /* engine time (ns) it may still use while others contend */
   uint64_t cpu_last_ns;
+  uint64_t cpu_total_ns, cpu_skips; /* engine time spent on it; rounds it sat out */
   struct nk_tenant *next_active;
   int dns_fd, dns_up_fd;
   int diag_fd; /* NETLINK_SOCK_DIAG in the tenant's namespace */

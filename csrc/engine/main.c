@@ -131,6 +131,10 @@ static bool run_active(void) {
       if (contending > 1) {
         cpu_refill(t, now, weights);
         if (t->carried && t->cpu_tokens < 0) { /* over its share: next round */
+          /* Still contending: were it to drop out, it would come back alone, with the whole
+           * budget, in a burst that the others wait behind. */
+          t->cpu_used_ns = now;
+          t->cpu_skips++;
           queue_tenant(t);
           continue;
         }
@@ -147,6 +151,7 @@ static bool run_active(void) {
       }
       uint64_t t1 = nk_now_ns();
       t->cpu_used_ns = t1;
+      t->cpu_total_ns += t1 - t0;
       if (contending > 1) t->cpu_tokens -= (double)(t1 - t0);
       if (t->active_head && !t->dead) {
         t->carried = true;
