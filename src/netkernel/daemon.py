@@ -736,27 +736,28 @@ class Daemon:
             # Moving back to an NSM it is still draining from: its addresses are still there.
             present = set(netns.addr_list("eth0", netns=new.netns))
             added = not set(t.cidrs) <= present
-            if added:
-                self._add_tenant_addresses(t, new)
             warning = None
             try:
-                self.engine_client.tenant_move(name, new.name)
-            except EngineError as e:
-                if e.errno_name not in ("ENOENT", "EINVAL"):
-                    # The engine did move the tenant, but some listener could not be opened
-                    # in the new NSM: finish the move (the engine is already there) and say so.
-                    warning = e.engine_message
-                else:
-                    if added:
-                        self._remove_tenant_addresses(t, new.name)
-                    if e.unsupported:
-                        raise TenantError("this engine cannot move tenants (tenant-move); "
-                                          "update it") from None
-                    raise TenantError(f"cannot move tenant {name!r} to {new.name!r}: "
-                                      f"{e.engine_message}") from None
-            try:
+                # Steer first: pin the flows that live in the old NSM and point new traffic at
+                # the new one before it holds the addresses. Adding them first would let a
+                # peer that re-resolves the address meanwhile send an old connection's
+                # packets to the new NSM, which answers them with a reset.
                 t.steered = True
                 steer.begin_move(BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns)
+                if added:
+                    self._add_tenant_addresses(t, new)
+                try:
+                    self.engine_client.tenant_move(name, new.name)
+                except EngineError as e:
+                    if e.errno_name in ("ENOENT", "EINVAL"):
+                        if e.unsupported:
+                            raise TenantError("this engine cannot move tenants (tenant-move); "
+                                              "update it") from None
+                        raise TenantError(f"the engine refused: {e.engine_message}") from None
+                    # The engine did move the tenant, but some listener could not be opened in
+                    # the new NSM: finish the move (the engine is already there) and say so.
+                    warning = e.engine_message
+                # Connections the old NSM accepted or opened meanwhile get pinned too.
                 time.sleep(MOVE_SETTLE)
                 pinned = steer.begin_move(BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns)
                 self.engine_client.tenant_move_done(name)
@@ -975,6 +976,8 @@ class Daemon:
                 "rx_bps": round(rates[1]) if rates else None,
                 "refused_sockets": s.refused_sockets if s else None,
                 "refused_memory": s.refused_memory if s else None,
+                "engine_seconds": s.engine_ns / 1e9 if s and s.engine_ns is not None else None,
+                "engine_skips": s.engine_skips if s else None,
                 "policy": asdict(t.policy),
                 "draining": list(t.draining),
             })

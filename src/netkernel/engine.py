@@ -45,6 +45,8 @@ class TenantStats:
     max_memory: int | None = None
     refused_sockets: int | None = None
     refused_memory: int | None = None
+    engine_ns: int | None = None  # engine time spent serving the tenant's sockets
+    engine_skips: int | None = None  # rounds it sat out, over its share of engine time
 
 
 @dataclass(frozen=True)

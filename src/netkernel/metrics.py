@@ -71,6 +71,13 @@ class NetKernelCollector(Collector):
                                      "Ingress rate limit in bits/s (0 = unlimited)", labels=labels)
         weight = GaugeMetricFamily("netkernel_tenant_weight",
                                    "Share of a bottleneck relative to other tenants", labels=labels)
+        engine = CounterMetricFamily(
+            "netkernel_tenant_engine_seconds",
+            "Engine time spent serving the tenant's sockets", labels=labels)
+        skips = CounterMetricFamily(
+            "netkernel_tenant_engine_skips",
+            "Engine rounds the tenant sat out for being over its share of engine time",
+            labels=labels)
         for t in snap.tenants:
             values = [t.name, t.nsm]
             s = t.stats
@@ -81,11 +88,14 @@ class NetKernelCollector(Collector):
                     refused.add_metric(values, float((s.refused_sockets or 0) + (s.refused_memory or 0)))
                 _add(sockets, values, s.sockets)
                 _add(memory, values, s.memory)
+                if s.engine_ns is not None:
+                    engine.add_metric(values, s.engine_ns / 1e9)
+                _add(skips, values, s.engine_skips)
             # The engine's view when it reports one, else the policy the daemon gave it.
             _add(limit_tx, values, _first(s.rate_tx if s else None, t.policy.rate_tx))
             _add(limit_rx, values, _first(s.rate_rx if s else None, t.policy.rate_rx))
             _add(weight, values, _first(s.weight if s else None, t.policy.weight))
-        yield from (tx, rx, refused, sockets, memory, limit_tx, limit_rx, weight)
+        yield from (tx, rx, refused, sockets, memory, engine, skips, limit_tx, limit_rx, weight)
 
         nsm_tx = CounterMetricFamily("netkernel_nsm_tx_bytes", "Bytes sent through the NSM", labels=["nsm"])
         nsm_rx = CounterMetricFamily("netkernel_nsm_rx_bytes", "Bytes received through the NSM",
