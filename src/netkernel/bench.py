@@ -11,7 +11,10 @@ and the bridge ``nk0``:
 
 For each metric the native and the NetKernel run alternate (native first on odd
 repetitions, NetKernel first on even ones) and the median of the repetitions is reported
-with ratio = netkernel / native. The floors are informational: the bench exits 0 when it
+with ratio = netkernel / native. One metric is about isolation rather than speed:
+``noisy_neighbour_kept``, the share of a quiet program's request/response rate that it keeps
+while a noisy neighbour floods the stack (a second tenant, or natively a second namespace,
+writing 16 bytes at a time on 200 connections). The floors are informational: the bench exits 0 when it
 measured everything, whatever the numbers, and non-zero when a program is missing or a
 run failed.
 """
@@ -45,10 +48,13 @@ from .errors import NetKernelError, NotRootError
 # -- what is measured -----------------------------------------------------------------------
 
 TENANT = "nkbench"
+NOISY_TENANT = "nkbench-noisy"
 PEER_NS = "nkb-peer"
 NATIVE_NS = "nkb-native"
+NOISY_NS = "nkb-noisy"
 PEER_V4, PEER_V6 = "198.19.250.1", "fd6e:6b00::ff:fa"
 NATIVE_V4, NATIVE_V6 = "198.19.251.1", "fd6e:6b00::ff:fb"
+NOISY_V4, NOISY_V6 = "198.19.252.1", "fd6e:6b00::ff:fc"
 PREFIX_V4, PREFIX_V6 = 15, 64
 FABRIC_V4 = ipaddress.ip_network("198.18.0.0/15")  # the default config's subnet
 
@@ -57,6 +63,7 @@ SOCKPERF_PORT = 11111
 HTTP_PORT = 80
 REDIS_PORT = 6379
 IDLE_PORT = 7000
+SINK_PORT = 7001
 
 DEFAULT_DURATION = 10
 DEFAULT_REPETITIONS = 3
@@ -85,7 +92,7 @@ class Floor:
 
     op: str  # ">=", "<=" or "<"
     bound: float
-    of: str = "ratio"
+    of: str = "ratio"  # or "value" (a figure of NetKernel alone, in per cent) or "netkernel"
 
     def met(self, x: float | None) -> bool | None:
         if x is None:
@@ -99,6 +106,8 @@ class Floor:
     def __str__(self) -> str:
         if self.of == "ratio":
             return f"ratio {self.op} {self.bound:g}"
+        if self.of == "netkernel":
+            return f"netkernel {self.op} {self.bound:g}"
         return f"{self.op} {self.bound:g} %"
 
     def as_json(self) -> dict[str, Any]:
@@ -125,6 +134,9 @@ METRICS: tuple[Metric, ...] = (
            "nginx 1 KiB file, wrk with Connection: close, 32 connections"),
     Metric("redis_get_rps", "req/s", ("redis-server", "redis-benchmark"), Floor(">=", 0.7),
            "redis-server GET, redis-benchmark 32 clients"),
+    Metric("noisy_neighbour_kept", "kept", ("sockperf",), Floor(">=", 0.8, of="netkernel"),
+           "share of a quiet sockperf ping-pong's rate kept beside a noisy neighbour "
+           "(200 connections, 16-byte writes)"),
     Metric("idle_cpu_percent", "%", (), Floor("<", 2.0, of="value"),
            "engine + daemon CPU over 5 s with the tenant idle, percent of one core"),
 )
@@ -436,6 +448,44 @@ while True:
 """
 
 
+# The noisy neighbour: 200 connections, 16-byte writes as fast as it can (TCP_NODELAY, so
+# every write is a send of its own for the stack); and the sink it floods, in the peer.
+FLOOD_PROG = """\
+import socket, sys, time
+socks = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(200)]
+for s in socks:
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setblocking(False)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    for s in socks:
+        try:
+            s.send(b"x" * 16)
+        except BlockingIOError:
+            pass
+"""
+
+SINK_PROG = """\
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+ls = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=512)
+sel.register(ls, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is ls:
+            c, _ = ls.accept()
+            sel.register(c, selectors.EVENT_READ)
+        else:
+            try:
+                data = key.fileobj.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+"""
+
+
 # -- the bench ------------------------------------------------------------------------------------
 
 @dataclass
@@ -465,6 +515,11 @@ class MetricResult:
     def ratio(self) -> float | None:
         return ratio(self.native, self.netkernel)
 
+    @property
+    def meets_floor(self) -> bool | None:
+        floor = self.metric.floor
+        return floor.met(self.netkernel if floor.of == "netkernel" else self.ratio)
+
     def as_json(self) -> dict[str, Any]:
         r = self.ratio
         d: dict[str, Any] = {
@@ -474,7 +529,7 @@ class MetricResult:
             "netkernel": self.netkernel,
             "ratio": r,
             "floor": self.metric.floor.as_json(),
-            "meets_floor": self.metric.floor.met(r),
+            "meets_floor": self.meets_floor,
             "native_samples": self.samples["native"],
             "netkernel_samples": self.samples["netkernel"],
         }
@@ -556,7 +611,7 @@ def render_table(report: Report) -> str:
         rt = r.ratio
         rows.append([m.name, m.unit, _fmt(r.native, m.unit), _fmt(r.netkernel, m.unit),
                      "-" if rt is None else f"{rt:.2f}", str(m.floor),
-                     verdict(m.floor.met(rt), r.error)])
+                     verdict(r.meets_floor, r.error)])
     if report.idle is not None:
         floor = next(m.floor for m in METRICS if m.name == IDLE)
         rows.append([IDLE, "%", "-", _fmt(report.idle.percent, "%"), "-", str(floor),
@@ -602,6 +657,7 @@ class Bench:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.started_daemon = False
         self.made_tenant = False
+        self.made_noisy_tenant = False
         self.made_ns: list[str] = []
         self.peer = Place("peer", PEER_V4, netns=PEER_NS)
         self.native = Place("native", NATIVE_V4, netns=NATIVE_NS)
@@ -760,15 +816,16 @@ class Bench:
 
     def _remove_leftovers(self) -> None:
         """An aborted earlier run (kill -9) may have left our namespaces or tenant."""
-        stale = [n for n in netns.netns_list() if n in (PEER_NS, NATIVE_NS)]
+        stale = [n for n in netns.netns_list() if n in (PEER_NS, NATIVE_NS, NOISY_NS)]
         if stale:
             self.say(f"removing leftovers of an earlier run: {', '.join(stale)}")
             self._del_namespaces(stale)
-        for link in (PEER_NS, NATIVE_NS):
+        for link in (PEER_NS, NATIVE_NS, NOISY_NS):
             netns.link_del(link)
-        if any(t.get("name") == TENANT for t in api.call("ps").get("tenants", [])):
-            self.say(f"removing tenant {TENANT} left by an earlier run")
-            api.call("tenant-delete", name=TENANT)
+        for t in api.call("ps").get("tenants", []):
+            if t.get("name") in (TENANT, NOISY_TENANT):
+                self.say(f"removing tenant {t['name']} left by an earlier run")
+                api.call("tenant-delete", name=t["name"])
 
     @staticmethod
     def _del_namespaces(names: list[str]) -> None:
@@ -785,13 +842,15 @@ class Bench:
                 self.stop(p, timeout=5)
             except Exception as e:  # keep cleaning
                 problems.append(f"stopping pid {p.pid}: {e}")
-        if self.made_tenant:
+        for made, name in ((self.made_tenant, TENANT), (self.made_noisy_tenant, NOISY_TENANT)):
+            if not made:
+                continue
             try:
-                if any(t.get("name") == TENANT for t in api.call("ps").get("tenants", [])):
-                    api.call("tenant-delete", name=TENANT)
+                if any(t.get("name") == name for t in api.call("ps").get("tenants", [])):
+                    api.call("tenant-delete", name=name)
             except NetKernelError as e:
                 if api.ping() is not None:  # a daemon that died took the tenant with it
-                    problems.append(f"deleting tenant {TENANT}: {e}")
+                    problems.append(f"deleting tenant {name}: {e}")
         try:
             self._del_namespaces(list(self.made_ns))
         except Exception as e:
@@ -848,6 +907,7 @@ class Bench:
             "nginx_keepalive_rps": lambda r: self.m_nginx(r, close=False),
             "nginx_close_rps": lambda r: self.m_nginx(r, close=True),
             "redis_get_rps": self.m_redis,
+            "noisy_neighbour_kept": self.m_noisy,
         }
         try:
             fn[m.name](res)
@@ -1016,6 +1076,70 @@ class Bench:
                     self.stop(server)
                 res.samples[place.name].append(rps)
                 self.progress(res.metric, place, rep, f"{rps:,.0f} req/s")
+
+    def _noisy_places(self) -> tuple[Place, Place]:
+        """Where the floods come from: a namespace of their own (native) and a second tenant."""
+        if NOISY_NS not in self.made_ns:
+            self._attach_ns(NOISY_NS, NOISY_V4, NOISY_V6)
+        self.made_noisy_tenant = True
+        t = api.call("tenant-create", name=NOISY_TENANT)["tenant"]
+        return Place("native", NOISY_V4, netns=NOISY_NS), Place("netkernel", str(t["ipv4"]),
+                                                              tenant=NOISY_TENANT)
+
+    def m_noisy(self, res: MetricResult) -> None:
+        """Per side and repetition: the quiet ping-pong alone, then beside the flood; the
+        sample is the rate kept (beside / alone). The flood's programs run at the lowest CPU
+        priority, so what is compared is the stacks' isolation, not the CPU scheduler's."""
+        assert self.tenant is not None
+        d = max(1, min(self.opts.duration, 6))
+        noisy_native, noisy_nk = self._noisy_places()
+        sink = self._peer_server(["nice", "-n", "19", sys.executable, "-c", SINK_PROG, PEER_V4,
+                                  str(SINK_PORT)], SINK_PORT, "sink")
+        server = self._peer_server(["sockperf", "server", "--tcp", "-i", PEER_V4, "-p",
+                                    str(SOCKPERF_PORT)], SOCKPERF_PORT, "sockperf-server")
+
+        def rate(place: Place) -> float:
+            out = self.run(place, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t", str(d),
+                                   "-i", PEER_V4, "-p", str(SOCKPERF_PORT)], d + 60,
+                           "sockperf ping-pong")
+            try:
+                r = parse_sockperf(out)
+            except ParseError as e:
+                raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
+            if not r.get("avg_us"):
+                raise BenchError(f"sockperf: no 'avg-latency' figure ({place.name})\n{_tail(out)}")
+            return 1e6 / (2 * r["avg_us"])  # sockperf's latency is half the round trip
+
+        alone: dict[str, list[float]] = {s: [] for s in SIDES}
+        beside: dict[str, list[float]] = {s: [] for s in SIDES}
+        try:
+            for rep in range(self.opts.repetitions):
+                for place in self.sides(rep):
+                    noisy = noisy_nk if place.tenant else noisy_native
+                    a = rate(place)
+                    log = f"flood-{place.name}.log"
+                    flood = self.spawn(noisy, ["nice", "-n", "19", sys.executable, "-c", FLOOD_PROG,
+                                               PEER_V4, str(SINK_PORT), str(d + 60)], log)
+                    try:
+                        time.sleep(2)  # connected and flooding
+                        if flood.poll() is not None:
+                            raise self._died(flood, noisy, "flood", log)
+                        with self.engine_load(place):
+                            b = rate(place)
+                    finally:
+                        self.stop(flood)
+                    time.sleep(1)  # let the stack drain what the flood left queued
+                    alone[place.name].append(round(a))
+                    beside[place.name].append(round(b))
+                    res.samples[place.name].append(b / a)
+                    self.progress(res.metric, place, rep, f"{a:,.0f} round trips/s alone, "
+                                  f"{b:,.0f} beside the flood: kept {b / a:.2f}")
+        finally:
+            self.stop(server, signal.SIGINT)
+            self.stop(sink)
+        for side in SIDES:
+            res.extra[f"{side}_alone_rt_per_s"] = alone[side]
+            res.extra[f"{side}_beside_rt_per_s"] = beside[side]
 
     def m_idle(self) -> IdleResult:
         assert self.tenant is not None

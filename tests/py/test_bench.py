@@ -375,6 +375,7 @@ def test_floors() -> None:
         "nginx_keepalive_rps": (">=", 0.7, "ratio"),
         "nginx_close_rps": (">=", 0.5, "ratio"),
         "redis_get_rps": (">=", 0.7, "ratio"),
+        "noisy_neighbour_kept": (">=", 0.8, "netkernel"),
         "idle_cpu_percent": ("<", 2.0, "value"),
     }
 
@@ -429,6 +430,23 @@ def test_render_table() -> None:
     # Aligned: every row of the table starts each column at the same offset.
     col = lines[0].index("netkernel")
     assert all(len(ln) > col and ln[col - 1] == " " for ln in table)
+
+
+def test_noisy_floor_is_on_the_netkernel_figure() -> None:
+    # The share kept beside a flood: the floor applies to NetKernel's own figure, the ratio
+    # (netkernel / native) is context.
+    res = MetricResult(next(m for m in METRICS if m.name == "noisy_neighbour_kept"))
+    res.samples = {"native": [3.2, 1.0, 3.6], "netkernel": [0.9, 0.85, 0.7]}
+    d = res.as_json()
+    assert d["netkernel"] == 0.85 and d["meets_floor"] is True
+    assert d["ratio"] == pytest.approx(0.85 / 3.2)
+    res.samples["netkernel"] = [0.42, 0.4, 0.46]
+    assert res.as_json()["meets_floor"] is False
+    report = Report([res], None, {}, {"duration": 5, "repetitions": 3})
+    row = next(ln for ln in bench.render_table(report).splitlines()
+               if ln.startswith("noisy_neighbour_kept"))
+    assert row.split()[2:5] == ["3.20", "0.42", "0.13"] and "netkernel >= 0.8" in row
+    assert row.rstrip().endswith("NO")
 
 
 def test_select_metrics() -> None:
@@ -516,7 +534,7 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon) -> None:
     assert rep["machine"]["cpus"] == os.cpu_count()
     assert rep["errors"] == []
     # One progress line per measurement on stderr.
-    assert proc.stderr.count("run 1/1:") == 10, where
+    assert proc.stderr.count("run 1/1:") == 12, where
     # Cleaned up, and the daemon it found running is still running.
     assert _leftovers() == []
     assert "nkbench" not in [t["name"] for t in nk_daemon.ps()]
