@@ -215,6 +215,9 @@ struct nk_engine {
   uint64_t spin_ns;
   uint32_t nzombies;
   uint64_t next_sweep_ns;
+  /* Most bytes one service of a socket moves each way: unbounded while one tenant has the
+   * engine, NK_SERVICE_BYTES while several contend (see run_active). */
+  uint64_t service_bytes;
   bool stop;
 };
 extern struct nk_engine E;
@@ -264,6 +267,7 @@ int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_
 
 /* policy.c */
 #define NK_QUANTUM 16384u /* smallest grant worth a system call for a stream */
+#define NK_SERVICE_BYTES 65536u
 uint64_t nk_policy_grant(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t want,
                          uint64_t need);
 void nk_policy_charge(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t n);

@@ -113,12 +113,18 @@ static bool run_active(void) {
   E.active_tenants = NULL;
   uint64_t now = nk_now_ns();
   uint32_t weights = 0, contending = 0;
+  /* Contending: has work queued now, or had the engine lately (its next request is on the
+   * way). Queued work must count: a tenant made to wait, by a long service of another's,
+   * would otherwise look idle, and the other would get the engine to itself. */
   for (struct nk_tenant *t = E.tenants; t; t = t->next)
-    if (t->cpu_used_ns + NK_CONTEND_NS > now) {
+    if (t->in_active || t->cpu_used_ns + NK_CONTEND_NS > now) {
       weights += t->weight;
       contending++;
     }
   int budget = contending > 1 ? 1 : NK_TENANT_BUDGET;
+  /* A socket with a large backlog would otherwise hold the engine for as long as the kernel
+   * takes to move all of it (a 1 MiB ring: hundreds of microseconds) while others wait. */
+  E.service_bytes = contending > 1 ? NK_SERVICE_BYTES : UINT64_MAX;
   for (int pass = 0; pass < 2; pass++) {
     for (struct nk_tenant **p = &round; *p;) {
       struct nk_tenant *t = *p;
@@ -159,6 +165,7 @@ static bool run_active(void) {
       }
     }
   }
+  E.service_bytes = UINT64_MAX;
   return any;
 }
 
@@ -240,6 +247,7 @@ int main(int argc, char **argv) {
   struct epoll_event evs[256];
   uint64_t last_work = nk_now_ns();
   E.next_wake_ns = UINT64_MAX;
+  E.service_bytes = UINT64_MAX;
   while (!E.stop) {
     int64_t timeout_ns = 0;
     bool slept = false;

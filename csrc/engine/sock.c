@@ -296,8 +296,13 @@ static void stream_tx(struct nk_esock *es) {
     return;
   }
   struct nk_nsm *m = nk_sock_nsm(es);
+  uint64_t budget = E.service_bytes;
   while (fill > 0 && es->can_write) {
-    uint64_t want = (uint64_t)fill;
+    if (budget == 0) { /* the rest in a later round */
+      nk_sock_activate(es);
+      break;
+    }
+    uint64_t want = (uint64_t)fill < budget ? (uint64_t)fill : budget;
     uint64_t grant = nk_policy_grant(es, m, NK_TX, want, want < NK_QUANTUM ? want : NK_QUANTUM);
     if (grant == 0) break; /* woken when the tokens are there */
     struct iovec iov[2];
@@ -308,6 +313,7 @@ static void stream_tx(struct nk_esock *es) {
     if (n > 0) {
       nk_ring_consume(&es->tx, (uint32_t)n);
       fill -= n;
+      budget -= (uint64_t)n;
       es->tx_bytes += (uint64_t)n;
       es->t->tx_bytes += (uint64_t)n;
       nk_policy_charge(es, m, NK_TX, (uint64_t)n);
@@ -331,7 +337,12 @@ static void stream_tx(struct nk_esock *es) {
 
 static void stream_rx(struct nk_esock *es) {
   struct nk_slot *s = slot_of(es);
+  uint64_t budget = E.service_bytes;
   while (es->can_read && !atomic_load(&s->rx_eof)) {
+    if (budget == 0) { /* the rest in a later round */
+      nk_sock_activate(es);
+      break;
+    }
     int64_t fill = nk_ring_fill_checked(&es->rx);
     if (fill < 0) {
       nk_sock_reset(es, ECONNRESET);
@@ -349,6 +360,7 @@ static void stream_rx(struct nk_esock *es) {
       return;
     }
     atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed);
+    if (space > budget) space = (uint32_t)budget;
     struct nk_nsm *m = nk_sock_nsm(es);
     uint64_t grant = nk_policy_grant(es, m, NK_RX, space, space < NK_QUANTUM ? space : NK_QUANTUM);
     if (grant == 0) return; /* TCP flow control holds the sender meanwhile */
@@ -359,6 +371,7 @@ static void stream_rx(struct nk_esock *es) {
     ssize_t n = readv(es->kfd[0], iov, cnt);
     if (n > 0) {
       nk_ring_produce(&es->rx, (uint32_t)n);
+      budget -= (uint64_t)n;
       es->rx_bytes += (uint64_t)n;
       es->t->rx_bytes += (uint64_t)n;
       nk_policy_charge(es, m, NK_RX, (uint64_t)n);
