@@ -113,11 +113,8 @@ static bool run_active(void) {
   E.active_tenants = NULL;
   uint64_t now = nk_now_ns();
   uint32_t weights = 0, contending = 0;
-  /* Contending: has work queued now, or had the engine lately (its next request is on the
-   * way). Queued work must count: a tenant made to wait, by a long service of another's,
-   * would otherwise look idle, and the other would get the engine to itself. */
   for (struct nk_tenant *t = E.tenants; t; t = t->next)
-    if (t->in_active || t->cpu_used_ns + NK_CONTEND_NS > now) {
+    if (t->cpu_used_ns + NK_CONTEND_NS > now) {
       weights += t->weight;
       contending++;
     }
