@@ -398,12 +398,16 @@ def test_conns_agree_with_the_peers_view(tenant: Callable[..., Tenant], peer_ns:
     """RTT and bytes from `netkernel conns` (the NSM's TCP_INFO, the engine's counters) against
     what the remote host's kernel says about the same connection. A 100 Mbit/s bottleneck each
     way, with data both ways, makes the round trip milliseconds of queueing, which both ends
-    see alike (this kernel has no netem for a plain delay)."""
+    see alike (this kernel has no netem for a plain delay). Receive buffers on both sides cap
+    what is in flight below what the bottleneck queues hold: the queues stay at one window
+    instead of swinging through loss and recovery, so the RTT holds still while it is sampled."""
     peer = peer_ns()
-    n = nsm("vis")
+    rmem = "net.ipv4.tcp_rmem=4096 131072 131072"
+    n = nsm("vis", "--sysctl", rmem)
+    subprocess.run(["ip", "netns", "exec", peer.name, "sysctl", "-qw", rmem], check=True)
     for ns in (nsm_netns(n), peer.name):
         subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
-                        "rate", "100mbit", "burst", "64kb", "latency", "10ms"], check=True)
+                        "rate", "100mbit", "burst", "64kb", "latency", "20ms"], check=True)
     t = tenant(uname("vis"), n)
     server = peer.popen([sys.executable, "-c", DUPLEX, "listen", "5701", "11"],
                         stdout=subprocess.PIPE, text=True)
