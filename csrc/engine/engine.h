@@ -126,6 +126,7 @@ struct nk_tenant {
   double cpu_tokens;    /* engine time (ns) it may still use while others contend */
   uint64_t cpu_last_ns;
   uint64_t cpu_total_ns, cpu_skips; /* engine time spent on it; rounds it sat out */
+  uint32_t throttled_socks; /* its sockets waiting for rate or link tokens */
   struct nk_tenant *next_active;
   int dns_fd, dns_up_fd;
   int diag_fd; /* NETLINK_SOCK_DIAG in the tenant's namespace */

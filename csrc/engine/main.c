@@ -114,7 +114,9 @@ static bool run_active(void) {
   uint64_t now = nk_now_ns();
   uint32_t weights = 0, contending = 0;
   for (struct nk_tenant *t = E.tenants; t; t = t->next)
-    if (t->cpu_used_ns + NK_CONTEND_NS > now) {
+    /* A tenant whose work waits for its rate limit or its share of a link, not for the
+     * engine, does not contend: an unlimited neighbour keeps the whole engine meanwhile. */
+    if (t->cpu_used_ns + NK_CONTEND_NS > now && !(t->throttled_socks && !t->in_active)) {
       weights += t->weight;
       contending++;
     }

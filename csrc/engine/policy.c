@@ -72,6 +72,7 @@ static void throttle(struct nk_esock *es, uint64_t until) {
     if (until < es->throttle_until) es->throttle_until = until;
   } else {
     es->throttled = true;
+    es->t->throttled_socks++;
     es->throttle_until = until;
     es->next_throttled = E.throttled;
     E.throttled = es;
@@ -143,6 +144,7 @@ void nk_policy_wake_due(uint64_t now) {
     if (es->throttle_until <= now) {
       *p = es->next_throttled;
       es->throttled = false;
+      es->t->throttled_socks--;
       nk_sock_activate(es);
     } else {
       if (es->throttle_until < next) next = es->throttle_until;
@@ -160,6 +162,7 @@ void nk_policy_unthrottle(struct nk_esock *es) {
       break;
     }
   es->throttled = false;
+  es->t->throttled_socks--;
 }
 
 /* Committed shared memory: each socket owns a transmit and a receive ring. */
