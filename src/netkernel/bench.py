@@ -1,26 +1,29 @@
-"""`netkernel bench`: NetKernel against the native stack, interleaved in one run.
+"""`netkernel bench`: NetKernel side by side with native, pasta and slirp4netns, in one run.
 
-Both configurations run the same unmodified program and reach the same peer over one veth
-and the bridge ``nk0``:
+Every configuration runs the same unmodified program and reaches the same peer over the
+bridge ``nk0``:
 
 ```
- nkb-native (198.19.251.1) ── veth ─┐
-                                    ├── nk0 ── veth ── nkb-peer (198.19.250.1)
- tenant nkbench ─ engine ─ NSM ─ veth ┘                  servers / load generators
+ nkb-native (198.19.251.1) ── veth ───────────────────┐
+ tenant nkbench ─ engine ─ NSM ─ veth ────────────────┤
+ nkb-pasta ─ tap ─ pasta in nkb-pasta-h ─ veth ───────┼── nk0 ── veth ── nkb-peer (198.19.250.1)
+ nkb-slirp ─ tap ─ slirp4netns in nkb-slirp-h ─ veth ─┤          servers / load generators
+ nkb-slirp15 (MTU 1500) ─ … in nkb-slirp15-h ─ veth ──┘
 ```
 
-For each metric the native and the NetKernel run alternate (native first on odd
-repetitions, NetKernel first on even ones) and the median of the repetitions is reported
-with ratio = netkernel / native. One metric is about isolation rather than speed:
-``noisy_neighbour_kept``, the share of a quiet program's request/response rate that it keeps
-while a noisy neighbour floods the stack (a second tenant, or natively a second namespace,
-writing 16 bytes at a time on 200 connections). The floors are informational: the bench exits 0 when it
-measured everything, whatever the numbers, and non-zero when a program is missing or a
-run failed.
+For each workload the configurations take turns (the first one rotates with the repetition)
+and the median of the repetitions is reported with min-max, the ratio to native and the
+machine's CPU per unit of work. Two workloads are about NetKernel's own job rather than
+speed, measured against native only: ``noisy_neighbour_kept``, the share of a quiet
+program's request/response rate that it keeps while a noisy neighbour floods the stack, and
+``muxN_gbps``, N sandboxes at once (N tenants on one engine thread, or N namespaces). The
+floors are informational: the bench exits 0 when it measured everything, whatever the
+numbers, and non-zero when a program is missing or a run failed.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -55,10 +58,20 @@ NOISY_NS = "nkb-noisy"
 PEER_V4, PEER_V6 = "198.19.250.1", "fd6e:6b00::ff:fa"
 NATIVE_V4, NATIVE_V6 = "198.19.251.1", "fd6e:6b00::ff:fb"
 NOISY_V4, NOISY_V6 = "198.19.252.1", "fd6e:6b00::ff:fc"
+# The user-mode peers: each runs in a "host" namespace of ours (attached to nk0 like the
+# native one, no route anywhere else) and serves a sandbox namespace through a tap device.
+PASTA_NS, PASTA_HOST_NS = "nkb-pasta", "nkb-pasta-h"
+PASTA_V4, PASTA_V6 = "198.19.251.2", "fd6e:6b00::ff:f2"
+PASTA_GW = "198.19.253.254"  # pasta's gateway for the sandbox: an address nobody has
+SLIRP_GUEST_V4 = "10.0.2.100"  # slirp4netns's fixed guest address
+USERMODE_PORTS = (80, 6379)  # forwarded into the sandbox: nginx and redis-server
 PREFIX_V4, PREFIX_V6 = 15, 64
 FABRIC_V4 = ipaddress.ip_network("198.18.0.0/15")  # the default config's subnet
 
 IPERF3_PORT = 5201
+MUX_PORT = 5301  # the multiplexing workload's iperf3 servers: MUX_PORT + i
+MUX_TENANT = "nkbench-mux"  # nkbench-mux0, nkbench-mux1, ...
+MUX_NS = "nkb-mux"  # nkb-mux0, ...: the native counterparts
 SOCKPERF_PORT = 11111
 HTTP_PORT = 80
 REDIS_PORT = 6379
@@ -66,6 +79,7 @@ IDLE_PORT = 7000
 SINK_PORT = 7001
 
 DEFAULT_DURATION = 10
+QUICK_DURATION = 3
 DEFAULT_REPETITIONS = 3
 IDLE_SECONDS = 5.0
 IDLE_SETTLE = 1.0
@@ -81,9 +95,43 @@ PACKAGES = {
     "wrk": "wrk",
     "redis-server": "redis-server",
     "redis-benchmark": "redis-tools",
+    "pasta": "passt",
+    "slirp4netns": "slirp4netns",
     "ip": "iproute2",
     "ss": "iproute2",
 }
+
+
+SIDES = ("native", "netkernel")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One way of giving a sandbox its network, measured with the same programs."""
+
+    name: str
+    what: str
+    programs: tuple[str, ...] = ()
+    mtu: int | None = None
+    host_ns: str | None = None  # user-mode peers: where they run and make their sockets
+    host_v4: str = ""
+    host_v6: str = ""
+
+
+CONFIGS: tuple[Configuration, ...] = (
+    Configuration("native", "the kernel stack in the sandbox's own namespace, a veth to the bridge"),
+    Configuration("netkernel", "a NetKernel tenant: GuestLib, shared-memory rings, the engine, "
+                  "the kernel NSM"),
+    Configuration("pasta", "pasta (passt) serving the sandbox's tap, MTU 65520, its sockets "
+                  "in nkb-pasta-h", ("pasta",), 65520, PASTA_HOST_NS, PASTA_V4, PASTA_V6),
+    Configuration("slirp4netns", "slirp4netns, MTU 65520, its sockets in nkb-slirp-h",
+                  ("slirp4netns",), 65520, "nkb-slirp-h", "198.19.251.3", "fd6e:6b00::ff:f3"),
+    Configuration("slirp4netns-1500", "slirp4netns, MTU 1500, its sockets in nkb-slirp15-h",
+                  ("slirp4netns",), 1500, "nkb-slirp15-h", "198.19.251.4", "fd6e:6b00::ff:f4"),
+)
+CONFIG_NAMES = tuple(c.name for c in CONFIGS)
+# What NetKernel is compared with beyond native: the single-stream and latency floors.
+PEERS = ("pasta", "slirp4netns", "slirp4netns-1500")
 
 
 @dataclass(frozen=True)
@@ -119,30 +167,48 @@ class Metric:
     name: str
     unit: str
     programs: tuple[str, ...]
-    floor: Floor
+    floor: Floor | None
     what: str
+    # Where it is measured: all configurations, or only native and NetKernel (isolation).
+    configs: tuple[str, ...] | None = None
 
 
 METRICS: tuple[Metric, ...] = (
     Metric("iperf3_tcp_gbps", "Gbit/s", ("iperf3",), Floor(">=", 0.7),
            "iperf3 TCP throughput, one stream, client on the measured side"),
+    Metric("iperf3_tcp_p4_gbps", "Gbit/s", ("iperf3",), None,
+           "iperf3 TCP throughput, 4 streams, client on the measured side sends"),
+    Metric("iperf3_tcp_rx_gbps", "Gbit/s", ("iperf3",), None,
+           "iperf3 TCP throughput, one stream, the measured side receives (-R)"),
+    Metric("iperf3_tcp_rx_p4_gbps", "Gbit/s", ("iperf3",), None,
+           "iperf3 TCP throughput, 4 streams, the measured side receives (-R)"),
     Metric("tcp_rr_p50_us", "us", ("sockperf",), Floor("<=", 1.6),
            "sockperf TCP ping-pong p50 latency, 64-byte messages"),
     Metric("nginx_keepalive_rps", "req/s", ("nginx", "wrk"), Floor(">=", 0.7),
            "nginx 1 KiB file, wrk keep-alive, 32 connections"),
     Metric("nginx_close_rps", "req/s", ("nginx", "wrk"), Floor(">=", 0.5),
            "nginx 1 KiB file, wrk with Connection: close, 32 connections"),
+    Metric("nginx_1m_keepalive_rps", "req/s", ("nginx", "wrk"), None,
+           "nginx 1 MiB file, wrk keep-alive, 32 connections"),
+    Metric("nginx_1m_close_rps", "req/s", ("nginx", "wrk"), None,
+           "nginx 1 MiB file, wrk with Connection: close, 32 connections"),
     Metric("redis_get_rps", "req/s", ("redis-server", "redis-benchmark"), Floor(">=", 0.7),
            "redis-server GET, redis-benchmark 32 clients"),
+    Metric("redis_set_rps", "req/s", ("redis-server", "redis-benchmark"), None,
+           "redis-server SET, redis-benchmark 32 clients"),
+    *(Metric(f"mux{n}_gbps", "Gbit/s", ("iperf3",), None,
+             f"aggregate iperf3 throughput of {n} sandbox(es) at once, one stream each: "
+             f"{n} tenant(s) on one engine thread vs {n} native namespace(s)", configs=SIDES)
+      for n in (1, 4, 16)),
     Metric("noisy_neighbour_kept", "kept", ("sockperf",), Floor(">=", 0.8, of="netkernel"),
            "share of a quiet sockperf ping-pong's rate kept beside a noisy neighbour "
-           "(200 connections, 16-byte writes)"),
+           "(200 connections, 16-byte writes)", configs=SIDES),
     Metric("idle_cpu_percent", "%", (), Floor("<", 2.0, of="value"),
-           "engine + daemon CPU over 5 s with the tenant idle, percent of one core"),
+           "engine + daemon CPU over 5 s with the tenant idle, percent of one core",
+           configs=("netkernel",)),
 )
 METRIC_NAMES = tuple(m.name for m in METRICS)
 IDLE = "idle_cpu_percent"
-SIDES = ("native", "netkernel")
 
 
 class BenchError(NetKernelError):
@@ -278,10 +344,27 @@ def select_metrics(only: str | None) -> list[Metric]:
     return [m for m in METRICS if m.name in wanted]
 
 
-def missing_programs(metrics: Sequence[Metric]) -> list[str]:
+def select_configs(only: str | None) -> list[Configuration]:
+    """native and netkernel always; of the user-mode peers all, or those named."""
+    if not only:
+        return list(CONFIGS)
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    if wanted == ["none"]:
+        wanted = []
+    unknown = [w for w in wanted if w not in PEERS and w not in SIDES]
+    if unknown or (not wanted and only.strip() != "none"):
+        raise BenchError(f"--configs: unknown configuration {', '.join(unknown) or '(none)'} "
+                         f"(known: {', '.join(PEERS)}; native and netkernel are always measured; "
+                         "'none' for no others)")
+    return [c for c in CONFIGS if c.name in SIDES or c.name in wanted]
+
+
+def missing_programs(metrics: Sequence[Metric], configs: Sequence[Configuration] = ()) -> list[str]:
     needed = ["ip", "ss"]
     for m in metrics:
         needed += [p for p in m.programs if p not in needed]
+    for c in configs:
+        needed += [p for p in c.programs if p not in needed]
     return [p for p in needed if shutil.which(p) is None]
 
 
@@ -289,6 +372,14 @@ def missing_message(missing: Sequence[str]) -> str:
     pkgs = sorted({PACKAGES.get(p, p) for p in missing})
     return (f"bench needs {', '.join(missing)}, not found in PATH; "
             f"install with: apt-get install {' '.join(pkgs)}")
+
+
+def machine_busy_ticks() -> int:
+    """All CPUs' non-idle time (user, nice, system, irq, softirq, steal) in clock ticks."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq + steal
 
 
 def proc_cpu_ticks(pid: int) -> int:
@@ -364,6 +455,8 @@ def program_versions(programs: Sequence[str]) -> dict[str, str]:
         "nginx": ["nginx", "-v"],
         "wrk": ["wrk", "-v"],
         "redis-server": ["redis-server", "--version"],
+        "slirp4netns": ["slirp4netns", "--version"],
+        "pasta": ["dpkg-query", "-W", "-f", "passt ${Version}", "passt"],  # no --version
     }
     out = {}
     for p in programs:
@@ -399,10 +492,11 @@ class Place:
     """Where a program runs: a namespace we made (via `ip netns exec`) or the tenant
     (via `netkernel run`)."""
 
-    name: str  # "peer", "native", "netkernel"
-    addr: str
+    name: str  # "peer", or a configuration's name
+    addr: str  # where the peer reaches its servers
     netns: str | None = None
     tenant: str | None = None
+    listen: str | None = None  # the address its servers bind, when not addr (slirp4netns)
 
     def argv(self, cmd: Sequence[str]) -> list[str]:
         if self.tenant is not None:
@@ -507,12 +601,19 @@ class Options:
     repetitions: int = DEFAULT_REPETITIONS
     metrics: list[Metric] = field(default_factory=lambda: list(METRICS))
     quick: bool = False
+    configs: list[Configuration] = field(default_factory=lambda: list(CONFIGS))
+    out: Path | None = None  # folder for the Markdown table, the JSON and the charts
+
+
+def configs_of(m: Metric, configs: Sequence[Configuration]) -> list[Configuration]:
+    """The chosen configurations that metric m is measured in, in bench order."""
+    return [c for c in configs if m.configs is None or c.name in m.configs]
 
 
 @dataclass
 class MetricResult:
     metric: Metric
-    samples: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SIDES})
+    samples: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONFIG_NAMES})
     extra: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
@@ -531,7 +632,31 @@ class MetricResult:
     @property
     def meets_floor(self) -> bool | None:
         floor = self.metric.floor
+        if floor is None:
+            return None
         return floor.met(self.netkernel if floor.of == "netkernel" else self.ratio)
+
+    def value(self, config: str) -> float | None:
+        return median(self.samples.get(config, []))
+
+    def cpu_per_unit(self, config: str) -> float | None:
+        """Cores busy machine-wide per Gbit/s, or core-seconds per 1000 requests."""
+        cores, v = self.extra.get(f"{config}_cpu_cores"), self.value(config)
+        if cores is None or not v or self.metric.unit not in ("Gbit/s", "req/s"):
+            return None
+        return float(cores) / (v if self.metric.unit == "Gbit/s" else v / 1000.0)
+
+    def configurations(self) -> dict[str, dict[str, Any]]:
+        """Per configuration measured: median, min, max, samples, ratio to native."""
+        out: dict[str, dict[str, Any]] = {}
+        for c, xs in self.samples.items():
+            if not xs:
+                continue
+            out[c] = {"value": median(xs), "min": min(xs), "max": max(xs), "samples": xs,
+                      "ratio_to_native": ratio(self.native, median(xs)),
+                      "cpu_cores": self.extra.get(f"{c}_cpu_cores"),
+                      "cpu_per_unit": self.cpu_per_unit(c)}
+        return out
 
     def as_json(self) -> dict[str, Any]:
         r = self.ratio
@@ -541,10 +666,11 @@ class MetricResult:
             "native": self.native,
             "netkernel": self.netkernel,
             "ratio": r,
-            "floor": self.metric.floor.as_json(),
+            "floor": self.metric.floor.as_json() if self.metric.floor else None,
             "meets_floor": self.meets_floor,
             "native_samples": self.samples["native"],
             "netkernel_samples": self.samples["netkernel"],
+            "configurations": self.configurations(),
         }
         d.update(self.extra)
         if self.error:
@@ -562,7 +688,7 @@ class IdleResult:
     error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        floor = next(m.floor for m in METRICS if m.name == IDLE)
+        floor = IDLE_FLOOR
         return {
             "percent": self.percent, "engine_percent": self.engine,
             "daemon_percent": self.daemon, "tenant_processes_percent": self.tenant,
@@ -587,14 +713,52 @@ class Report:
         return errs
 
     def as_json(self) -> dict[str, Any]:
+        entries = []
+        for r in self.results:
+            for c, d in r.configurations().items():
+                entries.append({"metric": r.metric.name, "configuration": c, "unit": r.metric.unit,
+                                **{k: v for k, v in d.items()}})
         return {
             "results": [r.as_json() for r in self.results],
+            "entries": entries,
+            "peer_floors": peer_floors(self.results),
             "idle_cpu_percent": self.idle.percent if self.idle else None,
             "idle_cpu": self.idle.as_json() if self.idle else None,
             "machine": self.machine,
             "settings": self.settings,
             "errors": self.errors,
         }
+
+
+IDLE_FLOOR = Floor("<", 2.0, of="value")
+
+
+def peer_floors(results: Sequence[MetricResult]) -> list[dict[str, Any]]:
+    """NetKernel against the user-mode peers: single-stream throughput at least 1.5 times
+    theirs, request/response latency no higher; and 16 tenants multiplexed on one engine
+    thread take no more CPU per Gbit/s than 16 native namespaces."""
+    out = []
+    for r in results:
+        if r.metric.name not in ("iperf3_tcp_gbps", "tcp_rr_p50_us"):
+            continue
+        want = (">=", 1.5) if r.metric.name == "iperf3_tcp_gbps" else ("<=", 1.0)
+        for peer in PEERS:
+            x = ratio(r.value(peer), r.netkernel)
+            if x is None:
+                continue
+            out.append({"metric": r.metric.name, "peer": peer, "netkernel_over_peer": x,
+                        "floor": f"netkernel / {peer} {want[0]} {want[1]:g}",
+                        "met": Floor(want[0], want[1]).met(x)})
+    for r in results:
+        if r.metric.name != "mux16_gbps":
+            continue
+        # 16 tenants on one engine against 16 namespaces: CPU for the same throughput.
+        x = ratio(r.cpu_per_unit("native"), r.cpu_per_unit("netkernel"))
+        if x is not None:
+            out.append({"metric": r.metric.name, "peer": "native", "netkernel_over_peer": x,
+                        "floor": "CPU per Gbit/s, 16 tenants / 16 native namespaces <= 1",
+                        "met": Floor("<=", 1.0).met(x)})
+    return out
 
 
 def _fmt(x: float | None, unit: str) -> str:
@@ -619,16 +783,22 @@ def render_table(report: Report) -> str:
             return "FAILED (error below)"
         return "-" if ok is None else ("yes" if ok else "NO")
 
+    # The user-mode peers measured, in columns after NetKernel's floor.
+    others = [c for c in PEERS if any(r.samples.get(c) for r in report.results)]
+    headers += others
+    right |= {7 + i for i in range(len(others))}
     for r in report.results:
         m = r.metric
         rt = r.ratio
         rows.append([m.name, m.unit, _fmt(r.native, m.unit), _fmt(r.netkernel, m.unit),
-                     "-" if rt is None else f"{rt:.2f}", str(m.floor),
-                     verdict(r.meets_floor, r.error)])
+                     "-" if rt is None else f"{rt:.2f}", str(m.floor or "-"),
+                     verdict(r.meets_floor, r.error)]
+                    + [_fmt(r.value(c), m.unit) for c in others])
     if report.idle is not None:
-        floor = next(m.floor for m in METRICS if m.name == IDLE)
+        floor = IDLE_FLOOR
         rows.append([IDLE, "%", "-", _fmt(report.idle.percent, "%"), "-", str(floor),
-                     verdict(floor.met(report.idle.percent), report.idle.error)])
+                     verdict(floor.met(report.idle.percent), report.idle.error)]
+                    + ["-" for _ in others])
     cells = [headers] + rows
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
@@ -638,12 +808,16 @@ def render_table(report: Report) -> str:
         lines.append("  ".join(parts).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     s = report.settings
-    notes = [f"median of {s['repetitions']} run(s) per side, {s['duration']} s each, "
-             "native and NetKernel alternating; ratio = netkernel / native"]
+    notes = [f"median of {s['repetitions']} run(s) per configuration, {s['duration']} s each, "
+             "configurations interleaved; ratio = netkernel / native"]
+    for f in peer_floors(report.results):
+        notes.append(f"{f['floor']}: {f['netkernel_over_peer']:.2f} "
+                     f"({'met' if f['met'] else 'NOT met'})")
     for r in report.results:
-        for side in SIDES:
+        for side in CONFIG_NAMES:
             errs = r.extra.get(f"{side}_socket_errors")
-            if errs is not None:
+            # native and NetKernel always (0 is the figure to check); the others when not 0.
+            if errs is not None and (side in SIDES or sum(errs.values())):
                 total = sum(errs.values())
                 bad = r.extra.get(f"{side}_non_2xx_3xx", 0)
                 detail = ", ".join(f"{k} {v}" for k, v in errs.items())
@@ -661,6 +835,110 @@ def render_table(report: Report) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+def render_markdown(report: Report) -> str:
+    """The full table: per metric and configuration the median with min-max, the ratio to
+    native, and the CPU it took (machine-wide, load generator included)."""
+    configs = [c for c in CONFIG_NAMES if any(r.samples.get(c) for r in report.results)]
+    s = report.settings
+    out = ["# netkernel bench", "",
+           f"Median of {s.get('repetitions')} run(s) of {s.get('duration')} s per configuration "
+           "(min–max in brackets), configurations interleaved; ×N is the ratio to native.", ""]
+    out.append("| metric | unit | " + " | ".join(configs) + " | floor (NetKernel) |")
+    out.append("|---|---|" + "---:|" * len(configs) + "---|")
+    for r in report.results:
+        m = r.metric
+        cells = []
+        for c in configs:
+            xs = r.samples.get(c) or []
+            if not xs:
+                cells.append("FAILED" if r.error else "–")
+                continue
+            cell = _fmt(median(xs), m.unit)
+            if len(xs) > 1:
+                cell += f" ({_fmt(min(xs), m.unit)}–{_fmt(max(xs), m.unit)})"
+            rt = ratio(r.native, median(xs))
+            if c != "native" and rt is not None:
+                cell += f" ×{rt:.2f}"
+            cells.append(cell)
+        verdict = "" if r.meets_floor is None else (" met" if r.meets_floor else " NOT met")
+        out.append(f"| {m.name} | {m.unit} | " + " | ".join(cells)
+                   + f" | {m.floor or '–'}{verdict} |")
+    if report.idle is not None and report.idle.percent is not None:
+        out += ["", f"Idle: engine + daemon {report.idle.percent:.2f} % of one core "
+                f"(floor {IDLE_FLOOR})."]
+    cpu_rows = [r for r in report.results if any(r.cpu_per_unit(c) is not None for c in configs)]
+    if cpu_rows:
+        out += ["", "## CPU", "",
+                "Busy cores of the whole machine during each run (/proc/stat: the configuration, "
+                "its helpers and the load generator in the peer, which is the same for all) per "
+                "Gbit/s, or core-seconds per 1000 requests. Lower is better.", "",
+                "| metric | per | " + " | ".join(configs) + " |",
+                "|---|---|" + "---:|" * len(configs)]
+        for r in cpu_rows:
+            per = "Gbit/s" if r.metric.unit == "Gbit/s" else "1k req"
+            vals = [r.cpu_per_unit(c) for c in configs]
+            out.append(f"| {r.metric.name} | {per} | "
+                       + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
+    floors = peer_floors(report.results)
+    if floors:
+        out += ["", "## NetKernel against the user-mode stacks", ""]
+        out += [f"- {f['floor']}: {f['netkernel_over_peer']:.2f} — "
+                f"{'met' if f['met'] else 'NOT met'}" for f in floors]
+    if report.errors:
+        out += ["", "## Errors", ""] + [f"- {e.splitlines()[0]}" for e in report.errors]
+    return "\n".join(out) + "\n"
+
+
+def check_out_dir(out: Path) -> None:
+    """Before measuring: the folder can be written, and matplotlib is there for the charts."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BenchError("--out writes PNG charts with matplotlib, which is not installed; "
+                         "install it with: pip install matplotlib (or pip install "
+                         "'netkernel[bench]')") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BenchError(f"--out {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise BenchError(f"--out {out}: not writable")
+
+
+def write_outputs(report: Report, out: Path) -> list[Path]:
+    """results.md, results.json and one chart per metric (median bars, min-max whiskers)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.md", out / "results.json"]
+    written[0].write_text(render_markdown(report))
+    written[1].write_text(json.dumps(report.as_json(), indent=2) + "\n")
+    charts = out / "charts"
+    charts.mkdir(exist_ok=True)
+    for r in report.results:
+        names = [c for c in CONFIG_NAMES if r.samples.get(c)]
+        if not names:
+            continue
+        meds = [median(r.samples[c]) or 0.0 for c in names]
+        lo = [m - min(r.samples[c]) for m, c in zip(meds, names, strict=True)]
+        hi = [max(r.samples[c]) - m for m, c in zip(meds, names, strict=True)]
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        colors = ["#777777" if c == "native" else "#1f77b4" if c == "netkernel" else "#ff7f0e"
+                  for c in names]
+        ax.bar(names, meds, yerr=[lo, hi], capsize=4, color=colors)
+        ax.set_ylabel(r.metric.unit)
+        ax.set_title(f"{r.metric.name}: {r.metric.what}", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        fig.tight_layout()
+        path = charts / f"{r.metric.name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 class Bench:
     def __init__(self, opts: Options, progress: TextIO | None = None) -> None:
         self.opts = opts
@@ -671,17 +949,22 @@ class Bench:
         self.started_daemon = False
         self.made_tenant = False
         self.made_noisy_tenant = False
+        self.mux_tenants: list[str] = []
+        self.usermode: dict[str, subprocess.Popen[bytes]] = {}  # pasta / slirp4netns
+        # A count, not a duration: a quick pass must not wait on slirp4netns (~4k req/s).
+        self.redis_requests = REDIS_REQUESTS // 5 if opts.quick else REDIS_REQUESTS
         self.made_ns: list[str] = []
         self.peer = Place("peer", PEER_V4, netns=PEER_NS)
         self.native = Place("native", NATIVE_V4, netns=NATIVE_NS)
         self.tenant: Place | None = None
+        self.places: dict[str, Place] = {}  # configuration name -> where its programs run
         self.tenant_netns = ""
         self.status: dict[str, Any] = {}
         self.engine_pid: int | None = None
         self._engine_cpu: list[float] = []  # per NetKernel run of the current metric
+        self._cpu: dict[str, list[float]] = {}  # machine-wide cores busy, per configuration
         self.step = 0
-        measured = [m for m in opts.metrics if m.name != IDLE]
-        self.total_steps = len(measured) * opts.repetitions * 2
+        self.total_steps = self._steps_through(None)
 
     # -- output ----------------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -761,6 +1044,9 @@ class Bench:
     def wait_accepting(self, addr: str, port: int, p: subprocess.Popen[bytes], place: Place,
                        what: str, log_name: str, timeout: float = 20) -> None:
         """Poll from the peer namespace until addr:port accepts (the path the load takes)."""
+        if place.name in PEERS and place.netns:
+            # pasta and slirp4netns accept on the host side before they try the sandbox.
+            self.wait_listening(place.netns, port, p, place, what, log_name, timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if p.poll() is not None:
@@ -812,8 +1098,98 @@ class Bench:
         t = reply["tenant"]
         self.tenant = Place("netkernel", str(t["ipv4"]), tenant=TENANT)
         self.tenant_netns = str(t["netns"])
+        self.places = {"native": self.native, "netkernel": self.tenant}
         self.say(f"peer {PEER_NS} {PEER_V4}, native {NATIVE_NS} {NATIVE_V4}, tenant {TENANT} "
                  f"{t['ipv4']} (NSM {t['nsm']}); all on bridge {BRIDGE}")
+        for c in self.opts.configs:
+            if c.host_ns is not None:
+                self.places[c.name] = self._setup_usermode(c)
+                self.say(f"{c.name}: sandbox {c.host_ns[:-2]} behind {c.name} in {c.host_ns} "
+                         f"{c.host_v4}, MTU {c.mtu}; started afresh for each workload")
+
+    def _fresh_usermode(self, m: Metric) -> None:
+        """A new pasta or slirp4netns (and sandbox) for each workload: slirp4netns slows down
+        by an order of magnitude, and resets connections, after tens of thousands of
+        connections (measured: redis 48k -> 3.6k req/s after the nginx close runs), and
+        that must not be charged to whichever workload comes next."""
+        for c in configs_of(m, self.opts.configs):
+            if c.host_ns is None:
+                continue
+            p = self.usermode.pop(c.name, None)
+            if p is not None:
+                self.stop(p)
+            # The host namespace stays: a new veth there would have a new MAC, which the
+            # peer's neighbour cache would not know for seconds (stalls, resets).
+            sandbox = c.host_ns[:-2]
+            if sandbox in self.made_ns:
+                self._del_namespaces([sandbox])
+                self.made_ns.remove(sandbox)
+            self.places[c.name] = self._setup_usermode(c, fresh=False)
+
+    def _setup_usermode(self, c: Configuration, fresh: bool = True) -> Place:
+        """A sandbox namespace served by pasta or slirp4netns, which run in a host namespace
+        of ours: their sockets reach the peer over the bridge and nothing else (no default
+        route). nginx's and redis-server's ports are forwarded into the sandbox."""
+        assert c.host_ns is not None
+        sandbox = c.host_ns[:-2]
+        if fresh:
+            self._attach_ns(c.host_ns, c.host_v4, c.host_v6)
+        self.made_ns.append(sandbox)
+        netns.netns_add(sandbox)
+        netns.ip("link", "set", "lo", "up", netns=sandbox)
+        host = Place(f"{c.name} host", c.host_v4, netns=c.host_ns)
+        log = f"{c.name}.log"
+        if c.name == "pasta":
+            # As root pasta would switch to nobody, who may not join our namespace.
+            p = self.spawn(host, ["pasta", "--runas", "0", "-f", "-q", "--config-net", "-4",
+                                  "-m", str(c.mtu), "-i", "eth0", "-g", PASTA_GW,
+                                  "-t", ",".join(map(str, USERMODE_PORTS)), "-u", "none",
+                                  "-T", "none", "-U", "none", "--netns", sandbox], log)
+            place = Place(c.name, c.host_v4, netns=sandbox)
+            self._wait_sandbox(sandbox, c.host_v4, p, place, log)
+        else:
+            api_sock = self.tmp / f"{c.name}.sock"
+            api_sock.unlink(missing_ok=True)
+            p = self.spawn(host, ["slirp4netns", "--configure", f"--mtu={c.mtu}",
+                                  "--disable-host-loopback", "--api-socket", str(api_sock),
+                                  "--netns-type=path", f"/run/netns/{sandbox}", "tap0"], log)
+            place = Place(c.name, c.host_v4, netns=sandbox, listen=SLIRP_GUEST_V4)
+            self._wait_sandbox(sandbox, SLIRP_GUEST_V4, p, place, log)
+            deadline = time.monotonic() + 10
+            while not api_sock.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)  # created after the tap is configured
+            for port in USERMODE_PORTS:
+                self._slirp_forward(api_sock, c.host_v4, port, place)
+        self.usermode[c.name] = p
+        return place
+
+    def _wait_sandbox(self, sandbox: str, addr: str, p: subprocess.Popen[bytes], place: Place,
+                      log: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise self._died(p, place, place.name, log)
+            r = subprocess.run(["ip", "-n", sandbox, "-4", "-o", "addr", "show"],
+                               capture_output=True, text=True)
+            if f" {addr}/" in r.stdout:
+                return
+            time.sleep(0.1)
+        raise BenchError(f"{place.name}: the sandbox has no address {addr} after {timeout:.0f}s:\n"
+                         f"{_tail(self.log_text(log))}")
+
+    def _slirp_forward(self, api_sock: Path, host_addr: str, port: int, place: Place) -> None:
+        req = {"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_addr": host_addr,
+                                                        "host_port": port, "guest_port": port}}
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(api_sock))
+                s.sendall(json.dumps(req).encode())
+                reply = json.loads(s.recv(4096) or b"{}")
+        except (OSError, ValueError) as e:
+            raise BenchError(f"{place.name}: forwarding port {port}: {e}") from None
+        if "return" not in reply:
+            raise BenchError(f"{place.name}: forwarding port {port}: {reply}")
 
     def _attach_ns(self, ns: str, v4: str, v6: str) -> None:
         """Like tests/conftest.py's peer_ns: a veth from the namespace to nk0."""
@@ -829,14 +1205,21 @@ class Bench:
 
     def _remove_leftovers(self) -> None:
         """An aborted earlier run (kill -9) may have left our namespaces or tenant."""
-        stale = [n for n in netns.netns_list() if n in (PEER_NS, NATIVE_NS, NOISY_NS)]
+        ours = [PEER_NS, NATIVE_NS, NOISY_NS]
+        for c in CONFIGS:
+            if c.host_ns is not None:
+                ours += [c.host_ns, c.host_ns[:-2]]
+        stale = [n for n in netns.netns_list() if n in ours]
         if stale:
             self.say(f"removing leftovers of an earlier run: {', '.join(stale)}")
             self._del_namespaces(stale)
-        for link in (PEER_NS, NATIVE_NS, NOISY_NS):
+        for link in ours:
             netns.link_del(link)
+        stale_mux = [n for n in netns.netns_list() if n.startswith(MUX_NS)]
+        if stale_mux:
+            self._del_namespaces(stale_mux)
         for t in api.call("ps").get("tenants", []):
-            if t.get("name") in (TENANT, NOISY_TENANT):
+            if t.get("name") in (TENANT, NOISY_TENANT) or str(t.get("name")).startswith(MUX_TENANT):
                 self.say(f"removing tenant {t['name']} left by an earlier run")
                 api.call("tenant-delete", name=t["name"])
 
@@ -855,7 +1238,9 @@ class Bench:
                 self.stop(p, timeout=5)
             except Exception as e:  # keep cleaning
                 problems.append(f"stopping pid {p.pid}: {e}")
-        for made, name in ((self.made_tenant, TENANT), (self.made_noisy_tenant, NOISY_TENANT)):
+        tenants = [(self.made_tenant, TENANT), (self.made_noisy_tenant, NOISY_TENANT)]
+        tenants += [(True, name) for name in self.mux_tenants]
+        for made, name in tenants:
             if not made:
                 continue
             try:
@@ -880,49 +1265,67 @@ class Bench:
         return problems
 
     # -- measurements -----------------------------------------------------------------------
-    def sides(self, rep: int) -> list[Place]:
-        assert self.tenant is not None
-        order = [self.native, self.tenant]
-        return order if rep % 2 == 0 else order[::-1]
+    def sides(self, rep: int, m: Metric | None = None) -> list[Place]:
+        """The configurations in this repetition's order: rotated each time, so that each
+        goes first in turn and drift favours none."""
+        names = [c.name for c in configs_of(m, self.opts.configs)] if m else list(SIDES)
+        order = [self.places[n] for n in names]
+        k = rep % len(order)
+        return order[k:] + order[:k]
 
     @contextmanager
     def engine_load(self, place: Place) -> Iterator[None]:
-        """The engine's CPU (percent of one core) while a NetKernel run's load is on."""
-        pid = self.engine_pid
+        """While a run's load is on: the machine's busy cores (everything the configuration
+        and the load generator use, from /proc/stat) and, for NetKernel, the engine's CPU
+        (percent of one core)."""
+        pid = self.engine_pid if place.tenant is not None else None
+        t0, busy0 = time.monotonic(), machine_busy_ticks()
         before = None
-        if place.tenant is not None and pid is not None:
+        if pid is not None:
             try:
-                before = (time.monotonic(), proc_cpu_ticks(pid))
+                before = proc_cpu_ticks(pid)
             except (OSError, IndexError, ValueError):
                 pass
         yield
+        hz = os.sysconf("SC_CLK_TCK")
+        elapsed = max(time.monotonic() - t0, 1e-6)
+        self._cpu.setdefault(place.name, []).append((machine_busy_ticks() - busy0) / hz / elapsed)
         if before is None or pid is None:
             return
         try:
-            ticks = proc_cpu_ticks(pid) - before[1]
+            ticks = proc_cpu_ticks(pid) - before
         except (OSError, IndexError, ValueError):
             return
-        elapsed = max(time.monotonic() - before[0], 1e-6)
-        self._engine_cpu.append(ticks / os.sysconf("SC_CLK_TCK") / elapsed * 100.0)
+        self._engine_cpu.append(ticks / hz / elapsed * 100.0)
 
     def progress(self, m: Metric, place: Place, rep: int, text: str) -> None:
         self.step += 1
         width = len(str(self.total_steps))
-        self.say(f"[{self.step:>{width}}/{self.total_steps}] {m.name:<19} {place.name:<9} "
+        self.say(f"[{self.step:>{width}}/{self.total_steps}] {m.name:<22} {place.name:<16} "
                  f"run {rep + 1}/{self.opts.repetitions}: {text}")
 
     def measure(self, m: Metric) -> MetricResult:
         res = MetricResult(m)
         self._engine_cpu = []
+        self._cpu = {}
         fn: dict[str, Callable[[MetricResult], None]] = {
-            "iperf3_tcp_gbps": self.m_iperf3,
+            "iperf3_tcp_gbps": lambda r: self.m_iperf3(r, streams=1, receive=False),
+            "iperf3_tcp_p4_gbps": lambda r: self.m_iperf3(r, streams=4, receive=False),
+            "iperf3_tcp_rx_gbps": lambda r: self.m_iperf3(r, streams=1, receive=True),
+            "iperf3_tcp_rx_p4_gbps": lambda r: self.m_iperf3(r, streams=4, receive=True),
             "tcp_rr_p50_us": self.m_sockperf,
             "nginx_keepalive_rps": lambda r: self.m_nginx(r, close=False),
             "nginx_close_rps": lambda r: self.m_nginx(r, close=True),
-            "redis_get_rps": self.m_redis,
+            "nginx_1m_keepalive_rps": lambda r: self.m_nginx(r, close=False, path="1m.bin"),
+            "nginx_1m_close_rps": lambda r: self.m_nginx(r, close=True, path="1m.bin"),
+            "redis_get_rps": lambda r: self.m_redis(r, "get"),
+            "redis_set_rps": lambda r: self.m_redis(r, "set"),
             "noisy_neighbour_kept": self.m_noisy,
+            **{f"mux{n}_gbps": functools.partial(self.m_mux, n=n) for n in (1, 4, 16)},
         }
         try:
+            if self.step:  # the first workload has them fresh from setup
+                self._fresh_usermode(m)
             fn[m.name](res)
         except BenchError as e:
             res.error = str(e)
@@ -930,11 +1333,20 @@ class Bench:
             self.step = self._steps_through(m)
         if self._engine_cpu:
             res.extra["netkernel_engine_cpu_percent"] = round(median(self._engine_cpu) or 0.0, 1)
+        if m.name != "noisy_neighbour_kept":  # there the load is the flood, not the workload
+            for name, cores in self._cpu.items():
+                res.extra[f"{name}_cpu_cores"] = round(median(cores) or 0.0, 3)
         return res
 
-    def _steps_through(self, m: Metric) -> int:
-        measured = [x for x in self.opts.metrics if x.name != IDLE]
-        return (measured.index(m) + 1) * self.opts.repetitions * 2
+    def _steps_through(self, m: Metric | None) -> int:
+        """Progress steps up to and including metric m (None: all of them)."""
+        n = 0
+        for x in self.opts.metrics:
+            if x.name != IDLE:
+                n += self.opts.repetitions * len(configs_of(x, self.opts.configs))
+            if x is m:
+                break
+        return n
 
     def _peer_server(self, cmd: Sequence[str], port: int, what: str) -> subprocess.Popen[bytes]:
         log = f"{what}-peer.log"
@@ -942,16 +1354,18 @@ class Bench:
         self.wait_listening(PEER_NS, port, p, self.peer, what, log)
         return p
 
-    def m_iperf3(self, res: MetricResult) -> None:
+    def m_iperf3(self, res: MetricResult, streams: int, receive: bool) -> None:
         d = self.opts.duration
         server = self._peer_server(["iperf3", "-s", "-p", str(IPERF3_PORT), "-B", PEER_V4],
                                    IPERF3_PORT, "iperf3-server")
-        retrans: dict[str, float] = {s: 0.0 for s in SIDES}
+        retrans: dict[str, float] = {s: 0.0 for s in CONFIG_NAMES}
         try:
             for rep in range(self.opts.repetitions):
-                for place in self.sides(rep):
+                for place in self.sides(rep, res.metric):
                     cmd = ["iperf3", "-c", PEER_V4, "-p", str(IPERF3_PORT), "-t", str(d), "-J",
-                           "--connect-timeout", "5000"]
+                           "--connect-timeout", "5000", "-P", str(streams)]
+                    if receive:
+                        cmd.append("-R")
                     out = ""
                     with self.engine_load(place):
                         for _attempt in range(10):  # the server may still be finishing the last test
@@ -970,17 +1384,17 @@ class Bench:
                         raise self._died(server, self.peer, "iperf3 server", "iperf3-server-peer.log")
         finally:
             self.stop(server)
-        for s in SIDES:
-            res.extra[f"{s}_retransmits"] = int(retrans[s])
+        for c in configs_of(res.metric, self.opts.configs):
+            res.extra[f"{c.name}_retransmits"] = int(retrans[c.name])
 
     def m_sockperf(self, res: MetricResult) -> None:
         d = self.opts.duration
         server = self._peer_server(["sockperf", "server", "--tcp", "-i", PEER_V4, "-p",
                                     str(SOCKPERF_PORT)], SOCKPERF_PORT, "sockperf-server")
-        p99: dict[str, list[float]] = {s: [] for s in SIDES}
+        p99: dict[str, list[float]] = {s: [] for s in CONFIG_NAMES}
         try:
             for rep in range(self.opts.repetitions):
-                for place in self.sides(rep):
+                for place in self.sides(rep, res.metric):
                     with self.engine_load(place):
                         out = self.run(place, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t",
                                                str(d), "-i", PEER_V4, "-p", str(SOCKPERF_PORT)],
@@ -995,8 +1409,8 @@ class Bench:
                     self.progress(res.metric, place, rep, f"p50 {r['p50_us']:.1f} us")
         finally:
             self.stop(server, signal.SIGINT)
-        for s in SIDES:
-            res.extra[f"{s}_p99_us"] = median(p99[s])
+        for c in configs_of(res.metric, self.opts.configs):
+            res.extra[f"{c.name}_p99_us"] = median(p99[c.name])
 
     def _nginx_files(self) -> None:
         www = self.tmp / "www"
@@ -1005,22 +1419,24 @@ class Bench:
         (self.tmp / "tmp").mkdir(exist_ok=True)
         www.mkdir(exist_ok=True)
         www.chmod(0o755)
-        f = www / "1k.bin"
-        f.write_bytes(os.urandom(1024))
-        f.chmod(0o644)
+        for name, size in (("1k.bin", 1024), ("1m.bin", 1 << 20)):
+            f = www / name
+            f.write_bytes(os.urandom(size))
+            f.chmod(0o644)
 
-    def m_nginx(self, res: MetricResult, close: bool) -> None:
+    def m_nginx(self, res: MetricResult, close: bool, path: str = "1k.bin") -> None:
         self._nginx_files()
         d = self.opts.duration
         errors: dict[str, dict[str, int]] = {
-            s: {"connect": 0, "read": 0, "write": 0, "timeout": 0} for s in SIDES}
-        non2xx = {s: 0 for s in SIDES}
-        error_log_lines: dict[str, list[str]] = {s: [] for s in SIDES}
+            s: {"connect": 0, "read": 0, "write": 0, "timeout": 0} for s in CONFIG_NAMES}
+        non2xx = {s: 0 for s in CONFIG_NAMES}
+        error_log_lines: dict[str, list[str]] = {s: [] for s in CONFIG_NAMES}
         for rep in range(self.opts.repetitions):
-            for place in self.sides(rep):
+            for place in self.sides(rep, res.metric):
                 conf = self.tmp / f"nginx-{place.name}.conf"
+                listen = url_host(place.listen or place.addr)
                 conf.write_text(NGINX_CONF.format(d=self.tmp, side=place.name,
-                                                  listen=f"{url_host(place.addr)}:{HTTP_PORT}"))
+                                                  listen=f"{listen}:{HTTP_PORT}"))
                 errlog = self.tmp / f"nginx-{place.name}.error.log"
                 errlog.write_bytes(b"")
                 log = f"nginx-{place.name}.log"
@@ -1031,7 +1447,7 @@ class Bench:
                     cmd = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{d}s"]
                     if close:
                         cmd += ["-H", "Connection: close"]
-                    cmd.append(f"http://{url_host(place.addr)}:{HTTP_PORT}/1k.bin")
+                    cmd.append(f"http://{url_host(place.addr)}:{HTTP_PORT}/{path}")
                     with self.engine_load(place):
                         out = self.run(self.peer, cmd, d + 60, f"wrk against nginx ({place.name})")
                     try:
@@ -1056,15 +1472,16 @@ class Bench:
                     note = (f" (socket errors {r.total_socket_errors}, "
                             f"non-2xx/3xx {r.non_2xx_3xx})")
                 self.progress(res.metric, place, rep, f"{r.requests_per_sec:,.0f} req/s{note}")
-        for s in SIDES:
+        for c in configs_of(res.metric, self.opts.configs):
+            s = c.name
             res.extra[f"{s}_socket_errors"] = errors[s]
             res.extra[f"{s}_non_2xx_3xx"] = non2xx[s]
             res.extra[f"{s}_nginx_error_log"] = error_log_lines[s][:5]
             res.extra[f"{s}_nginx_error_log_lines"] = len(error_log_lines[s])
 
-    def m_redis(self, res: MetricResult) -> None:
+    def m_redis(self, res: MetricResult, test: str) -> None:
         for rep in range(self.opts.repetitions):
-            for place in self.sides(rep):
+            for place in self.sides(rep, res.metric):
                 log = f"redis-{place.name}.log"
                 server = self.spawn(place, ["redis-server", "--save", "", "--appendonly", "no",
                                             "--protected-mode", "no", "--port", str(REDIS_PORT)], log)
@@ -1073,12 +1490,13 @@ class Bench:
                     # Its connection loop never gives up, hence the timeout (and the wait above).
                     with self.engine_load(place):
                         out = self.run(self.peer, ["redis-benchmark", "-h", place.addr,
-                                                   "-p", str(REDIS_PORT), "-t", "get",
-                                                   "-n", str(REDIS_REQUESTS), "-c", str(REDIS_CLIENTS),
+                                                   "-p", str(REDIS_PORT), "-t", test,
+                                                   "-n", str(self.redis_requests),
+                                                   "-c", str(REDIS_CLIENTS),
                                                    "--csv"],
                                        300, f"redis-benchmark against redis-server ({place.name})")
                     try:
-                        rps = parse_redis_benchmark(out)
+                        rps = parse_redis_benchmark(out, test.upper())
                     except ParseError as e:
                         raise BenchError(f"{e} (against redis-server in {place.name})"
                                          + self._log_hint(place)) from None
@@ -1089,6 +1507,58 @@ class Bench:
                     self.stop(server)
                 res.samples[place.name].append(rps)
                 self.progress(res.metric, place, rep, f"{rps:,.0f} req/s")
+
+    def _mux_places(self, n: int) -> dict[str, list[Place]]:
+        """n native namespaces and n tenants (made once, for the largest n first asked)."""
+        have = len(self.mux_tenants)
+        for i in range(have, n):
+            ns = f"{MUX_NS}{i}"
+            self._attach_ns(ns, f"198.19.254.{i + 1}", f"fd6e:6b00::ff:{0xe0 + i:x}")
+            name = f"{MUX_TENANT}{i}"
+            self.mux_tenants.append(name)  # first: an interrupted create may still have happened
+            api.call("tenant-create", name=name)
+        t = {x.get("name"): x for x in api.call("ps").get("tenants", [])}
+        return {"native": [Place("native", f"198.19.254.{i + 1}", netns=f"{MUX_NS}{i}")
+                           for i in range(n)],
+                "netkernel": [Place("netkernel", str(t[f"{MUX_TENANT}{i}"]["ipv4"]).split("/")[0],
+                                    tenant=f"{MUX_TENANT}{i}") for i in range(n)]}
+
+    def m_mux(self, res: MetricResult, n: int) -> None:
+        """n sandboxes each running one iperf3 stream to its own server in the peer, all at
+        once; the sample is the sum. NetKernel: n tenants served by the one engine thread."""
+        d = self.opts.duration
+        places = self._mux_places(n)
+        servers = [self._peer_server(["iperf3", "-s", "-p", str(MUX_PORT + i), "-B", PEER_V4],
+                                     MUX_PORT + i, f"iperf3-server-{i}") for i in range(n)]
+        try:
+            for rep in range(self.opts.repetitions):
+                for side in self.sides(rep):
+                    clients = []
+                    with self.engine_load(side):
+                        for i, place in enumerate(places[side.name]):
+                            cmd = ["iperf3", "-c", PEER_V4, "-p", str(MUX_PORT + i), "-t", str(d),
+                                   "-J", "--connect-timeout", "5000"]
+                            log = f"mux-{side.name}-{i}.json"
+                            clients.append((self.spawn(place, cmd, log), log, place))
+                        for p, _, place in clients:
+                            try:
+                                p.wait(timeout=d + 60)
+                            except subprocess.TimeoutExpired:
+                                raise BenchError(f"iperf3 client ({place.name} {place.addr}) did "
+                                                 f"not finish within {d + 60}s") from None
+                    total = 0.0
+                    for p, log, place in clients:
+                        self.procs.remove(p)
+                        try:
+                            total += parse_iperf3(self.log_text(log))["gbps"]
+                        except ParseError as e:
+                            raise BenchError(f"{e} ({place.name} {place.addr})"
+                                             + self._log_hint(place)) from None
+                    res.samples[side.name].append(total)
+                    self.progress(res.metric, side, rep, f"{total:.2f} Gbit/s from {n} at once")
+        finally:
+            for srv in servers:
+                self.stop(srv)
 
     def _noisy_places(self) -> tuple[Place, Place]:
         """Where the floods come from: a namespace of their own (native) and a second tenant."""
@@ -1228,10 +1698,12 @@ class Bench:
             idle = self.m_idle()
         machine = machine_info()
         programs = sorted({p for m in self.opts.metrics for p in m.programs})
+        programs += sorted({p for c in self.opts.configs for p in c.programs})
         machine["programs"] = program_versions(programs)
         settings = {"duration": self.opts.duration, "repetitions": self.opts.repetitions,
                     "quick": self.opts.quick, "wrk_connections": WRK_CONNECTIONS,
-                    "redis_requests": REDIS_REQUESTS, "redis_clients": REDIS_CLIENTS,
+                    "configurations": {c.name: c.what for c in self.opts.configs},
+                    "redis_requests": self.redis_requests, "redis_clients": REDIS_CLIENTS,
                     "idle_seconds": IDLE_SECONDS,
                     "daemon_started_by_bench": self.started_daemon,
                     "peer": f"{PEER_NS} {PEER_V4}", "native": f"{NATIVE_NS} {NATIVE_V4}",
@@ -1270,7 +1742,7 @@ def run_bench(opts: Options, progress: TextIO | None = None) -> Report:
     """Set up, measure, clean up (also on Ctrl-C, SIGTERM or an error)."""
     if os.geteuid() != 0:
         raise NotRootError()
-    missing = missing_programs(opts.metrics)
+    missing = missing_programs(opts.metrics, opts.configs)
     if missing:
         raise BenchError(missing_message(missing))
     bench = Bench(opts, progress)
@@ -1296,11 +1768,18 @@ def run_bench(opts: Options, progress: TextIO | None = None) -> Report:
 def main(args: Any, stdout: IO[str] | None = None) -> int:
     """The `netkernel bench` command (args from cli.build_parser())."""
     out = stdout or sys.stdout
-    if args.duration < 1:
+    duration = args.duration if args.duration is not None else (
+        QUICK_DURATION if args.quick else DEFAULT_DURATION)
+    if duration < 1:
         raise BenchError("--duration must be at least 1 second")
-    opts = Options(duration=args.duration,
-                   repetitions=1 if args.quick else DEFAULT_REPETITIONS,
-                   metrics=select_metrics(args.only), quick=args.quick)
+    reps = args.repetitions if args.repetitions is not None else (
+        1 if args.quick else DEFAULT_REPETITIONS)
+    if reps < 1:
+        raise BenchError("--repetitions must be at least 1")
+    opts = Options(duration=duration, repetitions=reps, metrics=select_metrics(args.only),
+                   quick=args.quick, configs=select_configs(args.configs), out=args.out)
+    if opts.out is not None:
+        check_out_dir(opts.out)
     try:
         report = run_bench(opts)
     except Interrupted as e:
@@ -1310,6 +1789,9 @@ def main(args: Any, stdout: IO[str] | None = None) -> int:
         print(json.dumps(report.as_json(), indent=2), file=out)
     else:
         print(render_table(report), file=out)
+    if opts.out is not None:
+        for path in write_outputs(report, opts.out):
+            print(f"netkernel: bench: wrote {path}", file=sys.stderr)
     errors = report.errors
     for err in errors:
         print(f"netkernel: bench: {err}", file=sys.stderr)

@@ -187,14 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     nr = command(nsub, "remove", help="remove an NSM that no tenant uses")
     nr.add_argument("name")
 
-    b = command(sub, "bench", help="measure NetKernel against the native stack (iperf3, sockperf, "
-                "nginx, redis, idle CPU)")
+    b = command(sub, "bench", help="measure NetKernel against native, pasta and slirp4netns "
+                "(iperf3, sockperf, nginx, redis, idle CPU)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
-    b.add_argument("--quick", action="store_true", help="one run per side instead of three")
-    b.add_argument("--duration", type=int, default=bench.DEFAULT_DURATION, metavar="SECONDS",
+    b.add_argument("--quick", action="store_true",
+                   help=f"one run per configuration instead of {bench.DEFAULT_REPETITIONS}, "
+                   f"{bench.QUICK_DURATION} s each unless --duration is given")
+    b.add_argument("--duration", type=int, default=None, metavar="SECONDS",
                    help=f"length of each timed run (default: {bench.DEFAULT_DURATION})")
+    b.add_argument("--repetitions", type=int, default=None, metavar="N",
+                   help=f"runs per configuration and metric (default: {bench.DEFAULT_REPETITIONS})")
     b.add_argument("--only", metavar="METRIC[,METRIC]",
                    help="measure only these: " + ", ".join(bench.METRIC_NAMES))
+    b.add_argument("--configs", metavar="CONFIG[,CONFIG]",
+                   help="besides native and netkernel, only these: " + ", ".join(bench.PEERS)
+                   + " (default: all; 'none' for none)")
+    b.add_argument("--out", metavar="DIR", type=Path,
+                   help="also write results.md, results.json and charts/*.png there")
     return p
 
 
