@@ -60,8 +60,6 @@ NATIVE_V4, NATIVE_V6 = "198.19.251.1", "fd6e:6b00::ff:fb"
 NOISY_V4, NOISY_V6 = "198.19.252.1", "fd6e:6b00::ff:fc"
 # The user-mode peers: each runs in a "host" namespace of ours (attached to nk0 like the
 # native one, no route anywhere else) and serves a sandbox namespace through a tap device.
-PASTA_NS, PASTA_HOST_NS = "nkb-pasta", "nkb-pasta-h"
-PASTA_V4, PASTA_V6 = "198.19.251.2", "fd6e:6b00::ff:f2"
 PASTA_GW = "198.19.253.254"  # pasta's gateway for the sandbox: an address nobody has
 SLIRP_GUEST_V4 = "10.0.2.100"  # slirp4netns's fixed guest address
 USERMODE_PORTS = (80, 6379)  # forwarded into the sandbox: nginx and redis-server
@@ -73,6 +71,8 @@ MUX_PORT = 5301  # the multiplexing workload's iperf3 servers: MUX_PORT + i
 MUX_TENANT = "nkbench-mux"  # nkbench-mux0, nkbench-mux1, ...
 MUX_NS = "nkb-mux"  # nkb-mux0, ...: the native counterparts
 SOCKPERF_PORT = 11111
+CRR_PORT = 7200
+CRR_THREADS = 8
 HTTP_PORT = 80
 REDIS_PORT = 6379
 IDLE_PORT = 7000
@@ -113,7 +113,10 @@ class Configuration:
     what: str
     programs: tuple[str, ...] = ()
     mtu: int | None = None
-    host_ns: str | None = None  # user-mode peers: where they run and make their sockets
+    # User-mode peers: the sandbox's namespace (only their tap device), and the namespace
+    # where they run and make their sockets, with its address on the bridge.
+    netns: str | None = None
+    host_ns: str | None = None
     host_v4: str = ""
     host_v6: str = ""
 
@@ -123,11 +126,14 @@ CONFIGS: tuple[Configuration, ...] = (
     Configuration("netkernel", "a NetKernel tenant: GuestLib, shared-memory rings, the engine, "
                   "the kernel NSM"),
     Configuration("pasta", "pasta (passt) serving the sandbox's tap, MTU 65520, its sockets "
-                  "in nkb-pasta-h", ("pasta",), 65520, PASTA_HOST_NS, PASTA_V4, PASTA_V6),
+                  "in nkb-pasta-h", ("pasta",), 65520, "nkb-pasta", "nkb-pasta-h", "198.19.251.2",
+                  "fd6e:6b00::ff:f2"),
     Configuration("slirp4netns", "slirp4netns, MTU 65520, its sockets in nkb-slirp-h",
-                  ("slirp4netns",), 65520, "nkb-slirp-h", "198.19.251.3", "fd6e:6b00::ff:f3"),
+                  ("slirp4netns",), 65520, "nkb-slirp", "nkb-slirp-h", "198.19.251.3",
+                  "fd6e:6b00::ff:f3"),
     Configuration("slirp4netns-1500", "slirp4netns, MTU 1500, its sockets in nkb-slirp15-h",
-                  ("slirp4netns",), 1500, "nkb-slirp15-h", "198.19.251.4", "fd6e:6b00::ff:f4"),
+                  ("slirp4netns",), 1500, "nkb-slirp15", "nkb-slirp15-h", "198.19.251.4",
+                  "fd6e:6b00::ff:f4"),
 )
 CONFIG_NAMES = tuple(c.name for c in CONFIGS)
 # What NetKernel is compared with beyond native: the single-stream and latency floors.
@@ -184,6 +190,9 @@ METRICS: tuple[Metric, ...] = (
            "iperf3 TCP throughput, 4 streams, the measured side receives (-R)"),
     Metric("tcp_rr_p50_us", "us", ("sockperf",), Floor("<=", 1.6),
            "sockperf TCP ping-pong p50 latency, 64-byte messages"),
+    Metric("tcp_crr_rps", "req/s", (), None,
+           "connection rate: connect, 64-byte request and answer, close; 8 threads "
+           "(netkernel-crr client on the measured side, server in the peer)"),
     Metric("nginx_keepalive_rps", "req/s", ("nginx", "wrk"), Floor(">=", 0.7),
            "nginx 1 KiB file, wrk keep-alive, 32 connections"),
     Metric("nginx_close_rps", "req/s", ("nginx", "wrk"), Floor(">=", 0.5),
@@ -951,6 +960,7 @@ class Bench:
         self.made_noisy_tenant = False
         self.mux_tenants: list[str] = []
         self.usermode: dict[str, subprocess.Popen[bytes]] = {}  # pasta / slirp4netns
+        self.usermode_used: set[str] = set()  # run once: restarted before the next run
         # A count, not a duration: a quick pass must not wait on slirp4netns (~4k req/s).
         self.redis_requests = REDIS_REQUESTS // 5 if opts.quick else REDIS_REQUESTS
         self.made_ns: list[str] = []
@@ -1104,34 +1114,35 @@ class Bench:
         for c in self.opts.configs:
             if c.host_ns is not None:
                 self.places[c.name] = self._setup_usermode(c)
-                self.say(f"{c.name}: sandbox {c.host_ns[:-2]} behind {c.name} in {c.host_ns} "
-                         f"{c.host_v4}, MTU {c.mtu}; started afresh for each workload")
+                self.say(f"{c.name}: sandbox {c.netns} behind {c.name} in {c.host_ns} "
+                         f"{c.host_v4}, MTU {c.mtu}; started afresh for each run")
 
-    def _fresh_usermode(self, m: Metric) -> None:
-        """A new pasta or slirp4netns (and sandbox) for each workload: slirp4netns slows down
-        by an order of magnitude, and resets connections, after tens of thousands of
-        connections (measured: redis 48k -> 3.6k req/s after the nginx close runs), and
-        that must not be charged to whichever workload comes next."""
-        for c in configs_of(m, self.opts.configs):
-            if c.host_ns is None:
-                continue
-            p = self.usermode.pop(c.name, None)
-            if p is not None:
-                self.stop(p)
-            # The host namespace stays: a new veth there would have a new MAC, which the
-            # peer's neighbour cache would not know for seconds (stalls, resets).
-            sandbox = c.host_ns[:-2]
-            if sandbox in self.made_ns:
-                self._del_namespaces([sandbox])
-                self.made_ns.remove(sandbox)
-            self.places[c.name] = self._setup_usermode(c, fresh=False)
+    def _restart_usermode(self, c: Configuration, whole: bool) -> Place:
+        """A new pasta or slirp4netns process with a new sandbox, for every run: slirp4netns
+        slows down by an order of magnitude after tens of thousands of connections
+        (measured: nginx `Connection: close` 7,112 req/s in a first 5-s run, 347 in the
+        second against the same process) and, later, resets connections; that must be
+        charged neither to the next run nor to the next workload. whole: the host namespace
+        too (between workloads), and the peer forgets its old MAC address."""
+        assert c.host_ns is not None and c.netns is not None
+        p = self.usermode.pop(c.name, None)
+        if p is not None:
+            self.stop(p)
+        gone = [c.netns] + ([c.host_ns] if whole else [])
+        self._del_namespaces([n for n in gone if n in self.made_ns])
+        self.made_ns = [n for n in self.made_ns if n not in gone]
+        if whole:
+            subprocess.run(["ip", "-n", PEER_NS, "neigh", "flush", "to", c.host_v4],
+                           capture_output=True)
+        self.places[c.name] = self._setup_usermode(c, fresh=whole)
+        return self.places[c.name]
 
     def _setup_usermode(self, c: Configuration, fresh: bool = True) -> Place:
         """A sandbox namespace served by pasta or slirp4netns, which run in a host namespace
         of ours: their sockets reach the peer over the bridge and nothing else (no default
         route). nginx's and redis-server's ports are forwarded into the sandbox."""
-        assert c.host_ns is not None
-        sandbox = c.host_ns[:-2]
+        assert c.host_ns is not None and c.netns is not None
+        sandbox = c.netns
         if fresh:
             self._attach_ns(c.host_ns, c.host_v4, c.host_v6)
         self.made_ns.append(sandbox)
@@ -1208,7 +1219,7 @@ class Bench:
         ours = [PEER_NS, NATIVE_NS, NOISY_NS]
         for c in CONFIGS:
             if c.host_ns is not None:
-                ours += [c.host_ns, c.host_ns[:-2]]
+                ours += [c.host_ns, c.netns or ""]
         stale = [n for n in netns.netns_list() if n in ours]
         if stale:
             self.say(f"removing leftovers of an earlier run: {', '.join(stale)}")
@@ -1265,13 +1276,18 @@ class Bench:
         return problems
 
     # -- measurements -----------------------------------------------------------------------
-    def sides(self, rep: int, m: Metric | None = None) -> list[Place]:
+    def sides(self, rep: int, m: Metric | None = None) -> Iterator[Place]:
         """The configurations in this repetition's order: rotated each time, so that each
-        goes first in turn and drift favours none."""
-        names = [c.name for c in configs_of(m, self.opts.configs)] if m else list(SIDES)
-        order = [self.places[n] for n in names]
-        k = rep % len(order)
-        return order[k:] + order[:k]
+        goes first in turn and drift favours none. A user-mode peer is restarted before each
+        of its runs (the first run of the first workload has it fresh from setup)."""
+        configs = configs_of(m, self.opts.configs) if m else [c for c in CONFIGS if c.name in SIDES]
+        k = rep % len(configs)
+        for c in configs[k:] + configs[:k]:
+            if c.host_ns is not None and c.name in self.usermode_used:
+                yield self._restart_usermode(c, whole=rep == 0)
+            else:
+                self.usermode_used.add(c.name)
+                yield self.places[c.name]
 
     @contextmanager
     def engine_load(self, place: Place) -> Iterator[None]:
@@ -1314,6 +1330,7 @@ class Bench:
             "iperf3_tcp_rx_gbps": lambda r: self.m_iperf3(r, streams=1, receive=True),
             "iperf3_tcp_rx_p4_gbps": lambda r: self.m_iperf3(r, streams=4, receive=True),
             "tcp_rr_p50_us": self.m_sockperf,
+            "tcp_crr_rps": self.m_crr,
             "nginx_keepalive_rps": lambda r: self.m_nginx(r, close=False),
             "nginx_close_rps": lambda r: self.m_nginx(r, close=True),
             "nginx_1m_keepalive_rps": lambda r: self.m_nginx(r, close=False, path="1m.bin"),
@@ -1324,8 +1341,6 @@ class Bench:
             **{f"mux{n}_gbps": functools.partial(self.m_mux, n=n) for n in (1, 4, 16)},
         }
         try:
-            if self.step:  # the first workload has them fresh from setup
-                self._fresh_usermode(m)
             fn[m.name](res)
         except BenchError as e:
             res.error = str(e)
@@ -1411,6 +1426,38 @@ class Bench:
             self.stop(server, signal.SIGINT)
         for c in configs_of(res.metric, self.opts.configs):
             res.extra[f"{c.name}_p99_us"] = median(p99[c.name])
+
+    def m_crr(self, res: MetricResult) -> None:
+        prog = libdir() / "netkernel-crr"
+        if not os.access(prog, os.X_OK):
+            raise BenchError(f"{prog} not found (reinstall with `pip install .`, or set "
+                             "NETKERNEL_LIBDIR to a build directory)")
+        d = self.opts.duration
+        server = self._peer_server([str(prog), "server", PEER_V4, str(CRR_PORT)], CRR_PORT,
+                                   "crr-server")
+        errors: dict[str, int] = {}
+        try:
+            for rep in range(self.opts.repetitions):
+                for place in self.sides(rep, res.metric):
+                    with self.engine_load(place):
+                        out = self.run(place, [str(prog), "client", PEER_V4, str(CRR_PORT), str(d),
+                                               str(CRR_THREADS)], d + 60, "netkernel-crr client")
+                    m = re.search(r"^connections/s ([0-9.]+)$", out, re.M)
+                    e = re.search(r"^errors (\d+)$", out, re.M)
+                    if not m:
+                        raise BenchError(f"netkernel-crr: no 'connections/s' ({place.name}):\n"
+                                         f"{_tail(out)}" + self._log_hint(place))
+                    rate = float(m[1])
+                    errors[place.name] = errors.get(place.name, 0) + (int(e[1]) if e else 0)
+                    res.samples[place.name].append(rate)
+                    self.progress(res.metric, place, rep, f"{rate:,.0f} connections/s")
+                    if server.poll() is not None:
+                        raise self._died(server, self.peer, "netkernel-crr server",
+                                         "crr-server-peer.log")
+        finally:
+            self.stop(server)
+        for name, n in errors.items():
+            res.extra[f"{name}_connection_errors"] = n
 
     def _nginx_files(self) -> None:
         www = self.tmp / "www"

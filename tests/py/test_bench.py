@@ -630,9 +630,9 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
     assert isinstance(rep["idle_cpu_percent"], float) and rep["idle_cpu_percent"] >= 0
     assert rep["machine"]["cpus"] == os.cpu_count()
     assert rep["errors"] == []
-    # One progress line per measurement on stderr: 11 workloads in 5 configurations, the
+    # One progress line per measurement on stderr: 12 workloads in 5 configurations, the
     # noisy neighbour and 3 multiplexing sizes in native and NetKernel.
-    assert proc.stderr.count("run 1/1:") == 11 * 5 + 4 * 2, where
+    assert proc.stderr.count("run 1/1:") == 12 * 5 + 4 * 2, where
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text())["entries"] == rep["entries"]
     assert "| iperf3_tcp_gbps | Gbit/s |" in (out / "results.md").read_text()
