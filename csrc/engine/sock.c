@@ -629,8 +629,12 @@ static void finish_close(struct nk_esock *es) {
   nk_esock_free(es);
 }
 
+/* The caller has unlinked es from its tenant's active list (run_active), or it is not on it
+ * or stays on it (the proxy hang-up path): es->active is left alone here, because a socket
+ * still linked but marked inactive would be linked a second time by nk_sock_activate, which
+ * cuts the list and strands the sockets after it (they stay "active" and are never served:
+ * seen as sockets that outlive their processes). */
 void nk_sock_service(struct nk_esock *es) {
-  es->active = false;
   struct nk_slot *s = slot_of(es);
   atomic_store_explicit(&s->kick, 0, memory_order_relaxed);
   if (!es->dead) {
