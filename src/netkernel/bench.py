@@ -625,6 +625,7 @@ class MetricResult:
     samples: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONFIG_NAMES})
     extra: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    peer_errors: dict[str, list[str]] = field(default_factory=dict)  # failed runs of pasta etc.
 
     @property
     def native(self) -> float | None:
@@ -682,6 +683,8 @@ class MetricResult:
             "configurations": self.configurations(),
         }
         d.update(self.extra)
+        for c, errs in self.peer_errors.items():
+            d[f"{c}_failed_runs"] = errs
         if self.error:
             d["error"] = self.error
         return d
@@ -715,6 +718,11 @@ class Report:
     settings: dict[str, Any]
 
     @property
+    def peer_failures(self) -> list[str]:
+        return [f"{r.metric.name} {c}: {len(errs)} run(s) failed: {errs[0].splitlines()[0]}"
+                for r in self.results for c, errs in r.peer_errors.items()]
+
+    @property
     def errors(self) -> list[str]:
         errs = [f"{r.metric.name}: {r.error}" for r in self.results if r.error]
         if self.idle is not None and self.idle.error:
@@ -736,6 +744,7 @@ class Report:
             "machine": self.machine,
             "settings": self.settings,
             "errors": self.errors,
+            "peer_failures": self.peer_failures,
         }
 
 
@@ -793,7 +802,7 @@ def render_table(report: Report) -> str:
         return "-" if ok is None else ("yes" if ok else "NO")
 
     # The user-mode peers measured, in columns after NetKernel's floor.
-    others = [c for c in PEERS if any(r.samples.get(c) for r in report.results)]
+    others = [c for c in PEERS if any(r.samples.get(c) or c in r.peer_errors for r in report.results)]
     headers += others
     right |= {7 + i for i in range(len(others))}
     for r in report.results:
@@ -802,7 +811,8 @@ def render_table(report: Report) -> str:
         rows.append([m.name, m.unit, _fmt(r.native, m.unit), _fmt(r.netkernel, m.unit),
                      "-" if rt is None else f"{rt:.2f}", str(m.floor or "-"),
                      verdict(r.meets_floor, r.error)]
-                    + [_fmt(r.value(c), m.unit) for c in others])
+                    + ["FAILED" if not r.samples.get(c) and c in r.peer_errors
+                       else _fmt(r.value(c), m.unit) for c in others])
     if report.idle is not None:
         floor = IDLE_FLOOR
         rows.append([IDLE, "%", "-", _fmt(report.idle.percent, "%"), "-", str(floor),
@@ -819,6 +829,7 @@ def render_table(report: Report) -> str:
     s = report.settings
     notes = [f"median of {s['repetitions']} run(s) per configuration, {s['duration']} s each, "
              "configurations interleaved; ratio = netkernel / native"]
+    notes += [f"failed run (not counted): {e}" for e in report.peer_failures]
     for f in peer_floors(report.results):
         notes.append(f"{f['floor']}: {f['netkernel_over_peer']:.2f} "
                      f"({'met' if f['met'] else 'NOT met'})")
@@ -847,7 +858,8 @@ def render_table(report: Report) -> str:
 def render_markdown(report: Report) -> str:
     """The full table: per metric and configuration the median with min-max, the ratio to
     native, and the CPU it took (machine-wide, load generator included)."""
-    configs = [c for c in CONFIG_NAMES if any(r.samples.get(c) for r in report.results)]
+    configs = [c for c in CONFIG_NAMES
+               if any(r.samples.get(c) or c in r.peer_errors for r in report.results)]
     s = report.settings
     out = ["# netkernel bench", "",
            f"Median of {s.get('repetitions')} run(s) of {s.get('duration')} s per configuration "
@@ -860,7 +872,7 @@ def render_markdown(report: Report) -> str:
         for c in configs:
             xs = r.samples.get(c) or []
             if not xs:
-                cells.append("FAILED" if r.error else "–")
+                cells.append("FAILED" if r.error or c in r.peer_errors else "–")
                 continue
             cell = _fmt(median(xs), m.unit)
             if len(xs) > 1:
@@ -893,6 +905,9 @@ def render_markdown(report: Report) -> str:
         out += ["", "## NetKernel against the user-mode stacks", ""]
         out += [f"- {f['floor']}: {f['netkernel_over_peer']:.2f} — "
                 f"{'met' if f['met'] else 'NOT met'}" for f in floors]
+    if report.peer_failures:
+        out += ["", "## Failed runs of the user-mode stacks", ""]
+        out += [f"- {e}" for e in report.peer_failures]
     if report.errors:
         out += ["", "## Errors", ""] + [f"- {e.splitlines()[0]}" for e in report.errors]
     return "\n".join(out) + "\n"
@@ -1290,6 +1305,21 @@ class Bench:
                 yield self.places[c.name]
 
     @contextmanager
+    def attempt(self, res: MetricResult, place: Place) -> Iterator[None]:
+        """One run. A failed run of pasta or slirp4netns is recorded for that configuration
+        (slirp4netns sometimes resets redis-benchmark's connections) and the workload goes
+        on; a failed native or NetKernel run fails the workload."""
+        try:
+            yield
+        except BenchError as e:
+            if place.name not in PEERS:
+                raise
+            self.step += 1
+            first = str(e).splitlines()[0]
+            res.peer_errors.setdefault(place.name, []).append(str(e))
+            self.say(f"{res.metric.name} {place.name}: run FAILED (the workload goes on): {first}")
+
+    @contextmanager
     def engine_load(self, place: Place) -> Iterator[None]:
         """While a run's load is on: the machine's busy cores (everything the configuration
         and the load generator use, from /proc/stat) and, for NetKernel, the engine's CPU
@@ -1377,26 +1407,27 @@ class Bench:
         try:
             for rep in range(self.opts.repetitions):
                 for place in self.sides(rep, res.metric):
-                    cmd = ["iperf3", "-c", PEER_V4, "-p", str(IPERF3_PORT), "-t", str(d), "-J",
-                           "--connect-timeout", "5000", "-P", str(streams)]
-                    if receive:
-                        cmd.append("-R")
-                    out = ""
-                    with self.engine_load(place):
-                        for _attempt in range(10):  # the server may still be finishing the last test
-                            out = self.run(place, cmd, d + 60, "iperf3 client")
-                            if "server is busy" not in out:
-                                break
-                            time.sleep(0.5)
-                    try:
-                        r = parse_iperf3(out)
-                    except ParseError as e:
-                        raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
-                    res.samples[place.name].append(r["gbps"])
-                    retrans[place.name] += r["retransmits"]
-                    self.progress(res.metric, place, rep, f"{r['gbps']:.2f} Gbit/s")
-                    if server.poll() is not None:
-                        raise self._died(server, self.peer, "iperf3 server", "iperf3-server-peer.log")
+                    with self.attempt(res, place):
+                        cmd = ["iperf3", "-c", PEER_V4, "-p", str(IPERF3_PORT), "-t", str(d), "-J",
+                               "--connect-timeout", "5000", "-P", str(streams)]
+                        if receive:
+                            cmd.append("-R")
+                        out = ""
+                        with self.engine_load(place):
+                            for _attempt in range(10):  # the server may still be finishing the last test
+                                out = self.run(place, cmd, d + 60, "iperf3 client")
+                                if "server is busy" not in out:
+                                    break
+                                time.sleep(0.5)
+                        try:
+                            r = parse_iperf3(out)
+                        except ParseError as e:
+                            raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
+                        res.samples[place.name].append(r["gbps"])
+                        retrans[place.name] += r["retransmits"]
+                        self.progress(res.metric, place, rep, f"{r['gbps']:.2f} Gbit/s")
+                        if server.poll() is not None:
+                            raise self._died(server, self.peer, "iperf3 server", "iperf3-server-peer.log")
         finally:
             self.stop(server)
         for c in configs_of(res.metric, self.opts.configs):
@@ -1410,18 +1441,19 @@ class Bench:
         try:
             for rep in range(self.opts.repetitions):
                 for place in self.sides(rep, res.metric):
-                    with self.engine_load(place):
-                        out = self.run(place, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t",
-                                               str(d), "-i", PEER_V4, "-p", str(SOCKPERF_PORT)],
-                                       d + 60, "sockperf ping-pong")
-                    try:
-                        r = parse_sockperf(out)
-                    except ParseError as e:
-                        raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
-                    res.samples[place.name].append(r["p50_us"])
-                    if "p99_us" in r:
-                        p99[place.name].append(r["p99_us"])
-                    self.progress(res.metric, place, rep, f"p50 {r['p50_us']:.1f} us")
+                    with self.attempt(res, place):
+                        with self.engine_load(place):
+                            out = self.run(place, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t",
+                                                   str(d), "-i", PEER_V4, "-p", str(SOCKPERF_PORT)],
+                                           d + 60, "sockperf ping-pong")
+                        try:
+                            r = parse_sockperf(out)
+                        except ParseError as e:
+                            raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
+                        res.samples[place.name].append(r["p50_us"])
+                        if "p99_us" in r:
+                            p99[place.name].append(r["p99_us"])
+                        self.progress(res.metric, place, rep, f"p50 {r['p50_us']:.1f} us")
         finally:
             self.stop(server, signal.SIGINT)
         for c in configs_of(res.metric, self.opts.configs):
@@ -1439,21 +1471,22 @@ class Bench:
         try:
             for rep in range(self.opts.repetitions):
                 for place in self.sides(rep, res.metric):
-                    with self.engine_load(place):
-                        out = self.run(place, [str(prog), "client", PEER_V4, str(CRR_PORT), str(d),
-                                               str(CRR_THREADS)], d + 60, "netkernel-crr client")
-                    m = re.search(r"^connections/s ([0-9.]+)$", out, re.M)
-                    e = re.search(r"^errors (\d+)$", out, re.M)
-                    if not m:
-                        raise BenchError(f"netkernel-crr: no 'connections/s' ({place.name}):\n"
-                                         f"{_tail(out)}" + self._log_hint(place))
-                    rate = float(m[1])
-                    errors[place.name] = errors.get(place.name, 0) + (int(e[1]) if e else 0)
-                    res.samples[place.name].append(rate)
-                    self.progress(res.metric, place, rep, f"{rate:,.0f} connections/s")
-                    if server.poll() is not None:
-                        raise self._died(server, self.peer, "netkernel-crr server",
-                                         "crr-server-peer.log")
+                    with self.attempt(res, place):
+                        with self.engine_load(place):
+                            out = self.run(place, [str(prog), "client", PEER_V4, str(CRR_PORT), str(d),
+                                                   str(CRR_THREADS)], d + 60, "netkernel-crr client")
+                        m = re.search(r"^connections/s ([0-9.]+)$", out, re.M)
+                        e = re.search(r"^errors (\d+)$", out, re.M)
+                        if not m:
+                            raise BenchError(f"netkernel-crr: no 'connections/s' ({place.name}):\n"
+                                             f"{_tail(out)}" + self._log_hint(place))
+                        rate = float(m[1])
+                        errors[place.name] = errors.get(place.name, 0) + (int(e[1]) if e else 0)
+                        res.samples[place.name].append(rate)
+                        self.progress(res.metric, place, rep, f"{rate:,.0f} connections/s")
+                        if server.poll() is not None:
+                            raise self._died(server, self.peer, "netkernel-crr server",
+                                             "crr-server-peer.log")
         finally:
             self.stop(server)
         for name, n in errors.items():
@@ -1480,45 +1513,46 @@ class Bench:
         error_log_lines: dict[str, list[str]] = {s: [] for s in CONFIG_NAMES}
         for rep in range(self.opts.repetitions):
             for place in self.sides(rep, res.metric):
-                conf = self.tmp / f"nginx-{place.name}.conf"
-                listen = url_host(place.listen or place.addr)
-                conf.write_text(NGINX_CONF.format(d=self.tmp, side=place.name,
-                                                  listen=f"{listen}:{HTTP_PORT}"))
-                errlog = self.tmp / f"nginx-{place.name}.error.log"
-                errlog.write_bytes(b"")
-                log = f"nginx-{place.name}.log"
-                server = self.spawn(place, ["nginx", "-p", str(self.tmp), "-c", str(conf),
-                                            "-e", str(errlog)], log)
-                try:
-                    self.wait_accepting(place.addr, HTTP_PORT, server, place, "nginx", log)
-                    cmd = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{d}s"]
-                    if close:
-                        cmd += ["-H", "Connection: close"]
-                    cmd.append(f"http://{url_host(place.addr)}:{HTTP_PORT}/{path}")
-                    with self.engine_load(place):
-                        out = self.run(self.peer, cmd, d + 60, f"wrk against nginx ({place.name})")
+                with self.attempt(res, place):
+                    conf = self.tmp / f"nginx-{place.name}.conf"
+                    listen = url_host(place.listen or place.addr)
+                    conf.write_text(NGINX_CONF.format(d=self.tmp, side=place.name,
+                                                      listen=f"{listen}:{HTTP_PORT}"))
+                    errlog = self.tmp / f"nginx-{place.name}.error.log"
+                    errlog.write_bytes(b"")
+                    log = f"nginx-{place.name}.log"
+                    server = self.spawn(place, ["nginx", "-p", str(self.tmp), "-c", str(conf),
+                                                "-e", str(errlog)], log)
                     try:
-                        r = parse_wrk(out)
-                    except ParseError as e:
-                        raise BenchError(f"{e} (against nginx in {place.name})"
-                                         + self._log_hint(place)) from None
-                    if server.poll() is not None:
-                        raise BenchError(f"nginx ({place.name}) died during the run:\n"
-                                         f"{_tail(self.log_text(log))}" + self._log_hint(place))
-                finally:
-                    self.stop(server)
-                res.samples[place.name].append(r.requests_per_sec)
-                for k, v in r.socket_errors.items():
-                    errors[place.name][k] += v
-                non2xx[place.name] += r.non_2xx_3xx
-                bad = [ln for ln in errlog.read_text(errors="replace").splitlines()
-                       if re.search(r"\[(error|crit|alert|emerg)\]", ln)]
-                error_log_lines[place.name] += bad
-                note = ""
-                if r.total_socket_errors or r.non_2xx_3xx:
-                    note = (f" (socket errors {r.total_socket_errors}, "
-                            f"non-2xx/3xx {r.non_2xx_3xx})")
-                self.progress(res.metric, place, rep, f"{r.requests_per_sec:,.0f} req/s{note}")
+                        self.wait_accepting(place.addr, HTTP_PORT, server, place, "nginx", log)
+                        cmd = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{d}s"]
+                        if close:
+                            cmd += ["-H", "Connection: close"]
+                        cmd.append(f"http://{url_host(place.addr)}:{HTTP_PORT}/{path}")
+                        with self.engine_load(place):
+                            out = self.run(self.peer, cmd, d + 60, f"wrk against nginx ({place.name})")
+                        try:
+                            r = parse_wrk(out)
+                        except ParseError as e:
+                            raise BenchError(f"{e} (against nginx in {place.name})"
+                                             + self._log_hint(place)) from None
+                        if server.poll() is not None:
+                            raise BenchError(f"nginx ({place.name}) died during the run:\n"
+                                             f"{_tail(self.log_text(log))}" + self._log_hint(place))
+                    finally:
+                        self.stop(server)
+                    res.samples[place.name].append(r.requests_per_sec)
+                    for k, v in r.socket_errors.items():
+                        errors[place.name][k] += v
+                    non2xx[place.name] += r.non_2xx_3xx
+                    bad = [ln for ln in errlog.read_text(errors="replace").splitlines()
+                           if re.search(r"\[(error|crit|alert|emerg)\]", ln)]
+                    error_log_lines[place.name] += bad
+                    note = ""
+                    if r.total_socket_errors or r.non_2xx_3xx:
+                        note = (f" (socket errors {r.total_socket_errors}, "
+                                f"non-2xx/3xx {r.non_2xx_3xx})")
+                    self.progress(res.metric, place, rep, f"{r.requests_per_sec:,.0f} req/s{note}")
         for c in configs_of(res.metric, self.opts.configs):
             s = c.name
             res.extra[f"{s}_socket_errors"] = errors[s]
@@ -1529,31 +1563,32 @@ class Bench:
     def m_redis(self, res: MetricResult, test: str) -> None:
         for rep in range(self.opts.repetitions):
             for place in self.sides(rep, res.metric):
-                log = f"redis-{place.name}.log"
-                server = self.spawn(place, ["redis-server", "--save", "", "--appendonly", "no",
-                                            "--protected-mode", "no", "--port", str(REDIS_PORT)], log)
-                try:
-                    self.wait_accepting(place.addr, REDIS_PORT, server, place, "redis-server", log)
-                    # Its connection loop never gives up, hence the timeout (and the wait above).
-                    with self.engine_load(place):
-                        out = self.run(self.peer, ["redis-benchmark", "-h", place.addr,
-                                                   "-p", str(REDIS_PORT), "-t", test,
-                                                   "-n", str(self.redis_requests),
-                                                   "-c", str(REDIS_CLIENTS),
-                                                   "--csv"],
-                                       300, f"redis-benchmark against redis-server ({place.name})")
+                with self.attempt(res, place):
+                    log = f"redis-{place.name}.log"
+                    server = self.spawn(place, ["redis-server", "--save", "", "--appendonly", "no",
+                                                "--protected-mode", "no", "--port", str(REDIS_PORT)], log)
                     try:
-                        rps = parse_redis_benchmark(out, test.upper())
-                    except ParseError as e:
-                        raise BenchError(f"{e} (against redis-server in {place.name})"
-                                         + self._log_hint(place)) from None
-                    if server.poll() is not None:
-                        raise BenchError(f"redis-server ({place.name}) died during the run:\n"
-                                         f"{_tail(self.log_text(log))}" + self._log_hint(place))
-                finally:
-                    self.stop(server)
-                res.samples[place.name].append(rps)
-                self.progress(res.metric, place, rep, f"{rps:,.0f} req/s")
+                        self.wait_accepting(place.addr, REDIS_PORT, server, place, "redis-server", log)
+                        # Its connection loop never gives up, hence the timeout (and the wait above).
+                        with self.engine_load(place):
+                            out = self.run(self.peer, ["redis-benchmark", "-h", place.addr,
+                                                       "-p", str(REDIS_PORT), "-t", test,
+                                                       "-n", str(self.redis_requests),
+                                                       "-c", str(REDIS_CLIENTS),
+                                                       "--csv"],
+                                           300, f"redis-benchmark against redis-server ({place.name})")
+                        try:
+                            rps = parse_redis_benchmark(out, test.upper())
+                        except ParseError as e:
+                            raise BenchError(f"{e} (against redis-server in {place.name})"
+                                             + self._log_hint(place)) from None
+                        if server.poll() is not None:
+                            raise BenchError(f"redis-server ({place.name}) died during the run:\n"
+                                             f"{_tail(self.log_text(log))}" + self._log_hint(place))
+                    finally:
+                        self.stop(server)
+                    res.samples[place.name].append(rps)
+                    self.progress(res.metric, place, rep, f"{rps:,.0f} req/s")
 
     def _mux_places(self, n: int) -> dict[str, list[Place]]:
         """n native namespaces and n tenants (made once, for the largest n first asked)."""
