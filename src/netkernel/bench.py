@@ -1305,7 +1305,7 @@ class Bench:
                 yield self.places[c.name]
 
     @contextmanager
-    def attempt(self, res: MetricResult, place: Place) -> Iterator[None]:
+    def attempt(self, res: MetricResult, place: Place, rep: int) -> Iterator[None]:
         """One run. A failed run of pasta or slirp4netns is recorded for that configuration
         (slirp4netns sometimes resets redis-benchmark's connections) and the workload goes
         on; a failed native or NetKernel run fails the workload."""
@@ -1314,10 +1314,9 @@ class Bench:
         except BenchError as e:
             if place.name not in PEERS:
                 raise
-            self.step += 1
             first = str(e).splitlines()[0]
             res.peer_errors.setdefault(place.name, []).append(str(e))
-            self.say(f"{res.metric.name} {place.name}: run FAILED (the workload goes on): {first}")
+            self.progress(res.metric, place, rep, f"FAILED (recorded, the workload goes on): {first}")
 
     @contextmanager
     def engine_load(self, place: Place) -> Iterator[None]:
@@ -1407,7 +1406,7 @@ class Bench:
         try:
             for rep in range(self.opts.repetitions):
                 for place in self.sides(rep, res.metric):
-                    with self.attempt(res, place):
+                    with self.attempt(res, place, rep):
                         cmd = ["iperf3", "-c", PEER_V4, "-p", str(IPERF3_PORT), "-t", str(d), "-J",
                                "--connect-timeout", "5000", "-P", str(streams)]
                         if receive:
@@ -1441,7 +1440,7 @@ class Bench:
         try:
             for rep in range(self.opts.repetitions):
                 for place in self.sides(rep, res.metric):
-                    with self.attempt(res, place):
+                    with self.attempt(res, place, rep):
                         with self.engine_load(place):
                             out = self.run(place, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t",
                                                    str(d), "-i", PEER_V4, "-p", str(SOCKPERF_PORT)],
@@ -1471,7 +1470,7 @@ class Bench:
         try:
             for rep in range(self.opts.repetitions):
                 for place in self.sides(rep, res.metric):
-                    with self.attempt(res, place):
+                    with self.attempt(res, place, rep):
                         with self.engine_load(place):
                             out = self.run(place, [str(prog), "client", PEER_V4, str(CRR_PORT), str(d),
                                                    str(CRR_THREADS)], d + 60, "netkernel-crr client")
@@ -1513,7 +1512,7 @@ class Bench:
         error_log_lines: dict[str, list[str]] = {s: [] for s in CONFIG_NAMES}
         for rep in range(self.opts.repetitions):
             for place in self.sides(rep, res.metric):
-                with self.attempt(res, place):
+                with self.attempt(res, place, rep):
                     conf = self.tmp / f"nginx-{place.name}.conf"
                     listen = url_host(place.listen or place.addr)
                     conf.write_text(NGINX_CONF.format(d=self.tmp, side=place.name,
@@ -1563,7 +1562,7 @@ class Bench:
     def m_redis(self, res: MetricResult, test: str) -> None:
         for rep in range(self.opts.repetitions):
             for place in self.sides(rep, res.metric):
-                with self.attempt(res, place):
+                with self.attempt(res, place, rep):
                     log = f"redis-{place.name}.log"
                     server = self.spawn(place, ["redis-server", "--save", "", "--appendonly", "no",
                                                 "--protected-mode", "no", "--port", str(REDIS_PORT)], log)

@@ -542,7 +542,7 @@ def test_a_failed_user_mode_run_is_recorded_and_the_workload_goes_on(tmp_path: P
     try:
         res = MetricResult(next(m for m in METRICS if m.name == "redis_get_rps"))
         res.samples.update({"native": [50000.0], "netkernel": [40000.0]})
-        with b.attempt(res, bench.Place("slirp4netns", "198.19.251.3", netns="nkb-slirp")):
+        with b.attempt(res, bench.Place("slirp4netns", "198.19.251.3", netns="nkb-slirp"), 0):
             raise bench.BenchError("redis-benchmark: Connection reset by peer\nmore")
         assert res.peer_errors == {"slirp4netns": ["redis-benchmark: Connection reset by peer\nmore"]}
         assert res.as_json()["slirp4netns_failed_runs"] == res.peer_errors["slirp4netns"]
@@ -552,7 +552,7 @@ def test_a_failed_user_mode_run_is_recorded_and_the_workload_goes_on(tmp_path: P
         assert "| redis_get_rps | req/s | 50,000 | 40,000 ×0.80 | FAILED |" in bench.render_markdown(report)
         assert bench.render_table(report).splitlines()[2].split()[-1] == "FAILED"
         with pytest.raises(bench.BenchError):  # NetKernel's own failures fail the workload
-            with b.attempt(res, bench.Place("netkernel", "198.18.1.1", tenant="nkbench")):
+            with b.attempt(res, bench.Place("netkernel", "198.18.1.1", tenant="nkbench"), 0):
                 raise bench.BenchError("boom")
     finally:
         b.cleanup()
@@ -657,8 +657,8 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
     assert isinstance(rep["idle_cpu_percent"], float) and rep["idle_cpu_percent"] >= 0
     assert rep["machine"]["cpus"] == os.cpu_count()
     assert rep["errors"] == []
-    # One progress line per measurement on stderr: 12 workloads in 5 configurations, the
-    # noisy neighbour and 3 multiplexing sizes in native and NetKernel.
+    # One progress line per measurement on stderr (a failed user-mode run's too): 12 workloads
+    # in 5 configurations, the noisy neighbour and 3 multiplexing sizes in native and NetKernel.
     assert proc.stderr.count("run 1/1:") == 12 * 5 + 4 * 2, where
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text())["entries"] == rep["entries"]
