@@ -42,11 +42,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, TextIO
+from typing import IO, Any, TextIO, TypeVar
 
 from . import __version__, api, netns
 from .config import BRIDGE, LOG_FILE, libdir
 from .errors import NetKernelError, NotRootError
+
+T = TypeVar("T")
 
 # -- what is measured -----------------------------------------------------------------------
 
@@ -168,6 +170,9 @@ class Floor:
         return {"of": self.of, "op": self.op, "bound": self.bound}
 
 
+IDLE_FLOOR = Floor("<", 2.0, of="value")
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
@@ -212,7 +217,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("noisy_neighbour_kept", "kept", ("sockperf",), Floor(">=", 0.8, of="netkernel"),
            "share of a quiet sockperf ping-pong's rate kept beside a noisy neighbour "
            "(200 connections, 16-byte writes)", configs=SIDES),
-    Metric("idle_cpu_percent", "%", (), Floor("<", 2.0, of="value"),
+    Metric("idle_cpu_percent", "%", (), IDLE_FLOOR,
            "engine + daemon CPU over 5 s with the tenant idle, percent of one core",
            configs=("netkernel",)),
 )
@@ -734,7 +739,7 @@ class Report:
         for r in self.results:
             for c, d in r.configurations().items():
                 entries.append({"metric": r.metric.name, "configuration": c, "unit": r.metric.unit,
-                                **{k: v for k, v in d.items()}})
+                                **d})
         return {
             "results": [r.as_json() for r in self.results],
             "entries": entries,
@@ -746,9 +751,6 @@ class Report:
             "errors": self.errors,
             "peer_failures": self.peer_failures,
         }
-
-
-IDLE_FLOOR = Floor("<", 2.0, of="value")
 
 
 def peer_floors(results: Sequence[MetricResult]) -> list[dict[str, Any]]:
@@ -1530,14 +1532,7 @@ class Bench:
                         cmd.append(f"http://{url_host(place.addr)}:{HTTP_PORT}/{path}")
                         with self.engine_load(place):
                             out = self.run(self.peer, cmd, d + 60, f"wrk against nginx ({place.name})")
-                        try:
-                            r = parse_wrk(out)
-                        except ParseError as e:
-                            raise BenchError(f"{e} (against nginx in {place.name})"
-                                             + self._log_hint(place)) from None
-                        if server.poll() is not None:
-                            raise BenchError(f"nginx ({place.name}) died during the run:\n"
-                                             f"{_tail(self.log_text(log))}" + self._log_hint(place))
+                        r = self._parse_against(parse_wrk, out, server, place, "nginx", log)
                     finally:
                         self.stop(server)
                     res.samples[place.name].append(r.requests_per_sec)
@@ -1559,6 +1554,19 @@ class Bench:
             res.extra[f"{s}_nginx_error_log"] = error_log_lines[s][:5]
             res.extra[f"{s}_nginx_error_log_lines"] = len(error_log_lines[s])
 
+    def _parse_against(self, parse: Callable[[str], T], out: str, server: subprocess.Popen[bytes],
+                       place: Place, what: str, log: str) -> T:
+        """The load generator's figure, from a run against a server of ours in place; an
+        error if the figure is missing or the server died during the run."""
+        try:
+            value = parse(out)
+        except ParseError as e:
+            raise BenchError(f"{e} (against {what} in {place.name})" + self._log_hint(place)) from None
+        if server.poll() is not None:
+            raise BenchError(f"{what} ({place.name}) died during the run:\n"
+                             f"{_tail(self.log_text(log))}" + self._log_hint(place))
+        return value
+
     def m_redis(self, res: MetricResult, test: str) -> None:
         for rep in range(self.opts.repetitions):
             for place in self.sides(rep, res.metric):
@@ -1576,14 +1584,8 @@ class Bench:
                                                        "-c", str(REDIS_CLIENTS),
                                                        "--csv"],
                                            300, f"redis-benchmark against redis-server ({place.name})")
-                        try:
-                            rps = parse_redis_benchmark(out, test.upper())
-                        except ParseError as e:
-                            raise BenchError(f"{e} (against redis-server in {place.name})"
-                                             + self._log_hint(place)) from None
-                        if server.poll() is not None:
-                            raise BenchError(f"redis-server ({place.name}) died during the run:\n"
-                                             f"{_tail(self.log_text(log))}" + self._log_hint(place))
+                        rps = self._parse_against(lambda o: parse_redis_benchmark(o, test.upper()),
+                                                  out, server, place, "redis-server", log)
                     finally:
                         self.stop(server)
                     res.samples[place.name].append(rps)
