@@ -101,17 +101,18 @@ static bool kv_u64(const char *arg, const char *key, uint64_t *out) {
 /* tenant-set NAME key=value...: all checked before any is applied. */
 static void tenant_set(struct nk_admin *a, struct nk_tenant *t, int argc, char **argv) {
   uint64_t rate_tx = t->rate[NK_TX] * 8, rate_rx = t->rate[NK_RX] * 8, weight = t->weight,
-           max_sockets = t->max_sockets, max_memory = t->max_memory;
+           max_sockets = t->max_sockets, max_memory = t->max_memory, shm = t->shm;
   for (int i = 2; i < argc; i++) {
     uint64_t v;
     if (kv_u64(argv[i], "rate_tx", &v)) rate_tx = v;
+    else if (kv_u64(argv[i], "shm", &v) && v <= 1) shm = v;
     else if (kv_u64(argv[i], "rate_rx", &v)) rate_rx = v;
     else if (kv_u64(argv[i], "weight", &v)) weight = v;
     else if (kv_u64(argv[i], "max_sockets", &v)) max_sockets = v;
     else if (kv_u64(argv[i], "max_memory", &v)) max_memory = v;
     else
       return err(a, EINVAL, "bad setting '%s' (known: rate_tx, rate_rx, weight, max_sockets, "
-                 "max_memory, each =unsigned integer)", argv[i]);
+                 "max_memory, each =unsigned integer; shm=0|1)", argv[i]);
   }
   if (weight < 1 || weight > 1000) return err(a, EINVAL, "weight must be 1..1000");
   if (max_sockets > t->nslots)
@@ -122,9 +123,10 @@ static void tenant_set(struct nk_admin *a, struct nk_tenant *t, int argc, char *
   t->weight = (uint32_t)weight;
   t->max_sockets = (uint32_t)max_sockets;
   t->max_memory = max_memory;
-  NK_EVENT("policy_set", "tenant=%s rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu",
+  t->shm = shm; /* new connections; those on the path stay there */
+  NK_EVENT("policy_set", "tenant=%s rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu shm=%d",
            t->name, (unsigned long long)rate_tx, (unsigned long long)rate_rx, t->weight,
-           t->max_sockets, (unsigned long long)t->max_memory);
+           t->max_sockets, (unsigned long long)t->max_memory, t->shm);
   out(a, "ok");
 }
 
@@ -142,7 +144,7 @@ static void conn_line(struct nk_admin *a, struct nk_tenant *t, uint32_t i, struc
   nk_addr_fmt(&sl->local, l, sizeof(l));
   nk_addr_fmt(&sl->peer, p, sizeof(p));
   struct nk_nsm *m = nk_sock_nsm(es);
-  if (es->type == SOCK_STREAM && es->nk && es->kind != NK_KIND_LISTENER) {
+  if (es->type == SOCK_STREAM && es->nk && !es->shm && es->kind != NK_KIND_LISTENER) {
     struct tcp_info ti;
     socklen_t tl = sizeof(ti);
     char ca[16] = "";
@@ -161,11 +163,17 @@ static void conn_line(struct nk_admin *a, struct nk_tenant *t, uint32_t i, struc
                (unsigned long long)ti.tcpi_bytes_received, ca[0] ? ca : "?");
     }
   }
-  out(a, "conn tenant=%s slot=%u kind=%s state=%s nsm=%s proto=%s local=%s peer=%s tx_bytes=%llu"
+  /* Which path carries it: an NSM, the tenant's loopback, or shared memory (then the peer's
+   * tenant is named too). */
+  const char *path = es->shm ? "shm" : m ? "nsm" : es->nk ? "loopback" : "-";
+  char peer_tenant[80] = "";
+  if (es->shm_peer) snprintf(peer_tenant, sizeof(peer_tenant), " peer_tenant=%s", es->shm_peer->t->name);
+  out(a, "conn tenant=%s slot=%u kind=%s state=%s nsm=%s path=%s%s proto=%s local=%s peer=%s tx_bytes=%llu"
       " rx_bytes=%llu tx_queued=%lld rx_queued=%lld ready_sent=%u rx_ack=%u blocker=%d stalled=%u"
       " throttled=%d%s",
       t->name, i, kind_name(es->kind), es->closing ? "closing" : state_name(es->state),
-      m ? m->name : (es->nk ? "loopback" : "-"), es->type == SOCK_STREAM ? "tcp" : "udp", l, p,
+      es->shm ? "shm" : m ? m->name : (es->nk ? "loopback" : "-"), path, peer_tenant,
+      es->type == SOCK_STREAM ? "tcp" : "udp", l, p,
       (unsigned long long)es->tx_bytes, (unsigned long long)es->rx_bytes,
       (long long)nk_ring_fill_checked(&es->tx), (long long)nk_ring_fill_checked(&es->rx),
       es->ready_sent, atomic_load(&sl->rx_ack), es->blocker_held, atomic_load(&sl->rx_stalled),
@@ -199,6 +207,14 @@ static void command(struct nk_admin *a, char *line) {
       return err(a, EINVAL, "bad setting '%s' (known: bandwidth=BITS_PER_SECOND)", argv[2]);
     nk_nsm_set_bandwidth(m, bw);
     NK_EVENT("nsm_set", "nsm=%s bandwidth=%llu", m->name, (unsigned long long)bw);
+    return out(a, "ok");
+  }
+  if (!strcmp(cmd, "engine-set") && argc == 2) {
+    uint64_t v;
+    if (!kv_u64(argv[1], "shm", &v) || v > 1)
+      return err(a, EINVAL, "bad setting '%s' (known: shm=0|1)", argv[1]);
+    E.shm = v;
+    NK_EVENT("engine_set", "shm=%d", E.shm);
     return out(a, "ok");
   }
   if (!strcmp(cmd, "tenant-set") && argc >= 3) {
@@ -247,13 +263,14 @@ static void command(struct nk_admin *a, char *line) {
     for (struct nk_tenant *t = E.tenants; t; t = t->next)
       out(a, "tenant %s id=%u nsm=%s sockets=%u tx_bytes=%llu rx_bytes=%llu memory=%llu"
           " rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu"
-          " refused_sockets=%llu refused_memory=%llu slots=%u engine_ns=%llu engine_skips=%llu",
+           " refused_sockets=%llu refused_memory=%llu slots=%u engine_ns=%llu engine_skips=%llu shm=%d",
           t->name, t->id, t->nsm->name, t->nsocks, (unsigned long long)t->tx_bytes,
           (unsigned long long)t->rx_bytes, (unsigned long long)nk_tenant_memory(t),
           (unsigned long long)t->rate[NK_TX] * 8, (unsigned long long)t->rate[NK_RX] * 8,
           t->weight, t->max_sockets, (unsigned long long)t->max_memory,
           (unsigned long long)t->refused_sockets, (unsigned long long)t->refused_memory,
-          t->nslots, (unsigned long long)t->cpu_total_ns, (unsigned long long)t->cpu_skips);
+          t->nslots, (unsigned long long)t->cpu_total_ns, (unsigned long long)t->cpu_skips,
+          t->shm && E.shm);
     for (struct nk_nsm *m = E.nsms; m; m = m->next) {
       uint32_t tenants = 0, socks = 0;
       for (struct nk_tenant *t = E.tenants; t; t = t->next) {

@@ -127,6 +127,8 @@ struct nk_tenant {
   uint64_t cpu_last_ns;
   uint64_t cpu_total_ns, cpu_skips; /* engine time spent on it; rounds it sat out */
   uint32_t throttled_socks; /* its sockets waiting for rate or link tokens */
+  bool shm; /* its connections to colocated tenants may use the shared-memory path */
+  uint32_t ephemeral; /* next local port for a shared-memory connection */
   struct nk_tenant *next_active;
   int dns_fd, dns_up_fd;
   int diag_fd; /* NETLINK_SOCK_DIAG in the tenant's namespace */
@@ -197,6 +199,13 @@ struct nk_esock {
   bool throttled; /* waiting for tokens: on E.throttled until throttle_until */
   uint64_t throttle_until;
   struct nk_esock *next_throttled;
+  /* Shared-memory path (shm.c): a connection between two tenant sockets on this host. The
+   * engine copies the sender's transmit ring into the receiver's receive ring; no TCP. */
+  bool shm;                    /* this connection runs (or ran) on the shared-memory path */
+  struct nk_esock *shm_peer;   /* the other end; NULL once it is gone */
+  bool shm_fin_sent;           /* our end of the byte stream was delivered to the peer */
+  bool in_port_map;            /* listener reachable by the shared-memory path */
+  struct nk_esock *next_port;  /* chain of listeners hashed by port */
 };
 
 /* ---- the engine ---- */
@@ -219,6 +228,7 @@ struct nk_engine {
   /* Most bytes one service of a socket moves each way: unbounded while one tenant has the
    * engine, NK_SERVICE_BYTES while several contend (see run_active). */
   uint64_t service_bytes;
+  bool shm; /* the shared-memory path between colocated tenants is on (both tenants must agree) */
   bool stop;
 };
 extern struct nk_engine E;
@@ -265,6 +275,22 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *a, int *in_progre
 int nk_sock_shutdown(struct nk_esock *es, int how);
 int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len);
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len);
+
+/* shm.c: the shared-memory path */
+void nk_shm_listener_add(struct nk_esock *l);
+void nk_shm_listener_del(struct nk_esock *l);
+int nk_shm_connect(struct nk_esock *es, const struct nk_addr *dst); /* 1 done, 0 not ours, -errno */
+void nk_shm_service(struct nk_esock *es);
+bool nk_shm_close(struct nk_esock *es); /* true when es may be freed */
+void nk_shm_unlink(struct nk_esock *es, int err); /* reset the peer with err (0: none) */
+
+/* sock.c helpers shared with shm.c */
+void nk_sock_maybe_ready(struct nk_esock *es);
+void nk_sock_release_blocker(struct nk_esock *es);
+void nk_sock_conn_error(struct nk_esock *es, int err);
+void nk_sock_end_of_stream(struct nk_esock *es); /* rx EOF reached the guest's ring */
+bool nk_sock_deliver_conn(struct nk_esock *l, struct nk_esock *es, int gfd);
+void nk_sock_hang_up(struct nk_esock *es);
 
 /* policy.c */
 #define NK_QUANTUM 16384u /* smallest grant worth a system call for a stream */

@@ -44,7 +44,9 @@ void nk_sock_activate(struct nk_esock *es) {
 }
 
 /* The NSM a connected or connecting socket's traffic goes through (NULL: loopback). */
-struct nk_nsm *nk_sock_nsm(const struct nk_esock *es) { return es->nk ? es->kfd_nsm[0] : NULL; }
+struct nk_nsm *nk_sock_nsm(const struct nk_esock *es) {
+  return es->nk && !es->shm ? es->kfd_nsm[0] : NULL;
+}
 
 /* ---- kernel sockets ---- */
 
@@ -261,6 +263,7 @@ void nk_sock_reset(struct nk_esock *es, int err) {
   NK_LOG(1, "tenant %s slot %u reset (%s): tx %u/%u rx %u/%u", es->t->name, es->slot,
          strerror(err), atomic_load(es->tx.head), atomic_load(es->tx.tail),
          atomic_load(es->rx.head), atomic_load(es->rx.tail));
+  nk_shm_unlink(es, ECONNRESET);
   nk_sock_close_kfds(es, true);
   es->dead = true;
   es->state = NK_ST_CLOSED;
@@ -285,6 +288,18 @@ static void conn_error(struct nk_esock *es, int err) {
   atomic_store(&s->state, NK_ST_CLOSED);
   hang_up(es);
   release_blocker(es);
+}
+
+void nk_sock_maybe_ready(struct nk_esock *es) { maybe_ready(es); }
+void nk_sock_release_blocker(struct nk_esock *es) { release_blocker(es); }
+void nk_sock_conn_error(struct nk_esock *es, int err) { conn_error(es, err); }
+void nk_sock_hang_up(struct nk_esock *es) { hang_up(es); }
+
+/* The peer's byte stream ended and everything before it is in our receive ring. */
+void nk_sock_end_of_stream(struct nk_esock *es) {
+  atomic_store(&slot_of(es)->rx_eof, 1);
+  if (es->guest_shut_wr) hang_up(es);
+  else proxy_shutdown(es);
 }
 
 /* ---- stream data ---- */
@@ -540,6 +555,25 @@ static bool deliver_conn(struct nk_esock *l, int gfd, struct nk_newconn *msg) {
   return sendmsg(l->proxy, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) == sizeof(*msg);
 }
 
+/* Hand the new connection es (guest end gfd, which this call closes or keeps) to listener l's
+ * application; when its accept queue is full, hold it as the one pending connection.
+ * False when one is already pending: the caller refuses the connection. */
+bool nk_sock_deliver_conn(struct nk_esock *l, struct nk_esock *es, int gfd) {
+  struct nk_slot *s = slot_of(es);
+  struct nk_newconn msg = {.type = NK_MSG_NEWCONN, .slot = es->slot, .gen = es->gen,
+                           .peer = s->peer, .local = s->local};
+  if (l->pending_fd < 0 && deliver_conn(l, gfd, &msg)) {
+    close(gfd);
+    return true;
+  }
+  if (l->pending_fd >= 0) return false;
+  l->pending_fd = gfd;
+  l->pending_msg = msg;
+  l->pending_listen_out = true;
+  nk_ep_mod(l->proxy, PROXY_EVENTS | EPOLLOUT, &l->h_proxy);
+  return true;
+}
+
 static void listener_accept(struct nk_esock *l) {
   struct nk_tenant *t = l->t;
   if (l->pending_fd >= 0) {
@@ -616,7 +650,8 @@ static void listener_accept(struct nk_esock *l) {
 /* ---- closing ---- */
 
 static void finish_close(struct nk_esock *es) {
-  if (es->kind == NK_KIND_STREAM && !es->dead && es->nk) {
+  if (es->shm && !nk_shm_close(es)) return; /* flushing to the peer; it brings us back */
+  if (es->kind == NK_KIND_STREAM && !es->dead && es->nk && !es->shm) {
     /* Unread received data at close makes Linux send a reset; so do we. */
     int64_t unread = nk_ring_fill_checked(&es->rx);
     bool rst = es->linger0 || unread != 0;
@@ -640,6 +675,8 @@ void nk_sock_service(struct nk_esock *es) {
   if (!es->dead) {
     if (es->kind == NK_KIND_LISTENER) {
       listener_accept(es);
+    } else if (es->shm) {
+      nk_shm_service(es);
     } else if (es->kind == NK_KIND_STREAM && es->state == NK_ST_CONNECTED && es->nk) {
       stream_tx(es);
       if (!es->dead) stream_rx(es);
@@ -810,6 +847,7 @@ int nk_sock_listen(struct nk_esock *es, int backlog) {
   s->kind = NK_KIND_LISTENER;
   atomic_store(&s->state, NK_ST_LISTEN);
   for (int k = 0; k < es->nk; k++) nk_ep_add(es->kfd[k], EPOLLIN, &es->h_kfd[k]);
+  nk_shm_listener_add(es);
   return 0;
 }
 
@@ -828,6 +866,17 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_prog
   if (dst.family == AF_INET6 && es->family == AF_INET) return -EAFNOSUPPORT;
   nk_addr_unmap(&dst);
   if (dst.family == AF_INET && es->family == AF_INET6 && es->v6only) return -ENETUNREACH;
+  if (es->kind == NK_KIND_STREAM && es->state != NK_ST_CONNECTED) {
+    /* A listener of a tenant on this host (or of this one) takes it over shared memory. */
+    int r = nk_shm_connect(es, &dst);
+    if (r < 0) return r;
+    if (r > 0) {
+      /* Established already. A non-blocking caller still gets EINPROGRESS, as from Linux TCP
+       * (the guest's blocker is let go at once); a blocking one gets 0 without a round trip. */
+      *in_progress = atomic_load(&s->nonblock) != 0;
+      return 0;
+    }
+  }
   bool loop = nk_addr_is_loopback(&dst);
   int fam = dst.family;
   int k = -1;

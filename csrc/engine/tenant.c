@@ -177,6 +177,7 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
   strcpy(t->name, name);
   t->nsm = nsm;
   t->weight = 1;
+  t->shm = true;
   t->memfd = t->doorbell_fd = t->dns_fd = t->dns_up_fd = t->netns_fd = t->diag_fd = -1;
   if ((r = nk_addr_parse(v4, &t->ipv4)) < 0 || t->ipv4.family != AF_INET) goto fail_free;
   if ((r = nk_addr_parse(v6, &t->ipv6)) < 0 || t->ipv6.family != AF_INET6) {
@@ -309,6 +310,8 @@ struct nk_esock *nk_esock_get(struct nk_tenant *t, uint32_t slot, uint32_t gen) 
 
 void nk_esock_free(struct nk_esock *es) {
   struct nk_tenant *t = es->t;
+  nk_shm_unlink(es, ECONNRESET); /* freed while paired (tenant deleted): the peer is reset */
+  nk_shm_listener_del(es);
   nk_sock_close_kfds(es, true);
   if (es->zombie) E.nzombies--;
   if (es->pending_fd >= 0) close(es->pending_fd);
