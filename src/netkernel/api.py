@@ -37,6 +37,7 @@ socket_override: Path | None = None
 
 _NUMBER_OR_TEXT = (int, str)
 _POLICY_FIELDS: dict[str, tuple[type, ...]] = {key: _NUMBER_OR_TEXT for key in config.POLICY_PARSERS}
+_POLICY_FIELDS["shm"] = (bool, int, str)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ OPS: dict[str, Op] = {
     "nsm-remove": Op(required={"name": (str,)}),
     "shutdown": Op(),
 }
-_TYPE_NAMES = {int: "a number", str: "a string", dict: "an object"}
+_TYPE_NAMES = {int: "a number", str: "a string", dict: "an object", bool: "true or false"}
 
 
 def socket_path() -> Path:
@@ -95,7 +96,7 @@ def check_request(req: object) -> dict[str, Any]:
                 raise DaemonError(f"op {op!r} needs field {name!r} ({_TYPE_NAMES[types[0]]})")
             continue
         value = req[name]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             wanted = " or ".join(_TYPE_NAMES[t] for t in types)
             raise DaemonError(f"op {op!r}: field {name!r} must be {wanted}, not {json.dumps(value)}")
     unknown = sorted(set(req) - {"v", "op"} - set(spec.required) - set(spec.optional))

@@ -93,6 +93,9 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
                    f"engine's {config.ENGINE_SLOTS} slots; 0 = no limit but the slots)")
     p.add_argument("--max-memory", type=_argument_type(config.parse_size, "size"), metavar="SIZE",
                    help="shared memory for socket rings, e.g. 512MiB (2 MiB per socket); 0 = unlimited")
+    p.add_argument("--shm", type=_argument_type(config.parse_switch, "switch"), metavar="on|off",
+                   help="connections to tenants on this host over shared memory (default on; "
+                   "both tenants must allow it)")
 
 
 def _policy_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,6 +106,7 @@ def _policy_args(args: argparse.Namespace) -> dict[str, Any]:
         "rate_tx": args.rate if args.rate is not None else args.rate_tx,
         "rate_rx": args.rate if args.rate is not None else args.rate_rx,
         "weight": args.weight, "max_sockets": args.max_sockets, "max_memory": args.max_memory,
+        "shm": args.shm,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -428,7 +432,7 @@ def cmd_tenant(args: argparse.Namespace) -> int:
         changes = _policy_args(args)
         if not changes:
             args.parser.error("nothing to change: give --rate-tx, --rate-rx, --rate, --weight, "
-                              "--max-sockets or --max-memory")
+                              "--max-sockets, --max-memory or --shm")
         t = api.call("tenant-set", name=args.name, **changes)["tenant"]
         print(f"tenant {t['name']}: {_describe_policy(t['policy'])}")
     elif action == "move":
@@ -484,9 +488,11 @@ def cmd_conns(args: argparse.Namespace) -> int:
         _print_json({"conns": conns})
         return 0
     print(table(
-        ["TENANT", "NSM", "PROTO", "KIND", "STATE", "LOCAL", "PEER", "TX", "RX", "RTT", "CWND",
-         "RETRANS", "DELIVERY", "CC"],
-        [[c["tenant"], c.get("nsm"), c.get("proto"), c.get("kind"), c.get("tcp_state") or c.get("state"),
+        ["TENANT", "NSM", "PATH", "PROTO", "KIND", "STATE", "LOCAL", "PEER", "TX", "RX", "RTT",
+         "CWND", "RETRANS", "DELIVERY", "CC"],
+        [[c["tenant"], c.get("nsm"),
+          f"shm:{c['peer_tenant']}" if c.get("peer_tenant") else c.get("path"),
+          c.get("proto"), c.get("kind"), c.get("tcp_state") or c.get("state"),
           c.get("local"), c.get("peer"), _bytes(c.get("tx_bytes")), _bytes(c.get("rx_bytes")),
           _rtt(c.get("rtt_us")), c.get("cwnd"),
           None if c.get("retrans") is None else f"{c['retrans']}/{c.get('total_retrans')}",

@@ -191,6 +191,19 @@ def parse_max_sockets(value: object) -> int:
     return min(_whole_number(value, "socket limit", 0, MAX_SLOTS), ENGINE_SLOTS)
 
 
+def parse_switch(value: object) -> bool:
+    """true/false (TOML), or on/off, yes/no, 1/0 as text (CLI, API)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("on", "yes", "true", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("off", "no", "false", "0"):
+        return False
+    raise ValueError(f"{value!r} is not a switch; use true or false (on/off on the command line)")
+
+
 def format_rate(bits: int | None) -> str:
     """``200Mbit``, ``1.5Gbit``; 0 is ``unlimited``."""
     if bits is None:
@@ -226,29 +239,33 @@ class Policy:
     weight: int = 1
     max_sockets: int = ENGINE_SLOTS  # 0: no limit but the slots
     max_memory: int = 0
+    # Connections to colocated tenants over shared memory; both ends' tenants must allow it.
+    shm: bool = True
 
     def engine_args(self) -> str:
         """``key=value ...`` for the engine's ``tenant-set``."""
-        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+        return " ".join(f"{f.name}={int(getattr(self, f.name))}" for f in fields(self))
 
     def describe(self) -> str:
         return (f"rate_tx={format_rate(self.rate_tx)} rate_rx={format_rate(self.rate_rx)} "
                 f"weight={self.weight} max_sockets={self.max_sockets or 'unlimited'} "
-                f"max_memory={format_size(self.max_memory, zero='unlimited')}")
+                f"max_memory={format_size(self.max_memory, zero='unlimited')} "
+                f"shm={'on' if self.shm else 'off'}")
 
 
-POLICY_PARSERS: dict[str, Callable[[object], int]] = {
+POLICY_PARSERS: dict[str, Callable[[object], int | bool]] = {
     "rate_tx": parse_rate,
     "rate_rx": parse_rate,
     "weight": parse_weight,
     "max_sockets": parse_max_sockets,
     "max_memory": parse_size,
+    "shm": parse_switch,
 }
 
 
 def policy_with(base: Policy, changes: dict[str, object]) -> Policy:
     """``base`` with ``changes`` (raw values) parsed; ValueError names the offending key."""
-    parsed: dict[str, int] = {}
+    parsed: dict[str, int | bool] = {}
     for key, raw in changes.items():
         parser = POLICY_PARSERS.get(key)
         if parser is None:
@@ -584,7 +601,7 @@ def _parse_network(data: dict[str, Any]) -> tuple[ipaddress.IPv4Network, ipaddre
 
 
 def _parse_policy(table: dict[str, Any], base: Policy, path: KeyPath) -> Policy:
-    changes: dict[str, int] = {}
+    changes: dict[str, int | bool] = {}
     for key, parser in POLICY_PARSERS.items():
         if key in table:
             changes[key] = _parse_value(parser, table[key], path + (key,))

@@ -636,9 +636,8 @@ class Daemon:
             return t, True
 
     @staticmethod
-    def _policy_fields(p: Policy) -> dict[str, int]:
-        return {"rate_tx": p.rate_tx, "rate_rx": p.rate_rx, "weight": p.weight,
-                "max_sockets": p.max_sockets, "max_memory": p.max_memory}
+    def _policy_fields(p: Policy) -> dict[str, int | bool]:
+        return asdict(p)
 
     def _apply_policy(self, t: Tenant, policy: Policy) -> None:
         try:

@@ -82,7 +82,9 @@ class Conn:
     slot: int | None = None
     kind: str | None = None
     state: str | None = None
-    nsm: str | None = None
+    nsm: str | None = None  # "shm" for the shared-memory path
+    path: str | None = None  # nsm, shm (between colocated tenants) or loopback
+    peer_tenant: str | None = None  # the other end's tenant, on the shm path
     proto: str | None = None
     local: str | None = None
     peer: str | None = None
