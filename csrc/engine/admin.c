@@ -209,14 +209,6 @@ static void command(struct nk_admin *a, char *line) {
     NK_EVENT("nsm_set", "nsm=%s bandwidth=%llu", m->name, (unsigned long long)bw);
     return out(a, "ok");
   }
-  if (!strcmp(cmd, "engine-set") && argc == 2) {
-    uint64_t v;
-    if (!kv_u64(argv[1], "shm", &v) || v > 1)
-      return err(a, EINVAL, "bad setting '%s' (known: shm=0|1)", argv[1]);
-    E.shm = v;
-    NK_EVENT("engine_set", "shm=%d", E.shm);
-    return out(a, "ok");
-  }
   if (!strcmp(cmd, "tenant-set") && argc >= 3) {
     struct nk_tenant *t = nk_tenant_find(argv[1]);
     if (!t) return err(a, ENOENT, "unknown tenant '%s'", argv[1]);
@@ -270,7 +262,7 @@ static void command(struct nk_admin *a, char *line) {
           t->weight, t->max_sockets, (unsigned long long)t->max_memory,
           (unsigned long long)t->refused_sockets, (unsigned long long)t->refused_memory,
           t->nslots, (unsigned long long)t->cpu_total_ns, (unsigned long long)t->cpu_skips,
-          t->shm && E.shm);
+          t->shm);
     for (struct nk_nsm *m = E.nsms; m; m = m->next) {
       uint32_t tenants = 0, socks = 0;
       for (struct nk_tenant *t = E.tenants; t; t = t->next) {

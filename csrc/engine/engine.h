@@ -228,7 +228,6 @@ struct nk_engine {
   /* Most bytes one service of a socket moves each way: unbounded while one tenant has the
    * engine, NK_SERVICE_BYTES while several contend (see run_active). */
   uint64_t service_bytes;
-  bool shm; /* the shared-memory path between colocated tenants is on (both tenants must agree) */
   bool stop;
 };
 extern struct nk_engine E;

@@ -217,7 +217,6 @@ int main(int argc, char **argv) {
   nk_debug = dbg ? atoi(dbg) : 0;
   const char *spin = getenv("NETKERNEL_SPIN_US");
   E.spin_ns = (spin ? strtoull(spin, NULL, 10) : 50) * 1000ull;
-  E.shm = true; /* the daemon switches it off with engine-set shm=0 when configured so */
   E.ep = epoll_create1(EPOLL_CLOEXEC);
   E.self_netns = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
   if (E.ep < 0 || E.self_netns < 0) {

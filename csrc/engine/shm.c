@@ -15,7 +15,7 @@
  * close after the last byte, a reset on close with unread bytes or SO_LINGER {1, 0}, EPIPE for
  * writes after the peer has gone. Reachability follows the network's: a connection takes this
  * path only to a listener bound to the address and port it was sent to, loopback only inside
- * one tenant, and only when both tenants (and the engine) have the path switched on.
+ * one tenant, and only when both tenants have the path switched on.
  */
 #include <errno.h>
 #include <string.h>
@@ -114,7 +114,7 @@ static bool local_address(struct nk_esock *es, const struct nk_addr *dst, struct
 
 int nk_shm_connect(struct nk_esock *es, const struct nk_addr *dst) {
   struct nk_tenant *t = es->t;
-  if (!E.shm || !t->shm || es->dead) return 0;
+  if (!t->shm || es->dead) return 0;
   if (dst->family != AF_INET && dst->family != AF_INET6) return 0;
   struct nk_esock *l = find_listener(t, dst);
   if (!l) return 0;

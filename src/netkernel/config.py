@@ -265,7 +265,7 @@ POLICY_PARSERS: dict[str, Callable[[object], int | bool]] = {
 
 def policy_with(base: Policy, changes: dict[str, object]) -> Policy:
     """``base`` with ``changes`` (raw values) parsed; ValueError names the offending key."""
-    parsed: dict[str, int | bool] = {}
+    parsed: dict[str, Any] = {}
     for key, raw in changes.items():
         parser = POLICY_PARSERS.get(key)
         if parser is None:
@@ -601,7 +601,7 @@ def _parse_network(data: dict[str, Any]) -> tuple[ipaddress.IPv4Network, ipaddre
 
 
 def _parse_policy(table: dict[str, Any], base: Policy, path: KeyPath) -> Policy:
-    changes: dict[str, int | bool] = {}
+    changes: dict[str, Any] = {}
     for key, parser in POLICY_PARSERS.items():
         if key in table:
             changes[key] = _parse_value(parser, table[key], path + (key,))

@@ -311,7 +311,7 @@ def test_ps_json_shape(nk_daemon: Daemon, tenant) -> None:  # type: ignore[no-un
         assert {"name", "nsm", "ipv4", "ipv6", "pids", "sockets", "memory", "tx_bytes", "rx_bytes",
                 "tx_bps", "rx_bps", "policy", "draining"} <= set(info)
         assert info["policy"] == {"rate_tx": 0, "rate_rx": 0, "weight": 1, "max_sockets": 1024,
-                                  "max_memory": 0}
+                                  "max_memory": 0, "shm": True}
         assert info["nsm"] == "kernel" and info["ipv4"] == t.ipv4 and info["ipv6"] == t.ipv6
         assert info["ipv4"].startswith("198.18.1.") and info["ipv6"].startswith("fd6e:6b00::1:")
         assert len(info["pids"]) == 1
@@ -368,6 +368,7 @@ nsm = "alt"
 rate_tx = "200Mbit"
 weight = 2
 max_memory = "512MiB"
+shm = false
 """
 
 
@@ -442,14 +443,14 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
         (cfg_tenant,) = nk_json("ps")["tenants"]
         assert (cfg_tenant["name"], cfg_tenant["nsm"]) == ("t-cfg", "alt")
         assert cfg_tenant["policy"] == {"rate_tx": 200_000_000, "rate_rx": 0, "weight": 2,
-                                        "max_sockets": 64, "max_memory": 512 << 20}
+                                        "max_sockets": 64, "max_memory": 512 << 20, "shm": False}
 
         # Policy at creation ([defaults] below the options) and live changes.
         proc = nk("tenant", "create", "t-op", "--rate", "100Mbit", check=True)
         assert "tenant t-op created: nsm kernel" in proc.stdout
         proc = nk("tenant", "set", "t-op", "--weight", "5", "--max-sockets", "5000", check=True)
         assert proc.stdout.strip() == ("tenant t-op: rate_tx=100Mbit rate_rx=100Mbit weight=5 "
-                                       "max_sockets=1024 max_memory=unlimited")
+                                       "max_sockets=1024 max_memory=unlimited shm=on")
         # Bad input: a clear error and nothing changes.
         def tenants() -> dict[str, tuple[str, dict[str, int]]]:
             return {t["name"]: (t["nsm"], t["policy"]) for t in nk_json("ps")["tenants"]}

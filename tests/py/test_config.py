@@ -195,7 +195,7 @@ def test_policy_changes_and_caps() -> None:
     p = policy_with(Policy(), {"rate_tx": "200Mbit", "weight": "3", "max_memory": "512MiB"})
     assert p == Policy(rate_tx=200_000_000, weight=3, max_memory=512 << 20)
     assert p.engine_args() == (f"rate_tx=200000000 rate_rx=0 weight=3 max_sockets={config.ENGINE_SLOTS} "
-                               "max_memory=536870912")
+                               "max_memory=536870912 shm=1")
     # More sockets than the engine's slots could never open: capped there.
     assert policy_with(Policy(), {"max_sockets": 5000}).max_sockets == config.ENGINE_SLOTS
     # 0: no limit but the slots, as 0 means unlimited for rates and memory.
@@ -204,6 +204,11 @@ def test_policy_changes_and_caps() -> None:
         policy_with(Policy(), {"weight": 1001})
     with pytest.raises(ValueError, match="unknown policy key 'burst'"):
         policy_with(Policy(), {"burst": 1})
+    # The shared-memory switch: TOML booleans, on/off from the command line.
+    assert policy_with(Policy(), {"shm": False}).shm is False
+    assert policy_with(Policy(), {"shm": "off"}).engine_args().endswith("shm=0")
+    with pytest.raises(ValueError, match=r"^shm: 'sometimes' is not a switch; use true or false"):
+        policy_with(Policy(), {"shm": "sometimes"})
 
 
 def test_locate_key() -> None:
