@@ -72,6 +72,8 @@ IPERF3_PORT = 5201
 MUX_PORT = 5301  # the multiplexing workload's iperf3 servers: MUX_PORT + i
 MUX_TENANT = "nkbench-mux"  # nkbench-mux0, nkbench-mux1, ...
 MUX_NS = "nkb-mux"  # nkb-mux0, ...: the native counterparts
+COLO_TENANT = "nkbench-colo"  # the server side of the colocated workloads
+COLO_PORT = 7400  # their iperf3, sockperf (+1) and nginx (+2) servers
 SOCKPERF_PORT = 11111
 CRR_PORT = 7200
 CRR_THREADS = 8
@@ -217,6 +219,17 @@ METRICS: tuple[Metric, ...] = (
     Metric("noisy_neighbour_kept", "kept", ("sockperf",), Floor(">=", 0.8, of="netkernel"),
            "share of a quiet sockperf ping-pong's rate kept beside a noisy neighbour "
            "(200 connections, 16-byte writes)", configs=SIDES),
+    # Colocated: client and server on one host. native = both in one namespace over loopback
+    # TCP; netkernel = client in one tenant, server in another, over the shared-memory path.
+    Metric("colo_iperf3_gbps", "Gbit/s", ("iperf3",), Floor(">=", 1.5),
+           "colocated iperf3, one stream: tenant to tenant over shared memory vs loopback TCP "
+           "in one namespace", configs=SIDES),
+    Metric("colo_tcp_rr_p50_us", "us", ("sockperf",), Floor("<=", 0.8),
+           "colocated sockperf ping-pong p50, 64-byte messages: tenant to tenant vs loopback",
+           configs=SIDES),
+    Metric("colo_nginx_keepalive_rps", "req/s", ("nginx", "wrk"), Floor(">=", 1.0),
+           "colocated nginx 1 KiB, wrk keep-alive, 32 connections: tenant to tenant vs loopback",
+           configs=SIDES),
     Metric("idle_cpu_percent", "%", (), IDLE_FLOOR,
            "engine + daemon CPU over 5 s with the tenant idle, percent of one core",
            configs=("netkernel",)),
@@ -976,6 +989,7 @@ class Bench:
         self.made_tenant = False
         self.made_noisy_tenant = False
         self.mux_tenants: list[str] = []
+        self.colo_server: Place | None = None
         self.usermode: dict[str, subprocess.Popen[bytes]] = {}  # pasta / slirp4netns
         self.usermode_used: set[str] = set()  # run once: restarted before the next run
         # A count, not a duration: a quick pass must not wait on slirp4netns (~4k req/s).
@@ -1266,7 +1280,8 @@ class Bench:
                 self.stop(p, timeout=5)
             except Exception as e:  # keep cleaning
                 problems.append(f"stopping pid {p.pid}: {e}")
-        tenants = [(self.made_tenant, TENANT), (self.made_noisy_tenant, NOISY_TENANT)]
+        tenants = [(self.made_tenant, TENANT), (self.made_noisy_tenant, NOISY_TENANT),
+                   (self.colo_server is not None, COLO_TENANT)]
         tenants += [(True, name) for name in self.mux_tenants]
         for made, name in tenants:
             if not made:
@@ -1370,6 +1385,9 @@ class Bench:
             "redis_set_rps": lambda r: self.m_redis(r, "set"),
             "noisy_neighbour_kept": self.m_noisy,
             **{f"mux{n}_gbps": functools.partial(self.m_mux, n=n) for n in (1, 4, 16)},
+            "colo_iperf3_gbps": self.m_colo_iperf3,
+            "colo_tcp_rr_p50_us": self.m_colo_sockperf,
+            "colo_nginx_keepalive_rps": self.m_colo_nginx,
         }
         try:
             fn[m.name](res)
@@ -1642,6 +1660,124 @@ class Bench:
         finally:
             for srv in servers:
                 self.stop(srv)
+
+    # -- colocated: both ends on this host -------------------------------------------------
+    def _colo(self, side: Place) -> tuple[Place, Place, str]:
+        """(client, server, the address the client dials) for one side: native is one
+        namespace over loopback; NetKernel is our tenant dialling a second tenant."""
+        if side.tenant is None:
+            return self.native, self.native, "127.0.0.1"
+        assert self.tenant is not None
+        if self.colo_server is None:
+            self.colo_server = Place("netkernel", "", tenant=COLO_TENANT)  # first: see cleanup
+            t = api.call("tenant-create", name=COLO_TENANT)["tenant"]
+            self.colo_server = Place("netkernel", str(t["ipv4"]), tenant=COLO_TENANT)
+        return self.tenant, self.colo_server, self.colo_server.addr
+
+    def _colo_start(self, server: Place, cmd: Sequence[str], port: int, what: str) -> subprocess.Popen[bytes]:
+        """A server for a colocated run, waited for without a probe connection (iperf3 would
+        count one as its test): ss in the namespace, or the engine's listener list."""
+        log = f"{what}-{server.tenant or 'native'}.log"
+        p = self.spawn(server, cmd, log)
+        if server.tenant is None:
+            self.wait_listening(NATIVE_NS, port, p, server, what, log)
+            return p
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise self._died(p, server, what, log)
+            if any(c.get("kind") == "listener" and str(c.get("local", "")).endswith(f":{port}")
+                   for c in api.call("conns", tenant=COLO_TENANT)["conns"]):
+                return p
+            time.sleep(0.1)
+        raise BenchError(f"{what} (tenant {COLO_TENANT}) not listening on port {port} after 20s:\n"
+                         f"{_tail(self.log_text(log))}")
+
+    @staticmethod
+    def _nsm_bytes() -> int:
+        return sum(int(n.get("tx_bytes") or 0) + int(n.get("rx_bytes") or 0)
+                   for n in api.call("nsm-list").get("nsms", []))
+
+    @contextmanager
+    def _colo_load(self, res: MetricResult, side: Place) -> Iterator[None]:
+        """engine_load, and for NetKernel the bytes that went through an NSM meanwhile: on
+        the shared-memory path, none (recorded, so a run that fell back shows)."""
+        before = self._nsm_bytes() if side.tenant is not None else 0
+        with self.engine_load(side):
+            yield
+        if side.tenant is not None:
+            res.extra["netkernel_nsm_bytes"] = res.extra.get("netkernel_nsm_bytes", 0) + \
+                self._nsm_bytes() - before
+
+    def m_colo_iperf3(self, res: MetricResult) -> None:
+        d = self.opts.duration
+        for rep in range(self.opts.repetitions):
+            for side in self.sides(rep, res.metric):
+                client, server, addr = self._colo(side)
+                srv = self._colo_start(server, ["iperf3", "-s", "-1", "-p", str(COLO_PORT), "-B", addr],
+                                       COLO_PORT, "colo-iperf3-server")
+                try:
+                    cmd = ["iperf3", "-c", addr, "-p", str(COLO_PORT), "-t", str(d), "-J",
+                           "--connect-timeout", "5000"]
+                    with self._colo_load(res, side):
+                        out = self.run(client, cmd, d + 60, "iperf3 client (colocated)")
+                finally:
+                    self.stop(srv)
+                try:
+                    gbps = parse_iperf3(out)["gbps"]
+                except ParseError as e:
+                    raise BenchError(f"{e} ({side.name}, colocated)" + self._log_hint(side)) from None
+                res.samples[side.name].append(gbps)
+                self.progress(res.metric, side, rep, f"{gbps:.2f} Gbit/s")
+
+    def m_colo_sockperf(self, res: MetricResult) -> None:
+        d = self.opts.duration
+        port = COLO_PORT + 1
+        for rep in range(self.opts.repetitions):
+            for side in self.sides(rep, res.metric):
+                client, server, addr = self._colo(side)
+                srv = self._colo_start(server, ["sockperf", "server", "--tcp", "-i", addr, "-p", str(port)],
+                                       port, "colo-sockperf-server")
+                try:
+                    with self._colo_load(res, side):
+                        out = self.run(client, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t", str(d),
+                                                "-i", addr, "-p", str(port)], d + 60,
+                                       "sockperf ping-pong (colocated)")
+                finally:
+                    self.stop(srv, signal.SIGINT)
+                try:
+                    p50 = parse_sockperf(out)["p50_us"]
+                except ParseError as e:
+                    raise BenchError(f"{e} ({side.name}, colocated)" + self._log_hint(side)) from None
+                res.samples[side.name].append(p50)
+                self.progress(res.metric, side, rep, f"p50 {p50:.1f} us")
+
+    def m_colo_nginx(self, res: MetricResult) -> None:
+        self._nginx_files()
+        d = self.opts.duration
+        port = COLO_PORT + 2
+        for rep in range(self.opts.repetitions):
+            for side in self.sides(rep, res.metric):
+                client, server, addr = self._colo(side)
+                conf = self.tmp / f"nginx-colo-{side.name}.conf"
+                conf.write_text(NGINX_CONF.format(d=self.tmp, side=f"colo-{side.name}",
+                                                  listen=f"{url_host(addr)}:{port}"))
+                errlog = self.tmp / f"nginx-colo-{side.name}.error.log"
+                srv = self._colo_start(server, ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e",
+                                                str(errlog)], port, "colo-nginx")
+                try:
+                    cmd = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{d}s",
+                           f"http://{url_host(addr)}:{port}/1k.bin"]
+                    with self._colo_load(res, side):
+                        out = self.run(client, cmd, d + 60, "wrk against nginx (colocated)")
+                    r = self._parse_against(parse_wrk, out, srv, server, "nginx", "colo-nginx.log")
+                finally:
+                    self.stop(srv)
+                if r.total_socket_errors or r.non_2xx_3xx:
+                    raise BenchError(f"wrk against nginx ({side.name}, colocated): socket errors "
+                                     f"{r.socket_errors}, non-2xx/3xx {r.non_2xx_3xx}")
+                res.samples[side.name].append(r.requests_per_sec)
+                self.progress(res.metric, side, rep, f"{r.requests_per_sec:,.0f} req/s")
 
     def _noisy_places(self) -> tuple[Place, Place]:
         """Where the floods come from: a namespace of their own (native) and a second tenant."""
