@@ -59,6 +59,7 @@ MAX_TENANTS = 250
 MAX_NSMS = 250
 LOG_FORMATS = ("text", "json")
 DEFAULT_METRICS_LISTEN = ("127.0.0.1", 9464)
+DEFAULT_ENGINE_NICE = -10  # see Config.engine_nice
 # A Unix socket path must fit sockaddr_un.sun_path (108 bytes with the NUL).
 _SUN_PATH_MAX = 107
 CONGESTION_CONTROL_FILE = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
@@ -355,6 +356,10 @@ class Config:
     api_group: str | None = None  # members may use the API too (socket 0660)
     metrics_listen: tuple[str, int] | None = DEFAULT_METRICS_LISTEN  # None: no endpoint
     log_format: str = "text"
+    # The engine does, for every tenant, the work softirq and the syscall path do natively;
+    # at equal CPU weight with the tenants' own processes it gets a third of two cores when a
+    # server and its load generator run beside it (docs/operations.md).
+    engine_nice: int = DEFAULT_ENGINE_NICE
     defaults: Policy = Policy()
     tenants: tuple[TenantConfig, ...] = ()
 
@@ -554,7 +559,8 @@ def parse_listen(value: str) -> tuple[str, int] | None:
 def _parse_daemon(data: dict[str, Any]) -> dict[str, Any]:
     path: KeyPath = ("daemon",)
     d = _table(data, "daemon")
-    _check_keys(d, ("api_socket", "api_group", "metrics_listen", "log_format"), path)
+    _check_keys(d, ("api_socket", "api_group", "metrics_listen", "log_format", "engine_nice"),
+                path)
     out: dict[str, Any] = {}
     sock = _string(d, "api_socket", path, str(DAEMON_SOCKET))
     if not sock.startswith("/") or len(sock.encode()) > _SUN_PATH_MAX:
@@ -577,6 +583,10 @@ def _parse_daemon(data: dict[str, Any]) -> dict[str, Any]:
         raise ConfigValueError(path + ("log_format",),
                                f"{fmt!r} is not a log format; use \"text\" or \"json\"")
     out["log_format"] = fmt
+    if "engine_nice" in d:
+        out["engine_nice"] = _parse_value(
+            lambda v: _whole_number(v, "engine_nice", -20, 19), d["engine_nice"],
+            path + ("engine_nice",))
     return out
 
 

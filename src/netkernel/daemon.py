@@ -141,6 +141,20 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s netkernel[%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
+def _set_autogroup_nice(pid: int, nice: int) -> None:
+    """With sched_autogroup (Debian's default) the scheduler shares CPU between sessions
+    first and only then between the processes in one, so a process's nice value alone does
+    not lift it above a busy tenant program in another session: the session's must be set."""
+    path = Path(f"/proc/{pid}/autogroup")
+    try:
+        path.write_text(f"{nice}\n")
+    except FileNotFoundError:
+        pass  # kernel built without autogroups: the process's nice value is what counts
+    except OSError as e:
+        log.warning("cannot set the engine's autogroup nice to %d (%s); it competes with "
+                    "tenant programs at equal weight", nice, e)
+
+
 def configure_logging(level: str, log_format: str = "text", stream: IO[str] | None = None) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
@@ -424,12 +438,21 @@ class Daemon:
         for path in (ENGINE_SOCKET, ADMIN_SOCKET):
             path.unlink(missing_ok=True)
         cmd = [str(binary), "--control", str(ENGINE_SOCKET), "--admin", str(ADMIN_SOCKET)]
+        nice = self.config.engine_nice
+        if nice:
+            # nice(1) sets it before exec, so every engine thread inherits it (a later
+            # setpriority reaches one thread only).
+            cmd = ["nice", "-n", str(nice), *cmd]
         log.info("starting engine: %s", " ".join(cmd))
         relay = self.config.log_format == "json"
         # The engine logs to stderr, which is the daemon's log (relayed as JSON if asked).
-        self.engine = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+        # Its own session gives it its own autogroup, whose weight we can set without
+        # touching the shell the daemon was started from.
+        self.engine = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
                                        stderr=subprocess.PIPE if relay else None)
         engine = self.engine
+        if nice:
+            _set_autogroup_nice(engine.pid, nice)
         if relay and engine.stderr is not None:
             threading.Thread(target=_engine_log_relay, args=(engine.stderr,), name="engine-log",
                              daemon=True).start()

@@ -30,6 +30,7 @@ FULL = """\
 api_socket = "/run/netkernel/other.sock"
 metrics_listen = "[::1]:9999"
 log_format = "json"
+engine_nice = 0
 
 [network]
 ipv4_subnet = "198.18.0.0/15"
@@ -79,7 +80,7 @@ def test_full_config(tmp_path: Path) -> None:
     c = load_config(write(tmp_path, FULL))
     assert c.api_socket == Path("/run/netkernel/other.sock")
     assert c.metrics_listen == ("::1", 9999)
-    assert c.log_format == "json"
+    assert c.log_format == "json" and c.engine_nice == 0
     assert c.defaults == Policy(max_sockets=100, max_memory=2 << 30)
     kernel, fast = c.nsms
     assert (kernel.name, kernel.congestion_control, kernel.bandwidth) == ("kernel", "reno", 0)
@@ -101,6 +102,7 @@ def test_default_config_is_the_no_file_path(tmp_path: Path) -> None:
     assert [n.name for n in c.nsms] == ["kernel"] and c.tenants == ()
     assert c.api_socket == config.DAEMON_SOCKET and c.api_group is None
     assert c.metrics_listen == ("127.0.0.1", 9464) and c.log_format == "text"
+    assert c.engine_nice == -10
     assert load_config(write(tmp_path, '[daemon]\nmetrics_listen = ""\n')).metrics_listen is None
 
 
@@ -112,6 +114,8 @@ BAD = [
     ("[daemon]\n\nmetrics_listen = \"localhost\"\n", 3, "daemon.metrics_listen", ["host:port"]),
     ("[daemon]\nmetrics_listen = \"127.0.0.1:99999\"\n", 2, "daemon.metrics_listen", ["1-65535"]),
     ("[daemon]\napi_socket = \"relative.sock\"\n", 2, "daemon.api_socket", ["absolute"]),
+    ("[daemon]\nengine_nice = -30\n", 2, "daemon.engine_nice", ["-30", "-20 to 19"]),
+    ("[daemon]\nengine_nice = true\n", 2, "daemon.engine_nice", ["True", "-20 to 19"]),
     ("[daemon]\napi_group = \"no-such-group-nk\"\n", 2, "daemon.api_group",
      ["groupadd no-such-group-nk", "root-only"]),
     ("[defaults]\nrate_tx = \"20 0Mbit\"\n", 2, "defaults.rate_tx", ["not a rate", "200Mbit"]),
