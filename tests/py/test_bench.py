@@ -378,6 +378,10 @@ def test_floors() -> None:
         "redis_get_rps": (">=", 0.7, "ratio"),
         "noisy_neighbour_kept": (">=", 0.8, "netkernel"),
         "idle_cpu_percent": ("<", 2.0, "value"),
+        # The colocated path's floors (issue 4): shared memory must beat loopback TCP.
+        "colo_iperf3_gbps": (">=", 1.5, "ratio"),
+        "colo_tcp_rr_p50_us": ("<=", 0.8, "ratio"),
+        "colo_nginx_keepalive_rps": (">=", 1.0, "ratio"),
     }
 
 
@@ -630,14 +634,14 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
     rep = json.loads(proc.stdout)
     names = [r["metric"] for r in rep["results"]]
     assert names == [m for m in bench.METRIC_NAMES if m != bench.IDLE], where
+    configs = {m.name: m.configs or bench.CONFIG_NAMES for m in bench.METRICS}
     for r in rep["results"]:
         for key in ("native", "netkernel", "ratio"):
             assert isinstance(r[key], float) and r[key] > 0, (r, where)
         assert len(r["native_samples"]) == len(r["netkernel_samples"]) == 1, r
         assert "error" not in r, r
         assert r["netkernel_engine_cpu_percent"] >= 0, r
-        only_two = r["metric"] == "noisy_neighbour_kept" or r["metric"].startswith("mux")
-        want = bench.SIDES if only_two else bench.CONFIG_NAMES
+        want = configs[r["metric"]]
         # A user-mode stack may fail a run (slirp4netns resets some redis-benchmark
         # connections); then it is recorded, never silently missing. The basic workloads
         # must give numbers everywhere.
@@ -649,6 +653,9 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
             assert v["value"] > 0 and v["ratio_to_native"] > 0, (c, r)
             if r["metric"] != "noisy_neighbour_kept":
                 assert v["cpu_cores"] > 0, (c, r)
+        if r["metric"].startswith("colo_"):
+            # Tenant to tenant on one host: the bytes went over shared memory, not an NSM.
+            assert r["netkernel_nsm_bytes"] < 1 << 20, r
     for r in rep["results"]:
         if r["metric"].startswith("nginx_"):
             for side in bench.SIDES:
@@ -657,9 +664,11 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
     assert isinstance(rep["idle_cpu_percent"], float) and rep["idle_cpu_percent"] >= 0
     assert rep["machine"]["cpus"] == os.cpu_count()
     assert rep["errors"] == []
-    # One progress line per measurement on stderr (a failed user-mode run's too): 12 workloads
-    # in 5 configurations, the noisy neighbour and 3 multiplexing sizes in native and NetKernel.
-    assert proc.stderr.count("run 1/1:") == 12 * 5 + 4 * 2, where
+    # One progress line per measurement on stderr (a failed user-mode run's too): each workload
+    # once in each of its configurations.
+    runs = sum(len(configs[n]) for n in names)
+    assert runs == 12 * 5 + 7 * 2
+    assert proc.stderr.count("run 1/1:") == runs, where
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text())["entries"] == rep["entries"]
     assert "| iperf3_tcp_gbps | Gbit/s |" in (out / "results.md").read_text()
