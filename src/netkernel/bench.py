@@ -507,9 +507,9 @@ def lowest_priority(pid: int) -> None:
     as much CPU as the engine's whole group. The group's own nice is in /proc/PID/autogroup.
     """
     try:
-        Path(f"/proc/{pid}/autogroup").write_text("19")
+        netns.set_autogroup_nice(pid, 19)
     except OSError:
-        pass  # no autogroup scheduling: plain nice is enough
+        pass  # plain nice is all we can do
 
 
 # -- where programs run --------------------------------------------------------------------------

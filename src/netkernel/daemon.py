@@ -141,20 +141,6 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s netkernel[%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
-def _set_autogroup_nice(pid: int, nice: int) -> None:
-    """With sched_autogroup (Debian's default) the scheduler shares CPU between sessions
-    first and only then between the processes in one, so a process's nice value alone does
-    not lift it above a busy tenant program in another session: the session's must be set."""
-    path = Path(f"/proc/{pid}/autogroup")
-    try:
-        path.write_text(f"{nice}\n")
-    except FileNotFoundError:
-        pass  # kernel built without autogroups: the process's nice value is what counts
-    except OSError as e:
-        log.warning("cannot set the engine's autogroup nice to %d (%s); it competes with "
-                    "tenant programs at equal weight", nice, e)
-
-
 def configure_logging(level: str, log_format: str = "text", stream: IO[str] | None = None) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
@@ -452,7 +438,11 @@ class Daemon:
                                        stderr=subprocess.PIPE if relay else None)
         engine = self.engine
         if nice:
-            _set_autogroup_nice(engine.pid, nice)
+            try:
+                netns.set_autogroup_nice(engine.pid, nice)
+            except OSError as e:
+                log.warning("cannot set the engine's autogroup nice to %d (%s); it competes "
+                            "with tenant programs at equal weight", nice, e)
         if relay and engine.stderr is not None:
             threading.Thread(target=_engine_log_relay, args=(engine.stderr,), name="engine-log",
                              daemon=True).start()

@@ -297,3 +297,15 @@ def check_kernel_features() -> list[str]:
     finally:
         ip("netns", "del", scratch, check=False)
     return missing
+
+
+def set_autogroup_nice(pid: int, nice: int) -> None:
+    """Set the CPU weight of pid's session. With sched_autogroup (on in Debian's kernels)
+    the scheduler shares CPU between sessions first and only then between the processes in
+    one, so a process's own nice value does not lift or lower it against another session's
+    processes: the session's, in /proc/PID/autogroup, must be set. A kernel without
+    autogroups has no such file and nothing to set; other errors (OSError) are the caller's."""
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+    except FileNotFoundError:
+        pass
