@@ -85,6 +85,12 @@ static bool scan_all(void) {
  * tenant that floods the engine (many sockets, tiny writes) costs the others at most its
  * share of the engine's time, not all of it. */
 #define NK_CONTEND_NS 500000ull
+/* But a tenant served in the last 10 ms keeps the others' services short (one socket, a
+ * bounded number of bytes) even while it is not contending: were a heavy tenant to get whole
+ * rounds the moment a light one waited 0.5 ms for its peer, the light one's next request would
+ * wait behind such a round, miss the window again, and so on — observed as a ping-pong
+ * tenant falling to a quarter of its rate beside a flood. */
+#define NK_GRANULE_NS 10000000ull
 #define NK_CPU_BURST_NS 50000.0
 
 static void queue_tenant(struct nk_tenant *t) {
@@ -112,18 +118,23 @@ static bool run_active(void) {
   struct nk_tenant *round = E.active_tenants;
   E.active_tenants = NULL;
   uint64_t now = nk_now_ns();
-  uint32_t weights = 0, contending = 0;
-  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+  uint32_t weights = 0, contending = 0, recent = 0;
+  for (struct nk_tenant *t = E.tenants; t; t = t->next) {
     /* A tenant whose work waits for its rate limit or its share of a link, not for the
      * engine, does not contend: an unlimited neighbour keeps the whole engine meanwhile. */
-    if (t->cpu_used_ns + NK_CONTEND_NS > now && !(t->throttled_socks && !t->in_active)) {
+    if (t->throttled_socks && !t->in_active) continue;
+    /* A tenant in this round contends whenever it was last served: one that comes back after
+     * a pause would otherwise get its first round free of charge, every time. */
+    if (t->in_active || t->cpu_used_ns + NK_GRANULE_NS > now) recent++;
+    if (t->in_active || t->cpu_used_ns + NK_CONTEND_NS > now) {
       weights += t->weight;
       contending++;
     }
-  int budget = contending > 1 ? 1 : NK_TENANT_BUDGET;
+  }
+  int budget = recent > 1 ? 1 : NK_TENANT_BUDGET;
   /* A socket with a large backlog would otherwise hold the engine for as long as the kernel
    * takes to move all of it (a 1 MiB ring: hundreds of microseconds) while others wait. */
-  E.service_bytes = contending > 1 ? NK_SERVICE_BYTES : UINT64_MAX;
+  E.service_bytes = recent > 1 ? NK_SERVICE_BYTES : UINT64_MAX;
   for (int pass = 0; pass < 2; pass++) {
     for (struct nk_tenant **p = &round; *p;) {
       struct nk_tenant *t = *p;

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from conftest import Daemon, Peer, Tenant, nk, wait_port
 
+from netkernel.bench import lowest_priority
+
 PROGS = Path(__file__).resolve().parent.parent / "apps" / "progs"
 LOG = Path("/var/log/netkernel.log")
 
@@ -245,15 +247,16 @@ def test_noisy_tenant_is_held_to_its_share_of_the_engine(tenant: Callable[..., T
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # The sink stands for another machine: it must not take the quiet tenant's CPU either.
     sink = peer.popen(["nice", "-n", "19", sys.executable, "-c", SINK, peer.ipv4, "7000"],
-                      stdout=subprocess.PIPE, text=True)
+                      stdout=subprocess.PIPE, text=True, start_new_session=True)
+    lowest_priority(sink.pid)
     assert sink.stdout and sink.stdout.readline().strip() == "READY"
     wait_port(peer, peer.ipv4, 11111)
     alone = rr_rate(quiet, peer)
     # The flooder's program runs at the lowest CPU priority: what is looked at is the engine,
     # not the CPU scheduler of a two-core machine.
-    flood = subprocess.Popen(["nice", "-n", "19", *noisy._cmd([sys.executable, "-c", NOISY, peer.ipv4,
-                                                              "7000", "14"])])
-    noisy.procs.append(flood)
+    flood = noisy.popen(["nice", "-n", "19", sys.executable, "-c", NOISY, peer.ipv4, "7000", "14"],
+                        start_new_session=True)
+    lowest_priority(flood.pid)
     time.sleep(3)
     before = {t["name"]: t for t in json.loads(nk("ps", "--json", check=True).stdout)["tenants"]}
     beside = rr_rate(quiet, peer)
