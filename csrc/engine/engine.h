@@ -294,6 +294,7 @@ void nk_sock_hang_up(struct nk_esock *es);
 /* policy.c */
 #define NK_QUANTUM 16384u /* smallest grant worth a system call for a stream */
 #define NK_SERVICE_BYTES 65536u
+#define NK_SHM_SERVICE_BYTES 262144u
 uint64_t nk_policy_grant(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t want,
                          uint64_t need);
 void nk_policy_charge(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t n);

@@ -255,7 +255,10 @@ void nk_shm_service(struct nk_esock *es) {
     peer_gone(es);
     return;
   }
-  uint64_t budget = E.service_bytes;
+  /* The bound on a service is about engine time: a byte copied ring to ring costs a fraction
+   * of one sent through the kernel, and with 64 KiB the pair's wake-ups ate a third of its
+   * throughput (38 Gbit/s vs 60). */
+  uint64_t budget = E.service_bytes == UINT64_MAX ? UINT64_MAX : NK_SHM_SERVICE_BYTES;
   int64_t out = move(es, p, budget);
   if (out < 0) return;
   int64_t in = move(p, es, budget - (uint64_t)out);
