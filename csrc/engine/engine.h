@@ -169,6 +169,7 @@ struct nk_esock {
   bool can_read, can_write;
   bool watch_out; /* EPOLLOUT armed on kfd[0] */
   bool peer_fin; /* the kernel socket reported RDHUP/HUP/ERR */
+  bool kfd_err;  /* the kernel socket reported ERR: SO_ERROR may hold a reset */
   bool guest_shut_wr; /* the application called shutdown(SHUT_WR) */
   bool proxy_in_tenant_ns; /* the guest made the socketpair (in its namespace) */
   bool zombie;        /* engine end closed to show POLLHUP; freed when the guest end is gone */

@@ -412,6 +412,17 @@ static void stream_rx(struct nk_esock *es) {
   }
 }
 
+/* A reset that arrives after the peer's FIN was read (the first send after the peer closed:
+ * Linux answers it with EPIPE on the next send) reaches neither read nor send here while the
+ * guest's ring is empty: take it from SO_ERROR. Before EOF, stream_rx meets it in order. */
+static void stream_error(struct nk_esock *es) {
+  if (!es->kfd_err || !atomic_load(&slot_of(es)->rx_eof)) return;
+  es->kfd_err = false;
+  int err = 0;
+  socklen_t len = sizeof(err);
+  if (getsockopt(es->kfd[0], SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err) conn_error(es, err);
+}
+
 /* ---- datagrams ---- */
 
 static int dgram_kfd_for(struct nk_esock *es, const struct nk_addr *dst) {
@@ -680,6 +691,7 @@ void nk_sock_service(struct nk_esock *es) {
     } else if (es->kind == NK_KIND_STREAM && es->state == NK_ST_CONNECTED && es->nk) {
       stream_tx(es);
       if (!es->dead) stream_rx(es);
+      if (!es->dead) stream_error(es);
     } else if (es->kind == NK_KIND_DGRAM) {
       dgram_tx(es);
       if (!es->dead) dgram_rx(es);
@@ -743,6 +755,7 @@ void nk_sock_kfd_event(struct nk_esock *es, int idx, uint32_t ev) {
 
   if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP)) es->can_read = true;
   if (ev & (EPOLLHUP | EPOLLERR | EPOLLRDHUP)) es->peer_fin = true;
+  if (ev & EPOLLERR) es->kfd_err = true;
   if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) es->can_write = true;
   if (es->state == NK_ST_CONNECTING && (ev & (EPOLLOUT | EPOLLERR | EPOLLHUP))) connect_done(es);
   if ((ev & EPOLLOUT) && es->type == SOCK_STREAM && es->state == NK_ST_CONNECTED)

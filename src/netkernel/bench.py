@@ -401,12 +401,25 @@ def missing_message(missing: Sequence[str]) -> str:
             f"install with: apt-get install {' '.join(pkgs)}")
 
 
-def machine_busy_ticks() -> int:
-    """All CPUs' non-idle time (user, nice, system, irq, softirq, steal) in clock ticks."""
+def machine_idle_seconds() -> tuple[float, int]:
+    """All CPUs' idle time (idle, iowait, steal) in seconds, and the number of CPUs counted.
+
+    Busy time is what is left of the wall clock. Measured this way round because the kernel
+    accounts user and system time by sampling the timer tick (250 Hz here): a program that
+    wakes every millisecond, as a paced iperf3 does, can fall between ticks and look idle.
+    With NO_HZ (Debian's kernels) idle time is measured at each entry to and exit from the
+    idle loop, so it is exact up to /proc/stat's 10 ms unit."""
+    hz = os.sysconf("SC_CLK_TCK")
+    idle, cpus = 0, 0
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return user + nice + system + irq + softirq + steal
+        for line in f:
+            name, *rest = line.split()
+            if name == "cpu" or not name.startswith("cpu"):
+                continue
+            fields = [int(x) for x in rest[:8]]
+            idle += fields[3] + fields[4] + fields[7]
+            cpus += 1
+    return idle / hz, cpus
 
 
 def proc_cpu_ticks(pid: int) -> int:
@@ -1341,7 +1354,7 @@ class Bench:
         and the load generator use, from /proc/stat) and, for NetKernel, the engine's CPU
         (percent of one core)."""
         pid = self.engine_pid if place.tenant is not None else None
-        t0, busy0 = time.monotonic(), machine_busy_ticks()
+        t0, (idle0, _) = time.monotonic(), machine_idle_seconds()
         before = None
         if pid is not None:
             try:
@@ -1351,7 +1364,8 @@ class Bench:
         yield
         hz = os.sysconf("SC_CLK_TCK")
         elapsed = max(time.monotonic() - t0, 1e-6)
-        self._cpu.setdefault(place.name, []).append((machine_busy_ticks() - busy0) / hz / elapsed)
+        idle1, cpus = machine_idle_seconds()
+        self._cpu.setdefault(place.name, []).append(max(0.0, cpus - (idle1 - idle0) / elapsed))
         if before is None or pid is None:
             return
         try:

@@ -609,6 +609,19 @@ def test_cpu_percent_of_a_busy_process() -> None:
     assert pct[2**22 + 12345] == 0.0  # no such process
 
 
+def test_machine_idle_time_leaves_out_a_busy_core() -> None:
+    """Busy cores = CPUs - idle time / wall time: a thread spinning for a second takes about
+    one core out of the machine's idle time."""
+    idle0, cpus = bench.machine_idle_seconds()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.0:
+        pass
+    idle1, _ = bench.machine_idle_seconds()
+    busy = cpus - (idle1 - idle0) / (time.monotonic() - t0)
+    assert cpus == os.cpu_count()
+    assert 0.8 < busy <= cpus + 0.05, busy
+
+
 # -- end to end (root, the session daemon) -------------------------------------------------
 
 def _leftovers() -> list[str]:

@@ -83,6 +83,19 @@ def test_semantics_match_linux(scenario, two, peer_ns) -> None:
     assert shm == native
 
 
+@pytest.mark.parametrize("scenario", ["halfclose", "reset", "unread", "peerclosed", "names",
+                                      "nonblock", "slow"])
+def test_semantics_match_linux_through_the_nsm(scenario, tenant, peer_ns) -> None:
+    """The same transcripts with a tenant talking to a native peer through its NSM, each end in
+    turn the client: the kernel path must keep Linux's semantics as well (this caught a
+    reset after the peer's FIN that never reached the tenant's next send)."""
+    peer = peer_ns()
+    native = run_pair(peer, peer, scenario, peer.ipv4)
+    t = tenant(uname("nsmsem"))
+    assert run_pair(peer, t, scenario, peer.ipv4) == native, "tenant client"
+    assert run_pair(t, peer, scenario, t.ipv4) == native, "tenant server"
+
+
 def test_ipv6_and_getpeername(two) -> None:
     a, b = two
     lines = run_pair(b, a, "names", b.ipv6)
