@@ -67,18 +67,23 @@ static int reaches(const struct nk_esock *l, const struct nk_tenant *from,
   return nk_addr_eq_ip(&b, dst) ? 2 : 0;
 }
 
-/* The listener Linux would pick: a bind to the exact address beats a wildcard. */
+/* The listener Linux would pick: a bind to the exact address beats a wildcard. Listeners that
+ * tie can only be an SO_REUSEPORT group of one tenant (anything else would not have bound);
+ * Linux spreads connections over the group by a hash of the addresses, we take turns. */
 static struct nk_esock *find_listener(const struct nk_tenant *from, const struct nk_addr *dst) {
-  struct nk_esock *best = NULL;
+  static unsigned turn;
   int score = 0;
+  unsigned ties = 0;
   for (struct nk_esock *l = by_port[bucket(dst->port)]; l; l = l->next_port) {
-    int r = reaches(l, from, dst);
-    if (r > score && l->t->shm) {
-      best = l;
-      score = r;
-    }
+    int r = l->t->shm ? reaches(l, from, dst) : 0;
+    if (r > score) score = r, ties = 0;
+    if (r == score && r > 0) ties++;
   }
-  return best;
+  if (score == 0) return NULL;
+  unsigned pick = turn++ % ties;
+  for (struct nk_esock *l = by_port[bucket(dst->port)]; l; l = l->next_port)
+    if (l->t->shm && reaches(l, from, dst) == score && pick-- == 0) return l;
+  return NULL;
 }
 
 /* Our end's address: the source address Linux would choose (the tenant's own address of the
