@@ -230,6 +230,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("colo_nginx_keepalive_rps", "req/s", ("nginx", "wrk"), Floor(">=", 1.0),
            "colocated nginx 1 KiB, wrk keep-alive, 32 connections: tenant to tenant vs loopback",
            configs=SIDES),
+    Metric("colo_tcp_crr_rps", "req/s", (), None,
+           "colocated connection rate (connect, 64-byte request and answer, close; 8 threads): "
+           "tenant to tenant vs loopback", configs=SIDES),
+    Metric("colo_redis_get_rps", "req/s", ("redis-server", "redis-benchmark"), None,
+           "colocated redis-server GET, redis-benchmark 32 clients: tenant to tenant vs loopback",
+           configs=SIDES),
     Metric("idle_cpu_percent", "%", (), IDLE_FLOOR,
            "engine + daemon CPU over 5 s with the tenant idle, percent of one core",
            configs=("netkernel",)),
@@ -1402,6 +1408,8 @@ class Bench:
             "colo_iperf3_gbps": self.m_colo_iperf3,
             "colo_tcp_rr_p50_us": self.m_colo_sockperf,
             "colo_nginx_keepalive_rps": self.m_colo_nginx,
+            "colo_tcp_crr_rps": self.m_colo_crr,
+            "colo_redis_get_rps": self.m_colo_redis,
         }
         try:
             fn[m.name](res)
@@ -1492,11 +1500,23 @@ class Bench:
         for c in configs_of(res.metric, self.opts.configs):
             res.extra[f"{c.name}_p99_us"] = median(p99[c.name])
 
-    def m_crr(self, res: MetricResult) -> None:
+    @staticmethod
+    def _crr_prog() -> Path:
         prog = libdir() / "netkernel-crr"
         if not os.access(prog, os.X_OK):
             raise BenchError(f"{prog} not found (reinstall with `pip install .`, or set "
                              "NETKERNEL_LIBDIR to a build directory)")
+        return prog
+
+    @staticmethod
+    def _crr_rate(out: str) -> tuple[float, int] | None:
+        """netkernel-crr's report → (connections/s, errors), None without a rate."""
+        m = re.search(r"^connections/s ([0-9.]+)$", out, re.M)
+        e = re.search(r"^errors (\d+)$", out, re.M)
+        return (float(m[1]), int(e[1]) if e else 0) if m else None
+
+    def m_crr(self, res: MetricResult) -> None:
+        prog = self._crr_prog()
         d = self.opts.duration
         server = self._peer_server([str(prog), "server", PEER_V4, str(CRR_PORT)], CRR_PORT,
                                    "crr-server")
@@ -1508,13 +1528,12 @@ class Bench:
                         with self.engine_load(place):
                             out = self.run(place, [str(prog), "client", PEER_V4, str(CRR_PORT), str(d),
                                                    str(CRR_THREADS)], d + 60, "netkernel-crr client")
-                        m = re.search(r"^connections/s ([0-9.]+)$", out, re.M)
-                        e = re.search(r"^errors (\d+)$", out, re.M)
-                        if not m:
+                        got = self._crr_rate(out)
+                        if not got:
                             raise BenchError(f"netkernel-crr: no 'connections/s' ({place.name}):\n"
                                              f"{_tail(out)}" + self._log_hint(place))
-                        rate = float(m[1])
-                        errors[place.name] = errors.get(place.name, 0) + (int(e[1]) if e else 0)
+                        rate, n_err = got
+                        errors[place.name] = errors.get(place.name, 0) + n_err
                         res.samples[place.name].append(rate)
                         self.progress(res.metric, place, rep, f"{rate:,.0f} connections/s")
                         if server.poll() is not None:
@@ -1688,10 +1707,14 @@ class Bench:
             self.colo_server = Place("netkernel", str(t["ipv4"]), tenant=COLO_TENANT)
         return self.tenant, self.colo_server, self.colo_server.addr
 
+    @staticmethod
+    def _colo_log(server: Place, what: str) -> str:
+        return f"{what}-{server.tenant or 'native'}.log"
+
     def _colo_start(self, server: Place, cmd: Sequence[str], port: int, what: str) -> subprocess.Popen[bytes]:
         """A server for a colocated run, waited for without a probe connection (iperf3 would
         count one as its test): ss in the namespace, or the engine's listener list."""
-        log = f"{what}-{server.tenant or 'native'}.log"
+        log = self._colo_log(server, what)
         p = self.spawn(server, cmd, log)
         if server.tenant is None:
             self.wait_listening(NATIVE_NS, port, p, server, what, log)
@@ -1784,7 +1807,8 @@ class Bench:
                            f"http://{url_host(addr)}:{port}/1k.bin"]
                     with self._colo_load(res, side):
                         out = self.run(client, cmd, d + 60, "wrk against nginx (colocated)")
-                    r = self._parse_against(parse_wrk, out, srv, server, "nginx", "colo-nginx.log")
+                    r = self._parse_against(parse_wrk, out, srv, server, "nginx",
+                                            self._colo_log(server, "colo-nginx"))
                 finally:
                     self.stop(srv)
                 if r.total_socket_errors or r.non_2xx_3xx:
@@ -1792,6 +1816,53 @@ class Bench:
                                      f"{r.socket_errors}, non-2xx/3xx {r.non_2xx_3xx}")
                 res.samples[side.name].append(r.requests_per_sec)
                 self.progress(res.metric, side, rep, f"{r.requests_per_sec:,.0f} req/s")
+
+    def m_colo_crr(self, res: MetricResult) -> None:
+        prog = self._crr_prog()
+        d = self.opts.duration
+        port = COLO_PORT + 3
+        for rep in range(self.opts.repetitions):
+            for side in self.sides(rep, res.metric):
+                client, server, addr = self._colo(side)
+                srv = self._colo_start(server, [str(prog), "server", addr, str(port)], port,
+                                       "colo-crr-server")
+                try:
+                    with self._colo_load(res, side):
+                        out = self.run(client, [str(prog), "client", addr, str(port), str(d),
+                                                str(CRR_THREADS)], d + 60,
+                                       "netkernel-crr client (colocated)")
+                finally:
+                    self.stop(srv)
+                got = self._crr_rate(out)
+                if not got:
+                    raise BenchError(f"netkernel-crr: no 'connections/s' ({side.name}, colocated):\n"
+                                     f"{_tail(out)}" + self._log_hint(side))
+                rate, n_err = got
+                key = f"{side.name}_connection_errors"
+                res.extra[key] = res.extra.get(key, 0) + n_err
+                res.samples[side.name].append(rate)
+                self.progress(res.metric, side, rep, f"{rate:,.0f} connections/s")
+
+    def m_colo_redis(self, res: MetricResult) -> None:
+        port = COLO_PORT + 4
+        for rep in range(self.opts.repetitions):
+            for side in self.sides(rep, res.metric):
+                client, server, addr = self._colo(side)
+                srv = self._colo_start(server, ["redis-server", "--save", "", "--appendonly", "no",
+                                                "--protected-mode", "no", "--bind", addr,
+                                                "--port", str(port)], port, "colo-redis")
+                try:
+                    with self._colo_load(res, side):
+                        out = self.run(client, ["redis-benchmark", "-h", addr, "-p", str(port),
+                                                "-t", "get", "-n", str(self.redis_requests),
+                                                "-c", str(REDIS_CLIENTS), "--csv"], 300,
+                                       "redis-benchmark (colocated)")
+                    rps = self._parse_against(lambda o: parse_redis_benchmark(o, "GET"), out, srv,
+                                              server, "redis-server", self._colo_log(server, "colo-redis"))
+                finally:
+                    self.stop(srv)
+                res.samples[side.name].append(rps)
+                self.progress(res.metric, side, rep, f"{rps:,.0f} req/s")
 
     def _noisy_places(self) -> tuple[Place, Place]:
         """Where the floods come from: a namespace of their own (native) and a second tenant."""

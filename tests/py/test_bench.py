@@ -669,6 +669,8 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
         if r["metric"].startswith("colo_"):
             # Tenant to tenant on one host: the bytes went over shared memory, not an NSM.
             assert r["netkernel_nsm_bytes"] < 1 << 20, r
+        if r["metric"].endswith("crr_rps"):
+            assert r["native_connection_errors"] == r["netkernel_connection_errors"] == 0, r
     for r in rep["results"]:
         if r["metric"].startswith("nginx_"):
             for side in bench.SIDES:
@@ -680,7 +682,7 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
     # One progress line per measurement on stderr (a failed user-mode run's too): each workload
     # once in each of its configurations.
     runs = sum(len(configs[n]) for n in names)
-    assert runs == 12 * 5 + 7 * 2
+    assert runs == 12 * 5 + 9 * 2
     assert proc.stderr.count("run 1/1:") == runs, where
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text())["entries"] == rep["entries"]
