@@ -1,7 +1,9 @@
 """The same probe programs as test_native.py, run inside a NetKernel tenant.
 
 Each program must show Linux's behaviour through GuestLib and the engine: over the tenant's
-own loopback (which stays in its namespace) and over its own addresses (through the NSM).
+own loopback (which stays in its namespace) and over its own addresses — by default over the
+shared-memory path (a tenant talking to itself), and in a second tenant with that path
+switched off, through the NSM's kernel sockets.
 Where NetKernel knowingly differs from Linux the case is marked xfail(strict=True) with the
 reason, so the gap stays visible and the mark must go when it is closed.
 """
@@ -22,16 +24,21 @@ KNOWN_GAPS = {
     "but the proxy fd cannot show POLLERR",
 }
 
-ADDRS = ["127.0.0.1", "::1", "tenant-v4", "tenant-v6"]
+ADDRS = ["127.0.0.1", "::1", "tenant-v4", "tenant-v6", "tenant-v4-nsm", "tenant-v6-nsm"]
 
 
 @pytest.fixture(scope="module")
-def sem_tenant(nk_daemon: Any) -> Any:
+def sem_tenants(nk_daemon: Any) -> Any:
+    """The probes' tenant, and one with the shared-memory path off (its own addresses then
+    go through the NSM)."""
     from conftest import Tenant, nk
 
     t = Tenant("sem", None, nk_daemon)
-    yield t
-    nk("tenant", "delete", "sem")
+    off = Tenant("semnsm", None, nk_daemon)
+    nk("tenant", "set", off.name, "--shm", "off", check=True)
+    yield t, off
+    nk("tenant", "delete", t.name)
+    nk("tenant", "delete", off.name)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +56,11 @@ def exes(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 
 @pytest.mark.parametrize("addr", ADDRS)
 @pytest.mark.parametrize("name", PROGRAMS)
-def test_in_tenant(name: str, addr: str, sem_tenant: Any, exes: Callable[[str], Path],
+def test_in_tenant(name: str, addr: str, sem_tenants: Any, exes: Callable[[str], Path],
                    request: pytest.FixtureRequest) -> None:
     if name in KNOWN_GAPS:
         request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[name]))
-    host = {"tenant-v4": sem_tenant.ipv4, "tenant-v6": sem_tenant.ipv6}.get(addr, addr)
-    wrapper = [sys.executable, "-m", "netkernel", "run", "--tenant", sem_tenant.name, "--"]
+    t = sem_tenants[1] if addr.endswith("-nsm") else sem_tenants[0]
+    host = {"tenant-v4": t.ipv4, "tenant-v6": t.ipv6}.get(addr.removesuffix("-nsm"), addr)
+    wrapper = [sys.executable, "-m", "netkernel", "run", "--tenant", t.name, "--"]
     run_program(exes(name), host, wrapper=wrapper)
