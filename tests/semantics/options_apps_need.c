@@ -8,26 +8,14 @@
 
 #include "sem.h"
 
-static int get_int(int fd, int level, int name) {
-  int v = -12345;
-  socklen_t l = sizeof v;
-  SYS(getsockopt(fd, level, name, &v, &l));
-  EXPECT_EQ(l, sizeof v);
-  return v;
-}
-
-static void set_int(int fd, int level, int name, int v) {
-  SYS(setsockopt(fd, level, name, &v, sizeof v));
-}
-
 /* Both listeners on one port with SO_REUSEPORT; connect until each has accepted one (the
  * kernel spreads connections by a hash of the 4-tuple, so a few tries suffice). */
 static void reuseport(void) {
   int a = (int)SYS(socket(sem_family, SOCK_STREAM, 0));
   int b = (int)SYS(socket(sem_family, SOCK_STREAM, 0));
-  set_int(a, SOL_SOCKET, SO_REUSEPORT, 1);
-  set_int(b, SOL_SOCKET, SO_REUSEPORT, 1);
-  EXPECT_EQ(get_int(b, SOL_SOCKET, SO_REUSEPORT), 1);
+  sem_set_int(a, SOL_SOCKET, SO_REUSEPORT, 1);
+  sem_set_int(b, SOL_SOCKET, SO_REUSEPORT, 1);
+  EXPECT_EQ(sem_get_int(b, SOL_SOCKET, SO_REUSEPORT), 1);
   struct sockaddr_storage addr = sem_addr;
   SYS(bind(a, (struct sockaddr *)&addr, sem_len(&addr)));
   addr = sem_local(a);
@@ -45,9 +33,8 @@ static void reuseport(void) {
         got[i]++;
       }
   }
-  int got_a = got[0], got_b = got[1];
-  CHECK(got_a && got_b, "after %d connections: %d accepted by one listener, %d by the other", n,
-        got_a, got_b);
+  CHECK(got[0] && got[1], "after %d connections: %d accepted by one listener, %d by the other", n,
+        got[0], got[1]);
   for (int i = 0; i < n; i++) close(clients[i]);
   close(a);
   close(b);
@@ -55,7 +42,7 @@ static void reuseport(void) {
   /* Without SO_REUSEPORT on the second socket the port is taken. */
   int c = (int)SYS(socket(sem_family, SOCK_STREAM, 0));
   int d = (int)SYS(socket(sem_family, SOCK_STREAM, 0));
-  set_int(c, SOL_SOCKET, SO_REUSEPORT, 1);
+  sem_set_int(c, SOL_SOCKET, SO_REUSEPORT, 1);
   addr = sem_addr;
   SYS(bind(c, (struct sockaddr *)&addr, sem_len(&addr)));
   addr = sem_local(c);
@@ -71,28 +58,28 @@ int main(int argc, char **argv) {
 
   int cli, srv;
   sem_pair(&cli, &srv);
-  set_int(cli, IPPROTO_TCP, TCP_SYNCNT, 3);
-  EXPECT_EQ(get_int(cli, IPPROTO_TCP, TCP_SYNCNT), 3);
-  set_int(cli, IPPROTO_TCP, TCP_KEEPIDLE, 30);
-  set_int(cli, IPPROTO_TCP, TCP_KEEPINTVL, 7);
-  set_int(cli, IPPROTO_TCP, TCP_KEEPCNT, 4);
-  EXPECT_EQ(get_int(cli, IPPROTO_TCP, TCP_KEEPIDLE), 30);
-  EXPECT_EQ(get_int(cli, IPPROTO_TCP, TCP_KEEPINTVL), 7);
-  EXPECT_EQ(get_int(cli, IPPROTO_TCP, TCP_KEEPCNT), 4);
-  set_int(cli, IPPROTO_TCP, TCP_USER_TIMEOUT, 5000);
-  EXPECT_EQ(get_int(cli, IPPROTO_TCP, TCP_USER_TIMEOUT), 5000);
+  sem_set_int(cli, IPPROTO_TCP, TCP_SYNCNT, 3);
+  EXPECT_EQ(sem_get_int(cli, IPPROTO_TCP, TCP_SYNCNT), 3);
+  sem_set_int(cli, IPPROTO_TCP, TCP_KEEPIDLE, 30);
+  sem_set_int(cli, IPPROTO_TCP, TCP_KEEPINTVL, 7);
+  sem_set_int(cli, IPPROTO_TCP, TCP_KEEPCNT, 4);
+  EXPECT_EQ(sem_get_int(cli, IPPROTO_TCP, TCP_KEEPIDLE), 30);
+  EXPECT_EQ(sem_get_int(cli, IPPROTO_TCP, TCP_KEEPINTVL), 7);
+  EXPECT_EQ(sem_get_int(cli, IPPROTO_TCP, TCP_KEEPCNT), 4);
+  sem_set_int(cli, IPPROTO_TCP, TCP_USER_TIMEOUT, 5000);
+  EXPECT_EQ(sem_get_int(cli, IPPROTO_TCP, TCP_USER_TIMEOUT), 5000);
   if (sem_family == AF_INET) {
-    set_int(cli, IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO);
-    EXPECT_EQ(get_int(cli, IPPROTO_IP, IP_MTU_DISCOVER), IP_PMTUDISC_DO);
-    set_int(cli, IPPROTO_IP, IP_TOS, 0x10);
-    EXPECT_EQ(get_int(cli, IPPROTO_IP, IP_TOS), 0x10);
+    sem_set_int(cli, IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO);
+    EXPECT_EQ(sem_get_int(cli, IPPROTO_IP, IP_MTU_DISCOVER), IP_PMTUDISC_DO);
+    sem_set_int(cli, IPPROTO_IP, IP_TOS, 0x10);
+    EXPECT_EQ(sem_get_int(cli, IPPROTO_IP, IP_TOS), 0x10);
   } else {
-    set_int(cli, IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO);
-    EXPECT_EQ(get_int(cli, IPPROTO_IPV6, IPV6_MTU_DISCOVER), IPV6_PMTUDISC_DO);
-    set_int(cli, IPPROTO_IPV6, IPV6_TCLASS, 0x10);
-    EXPECT_EQ(get_int(cli, IPPROTO_IPV6, IPV6_TCLASS), 0x10);
+    sem_set_int(cli, IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO);
+    EXPECT_EQ(sem_get_int(cli, IPPROTO_IPV6, IPV6_MTU_DISCOVER), IPV6_PMTUDISC_DO);
+    sem_set_int(cli, IPPROTO_IPV6, IPV6_TCLASS, 0x10);
+    EXPECT_EQ(sem_get_int(cli, IPPROTO_IPV6, IPV6_TCLASS), 0x10);
     int v6 = (int)SYS(socket(AF_INET6, SOCK_STREAM, 0));
-    EXPECT_EQ(get_int(v6, IPPROTO_IPV6, IPV6_V6ONLY), 0);
+    EXPECT_EQ(sem_get_int(v6, IPPROTO_IPV6, IPV6_V6ONLY), 0);
     close(v6);
   }
   struct linger lg = {.l_onoff = 1, .l_linger = 3}, back = {0, 0};
@@ -101,8 +88,8 @@ int main(int argc, char **argv) {
   SYS(getsockopt(srv, SOL_SOCKET, SO_LINGER, &back, &ll));
   EXPECT_EQ(back.l_onoff, 1);
   EXPECT_EQ(back.l_linger, 3);
-  set_int(srv, SOL_SOCKET, SO_SNDBUF, 65536);
-  EXPECT_EQ(get_int(srv, SOL_SOCKET, SO_SNDBUF), 131072);
+  sem_set_int(srv, SOL_SOCKET, SO_SNDBUF, 65536);
+  EXPECT_EQ(sem_get_int(srv, SOL_SOCKET, SO_SNDBUF), 131072);
 
   int v = 1;
   EXPECT_ERR(setsockopt(cli, SOL_SOCKET, 9999, &v, sizeof v), ENOPROTOOPT);

@@ -205,6 +205,19 @@ static inline struct sockaddr_storage sem_peer(int fd) {
   return a;
 }
 
+/* An int socket option, read back (its length checked) or set; any failure fails the probe. */
+static inline int sem_get_int(int fd, int level, int name) {
+  int v = -12345;
+  socklen_t l = sizeof v;
+  SYS(getsockopt(fd, level, name, &v, &l));
+  EXPECT_EQ(l, sizeof v);
+  return v;
+}
+
+static inline void sem_set_int(int fd, int level, int name, int v) {
+  SYS(setsockopt(fd, level, name, &v, sizeof v));
+}
+
 static inline socklen_t sem_len(const struct sockaddr_storage *a) {
   return a->ss_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
 }

@@ -7,18 +7,6 @@
 
 #include "sem.h"
 
-static int get_int(int fd, int level, int name) {
-  int v = -12345;
-  socklen_t l = sizeof v;
-  SYS(getsockopt(fd, level, name, &v, &l));
-  EXPECT_EQ(l, sizeof v);
-  return v;
-}
-
-static void set_int(int fd, int level, int name, int v) {
-  SYS(setsockopt(fd, level, name, &v, sizeof v));
-}
-
 int main(int argc, char **argv) {
   sem_init("sockopts", argc, argv);
   struct sockaddr_storage la;
@@ -28,17 +16,17 @@ int main(int argc, char **argv) {
   int c = (int)SYS(socket(sem_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   CHECK(SYS(fcntl(c, F_GETFL)) & O_NONBLOCK, "SOCK_NONBLOCK not visible in F_GETFL");
   EXPECT_EQ(SYS(fcntl(c, F_GETFD)), FD_CLOEXEC);
-  EXPECT_EQ(get_int(c, SOL_SOCKET, SO_TYPE), SOCK_STREAM);
-  EXPECT_EQ(get_int(c, SOL_SOCKET, SO_DOMAIN), sem_family);
-  EXPECT_EQ(get_int(c, SOL_SOCKET, SO_PROTOCOL), IPPROTO_TCP);
-  EXPECT_EQ(get_int(c, SOL_SOCKET, SO_ACCEPTCONN), 0);
-  EXPECT_EQ(get_int(l, SOL_SOCKET, SO_ACCEPTCONN), 1);
-  EXPECT_EQ(get_int(l, SOL_SOCKET, SO_REUSEADDR), 1); /* set by sem_bound */
-  EXPECT_EQ(get_int(c, SOL_SOCKET, SO_REUSEADDR), 0);
+  EXPECT_EQ(sem_get_int(c, SOL_SOCKET, SO_TYPE), SOCK_STREAM);
+  EXPECT_EQ(sem_get_int(c, SOL_SOCKET, SO_DOMAIN), sem_family);
+  EXPECT_EQ(sem_get_int(c, SOL_SOCKET, SO_PROTOCOL), IPPROTO_TCP);
+  EXPECT_EQ(sem_get_int(c, SOL_SOCKET, SO_ACCEPTCONN), 0);
+  EXPECT_EQ(sem_get_int(l, SOL_SOCKET, SO_ACCEPTCONN), 1);
+  EXPECT_EQ(sem_get_int(l, SOL_SOCKET, SO_REUSEADDR), 1); /* set by sem_bound */
+  EXPECT_EQ(sem_get_int(c, SOL_SOCKET, SO_REUSEADDR), 0);
   int r = connect(c, (struct sockaddr *)&la, sem_len(&la));
   CHECK(r == 0 || errno == EINPROGRESS, "connect: %s", strerror(errno));
   CHECK(sem_poll(c, POLLOUT, 5000) & POLLOUT, "connect never completed");
-  EXPECT_EQ(get_int(c, SOL_SOCKET, SO_ERROR), 0);
+  EXPECT_EQ(sem_get_int(c, SOL_SOCKET, SO_ERROR), 0);
   /* Back to blocking for the rest. */
   SYS(fcntl(c, F_SETFL, SYS(fcntl(c, F_GETFL)) & ~O_NONBLOCK));
   CHECK(!(SYS(fcntl(c, F_GETFL)) & O_NONBLOCK), "O_NONBLOCK did not clear");
@@ -46,9 +34,9 @@ int main(int argc, char **argv) {
   int s = (int)SYS(accept4(l, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC));
   CHECK(SYS(fcntl(s, F_GETFL)) & O_NONBLOCK, "accept4 SOCK_NONBLOCK not honoured");
   EXPECT_EQ(SYS(fcntl(s, F_GETFD)), FD_CLOEXEC);
-  EXPECT_EQ(get_int(s, SOL_SOCKET, SO_ACCEPTCONN), 0);
-  EXPECT_EQ(get_int(s, SOL_SOCKET, SO_DOMAIN), sem_family);
-  EXPECT_EQ(get_int(s, SOL_SOCKET, SO_REUSEADDR), 1); /* inherited from the listener */
+  EXPECT_EQ(sem_get_int(s, SOL_SOCKET, SO_ACCEPTCONN), 0);
+  EXPECT_EQ(sem_get_int(s, SOL_SOCKET, SO_DOMAIN), sem_family);
+  EXPECT_EQ(sem_get_int(s, SOL_SOCKET, SO_REUSEADDR), 1); /* inherited from the listener */
   SYS(fcntl(s, F_SETFL, 0));
 
   /* Addresses agree across the two ends. */
@@ -63,19 +51,19 @@ int main(int argc, char **argv) {
   EXPECT_EQ(tlen, sem_len(&cl));
 
   /* Boolean options read back as 1 (any nonzero set value), and 0 after clearing. */
-  EXPECT_EQ(get_int(c, IPPROTO_TCP, TCP_NODELAY), 0);
-  set_int(c, IPPROTO_TCP, TCP_NODELAY, 1);
-  EXPECT_EQ(get_int(c, IPPROTO_TCP, TCP_NODELAY), 1);
-  set_int(c, IPPROTO_TCP, TCP_NODELAY, 0);
-  EXPECT_EQ(get_int(c, IPPROTO_TCP, TCP_NODELAY), 0);
-  EXPECT_EQ(get_int(c, SOL_SOCKET, SO_KEEPALIVE), 0);
-  set_int(c, SOL_SOCKET, SO_KEEPALIVE, 5);
-  EXPECT_EQ(get_int(c, SOL_SOCKET, SO_KEEPALIVE), 1);
-  set_int(c, SOL_SOCKET, SO_REUSEADDR, 1);
-  EXPECT_EQ(get_int(c, SOL_SOCKET, SO_REUSEADDR), 1);
+  EXPECT_EQ(sem_get_int(c, IPPROTO_TCP, TCP_NODELAY), 0);
+  sem_set_int(c, IPPROTO_TCP, TCP_NODELAY, 1);
+  EXPECT_EQ(sem_get_int(c, IPPROTO_TCP, TCP_NODELAY), 1);
+  sem_set_int(c, IPPROTO_TCP, TCP_NODELAY, 0);
+  EXPECT_EQ(sem_get_int(c, IPPROTO_TCP, TCP_NODELAY), 0);
+  EXPECT_EQ(sem_get_int(c, SOL_SOCKET, SO_KEEPALIVE), 0);
+  sem_set_int(c, SOL_SOCKET, SO_KEEPALIVE, 5);
+  EXPECT_EQ(sem_get_int(c, SOL_SOCKET, SO_KEEPALIVE), 1);
+  sem_set_int(c, SOL_SOCKET, SO_REUSEADDR, 1);
+  EXPECT_EQ(sem_get_int(c, SOL_SOCKET, SO_REUSEADDR), 1);
   /* SO_RCVBUF: the kernel doubles the value for bookkeeping and reports the double. */
-  set_int(c, SOL_SOCKET, SO_RCVBUF, 65536);
-  EXPECT_EQ(get_int(c, SOL_SOCKET, SO_RCVBUF), 131072);
+  sem_set_int(c, SOL_SOCKET, SO_RCVBUF, 65536);
+  EXPECT_EQ(sem_get_int(c, SOL_SOCKET, SO_RCVBUF), 131072);
   /* Unknown option and bad level. */
   int v;
   socklen_t vl = sizeof v;

@@ -35,6 +35,8 @@ from test_nginx import Nginx, check_wrk, wrk  # noqa: E402
 PAIR = Path(__file__).resolve().parent / "progs" / "pair.py"
 PORT = 7300
 GIB = 1 << 30
+# The transcripts of progs/pair.py, compared with Linux on each path.
+SCENARIOS = ["halfclose", "reset", "unread", "peerclosed", "names", "nonblock", "slow"]
 
 
 def conns(tenant: str) -> list[dict]:
@@ -71,8 +73,7 @@ def run_pair(server_runner, client_runner, scenario: str, addr: str) -> list[str
     return lines
 
 
-@pytest.mark.parametrize("scenario", ["halfclose", "reset", "unread", "peerclosed", "names",
-                                      "nonblock", "slow"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_semantics_match_linux(scenario, two, peer_ns) -> None:
     """Each scenario natively (both ends in one namespace, kernel TCP) and then between two
     tenants over shared memory: every line each end prints must be the same."""
@@ -83,8 +84,7 @@ def test_semantics_match_linux(scenario, two, peer_ns) -> None:
     assert shm == native
 
 
-@pytest.mark.parametrize("scenario", ["halfclose", "reset", "unread", "peerclosed", "names",
-                                      "nonblock", "slow"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_semantics_match_linux_through_the_nsm(scenario, tenant, peer_ns) -> None:
     """The same transcripts with a tenant talking to a native peer through its NSM, each end in
     turn the client: the kernel path must keep Linux's semantics as well (this caught a
