@@ -14,7 +14,8 @@ echo "== installing packages"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q >/dev/null
 apt-get install -y -q --no-install-recommends \
-    build-essential cmake iproute2 procps psmisc curl nginx-light wrk python3-venv >/dev/null
+    build-essential cmake iproute2 procps psmisc curl nginx-light wrk python3-venv \
+    pkg-config liblwip-dev >/dev/null
 service nginx stop >/dev/null 2>&1 || true   # Debian starts one; ours runs in the tenant
 
 echo "== installing netkernel (pip install . into /opt/netkernel-venv)"

@@ -187,8 +187,8 @@ static void command(struct nk_admin *a, char *line) {
     argv[argc++] = tok;
   if (argc == 0) return err(a, EINVAL, "empty request");
   const char *cmd = argv[0];
-  if (!strcmp(cmd, "nsm-add") && argc == 3) {
-    int r = nk_nsm_add(argv[1], argv[2]);
+  if (!strcmp(cmd, "nsm-add") && (argc == 3 || argc == 4)) {
+    int r = nk_nsm_add(argv[1], argv[2], argc == 4 ? argv[3] : "kernel");
     if (r < 0) return err(a, -r, "cannot add nsm %s: %s", argv[1], strerror(-r));
     return out(a, "ok");
   }
@@ -270,9 +270,11 @@ static void command(struct nk_admin *a, char *line) {
         for (uint32_t i = 0; i < t->nslots; i++)
           if (t->socks[i] && nk_sock_nsm(t->socks[i]) == m) socks++;
       }
-      out(a, "nsm %s type=%s tenants=%u sockets=%u tx_bytes=%llu rx_bytes=%llu bandwidth=%llu",
+      out(a, "nsm %s type=%s tenants=%u sockets=%u tx_bytes=%llu rx_bytes=%llu bandwidth=%llu "
+          "up=%d connects=%u",
           m->name, m->ops->type, tenants, socks, (unsigned long long)m->bytes[NK_TX],
-          (unsigned long long)m->bytes[NK_RX], (unsigned long long)m->bandwidth_bps);
+          (unsigned long long)m->bytes[NK_RX], (unsigned long long)m->bandwidth_bps,
+          m->ext ? nk_ext_is_up(m) : 1, m->ext ? nk_ext_connects(m) : 0);
     }
     return out(a, "ok");
   }

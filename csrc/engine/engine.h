@@ -43,6 +43,9 @@ enum nk_htype {
   NK_H_DNS,
   NK_H_DNS_UP,
   NK_H_SIGNAL,
+  NK_H_EXT_LISTEN, /* an external NSM's connection socket (ext.c) */
+  NK_H_EXT_CTL,
+  NK_H_EXT_BELL,
 };
 struct nk_handle {
   enum nk_htype type;
@@ -75,9 +78,11 @@ struct nk_nsm {
   uint64_t bandwidth_bps;  /* the operator's figure for the uplink; 0 = not shared by weight */
   struct nk_bucket link[2]; /* what the engine lets through, per direction, when shared */
   uint64_t bytes[2];
+  struct nk_ext *ext; /* an NSM in another process, over ServiceLib (ext.c); NULL in-process */
   struct nk_nsm *next;
 };
 extern const struct nk_nsm_ops nk_nsm_kernel_ops;
+extern const struct nk_nsm_ops nk_nsm_external_ops;
 int nk_in_netns(int netns_fd, int domain, int type); /* socket() inside a namespace */
 int nk_in_netns_proto(int netns_fd, int domain, int type, int protocol);
 
@@ -164,6 +169,11 @@ struct nk_esock {
   struct nk_nsm *kfd_nsm[NK_MAX_KFD]; /* NULL for the tenant's loopback */
   bool kfd_loop[NK_MAX_KFD]; /* lives in the tenant's own namespace (its loopback) */
   struct nk_handle h_kfd[NK_MAX_KFD];
+  /* An endpoint on an external NSM has no kernel fd (kfd -1): it is the NSM's socket ext_id
+   * (NK_EXT_LOST while that NSM is down), bound to ext_port. */
+  bool kfd_ext[NK_MAX_KFD];
+  uint32_t ext_id[NK_MAX_KFD];
+  uint16_t ext_port[NK_MAX_KFD];
   int nk;
   uint32_t state;
   bool can_read, can_write;
@@ -207,6 +217,14 @@ struct nk_esock {
   bool shm_fin_sent;           /* our end of the byte stream was delivered to the peer */
   bool in_port_map;            /* listener reachable by the shared-memory path */
   struct nk_esock *next_port;  /* chain of listeners hashed by port */
+  /* External NSM (ext.c): a connection on kfd_ext[0]. The engine hands out ring positions:
+   * the NSM may take transmit bytes up to ext_tx_off and write received bytes up to
+   * ext_rx_credit. */
+  bool ext;
+  bool ext_attached;
+  bool ext_fin;           /* the NSM reported the peer's FIN */
+  uint32_t ext_tx_off, ext_rx_credit;
+  uint32_t ext_closing;   /* its NSM sockets closed but not yet freed by the NSM */
 };
 
 /* ---- the engine ---- */
@@ -242,7 +260,7 @@ uint64_t nk_now_ns(void);
 
 /* tenant.c */
 struct nk_nsm *nk_nsm_find(const char *name);
-int nk_nsm_add(const char *name, const char *netns_path);
+int nk_nsm_add(const char *name, const char *netns_path, const char *type);
 int nk_nsm_del(struct nk_nsm *m);
 int nk_tenant_move(struct nk_tenant *t, struct nk_nsm *to);
 int nk_tenant_move_done(struct nk_tenant *t);
@@ -276,6 +294,28 @@ int nk_sock_shutdown(struct nk_esock *es, int how);
 int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len);
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len);
 
+/* ext.c: NSMs in other processes (ServiceLib) */
+#define NK_EXT_LOST UINT32_MAX
+int nk_ext_nsm_init(struct nk_nsm *m, const char *path);
+void nk_ext_nsm_fini(struct nk_nsm *m);
+void nk_ext_event(struct nk_handle *h, uint32_t ev);
+bool nk_ext_poll_all(void);
+void nk_ext_set_sleeping(int v);
+int nk_ext_is_up(struct nk_nsm *m);          /* its process is connected */
+uint32_t nk_ext_connects(struct nk_nsm *m); /* processes that connected so far */
+void nk_ext_tenant_on(struct nk_nsm *m, struct nk_tenant *t); /* give m the tenant's region */
+void nk_ext_tenant_gone(struct nk_tenant *t);
+int nk_ext_socket(struct nk_nsm *m, struct nk_tenant *t, int family, int type);
+void nk_ext_ref(struct nk_esock *es, int k); /* the NSM's events for ext_id[k] go to es */
+int nk_ext_bind(struct nk_esock *es, int k, const struct nk_addr *a);
+int nk_ext_listen(struct nk_esock *es, int k, int backlog);
+int nk_ext_connect(struct nk_esock *es, const struct nk_addr *dst);
+void nk_ext_close(struct nk_esock *es, int k, bool rst);
+void nk_ext_attach(struct nk_esock *es);
+void nk_ext_service(struct nk_esock *es);
+void nk_ext_refuse(struct nk_nsm *m, uint32_t id); /* reset a connection the engine cannot take */
+void nk_ext_forget(struct nk_esock *es);          /* es is freed before the NSM freed its ids */
+
 /* shm.c: the shared-memory path */
 void nk_shm_listener_add(struct nk_esock *l);
 void nk_shm_listener_del(struct nk_esock *l);
@@ -291,6 +331,10 @@ void nk_sock_conn_error(struct nk_esock *es, int err);
 void nk_sock_end_of_stream(struct nk_esock *es); /* rx EOF reached the guest's ring */
 bool nk_sock_deliver_conn(struct nk_esock *l, struct nk_esock *es, int gfd);
 void nk_sock_hang_up(struct nk_esock *es);
+/* for ext.c */
+bool nk_sock_ext_accepted(struct nk_esock *l, int k, uint32_t id, const struct nk_addr *peer);
+void nk_sock_ext_connected(struct nk_esock *es, int err, const struct nk_addr *local);
+void nk_sock_relisten(struct nk_esock *es, struct nk_nsm *m); /* after m came back */
 
 /* policy.c */
 #define NK_QUANTUM 16384u /* smallest grant worth a system call for a stream */

@@ -70,11 +70,13 @@ static void usage(void) {
 static void set_sleeping(uint32_t v) {
   for (struct nk_tenant *t = E.tenants; t; t = t->next)
     atomic_store(&t->rg->engine_sleeping, v);
+  nk_ext_set_sleeping((int)v);
 }
 
 static bool scan_all(void) {
   bool any = false;
   for (struct nk_tenant *t = E.tenants; t; t = t->next) any |= nk_tenant_scan_doorbells(t);
+  any |= nk_ext_poll_all();
   return any;
 }
 
@@ -210,6 +212,11 @@ static void dispatch(struct epoll_event *ev) {
       break;
     case NK_H_SIGNAL:
       E.stop = true;
+      break;
+    case NK_H_EXT_LISTEN:
+    case NK_H_EXT_CTL:
+    case NK_H_EXT_BELL:
+      nk_ext_event(h, ev->events);
       break;
   }
 }

@@ -24,6 +24,7 @@
 #define PROXY_EVENTS EPOLLIN
 
 static struct nk_slot *slot_of(struct nk_esock *es) { return &es->t->slots[es->slot]; }
+static void connect_failed(struct nk_esock *es, int err);
 
 /* Queue es for service: FIFO within its tenant, and the tenant on the round-robin ring. */
 void nk_sock_activate(struct nk_esock *es) {
@@ -58,6 +59,7 @@ static int kfd_add(struct nk_esock *es, int fd, int family, struct nk_nsm *nsm) 
   es->kfd_family[k] = family;
   es->kfd_loop[k] = loop;
   es->kfd_nsm[k] = nsm;
+  es->kfd_ext[k] = false;
   /* Replay the options the application set before this kernel socket existed. */
   for (int i = 0; i < es->nopts; i++) {
     struct nk_opt *o = &es->opts[i];
@@ -72,9 +74,27 @@ static int kfd_add(struct nk_esock *es, int fd, int family, struct nk_nsm *nsm) 
   return k;
 }
 
+/* An endpoint that is a socket of an external NSM (ext.c). */
+static int kfd_open_ext(struct nk_esock *es, int family, struct nk_nsm *nsm) {
+  if (es->nk >= NK_MAX_KFD) return -EMFILE;
+  int id = nk_ext_socket(nsm, es->t, family, es->type);
+  if (id < 0) return id;
+  int k = es->nk++;
+  es->kfd[k] = -1;
+  es->kfd_family[k] = family;
+  es->kfd_loop[k] = false;
+  es->kfd_nsm[k] = nsm;
+  es->kfd_ext[k] = true;
+  es->ext_id[k] = (uint32_t)id;
+  es->ext_port[k] = 0;
+  nk_ext_ref(es, k);
+  return k;
+}
+
 /* A new kernel socket on the tenant's NSM of the moment (new connections follow a move), or
  * in the tenant's own namespace for its loopback. */
 static int kfd_open_on(struct nk_esock *es, int family, struct nk_nsm *nsm) {
+  if (nsm && nsm->ext) return kfd_open_ext(es, family, nsm);
   int fd = !nsm ? nk_in_netns(es->t->netns_fd, family, es->type)
                 : nsm->ops->open_socket(nsm, family, es->type);
   if (fd < 0) return fd;
@@ -88,7 +108,7 @@ static int kfd_open(struct nk_esock *es, int family, bool loop) {
 }
 
 static void kfd_watch_out(struct nk_esock *es, bool on) {
-  if (es->watch_out == on || !es->nk) return;
+  if (es->watch_out == on || !es->nk || es->kfd[0] < 0) return;
   es->watch_out = on;
   /* Re-arming checks readiness now (EPOLL_CTL_MOD), so room that freed up meanwhile still
    * produces the event. */
@@ -96,12 +116,61 @@ static void kfd_watch_out(struct nk_esock *es, bool on) {
 }
 
 static void kfd_watch(struct nk_esock *es, int k) {
+  if (es->kfd_ext[k]) return;
   if (k == 0) es->watch_out = true;
   nk_ep_add(es->kfd[k], KFD_EVENTS, &es->h_kfd[k]);
 }
 
+/* bind(), listen() on endpoint k, kernel or external. */
+static int kfd_bind(struct nk_esock *es, int k, const struct nk_addr *a) {
+  if (es->kfd_ext[k]) return nk_ext_bind(es, k, a);
+  struct sockaddr_storage ss;
+  socklen_t l = nk_addr_to_sa(a, &ss);
+  return bind(es->kfd[k], (struct sockaddr *)&ss, l) < 0 ? -errno : 0;
+}
+
+static int kfd_listen(struct nk_esock *es, int k, int backlog) {
+  if (es->kfd_ext[k]) return nk_ext_listen(es, k, backlog);
+  return listen(es->kfd[k], backlog) < 0 ? -errno : 0;
+}
+
+static void kfd_close_one(struct nk_esock *es, int k, bool rst) {
+  if (es->kfd_ext[k]) {
+    nk_ext_close(es, k, rst);
+    es->kfd_ext[k] = false;
+  } else if (es->kfd[k] >= 0) {
+    nk_ep_del(es->kfd[k]);
+    close(es->kfd[k]);
+  }
+  es->kfd[k] = -1;
+  es->kfd_nsm[k] = NULL;
+}
+
+/* Endpoint `from` becomes endpoint `to` (to < from, to's own closed or moved already). */
+static void kfd_move(struct nk_esock *es, int to, int from, uint32_t events) {
+  es->kfd[to] = es->kfd[from];
+  es->kfd_family[to] = es->kfd_family[from];
+  es->kfd_loop[to] = es->kfd_loop[from];
+  es->kfd_nsm[to] = es->kfd_nsm[from];
+  es->kfd_ext[to] = es->kfd_ext[from];
+  es->ext_id[to] = es->ext_id[from];
+  es->ext_port[to] = es->ext_port[from];
+  es->kfd_ext[from] = false;
+  es->kfd[from] = -1;
+  /* Events for it must now name index `to` (fails harmlessly when it is not watched yet). */
+  if (es->kfd_ext[to]) {
+    if (es->ext_id[to] != NK_EXT_LOST) nk_ext_ref(es, to);
+  } else {
+    nk_ep_mod(es->kfd[to], events, &es->h_kfd[to]);
+  }
+}
+
 void nk_sock_close_kfds(struct nk_esock *es, bool rst) {
   for (int k = 0; k < es->nk; k++) {
+    if (es->kfd_ext[k]) {
+      kfd_close_one(es, k, rst);
+      continue;
+    }
     if (es->kfd[k] < 0) continue;
     if (rst && es->type == SOCK_STREAM && es->kind != NK_KIND_LISTENER) {
       struct linger l = {1, 0};
@@ -115,26 +184,19 @@ void nk_sock_close_kfds(struct nk_esock *es, bool rst) {
   es->nk = 0;
 }
 
-/* Keep only kernel socket k (after connect picked one of a wildcard bind's sockets). */
+/* Keep only endpoint k (after connect picked one of a wildcard bind's sockets). */
 static void kfd_keep_only(struct nk_esock *es, int k) {
   for (int i = 0; i < es->nk; i++)
-    if (i != k && es->kfd[i] >= 0) {
-      nk_ep_del(es->kfd[i]);
-      close(es->kfd[i]);
-    }
-  es->kfd[0] = es->kfd[k];
-  es->kfd_family[0] = es->kfd_family[k];
-  es->kfd_loop[0] = es->kfd_loop[k];
-  es->kfd_nsm[0] = es->kfd_nsm[k];
-  es->nk = 1;
-  /* Events for it must now name index 0 (fails harmlessly when it is not watched yet). */
+    if (i != k) kfd_close_one(es, i, false);
   if (k != 0) {
     es->watch_out = true;
-    nk_ep_mod(es->kfd[0], KFD_EVENTS, &es->h_kfd[0]);
+    kfd_move(es, 0, k, KFD_EVENTS);
   }
+  es->nk = 1;
 }
 
 static void set_local_from_kfd(struct nk_esock *es, int k) {
+  if (es->kfd[k] < 0) return;
   struct sockaddr_storage ss;
   socklen_t l = sizeof(ss);
   if (getsockname(es->kfd[k], (struct sockaddr *)&ss, &l) == 0)
@@ -142,6 +204,7 @@ static void set_local_from_kfd(struct nk_esock *es, int k) {
 }
 
 static void set_peer_from_kfd(struct nk_esock *es, int k) {
+  if (es->kfd[k] < 0) return;
   struct sockaddr_storage ss;
   socklen_t l = sizeof(ss);
   if (getpeername(es->kfd[k], (struct sockaddr *)&ss, &l) == 0)
@@ -597,6 +660,7 @@ static void listener_accept(struct nk_esock *l) {
     }
   }
   for (int k = 0; k < l->nk; k++) {
+    if (l->kfd[k] < 0) continue; /* an external NSM's: its connections come as events */
     for (;;) {
       struct sockaddr_storage ss;
       socklen_t sl = sizeof(ss);
@@ -658,6 +722,94 @@ static void listener_accept(struct nk_esock *l) {
   }
 }
 
+/* A connection the external NSM accepted on listener l's endpoint k (its socket id). False
+ * when the engine cannot take it: the caller has the NSM reset it. */
+bool nk_sock_ext_accepted(struct nk_esock *l, int k, uint32_t id, const struct nk_addr *peer) {
+  struct nk_tenant *t = l->t;
+  int sv[2];
+  if (l->proxy < 0 || socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return false;
+  int one = 1;
+  setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
+  struct stat st;
+  fstat(sv[1], &st);
+  struct nk_esock *es = nk_esock_alloc(t, sv[0], l->family, SOCK_STREAM, st.st_ino);
+  if (!es) {
+    close(sv[0]);
+    close(sv[1]);
+    return false;
+  }
+  memcpy(es->opts, l->opts, sizeof(es->opts));
+  es->nopts = l->nopts;
+  es->linger = l->linger;
+  es->linger0 = l->linger0;
+  es->nk = 1;
+  es->kfd[0] = -1;
+  es->kfd_family[0] = l->kfd_family[k];
+  es->kfd_loop[0] = false;
+  es->kfd_nsm[0] = l->kfd_nsm[k];
+  es->kfd_ext[0] = true;
+  es->ext_id[0] = id;
+  es->ext_port[0] = l->bind_addr.port;
+  nk_ext_ref(es, 0);
+  es->ext = true;
+  es->state = NK_ST_CONNECTED;
+  struct nk_slot *s = slot_of(es);
+  s->local = l->kfd_family[k] == AF_INET ? t->ipv4 : t->ipv6;
+  s->local.port = l->bind_addr.port;
+  s->peer = *peer;
+  s->peer.scope_id = 0;
+  atomic_store(&s->state, NK_ST_CONNECTED);
+  es->can_read = es->can_write = true;
+  nk_ep_add(es->proxy, PROXY_EVENTS, &es->h_proxy);
+  nk_ext_attach(es);
+  nk_sock_activate(es);
+  if (!nk_sock_deliver_conn(l, es, sv[1])) {
+    /* The application's accept queue is full and one is held already: reset this one. */
+    close(sv[1]);
+    nk_sock_conn_error(es, ECONNRESET);
+  }
+  return true;
+}
+
+/* The external NSM answered an earlier connect: err 0 = established. */
+void nk_sock_ext_connected(struct nk_esock *es, int err, const struct nk_addr *local) {
+  struct nk_slot *s = slot_of(es);
+  if (err) {
+    connect_failed(es, err);
+    return;
+  }
+  es->state = NK_ST_CONNECTED;
+  struct nk_addr a = es->kfd_family[0] == AF_INET ? es->t->ipv4 : es->t->ipv6;
+  a.port = local && local->port ? local->port : es->ext_port[0];
+  s->local = a;
+  atomic_store(&s->state, NK_ST_CONNECTED);
+  nk_ext_attach(es);
+  nk_sock_activate(es);
+}
+
+/* NSM m came back (a new process): listen again where es listened on it. */
+void nk_sock_relisten(struct nk_esock *es, struct nk_nsm *m) {
+  for (int k = 0; k < es->nk; k++) {
+    if (!es->kfd_ext[k] || es->kfd_nsm[k] != m || es->ext_id[k] != NK_EXT_LOST) continue;
+    int fam = es->kfd_family[k];
+    int id = nk_ext_socket(m, es->t, fam, SOCK_STREAM);
+    int r = id;
+    if (id >= 0) {
+      es->ext_id[k] = (uint32_t)id;
+      nk_ext_ref(es, k);
+      struct nk_addr a = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
+      a.port = es->bind_addr.port;
+      r = kfd_bind(es, k, &a);
+      if (r == 0) r = kfd_listen(es, k, es->backlog);
+      if (r < 0) nk_ext_close(es, k, false);
+    }
+    if (r < 0) NK_INFO("tenant %s: listener on port %u not restored on nsm %s: %s", es->t->name,
+                       ntohs(es->bind_addr.port), m->name, strerror(-r));
+    else NK_EVENT("listener_restored", "tenant=%s nsm=%s port=%u", es->t->name, m->name,
+                  ntohs(es->bind_addr.port));
+  }
+}
+
 /* ---- closing ---- */
 
 static void finish_close(struct nk_esock *es) {
@@ -672,6 +824,7 @@ static void finish_close(struct nk_esock *es) {
     }
     nk_sock_close_kfds(es, rst);
   }
+  if (es->ext_closing) return; /* the NSM may still touch its rings: FREED brings us back */
   nk_esock_free(es);
 }
 
@@ -688,6 +841,8 @@ void nk_sock_service(struct nk_esock *es) {
       listener_accept(es);
     } else if (es->shm) {
       nk_shm_service(es);
+    } else if (es->ext) {
+      if (es->state == NK_ST_CONNECTED) nk_ext_service(es);
     } else if (es->kind == NK_KIND_STREAM && es->state == NK_ST_CONNECTED && es->nk) {
       stream_tx(es);
       if (!es->dead) stream_rx(es);
@@ -726,22 +881,27 @@ void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev) {
   }
 }
 
+/* Linux reports a failed connect as EPOLLIN|EPOLLOUT|EPOLLERR|EPOLLHUP; a hung-up proxy fd
+ * reads as EPOLLIN|EPOLLOUT|EPOLLHUP, which is what callers test. The socket is finished, as
+ * it is for nearly every program after a failed connect. */
+static void connect_failed(struct nk_esock *es, int err) {
+  struct nk_slot *s = slot_of(es);
+  atomic_store(&s->so_error, err);
+  nk_sock_close_kfds(es, false);
+  es->state = NK_ST_NEW;
+  es->dead = true;
+  atomic_store(&s->state, NK_ST_NEW);
+  hang_up(es);
+  release_blocker(es);
+}
+
 static void connect_done(struct nk_esock *es) {
   struct nk_slot *s = slot_of(es);
   int err = 0;
   socklen_t l = sizeof(err);
   getsockopt(es->kfd[0], SOL_SOCKET, SO_ERROR, &err, &l);
   if (err) {
-    /* Linux reports a failed connect as EPOLLIN|EPOLLOUT|EPOLLERR|EPOLLHUP; a hung-up proxy
-     * fd reads as EPOLLIN|EPOLLOUT|EPOLLHUP, which is what callers test. The socket is
-     * finished, as it is for nearly every program after a failed connect. */
-    atomic_store(&s->so_error, err);
-    nk_sock_close_kfds(es, false);
-    es->state = NK_ST_NEW;
-    es->dead = true;
-    atomic_store(&s->state, NK_ST_NEW);
-    hang_up(es);
-    release_blocker(es);
+    connect_failed(es, err);
     return;
   }
   es->state = NK_ST_CONNECTED;
@@ -771,13 +931,12 @@ static int bind_one(struct nk_esock *es, int family, bool loop, const struct nk_
   if (k < 0) return k;
   struct nk_addr b = *a;
   b.port = port;
-  struct sockaddr_storage ss;
-  socklen_t l = nk_addr_to_sa(&b, &ss);
-  if (bind(es->kfd[k], (struct sockaddr *)&ss, l) < 0) return -errno;
-  return k;
+  int r = kfd_bind(es, k, &b);
+  return r < 0 ? r : k;
 }
 
 static uint16_t kfd_port(struct nk_esock *es, int k) {
+  if (es->kfd_ext[k]) return es->ext_port[k];
   struct sockaddr_storage ss;
   socklen_t l = sizeof(ss);
   struct nk_addr a = {0};
@@ -838,7 +997,8 @@ fail:
 int nk_sock_listen(struct nk_esock *es, int backlog) {
   if (es->type != SOCK_STREAM) return -EOPNOTSUPP;
   if (es->kind == NK_KIND_LISTENER) {
-    for (int k = 0; k < es->nk; k++) listen(es->kfd[k], backlog);
+    for (int k = 0; k < es->nk; k++)
+      if (!es->kfd_ext[k]) listen(es->kfd[k], backlog);
     es->backlog = backlog;
     return 0;
   }
@@ -848,8 +1008,10 @@ int nk_sock_listen(struct nk_esock *es, int backlog) {
     int r = nk_sock_bind(es, &any);
     if (r < 0) return r;
   }
-  for (int k = 0; k < es->nk; k++)
-    if (listen(es->kfd[k], backlog) < 0) return -errno;
+  for (int k = 0; k < es->nk; k++) {
+    int r = kfd_listen(es, k, backlog);
+    if (r < 0) return r;
+  }
   es->backlog = backlog;
   /* Deep accept queue on the proxy: each pending connection is one small record. */
   int big = 4 << 20;
@@ -859,7 +1021,8 @@ int nk_sock_listen(struct nk_esock *es, int backlog) {
   struct nk_slot *s = slot_of(es);
   s->kind = NK_KIND_LISTENER;
   atomic_store(&s->state, NK_ST_LISTEN);
-  for (int k = 0; k < es->nk; k++) nk_ep_add(es->kfd[k], EPOLLIN, &es->h_kfd[k]);
+  for (int k = 0; k < es->nk; k++)
+    if (!es->kfd_ext[k]) nk_ep_add(es->kfd[k], EPOLLIN, &es->h_kfd[k]);
   nk_shm_listener_add(es);
   return 0;
 }
@@ -903,19 +1066,36 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_prog
     if (!loop) {
       /* Connections leave with the tenant's own source address (DESIGN §F). */
       int one = 1;
-      setsockopt(es->kfd[k], IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
+      if (!es->kfd_ext[k])
+        setsockopt(es->kfd[k], IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
       struct nk_addr src = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
-      struct sockaddr_storage ss;
-      socklen_t l = nk_addr_to_sa(&src, &ss);
-      if (bind(es->kfd[k], (struct sockaddr *)&ss, l) < 0) {
-        int e = errno;
+      int r = kfd_bind(es, k, &src);
+      if (r < 0) {
         nk_sock_close_kfds(es, false);
-        return -e;
+        return r;
       }
     }
   }
   kfd_keep_only(es, k);
   k = 0;
+  if (es->kfd_ext[0]) {
+    /* An external NSM: it answers with CONNECTED or ERROR (ext.c). */
+    int r = es->kind == NK_KIND_STREAM ? nk_ext_connect(es, &dst) : -EOPNOTSUPP;
+    if (r < 0) {
+      nk_sock_close_kfds(es, false);
+      es->bound = false;
+      return r;
+    }
+    es->ext = true;
+    es->state = NK_ST_CONNECTING;
+    atomic_store(&s->state, NK_ST_CONNECTING);
+    s->local = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
+    s->local.port = es->ext_port[0];
+    s->peer = dst;
+    es->can_read = es->can_write = true;
+    *in_progress = 1;
+    return 0;
+  }
   struct sockaddr_storage ss;
   socklen_t l;
   if (loop && es->kfd_family[0] == AF_INET6 && dst.family == AF_INET) {
@@ -973,7 +1153,7 @@ int nk_sock_shutdown(struct nk_esock *es, int how) {
     es->guest_shut_wr = true;
   }
   if (how == SHUT_RD || how == SHUT_RDWR) {
-    if (es->nk) shutdown(es->kfd[0], SHUT_RD);
+    if (es->nk && es->kfd[0] >= 0) shutdown(es->kfd[0], SHUT_RD);
     atomic_store(&s->rx_eof, 1);
   }
   if (atomic_load(&s->rx_eof)) {
@@ -1090,12 +1270,15 @@ int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, so
     return 0;
   }
   int err = 0;
+  bool kernel = false;
   for (int k = 0; k < es->nk; k++) {
+    if (es->kfd[k] < 0) continue; /* an external NSM's: its stack's own defaults */
+    kernel = true;
     if (level == IPPROTO_IPV6 && es->kfd_family[k] != AF_INET6) continue;
     if (level == IPPROTO_IP && es->kfd_family[k] != AF_INET) continue;
     if (setsockopt(es->kfd[k], level, name, val, len) < 0 && !err) err = -errno;
   }
-  if (!es->nk) {
+  if (!kernel) {
     /* Validate against a scratch socket so the application sees Linux's verdict now. */
     int fd = socket(es->family, es->type | SOCK_CLOEXEC, 0);
     if (fd >= 0) {
@@ -1127,7 +1310,7 @@ int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_
   }
   int fd = -1;
   for (int k = 0; k < es->nk; k++)
-    if (!es->kfd_loop[k] || fd < 0) fd = es->kfd[k];
+    if (es->kfd[k] >= 0 && (!es->kfd_loop[k] || fd < 0)) fd = es->kfd[k];
   bool scratch = fd < 0;
   if (scratch) {
     fd = socket(es->family, es->type | SOCK_CLOEXEC, 0);
@@ -1158,16 +1341,14 @@ int nk_sock_listen_on(struct nk_esock *es, struct nk_nsm *m) {
     if (j < 0) return j;
     struct nk_addr a = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
     a.port = es->bind_addr.port;
-    struct sockaddr_storage ss;
-    socklen_t l = nk_addr_to_sa(&a, &ss);
-    if (bind(es->kfd[j], (struct sockaddr *)&ss, l) < 0 || listen(es->kfd[j], es->backlog) < 0) {
-      int e = errno;
-      close(es->kfd[j]);
-      es->kfd[j] = -1;
+    int r = kfd_bind(es, j, &a);
+    if (r == 0) r = kfd_listen(es, j, es->backlog);
+    if (r < 0) {
+      kfd_close_one(es, j, false);
       es->nk--;
-      return -e;
+      return r;
     }
-    nk_ep_add(es->kfd[j], EPOLLIN, &es->h_kfd[j]);
+    if (!es->kfd_ext[j]) nk_ep_add(es->kfd[j], EPOLLIN, &es->h_kfd[j]);
     added++;
   }
   return added;
@@ -1179,18 +1360,11 @@ void nk_sock_drop_listeners_off(struct nk_esock *es, struct nk_nsm *keep) {
   int w = 0;
   for (int k = 0; k < es->nk; k++) {
     if (es->kfd_loop[k] || es->kfd_nsm[k] == keep) {
-      if (w != k) {
-        es->kfd[w] = es->kfd[k];
-        es->kfd_family[w] = es->kfd_family[k];
-        es->kfd_loop[w] = es->kfd_loop[k];
-        es->kfd_nsm[w] = es->kfd_nsm[k];
-        nk_ep_mod(es->kfd[w], EPOLLIN, &es->h_kfd[w]); /* events must name the new index */
-      }
+      if (w != k) kfd_move(es, w, k, EPOLLIN);
       w++;
       continue;
     }
-    nk_ep_del(es->kfd[k]);
-    close(es->kfd[k]);
+    kfd_close_one(es, k, false);
   }
   for (int k = w; k < es->nk; k++) {
     es->kfd[k] = -1;

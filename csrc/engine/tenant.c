@@ -25,7 +25,9 @@ struct nk_nsm *nk_nsm_find(const char *name) {
   return NULL;
 }
 
-int nk_nsm_add(const char *name, const char *netns_path) {
+/* type: "kernel", or "external:PATH" for a stack in another process that connects to the
+ * engine at PATH (ext.c). */
+int nk_nsm_add(const char *name, const char *netns_path, const char *type) {
   if (strlen(name) >= sizeof(((struct nk_nsm *)0)->name)) return -ENAMETOOLONG;
   if (nk_nsm_find(name)) return -EEXIST;
   int fd = open(netns_path, O_RDONLY | O_CLOEXEC);
@@ -38,6 +40,19 @@ int nk_nsm_add(const char *name, const char *netns_path) {
   strcpy(n->name, name);
   n->netns_fd = fd;
   n->ops = &nk_nsm_kernel_ops;
+  if (strncmp(type, "external:", 9) == 0) {
+    n->ops = &nk_nsm_external_ops;
+    int r = nk_ext_nsm_init(n, type + 9);
+    if (r < 0) {
+      close(fd);
+      free(n);
+      return r;
+    }
+  } else if (strcmp(type, "kernel") != 0) {
+    close(fd);
+    free(n);
+    return -EINVAL;
+  }
   n->next = E.nsms;
   E.nsms = n;
   NK_INFO("nsm %s (%s) added: %s", name, n->ops->type, netns_path);
@@ -60,6 +75,7 @@ int nk_nsm_del(struct nk_nsm *m) {
       *p = m->next;
       break;
     }
+  nk_ext_nsm_fini(m);
   close(m->netns_fd);
   NK_INFO("nsm %s removed", m->name);
   free(m);
@@ -71,6 +87,7 @@ int nk_nsm_del(struct nk_nsm *m) {
 int nk_tenant_move(struct nk_tenant *t, struct nk_nsm *to) {
   struct nk_nsm *from = t->nsm;
   t->nsm = to;
+  if (to->ext) nk_ext_tenant_on(to, t);
   t->active_until[NK_TX] = t->active_until[NK_RX] = 0; /* a newcomer on to's link */
   int r = nk_dns_reopen_upstream(t);
   if (r < 0) NK_INFO("tenant %s: DNS relay not moved: %s", t->name, strerror(-r));
@@ -217,6 +234,7 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
   t->next = E.tenants;
   E.tenants = t;
   NK_INFO("tenant %s (id %u) on nsm %s: %s %s", name, t->id, nsm->name, v4, v6);
+  if (nsm->ext) nk_ext_tenant_on(nsm, t);
   *out = t;
   return 0;
 fail_socks:
@@ -234,6 +252,7 @@ fail_free:
 int nk_tenant_del(struct nk_tenant *t) {
   for (uint32_t i = 0; i < t->nslots; i++)
     if (t->socks[i]) nk_esock_free(t->socks[i]);
+  nk_ext_tenant_gone(t);
   nk_dns_close(t);
   if (t->diag_fd >= 0) close(t->diag_fd);
   nk_ep_del(t->doorbell_fd);
@@ -313,6 +332,7 @@ void nk_esock_free(struct nk_esock *es) {
   nk_shm_unlink(es, ECONNRESET); /* freed while paired (tenant deleted): the peer is reset */
   nk_shm_listener_del(es);
   nk_sock_close_kfds(es, true);
+  if (es->ext_closing) nk_ext_forget(es);
   if (es->zombie) E.nzombies--;
   if (es->pending_fd >= 0) close(es->pending_fd);
   if (es->proxy >= 0) {

@@ -58,7 +58,7 @@ OPS: dict[str, Op] = {
     "tenant-move": Op(required={"name": (str,), "nsm": (str,)}),
     "nsm-list": Op(),
     "nsm-add": Op(required={"name": (str,)},
-                  optional={"congestion_control": (str,), "bandwidth": _NUMBER_OR_TEXT,
+                  optional={"kind": (str,), "congestion_control": (str,), "bandwidth": _NUMBER_OR_TEXT,
                             "sysctl": (dict,)}),
     "nsm-remove": Op(required={"name": (str,)}),
     "shutdown": Op(),

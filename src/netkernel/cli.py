@@ -179,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     nsub = n.add_subparsers(dest="nsm_command", required=True, metavar="ACTION")
     nl = command(nsub, "list", help="NSMs with their settings, tenants and traffic")
     nl.add_argument("--json", action="store_true")
-    na = command(nsub, "add", help="add a kernel NSM (its own namespace and sysctls)")
+    na = command(nsub, "add", help="add an NSM: the kernel stack in its own namespace, or lwIP")
     na.add_argument("name")
+    na.add_argument("--type", choices=config.NSM_KINDS, default="kernel",
+                    help="kernel (default): Linux's stack, with its own sysctls; lwip: the lwIP "
+                    "userspace stack in a process of its own")
     na.add_argument("--congestion-control", type=_argument_type(config.check_congestion_control, "name"),
                     metavar="NAME", help="TCP congestion control, one of: "
                     + " ".join(config.available_congestion_control()))
@@ -543,17 +546,23 @@ def cmd_nsm(args: argparse.Namespace) -> int:
         print(table(
             ["NAME", "KIND", "NETNS", "IPV4", "IPV6", "CC", "BANDWIDTH", "TENANTS", "SOCKETS", "TX", "RX",
              "TX/S", "RX/S"],
-            [[n["name"], n["kind"], n["netns"], n["ipv4"], n["ipv6"], n["congestion_control"],
+            [[n["name"], n["kind"], n["netns"], n["ipv4"] or "-", n["ipv6"] or "-",
+              n["congestion_control"] or "-",
               _limit(n["bandwidth"], "-"),
               ",".join(n["tenants"] + [f"{d}(draining)" for d in n["draining"]]) or "-",
               n["sockets"], _bytes(n["tx_bytes"]), _bytes(n["rx_bytes"]), _bps(n["tx_bps"]),
               _bps(n["rx_bps"])] for n in nsms]))
     elif action == "add":
-        n = api.call("nsm-add", name=args.name, congestion_control=args.congestion_control,
+        n = api.call("nsm-add", name=args.name, kind=args.type,
+                     congestion_control=args.congestion_control,
                      bandwidth=args.bandwidth, sysctl=dict(args.sysctl) or None)["nsm"]
-        print(f"nsm {n['name']} added: netns {n['netns']}, {n['ipv4']}, {n['ipv6']}, "
-              f"congestion control {n['congestion_control']}"
-              + (f", bandwidth {format_rate(n['bandwidth'])}" if n["bandwidth"] else ""))
+        if n["kind"] != "kernel":
+            print(f"nsm {n['name']} added: {n['kind']}, netns {n['netns']}, process {n['pid']}"
+                  + (f", bandwidth {format_rate(n['bandwidth'])}" if n["bandwidth"] else ""))
+        else:
+            print(f"nsm {n['name']} added: netns {n['netns']}, {n['ipv4']}, {n['ipv6']}, "
+                  f"congestion control {n['congestion_control']}"
+                  + (f", bandwidth {format_rate(n['bandwidth'])}" if n["bandwidth"] else ""))
     else:
         api.call("nsm-remove", name=args.name)
         print(f"nsm {args.name} removed")

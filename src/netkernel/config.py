@@ -21,7 +21,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,9 @@ NSM_VETH_PREFIX = "nkn-"
 # Interface names are at most 15 bytes: "nkn-" + 11.
 _NSM_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,10}$")
 _TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-NSM_KINDS = ("kernel",)
+# kernel: the Linux stack in the NSM's namespace, driven by the engine in-process.
+# lwip: lwIP in a process of its own (netkernel-lwip) on a TAP device, over ServiceLib.
+NSM_KINDS = ("kernel", "lwip")
 # First tenant address is network + 256 + 1; the last one must stay below the peer range.
 TENANT_OFFSET_V4 = 256
 TENANT_OFFSET_V6 = 0x1_0000
@@ -93,6 +95,16 @@ def engine_binary() -> Path:
         raise InstallError(
             f"engine binary not found at {path} (reinstall with `pip install .`, "
             "or set NETKERNEL_LIBDIR to a build directory)"
+        )
+    return path
+
+
+def lwip_binary() -> Path:
+    path = libdir() / "netkernel-lwip"
+    if not os.access(path, os.X_OK):
+        raise InstallError(
+            f"the lwIP NSM (netkernel-lwip) is not at {path}: it is built when liblwip-dev is "
+            "installed (apt-get install liblwip-dev, then pip install . again)"
         )
     return path
 
@@ -641,7 +653,18 @@ def _parse_nsm(item: object, path: KeyPath) -> NSMConfig:
             sysctls.append(check_sysctl(key, value))
         except ValueError as e:
             raise ConfigValueError(path + ("sysctl", key), str(e)) from None
+    try:
+        check_nsm_kind_settings(kind, cc, sysctls)
+    except ValueError as e:
+        raise ConfigValueError(path + ("kind",), str(e)) from None
     return NSMConfig(name, kind, cc, bandwidth, tuple(sysctls))
+
+
+def check_nsm_kind_settings(kind: str, cc: str | None, sysctls: Sequence[tuple[str, str]]) -> None:
+    """Congestion control and sysctls are the Linux stack's: an lwIP NSM has neither."""
+    if kind == "lwip" and (cc or sysctls):
+        raise ValueError("an lwip NSM has no congestion_control or sysctl settings (lwIP's are "
+                         "built in); use kind = \"kernel\" for those")
 
 
 def _parse_tenant(item: object, path: KeyPath, nsms: tuple[NSMConfig, ...], defaults: Policy) -> TenantConfig:

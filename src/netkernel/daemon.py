@@ -42,6 +42,7 @@ from .config import (
     LOCK_FILE,
     MAX_NSMS,
     MAX_TENANTS,
+    NSM_KINDS,
     NSM_NETNS_PREFIX,
     NSM_VETH_PREFIX,
     PID_FILE,
@@ -52,12 +53,14 @@ from .config import (
     NSMConfig,
     Policy,
     check_congestion_control,
+    check_nsm_kind_settings,
     check_nsm_name,
     check_sysctl,
     check_tenant_name,
     engine_binary,
     format_rate,
     load_config,
+    lwip_binary,
     parse_rate,
     policy_with,
 )
@@ -194,6 +197,22 @@ class NSM:
     def netns(self) -> str:
         return nsm_netns(self.config.name)
 
+    @property
+    def external(self) -> bool:
+        """A stack in a process of its own, which the engine drives over ServiceLib."""
+        return self.config.kind == "lwip"
+
+    @property
+    def socket(self) -> Path:
+        """Where an external NSM's process connects to the engine."""
+        return RUN_DIR / f"nsm-{self.config.name}.sock"
+
+
+# The lwIP NSM's namespace: eth0 (the veth to the fabric) and the TAP that lwIP drives, joined
+# by a bridge; the kernel there holds no address (lwIP holds the tenants').
+LWIP_TAP = "tap0"
+LWIP_BRIDGE = "br0"
+
 
 @dataclass
 class Tenant:
@@ -295,6 +314,8 @@ class Daemon:
         self.nsm_rates: dict[str, tuple[float, float]] = {}
         self._refused: dict[str, tuple[int, int]] = {}
         self._warned_no_policy = False
+        # External NSMs' processes (lwIP), restarted by a watcher thread when they die.
+        self.nsm_procs: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def acquire_lock(self) -> None:
@@ -367,6 +388,20 @@ class Daemon:
         ns = nsm.netns
         v4, v6 = c.nsm_ipv4(nsm.index), c.nsm_ipv6(nsm.index)
         netns.netns_add(ns)
+        if nsm.external:
+            try:
+                self._create_lwip_fabric(nsm)
+            except NetKernelError as e:
+                self._remove_nsm_fabric(nsm)
+                raise NSMError(f"NSM {nsm.name!r}: {e}") from None
+            except BaseException:
+                self._remove_nsm_fabric(nsm)
+                raise
+            self.nsms[nsm.name] = nsm
+            self._nsm_indices_used.add(nsm.index)
+            log_event("nsm_created", nsm=nsm.name, kind=nsm_config.kind, netns=ns,
+                      bandwidth=format_rate(nsm_config.bandwidth) if nsm_config.bandwidth else None)
+            return nsm
         try:
             # Tenants bind only their own addresses; never let an NSM bind a foreign one.
             netns.sysctl("net.ipv4.ip_nonlocal_bind", "0", netns=ns)
@@ -405,12 +440,93 @@ class Daemon:
         return nsm
 
     @staticmethod
+    def _create_lwip_fabric(nsm: NSM) -> None:
+        ns = nsm.netns
+        lwip_binary()  # fail now, with the install hint, not when the process is started
+        # The kernel of this namespace only switches frames: no IPv6 (no DAD, RS or MLD noise).
+        netns.sysctl("net.ipv6.conf.all.disable_ipv6", "1", netns=ns)
+        netns.sysctl("net.ipv6.conf.default.disable_ipv6", "1", netns=ns)
+        netns.veth_into(NSM_VETH_PREFIX + nsm.name, ns, "eth0", BRIDGE)
+        netns.ip("tuntap", "add", "dev", LWIP_TAP, "mode", "tap", netns=ns)
+        netns.ip("link", "add", LWIP_BRIDGE, "type", "bridge", netns=ns)
+        for dev in ("eth0", LWIP_TAP):
+            netns.ip("link", "set", dev, "master", LWIP_BRIDGE, netns=ns)
+        for dev in ("lo", LWIP_BRIDGE, LWIP_TAP, "eth0"):
+            netns.ip("link", "set", dev, "up", netns=ns)
+
+    def _start_nsm_process(self, nsm: NSM) -> None:
+        c = self.config
+        cmd = ["ip", "netns", "exec", nsm.netns, str(lwip_binary()), "--engine", str(nsm.socket),
+               "--tap", LWIP_TAP, "--index", str(nsm.index + 1),
+               "--prefix4", str(c.ipv4_subnet.prefixlen), "--prefix6", str(c.ipv6_prefix.prefixlen)]
+        # Its log goes where the daemon's goes; its own session keeps terminal signals away.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.nsm_procs[nsm.name] = proc
+        log_event("nsm_process_started", nsm=nsm.name, pid=proc.pid)
+        threading.Thread(target=self._watch_nsm_process, args=(nsm, proc),
+                         name=f"nsm-{nsm.name}", daemon=True).start()
+
+    def _wait_nsm_up(self, nsm: NSM, connects: int, timeout: float = 10.0) -> None:
+        """Until the engine has seen process number `connects` of the NSM connect."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = self._engine_stats()
+            s = stats.nsm(nsm.name) if stats else None
+            if s and s.up and (s.connects or 0) >= connects:
+                return
+            proc = self.nsm_procs.get(nsm.name)
+            if proc is not None and proc.poll() is not None and connects <= 1:
+                raise NSMError(f"NSM {nsm.name!r}: its process exited with status "
+                               f"{proc.returncode} before it connected (see the daemon's log)")
+            time.sleep(0.02)
+        raise NSMError(f"NSM {nsm.name!r}: its process did not connect to the engine within "
+                       f"{timeout:.0f} s (see the daemon's log)")
+
+    def _watch_nsm_process(self, nsm: NSM, proc: subprocess.Popen[bytes]) -> None:
+        """Restart an external NSM that died: the engine fails its connections, the new
+        process gets the tenants' regions and the listeners back."""
+        started = time.monotonic()
+        status = proc.wait()
+        if self.stopping or self.nsm_procs.get(nsm.name) is not proc:
+            return
+        # A process that dies at once is restarted with a growing delay, not in a loop.
+        delay = 0.05 if time.monotonic() - started > 2 else 1.0
+        log_event("nsm_process_exited", logging.WARNING, nsm=nsm.name, pid=proc.pid, status=status,
+                  action=f"restarting in {delay:g} s")
+        if self.stop_event.wait(delay):
+            return
+        with self.lock:
+            if self.stopping or self.nsm_procs.get(nsm.name) is not proc:
+                return
+            self._start_nsm_process(nsm)
+
+    def _stop_nsm_process(self, name: str) -> None:
+        proc = self.nsm_procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    @staticmethod
     def _remove_nsm_fabric(nsm: NSM) -> None:
         netns.netns_del(nsm.netns)  # takes eth0 and so the veth pair with it
         netns.link_del(NSM_VETH_PREFIX + nsm.name)
 
     def _register_nsm(self, nsm: NSM) -> None:
-        self.engine_client.nsm_add(nsm.name, str(netns.netns_path(nsm.netns)))
+        path = str(netns.netns_path(nsm.netns))
+        if nsm.external:
+            stats = self._engine_stats()
+            s = stats.nsm(nsm.name) if stats else None
+            if s is None:
+                self.engine_client.nsm_add(nsm.name, path, str(nsm.socket))
+            self._start_nsm_process(nsm)
+            self._wait_nsm_up(nsm, 1)
+        else:
+            self.engine_client.nsm_add(nsm.name, path)
         if nsm.config.bandwidth:
             try:
                 self.engine_client.nsm_set(nsm.name, nsm.config.bandwidth)
@@ -498,6 +614,8 @@ class Daemon:
         if self.dns:
             self.dns.stop()
         netns.kill_netns_processes(t.netns for t in self.tenants.values())
+        for name in list(self.nsm_procs):
+            self._stop_nsm_process(name)
         self.engine_client.close()
         if self.engine and self.engine.poll() is None:
             self.engine.terminate()
@@ -541,22 +659,26 @@ class Daemon:
         return nsm
 
     def add_nsm(self, name: str, congestion_control: str | None, bandwidth: object,
-                sysctls: dict[str, object]) -> NSM:
+                sysctls: dict[str, object], kind: str = "kernel") -> NSM:
         """An NSM at runtime, built as at start-up; nothing is left behind if a step fails."""
         check_nsm_name(name)
+        if kind not in NSM_KINDS:
+            raise NSMError(f"NSM {name!r}: unknown type {kind!r}; use one of: {', '.join(NSM_KINDS)}")
         try:
             cc = check_congestion_control(congestion_control) if congestion_control else None
             rate = parse_rate(bandwidth) if bandwidth is not None else 0
             checked = tuple(check_sysctl(k, v) for k, v in sysctls.items())
+            check_nsm_kind_settings(kind, cc, checked)
         except ValueError as e:
             raise NSMError(f"NSM {name!r}: {e}") from None
         with self.lock:
             if name in self.nsms:
                 raise NSMError(f"NSM {name!r} exists already (see: netkernel nsm list)")
-            nsm = self._create_nsm_fabric(NSMConfig(name, "kernel", cc, rate, checked))
+            nsm = self._create_nsm_fabric(NSMConfig(name, kind, cc, rate, checked))
             try:
                 self._register_nsm(nsm)
             except BaseException:
+                self._stop_nsm_process(name)
                 del self.nsms[name]
                 try:
                     self.engine_client.nsm_del(name)
@@ -590,6 +712,7 @@ class Daemon:
                     raise NSMError(f"NSM {name!r} is busy: {e.engine_message}") from None
                 raise NSMError(f"cannot remove NSM {name!r}: {e}") from None
             del self.nsms[name]
+            self._stop_nsm_process(name)
             self._remove_nsm_fabric(nsm)
             log_event("nsm_removed", nsm=name)
 
@@ -698,12 +821,14 @@ class Daemon:
 
     @staticmethod
     def _add_tenant_addresses(t: Tenant, nsm: NSM) -> None:
+        if nsm.external:
+            return  # the engine hands them to the NSM's process with the tenant's region
         for cidr in t.cidrs:
             netns.addr_add("eth0", cidr, netns=nsm.netns)
 
     def _remove_tenant_addresses(self, t: Tenant, nsm_name: str) -> None:
         nsm = self.nsms.get(nsm_name)
-        if nsm is not None:
+        if nsm is not None and not nsm.external:
             for cidr in t.cidrs:
                 netns.addr_del("eth0", cidr, netns=nsm.netns)
 
@@ -896,7 +1021,7 @@ class Daemon:
 
         def nsm_add(req: dict[str, Any]) -> dict[str, Any]:
             self.add_nsm(req["name"], req.get("congestion_control"), req.get("bandwidth"),
-                         req.get("sysctl", {}))
+                         req.get("sysctl", {}), req.get("kind", "kernel"))
             return {"nsm": next(n for n in self.nsm_list() if n["name"] == req["name"])}
 
         def nsm_remove(req: dict[str, Any]) -> dict[str, Any]:
@@ -923,8 +1048,10 @@ class Daemon:
 
     def _nsm_summary(self, nsm: NSM) -> dict[str, Any]:
         c = self.config
+        # An external NSM's namespace holds no address of its own: its stack holds the tenants'.
         return {"name": nsm.name, "kind": nsm.config.kind, "netns": nsm.netns,
-                "ipv4": str(c.nsm_ipv4(nsm.index)), "ipv6": str(c.nsm_ipv6(nsm.index)),
+                "ipv4": None if nsm.external else str(c.nsm_ipv4(nsm.index)),
+                "ipv6": None if nsm.external else str(c.nsm_ipv6(nsm.index)),
                 "congestion_control": nsm.config.congestion_control,
                 "bandwidth": nsm.config.bandwidth,
                 "tenants": sum(1 for t in list(self.tenants.values()) if t.nsm == nsm.name)}
@@ -959,7 +1086,8 @@ class Daemon:
             out.append({
                 **self._nsm_summary(nsm),
                 # What the namespace really runs, not only what was asked.
-                "congestion_control": netns.sysctl_get("net.ipv4.tcp_congestion_control", nsm.netns),
+                "congestion_control": None if nsm.external else
+                netns.sysctl_get("net.ipv4.tcp_congestion_control", nsm.netns),
                 "sysctl": dict(nsm.config.sysctls),
                 "tenants": sorted(t.name for t in tenants if t.nsm == nsm.name),
                 "draining": sorted(t.name for t in tenants if nsm.name in t.draining),
@@ -968,6 +1096,10 @@ class Daemon:
                 "rx_bytes": s.rx_bytes if s else None,
                 "tx_bps": round(rates[0]) if rates else None,
                 "rx_bps": round(rates[1]) if rates else None,
+                # An external NSM: its process (restarted by the daemon when it dies).
+                "pid": self.nsm_procs[nsm.name].pid if nsm.name in self.nsm_procs else None,
+                "up": bool(s.up) if s and s.up is not None else None,
+                "restarts": max((s.connects or 0) - 1, 0) if s and nsm.external else 0,
             })
         return out
 

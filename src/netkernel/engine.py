@@ -59,6 +59,8 @@ class NSMStats:
     tx_bytes: int | None = None
     rx_bytes: int | None = None
     bandwidth: int | None = None
+    up: int | None = None  # an external NSM's process is connected
+    connects: int | None = None  # processes of an external NSM that connected so far
 
 
 @dataclass(frozen=True)
@@ -229,8 +231,9 @@ class EngineClient:
         raise AssertionError("unreachable")
 
     # -- typed requests --------------------------------------------------------------------
-    def nsm_add(self, name: str, netns_path: str) -> None:
-        self.request(f"nsm-add {name} {netns_path}")
+    def nsm_add(self, name: str, netns_path: str, socket: str | None = None) -> None:
+        """socket: an external NSM (a stack in its own process) connects to the engine there."""
+        self.request(f"nsm-add {name} {netns_path}" + (f" external:{socket}" if socket else ""))
 
     def tenant_add(self, name: str, netns_path: str, nsm: str, ipv4: str, ipv6: str) -> int:
         value = self.request(f"tenant-add {name} {netns_path} {nsm} {ipv4} {ipv6}").value

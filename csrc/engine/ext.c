@@ -1,0 +1,564 @@
+/* External NSMs: a network stack in another process, driven over ServiceLib queues
+ * (include/netkernel/servicelib.h, docs/servicelib.md).
+ *
+ * The engine listens on one Unix socket per external NSM; the NSM process connects, gets the
+ * queues and the regions of the tenants it serves, and from then on everything is nqes. A
+ * few socket calls (socket, bind, listen, connect) wait for the NSM's reply, with a deadline;
+ * the data path never waits: the engine hands out ring positions as credit and the NSM
+ * reports what it took and wrote.
+ *
+ * Trust: the NSM's queues are read like a tenant's region: every nqe is copied out, checked
+ * (opcode, socket id, counts against the credit given) and never followed as a pointer. An
+ * NSM that breaks the protocol is disconnected; its tenants' connections fail as they do
+ * when it dies, and the daemon restarts it.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "engine.h"
+#include "netkernel/servicelib.h"
+
+#define SYNC_TIMEOUT_NS 2000000000ull
+#define SYNC_SPIN_NS 50000ull
+#define EVENTS_PER_POLL 512
+#define MAX_TENANTS_SEEN 1024
+
+enum { REF_FREE = 0, REF_LIVE, REF_CLOSING };
+struct ext_ref {
+  struct nk_esock *es; /* REF_CLOSING: the socket waiting for FREED, or NULL */
+  uint8_t k;
+  uint8_t state;
+};
+
+struct nk_ext {
+  struct nk_nsm *m;
+  char path[108];
+  int lfd, cfd; /* listening socket; the NSM's control connection (-1: none) */
+  int shfd, nsm_bell, engine_bell;
+  struct nk_sl_shared *sh;
+  struct nk_handle h_listen, h_ctl, h_bell;
+  struct ext_ref *ref; /* NK_SL_MAX_SOCKS */
+  uint32_t tag;
+  uint32_t connects;
+  uint32_t tenants[MAX_TENANTS_SEEN]; /* ids whose region the NSM has */
+  uint32_t ntenants;
+  struct nk_ext *next;
+};
+static struct nk_ext *all_ext;
+
+static bool up(const struct nk_ext *x) { return x && x->cfd >= 0; }
+
+static void bell(struct nk_ext *x) {
+  uint64_t one = 1;
+  if (write(x->nsm_bell, &one, sizeof(one)) < 0) { /* saturated: it will look */
+  }
+}
+
+/* Async request: the doorbell rings only while the NSM sleeps. */
+static bool post(struct nk_ext *x, struct nk_nqe *q) {
+  if (!up(x) || !nk_sl_push(&x->sh->req, q)) return false;
+  /* F2: the request is published before the NSM's flag is read; pairs with the NSM's store
+   * of sleeping and re-check of the queue (nk_sl_may_sleep). */
+  atomic_thread_fence(memory_order_seq_cst);
+  if (atomic_load(&x->sh->req.sleeping.v)) bell(x);
+  return true;
+}
+
+static int sync_req(struct nk_ext *x, struct nk_nqe *q, struct nk_nqe *rep) {
+  if (!up(x)) return -ENETDOWN;
+  q->tag = ++x->tag;
+  if (!nk_sl_push(&x->sh->req, q)) return -ENOBUFS;
+  bell(x);
+  uint64_t t0 = nk_now_ns();
+  for (;;) {
+    struct nk_nqe r;
+    while (nk_sl_pop(&x->sh->rep, &r))
+      if (r.op == NK_SLR_DONE && r.tag == q->tag) {
+        *rep = r;
+        return 0;
+      } /* else: the answer to a request that timed out earlier */
+    uint64_t now = nk_now_ns();
+    if (now - t0 > SYNC_TIMEOUT_NS) {
+      NK_EVENT("nsm_timeout", "nsm=%s op=%u", x->m->name, q->op);
+      return -ETIMEDOUT;
+    }
+    if (now - t0 < SYNC_SPIN_NS) continue;
+    struct pollfd p[2] = {{.fd = x->engine_bell, .events = POLLIN},
+                          {.fd = x->cfd, .events = POLLRDHUP}};
+    int ms = (int)((SYNC_TIMEOUT_NS - (now - t0)) / 1000000) + 1;
+    if (poll(p, 2, ms) < 0 && errno != EINTR) return -errno;
+    /* A dead NSM is taken down by the main loop (its control connection's hang-up): here
+     * the caller just gets the error, with nothing half-changed under it. */
+    if (p[1].revents & (POLLHUP | POLLERR | POLLRDHUP)) return -ENETDOWN;
+    uint64_t v;
+    if (p[0].revents & POLLIN) (void)!read(x->engine_bell, &v, sizeof(v));
+  }
+}
+
+/* ---- the engine's side of a socket ---- */
+
+int nk_ext_socket(struct nk_nsm *m, struct nk_tenant *t, int family, int type) {
+  struct nk_ext *x = m->ext;
+  nk_ext_tenant_on(m, t);
+  struct nk_nqe q = {.op = NK_SLQ_SOCKET, .tenant = t->id, .arg = family, .arg2 = (uint32_t)type};
+  struct nk_nqe r;
+  int err = sync_req(x, &q, &r);
+  if (err) return err;
+  if (r.arg) return r.arg < 0 ? r.arg : -r.arg;
+  if (r.sock >= NK_SL_MAX_SOCKS || x->ref[r.sock].state != REF_FREE) {
+    NK_EVENT("nsm_protocol_error", "nsm=%s reason=socket_id id=%u", m->name, r.sock);
+    return -EPROTO;
+  }
+  return (int)r.sock;
+}
+
+void nk_ext_ref(struct nk_esock *es, int k) {
+  struct nk_ext *x = es->kfd_nsm[k]->ext;
+  x->ref[es->ext_id[k]] = (struct ext_ref){.es = es, .k = (uint8_t)k, .state = REF_LIVE};
+}
+
+static int answer(struct nk_ext *x, struct nk_nqe *q, struct nk_nqe *r) {
+  int err = sync_req(x, q, r);
+  if (err) return err;
+  return r->arg > 0 ? -r->arg : r->arg;
+}
+
+int nk_ext_bind(struct nk_esock *es, int k, const struct nk_addr *a) {
+  struct nk_ext *x = es->kfd_nsm[k]->ext;
+  if (es->ext_id[k] == NK_EXT_LOST) return -ENETDOWN;
+  struct nk_nqe q = {.op = NK_SLQ_BIND, .sock = es->ext_id[k], .addr = *a}, r;
+  int err = answer(x, &q, &r);
+  if (!err) es->ext_port[k] = r.addr.port ? r.addr.port : a->port;
+  return err;
+}
+
+int nk_ext_listen(struct nk_esock *es, int k, int backlog) {
+  if (es->ext_id[k] == NK_EXT_LOST) return -ENETDOWN;
+  struct nk_nqe q = {.op = NK_SLQ_LISTEN, .sock = es->ext_id[k], .arg = backlog}, r;
+  return answer(es->kfd_nsm[k]->ext, &q, &r);
+}
+
+int nk_ext_connect(struct nk_esock *es, const struct nk_addr *dst) {
+  if (es->ext_id[0] == NK_EXT_LOST) return -ENETDOWN;
+  struct nk_nqe q = {.op = NK_SLQ_CONNECT, .sock = es->ext_id[0], .addr = *dst}, r;
+  return answer(es->kfd_nsm[0]->ext, &q, &r);
+}
+
+void nk_ext_close(struct nk_esock *es, int k, bool rst) {
+  struct nk_ext *x = es->kfd_nsm[k]->ext;
+  uint32_t id = es->ext_id[k];
+  es->ext_id[k] = NK_EXT_LOST;
+  if (id == NK_EXT_LOST || !up(x)) return;
+  struct nk_nqe q = {.op = NK_SLQ_CLOSE, .sock = id, .arg = rst};
+  if (!post(x, &q)) {
+    x->ref[id] = (struct ext_ref){0};
+    return;
+  }
+  /* Until FREED the NSM may still touch the socket's rings: the slot stays reserved. */
+  x->ref[id] = (struct ext_ref){.es = es, .state = REF_CLOSING};
+  es->ext_closing++;
+}
+
+void nk_ext_attach(struct nk_esock *es) {
+  struct nk_ext *x = es->kfd_nsm[0]->ext;
+  uint32_t tail = atomic_load(es->tx.tail), head = atomic_load(es->rx.head);
+  es->ext_tx_off = tail;
+  es->ext_rx_credit = head;
+  struct nk_nqe q = {.op = NK_SLQ_ATTACH, .sock = es->ext_id[0], .tenant = es->t->id,
+                     .off = (uint64_t)(es->tx.data - es->t->base), .arg2 = es->tx.size,
+                     .len = tail, .arg = (int32_t)head};
+  es->ext_attached = post(x, &q);
+}
+
+/* Offer the transmit ring's new bytes, and grant receive room as the application drains. */
+void nk_ext_service(struct nk_esock *es) {
+  if (!es->nk || !es->kfd_ext[0]) return; /* closed: the NSM socket is gone */
+  struct nk_nsm *m = es->kfd_nsm[0];
+  struct nk_ext *x = m->ext;
+  if (!es->ext_attached || es->ext_id[0] == NK_EXT_LOST || !up(x)) return;
+  struct nk_slot *s = &es->t->slots[es->slot];
+  int64_t fill = nk_ring_fill_checked(&es->tx);
+  uint32_t tail = atomic_load_explicit(es->tx.tail, memory_order_relaxed);
+  uint32_t offered = es->ext_tx_off - tail;
+  if (fill < 0 || offered > (uint64_t)fill) { /* the tenant moved its head back */
+    nk_sock_reset(es, ECONNRESET);
+    return;
+  }
+  uint32_t fresh = (uint32_t)fill - offered;
+  if (fresh) {
+    uint64_t g = nk_policy_grant(es, m, NK_TX, fresh, fresh < NK_QUANTUM ? fresh : NK_QUANTUM);
+    struct nk_nqe q = {.op = NK_SLQ_SEND, .sock = es->ext_id[0], .len = (uint32_t)g};
+    if (g && post(x, &q)) {
+      es->ext_tx_off += (uint32_t)g;
+      nk_policy_charge(es, m, NK_TX, g);
+    }
+  }
+  if (fill == 0 && es->shut_wr_pending) {
+    struct nk_nqe q = {.op = NK_SLQ_SHUTDOWN, .sock = es->ext_id[0]};
+    if (post(x, &q)) es->shut_wr_pending = false;
+  }
+  if (es->ext_fin || atomic_load(&s->rx_eof)) return;
+  int64_t rfill = nk_ring_fill_checked(&es->rx);
+  if (rfill < 0) {
+    nk_sock_reset(es, ECONNRESET);
+    return;
+  }
+  uint32_t head = atomic_load_explicit(es->rx.head, memory_order_relaxed);
+  uint32_t limit = head - (uint32_t)rfill + es->rx.size;
+  uint32_t room = limit - es->ext_rx_credit, outstanding = es->ext_rx_credit - head;
+  if (room > es->rx.size) return; /* the tenant moved its tail back: its own loss */
+  if (room == 0 && outstanding == 0) {
+    /* S1 as in stream_rx: ask the guest to kick us when it drains. */
+    atomic_store(&s->rx_stalled, 1);
+    if (nk_ring_fill_checked(&es->rx) < (int64_t)es->rx.size) atomic_store(&s->rx_stalled, 0);
+    return;
+  }
+  atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed);
+  if (room == 0 || (room < es->rx.size / 4 && outstanding > 0)) return;
+  uint64_t g = nk_policy_grant(es, m, NK_RX, room, room < NK_QUANTUM ? room : NK_QUANTUM);
+  struct nk_nqe q = {.op = NK_SLQ_RECV, .sock = es->ext_id[0], .len = (uint32_t)g};
+  if (g && post(x, &q)) {
+    es->ext_rx_credit += (uint32_t)g;
+    nk_policy_charge(es, m, NK_RX, g);
+  }
+}
+
+/* ---- events from the NSM ---- */
+
+static void ext_down(struct nk_ext *x, const char *why);
+
+static bool protocol_error(struct nk_ext *x, const struct nk_nqe *e, const char *what) {
+  NK_EVENT("nsm_protocol_error", "nsm=%s reason=%s op=%u id=%u len=%u", x->m->name, what, e->op,
+           e->sock, e->len);
+  ext_down(x, "protocol error");
+  return false;
+}
+
+static bool handle(struct nk_ext *x, const struct nk_nqe *e) {
+  if (e->sock >= NK_SL_MAX_SOCKS) return protocol_error(x, e, "socket_id");
+  struct ext_ref *ref = &x->ref[e->sock];
+  if (e->op == NK_SLE_FREED) {
+    if (ref->state != REF_CLOSING) return protocol_error(x, e, "freed_unknown");
+    struct nk_esock *es = ref->es;
+    *ref = (struct ext_ref){0};
+    if (es && --es->ext_closing == 0 && es->closing) nk_sock_activate(es);
+    return true;
+  }
+  if (e->op == NK_SLE_ACCEPTED) {
+    if (ref->state != REF_FREE || e->arg < 0 || (uint32_t)e->arg >= NK_SL_MAX_SOCKS)
+      return protocol_error(x, e, "accepted_id");
+    struct ext_ref *l = &x->ref[e->arg];
+    if (l->state == REF_CLOSING) { /* the listener is going */
+      nk_ext_refuse(x->m, e->sock);
+      return true;
+    }
+    if (l->state != REF_LIVE || l->es->kind != NK_KIND_LISTENER)
+      return protocol_error(x, e, "accepted_listener");
+    struct nk_addr peer = e->addr;
+    if (peer.family != l->es->kfd_family[l->k]) return protocol_error(x, e, "accepted_family");
+    if (!nk_sock_ext_accepted(l->es, l->k, e->sock, &peer)) nk_ext_refuse(x->m, e->sock);
+    return true;
+  }
+  if (ref->state == REF_CLOSING) return true; /* sent before it saw our CLOSE */
+  if (ref->state != REF_LIVE) return protocol_error(x, e, "unknown_socket");
+  struct nk_esock *es = ref->es;
+  if (es->freed || es->dead) return true;
+  switch (e->op) {
+    case NK_SLE_CONNECTED:
+    case NK_SLE_ERROR:
+      if (e->op == NK_SLE_ERROR && (e->arg <= 0 || e->arg > 4095)) return protocol_error(x, e, "errno");
+      if (es->state == NK_ST_CONNECTING) {
+        nk_sock_ext_connected(es, e->op == NK_SLE_ERROR ? e->arg : 0, &e->addr);
+      } else if (e->op == NK_SLE_ERROR && es->ext) {
+        nk_sock_conn_error(es, e->arg);
+      }
+      return true;
+    case NK_SLE_SENT: {
+      uint32_t tail = atomic_load_explicit(es->tx.tail, memory_order_relaxed);
+      if (!es->ext || e->len > es->ext_tx_off - tail) return protocol_error(x, e, "sent_len");
+      nk_ring_consume(&es->tx, e->len);
+      es->tx_bytes += e->len;
+      es->t->tx_bytes += e->len;
+      nk_sock_activate(es);
+      return true;
+    }
+    case NK_SLE_RECVD: {
+      uint32_t head = atomic_load_explicit(es->rx.head, memory_order_relaxed);
+      if (!es->ext || es->ext_fin || e->len > es->ext_rx_credit - head)
+        return protocol_error(x, e, "recvd_len");
+      nk_ring_produce(&es->rx, e->len);
+      es->rx_bytes += e->len;
+      es->t->rx_bytes += e->len;
+      nk_sock_activate(es);
+      return true;
+    }
+    case NK_SLE_FIN:
+      if (!es->ext) return protocol_error(x, e, "fin");
+      es->ext_fin = true;
+      if (!atomic_load(&es->t->slots[es->slot].rx_eof)) nk_sock_end_of_stream(es);
+      nk_sock_activate(es);
+      return true;
+  }
+  return protocol_error(x, e, "opcode");
+}
+
+static bool ext_poll(struct nk_ext *x) {
+  if (!up(x)) return false;
+  struct nk_nqe e;
+  int n = 0;
+  while (n < EVENTS_PER_POLL && up(x) && nk_sl_pop(&x->sh->evt, &e)) {
+    n++;
+    if (!handle(x, &e)) break;
+  }
+  return n > 0;
+}
+
+int nk_ext_is_up(struct nk_nsm *m) { return up(m->ext); }
+uint32_t nk_ext_connects(struct nk_nsm *m) { return m->ext->connects; }
+
+bool nk_ext_poll_all(void) {
+  bool any = false;
+  for (struct nk_ext *x = all_ext; x; x = x->next) any |= ext_poll(x);
+  return any;
+}
+
+/* The engine announces its sleep in each NSM's event queue as in each tenant region. */
+void nk_ext_set_sleeping(int v) {
+  for (struct nk_ext *x = all_ext; x; x = x->next)
+    if (up(x)) atomic_store(&x->sh->evt.sleeping.v, (uint32_t)v);
+}
+
+/* ---- tenants ---- */
+
+static int send_ctl(int fd, const struct nk_sl_ctl *m, const int *fds, int nfds) {
+  union {
+    char buf[CMSG_SPACE(3 * sizeof(int))];
+    struct cmsghdr align;
+  } cm;
+  memset(&cm, 0, sizeof(cm));
+  struct iovec iov = {.iov_base = (void *)m, .iov_len = sizeof(*m)};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+  if (nfds) {
+    mh.msg_control = cm.buf;
+    mh.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+    memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
+  }
+  return sendmsg(fd, &mh, MSG_NOSIGNAL) == (ssize_t)sizeof(*m) ? 0 : -errno;
+}
+
+/* Only the NSMs serving a tenant (it is assigned there, or has sockets there) map its region. */
+void nk_ext_tenant_on(struct nk_nsm *m, struct nk_tenant *t) {
+  struct nk_ext *x = m->ext;
+  if (!up(x)) return;
+  for (uint32_t i = 0; i < x->ntenants; i++)
+    if (x->tenants[i] == t->id) return;
+  if (x->ntenants == MAX_TENANTS_SEEN) return;
+  struct nk_sl_ctl c = {.op = NK_SLC_TENANT_ADD, .tenant = t->id, .size = t->size,
+                        .ipv4 = t->ipv4, .ipv6 = t->ipv6};
+  snprintf(c.name, sizeof(c.name), "%s", t->name);
+  if (send_ctl(x->cfd, &c, &t->memfd, 1) == 0) x->tenants[x->ntenants++] = t->id;
+}
+
+void nk_ext_tenant_gone(struct nk_tenant *t) {
+  for (struct nk_ext *x = all_ext; x; x = x->next)
+    for (uint32_t i = 0; i < x->ntenants; i++) {
+      if (x->tenants[i] != t->id) continue;
+      x->tenants[i] = x->tenants[--x->ntenants];
+      struct nk_sl_ctl c = {.op = NK_SLC_TENANT_DEL, .tenant = t->id};
+      if (up(x)) send_ctl(x->cfd, &c, NULL, 0);
+      break;
+    }
+}
+
+/* ---- the NSM process comes and goes ---- */
+
+static void ext_down(struct nk_ext *x, const char *why) {
+  if (!up(x)) return;
+  NK_EVENT("nsm_down", "nsm=%s reason=\"%s\"", x->m->name, why);
+  nk_ep_del(x->cfd);
+  nk_ep_del(x->engine_bell);
+  close(x->cfd);
+  x->cfd = -1;
+  /* Every socket it held is gone: connections fail as Linux fails them when the peer's
+   * stack vanishes (reset), connects are refused, listeners wait for the next process. */
+  for (uint32_t id = 0; id < NK_SL_MAX_SOCKS; id++) {
+    struct ext_ref r = x->ref[id];
+    x->ref[id] = (struct ext_ref){0};
+    if (r.state == REF_CLOSING) {
+      if (r.es && --r.es->ext_closing == 0 && r.es->closing) nk_sock_activate(r.es);
+      continue;
+    }
+    if (r.state != REF_LIVE) continue;
+    struct nk_esock *es = r.es;
+    es->ext_id[r.k] = NK_EXT_LOST;
+    if (es->kind == NK_KIND_LISTENER || es->dead) continue;
+    if (es->state == NK_ST_CONNECTING) nk_sock_ext_connected(es, ECONNREFUSED, NULL);
+    else nk_sock_conn_error(es, ECONNRESET);
+    nk_sock_activate(es);
+  }
+  munmap(x->sh, sizeof(*x->sh));
+  x->sh = NULL;
+  close(x->shfd);
+  close(x->nsm_bell);
+  close(x->engine_bell);
+  x->ntenants = 0;
+}
+
+static void ext_up(struct nk_ext *x, int cfd) {
+  x->shfd = memfd_create("netkernel-servicelib", MFD_CLOEXEC);
+  x->nsm_bell = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  x->engine_bell = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  void *sh = MAP_FAILED;
+  if (x->shfd >= 0 && ftruncate(x->shfd, sizeof(struct nk_sl_shared)) == 0)
+    sh = mmap(NULL, sizeof(struct nk_sl_shared), PROT_READ | PROT_WRITE, MAP_SHARED, x->shfd, 0);
+  if (sh == MAP_FAILED || x->nsm_bell < 0 || x->engine_bell < 0) {
+    NK_INFO("nsm %s: cannot set up its queues", x->m->name);
+    if (sh != MAP_FAILED) munmap(sh, sizeof(struct nk_sl_shared));
+    if (x->shfd >= 0) close(x->shfd);
+    if (x->nsm_bell >= 0) close(x->nsm_bell);
+    if (x->engine_bell >= 0) close(x->engine_bell);
+    close(cfd);
+    return;
+  }
+  x->sh = sh;
+  x->sh->magic = NK_SL_MAGIC;
+  x->sh->version = NK_SL_VERSION;
+  x->sh->queue_len = NK_SL_QUEUE_LEN;
+  struct nk_sl_ctl hello = {.op = NK_SLC_HELLO, .version = NK_SL_VERSION,
+                            .size = sizeof(struct nk_sl_shared)};
+  snprintf(hello.name, sizeof(hello.name), "%s", x->m->name);
+  int fds[3] = {x->shfd, x->nsm_bell, x->engine_bell};
+  if (send_ctl(cfd, &hello, fds, 3) < 0) {
+    munmap(x->sh, sizeof(*x->sh));
+    close(x->shfd);
+    close(x->nsm_bell);
+    close(x->engine_bell);
+    close(cfd);
+    return;
+  }
+  x->cfd = cfd;
+  x->connects++;
+  nk_ep_add(cfd, EPOLLRDHUP, &x->h_ctl);
+  nk_ep_add(x->engine_bell, EPOLLIN, &x->h_bell);
+  NK_EVENT("nsm_up", "nsm=%s", x->m->name);
+  /* Its tenants' regions, then the listeners it lost when the previous process went. */
+  for (struct nk_tenant *t = E.tenants; t; t = t->next) {
+    if (t->dead) continue;
+    bool on = t->nsm == x->m;
+    for (uint32_t i = 0; i < t->nslots && !on; i++) {
+      struct nk_esock *es = t->socks[i];
+      for (int k = 0; es && k < es->nk; k++) on |= es->kfd_nsm[k] == x->m;
+    }
+    if (!on) continue;
+    nk_ext_tenant_on(x->m, t);
+    for (uint32_t i = 0; i < t->nslots; i++)
+      if (t->socks[i] && t->socks[i]->kind == NK_KIND_LISTENER) nk_sock_relisten(t->socks[i], x->m);
+  }
+}
+
+void nk_ext_event(struct nk_handle *h, uint32_t ev) {
+  struct nk_ext *x = h->obj;
+  if (h->type == NK_H_EXT_LISTEN) {
+    int fd = accept4(x->lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) return;
+    struct ucred cr;
+    socklen_t l = sizeof(cr);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &l) < 0 || cr.uid != 0) {
+      NK_INFO("nsm %s: refused a connection from uid %d (root only)", x->m->name, (int)cr.uid);
+      close(fd);
+      return;
+    }
+    if (up(x)) {
+      /* One process per NSM. The old one may be dying: its hang-up is what lets the next in. */
+      NK_INFO("nsm %s: a second process was refused (one is connected)", x->m->name);
+      close(fd);
+      return;
+    }
+    ext_up(x, fd);
+  } else if (h->type == NK_H_EXT_CTL) {
+    if (ev & (EPOLLHUP | EPOLLERR | EPOLLRDHUP)) ext_down(x, "the NSM process went away");
+  } else if (h->type == NK_H_EXT_BELL) {
+    uint64_t v;
+    (void)!read(x->engine_bell, &v, sizeof(v));
+    ext_poll(x);
+  }
+}
+
+int nk_ext_nsm_init(struct nk_nsm *m, const char *path) {
+  struct nk_ext *x = calloc(1, sizeof(*x));
+  if (!x) return -ENOMEM;
+  x->ref = calloc(NK_SL_MAX_SOCKS, sizeof(*x->ref));
+  int r = !x->ref ? -ENOMEM : strlen(path) >= sizeof(x->path) ? -ENAMETOOLONG : 0;
+  if (r) {
+    free(x->ref);
+    free(x);
+    return r;
+  }
+  snprintf(x->path, sizeof(x->path), "%s", path);
+  x->lfd = nk_unix_listen(path, SOCK_SEQPACKET, 0600, 4);
+  if (x->lfd < 0) {
+    r = x->lfd;
+    free(x->ref);
+    free(x);
+    return r;
+  }
+  x->m = m;
+  x->cfd = -1;
+  x->h_listen = (struct nk_handle){NK_H_EXT_LISTEN, 0, x};
+  x->h_ctl = (struct nk_handle){NK_H_EXT_CTL, 0, x};
+  x->h_bell = (struct nk_handle){NK_H_EXT_BELL, 0, x};
+  nk_ep_add(x->lfd, EPOLLIN, &x->h_listen);
+  m->ext = x;
+  x->next = all_ext;
+  all_ext = x;
+  return 0;
+}
+
+void nk_ext_nsm_fini(struct nk_nsm *m) {
+  struct nk_ext *x = m->ext;
+  if (!x) return;
+  ext_down(x, "the NSM was removed");
+  nk_ep_del(x->lfd);
+  close(x->lfd);
+  unlink(x->path);
+  for (struct nk_ext **p = &all_ext; *p; p = &(*p)->next)
+    if (*p == x) {
+      *p = x->next;
+      break;
+    }
+  free(x->ref);
+  free(x);
+  m->ext = NULL;
+}
+
+/* A socket freed while the NSM still holds closed ids of it (its tenant was deleted): those
+ * ids must not name it any more. Rare, so a scan. */
+void nk_ext_forget(struct nk_esock *es) {
+  for (struct nk_ext *x = all_ext; x; x = x->next)
+    for (uint32_t id = 0; id < NK_SL_MAX_SOCKS; id++)
+      if (x->ref[id].es == es) {
+        if (x->ref[id].state == REF_LIVE) x->ref[id] = (struct ext_ref){0};
+        else x->ref[id].es = NULL;
+      }
+  es->ext_closing = 0;
+}
+
+/* A connection the engine could not take (admission limit, full accept queue): reset it. */
+void nk_ext_refuse(struct nk_nsm *m, uint32_t id) {
+  struct nk_ext *x = m->ext;
+  struct nk_nqe q = {.op = NK_SLQ_CLOSE, .sock = id, .arg = 1};
+  if (post(x, &q)) x->ref[id] = (struct ext_ref){.state = REF_CLOSING};
+}
