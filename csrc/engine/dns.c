@@ -33,11 +33,15 @@ int nk_dns_open(struct nk_tenant *t) {
 
 /* The relay socket lives on the tenant's NSM and sends from the tenant's address. */
 int nk_dns_reopen_upstream(struct nk_tenant *t) {
-  int up = t->nsm->ops->open_socket(t->nsm, AF_INET, SOCK_DGRAM);
-  if (up < 0) return up;
+  /* An external NSM has no kernel socket to lend: its tenants' queries leave from the
+   * engine's own namespace, which reaches the daemon's resolver on the bridge directly. */
+  bool ext = t->nsm->ext != NULL;
+  int up = ext ? socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+               : t->nsm->ops->open_socket(t->nsm, AF_INET, SOCK_DGRAM);
+  if (up < 0) return ext ? -errno : up;
   struct sockaddr_storage ss;
   socklen_t l = nk_addr_to_sa(&t->ipv4, &ss);
-  bind(up, (struct sockaddr *)&ss, l);
+  if (!ext) bind(up, (struct sockaddr *)&ss, l);
   if (t->dns_up_fd >= 0) {
     nk_ep_del(t->dns_up_fd);
     close(t->dns_up_fd);
