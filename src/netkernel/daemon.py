@@ -116,6 +116,15 @@ def _log_value(value: object) -> str:
     return text
 
 
+def _split_hostport(text: str) -> tuple[steer.IPAddress, int]:
+    """The engine's "a.b.c.d:port" / "[v6]:port" (ValueError otherwise)."""
+    host, _, port = text.rpartition(":")
+    address = ipaddress.ip_address(host.strip("[]"))
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address, int(port)
+
+
 def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
     """``event=NAME key=value ...`` in the text log; the same as fields of the JSON object
     with log_format = "json"."""
@@ -880,7 +889,8 @@ class Daemon:
                 # peer that re-resolves the address meanwhile send an old connection's
                 # packets to the new NSM, which answers them with a reset.
                 t.steered = True
-                steer.begin_move(BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns)
+                steer.begin_move(BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns,
+                                 **self._steer_args(t, old, new))
                 if added:
                     self._add_tenant_addresses(t, new)
                 try:
@@ -896,7 +906,8 @@ class Daemon:
                     warning = e.engine_message
                 # Connections the old NSM accepted or opened meanwhile get pinned too.
                 time.sleep(MOVE_SETTLE)
-                pinned = steer.begin_move(BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns)
+                pinned = steer.begin_move(BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns,
+                                          **self._steer_args(t, old, new))
                 self.engine_client.tenant_move_done(name)
             except BaseException as e:
                 self._undo_move(t, old, new, added)
@@ -918,7 +929,8 @@ class Daemon:
         for undo, what in (
             (lambda: self.engine_client.tenant_move(t.name, old.name), "engine tenant-move back"),
             (lambda: self.engine_client.tenant_move_done(t.name), "engine tenant-move-done"),
-            (lambda: steer.begin_move(BRIDGE, t.ipv4, t.ipv6, new.netns, old.netns), "steering back"),
+            (lambda: steer.begin_move(BRIDGE, t.ipv4, t.ipv6, new.netns, old.netns,
+                                      **self._steer_args(t, new, old)), "steering back"),
         ):
             try:
                 undo()
@@ -926,6 +938,36 @@ class Daemon:
                 log.error("tenant %s: undoing a failed move: %s failed: %s", t.name, what, e)
         if added:
             self._remove_tenant_addresses(t, new.name)
+
+    @staticmethod
+    def lwip_mac(nsm: NSM, t: Tenant) -> str:
+        """The MAC of the tenant's netif in an lwIP NSM (csrc/nsm/lwip: 02:4e:4b:NSM:TENANT)."""
+        return f"02:4e:4b:{(nsm.index + 1) & 0xFF:02x}:{(t.id >> 8) & 0xFF:02x}:{t.id & 0xFF:02x}"
+
+    def _engine_flows(self, t: Tenant, nsm: NSM, addresses: set[steer.IPAddress]) -> set[steer.Flow]:
+        """The tenant's TCP connections on an external NSM, as the engine sees them."""
+        flows: set[steer.Flow] = set()
+        for c in self.engine_client.conns(t.name):
+            if c.nsm != nsm.name or c.proto != "tcp" or c.kind != "stream" or not c.local or not c.peer:
+                continue
+            try:
+                local, lport = _split_hostport(c.local)
+                remote, rport = _split_hostport(c.peer)
+            except ValueError:
+                continue
+            if local in addresses and rport:
+                flows.add(steer.Flow(6, remote, rport, local, lport))
+        return flows
+
+    def _steer_args(self, t: Tenant, old: NSM, new: NSM | None) -> dict[str, Any]:
+        """What steer needs to know about lwIP NSMs on either side of a move."""
+        args: dict[str, Any] = {}
+        if old.external:
+            args["old_mac"] = self.lwip_mac(old, t)
+            args["old_flows"] = lambda addresses: self._engine_flows(t, old, addresses)
+        if new is not None and new.external:
+            args["new_mac"] = self.lwip_mac(new, t)
+        return args
 
     def drain_once(self) -> None:
         """Finish moves whose old NSM carries no connection of the tenant any more."""
@@ -935,7 +977,8 @@ class Daemon:
                     if old not in self.nsms:
                         t.draining.remove(old)
                         continue
-                    if steer.finish_if_drained(BRIDGE, t.ipv4, t.ipv6, nsm_netns(old)):
+                    args = self._steer_args(t, self.nsms[old], None)
+                    if steer.finish_if_drained(BRIDGE, t.ipv4, t.ipv6, nsm_netns(old), **args):
                         self._remove_tenant_addresses(t, old)
                         t.draining.remove(old)
                         log_event("tenant_drained", tenant=t.name, nsm=old)

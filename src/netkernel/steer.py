@@ -46,7 +46,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -338,7 +338,12 @@ def tenant_addresses(ipv4: str, ipv6: str) -> set[IPAddress]:
     return {v4, v6}
 
 
-def begin_move(bridge: str, ipv4: str, ipv6: str, old_netns: str, new_netns: str) -> int:
+FlowSource = Callable[[set[IPAddress]], set[Flow]]
+
+
+def begin_move(bridge: str, ipv4: str, ipv6: str, old_netns: str, new_netns: str, *,
+               old_mac: str | None = None, new_mac: str | None = None,
+               old_flows: FlowSource | None = None) -> int:
     """Idempotent. Creates the table if needed; points all new traffic for ipv4/ipv6 at the MAC
     of new_netns's eth0; pins every flow of the tenant addresses that exists now in old_netns to
     old_netns's eth0 MAC. Returns the number of flows pinned. Calling it again later adds flows
@@ -346,25 +351,31 @@ def begin_move(bridge: str, ipv4: str, ipv6: str, old_netns: str, new_netns: str
 
     A connection the old NSM accepts between our socket listing and the commit would be steered
     to the new NSM (and reset there); listing once more right after the commit pins it within
-    milliseconds, which shrinks that window to one `nft` run."""
+    milliseconds, which shrinks that window to one `nft` run.
+
+    A userspace NSM (lwIP) has no eth0 of its own for the tenant and no kernel sockets to list:
+    the caller then names the MAC that receives the tenant's frames there (old_mac / new_mac)
+    and where the old NSM's flows come from (old_flows)."""
     addresses = tenant_addresses(ipv4, ipv6)
-    old = Target(nsm_mac(old_netns), old_netns)
-    new = Target(nsm_mac(new_netns), new_netns)
+    old = Target(old_mac or nsm_mac(old_netns), old_netns)
+    new = Target(new_mac or nsm_mac(new_netns), new_netns)
+    flows_of = old_flows or (lambda a: tenant_flows(old_netns, a))
     with _lock:
         state = read_state(bridge)
-        flows = tenant_flows(old_netns, addresses)
+        flows = flows_of(addresses)
         state.set_pins(addresses, old, flows)
         for address in addresses:
             state.addresses[address] = new
         write_state(bridge, state)
-        late = tenant_flows(old_netns, addresses)
+        late = flows_of(addresses)
         if late != flows:
             state.set_pins(addresses, old, late)
             write_state(bridge, state)
         return len(late)
 
 
-def finish_if_drained(bridge: str, ipv4: str, ipv6: str, old_netns: str) -> bool:
+def finish_if_drained(bridge: str, ipv4: str, ipv6: str, old_netns: str, *,
+                      old_mac: str | None = None, old_flows: FlowSource | None = None) -> bool:
     """True when no socket with a tenant address as local address remains in old_netns
     (listeners of the tenant should already be gone; LISTEN and unconnected UDP sockets are
     ignored anyway); then removes the pins pointing at old_netns for these addresses.
@@ -374,12 +385,15 @@ def finish_if_drained(bridge: str, ipv4: str, ipv6: str, old_netns: str) -> bool
     An old namespace that no longer exists counts as drained."""
     addresses = tenant_addresses(ipv4, ipv6)
     with _lock:
-        flows = tenant_flows(old_netns, addresses) if netns.netns_exists(old_netns) else set()
+        if not netns.netns_exists(old_netns):
+            flows: set[Flow] = set()
+        else:
+            flows = old_flows(addresses) if old_flows else tenant_flows(old_netns, addresses)
         state = read_state(bridge)
         pinned = state.pins_of(addresses, old_netns)
         if flows:
             if flows != pinned:
-                state.set_pins(addresses, Target(nsm_mac(old_netns), old_netns), flows)
+                state.set_pins(addresses, Target(old_mac or nsm_mac(old_netns), old_netns), flows)
                 write_state(bridge, state)
             return False
         if pinned:
