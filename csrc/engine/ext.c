@@ -153,6 +153,21 @@ int nk_ext_connect(struct nk_esock *es, const struct nk_addr *dst) {
   return answer(es->kfd_nsm[0]->ext, &q, &r);
 }
 
+/* The application's int options (TCP_NODELAY matters most: nginx relies on it) reach the NSM's
+ * socket; whether its stack has them is the NSM's business. */
+void nk_ext_setopt(struct nk_esock *es, int k, int level, int name, const void *val, socklen_t len) {
+  if (es->ext_id[k] == NK_EXT_LOST || len != sizeof(int)) return;
+  if (level != SOL_SOCKET && level != IPPROTO_TCP) return;
+  int v;
+  memcpy(&v, val, sizeof(v));
+  /* Program order: the bytes written before the call reach the NSM before the option (an
+   * uncork must find them there). */
+  if (k == 0 && es->ext && es->state == NK_ST_CONNECTED) nk_ext_service(es);
+  struct nk_nqe q = {.op = NK_SLQ_SETOPT, .sock = es->ext_id[k], .arg = level,
+                     .arg2 = (uint32_t)name, .len = (uint32_t)v};
+  post(es->kfd_nsm[k]->ext, &q);
+}
+
 void nk_ext_close(struct nk_esock *es, int k, bool rst) {
   struct nk_ext *x = es->kfd_nsm[k]->ext;
   uint32_t id = es->ext_id[k];

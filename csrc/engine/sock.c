@@ -88,6 +88,8 @@ static int kfd_open_ext(struct nk_esock *es, int family, struct nk_nsm *nsm) {
   es->ext_id[k] = (uint32_t)id;
   es->ext_port[k] = 0;
   nk_ext_ref(es, k);
+  for (int i = 0; i < es->nopts; i++) /* replayed, as on a kernel socket */
+    nk_ext_setopt(es, k, es->opts[i].level, es->opts[i].name, es->opts[i].val, es->opts[i].len);
   return k;
 }
 
@@ -751,6 +753,8 @@ bool nk_sock_ext_accepted(struct nk_esock *l, int k, uint32_t id, const struct n
   es->ext_id[0] = id;
   es->ext_port[0] = l->bind_addr.port;
   nk_ext_ref(es, 0);
+  for (int i = 0; i < es->nopts; i++) /* inherited from the listener, as in Linux */
+    nk_ext_setopt(es, 0, es->opts[i].level, es->opts[i].name, es->opts[i].val, es->opts[i].len);
   es->ext = true;
   es->state = NK_ST_CONNECTED;
   struct nk_slot *s = slot_of(es);
@@ -1272,7 +1276,11 @@ int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, so
   int err = 0;
   bool kernel = false;
   for (int k = 0; k < es->nk; k++) {
-    if (es->kfd[k] < 0) continue; /* an external NSM's: its stack's own defaults */
+    if (es->kfd_ext[k]) {
+      nk_ext_setopt(es, k, level, name, val, len);
+      continue;
+    }
+    if (es->kfd[k] < 0) continue;
     kernel = true;
     if (level == IPPROTO_IPV6 && es->kfd_family[k] != AF_INET6) continue;
     if (level == IPPROTO_IP && es->kfd_family[k] != AF_INET) continue;

@@ -56,6 +56,9 @@
 #define NK_SLQ_RECV 7     /* sock, len: len more bytes of room in the receive ring */
 #define NK_SLQ_SHUTDOWN 8 /* sock: no more bytes after those sent (FIN) */
 #define NK_SLQ_CLOSE 9    /* sock, arg = 1 to reset: the engine forgets it; -> FREED */
+#define NK_SLQ_SETOPT 10  /* sock, arg = level, arg2 = option, len = its int value: an option
+                             the application set (SOL_SOCKET / IPPROTO_TCP ints only); the NSM
+                             applies what its stack has and ignores the rest */
 
 /* ---- replies (to SOCKET, BIND, LISTEN, CONNECT): NSM -> engine, tag echoed ---- */
 #define NK_SLR_DONE 32

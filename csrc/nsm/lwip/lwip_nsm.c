@@ -466,6 +466,38 @@ static bool tenant_owns(const struct nk_sl_tenant *t, const struct nk_addr *a) {
   return a->family == own->family && !memcmp(a->addr, own->addr, a->family == AF_INET ? 4 : 16);
 }
 
+/* The options lwIP has; the values are Linux's. (TCP_* numbers from <netinet/tcp.h>, which
+ * cannot be included next to lwIP's headers.) */
+#define LINUX_IPPROTO_TCP 6
+#define LINUX_TCP_NODELAY 1
+#define LINUX_TCP_KEEPIDLE 4
+#define LINUX_TCP_KEEPINTVL 5
+#define LINUX_TCP_KEEPCNT 6
+#define LINUX_TCP_CORK 3
+static void setopt(struct conn *c, int level, int name, int v) {
+  if (level == LINUX_IPPROTO_TCP && name == LINUX_TCP_CORK && !v) {
+    /* Uncorking pushes what is queued at once, Nagle or not (nginx corks around sendfile
+     * with Nagle on and relies on this: without it each keep-alive response's body waited
+     * for the client's delayed ACK, 40 ms). lwIP has no cork: only this push. */
+    bool nodelay = tcp_nagle_disabled(c->pcb);
+    tcp_nagle_disable(c->pcb);
+    tcp_output(c->pcb);
+    if (!nodelay) tcp_nagle_enable(c->pcb);
+    return;
+  }
+  if (level == SOL_SOCKET && name == SO_KEEPALIVE) {
+    if (v) ip_set_option(c->pcb, SOF_KEEPALIVE);
+    else ip_reset_option(c->pcb, SOF_KEEPALIVE);
+  } else if (level == LINUX_IPPROTO_TCP && name == LINUX_TCP_NODELAY) {
+    if (v) tcp_nagle_disable(c->pcb);
+    else tcp_nagle_enable(c->pcb);
+  } else if (level == LINUX_IPPROTO_TCP && v > 0) {
+    if (name == LINUX_TCP_KEEPIDLE) c->pcb->keep_idle = (u32_t)v * 1000;
+    else if (name == LINUX_TCP_KEEPINTVL) c->pcb->keep_intvl = (u32_t)v * 1000;
+    else if (name == LINUX_TCP_KEEPCNT) c->pcb->keep_cnt = (u32_t)v;
+  }
+}
+
 static void request(void *ctx, const struct nk_nqe *e) {
   (void)ctx;
   struct conn *c = e->op == NK_SLQ_SOCKET || e->sock >= NK_SL_MAX_SOCKS ? NULL : conns[e->sock];
@@ -545,6 +577,9 @@ static void request(void *ctx, const struct nk_nqe *e) {
       if (!c) return;
       c->shut_pending = true;
       push_tx(c);
+      return;
+    case NK_SLQ_SETOPT:
+      if (c && c->pcb && !c->listener) setopt(c, e->arg, (int)e->arg2, (int)e->len);
       return;
     case NK_SLQ_CLOSE:
       if (!c) return;
