@@ -311,6 +311,7 @@ int nk_ext_bind(struct nk_esock *es, int k, const struct nk_addr *a);
 int nk_ext_listen(struct nk_esock *es, int k, int backlog);
 int nk_ext_connect(struct nk_esock *es, const struct nk_addr *dst);
 void nk_ext_close(struct nk_esock *es, int k, bool rst);
+bool nk_ext_sendto(struct nk_esock *es, int k, const struct nk_addr *dst, uint32_t pos, uint32_t len);
 void nk_ext_setopt(struct nk_esock *es, int k, int level, int name, const void *val, socklen_t len);
 void nk_ext_attach(struct nk_esock *es);
 void nk_ext_service(struct nk_esock *es);

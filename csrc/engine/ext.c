@@ -168,6 +168,62 @@ void nk_ext_setopt(struct nk_esock *es, int k, int level, int name, const void *
   post(es->kfd_nsm[k]->ext, &q);
 }
 
+/* One datagram of the tenant's transmit ring (at ring position pos) to the NSM, through its
+ * outgoing area. dst family 0: the connected peer. False when it was dropped (area full, NSM
+ * down), as UDP may drop. */
+bool nk_ext_sendto(struct nk_esock *es, int k, const struct nk_addr *dst, uint32_t pos, uint32_t len) {
+  struct nk_ext *x = es->kfd_nsm[k]->ext;
+  if (!up(x) || es->ext_id[k] == NK_EXT_LOST) return false;
+  struct nk_sl_area *a = &x->sh->dg_out;
+  if (nk_sl_area_room(a) < len) return false;
+  uint32_t head = atomic_load_explicit(&a->head.v, memory_order_relaxed);
+  struct iovec iov[2];
+  int cnt = nk_ring_iov(&es->tx, pos, len, iov);
+  uint32_t at = head;
+  for (int i = 0; i < cnt; i++) {
+    nk_sl_area_copy_in(a, at, iov[i].iov_base, (uint32_t)iov[i].iov_len);
+    at += (uint32_t)iov[i].iov_len;
+  }
+  struct nk_nqe q = {.op = NK_SLQ_SENDTO, .sock = es->ext_id[k], .off = head, .len = len};
+  if (dst) q.addr = *dst;
+  atomic_store_explicit(&a->head.v, head + len, memory_order_release);
+  if (!post(x, &q)) {
+    atomic_store_explicit(&a->head.v, head, memory_order_relaxed); /* not announced: take back */
+    return false;
+  }
+  return true;
+}
+
+/* A datagram the NSM received: into the socket's receive ring as a record, or dropped when
+ * the ring is full (as Linux drops at a full receive buffer). The area is freed either way. */
+static bool dgram_in(struct nk_ext *x, const struct nk_nqe *e, struct nk_esock *es, int k) {
+  struct nk_sl_area *a = &x->sh->dg_in;
+  if (!nk_sl_area_valid(a, e->off, e->len) || e->len > NK_DGRAM_MAX) return false;
+  uint32_t need = (uint32_t)NK_DGRAM_SPACE(e->len);
+  int64_t fill = es ? nk_ring_fill_checked(&es->rx) : -1;
+  if (es && es->kind == NK_KIND_DGRAM && !es->dead && fill >= 0 && es->rx.size - (uint32_t)fill >= need &&
+      (e->addr.family == AF_INET || e->addr.family == AF_INET6)) {
+    uint32_t head = atomic_load_explicit(es->rx.head, memory_order_relaxed);
+    struct iovec iov[2];
+    int cnt = nk_ring_iov(&es->rx, head + sizeof(struct nk_dgram), e->len, iov);
+    uint32_t at = (uint32_t)e->off;
+    for (int i = 0; i < cnt; i++) {
+      nk_sl_area_copy_out(a, at, iov[i].iov_base, (uint32_t)iov[i].iov_len);
+      at += (uint32_t)iov[i].iov_len;
+    }
+    struct nk_dgram h = {.len = e->len, .addr = e->addr};
+    h.addr.scope_id = 0;
+    nk_ring_copy_in(&es->rx, head, &h, sizeof(h));
+    nk_ring_produce(&es->rx, need);
+    es->rx_bytes += e->len;
+    es->t->rx_bytes += e->len;
+    nk_policy_charge(es, es->kfd_nsm[k], NK_RX, e->len);
+    nk_sock_activate(es);
+  }
+  atomic_store_explicit(&a->tail.v, (uint32_t)e->off + e->len, memory_order_release);
+  return true;
+}
+
 void nk_ext_close(struct nk_esock *es, int k, bool rst) {
   struct nk_ext *x = es->kfd_nsm[k]->ext;
   uint32_t id = es->ext_id[k];
@@ -283,6 +339,9 @@ static bool handle(struct nk_ext *x, const struct nk_nqe *e) {
     if (!nk_sock_ext_accepted(l->es, l->k, e->sock, &peer)) nk_ext_refuse(x->m, e->sock);
     return true;
   }
+  if (e->op == NK_SLE_DGRAM) /* the area must be freed whatever became of the socket */
+    return dgram_in(x, e, ref->state == REF_LIVE ? ref->es : NULL, ref->k) ||
+           protocol_error(x, e, "dgram_area");
   if (ref->state == REF_CLOSING) return true; /* sent before it saw our CLOSE */
   if (ref->state != REF_LIVE) return protocol_error(x, e, "unknown_socket");
   struct nk_esock *es = ref->es;
@@ -452,6 +511,7 @@ static void ext_up(struct nk_ext *x, int cfd) {
   x->sh->magic = NK_SL_MAGIC;
   x->sh->version = NK_SL_VERSION;
   x->sh->queue_len = NK_SL_QUEUE_LEN;
+  x->sh->area_size = NK_SL_AREA_SIZE;
   struct nk_sl_ctl hello = {.op = NK_SLC_HELLO, .version = NK_SL_VERSION,
                             .size = sizeof(struct nk_sl_shared)};
   snprintf(hello.name, sizeof(hello.name), "%s", x->m->name);

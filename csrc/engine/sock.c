@@ -501,9 +501,11 @@ static int dgram_kfd_for(struct nk_esock *es, const struct nk_addr *dst) {
   if (k < 0) return k;
   if (!loop) {
     struct nk_addr src = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
-    struct sockaddr_storage ss;
-    socklen_t l = nk_addr_to_sa(&src, &ss);
-    bind(es->kfd[k], (struct sockaddr *)&ss, l);
+    kfd_bind(es, k, &src);
+    if (es->kfd_ext[k]) {
+      src.port = es->ext_port[k];
+      slot_of(es)->local = src;
+    }
   }
   set_local_from_kfd(es, k);
   kfd_watch(es, k);
@@ -541,6 +543,15 @@ static void dgram_tx(struct nk_esock *es) {
     }
     if (k >= 0) {
       if (!nk_policy_grant(es, es->kfd_nsm[k], NK_TX, h.len, h.len)) return;
+      if (es->kfd_ext[k]) {
+        if (nk_ext_sendto(es, k, dst.family ? &dst : NULL, tail + sizeof(h), h.len)) {
+          es->tx_bytes += h.len;
+          es->t->tx_bytes += h.len;
+          nk_policy_charge(es, es->kfd_nsm[k], NK_TX, h.len);
+        }
+        nk_ring_consume(&es->tx, (uint32_t)NK_DGRAM_SPACE(h.len));
+        continue;
+      }
       struct iovec iov[2];
       int cnt = nk_ring_iov(&es->tx, tail + sizeof(h), h.len, iov);
       struct sockaddr_storage ss;
@@ -568,6 +579,7 @@ static void dgram_tx(struct nk_esock *es) {
 static void dgram_rx(struct nk_esock *es) {
   struct nk_slot *s = slot_of(es);
   for (int k = 0; k < es->nk; k++) {
+    if (es->kfd[k] < 0) continue; /* an external NSM's come as events (ext.c) */
     for (;;) {
       int64_t fill = nk_ring_fill_checked(&es->rx);
       if (fill < 0) {
@@ -1084,11 +1096,22 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_prog
   k = 0;
   if (es->kfd_ext[0]) {
     /* An external NSM: it answers with CONNECTED or ERROR (ext.c). */
-    int r = es->kind == NK_KIND_STREAM ? nk_ext_connect(es, &dst) : -EOPNOTSUPP;
+    int r = nk_ext_connect(es, &dst);
     if (r < 0) {
-      nk_sock_close_kfds(es, false);
-      es->bound = false;
+      if (es->kind == NK_KIND_STREAM) {
+        nk_sock_close_kfds(es, false);
+        es->bound = false;
+      }
       return r;
+    }
+    if (es->kind == NK_KIND_DGRAM) { /* connected at once, as a kernel UDP socket */
+      s->peer = dst;
+      s->local = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
+      s->local.port = es->ext_port[0];
+      es->state = NK_ST_CONNECTED;
+      atomic_store(&s->state, NK_ST_CONNECTED);
+      es->bound = true;
+      return 0;
     }
     es->ext = true;
     es->state = NK_ST_CONNECTING;

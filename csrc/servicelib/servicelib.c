@@ -83,7 +83,8 @@ struct nk_sl *nk_sl_connect(const char *path, char *err, size_t errlen) {
     } else {
       sl->sh = sh;
       sl->sh_size = m.size;
-      if (sl->sh->magic != NK_SL_MAGIC || sl->sh->queue_len != NK_SL_QUEUE_LEN)
+      if (sl->sh->magic != NK_SL_MAGIC || sl->sh->queue_len != NK_SL_QUEUE_LEN ||
+          sl->sh->area_size != NK_SL_AREA_SIZE)
         why = "the queues have an unknown layout";
     }
   }
@@ -248,6 +249,28 @@ void nk_sl_flush(struct nk_sl *sl) {
    * store of sleeping and re-check of the queue. */
   atomic_thread_fence(memory_order_seq_cst);
   if (atomic_load(&sl->sh->evt.sleeping.v)) ring(sl->engine_bell);
+}
+
+/* ---- datagrams ---- */
+
+bool nk_sl_dgram_take(struct nk_sl *sl, const struct nk_nqe *e, void *dst) {
+  struct nk_sl_area *a = &sl->sh->dg_out;
+  if (!nk_sl_area_valid(a, e->off, e->len)) return false;
+  nk_sl_area_copy_out(a, (uint32_t)e->off, dst, e->len);
+  atomic_store_explicit(&a->tail.v, (uint32_t)e->off + e->len, memory_order_release);
+  return true;
+}
+
+bool nk_sl_dgram_post(struct nk_sl *sl, uint32_t sock, const struct nk_addr *src, const void *data,
+                      uint32_t len) {
+  struct nk_sl_area *a = &sl->sh->dg_in;
+  if (len > 65535u || nk_sl_area_room(a) < len) return false; /* dropped, as UDP may */
+  uint32_t head = atomic_load_explicit(&a->head.v, memory_order_relaxed);
+  nk_sl_area_copy_in(a, head, data, len);
+  atomic_store_explicit(&a->head.v, head + len, memory_order_release);
+  struct nk_nqe e = {.op = NK_SLE_DGRAM, .sock = sock, .off = head, .len = len, .addr = *src};
+  nk_sl_event(sl, &e);
+  return true;
 }
 
 /* ---- rings ---- */

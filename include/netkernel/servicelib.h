@@ -34,6 +34,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "abi.h"
 
@@ -56,6 +57,8 @@
 #define NK_SLQ_RECV 7     /* sock, len: len more bytes of room in the receive ring */
 #define NK_SLQ_SHUTDOWN 8 /* sock: no more bytes after those sent (FIN) */
 #define NK_SLQ_CLOSE 9    /* sock, arg = 1 to reset: the engine forgets it; -> FREED */
+#define NK_SLQ_SENDTO 11  /* sock (a datagram socket), addr (family 0: the connected peer),
+                             off = position of the payload in dg_out, len: one datagram */
 #define NK_SLQ_SETOPT 10  /* sock, arg = level, arg2 = option, len = its int value: an option
                              the application set (SOL_SOCKET / IPPROTO_TCP ints only); the NSM
                              applies what its stack has and ignores the rest */
@@ -71,6 +74,7 @@
 #define NK_SLE_FIN 68       /* sock: the peer's byte stream ended after the last RECVD */
 #define NK_SLE_ERROR 69     /* sock, arg = errno (ECONNRESET, ECONNREFUSED, ETIMEDOUT...) */
 #define NK_SLE_FREED 70     /* sock: CLOSE done; the id may be used again */
+#define NK_SLE_DGRAM 71     /* sock, addr = source, off = position in dg_in, len: a datagram */
 
 struct nk_nqe {
   uint16_t op;
@@ -97,14 +101,29 @@ struct nk_sl_queue {
   struct nk_nqe e[NK_SL_QUEUE_LEN];
 };
 
+/* Datagrams travel through these byte areas, not through the tenant's rings: a UDP socket's
+ * rings also carry its loopback traffic, which the engine moves itself, so the NSM cannot own
+ * a position in them. Producer owns head, consumer tail; a datagram starts where the previous
+ * one ended (positions run free, masked on use, a datagram may wrap). Each side checks that an
+ * nqe names exactly its next position and a length within what was published. */
+#define NK_SL_AREA_SIZE (1u << 20)
+struct nk_sl_area {
+  struct nk_index head;
+  struct nk_index tail;
+  uint8_t data[NK_SL_AREA_SIZE];
+};
+
 struct nk_sl_shared {
   uint32_t magic;
   uint32_t version;
   uint32_t queue_len;
-  uint32_t reserved[13];
+  uint32_t area_size;
+  uint32_t reserved[12];
   struct nk_sl_queue req; /* engine -> NSM */
   struct nk_sl_queue rep; /* NSM -> engine */
   struct nk_sl_queue evt; /* NSM -> engine */
+  struct nk_sl_area dg_out; /* engine -> NSM: datagrams to send */
+  struct nk_sl_area dg_in;  /* NSM -> engine: datagrams received */
 };
 _Static_assert(offsetof(struct nk_sl_shared, req) == NK_CACHELINE, "nk_sl_shared.req");
 
@@ -142,6 +161,36 @@ static inline bool nk_sl_pop(struct nk_sl_queue *q, struct nk_nqe *out) {
   *out = q->e[tail & (NK_SL_QUEUE_LEN - 1)];
   atomic_store_explicit(&q->tail.v, tail + 1, memory_order_release);
   return true;
+}
+
+/* Producer: room for len more bytes? Then copy them in at head (not yet published). */
+static inline uint32_t nk_sl_area_room(struct nk_sl_area *a) {
+  uint32_t tail = atomic_load_explicit(&a->tail.v, memory_order_acquire);
+  uint32_t used = atomic_load_explicit(&a->head.v, memory_order_relaxed) - tail;
+  return used > NK_SL_AREA_SIZE ? 0 : NK_SL_AREA_SIZE - used;
+}
+
+static inline void nk_sl_area_copy_in(struct nk_sl_area *a, uint32_t pos, const void *src,
+                                      uint32_t len) {
+  uint32_t off = pos & (NK_SL_AREA_SIZE - 1), first = NK_SL_AREA_SIZE - off;
+  if (first > len) first = len;
+  memcpy(a->data + off, src, first);
+  memcpy(a->data, (const uint8_t *)src + first, len - first);
+}
+
+static inline void nk_sl_area_copy_out(const struct nk_sl_area *a, uint32_t pos, void *dst,
+                                       uint32_t len) {
+  uint32_t off = pos & (NK_SL_AREA_SIZE - 1), first = NK_SL_AREA_SIZE - off;
+  if (first > len) first = len;
+  memcpy(dst, a->data + off, first);
+  memcpy((uint8_t *)dst + first, a->data, len - first);
+}
+
+/* Consumer: true when a datagram at `pos` of `len` bytes is exactly the next one published. */
+static inline bool nk_sl_area_valid(struct nk_sl_area *a, uint64_t pos, uint32_t len) {
+  uint32_t tail = atomic_load_explicit(&a->tail.v, memory_order_relaxed);
+  uint32_t head = atomic_load_explicit(&a->head.v, memory_order_acquire);
+  return pos == tail && len <= head - tail && len <= 65535u;
 }
 
 static inline bool nk_sl_empty(struct nk_sl_queue *q) {
@@ -189,6 +238,11 @@ void nk_sl_event(struct nk_sl *sl, const struct nk_nqe *e); /* queued locally wh
 void nk_sl_reply(struct nk_sl *sl, const struct nk_nqe *req, uint32_t sock, int32_t arg,
                  const struct nk_addr *addr);
 void nk_sl_flush(struct nk_sl *sl); /* rings the engine's doorbell when it sleeps */
+/* The datagram areas (see struct nk_sl_area): read a SENDTO's payload out of dg_out (false when
+ * the nqe does not name the next datagram; the area is freed), post a received one. */
+bool nk_sl_dgram_take(struct nk_sl *sl, const struct nk_nqe *e, void *dst);
+bool nk_sl_dgram_post(struct nk_sl *sl, uint32_t sock, const struct nk_addr *src, const void *data,
+                      uint32_t len);
 struct nk_sl_tenant *nk_sl_tenant(struct nk_sl *sl, uint32_t id);
 
 /* One connection's two rings, as ATTACH describes them. The stack keeps this per socket and

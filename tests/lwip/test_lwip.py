@@ -230,6 +230,58 @@ def test_nginx_moves_between_kernel_and_lwip(lwip: str, tenant: Callable[..., Te
         print(ng.stop())
 
 
+UDP = r"""
+import socket, sys
+mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+if mode == "echo":
+    s.bind((host, port))
+    print("READY", flush=True)
+    while True:
+        d, a = s.recvfrom(65536)
+        s.sendto(d, a)
+s.settimeout(5)
+# Up to 12,000 bytes: lwIP reassembles at most IP_REASS_MAX_PBUFS (10) fragments.
+for size in (1, 100, 1472, 1473, 8000, 12000):
+    msg = bytes([size % 251]) * size
+    if mode == "connected":
+        s.connect((host, port))
+        s.send(msg)
+        d, a = s.recv(65536), (host, port)
+    else:
+        s.sendto(msg, (host, port))
+        d, a = s.recvfrom(65536)
+    assert d == msg and a[:2] == (host, port), (size, len(d), a)
+print("OK", s.getsockname()[1], flush=True)
+"""
+
+
+def test_udp_on_lwip(on_lwip: Tenant, peer_ns: Callable[[], Peer]) -> None:
+    """UDP both ways through lwIP: sendto/recvfrom and connected sockets from the tenant to a
+    peer's echo server (v4 and v6, fragments included), and a peer's client against an echo
+    server in the tenant."""
+    peer, t = peer_ns(), on_lwip
+    procs = []
+    try:
+        for addr, port in ((peer.ipv4, PORT + 10), (peer.ipv6, PORT + 11)):
+            p = peer.popen([PY, "-u", "-c", UDP, "echo", addr, str(port)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+            procs.append(p)
+            wait_line(p, r"^READY")
+            for mode in ("sendto", "connected"):
+                out = run_checked(t, [PY, "-c", UDP, mode, addr, str(port)], timeout=60).stdout
+                assert out.startswith("OK "), out
+        srv = t.popen([PY, "-u", "-c", UDP, "echo", "0.0.0.0", str(PORT + 12)],
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(srv)
+        wait_line(srv, r"^READY")
+        out = run_checked(peer, [PY, "-c", UDP, "sendto", t.ipv4, str(PORT + 12)], timeout=60).stdout
+        assert out.startswith("OK "), out
+    finally:
+        for p in procs:
+            stop(p)
+
+
 SOURCE = r"""
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])))

@@ -39,6 +39,7 @@
 #include "lwip/priv/tcp_priv.h"
 #include "lwip/tcp.h"
 #include "lwip/tcpip.h"
+#include "lwip/udp.h"
 #include "netif/ethernet.h"
 #include "lwip/ethip6.h"
 #include "lwip/nd6.h"
@@ -251,6 +252,7 @@ struct conn {
   uint32_t id;
   struct nk_sl_tenant *t; /* NULL once the tenant is gone */
   struct tcp_pcb *pcb;    /* NULL once lwIP freed it (error) or we closed it */
+  struct udp_pcb *upcb;   /* a datagram socket's instead */
   int family;
   bool listener, connecting, attached;
   bool fin_in, fin_reported, shut_pending;
@@ -422,6 +424,10 @@ static err_t on_accept(void *arg, struct tcp_pcb *pcb, err_t err) {
 }
 
 static void conn_drop_pcb(struct conn *c, bool rst) {
+  if (c->upcb) {
+    udp_remove(c->upcb);
+    c->upcb = NULL;
+  }
   if (!c->pcb) return;
   struct tcp_pcb *pcb = c->pcb;
   c->pcb = NULL;
@@ -458,6 +464,41 @@ static void tenant_del(void *ctx, struct nk_sl_tenant *t) {
       break;
     }
   t->user = NULL;
+}
+
+/* ---- datagrams ---- */
+
+static uint8_t dgram_buf[65536];
+
+static void on_udp(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_addr_t *addr, u16_t port) {
+  (void)pcb;
+  struct conn *c = arg;
+  struct nk_addr src;
+  from_ip(addr, port, &src);
+  u16_t n = pbuf_copy_partial(p, dgram_buf, p->tot_len, 0);
+  pbuf_free(p);
+  if (c && c->t) nk_sl_dgram_post(sl, c->id, &src, dgram_buf, n);
+  if (!in_loop) nk_sl_flush(sl);
+}
+
+static void udp_sendto_req(struct conn *c, const struct nk_nqe *e) {
+  /* The payload leaves the area whatever happens to it next: the area stays in step. */
+  if (!nk_sl_dgram_take(sl, e, dgram_buf)) {
+    fprintf(stderr, "netkernel-lwip: a SENDTO out of step with the datagram area\n");
+    return;
+  }
+  if (!c || !c->upcb || !c->t) return;
+  struct pbuf *p = pbuf_alloc(PBUF_TRANSPORT, (u16_t)e->len, PBUF_RAM);
+  if (!p) return; /* dropped, as UDP may */
+  memcpy(p->payload, dgram_buf, e->len);
+  if (e->addr.family == 0) {
+    udp_send(c->upcb, p);
+  } else if (e->addr.family == c->family) {
+    ip_addr_t ip;
+    to_ip(&e->addr, &ip);
+    udp_sendto(c->upcb, p, &ip, lwip_ntohs(e->addr.port));
+  }
+  pbuf_free(p);
 }
 
 /* An address the engine names must be the tenant's own: a second check, the engine's is first. */
@@ -507,6 +548,19 @@ static void request(void *ctx, const struct nk_nqe *e) {
       int fam = e->arg;
       if (!t || !t->user) return nk_sl_reply(sl, e, 0, -ENETDOWN, NULL);
       if (fam != AF_INET && fam != AF_INET6) return nk_sl_reply(sl, e, 0, -EAFNOSUPPORT, NULL);
+      if (e->arg2 == SOCK_DGRAM) {
+        struct conn *n = conn_new(t, fam);
+        struct udp_pcb *u = n ? udp_new_ip_type(fam == AF_INET ? IPADDR_TYPE_V4 : IPADDR_TYPE_V6) : NULL;
+        if (!u) {
+          if (n) conns[n->id] = NULL;
+          free(n);
+          return nk_sl_reply(sl, e, 0, -ENOBUFS, NULL);
+        }
+        udp_bind_netif(u, &((struct tnetif *)t->user)->nif);
+        udp_recv(u, on_udp, n);
+        n->upcb = u;
+        return nk_sl_reply(sl, e, n->id, 0, NULL);
+      }
       if (e->arg2 != SOCK_STREAM) return nk_sl_reply(sl, e, 0, -EPROTONOSUPPORT, NULL);
       struct conn *n = conn_new(t, fam);
       struct tcp_pcb *pcb = n ? tcp_new_ip_type(fam == AF_INET ? IPADDR_TYPE_V4 : IPADDR_TYPE_V6) : NULL;
@@ -522,17 +576,19 @@ static void request(void *ctx, const struct nk_nqe *e) {
       return nk_sl_reply(sl, e, n->id, 0, NULL);
     }
     case NK_SLQ_BIND: {
-      if (!c || !c->pcb || !c->t) return nk_sl_reply(sl, e, e->sock, -EBADF, NULL);
+      if (!c || (!c->pcb && !c->upcb) || !c->t) return nk_sl_reply(sl, e, e->sock, -EBADF, NULL);
       if (e->addr.family != c->family || !tenant_owns(c->t, &e->addr))
         return nk_sl_reply(sl, e, e->sock, -EADDRNOTAVAIL, NULL);
       ip_addr_t ip;
       to_ip(&e->addr, &ip);
-      err_t r = tcp_bind(c->pcb, &ip, lwip_ntohs(e->addr.port));
+      err_t r = c->upcb ? udp_bind(c->upcb, &ip, lwip_ntohs(e->addr.port))
+                        : tcp_bind(c->pcb, &ip, lwip_ntohs(e->addr.port));
       struct nk_addr a = e->addr;
-      a.port = lwip_htons(c->pcb->local_port);
+      a.port = lwip_htons(c->upcb ? c->upcb->local_port : c->pcb->local_port);
       return nk_sl_reply(sl, e, e->sock, -lwip_errno(r), &a);
     }
     case NK_SLQ_LISTEN: {
+      if (c && c->upcb) return nk_sl_reply(sl, e, e->sock, -EOPNOTSUPP, NULL);
       if (!c || !c->pcb) return nk_sl_reply(sl, e, e->sock, -EBADF, NULL);
       err_t r = ERR_OK;
       u8_t backlog = e->arg <= 0 ? 1 : e->arg > 255 ? 255 : (u8_t)e->arg;
@@ -545,10 +601,12 @@ static void request(void *ctx, const struct nk_nqe *e) {
       return nk_sl_reply(sl, e, e->sock, 0, NULL);
     }
     case NK_SLQ_CONNECT: {
-      if (!c || !c->pcb) return nk_sl_reply(sl, e, e->sock, -EBADF, NULL);
+      if (!c || (!c->pcb && !c->upcb)) return nk_sl_reply(sl, e, e->sock, -EBADF, NULL);
       if (e->addr.family != c->family) return nk_sl_reply(sl, e, e->sock, -EAFNOSUPPORT, NULL);
       ip_addr_t ip;
       to_ip(&e->addr, &ip);
+      if (c->upcb) /* a datagram socket: only its peer's datagrams from now on */
+        return nk_sl_reply(sl, e, e->sock, -lwip_errno(udp_connect(c->upcb, &ip, lwip_ntohs(e->addr.port))), NULL);
       c->connecting = true;
       err_t r = tcp_connect(c->pcb, &ip, lwip_ntohs(e->addr.port), on_connected);
       if (r != ERR_OK) c->connecting = false;
@@ -577,6 +635,9 @@ static void request(void *ctx, const struct nk_nqe *e) {
       if (!c) return;
       c->shut_pending = true;
       push_tx(c);
+      return;
+    case NK_SLQ_SENDTO:
+      udp_sendto_req(c, e);
       return;
     case NK_SLQ_SETOPT:
       if (c && c->pcb && !c->listener) setopt(c, e->arg, (int)e->arg2, (int)e->len);
