@@ -45,7 +45,7 @@ from types import FrameType
 from typing import IO, Any, TextIO, TypeVar
 
 from . import __version__, api, netns
-from .config import BRIDGE, LOG_FILE, libdir
+from .config import BRIDGE, LOG_FILE, libdir, lwip_binary
 from .errors import NetKernelError, NotRootError
 
 T = TypeVar("T")
@@ -72,6 +72,8 @@ IPERF3_PORT = 5201
 MUX_PORT = 5301  # the multiplexing workload's iperf3 servers: MUX_PORT + i
 MUX_TENANT = "nkbench-mux"  # nkbench-mux0, nkbench-mux1, ...
 MUX_NS = "nkb-mux"  # nkb-mux0, ...: the native counterparts
+LWIP_TENANT = "nkbench-lw"  # the netkernel-lwip configuration's tenant, on NSM LWIP_NSM
+LWIP_NSM = "nkbenchlw"
 COLO_TENANT = "nkbench-colo"  # the server side of the colocated workloads
 COLO_PORT = 7400  # their iperf3, sockperf (+1) and nginx (+2) servers
 SOCKPERF_PORT = 11111
@@ -138,10 +140,15 @@ CONFIGS: tuple[Configuration, ...] = (
     Configuration("slirp4netns-1500", "slirp4netns, MTU 1500, its sockets in nkb-slirp15-h",
                   ("slirp4netns",), 1500, "nkb-slirp15", "nkb-slirp15-h", "198.19.251.4",
                   "fd6e:6b00::ff:f4"),
+    Configuration("netkernel-lwip", "a NetKernel tenant on the lwIP NSM (netkernel-lwip: lwIP "
+                  "in a process of its own, on a TAP device), the same programs unmodified"),
 )
 CONFIG_NAMES = tuple(c.name for c in CONFIGS)
 # What NetKernel is compared with beyond native: the single-stream and latency floors.
 PEERS = ("pasta", "slirp4netns", "slirp4netns-1500")
+LWIP = "netkernel-lwip"
+# Measured beside native and netkernel when chosen (all by default).
+OTHERS = (*PEERS, LWIP)
 
 
 @dataclass(frozen=True)
@@ -384,10 +391,10 @@ def select_configs(only: str | None) -> list[Configuration]:
     wanted = [w.strip() for w in only.split(",") if w.strip()]
     if wanted == ["none"]:
         wanted = []
-    unknown = [w for w in wanted if w not in PEERS and w not in SIDES]
+    unknown = [w for w in wanted if w not in OTHERS and w not in SIDES]
     if unknown or (not wanted and only.strip() != "none"):
         raise BenchError(f"--configs: unknown configuration {', '.join(unknown) or '(none)'} "
-                         f"(known: {', '.join(PEERS)}; native and netkernel are always measured; "
+                         f"(known: {', '.join(OTHERS)}; native and netkernel are always measured; "
                          "'none' for no others)")
     return [c for c in CONFIGS if c.name in SIDES or c.name in wanted]
 
@@ -836,7 +843,7 @@ def render_table(report: Report) -> str:
         return "-" if ok is None else ("yes" if ok else "NO")
 
     # The user-mode peers measured, in columns after NetKernel's floor.
-    others = [c for c in PEERS if any(r.samples.get(c) or c in r.peer_errors for r in report.results)]
+    others = [c for c in OTHERS if any(r.samples.get(c) or c in r.peer_errors for r in report.results)]
     headers += others
     right |= {7 + i for i in range(len(others))}
     for r in report.results:
@@ -1007,6 +1014,7 @@ class Bench:
         self.started_daemon = False
         self.made_tenant = False
         self.made_noisy_tenant = False
+        self.made_lwip = False
         self.mux_tenants: list[str] = []
         self.colo_server: Place | None = None
         self.usermode: dict[str, subprocess.Popen[bytes]] = {}  # pasta / slirp4netns
@@ -1161,11 +1169,25 @@ class Bench:
         self.places = {"native": self.native, "netkernel": self.tenant}
         self.say(f"peer {PEER_NS} {PEER_V4}, native {NATIVE_NS} {NATIVE_V4}, tenant {TENANT} "
                  f"{t['ipv4']} (NSM {t['nsm']}); all on bridge {BRIDGE}")
+        if any(c.name == LWIP for c in self.opts.configs):
+            self.places[LWIP] = self._setup_lwip()
         for c in self.opts.configs:
             if c.host_ns is not None:
                 self.places[c.name] = self._setup_usermode(c)
                 self.say(f"{c.name}: sandbox {c.netns} behind {c.name} in {c.host_ns} "
                          f"{c.host_v4}, MTU {c.mtu}; started afresh for each run")
+
+    def _setup_lwip(self) -> Place:
+        """An lwIP NSM of our own and a tenant on it."""
+        try:
+            lwip_binary()
+        except NetKernelError as e:
+            raise BenchError(f"{LWIP}: {e} (or leave it out: --configs none)") from None
+        self.made_lwip = True  # set first: an interrupted create may still have happened
+        api.call("nsm-add", name=LWIP_NSM, kind="lwip")
+        t = api.call("tenant-create", name=LWIP_TENANT, nsm=LWIP_NSM)["tenant"]
+        self.say(f"{LWIP}: tenant {LWIP_TENANT} {t['ipv4']} on lwIP NSM {LWIP_NSM}")
+        return Place(LWIP, str(t["ipv4"]), tenant=LWIP_TENANT)
 
     def _restart_usermode(self, c: Configuration, whole: bool) -> Place:
         """A new pasta or slirp4netns process with a new sandbox, for every run: slirp4netns
@@ -1280,9 +1302,13 @@ class Bench:
         if stale_mux:
             self._del_namespaces(stale_mux)
         for t in api.call("ps").get("tenants", []):
-            if t.get("name") in (TENANT, NOISY_TENANT) or str(t.get("name")).startswith(MUX_TENANT):
+            name = str(t.get("name"))
+            if name in (TENANT, NOISY_TENANT, LWIP_TENANT) or name.startswith(MUX_TENANT):
                 self.say(f"removing tenant {t['name']} left by an earlier run")
                 api.call("tenant-delete", name=t["name"])
+        if any(n.get("name") == LWIP_NSM for n in api.call("nsm-list").get("nsms", [])):
+            self.say(f"removing NSM {LWIP_NSM} left by an earlier run")
+            api.call("nsm-remove", name=LWIP_NSM)
 
     @staticmethod
     def _del_namespaces(names: list[str]) -> None:
@@ -1300,7 +1326,7 @@ class Bench:
             except Exception as e:  # keep cleaning
                 problems.append(f"stopping pid {p.pid}: {e}")
         tenants = [(self.made_tenant, TENANT), (self.made_noisy_tenant, NOISY_TENANT),
-                   (self.colo_server is not None, COLO_TENANT)]
+                   (self.colo_server is not None, COLO_TENANT), (self.made_lwip, LWIP_TENANT)]
         tenants += [(True, name) for name in self.mux_tenants]
         for made, name in tenants:
             if not made:
@@ -1311,6 +1337,13 @@ class Bench:
             except NetKernelError as e:
                 if api.ping() is not None:  # a daemon that died took the tenant with it
                     problems.append(f"deleting tenant {name}: {e}")
+        if self.made_lwip:
+            try:
+                if any(n.get("name") == LWIP_NSM for n in api.call("nsm-list").get("nsms", [])):
+                    api.call("nsm-remove", name=LWIP_NSM)
+            except NetKernelError as e:
+                if api.ping() is not None:
+                    problems.append(f"removing NSM {LWIP_NSM}: {e}")
         try:
             self._del_namespaces(list(self.made_ns))
         except Exception as e:

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", metavar="METRIC[,METRIC]",
                    help="measure only these: " + ", ".join(bench.METRIC_NAMES))
     b.add_argument("--configs", metavar="CONFIG[,CONFIG]",
-                   help="besides native and netkernel, only these: " + ", ".join(bench.PEERS)
+                   help="besides native and netkernel, only these: " + ", ".join(bench.OTHERS)
                    + " (default: all; 'none' for none)")
     b.add_argument("--out", metavar="DIR", type=Path,
                    help="also write results.md, results.json and charts/*.png there")
