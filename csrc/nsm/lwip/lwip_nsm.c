@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <linux/if_tun.h>
+#include <linux/virtio_net.h>
 #include <net/if.h>
 #include <poll.h>
 #include <signal.h>
@@ -32,6 +33,7 @@
 #include <unistd.h>
 
 #include "lwip/etharp.h"
+#include "lwip/inet_chksum.h"
 #include "lwip/init.h"
 #include "lwip/ip.h"
 #include "lwip/netif.h"
@@ -46,7 +48,6 @@
 
 #include "netkernel/servicelib.h"
 
-#define FRAME_MAX 1518
 #define RX_BATCH 64
 #define SPIN_NS 50000ull
 
@@ -77,18 +78,119 @@ struct tnetif {
 };
 static struct tnetif *tnetifs;
 
+/* ---- the TAP device, with the kernel's segmentation offloads ----
+ *
+ * Every frame that crosses the TAP costs a system call and a trip through two bridges and a
+ * veth (measured: 86 % of this process's time at 1.3 Gbit/s, almost all per frame). So frames
+ * carry a virtio-net header (IFF_VNET_HDR): the kernel hands us TCP segments of up to 64 KiB
+ * (TUN_F_TSO*, their checksum left to us: TUN_F_CSUM), and we hand it runs of lwIP's
+ * 1460-byte segments of one connection merged into one GSO frame, which it segments. lwIP
+ * itself has no TSO; TCP_MSS is fixed in Debian's build. */
+static unsigned char frame_buf[sizeof(struct virtio_net_hdr) + 65536]; /* the run being merged */
+static unsigned char rx_buf[sizeof(struct virtio_net_hdr) + 65536];
+
+static void tap_write(struct iovec *iov, int cnt) {
+  if (writev(tapfd, iov, cnt) < 0) {
+    /* A full TAP queue drops the frame, as a NIC would: TCP retransmits. */
+  }
+}
+
+/* The run of segments being merged: Ethernet + IPv4 + TCP header (no options) of the first,
+ * then the payloads. Only the main thread merges, and it flushes before letting go of the
+ * core lock; lwIP's timer thread sends its frames as they come. */
+static unsigned char *const gso_frame = frame_buf + sizeof(struct virtio_net_hdr);
+static size_t gso_len;
+static int gso_segs;
+static u32_t gso_next_seq;
+static u16_t gso_mss, gso_last;
+
+static u16_t fold(u32_t s) {
+  while (s >> 16) s = (s & 0xffff) + (s >> 16);
+  return (u16_t)s;
+}
+
+static void gso_flush(void) {
+  if (!gso_segs) return;
+  struct virtio_net_hdr *vh = (struct virtio_net_hdr *)frame_buf;
+  memset(vh, 0, sizeof(*vh));
+  if (gso_segs > 1) {
+    unsigned char *ip = gso_frame + 14, *th = ip + 20;
+    u16_t total = lwip_htons((u16_t)(gso_len - 14));
+    memcpy(ip + 2, &total, 2);
+    memset(ip + 10, 0, 2);
+    u16_t ipsum = inet_chksum(ip, 20);
+    memcpy(ip + 10, &ipsum, 2);
+    /* The kernel completes the TCP checksum of each segment from the pseudo-header sum. */
+    u32_t sum = 0;
+    u16_t w;
+    for (int i = 12; i < 20; i += 2) {
+      memcpy(&w, ip + i, 2);
+      sum += w;
+    }
+    sum += lwip_htons(6) + lwip_htons((u16_t)(gso_len - 34));
+    u16_t partial = fold(sum);
+    memcpy(th + 16, &partial, 2);
+    vh->flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    vh->gso_type = VIRTIO_NET_HDR_GSO_TCPV4;
+    vh->hdr_len = 54;
+    vh->gso_size = gso_mss;
+    vh->csum_start = 34;
+    vh->csum_offset = 16;
+  }
+  struct iovec iov = {.iov_base = frame_buf, .iov_len = sizeof(*vh) + gso_len};
+  tap_write(&iov, 1);
+  gso_segs = 0;
+  gso_len = 0;
+}
+
+/* True when p was taken into the run (a full-size, in-order data segment of the same flow). */
+static bool gso_add(struct pbuf *p) {
+  unsigned char h[54];
+  if (p->tot_len < 55 || p->tot_len > 1514) return false;
+  pbuf_copy_partial(p, h, 54, 0);
+  /* IPv4 without options or fragments, TCP without options, no SYN/RST/URG. */
+  if (h[12] != 0x08 || h[13] != 0x00 || h[14] != 0x45 || h[23] != 6 || (h[20] & 0x3f) || h[21] ||
+      (h[46] >> 4) != 5 || (h[47] & 0x26))
+    return false;
+  u16_t len = (u16_t)(p->tot_len - 54);
+  u32_t seq;
+  memcpy(&seq, h + 38, 4);
+  seq = lwip_ntohl(seq);
+  bool same = gso_segs && seq == gso_next_seq && gso_last == gso_mss && len <= gso_mss &&
+              !memcmp(gso_frame, h, 12) && !memcmp(gso_frame + 26, h + 26, 12) && /* IPs, ports */
+              !memcmp(gso_frame + 42, h + 42, 4) && !memcmp(gso_frame + 48, h + 48, 2) && /* ack, wnd */
+              !(gso_frame[47] & 0x01) && gso_len + len <= 14 + 20 + 20 + 44 * 1460;
+  if (!same) {
+    gso_flush();
+    pbuf_copy_partial(p, gso_frame, p->tot_len, 0);
+    gso_len = p->tot_len;
+    gso_segs = 1;
+    gso_mss = len;
+  } else {
+    pbuf_copy_partial(p, gso_frame + gso_len, len, 54);
+    gso_len += len;
+    gso_segs++;
+    gso_frame[47] |= h[47]; /* PSH or FIN of the last segment */
+  }
+  gso_last = len;
+  gso_next_seq = seq + len;
+  if (h[47] & 0x01) gso_flush();
+  return true;
+}
+
 static err_t tap_output(struct netif *n, struct pbuf *p) {
   (void)n;
-  struct iovec iov[16];
-  int cnt = 0;
-  for (struct pbuf *q = p; q && cnt < 16; q = q->next) {
+  if (in_loop && gso_add(p)) return ERR_OK;
+  if (in_loop) gso_flush(); /* keep the order of this flow's frames */
+  static const struct virtio_net_hdr none; /* no GSO, checksums complete */
+  struct iovec iov[17] = {{.iov_base = (void *)&none, .iov_len = sizeof(none)}};
+  int cnt = 1;
+  for (struct pbuf *q = p; q && cnt < 17; q = q->next) {
     iov[cnt].iov_base = q->payload;
     iov[cnt].iov_len = q->len;
     cnt++;
   }
-  if (writev(tapfd, iov, cnt) < 0) {
-    /* A full TAP queue drops the frame, as a NIC would: TCP retransmits. */
-  }
+  tap_write(iov, cnt);
   return ERR_OK;
 }
 
@@ -229,19 +331,34 @@ static void tap_input(struct pbuf *p) {
   pbuf_free(p);
 }
 
+static uint64_t frames_too_big;
+
+/* A frame may be a GSO segment of up to 64 KiB whose TCP/UDP checksum the kernel left for
+ * us (NEEDS_CSUM: the field holds the pseudo-header sum): complete it, since lwIP checks. */
 static int tap_read_batch(void) {
   int n = 0;
+  const size_t hl = sizeof(struct virtio_net_hdr);
   while (n < RX_BATCH) {
-    struct pbuf *p = pbuf_alloc(PBUF_RAW, FRAME_MAX, PBUF_RAM);
-    if (!p) break;
-    ssize_t r = read(tapfd, p->payload, FRAME_MAX);
-    if (r < 14) {
-      pbuf_free(p);
-      break;
-    }
-    pbuf_realloc(p, (u16_t)r);
-    tap_input(p);
+    ssize_t r = read(tapfd, rx_buf, sizeof(rx_buf));
+    if (r < (ssize_t)hl + 14) break;
+    const struct virtio_net_hdr *vh = (const struct virtio_net_hdr *)rx_buf;
+    unsigned char *f = rx_buf + hl;
+    size_t len = (size_t)r - hl;
     n++;
+    if (len > 0xffff) { /* a pbuf cannot hold it (the daemon caps tap0's gso_max_size) */
+      frames_too_big++;
+      continue;
+    }
+    if (vh->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+      size_t start = vh->csum_start, off = vh->csum_offset;
+      if (start + off + 2 > len) continue;
+      u16_t sum = inet_chksum(f + start, (u16_t)(len - start));
+      memcpy(f + start + off, &sum, 2);
+    }
+    struct pbuf *p = pbuf_alloc(PBUF_RAW, (u16_t)len, PBUF_RAM);
+    if (!p) break;
+    memcpy(p->payload, f, len);
+    tap_input(p);
   }
   return n;
 }
@@ -665,8 +782,10 @@ static int tap_open(const char *name) {
   struct ifreq ifr;
   memset(&ifr, 0, sizeof(ifr));
   snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
-  ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
-  if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+  ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+  int hdr = sizeof(struct virtio_net_hdr);
+  if (ioctl(fd, TUNSETIFF, &ifr) < 0 || ioctl(fd, TUNSETVNETHDRSZ, &hdr) < 0 ||
+      ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) < 0) {
     int e = errno;
     close(fd);
     return -e;
@@ -728,6 +847,7 @@ int main(int argc, char **argv) {
     LOCK_TCPIP_CORE();
     int frames = tap_read_batch();
     int reqs = nk_sl_dispatch(sl, &handlers, NULL, 256);
+    gso_flush();
     nk_sl_flush(sl);
     UNLOCK_TCPIP_CORE();
     if (reqs < 0) {
