@@ -132,6 +132,9 @@ BAD = [
      'nsm[0].sysctl."net.ipv4.tcp_congestion_control"', ["congestion_control ="]),
     ("[[nsm]]\nname = \"k\"\ncolour = \"red\"\n", 3, "nsm[0].colour", ["unknown key", "congestion_control"]),
     ("[[nsm]]\nname = \"Kernel!\"\n", 2, "nsm[0].name", ["invalid NSM name"]),
+    ("[[nsm]]\nname = \"q\"\nkind = \"quic\"\n", 3, "nsm[0].kind", ["unknown kind 'quic'", "lwip"]),
+    ("[[nsm]]\nname = \"lw\"\nkind = \"lwip\"\ncongestion_control = \"reno\"\n", 3, "nsm[0].kind",
+     ["lwip NSM has no congestion_control", "kind = \"kernel\""]),
     ("[[nsm]]\nname = \"a\"\n[[nsm]]\nname = \"a\"\n", 4, "nsm[1].name", ["twice"]),
     ("[[tenant]]\nname = \"web\"\nnsm = \"nope\"\n", 3, "tenant[0].nsm", ["no NSM named 'nope'", "kernel"]),
     ("[[tenant]]\nname = \"web\"\n\nrate_rx = \"1 Gbyte\"\n", 4, "tenant[0].rate_rx", ["not a rate"]),
@@ -152,6 +155,13 @@ def test_bad_config_names_file_line_key_and_reason(tmp_path: Path, text: str, li
     assert message.startswith(f"config file {path}, line {line}: {key}: "), message
     for word in words:
         assert word in message, message
+
+
+def test_an_lwip_nsm_is_configuration_only(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, '[[nsm]]\nname = "kernel"\n[[nsm]]\nname = "lw"\nkind = "lwip"\n'
+                                    'bandwidth = "1Gbit"\n[[tenant]]\nname = "web"\nnsm = "lw"\n'))
+    assert [(n.name, n.kind) for n in c.nsms] == [("kernel", "kernel"), ("lw", "lwip")]
+    assert c.nsms[1].bandwidth == 1_000_000_000 and c.tenants[0].nsm == "lw"
 
 
 def test_syntax_error_has_line_and_column(tmp_path: Path) -> None:
