@@ -104,6 +104,13 @@ static int sync_req(struct nk_ext *x, struct nk_nqe *q, struct nk_nqe *rep) {
   }
 }
 
+/* A reply's -errno, as the application will see it: an errno, whatever the NSM wrote. */
+static int reply_errno(int32_t arg) {
+  if (arg < 0 && arg >= -4095) return arg;
+  if (arg > 0 && arg <= 4095) return -arg;
+  return -EIO;
+}
+
 /* ---- the engine's side of a socket ---- */
 
 int nk_ext_socket(struct nk_nsm *m, struct nk_tenant *t, int family, int type) {
@@ -113,7 +120,7 @@ int nk_ext_socket(struct nk_nsm *m, struct nk_tenant *t, int family, int type) {
   struct nk_nqe r;
   int err = sync_req(x, &q, &r);
   if (err) return err;
-  if (r.arg) return r.arg < 0 ? r.arg : -r.arg;
+  if (r.arg) return reply_errno(r.arg);
   if (r.sock >= NK_SL_MAX_SOCKS || x->ref[r.sock].state != REF_FREE) {
     NK_EVENT("nsm_protocol_error", "nsm=%s reason=socket_id id=%u", m->name, r.sock);
     return -EPROTO;
@@ -129,7 +136,7 @@ void nk_ext_ref(struct nk_esock *es, int k) {
 static int answer(struct nk_ext *x, struct nk_nqe *q, struct nk_nqe *r) {
   int err = sync_req(x, q, r);
   if (err) return err;
-  return r->arg > 0 ? -r->arg : r->arg;
+  return r->arg ? reply_errno(r->arg) : 0;
 }
 
 int nk_ext_bind(struct nk_esock *es, int k, const struct nk_addr *a) {
@@ -241,6 +248,7 @@ void nk_ext_close(struct nk_esock *es, int k, bool rst) {
 
 void nk_ext_attach(struct nk_esock *es) {
   struct nk_ext *x = es->kfd_nsm[0]->ext;
+  if (es->ext_attached) return;
   uint32_t tail = atomic_load(es->tx.tail), head = atomic_load(es->rx.head);
   es->ext_tx_off = tail;
   es->ext_rx_credit = head;
@@ -255,7 +263,13 @@ void nk_ext_service(struct nk_esock *es) {
   if (!es->nk || !es->kfd_ext[0]) return; /* closed: the NSM socket is gone */
   struct nk_nsm *m = es->kfd_nsm[0];
   struct nk_ext *x = m->ext;
-  if (!es->ext_attached || es->ext_id[0] == NK_EXT_LOST || !up(x)) return;
+  if (es->ext_id[0] == NK_EXT_LOST || !up(x)) return;
+  /* A request that found the NSM's queue full is tried again in a later round. */
+  if (!es->ext_attached) nk_ext_attach(es);
+  if (!es->ext_attached) {
+    nk_sock_activate(es);
+    return;
+  }
   struct nk_slot *s = &es->t->slots[es->slot];
   int64_t fill = nk_ring_fill_checked(&es->tx);
   uint32_t tail = atomic_load_explicit(es->tx.tail, memory_order_relaxed);
@@ -271,11 +285,14 @@ void nk_ext_service(struct nk_esock *es) {
     if (g && post(x, &q)) {
       es->ext_tx_off += (uint32_t)g;
       nk_policy_charge(es, m, NK_TX, g);
+    } else if (g) {
+      nk_sock_activate(es);
     }
   }
   if (fill == 0 && es->shut_wr_pending) {
     struct nk_nqe q = {.op = NK_SLQ_SHUTDOWN, .sock = es->ext_id[0]};
     if (post(x, &q)) es->shut_wr_pending = false;
+    else nk_sock_activate(es);
   }
   if (es->ext_fin || atomic_load(&s->rx_eof)) return;
   int64_t rfill = nk_ring_fill_checked(&es->rx);
@@ -300,6 +317,8 @@ void nk_ext_service(struct nk_esock *es) {
   if (g && post(x, &q)) {
     es->ext_rx_credit += (uint32_t)g;
     nk_policy_charge(es, m, NK_RX, g);
+  } else if (g) {
+    nk_sock_activate(es);
   }
 }
 

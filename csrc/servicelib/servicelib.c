@@ -181,6 +181,11 @@ int nk_sl_dispatch(struct nk_sl *sl, const struct nk_sl_handlers *h, void *ctx, 
   int n = 0;
   struct nk_nqe e;
   while (n < max && nk_sl_pop(&sl->sh->req, &e)) {
+    /* The engine sends a tenant's region before the first request that names it, but on
+     * another channel: a request may overtake it. Read the control connection first then. */
+    if ((e.op == NK_SLQ_SOCKET || e.op == NK_SLQ_ATTACH) && !nk_sl_tenant(sl, e.tenant) &&
+        control(sl, h, ctx) < 0)
+      return -1;
     h->request(ctx, &e);
     n++;
   }
