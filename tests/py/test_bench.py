@@ -496,7 +496,7 @@ def _suite_report() -> Report:
     tput = MetricResult(by_name["iperf3_tcp_gbps"])
     tput.samples.update({"native": [20.0, 22.0, 21.0], "netkernel": [16.0, 15.0, 17.0],
                          "pasta": [2.5, 2.6, 2.4], "slirp4netns": [12.0, 11.0, 13.0],
-                         "slirp4netns-1500": [0.5, 0.6, 0.4]})
+                         "slirp4netns-1500": [0.5, 0.6, 0.4], "netkernel-lwip": [2.9, 3.0, 2.8]})
     tput.extra.update({"native_cpu_cores": 1.2, "netkernel_cpu_cores": 1.6, "pasta_cpu_cores": 1.0})
     lat = MetricResult(by_name["tcp_rr_p50_us"])
     lat.samples.update({"native": [30.0], "netkernel": [45.0], "pasta": [40.0]})
@@ -509,7 +509,7 @@ def _suite_report() -> Report:
 def test_suite_json_has_one_entry_per_metric_and_configuration() -> None:
     d = _suite_report().as_json()
     entries = {(e["metric"], e["configuration"]): e for e in d["entries"]}
-    assert len(entries) == 5 + 3 + 3
+    assert len(entries) == 6 + 3 + 3
     e = entries[("iperf3_tcp_gbps", "slirp4netns")]
     assert (e["value"], e["min"], e["max"]) == (12.0, 11.0, 13.0)
     assert e["ratio_to_native"] == pytest.approx(12 / 21) and e["unit"] == "Gbit/s"
@@ -531,14 +531,14 @@ def test_suite_json_has_one_entry_per_metric_and_configuration() -> None:
 def test_suite_table_and_markdown() -> None:
     rep = _suite_report()
     lines = bench.render_table(rep).splitlines()
-    assert lines[0].split()[-3:] == ["pasta", "slirp4netns", "slirp4netns-1500"]
+    assert lines[0].split()[-4:] == ["pasta", "slirp4netns", "slirp4netns-1500", "netkernel-lwip"]
     row = next(ln for ln in lines if ln.startswith("iperf3_tcp_gbps"))
-    assert row.split()[-3:] == ["2.50", "12.00", "0.50"]
+    assert row.split()[-4:] == ["2.50", "12.00", "0.50", "2.90"]
     assert "netkernel / slirp4netns >= 1.5: 1.33 (NOT met)" in lines
     md = bench.render_markdown(rep)
     assert "| iperf3_tcp_gbps | Gbit/s | 21.00 (20.00–22.00) | 16.00 (15.00–17.00) ×0.76 |" in md
-    assert "| tcp_rr_p50_us | us | 30.0 | 45.0 ×1.50 | 40.0 ×1.33 | – | – | ratio <= 1.6 met |" in md
-    assert "| redis_set_rps | 1k req | 0.030 | – | 0.100 | – | – |" in md
+    assert "| tcp_rr_p50_us | us | 30.0 | 45.0 ×1.50 | 40.0 ×1.33 | – | – | – | ratio <= 1.6 met |" in md
+    assert "| redis_set_rps | 1k req | 0.030 | – | 0.100 | – | – | – |" in md
 
 
 def test_a_failed_user_mode_run_is_recorded_and_the_workload_goes_on(tmp_path: Path) -> None:
