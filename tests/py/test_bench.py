@@ -682,7 +682,7 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
     # One progress line per measurement on stderr (a failed user-mode run's too): each workload
     # once in each of its configurations.
     runs = sum(len(configs[n]) for n in names)
-    assert runs == 12 * 5 + 9 * 2
+    assert runs == 12 * 6 + 9 * 2
     assert proc.stderr.count("run 1/1:") == runs, where
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text())["entries"] == rep["entries"]
@@ -692,7 +692,8 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
         assert subprocess.run(["pgrep", "-x", prog], capture_output=True).returncode == 1, prog
     # Cleaned up, and the daemon it found running is still running.
     assert _leftovers() == []
-    assert "nkbench" not in [t["name"] for t in nk_daemon.ps()]
+    assert not {"nkbench", bench.LWIP_TENANT} & {t["name"] for t in nk_daemon.ps()}
+    assert bench.LWIP_NSM not in [n["name"] for n in nk_daemon.status()["nsms"]]
     assert nk_daemon.status()["pid"] == before["pid"]
 
 
