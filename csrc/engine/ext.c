@@ -49,6 +49,10 @@ struct nk_ext {
   struct ext_ref *ref; /* NK_SL_MAX_SOCKS */
   uint32_t tag;
   uint32_t connects;
+  /* CLOSEs that found the request queue full: sent before anything else once there is room
+   * (their ids stay REF_CLOSING meanwhile, so nothing reuses them or their rings). */
+  struct nk_nqe *closes;
+  size_t ncloses, closes_cap;
   uint32_t tenants[MAX_TENANTS_SEEN]; /* ids whose region the NSM has */
   uint32_t ntenants;
   struct nk_ext *next;
@@ -56,6 +60,7 @@ struct nk_ext {
 static struct nk_ext *all_ext;
 
 static bool up(const struct nk_ext *x) { return x && x->cfd >= 0; }
+static void ext_down(struct nk_ext *x, const char *why);
 
 static void bell(struct nk_ext *x) {
   uint64_t one = 1;
@@ -169,7 +174,11 @@ void nk_ext_setopt(struct nk_esock *es, int k, int level, int name, const void *
   memcpy(&v, val, sizeof(v));
   /* Program order: the bytes written before the call reach the NSM before the option (an
    * uncork must find them there). */
-  if (k == 0 && es->ext && es->state == NK_ST_CONNECTED) nk_ext_service(es);
+  if (k == 0 && es->ext && es->state == NK_ST_CONNECTED) {
+    nk_ext_service(es);
+    /* That may have reset the socket (a tenant that broke its ring): nothing left to set. */
+    if (es->nk <= k || !es->kfd_ext[k] || es->ext_id[k] == NK_EXT_LOST) return;
+  }
   struct nk_nqe q = {.op = NK_SLQ_SETOPT, .sock = es->ext_id[k], .arg = level,
                      .arg2 = (uint32_t)name, .len = (uint32_t)v};
   post(es->kfd_nsm[k]->ext, &q);
@@ -231,14 +240,36 @@ static bool dgram_in(struct nk_ext *x, const struct nk_nqe *e, struct nk_esock *
   return true;
 }
 
+static bool flush_closes(struct nk_ext *x) {
+  size_t i = 0;
+  while (i < x->ncloses && post(x, &x->closes[i])) i++;
+  memmove(x->closes, x->closes + i, (x->ncloses - i) * sizeof(*x->closes));
+  x->ncloses -= i;
+  return x->ncloses == 0;
+}
+
+/* CLOSE for id: now, or as soon as the queue has room. False only when out of memory. */
+static bool post_close(struct nk_ext *x, uint32_t id, bool rst) {
+  struct nk_nqe q = {.op = NK_SLQ_CLOSE, .sock = id, .arg = rst};
+  if (flush_closes(x) && post(x, &q)) return true;
+  if (x->ncloses == x->closes_cap) {
+    size_t cap = x->closes_cap ? 2 * x->closes_cap : 64;
+    struct nk_nqe *c = realloc(x->closes, cap * sizeof(*c));
+    if (!c) return false;
+    x->closes = c;
+    x->closes_cap = cap;
+  }
+  x->closes[x->ncloses++] = q;
+  return true;
+}
+
 void nk_ext_close(struct nk_esock *es, int k, bool rst) {
   struct nk_ext *x = es->kfd_nsm[k]->ext;
   uint32_t id = es->ext_id[k];
   es->ext_id[k] = NK_EXT_LOST;
   if (id == NK_EXT_LOST || !up(x)) return;
-  struct nk_nqe q = {.op = NK_SLQ_CLOSE, .sock = id, .arg = rst};
-  if (!post(x, &q)) {
-    x->ref[id] = (struct ext_ref){0};
+  if (!post_close(x, id, rst)) {
+    ext_down(x, "out of memory for its requests");
     return;
   }
   /* Until FREED the NSM may still touch the socket's rings: the slot stays reserved. */
@@ -324,7 +355,6 @@ void nk_ext_service(struct nk_esock *es) {
 
 /* ---- events from the NSM ---- */
 
-static void ext_down(struct nk_ext *x, const char *why);
 
 static bool protocol_error(struct nk_ext *x, const struct nk_nqe *e, const char *what) {
   NK_EVENT("nsm_protocol_error", "nsm=%s reason=%s op=%u id=%u len=%u", x->m->name, what, e->op,
@@ -406,6 +436,7 @@ static bool handle(struct nk_ext *x, const struct nk_nqe *e) {
 
 static bool ext_poll(struct nk_ext *x) {
   if (!up(x)) return false;
+  if (x->ncloses) flush_closes(x);
   struct nk_nqe e;
   int n = 0;
   while (n < EVENTS_PER_POLL && up(x) && nk_sl_pop(&x->sh->evt, &e)) {
@@ -502,6 +533,7 @@ static void ext_down(struct nk_ext *x, const char *why) {
     else nk_sock_conn_error(es, ECONNRESET);
     nk_sock_activate(es);
   }
+  x->ncloses = 0;
   munmap(x->sh, sizeof(*x->sh));
   x->sh = NULL;
   close(x->shfd);
@@ -633,6 +665,7 @@ void nk_ext_nsm_fini(struct nk_nsm *m) {
       *p = x->next;
       break;
     }
+  free(x->closes);
   free(x->ref);
   free(x);
   m->ext = NULL;
@@ -653,6 +686,6 @@ void nk_ext_forget(struct nk_esock *es) {
 /* A connection the engine could not take (admission limit, full accept queue): reset it. */
 void nk_ext_refuse(struct nk_nsm *m, uint32_t id) {
   struct nk_ext *x = m->ext;
-  struct nk_nqe q = {.op = NK_SLQ_CLOSE, .sock = id, .arg = 1};
-  if (post(x, &q)) x->ref[id] = (struct ext_ref){.state = REF_CLOSING};
+  if (post_close(x, id, true)) x->ref[id] = (struct ext_ref){.state = REF_CLOSING};
+  else ext_down(x, "out of memory for its requests");
 }

@@ -501,7 +501,12 @@ static int dgram_kfd_for(struct nk_esock *es, const struct nk_addr *dst) {
   if (k < 0) return k;
   if (!loop) {
     struct nk_addr src = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
-    kfd_bind(es, k, &src);
+    int r = kfd_bind(es, k, &src);
+    if (r < 0 && es->kfd_ext[k]) { /* no port on the external NSM: not usable */
+      kfd_close_one(es, k, false);
+      es->nk--;
+      return r;
+    }
     if (es->kfd_ext[k]) {
       src.port = es->ext_port[k];
       slot_of(es)->local = src;
@@ -782,6 +787,7 @@ bool nk_sock_ext_accepted(struct nk_esock *l, int k, uint32_t id, const struct n
   if (!nk_sock_deliver_conn(l, es, sv[1])) {
     /* The application's accept queue is full and one is held already: reset this one. */
     close(sv[1]);
+    nk_sock_close_kfds(es, true);
     nk_sock_conn_error(es, ECONNRESET);
   }
   return true;
@@ -813,6 +819,8 @@ void nk_sock_relisten(struct nk_esock *es, struct nk_nsm *m) {
     if (id >= 0) {
       es->ext_id[k] = (uint32_t)id;
       nk_ext_ref(es, k);
+      for (int i = 0; i < es->nopts; i++) /* the options set on it, as at first */
+        nk_ext_setopt(es, k, es->opts[i].level, es->opts[i].name, es->opts[i].val, es->opts[i].len);
       struct nk_addr a = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
       a.port = es->bind_addr.port;
       r = kfd_bind(es, k, &a);

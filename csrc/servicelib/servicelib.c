@@ -269,7 +269,7 @@ bool nk_sl_dgram_take(struct nk_sl *sl, const struct nk_nqe *e, void *dst) {
 bool nk_sl_dgram_post(struct nk_sl *sl, uint32_t sock, const struct nk_addr *src, const void *data,
                       uint32_t len) {
   struct nk_sl_area *a = &sl->sh->dg_in;
-  if (len > 65535u || nk_sl_area_room(a) < len) return false; /* dropped, as UDP may */
+  if (len > NK_DGRAM_MAX || nk_sl_area_room(a) < len) return false; /* dropped, as UDP may */
   uint32_t head = atomic_load_explicit(&a->head.v, memory_order_relaxed);
   nk_sl_area_copy_in(a, head, data, len);
   atomic_store_explicit(&a->head.v, head + len, memory_order_release);

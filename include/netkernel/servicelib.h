@@ -9,10 +9,11 @@
  *    tenant's region memfd) / TENANT_DEL. Its hang-up is how each side learns the other died.
  *  - Three single-producer single-consumer queues of 64-byte queue elements (nqes) in one
  *    shared memfd (struct nk_sl_shared): requests (engine -> NSM), replies (NSM -> engine,
- *    answers to the few synchronous requests) and events (NSM -> engine).
+ *    answers to the few synchronous requests) and events (NSM -> engine); in the same memfd,
+ *    two byte areas for datagrams (struct nk_sl_area), one each way.
  *  - Doorbells: the engine writes to `nsm_bell` after posting requests while the NSM says it
- *    sleeps; the NSM writes to `engine_bell` after posting events while the engine sleeps,
- *    and after every reply.
+ *    sleeps, and always after a synchronous one; the NSM writes to `engine_bell` after
+ *    posting events while the engine sleeps, and after every reply.
  *
  * Sockets are named by the NSM's ids (`sock`, below NK_SL_MAX_SOCKS). Payload never crosses
  * a queue: the engine tells the NSM where a connection's two byte rings lie in the tenant's
@@ -57,11 +58,11 @@
 #define NK_SLQ_RECV 7     /* sock, len: len more bytes of room in the receive ring */
 #define NK_SLQ_SHUTDOWN 8 /* sock: no more bytes after those sent (FIN) */
 #define NK_SLQ_CLOSE 9    /* sock, arg = 1 to reset: the engine forgets it; -> FREED */
-#define NK_SLQ_SENDTO 11  /* sock (a datagram socket), addr (family 0: the connected peer),
-                             off = position of the payload in dg_out, len: one datagram */
 #define NK_SLQ_SETOPT 10  /* sock, arg = level, arg2 = option, len = its int value: an option
                              the application set (SOL_SOCKET / IPPROTO_TCP ints only); the NSM
                              applies what its stack has and ignores the rest */
+#define NK_SLQ_SENDTO 11  /* sock (a datagram socket), addr (family 0: the connected peer),
+                             off = position of the payload in dg_out, len: one datagram */
 
 /* ---- replies (to SOCKET, BIND, LISTEN, CONNECT): NSM -> engine, tag echoed ---- */
 #define NK_SLR_DONE 32
@@ -125,6 +126,13 @@ struct nk_sl_shared {
   struct nk_sl_area dg_out; /* engine -> NSM: datagrams to send */
   struct nk_sl_area dg_in;  /* NSM -> engine: datagrams received */
 };
+#define NK_SL_QUEUE_BYTES (3u * NK_CACHELINE + NK_SL_QUEUE_LEN * 64u)
+_Static_assert(sizeof(struct nk_sl_queue) == NK_SL_QUEUE_BYTES, "nk_sl_queue size");
+_Static_assert(offsetof(struct nk_sl_shared, rep) == NK_CACHELINE + NK_SL_QUEUE_BYTES, "rep");
+_Static_assert(offsetof(struct nk_sl_shared, evt) == NK_CACHELINE + 2 * NK_SL_QUEUE_BYTES, "evt");
+_Static_assert(offsetof(struct nk_sl_shared, dg_out) == NK_CACHELINE + 3 * NK_SL_QUEUE_BYTES,
+               "dg_out");
+_Static_assert(sizeof(struct nk_sl_area) == 2 * NK_CACHELINE + NK_SL_AREA_SIZE, "nk_sl_area");
 _Static_assert(offsetof(struct nk_sl_shared, req) == NK_CACHELINE, "nk_sl_shared.req");
 
 /* ---- control messages (SEQPACKET) ---- */
@@ -238,8 +246,10 @@ void nk_sl_event(struct nk_sl *sl, const struct nk_nqe *e); /* queued locally wh
 void nk_sl_reply(struct nk_sl *sl, const struct nk_nqe *req, uint32_t sock, int32_t arg,
                  const struct nk_addr *addr);
 void nk_sl_flush(struct nk_sl *sl); /* rings the engine's doorbell when it sleeps */
-/* The datagram areas (see struct nk_sl_area): read a SENDTO's payload out of dg_out (false when
- * the nqe does not name the next datagram; the area is freed), post a received one. */
+/* The datagram areas (see struct nk_sl_area): read a SENDTO's payload out of dg_out and free
+ * its space (false, and nothing freed, when the nqe does not name the next datagram: the
+ * engine broke the protocol); post a received datagram (false: dropped, no room or larger
+ * than NK_DGRAM_MAX). */
 bool nk_sl_dgram_take(struct nk_sl *sl, const struct nk_nqe *e, void *dst);
 bool nk_sl_dgram_post(struct nk_sl *sl, uint32_t sock, const struct nk_addr *src, const void *data,
                       uint32_t len);

@@ -507,7 +507,7 @@ class Daemon:
         status = proc.wait()
         if self.stopping or self.nsm_procs.get(nsm.name) is not proc:
             return
-        # A process that dies at once is restarted with a growing delay, not in a loop.
+        # A process that dies at once (within 2 s) waits 1 s before the next try: not a loop.
         delay = 0.05 if time.monotonic() - started > 2 else 1.0
         log_event("nsm_process_exited", logging.WARNING, nsm=nsm.name, pid=proc.pid, status=status,
                   action=f"restarting in {delay:g} s")
