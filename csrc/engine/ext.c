@@ -243,7 +243,7 @@ static bool dgram_in(struct nk_ext *x, const struct nk_nqe *e, struct nk_esock *
 static bool flush_closes(struct nk_ext *x) {
   size_t i = 0;
   while (i < x->ncloses && post(x, &x->closes[i])) i++;
-  memmove(x->closes, x->closes + i, (x->ncloses - i) * sizeof(*x->closes));
+  if (i) memmove(x->closes, x->closes + i, (x->ncloses - i) * sizeof(*x->closes));
   x->ncloses -= i;
   return x->ncloses == 0;
 }
