@@ -414,6 +414,15 @@ static int wait_tx(int fd, int slot, struct nk_ring *tx, int flags, bool nonbloc
   return 0;
 }
 
+/* Linux keeps one pending error per socket (sk_err): whichever call meets it first reports
+ * it and clears it. The engine writes it twice (rx_err for recv, so_error for SO_ERROR);
+ * taking it from one side takes it from the other. */
+static int take_error(struct nk_slot *s) {
+  int rx = atomic_exchange(&s->rx_err, 0);
+  int so = atomic_exchange(&s->so_error, 0);
+  return rx ? rx : so;
+}
+
 static ssize_t stream_send(int fd, int slot, const struct iovec *iov, size_t iovcnt, int flags) {
   struct nk_slot *s = nk_slot_at(slot);
   size_t total = iov_total(iov, iovcnt), done = 0, vi = 0, voff = 0;
@@ -422,7 +431,13 @@ static ssize_t stream_send(int fd, int slot, const struct iovec *iov, size_t iov
   nk_slot_rings(slot, &tx, NULL);
   for (;;) {
     uint32_t closed = atomic_load(&s->tx_closed);
-    if (closed) return done ? (ssize_t)done : (closed == EPIPE ? epipe(flags) : -(int)closed);
+    if (closed) {
+      if (done) return (ssize_t)done;
+      /* After a reset the first send reports it (ECONNRESET, no SIGPIPE), later ones EPIPE. */
+      int err = take_error(s);
+      if (err && err != EPIPE) return -err;
+      return closed == EPIPE ? epipe(flags) : -(int)closed;
+    }
     uint32_t st = atomic_load(&s->state);
     if (st != NK_ST_CONNECTED) {
       if (st == NK_ST_CONNECTING) {
@@ -495,7 +510,7 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
     }
     /* Empty. Errors and EOF stay readable: never eat the record for them. */
     int err = atomic_load(&s->rx_err);
-    if (err && !peek) err = atomic_exchange(&s->rx_err, 0);
+    if (err && !peek) err = take_error(s);
     if (err) {
       unlock(&s->rx_lock);
       return got ? (ssize_t)got : -err;
@@ -755,7 +770,8 @@ int nk_getsockopt(int fd, int slot, int level, int name, void *val, socklen_t *l
   if (level == SOL_SOCKET) {
     switch (name) {
       case SO_ERROR:
-        return put_int(val, len, atomic_exchange(&s->so_error, 0));
+        if (s->kind == NK_KIND_DGRAM) return put_int(val, len, atomic_exchange(&s->so_error, 0));
+        return put_int(val, len, take_error(s));
       case SO_TYPE:
         return put_int(val, len, s->kind == NK_KIND_DGRAM ? SOCK_DGRAM : SOCK_STREAM);
       case SO_DOMAIN:

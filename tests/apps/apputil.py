@@ -110,7 +110,8 @@ def wait_line(proc: subprocess.Popen[Any], pattern: str, timeout: float = 20) ->
             if not chunk:
                 break
             buf += chunk
-            for line in buf.decode(errors="replace").splitlines():
+            # Whole lines only: a read can end in the middle of one ("ERROR Connection").
+            for line in buf.decode(errors="replace").split("\n")[:-1]:
                 if re.search(pattern, line):
                     return line
     finally:

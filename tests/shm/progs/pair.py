@@ -99,6 +99,19 @@ def reset_client(addr: str, port: int) -> None:
     out("client closed with linger 0")
 
 
+def resetsend_server(ls: socket.socket) -> None:
+    c, _ = ls.accept()
+    time.sleep(0.5)  # the client's reset arrives meanwhile; this side sends first
+    out("server send:", attempt(lambda: c.send(b"x")))
+    out("server recv:", attempt(lambda: c.recv(10)))
+    out("server send again:", attempt(lambda: c.send(b"x")))
+    out("server SO_ERROR:", c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+
+def resetsend_client(addr: str, port: int) -> None:
+    reset_client(addr, port)
+
+
 def unread_server(ls: socket.socket) -> None:
     c, _ = ls.accept()
     time.sleep(0.3)  # the client's bytes are in; close without reading them: a reset
@@ -203,7 +216,7 @@ def slow_client(addr: str, port: int) -> None:
     out("client eof:", attempt(lambda: s.recv(10)))
 
 
-SCENARIOS = ("halfclose", "reset", "unread", "peerclosed", "names", "nonblock", "slow")
+SCENARIOS = ("halfclose", "reset", "resetsend", "unread", "peerclosed", "names", "nonblock", "slow")
 
 
 def main() -> None:
