@@ -397,43 +397,11 @@ class Daemon:
         ns = nsm.netns
         v4, v6 = c.nsm_ipv4(nsm.index), c.nsm_ipv6(nsm.index)
         netns.netns_add(ns)
-        if nsm.external:
-            try:
-                self._create_lwip_fabric(nsm)
-            except NetKernelError as e:
-                self._remove_nsm_fabric(nsm)
-                raise NSMError(f"NSM {nsm.name!r}: {e}") from None
-            except BaseException:
-                self._remove_nsm_fabric(nsm)
-                raise
-            self.nsms[nsm.name] = nsm
-            self._nsm_indices_used.add(nsm.index)
-            log_event("nsm_created", nsm=nsm.name, kind=nsm_config.kind, netns=ns,
-                      bandwidth=format_rate(nsm_config.bandwidth) if nsm_config.bandwidth else None)
-            return nsm
         try:
-            # Tenants bind only their own addresses; never let an NSM bind a foreign one.
-            netns.sysctl("net.ipv4.ip_nonlocal_bind", "0", netns=ns)
-            netns.sysctl("net.ipv6.conf.default.accept_dad", "0", netns=ns)
-            # ARP requests must carry the NSM's own address, not a tenant's: after a tenant
-            # move, a tenant address as ARP source would teach the peers' neighbour caches
-            # the old NSM's MAC for it again.
-            netns.sysctl("net.ipv4.conf.all.arp_announce", "2", netns=ns)
-            netns.veth_into(NSM_VETH_PREFIX + nsm.name, ns, "eth0", BRIDGE)
-            netns.addr_add("eth0", f"{v4}/{c.ipv4_subnet.prefixlen}", netns=ns)
-            netns.addr_add("eth0", f"{v6}/{c.ipv6_prefix.prefixlen}", netns=ns)
-            if nsm_config.congestion_control:
-                allow_congestion_control(nsm_config.congestion_control)
-                netns.sysctl("net.ipv4.tcp_congestion_control", nsm_config.congestion_control, netns=ns)
-            # After the veth: a sysctl may name eth0.
-            for key, value in nsm_config.sysctls:
-                try:
-                    netns.sysctl(key, value, netns=ns)
-                except NetKernelError as e:
-                    if netns.sysctl_get(key, ns) is None:
-                        raise NSMError(f"{e} (this sysctl is host-wide: network namespaces do not "
-                                       "have it, so it cannot be set per NSM)") from None
-                    raise
+            if nsm.external:
+                self._create_lwip_fabric(nsm)
+            else:
+                self._create_kernel_fabric(nsm, str(v4), str(v6))
         except NetKernelError as e:
             self._remove_nsm_fabric(nsm)
             raise NSMError(f"NSM {nsm.name!r}: {e}") from None
@@ -442,11 +410,37 @@ class Daemon:
             raise
         self.nsms[nsm.name] = nsm
         self._nsm_indices_used.add(nsm.index)
-        log_event("nsm_created", nsm=nsm.name, kind=nsm_config.kind, netns=ns, ipv4=v4, ipv6=v6,
+        log_event("nsm_created", nsm=nsm.name, kind=nsm_config.kind, netns=ns,
+                  ipv4=None if nsm.external else v4, ipv6=None if nsm.external else v6,
                   congestion_control=nsm_config.congestion_control,
                   bandwidth=format_rate(nsm_config.bandwidth) if nsm_config.bandwidth else None,
                   sysctls=len(nsm_config.sysctls))
         return nsm
+
+    def _create_kernel_fabric(self, nsm: NSM, v4: str, v6: str) -> None:
+        c, ns, nsm_config = self.config, nsm.netns, nsm.config
+        # Tenants bind only their own addresses; never let an NSM bind a foreign one.
+        netns.sysctl("net.ipv4.ip_nonlocal_bind", "0", netns=ns)
+        netns.sysctl("net.ipv6.conf.default.accept_dad", "0", netns=ns)
+        # ARP requests must carry the NSM's own address, not a tenant's: after a tenant
+        # move, a tenant address as ARP source would teach the peers' neighbour caches
+        # the old NSM's MAC for it again.
+        netns.sysctl("net.ipv4.conf.all.arp_announce", "2", netns=ns)
+        netns.veth_into(NSM_VETH_PREFIX + nsm.name, ns, "eth0", BRIDGE)
+        netns.addr_add("eth0", f"{v4}/{c.ipv4_subnet.prefixlen}", netns=ns)
+        netns.addr_add("eth0", f"{v6}/{c.ipv6_prefix.prefixlen}", netns=ns)
+        if nsm_config.congestion_control:
+            allow_congestion_control(nsm_config.congestion_control)
+            netns.sysctl("net.ipv4.tcp_congestion_control", nsm_config.congestion_control, netns=ns)
+        # After the veth: a sysctl may name eth0.
+        for key, value in nsm_config.sysctls:
+            try:
+                netns.sysctl(key, value, netns=ns)
+            except NetKernelError as e:
+                if netns.sysctl_get(key, ns) is None:
+                    raise NSMError(f"{e} (this sysctl is host-wide: network namespaces do not "
+                                   "have it, so it cannot be set per NSM)") from None
+                raise
 
     @staticmethod
     def _create_lwip_fabric(nsm: NSM) -> None:
