@@ -112,6 +112,21 @@ static void cpu_refill(struct nk_tenant *t, uint64_t now, uint32_t weights) {
   t->cpu_last_ns = now;
 }
 
+static void count_bytes(struct nk_tenant *t, uint64_t now, uint64_t n) {
+  if (now - t->win_start_ns >= NK_GRANULE_NS) {
+    t->prev_win_bytes = now - t->win_start_ns < 2 * NK_GRANULE_NS ? t->win_bytes : 0;
+    t->win_bytes = 0;
+    t->win_start_ns = now;
+  }
+  t->win_bytes += n;
+}
+
+/* Moved at least a bulk service's worth of bytes in the last whole 10 ms (200 Mbit/s). */
+static bool is_bulk(struct nk_tenant *t, uint64_t now) {
+  count_bytes(t, now, 0);
+  return t->prev_win_bytes >= NK_BULK_SERVICE_BYTES;
+}
+
 /* One round over the tenants with work. Bounded: what is activated meanwhile waits for the
  * next round. Tenants that came with new work go before those carried over with a backlog,
  * so a light tenant's request waits behind at most one service of a heavy one's. */
@@ -121,13 +136,17 @@ static bool run_active(void) {
   E.active_tenants = NULL;
   uint64_t now = nk_now_ns();
   uint32_t weights = 0, contending = 0, recent = 0;
+  bool light = false;
   for (struct nk_tenant *t = E.tenants; t; t = t->next) {
     /* A tenant whose work waits for its rate limit or its share of a link, not for the
      * engine, does not contend: an unlimited neighbour keeps the whole engine meanwhile. */
     if (t->throttled_socks && !t->in_active) continue;
     /* A tenant in this round contends whenever it was last served: one that comes back after
      * a pause would otherwise get its first round free of charge, every time. */
-    if (t->in_active || t->cpu_used_ns + NK_GRANULE_NS > now) recent++;
+    if (t->in_active || t->cpu_used_ns + NK_GRANULE_NS > now) {
+      recent++;
+      light |= !is_bulk(t, now);
+    }
     if (t->in_active || t->cpu_used_ns + NK_CONTEND_NS > now) {
       weights += t->weight;
       contending++;
@@ -135,8 +154,10 @@ static bool run_active(void) {
   }
   int budget = recent > 1 ? 1 : NK_TENANT_BUDGET;
   /* A socket with a large backlog would otherwise hold the engine for as long as the kernel
-   * takes to move all of it (a 1 MiB ring: hundreds of microseconds) while others wait. */
-  E.service_bytes = recent > 1 ? NK_SERVICE_BYTES : UINT64_MAX;
+   * takes to move all of it (a 1 MiB ring: hundreds of microseconds) while others wait. How
+   * long a service may be depends on who waits: a tenant doing request-sized work lately
+   * (light) gets short ones, bulk tenants among themselves longer, cheaper ones. */
+  E.service_bytes = recent <= 1 ? UINT64_MAX : light ? NK_SERVICE_BYTES : NK_BULK_SERVICE_BYTES;
   for (int pass = 0; pass < 2; pass++) {
     for (struct nk_tenant **p = &round; *p;) {
       struct nk_tenant *t = *p;
@@ -158,7 +179,7 @@ static bool run_active(void) {
         }
       }
       t->carried = false;
-      uint64_t t0 = nk_now_ns();
+      uint64_t t0 = nk_now_ns(), moved = t->tx_bytes + t->rx_bytes;
       for (int n = 0; n < budget && t->active_head; n++) {
         struct nk_esock *es = t->active_head;
         t->active_head = es->next_active;
@@ -171,6 +192,7 @@ static bool run_active(void) {
       t->cpu_used_ns = t1;
       t->cpu_total_ns += t1 - t0;
       if (contending > 1) t->cpu_tokens -= (double)(t1 - t0);
+      count_bytes(t, t1, t->tx_bytes + t->rx_bytes - moved);
       if (t->active_head && !t->dead) {
         t->carried = true;
         if (!t->in_active) queue_tenant(t);
