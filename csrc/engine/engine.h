@@ -131,9 +131,10 @@ struct nk_tenant {
   double cpu_tokens;    /* engine time (ns) it may still use while others contend */
   uint64_t cpu_last_ns;
   uint64_t cpu_total_ns, cpu_skips; /* engine time spent on it; rounds it sat out */
-  /* Bytes it moved in the current and the previous 10 ms window: little in both marks a
-   * tenant doing request-sized work, which keeps the others' services short. */
-  uint64_t win_start_ns, win_bytes, prev_win_bytes;
+  /* The most bytes one service of it moved in the current and in the last 10 ms window
+   * (+1, so that 0 means "not served"): services that all moved less than NK_SERVICE_BYTES
+   * mark a tenant doing request-sized work, which keeps the others' services short. */
+  uint64_t win_start_ns, win_max, prev_win_max;
   uint32_t throttled_socks; /* its sockets waiting for rate or link tokens */
   bool shm; /* its connections to colocated tenants may use the shared-memory path */
   uint32_t ephemeral; /* next local port for a shared-memory connection */
@@ -344,8 +345,8 @@ void nk_sock_relisten(struct nk_esock *es, struct nk_nsm *m); /* after m came ba
 /* policy.c */
 #define NK_QUANTUM 16384u /* smallest grant worth a system call for a stream */
 /* Most bytes one service of a socket moves while several tenants contend: small while one
- * of them does request-sized work (its requests wait behind at most one such service of each
- * bulk tenant), larger when all of them move bulk. Each sendmsg/readv wakes the peer across
+ * of them does request-sized work (its request waits behind at most one such service),
+ * larger when all of them move bulk. Each sendmsg/readv wakes the peer across
  * cores and pushes what it queued; 16 bulk tenants on one engine thread moved 1.2-1.5x the
  * bytes per CPU second with 256 KiB services than with 64 KiB (docs/benchmarks.md). */
 #define NK_SERVICE_BYTES 65536u

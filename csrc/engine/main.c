@@ -112,19 +112,22 @@ static void cpu_refill(struct nk_tenant *t, uint64_t now, uint32_t weights) {
   t->cpu_last_ns = now;
 }
 
-static void count_bytes(struct nk_tenant *t, uint64_t now, uint64_t n) {
+static void note_service(struct nk_tenant *t, uint64_t now, uint64_t moved) {
   if (now - t->win_start_ns >= NK_GRANULE_NS) {
-    t->prev_win_bytes = now - t->win_start_ns < 2 * NK_GRANULE_NS ? t->win_bytes : 0;
-    t->win_bytes = 0;
+    t->prev_win_max = now - t->win_start_ns < 2 * NK_GRANULE_NS ? t->win_max : 0;
+    t->win_max = 0;
     t->win_start_ns = now;
   }
-  t->win_bytes += n;
+  if (moved + 1 > t->win_max) t->win_max = moved + 1;
 }
 
-/* Moved at least a bulk service's worth of bytes in the last whole 10 ms (200 Mbit/s). */
-static bool is_bulk(struct nk_tenant *t, uint64_t now) {
-  count_bytes(t, now, 0);
-  return t->prev_win_bytes >= NK_BULK_SERVICE_BYTES;
+/* Served in the last 10-20 ms, and never more than a short service's worth at a time: a
+ * ping-pong, a web client. A bulk sender's services reach the bound even while its program
+ * waits for a CPU, because its backlog sits in the ring. */
+static bool is_light(struct nk_tenant *t, uint64_t now) {
+  if (now - t->win_start_ns >= 2 * NK_GRANULE_NS) return false; /* nothing known */
+  uint64_t most = t->win_max > t->prev_win_max ? t->win_max : t->prev_win_max;
+  return most && most <= NK_SERVICE_BYTES;
 }
 
 /* One round over the tenants with work. Bounded: what is activated meanwhile waits for the
@@ -145,7 +148,7 @@ static bool run_active(void) {
      * a pause would otherwise get its first round free of charge, every time. */
     if (t->in_active || t->cpu_used_ns + NK_GRANULE_NS > now) {
       recent++;
-      light |= !is_bulk(t, now);
+      light |= is_light(t, now);
     }
     if (t->in_active || t->cpu_used_ns + NK_CONTEND_NS > now) {
       weights += t->weight;
@@ -192,7 +195,7 @@ static bool run_active(void) {
       t->cpu_used_ns = t1;
       t->cpu_total_ns += t1 - t0;
       if (contending > 1) t->cpu_tokens -= (double)(t1 - t0);
-      count_bytes(t, t1, t->tx_bytes + t->rx_bytes - moved);
+      note_service(t, t1, t->tx_bytes + t->rx_bytes - moved);
       if (t->active_head && !t->dead) {
         t->carried = true;
         if (!t->in_active) queue_tenant(t);
