@@ -347,8 +347,8 @@ void nk_sock_relisten(struct nk_esock *es, struct nk_nsm *m); /* after m came ba
 /* Most bytes one service of a socket moves while several tenants contend: small while one
  * of them does request-sized work (its request waits behind at most one such service),
  * larger when all of them move bulk. Each sendmsg/readv wakes the peer across
- * cores and pushes what it queued; 16 bulk tenants on one engine thread moved 1.2-1.5x the
- * bytes per CPU second with 256 KiB services than with 64 KiB (docs/benchmarks.md). */
+ * cores and pushes what it queued; 16 bulk tenants on one engine thread took 1.3x the CPU
+ * per Gbit/s of 16 namespaces with 256 KiB services, 2.1x with 64 KiB (docs/benchmarks.md). */
 #define NK_SERVICE_BYTES 65536u
 #define NK_BULK_SERVICE_BYTES 262144u
 #define NK_SHM_SERVICE_BYTES 262144u
