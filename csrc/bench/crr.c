@@ -58,6 +58,13 @@ static int full_io(int fd, char *buf, int n, int writing) {
   return 0;
 }
 
+/* The first few failures are printed with the step and errno: a count alone says nothing
+ * about which stack call misbehaved. */
+static void failed(const char *step, int err) {
+  if (atomic_fetch_add(&errors, 1) < 5)
+    fprintf(stderr, "netkernel-crr: %s: %s\n", step, err ? strerror(err) : "end of stream");
+}
+
 static void *client_loop(void *arg) {
   (void)arg;
   char buf[MSG];
@@ -65,16 +72,16 @@ static void *client_loop(void *arg) {
   while (now() < stop_at) {
     int fd = socket(target.ss_family, SOCK_STREAM, 0);
     if (fd < 0) {
-      atomic_fetch_add(&errors, 1);
+      failed("socket", errno);
       continue;
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (connect(fd, (struct sockaddr *)&target, target_len) == 0 && full_io(fd, buf, MSG, 1) == 0 &&
-        full_io(fd, buf, MSG, 0) == 0)
-      atomic_fetch_add(&done, 1);
-    else
-      atomic_fetch_add(&errors, 1);
+    errno = 0;
+    if (connect(fd, (struct sockaddr *)&target, target_len) < 0) failed("connect", errno);
+    else if (full_io(fd, buf, MSG, 1) < 0) failed("write", errno);
+    else if ((errno = 0, full_io(fd, buf, MSG, 0)) < 0) failed("read", errno);
+    else atomic_fetch_add(&done, 1);
     close(fd);
   }
   return NULL;

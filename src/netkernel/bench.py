@@ -1557,6 +1557,7 @@ class Bench:
         server = self._peer_server([str(prog), "server", PEER_V4, str(CRR_PORT)], CRR_PORT,
                                    "crr-server")
         errors: dict[str, int] = {}
+        why: dict[str, list[str]] = {}
         try:
             for rep in range(self.opts.repetitions):
                 for place in self.sides(rep, res.metric):
@@ -1570,6 +1571,9 @@ class Bench:
                                              f"{_tail(out)}" + self._log_hint(place))
                         rate, n_err = got
                         errors[place.name] = errors.get(place.name, 0) + n_err
+                        # The client names the step and errno of its first few failures.
+                        why.setdefault(place.name, []).extend(
+                            re.findall(r"^netkernel-crr: (\w+: .*)$", out, re.M)[:5])
                         res.samples[place.name].append(rate)
                         self.progress(res.metric, place, rep, f"{rate:,.0f} connections/s")
                         if server.poll() is not None:
@@ -1579,6 +1583,8 @@ class Bench:
             self.stop(server)
         for name, n in errors.items():
             res.extra[f"{name}_connection_errors"] = n
+            if why.get(name):
+                res.extra[f"{name}_connection_error_lines"] = why[name][:5]
 
     def _nginx_files(self) -> None:
         www = self.tmp / "www"
