@@ -36,7 +36,8 @@ PAIR = Path(__file__).resolve().parent / "progs" / "pair.py"
 PORT = 7300
 GIB = 1 << 30
 # The transcripts of progs/pair.py, compared with Linux on each path.
-SCENARIOS = ["halfclose", "reset", "resetsend", "unread", "peerclosed", "names", "nonblock", "slow"]
+SCENARIOS = ["halfclose", "reset", "resetsend", "unread", "peerclosed", "names", "nonblock", "slow",
+             "backlog"]
 
 
 def conns(tenant: str) -> list[dict]:

@@ -216,7 +216,42 @@ def slow_client(addr: str, port: int) -> None:
     out("client eof:", attempt(lambda: s.recv(10)))
 
 
-SCENARIOS = ("halfclose", "reset", "resetsend", "unread", "peerclosed", "names", "nonblock", "slow")
+BACKLOG_CONNS = 24  # more than listen(16) queues: Linux makes the rest wait, never refuses
+
+
+def backlog_server(ls: socket.socket) -> None:
+    time.sleep(1.5)  # nobody accepts while the client connects
+    conns = [ls.accept()[0] for _ in range(BACKLOG_CONNS)]
+    for c in conns:
+        c.sendall(c.recv(1))
+    out("accepted", len(conns))
+    for c in conns:
+        c.close()
+
+
+def backlog_client(addr: str, port: int) -> None:
+    """Connections beyond the listener's backlog wait (Linux drops the SYN and the client
+    retries) and complete once the server accepts; none is refused."""
+    socks, errors = [], []
+    for i in range(BACKLOG_CONNS):
+        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(30)
+        try:
+            s.connect((addr, port))
+            socks.append(s)
+        except OSError as e:
+            errors.append(err_name(e))
+    out("connected", len(socks), "errors", errors)
+    echoed = 0
+    for i, s in enumerate(socks):
+        s.sendall(bytes([i]))
+        echoed += s.recv(1) == bytes([i])
+    out("each echoed its own byte:", echoed == len(socks))
+
+
+SCENARIOS = ("halfclose", "reset", "resetsend", "unread", "peerclosed", "names", "nonblock", "slow",
+             "backlog")
 
 
 def main() -> None:
