@@ -145,14 +145,14 @@ def test_rate_limit_holds_and_leaves_neighbours_alone(tenant: Callable[..., Tena
     limited, free = tenant(uname("lim")), tenant(uname("free"))
     nk("tenant", "set", limited.name, "--rate-tx", "200Mbit", "--rate-rx", "200Mbit", check=True)
 
-    # The unlimited tenant streams while the limited one runs four times (egress, ingress,
-    # egress, ingress) with gaps between; the stream's seconds are sorted into "beside" and
-    # "alone". On two vCPUs a stream's rate switches between levels a quarter apart every few
-    # seconds, so separate runs alone and beside measured that (this test failed so twice);
-    # one stream, alternately alone and beside, does not.
+    # The unlimited tenant streams (killed when done) while the limited one runs four times
+    # (egress, ingress, egress, ingress) with gaps between; the stream's seconds are sorted into
+    # "beside" and "alone". On two vCPUs a stream's rate switches between levels a quarter
+    # apart every few seconds, so separate runs alone and beside measured that (this test failed
+    # so twice); one stream, alternately alone and beside, does not.
     iperf3_server(peer, 5401, count=3)
     seconds: list[tuple[float, float]] = []
-    stream = free.popen(["iperf3", "--forceflush", "-c", peer.ipv4, "-p", "5401", "-t", "40"],
+    stream = free.popen(["iperf3", "--forceflush", "-c", peer.ipv4, "-p", "5401", "-t", "90"],
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reader = threading.Thread(target=stream_seconds, args=(stream, seconds), daemon=True)
     reader.start()

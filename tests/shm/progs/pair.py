@@ -233,7 +233,7 @@ def backlog_client(addr: str, port: int) -> None:
     """Connections beyond the listener's backlog wait (Linux drops the SYN and the client
     retries) and complete once the server accepts; none is refused."""
     socks, errors = [], []
-    for i in range(BACKLOG_CONNS):
+    for _ in range(BACKLOG_CONNS):
         fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.settimeout(30)
