@@ -1551,13 +1551,21 @@ class Bench:
         e = re.search(r"^errors (\d+)$", out, re.M)
         return (float(m[1]), int(e[1]) if e else 0) if m else None
 
+    @staticmethod
+    def _note_crr_errors(res: MetricResult, side: str, out: str, n_err: int) -> None:
+        """Count netkernel-crr's failed connections for side, and keep the step and errno
+        the client printed for its first few (a count alone says nothing about which call)."""
+        res.extra[f"{side}_connection_errors"] = res.extra.get(f"{side}_connection_errors", 0) + n_err
+        lines = re.findall(r"^netkernel-crr: (\w+: .*)$", out, re.M)
+        if lines:
+            key = f"{side}_connection_error_lines"
+            res.extra[key] = (res.extra.get(key, []) + lines)[:5]
+
     def m_crr(self, res: MetricResult) -> None:
         prog = self._crr_prog()
         d = self.opts.duration
         server = self._peer_server([str(prog), "server", PEER_V4, str(CRR_PORT)], CRR_PORT,
                                    "crr-server")
-        errors: dict[str, int] = {}
-        why: dict[str, list[str]] = {}
         try:
             for rep in range(self.opts.repetitions):
                 for place in self.sides(rep, res.metric):
@@ -1570,10 +1578,7 @@ class Bench:
                             raise BenchError(f"netkernel-crr: no 'connections/s' ({place.name}):\n"
                                              f"{_tail(out)}" + self._log_hint(place))
                         rate, n_err = got
-                        errors[place.name] = errors.get(place.name, 0) + n_err
-                        # The client names the step and errno of its first few failures.
-                        why.setdefault(place.name, []).extend(
-                            re.findall(r"^netkernel-crr: (\w+: .*)$", out, re.M)[:5])
+                        self._note_crr_errors(res, place.name, out, n_err)
                         res.samples[place.name].append(rate)
                         self.progress(res.metric, place, rep, f"{rate:,.0f} connections/s")
                         if server.poll() is not None:
@@ -1581,10 +1586,6 @@ class Bench:
                                              "crr-server-peer.log")
         finally:
             self.stop(server)
-        for name, n in errors.items():
-            res.extra[f"{name}_connection_errors"] = n
-            if why.get(name):
-                res.extra[f"{name}_connection_error_lines"] = why[name][:5]
 
     def _nginx_files(self) -> None:
         www = self.tmp / "www"
@@ -1880,8 +1881,7 @@ class Bench:
                     raise BenchError(f"netkernel-crr: no 'connections/s' ({side.name}, colocated):\n"
                                      f"{_tail(out)}" + self._log_hint(side))
                 rate, n_err = got
-                key = f"{side.name}_connection_errors"
-                res.extra[key] = res.extra.get(key, 0) + n_err
+                self._note_crr_errors(res, side.name, out, n_err)
                 res.samples[side.name].append(rate)
                 self.progress(res.metric, side, rep, f"{rate:,.0f} connections/s")
 
@@ -1947,7 +1947,7 @@ class Bench:
 
         def pairs(place: Place, noisy: Place) -> tuple[float, float, dict[str, float]]:
             """NOISY_PAIRS alone/beside pairs against a flood from noisy: the summed rates
-            and, for the tenant, where the engine's time went while the flood ran."""
+            and, for a flood from a tenant, where the engine's time went while it ran."""
             log = f"flood-{noisy.name}.log"
             flood = self.spawn(noisy, ["nice", "-n", "19", sys.executable, "-c", FLOOD_PROG,
                                        PEER_V4, str(SINK_PORT), "3600"], log)
@@ -1964,7 +1964,7 @@ class Bench:
                     a += rate(place)
                     os.killpg(flood.pid, signal.SIGCONT)
                     time.sleep(0.5)
-                    before = self._engine_split() if place.tenant else None
+                    before = self._engine_split() if noisy.tenant else None
                     with self.engine_load(place):
                         b += rate(place)
                     if before is not None:
