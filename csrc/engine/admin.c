@@ -141,8 +141,8 @@ static const char *tcp_state_name(uint8_t st) {
 static void conn_line(struct nk_admin *a, struct nk_tenant *t, uint32_t i, struct nk_esock *es) {
   char l[64], p[64], tcp[384] = "";
   struct nk_slot *sl = &t->slots[i];
-  nk_addr_fmt(&sl->local, l, sizeof(l));
-  nk_addr_fmt(&sl->peer, p, sizeof(p));
+  nk_addr_fmt(&es->local, l, sizeof(l)); /* the engine's copies: the slot's are the tenant's */
+  nk_addr_fmt(&es->peer, p, sizeof(p));
   struct nk_nsm *m = nk_sock_nsm(es);
   if (es->type == SOCK_STREAM && es->nk && !es->shm && es->kind != NK_KIND_LISTENER) {
     struct tcp_info ti;
@@ -255,14 +255,18 @@ static void command(struct nk_admin *a, char *line) {
     for (struct nk_tenant *t = E.tenants; t; t = t->next)
       out(a, "tenant %s id=%u nsm=%s sockets=%u tx_bytes=%llu rx_bytes=%llu memory=%llu"
           " rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu"
-           " refused_sockets=%llu refused_memory=%llu slots=%u engine_ns=%llu engine_skips=%llu shm=%d",
+           " refused_sockets=%llu refused_memory=%llu slots=%u engine_ns=%llu engine_skips=%llu shm=%d"
+           " fds=%u fd_limit=%llu ctls=%u dns_relayed=%llu dns_dropped=%llu region_bytes=%llu"
+           " region_trimmed=%llu",
           t->name, t->id, t->nsm->name, t->nsocks, (unsigned long long)t->tx_bytes,
           (unsigned long long)t->rx_bytes, (unsigned long long)nk_tenant_memory(t),
           (unsigned long long)t->rate[NK_TX] * 8, (unsigned long long)t->rate[NK_RX] * 8,
           t->weight, t->max_sockets, (unsigned long long)t->max_memory,
           (unsigned long long)t->refused_sockets, (unsigned long long)t->refused_memory,
           t->nslots, (unsigned long long)t->cpu_total_ns, (unsigned long long)t->cpu_skips,
-          t->shm);
+          t->shm, t->fds, (unsigned long long)nk_tenant_fd_limit(t), t->ctls,
+          (unsigned long long)t->dns_relayed, (unsigned long long)t->dns_dropped,
+          (unsigned long long)nk_tenant_region_bytes(t), (unsigned long long)t->region_trimmed);
     for (struct nk_nsm *m = E.nsms; m; m = m->next) {
       uint32_t tenants = 0, socks = 0;
       for (struct nk_tenant *t = E.tenants; t; t = t->next) {

@@ -11,12 +11,14 @@
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 
 #include "engine.h"
 
 struct nk_ctl {
   int fd;
+  int refused; /* -EMFILE: over the tenant's share; the first request learns it, then close */
   struct nk_tenant *t;
   struct nk_handle h;
   struct nk_ctl *next;
@@ -40,29 +42,44 @@ int nk_control_listen(const char *path) {
 #endif
 #define NK_PIDFD_GET_NET_NAMESPACE _IO(0xFF, 4) /* linux/pidfd.h, Linux 6.11 */
 
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+
 /* The network namespace of the process at the other end of a Unix connection. With a pidfd
- * (Linux 6.5+ SO_PEERPIDFD, 6.11+ namespace ioctl) this names exactly the process that
- * connected, even if its pid was since reused; older kernels fall back to /proc/PID. */
+ * (Linux 6.5+ SO_PEERPIDFD) this names exactly the process that connected, even if its pid was
+ * since reused: the namespace is asked from the pidfd (6.11+), or read from /proc/PID while
+ * the pidfd is held and believed only if that process is still alive afterwards (a pid is not
+ * reused while its process lives). Kernels without SO_PEERPIDFD get /proc/PID alone. */
 uint64_t nk_peer_netns(int fd, struct ucred *cred) {
   socklen_t l = sizeof(*cred);
   if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, &l) < 0) return 0;
   int pidfd = -1;
   l = sizeof(pidfd);
-  if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &l) == 0 && pidfd >= 0) {
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &l) < 0) pidfd = -1;
+  if (pidfd >= 0) {
     int ns = ioctl(pidfd, NK_PIDFD_GET_NET_NAMESPACE, 0);
-    close(pidfd);
     if (ns >= 0) {
+      close(pidfd);
       struct stat st;
       uint64_t ino = fstat(ns, &st) == 0 ? st.st_ino : 0;
       close(ns);
       return ino;
     }
-    if (errno == ESRCH) return 0; /* the process that connected is gone */
+    if (errno == ESRCH) { /* the process that connected is gone */
+      close(pidfd);
+      return 0;
+    }
   }
   char p[64];
   snprintf(p, sizeof(p), "/proc/%d/ns/net", (int)cred->pid);
   struct stat st;
-  return stat(p, &st) == 0 ? st.st_ino : 0;
+  uint64_t ino = stat(p, &st) == 0 ? st.st_ino : 0;
+  if (pidfd >= 0) {
+    if (syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) < 0) ino = 0; /* gone: pid reusable */
+    close(pidfd);
+  }
+  return ino;
 }
 
 static struct nk_ctl *dead_ctls;
@@ -71,8 +88,11 @@ static struct nk_ctl *dead_ctls;
 static void ctl_close(struct nk_ctl *c) {
   if (c->fd < 0) return;
   nk_ep_del(c->fd);
-  close(c->fd);
+  /* The tenant may have queued messages with descriptors on it: closing it releases them. */
+  nk_close_later(c->fd);
   c->fd = -1;
+  if (!c->refused) nk_fds_give(c->t, 1);
+  c->t->ctls--;
   for (struct nk_ctl **p = &ctls; *p; p = &(*p)->next)
     if (*p == c) {
       *p = c->next;
@@ -101,24 +121,35 @@ void nk_control_forget_tenant(struct nk_tenant *t) {
   }
 }
 
+/* Up to 64 connections per event: more stay queued for the next round. */
 static void accept_ctl(void) {
-  for (;;) {
-    int fd = accept4(ctl_listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) return;
+  for (int i = 0; i < 64; i++) {
+    bool dropped;
+    int fd = nk_accept_or_drop(ctl_listen_fd, NULL, NULL, &dropped);
+    if (fd < 0) {
+      if (dropped) {
+        NK_INFO("refused a control connection: the engine is out of descriptors");
+        continue;
+      }
+      return;
+    }
     struct ucred cr = {0};
     struct nk_tenant *t = nk_tenant_by_ino(nk_peer_netns(fd, &cr));
     if (!t) {
       NK_INFO("refused a control connection from pid %d: not in a tenant namespace", (int)cr.pid);
-      close(fd);
+      nk_close_later(fd);
       continue;
     }
     struct nk_ctl *c = calloc(1, sizeof(*c));
     if (!c) {
-      close(fd);
+      nk_close_later(fd);
       continue;
     }
     c->fd = fd;
     c->t = t;
+    c->refused = nk_fds_take(t, 1) < 0 ? -EMFILE : 0;
+    if (c->refused) NK_LOG(1, "tenant %s: control connection over its share of descriptors", t->name);
+    t->ctls++;
     c->h = (struct nk_handle){NK_H_CTL, 0, c};
     c->next = ctls;
     ctls = c;
@@ -147,18 +178,32 @@ static void reply(struct nk_ctl *c, struct nk_rep *rep, const int *fds, int nfds
   if (sendmsg(c->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof(*rep)) ctl_close(c);
 }
 
+/* One end of a connected AF_UNIX SOCK_SEQPACKET pair, as GuestLib makes: not a listening
+ * socket (its EPOLLIN would never be consumed: a busy loop) nor an unconnected one. */
 static bool proxy_fd_ok(int fd) {
   int v;
   socklen_t l = sizeof(v);
   if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &l) < 0 || v != AF_UNIX) return false;
   l = sizeof(v);
-  return getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &l) == 0 && v == SOCK_SEQPACKET;
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &l) < 0 || v != SOCK_SEQPACKET) return false;
+  l = sizeof(v);
+  if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &l) < 0 || v != 0) return false;
+  struct sockaddr_storage ss;
+  l = sizeof(ss);
+  return getpeername(fd, (struct sockaddr *)&ss, &l) == 0;
 }
 
 static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
   struct nk_rep rep;
   memset(&rep, 0, sizeof(rep));
   struct nk_tenant *t = c->t;
+  if (c->refused) {
+    if (rfd >= 0) nk_close_later(rfd);
+    rep.err = c->refused;
+    reply(c, &rep, NULL, 0);
+    ctl_close(c);
+    return;
+  }
   if (req->op == NK_OP_REGISTER) {
     struct nk_reginfo info = {.region_size = t->size, .tenant_id = t->id, .ipv4 = t->ipv4,
                               .ipv6 = t->ipv6};
@@ -181,17 +226,18 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
         rep.err = -errno; /* EMFILE / ENOBUFS from the tenant's limits, logged there */
       } else {
         rfd = -1; /* owned by the socket now */
+        es->proxy_rights_refused = nk_fd_refuse_rights(es->proxy);
         es->proxy_in_tenant_ns = true;
         nk_ep_add(es->proxy, EPOLLIN, &es->h_proxy);
         rep.slot = es->slot;
         rep.gen = es->gen;
       }
     }
-    if (rfd >= 0) close(rfd);
+    if (rfd >= 0) nk_close_later(rfd);
     reply(c, &rep, NULL, 0);
     return;
   }
-  if (rfd >= 0) close(rfd);
+  if (rfd >= 0) nk_close_later(rfd);
   struct nk_esock *es = nk_esock_get(t, req->slot, req->gen);
   if (!es || es->closing) {
     rep.err = -EBADF;
@@ -233,8 +279,10 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
 static void read_ctl(struct nk_ctl *c) {
   for (int i = 0; i < 16; i++) {
     struct nk_req req;
+    /* Room for every descriptor a message can carry: those that do not fit would be closed
+     * by the kernel right here, in the engine's thread (see fds.c). */
     union {
-      char buf[CMSG_SPACE(sizeof(int) * 4)];
+      char buf[CMSG_SPACE(sizeof(int) * NK_MAX_PASSED_FDS)];
       struct cmsghdr align;
     } cm;
     struct iovec iov = {.iov_base = &req, .iov_len = sizeof(req)};
@@ -243,18 +291,9 @@ static void read_ctl(struct nk_ctl *c) {
     ssize_t n = recvmsg(c->fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (n < 0 && errno == EAGAIN) return;
     int rfd = -1;
-    for (struct cmsghdr *h = CMSG_FIRSTHDR(&mh); n > 0 && h; h = CMSG_NXTHDR(&mh, h)) {
-      if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
-      int k = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-      for (int j = 0; j < k; j++) {
-        int fd;
-        memcpy(&fd, CMSG_DATA(h) + j * sizeof(int), sizeof(int));
-        if (rfd < 0) rfd = fd;
-        else close(fd); /* more than we asked for */
-      }
-    }
+    if (n > 0) nk_fds_from_cmsg(&mh, &rfd, 1); /* one is asked for; more go to the closer */
     if (n != sizeof(req)) {
-      if (rfd >= 0) close(rfd);
+      if (rfd >= 0) nk_close_later(rfd);
       ctl_close(c); /* EOF, error or a malformed message */
       return;
     }

@@ -10,6 +10,24 @@
 
 #include "engine.h"
 
+/* Queries a tenant may have relayed: a steady rate and a burst (a page load resolves a few
+ * dozen names at once). A tenant that asks faster has the rest dropped, as a busy resolver
+ * would; the stub is a path to the daemon's responder, which every tenant shares. */
+#define NK_DNS_RATE 200.0
+#define NK_DNS_BURST 400.0
+
+static bool dns_admit(struct nk_tenant *t) {
+  uint64_t now = nk_now_ns();
+  struct nk_bucket *b = &t->dns_bucket;
+  if (!b->last_ns) b->tokens = NK_DNS_BURST;
+  else b->tokens += (double)(now - b->last_ns) * NK_DNS_RATE / 1e9;
+  if (b->tokens > NK_DNS_BURST) b->tokens = NK_DNS_BURST;
+  b->last_ns = now;
+  if (b->tokens < 1.0) return false;
+  b->tokens -= 1.0;
+  return true;
+}
+
 int nk_dns_open(struct nk_tenant *t) {
   int fd = nk_in_netns(t->netns_fd, AF_INET, SOCK_DGRAM);
   if (fd < 0) return fd;
@@ -77,6 +95,11 @@ void nk_dns_event(struct nk_tenant *t, bool upstream) {
     unsigned idx = id % NK_DNS_PENDING;
     if (!upstream) {
       if (!E.dns_upstream.family) continue;
+      if (!dns_admit(t)) {
+        t->dns_dropped++;
+        continue;
+      }
+      t->dns_relayed++;
       t->dns_pending[idx].id = id;
       t->dns_pending[idx].used = true;
       t->dns_pending[idx].client = from;

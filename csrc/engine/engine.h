@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -122,6 +123,8 @@ struct nk_tenant {
   uint64_t active_until[2];
   uint64_t refused_sockets, refused_memory;
   uint64_t last_refusal_log_ns;
+  uint32_t fds;  /* engine descriptors held for it (fds.c): sockets' shares, control conns */
+  uint32_t ctls; /* its control connections */
   /* Sockets with work, served round-robin between tenants (a tenant with many busy sockets
    * does not lengthen the round for the others). */
   struct nk_esock *active_head, *active_tail;
@@ -140,6 +143,9 @@ struct nk_tenant {
   uint32_t ephemeral; /* next local port for a shared-memory connection */
   struct nk_tenant *next_active;
   int dns_fd, dns_up_fd;
+  struct nk_bucket dns_bucket; /* queries per second it may have relayed (dns.c) */
+  uint64_t dns_relayed, dns_dropped;
+  uint64_t region_trimmed; /* bytes of free slots' ring pages taken back (tenant.c) */
   int diag_fd; /* NETLINK_SOCK_DIAG in the tenant's namespace */
   bool dead;   /* deleted: freed after the current event batch */
   struct {
@@ -167,6 +173,7 @@ struct nk_esock {
   int family; /* as the application created it */
   int type;   /* SOCK_STREAM / SOCK_DGRAM */
   int proxy;  /* engine end of the proxy socketpair */
+  bool proxy_rights_refused; /* SO_PASSRIGHTS is off on it: closing it cannot block */
   struct nk_handle h_proxy;
   int kfd[NK_MAX_KFD]; /* kernel sockets on the NSM (or in the tenant's netns for loopback) */
   int kfd_family[NK_MAX_KFD];
@@ -206,6 +213,9 @@ struct nk_esock {
   uint32_t seen_at_ready;     /* guest's rx_seen when the last READY record went out */
   uint64_t rx_bytes_at_ready; /* rx_bytes then */
   struct nk_addr bind_addr;
+  /* The addresses the operator sees (conns) and the guest is told: engine-private, copied
+   * into the slot for the guest, never read back from there. */
+  struct nk_addr local, peer;
   struct nk_opt opts[NK_MAX_OPTS];
   int nopts;
   uint64_t tx_bytes, rx_bytes;
@@ -251,9 +261,28 @@ struct nk_engine {
   /* Most bytes one service of a socket moves each way: unbounded while one tenant has the
    * engine, NK_SERVICE_BYTES while several contend (see run_active). */
   uint64_t service_bytes;
+  uint64_t fd_limit;  /* RLIMIT_NOFILE, raised to the hard limit (fds.c) */
+  uint64_t fds_taken; /* descriptors held for tenants */
+  int spare_fd;
+  uint32_t record_size; /* kernel memory one NEWCONN record takes on a proxy (sock.c) */
+  uint64_t next_trim_ns;
   bool stop;
 };
 extern struct nk_engine E;
+
+/* fds.c */
+#define NK_MAX_PASSED_FDS 253 /* SCM_MAX_FD: the most one message can carry */
+#define NK_SOCK_FDS 4         /* a socket's share: proxy end + dual-stack wildcard bind */
+#define NK_CTL_FDS 256        /* control connections a tenant may have besides its sockets */
+int nk_fds_init(void);
+void nk_close_later(int fd);
+bool nk_fd_refuse_rights(int fd);
+ssize_t nk_recv_untrusted(int fd, void *buf, size_t len, int flags);
+int nk_fds_from_cmsg(struct msghdr *mh, int *out, int want);
+int nk_accept_or_drop(int lfd, struct sockaddr *sa, socklen_t *len, bool *dropped);
+uint64_t nk_tenant_fd_limit(const struct nk_tenant *t);
+int nk_fds_take(struct nk_tenant *t, uint32_t n);
+void nk_fds_give(struct nk_tenant *t, uint32_t n);
 
 /* main.c */
 int nk_ep_add(int fd, uint32_t events, struct nk_handle *h);
@@ -295,8 +324,13 @@ int nk_sock_bind(struct nk_esock *es, const struct nk_addr *a);
 int nk_sock_listen(struct nk_esock *es, int backlog);
 int nk_sock_connect(struct nk_esock *es, const struct nk_addr *a, int *in_progress);
 int nk_sock_shutdown(struct nk_esock *es, int how);
+bool nk_sock_accept_queue_full(struct nk_esock *l);
+struct nk_esock *nk_sock_accepted_end(struct nk_esock *l, int *gfd);
+
+/* sockopt.c: the options a tenant may set, checked as the kernel checks an unprivileged process */
 int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len);
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len);
+int nk_setsockopt_unprivileged(int fd, int level, int name, const void *val, socklen_t len);
 
 /* ext.c: NSMs in other processes (ServiceLib) */
 #define NK_EXT_LOST UINT32_MAX
@@ -337,6 +371,10 @@ void nk_sock_conn_error(struct nk_esock *es, int err);
 void nk_sock_end_of_stream(struct nk_esock *es); /* rx EOF reached the guest's ring */
 bool nk_sock_deliver_conn(struct nk_esock *l, struct nk_esock *es, int gfd);
 void nk_sock_hang_up(struct nk_esock *es);
+void nk_sock_set_local(struct nk_esock *es, const struct nk_addr *a);
+void nk_sock_set_peer(struct nk_esock *es, const struct nk_addr *a);
+void nk_sock_close_proxy(struct nk_esock *es);
+void nk_sock_calibrate(void);
 /* for ext.c */
 bool nk_sock_ext_accepted(struct nk_esock *l, int k, uint32_t id, const struct nk_addr *peer);
 void nk_sock_ext_connected(struct nk_esock *es, int err, const struct nk_addr *local);
@@ -358,9 +396,15 @@ void nk_policy_charge(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t n
 void nk_policy_unthrottle(struct nk_esock *es);
 void nk_policy_wake_due(uint64_t now);
 int nk_tenant_admit(struct nk_tenant *t);
+bool nk_policy_dgram(struct nk_esock *es, struct nk_nsm *m, int dir, uint32_t len);
+void nk_policy_charge_dgram(struct nk_esock *es, struct nk_nsm *m, int dir, uint32_t len);
 void nk_tenant_set_rate(struct nk_tenant *t, int dir, uint64_t bits_per_s);
 void nk_nsm_set_bandwidth(struct nk_nsm *m, uint64_t bits_per_s);
 uint64_t nk_tenant_memory(const struct nk_tenant *t);
+
+/* tenant.c: the ring pages of free slots a tenant filled, taken back over max_memory */
+void nk_tenant_trim_all(void);
+uint64_t nk_tenant_region_bytes(const struct nk_tenant *t);
 
 /* control.c, admin.c */
 uint64_t nk_peer_netns(int fd, struct ucred *cred);

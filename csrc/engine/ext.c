@@ -55,6 +55,7 @@ struct nk_ext {
   size_t ncloses, closes_cap;
   uint32_t tenants[MAX_TENANTS_SEEN]; /* ids whose region the NSM has */
   uint32_t ntenants;
+  bool broken; /* broke the protocol inside a call: taken down at the next poll */
   struct nk_ext *next;
 };
 static struct nk_ext *all_ext;
@@ -84,13 +85,22 @@ static int sync_req(struct nk_ext *x, struct nk_nqe *q, struct nk_nqe *rep) {
   if (!nk_sl_push(&x->sh->req, q)) return -ENOBUFS;
   bell(x);
   uint64_t t0 = nk_now_ns();
+  /* Replies are the NSM's to write: at most a queue's worth of stale ones can stand before
+   * ours, so more than that is an NSM writing garbage (its head index runs on for ever). */
+  uint32_t popped = 0;
   for (;;) {
     struct nk_nqe r;
-    while (nk_sl_pop(&x->sh->rep, &r))
+    while (nk_sl_pop(&x->sh->rep, &r)) {
       if (r.op == NK_SLR_DONE && r.tag == q->tag) {
         *rep = r;
         return 0;
       } /* else: the answer to a request that timed out earlier */
+      if (++popped > NK_SL_QUEUE_LEN) {
+        NK_EVENT("nsm_protocol_error", "nsm=%s reason=reply_flood op=%u", x->m->name, q->op);
+        x->broken = true; /* taken down by the main loop, with nothing half-changed here */
+        return -EPROTO;
+      }
+    }
     uint64_t now = nk_now_ns();
     if (now - t0 > SYNC_TIMEOUT_NS) {
       NK_EVENT("nsm_timeout", "nsm=%s op=%u", x->m->name, q->op);
@@ -233,7 +243,7 @@ static bool dgram_in(struct nk_ext *x, const struct nk_nqe *e, struct nk_esock *
     nk_ring_produce(&es->rx, need);
     es->rx_bytes += e->len;
     es->t->rx_bytes += e->len;
-    nk_policy_charge(es, es->kfd_nsm[k], NK_RX, e->len);
+    nk_policy_charge_dgram(es, es->kfd_nsm[k], NK_RX, e->len);
     nk_sock_activate(es);
   }
   atomic_store_explicit(&a->tail.v, (uint32_t)e->off + e->len, memory_order_release);
@@ -436,6 +446,10 @@ static bool handle(struct nk_ext *x, const struct nk_nqe *e) {
 
 static bool ext_poll(struct nk_ext *x) {
   if (!up(x)) return false;
+  if (x->broken) {
+    ext_down(x, "protocol error");
+    return true;
+  }
   if (x->ncloses) flush_closes(x);
   struct nk_nqe e;
   int n = 0;
@@ -514,8 +528,9 @@ static void ext_down(struct nk_ext *x, const char *why) {
   NK_EVENT("nsm_down", "nsm=%s reason=\"%s\"", x->m->name, why);
   nk_ep_del(x->cfd);
   nk_ep_del(x->engine_bell);
-  close(x->cfd);
+  nk_close_later(x->cfd); /* it may have queued descriptors there */
   x->cfd = -1;
+  x->broken = false;
   /* Every socket it held is gone: connections fail as Linux fails them when the peer's
    * stack vanishes (reset), connects are refused, listeners wait for the next process. */
   for (uint32_t id = 0; id < NK_SL_MAX_SOCKS; id++) {
@@ -543,11 +558,13 @@ static void ext_down(struct nk_ext *x, const char *why) {
 }
 
 static void ext_up(struct nk_ext *x, int cfd) {
-  x->shfd = memfd_create("netkernel-servicelib", MFD_CLOEXEC);
+  /* Sealed at its size, as a tenant region: the NSM must not be able to shrink it under us. */
+  x->shfd = memfd_create("netkernel-servicelib", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   x->nsm_bell = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   x->engine_bell = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   void *sh = MAP_FAILED;
-  if (x->shfd >= 0 && ftruncate(x->shfd, sizeof(struct nk_sl_shared)) == 0)
+  if (x->shfd >= 0 && ftruncate(x->shfd, sizeof(struct nk_sl_shared)) == 0 &&
+      fcntl(x->shfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0)
     sh = mmap(NULL, sizeof(struct nk_sl_shared), PROT_READ | PROT_WRITE, MAP_SHARED, x->shfd, 0);
   if (sh == MAP_FAILED || x->nsm_bell < 0 || x->engine_bell < 0) {
     NK_INFO("nsm %s: cannot set up its queues", x->m->name);
@@ -555,7 +572,7 @@ static void ext_up(struct nk_ext *x, int cfd) {
     if (x->shfd >= 0) close(x->shfd);
     if (x->nsm_bell >= 0) close(x->nsm_bell);
     if (x->engine_bell >= 0) close(x->engine_bell);
-    close(cfd);
+    nk_close_later(cfd);
     return;
   }
   x->sh = sh;
@@ -572,7 +589,7 @@ static void ext_up(struct nk_ext *x, int cfd) {
     close(x->shfd);
     close(x->nsm_bell);
     close(x->engine_bell);
-    close(cfd);
+    nk_close_later(cfd);
     return;
   }
   x->cfd = cfd;
@@ -600,17 +617,23 @@ void nk_ext_event(struct nk_handle *h, uint32_t ev) {
   if (h->type == NK_H_EXT_LISTEN) {
     int fd = accept4(x->lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) return;
-    struct ucred cr;
-    socklen_t l = sizeof(cr);
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &l) < 0 || cr.uid != 0) {
-      NK_INFO("nsm %s: refused a connection from uid %d (root only)", x->m->name, (int)cr.uid);
-      close(fd);
+    /* Only root in the NSM's own namespace (where the daemon starts its process) may serve
+     * it: a tenant's root is not root here (user namespace), and a process elsewhere that
+     * stood in for the NSM would be handed tenants' regions. */
+    struct ucred cr = {0};
+    uint64_t ns = nk_peer_netns(fd, &cr);
+    struct stat st;
+    uint64_t want = fstat(x->m->netns_fd, &st) == 0 ? st.st_ino : 1;
+    if (cr.uid != 0 || ns != want) {
+      NK_INFO("nsm %s: refused a connection from pid %d uid %d (root in the NSM's namespace only)",
+              x->m->name, (int)cr.pid, (int)cr.uid);
+      nk_close_later(fd);
       return;
     }
     if (up(x)) {
       /* One process per NSM. The old one may be dying: its hang-up is what lets the next in. */
       NK_INFO("nsm %s: a second process was refused (one is connected)", x->m->name);
-      close(fd);
+      nk_close_later(fd);
       return;
     }
     ext_up(x, fd);

@@ -95,6 +95,13 @@ static bool scan_all(void) {
 #define NK_GRANULE_NS 10000000ull
 #define NK_CPU_BURST_NS 50000.0
 
+/* Tenants with max_memory have their regions checked once a second (tenant.c: trim). */
+static bool trim_due(void) {
+  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+    if (t->max_memory) return true;
+  return false;
+}
+
 static void queue_tenant(struct nk_tenant *t) {
   t->in_active = true;
   t->next_active = NULL;
@@ -279,12 +286,18 @@ int main(int argc, char **argv) {
   static struct nk_handle h_sig = {NK_H_SIGNAL, 0, NULL};
   nk_ep_add(sfd, EPOLLIN, &h_sig);
   int r;
+  /* After the signal mask: the closer thread inherits it, so SIGTERM stays with signalfd. */
+  if ((r = nk_fds_init()) < 0) {
+    fprintf(stderr, "netkernel-engine: cannot start its closer thread: %s\n", strerror(-r));
+    return 1;
+  }
+  nk_sock_calibrate();
   if ((r = nk_control_listen(ctl)) < 0 || (r = nk_admin_listen(adm)) < 0) {
     fprintf(stderr, "netkernel-engine: cannot listen on %s / %s: %s\n", ctl, adm, strerror(-r));
     return 1;
   }
-  NK_INFO("ready: control %s, admin %s, spin %llu us", ctl, adm,
-          (unsigned long long)(E.spin_ns / 1000));
+  NK_INFO("ready: control %s, admin %s, spin %llu us, %llu descriptors", ctl, adm,
+          (unsigned long long)(E.spin_ns / 1000), (unsigned long long)E.fd_limit);
 
   struct epoll_event evs[256];
   uint64_t last_work = nk_now_ns();
@@ -308,12 +321,20 @@ int main(int argc, char **argv) {
           int64_t due = E.next_wake_ns > now ? (int64_t)(E.next_wake_ns - now) : 0;
           if (timeout_ns < 0 || due < timeout_ns) timeout_ns = due;
         }
+        if (trim_due()) {
+          int64_t due = E.next_trim_ns > now ? (int64_t)(E.next_trim_ns - now) : 0;
+          if (timeout_ns < 0 || due < timeout_ns) timeout_ns = due;
+        }
         slept = true;
       }
     }
     if (E.nzombies && nk_now_ns() >= E.next_sweep_ns) {
       nk_sock_sweep_zombies();
       E.next_sweep_ns = nk_now_ns() + 100000000ull;
+    }
+    if (trim_due() && nk_now_ns() >= E.next_trim_ns) {
+      nk_tenant_trim_all();
+      E.next_trim_ns = nk_now_ns() + 1000000000ull;
     }
     struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
     int n = epoll_pwait2(E.ep, evs, 256, timeout_ns < 0 ? NULL : &ts, NULL);

@@ -124,6 +124,17 @@ uint64_t nk_policy_grant(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_
   return grant < need ? need : grant;
 }
 
+/* A datagram goes whole or waits. It costs its length, and an empty one a byte: Linux
+ * delivers empty datagrams, and a rate limit must still count them. */
+bool nk_policy_dgram(struct nk_esock *es, struct nk_nsm *m, int dir, uint32_t len) {
+  uint64_t cost = len ? len : 1;
+  return nk_policy_grant(es, m, dir, cost, cost) != 0;
+}
+
+void nk_policy_charge_dgram(struct nk_esock *es, struct nk_nsm *m, int dir, uint32_t len) {
+  nk_policy_charge(es, m, dir, len ? len : 1);
+}
+
 void nk_policy_charge(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t n) {
   if (!m) return;
   struct nk_tenant *t = es->t;
@@ -185,12 +196,17 @@ static int refuse(struct nk_tenant *t, int err, const char *reason, uint64_t lim
 }
 
 /* May the tenant open one more socket? 0 or the errno Linux gives when it runs out: EMFILE
- * for the socket limit (as for the descriptor limit), ENOBUFS for memory. */
+ * for the socket limit and the tenant's share of the engine's descriptors (as for a process's
+ * descriptor limit), ENFILE for the engine's own (as for the system's), ENOBUFS for memory.
+ * On 0 the socket's descriptors are taken from the budget; nk_esock_free gives them back. */
 int nk_tenant_admit(struct nk_tenant *t) {
   if (t->max_sockets && t->nsocks >= t->max_sockets)
     return refuse(t, EMFILE, "max_sockets", t->max_sockets, &t->refused_sockets);
   if (t->max_memory && nk_tenant_memory(t) + 2ull * t->ring_size > t->max_memory)
     return refuse(t, ENOBUFS, "max_memory", t->max_memory, &t->refused_memory);
   if (t->nfree == 0) return refuse(t, EMFILE, "slots", t->nslots, &t->refused_sockets);
+  int r = nk_fds_take(t, NK_SOCK_FDS);
+  if (r == -EMFILE) return refuse(t, EMFILE, "engine_fds", nk_tenant_fd_limit(t), &t->refused_sockets);
+  if (r < 0) return refuse(t, ENFILE, "engine_fds_total", E.fd_limit, &t->refused_sockets);
   return 0;
 }

@@ -7,6 +7,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/sockios.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,7 +66,7 @@ static int kfd_add(struct nk_esock *es, int fd, int family, struct nk_nsm *nsm) 
     struct nk_opt *o = &es->opts[i];
     if (o->level == IPPROTO_IPV6 && family != AF_INET6) continue;
     if (o->level == IPPROTO_IP && family != AF_INET) continue;
-    setsockopt(fd, o->level, o->name, o->val, o->len);
+    nk_setsockopt_unprivileged(fd, o->level, o->name, o->val, o->len);
   }
   if (family == AF_INET6) {
     int v = es->v6only || !loop;
@@ -197,20 +198,38 @@ static void kfd_keep_only(struct nk_esock *es, int k) {
   es->nk = 1;
 }
 
+/* The socket's addresses live in the engine; the slot gets a copy for the guest's
+ * getsockname()/getpeername(), which the engine never reads back (a tenant may scribble it). */
+void nk_sock_set_local(struct nk_esock *es, const struct nk_addr *a) {
+  es->local = *a;
+  slot_of(es)->local = *a;
+}
+
+void nk_sock_set_peer(struct nk_esock *es, const struct nk_addr *a) {
+  es->peer = *a;
+  slot_of(es)->peer = *a;
+}
+
 static void set_local_from_kfd(struct nk_esock *es, int k) {
   if (es->kfd[k] < 0) return;
   struct sockaddr_storage ss;
   socklen_t l = sizeof(ss);
-  if (getsockname(es->kfd[k], (struct sockaddr *)&ss, &l) == 0)
-    nk_addr_from_sa(&slot_of(es)->local, (struct sockaddr *)&ss);
+  struct nk_addr a;
+  if (getsockname(es->kfd[k], (struct sockaddr *)&ss, &l) == 0) {
+    nk_addr_from_sa(&a, (struct sockaddr *)&ss);
+    nk_sock_set_local(es, &a);
+  }
 }
 
 static void set_peer_from_kfd(struct nk_esock *es, int k) {
   if (es->kfd[k] < 0) return;
   struct sockaddr_storage ss;
   socklen_t l = sizeof(ss);
-  if (getpeername(es->kfd[k], (struct sockaddr *)&ss, &l) == 0)
-    nk_addr_from_sa(&slot_of(es)->peer, (struct sockaddr *)&ss);
+  struct nk_addr a;
+  if (getpeername(es->kfd[k], (struct sockaddr *)&ss, &l) == 0) {
+    nk_addr_from_sa(&a, (struct sockaddr *)&ss);
+    nk_sock_set_peer(es, &a);
+  }
 }
 
 /* ---- readiness ---- */
@@ -263,9 +282,7 @@ static void hang_up(struct nk_esock *es) {
     proxy_shutdown(es);
     return;
   }
-  nk_ep_del(es->proxy);
-  close(es->proxy);
-  es->proxy = -1;
+  nk_sock_close_proxy(es);
   es->blocker_held = false;
   es->guest_ino = ino;
   es->zombie = true;
@@ -314,10 +331,20 @@ static bool writable_now(struct nk_esock *es) {
   return (uint64_t)(es->tx.size - fill) >= es->tx.size / 4;
 }
 
+/* The engine end of the proxy, closed. Where it refuses descriptors, nothing queued on it can
+ * make the close block; elsewhere the closer thread does it (fds.c). */
+void nk_sock_close_proxy(struct nk_esock *es) {
+  if (es->proxy < 0) return;
+  nk_ep_del(es->proxy);
+  if (es->proxy_rights_refused) close(es->proxy);
+  else nk_close_later(es->proxy);
+  es->proxy = -1;
+}
+
 static void release_blocker(struct nk_esock *es) {
   if (es->proxy < 0 || !es->blocker_held || !writable_now(es)) return;
   char buf[NK_BLOCKER_SIZE];
-  (void)recv(es->proxy, buf, sizeof(buf), MSG_DONTWAIT);
+  (void)nk_recv_untrusted(es->proxy, buf, sizeof(buf), MSG_DONTWAIT);
   es->blocker_held = false;
   nk_ep_mod(es->proxy, PROXY_EVENTS, &es->h_proxy);
 }
@@ -417,7 +444,9 @@ static void stream_tx(struct nk_esock *es) {
 
 static void stream_rx(struct nk_esock *es) {
   struct nk_slot *s = slot_of(es);
-  uint64_t budget = E.service_bytes;
+  /* Never more than a ring's worth per service, even with the engine to itself: the tenant
+   * moves the ring's tail, so "until the ring is full" could be forever. */
+  uint64_t budget = E.service_bytes < es->rx.size ? E.service_bytes : es->rx.size;
   while (es->can_read && !atomic_load(&s->rx_eof)) {
     if (budget == 0) { /* the rest in a later round */
       nk_sock_activate(es);
@@ -509,7 +538,7 @@ static int dgram_kfd_for(struct nk_esock *es, const struct nk_addr *dst) {
     }
     if (es->kfd_ext[k]) {
       src.port = es->ext_port[k];
-      slot_of(es)->local = src;
+      nk_sock_set_local(es, &src);
     }
   }
   set_local_from_kfd(es, k);
@@ -517,14 +546,23 @@ static int dgram_kfd_for(struct nk_esock *es, const struct nk_addr *dst) {
   return k;
 }
 
+/* Datagrams per service, each way: the ring is the tenant's to refill, and datagrams to its
+ * loopback cost no tokens, so without a bound the engine would never leave. */
+#define NK_DGRAMS_PER_SERVICE 256
+
 static void dgram_tx(struct nk_esock *es) {
-  for (;;) {
+  uint64_t budget = E.service_bytes;
+  for (int sent = 0;; sent++) {
     int64_t fill = nk_ring_fill_checked(&es->tx);
     if (fill < 0) {
       nk_sock_reset(es, ECONNRESET);
       return;
     }
     if (fill == 0) return;
+    if (sent == NK_DGRAMS_PER_SERVICE || budget == 0) { /* the rest in a later round */
+      nk_sock_activate(es);
+      return;
+    }
     struct nk_dgram h;
     uint32_t tail = atomic_load_explicit(es->tx.tail, memory_order_relaxed);
     if (fill < (int64_t)sizeof(h)) {
@@ -536,6 +574,7 @@ static void dgram_tx(struct nk_esock *es) {
       nk_sock_reset(es, ECONNRESET);
       return;
     }
+    budget -= budget < h.len ? budget : h.len;
     struct nk_addr dst = h.addr;
     nk_addr_unmap(&dst);
     int k;
@@ -547,12 +586,12 @@ static void dgram_tx(struct nk_esock *es) {
       k = dgram_kfd_for(es, &dst);
     }
     if (k >= 0) {
-      if (!nk_policy_grant(es, es->kfd_nsm[k], NK_TX, h.len, h.len)) return;
+      if (!nk_policy_dgram(es, es->kfd_nsm[k], NK_TX, h.len)) return;
       if (es->kfd_ext[k]) {
         if (nk_ext_sendto(es, k, dst.family ? &dst : NULL, tail + sizeof(h), h.len)) {
           es->tx_bytes += h.len;
           es->t->tx_bytes += h.len;
-          nk_policy_charge(es, es->kfd_nsm[k], NK_TX, h.len);
+          nk_policy_charge_dgram(es, es->kfd_nsm[k], NK_TX, h.len);
         }
         nk_ring_consume(&es->tx, (uint32_t)NK_DGRAM_SPACE(h.len));
         continue;
@@ -570,10 +609,10 @@ static void dgram_tx(struct nk_esock *es) {
         es->can_write = false;
         return; /* retry on EPOLLOUT */
       }
-      if (n > 0) {
+      if (n >= 0) {
         es->tx_bytes += (uint64_t)n;
         es->t->tx_bytes += (uint64_t)n;
-        nk_policy_charge(es, es->kfd_nsm[k], NK_TX, (uint64_t)n);
+        nk_policy_charge_dgram(es, es->kfd_nsm[k], NK_TX, (uint32_t)n);
       }
       /* Other send errors drop the datagram, as UDP would. */
     }
@@ -585,7 +624,11 @@ static void dgram_rx(struct nk_esock *es) {
   struct nk_slot *s = slot_of(es);
   for (int k = 0; k < es->nk; k++) {
     if (es->kfd[k] < 0) continue; /* an external NSM's come as events (ext.c) */
-    for (;;) {
+    for (int got = 0;; got++) {
+      if (got == NK_DGRAMS_PER_SERVICE) { /* the rest in a later round */
+        nk_sock_activate(es);
+        break;
+      }
       int64_t fill = nk_ring_fill_checked(&es->rx);
       if (fill < 0) {
         nk_sock_reset(es, ECONNRESET);
@@ -599,7 +642,7 @@ static void dgram_rx(struct nk_esock *es) {
         if (errno != EAGAIN && errno != EINTR) atomic_store(&s->rx_err, errno);
         break;
       }
-      if (!nk_policy_grant(es, es->kfd_nsm[k], NK_RX, (uint64_t)len, (uint64_t)len)) break;
+      if (!nk_policy_dgram(es, es->kfd_nsm[k], NK_RX, (uint32_t)len)) break;
       uint32_t need = (uint32_t)NK_DGRAM_SPACE((uint32_t)len);
       if (es->rx.size - (uint32_t)fill < need) {
         atomic_store(&s->rx_stalled, 1);
@@ -624,12 +667,59 @@ static void dgram_rx(struct nk_esock *es) {
       nk_ring_produce(&es->rx, (uint32_t)NK_DGRAM_SPACE((uint32_t)n));
       es->rx_bytes += (uint64_t)n;
       es->t->rx_bytes += (uint64_t)n;
-      nk_policy_charge(es, es->kfd_nsm[k], NK_RX, (uint64_t)n);
+      nk_policy_charge_dgram(es, es->kfd_nsm[k], NK_RX, (uint32_t)n);
     }
   }
 }
 
 /* ---- listeners ---- */
+
+/* Kernel memory one NEWCONN record (64 bytes and a descriptor) takes on a proxy's send queue,
+ * measured at start (768 bytes on 6.x kernels): a listener's proxy can then be given a send
+ * buffer that holds just its backlog of not-yet-accepted connections. */
+void nk_sock_calibrate(void) {
+  E.record_size = 1024;
+  int sv[2], pv[2];
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return;
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pv) == 0) {
+    struct nk_newconn msg = {.type = NK_MSG_NEWCONN};
+    union {
+      char buf[CMSG_SPACE(sizeof(int))];
+      struct cmsghdr align;
+    } cm;
+    memset(&cm, 0, sizeof(cm));
+    struct iovec iov = {.iov_base = &msg, .iov_len = sizeof(msg)};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                        .msg_controllen = sizeof(cm.buf)};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &pv[1], sizeof(int));
+    int q = 0;
+    if (sendmsg(sv[0], &mh, MSG_DONTWAIT) == sizeof(msg) && ioctl(sv[0], SIOCOUTQ, &q) == 0 && q > 0)
+      E.record_size = (uint32_t)q;
+    close(pv[0]);
+    close(pv[1]);
+  }
+  close(sv[0]);
+  close(sv[1]);
+}
+
+/* Linux queues up to backlog + 1 connections that nobody accepted yet (and clamps the backlog
+ * to somaxconn); connections beyond wait in the kernel, retrying their SYN. The engine holds
+ * the same number on the listener's proxy: its send buffer fits that many records, so a
+ * delivery beyond them fails (EAGAIN) and the rest stay in the NSM's own accept queue. (The
+ * kernel's smallest send buffer fits 6 records: tiny backlogs get up to 6.) */
+static void proxy_fit_backlog(struct nk_esock *l, int backlog) {
+  if (l->proxy < 0) return;
+  uint64_t queued = (uint64_t)(backlog < 0 ? 0 : backlog > 65535 ? 65535 : backlog) + 1;
+  /* A send succeeds while the queue holds less than the buffer, so queued records fit in
+   * queued * size - 1 bytes and one more does not. The kernel doubles what it is given. */
+  int half = (int)((queued * E.record_size - 1) / 2);
+  if (setsockopt(l->proxy, SOL_SOCKET, SO_SNDBUFFORCE, &half, sizeof(half)) < 0)
+    setsockopt(l->proxy, SOL_SOCKET, SO_SNDBUF, &half, sizeof(half));
+}
 
 static bool deliver_conn(struct nk_esock *l, int gfd, struct nk_newconn *msg) {
   union {
@@ -648,13 +738,25 @@ static bool deliver_conn(struct nk_esock *l, int gfd, struct nk_newconn *msg) {
   return sendmsg(l->proxy, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) == sizeof(*msg);
 }
 
+/* Is listener l's queue of connections its application has not accepted yet full? Then a new
+ * one would be refused or held (see proxy_fit_backlog). */
+static bool accept_queue_full(struct nk_esock *l) { return l->pending_fd >= 0; }
+bool nk_sock_accept_queue_full(struct nk_esock *l) { return accept_queue_full(l); }
+
+/* While the queue is full the NSM's listening sockets are not watched: their connections wait
+ * in the kernel's accept queue (a level-triggered EPOLLIN would wake the engine for nothing
+ * until the application accepts). */
+static void listen_watch(struct nk_esock *l, bool on) {
+  for (int k = 0; k < l->nk; k++)
+    if (!l->kfd_ext[k] && l->kfd[k] >= 0) nk_ep_mod(l->kfd[k], on ? EPOLLIN : 0, &l->h_kfd[k]);
+}
+
 /* Hand the new connection es (guest end gfd, which this call closes or keeps) to listener l's
  * application; when its accept queue is full, hold it as the one pending connection.
  * False when one is already pending: the caller refuses the connection. */
 bool nk_sock_deliver_conn(struct nk_esock *l, struct nk_esock *es, int gfd) {
-  struct nk_slot *s = slot_of(es);
   struct nk_newconn msg = {.type = NK_MSG_NEWCONN, .slot = es->slot, .gen = es->gen,
-                           .peer = s->peer, .local = s->local};
+                           .peer = es->peer, .local = es->local};
   if (l->pending_fd < 0 && deliver_conn(l, gfd, &msg)) {
     close(gfd);
     return true;
@@ -664,8 +766,43 @@ bool nk_sock_deliver_conn(struct nk_esock *l, struct nk_esock *es, int gfd) {
   l->pending_msg = msg;
   l->pending_listen_out = true;
   nk_ep_mod(l->proxy, PROXY_EVENTS | EPOLLOUT, &l->h_proxy);
+  listen_watch(l, false);
   return true;
 }
+
+/* A new connection's engine side in listener l's tenant, as accept() makes it: a fresh proxy
+ * pair (the guest end, to deliver, in *gfd), the listener's options inherited as in Linux.
+ * NULL with nothing left open when the tenant is at its limits. */
+static struct nk_esock *accepted_end(struct nk_esock *l, int *gfd) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return NULL;
+  int one = 1;
+  setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
+  struct stat st;
+  fstat(sv[1], &st);
+  struct nk_esock *es = nk_esock_alloc(l->t, sv[0], l->family, SOCK_STREAM, st.st_ino);
+  if (!es) {
+    close(sv[0]);
+    close(sv[1]);
+    return NULL;
+  }
+  es->proxy_rights_refused = nk_fd_refuse_rights(sv[0]);
+  memcpy(es->opts, l->opts, sizeof(es->opts));
+  es->nopts = l->nopts;
+  es->linger = l->linger;
+  es->linger0 = l->linger0;
+  es->state = NK_ST_CONNECTED;
+  atomic_store(&slot_of(es)->state, NK_ST_CONNECTED);
+  es->can_read = es->can_write = true;
+  nk_ep_add(es->proxy, PROXY_EVENTS, &es->h_proxy);
+  *gfd = sv[1];
+  return es;
+}
+
+struct nk_esock *nk_sock_accepted_end(struct nk_esock *l, int *gfd) { return accepted_end(l, gfd); }
+
+/* Connections per service of a listener: a flood of them waits for the next round. */
+#define NK_ACCEPTS_PER_SERVICE 64
 
 static void listener_accept(struct nk_esock *l) {
   struct nk_tenant *t = l->t;
@@ -677,65 +814,47 @@ static void listener_accept(struct nk_esock *l) {
       l->pending_listen_out = false;
       nk_ep_mod(l->proxy, PROXY_EVENTS, &l->h_proxy);
     }
+    listen_watch(l, true);
   }
+  int accepted = 0;
   for (int k = 0; k < l->nk; k++) {
     if (l->kfd[k] < 0) continue; /* an external NSM's: its connections come as events */
-    for (;;) {
+    while (!accept_queue_full(l)) {
+      if (accepted++ == NK_ACCEPTS_PER_SERVICE) {
+        nk_sock_activate(l);
+        return;
+      }
       struct sockaddr_storage ss;
       socklen_t sl = sizeof(ss);
-      int cfd = accept4(l->kfd[k], (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
-      if (cfd < 0) break;
-      int sv[2];
-      if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
-        close(cfd);
+      bool dropped;
+      int cfd = nk_accept_or_drop(l->kfd[k], (struct sockaddr *)&ss, &sl, &dropped);
+      if (cfd < 0) {
+        if (dropped) continue; /* refused for lack of engine descriptors */
         break;
       }
-      int one = 1;
-      setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
-      struct stat st;
-      fstat(sv[1], &st);
-      struct nk_esock *es = nk_esock_alloc(t, sv[0], l->family, SOCK_STREAM, st.st_ino);
+      int gfd;
+      struct nk_esock *es = accepted_end(l, &gfd);
       if (!es) {
         /* Admission limit (logged by nk_tenant_admit): refuse this connection with a reset,
          * keep the listener. */
         struct linger lg = {1, 0};
         setsockopt(cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
         close(cfd);
-        close(sv[0]);
-        close(sv[1]);
         continue;
       }
-      /* Options set on the listener are inherited by its connections, as in Linux. */
-      memcpy(es->opts, l->opts, sizeof(es->opts));
-      es->nopts = l->nopts;
-      es->linger = l->linger;
-      es->linger0 = l->linger0;
       kfd_add(es, cfd, l->kfd_family[k], l->kfd_nsm[k]);
-      es->state = NK_ST_CONNECTED;
-      struct nk_slot *s = slot_of(es);
       if (l->kfd_loop[k]) {
         set_local_from_kfd(es, 0); /* any 127/8 address: ask the kernel */
       } else {
-        s->local = l->kfd_family[k] == AF_INET ? t->ipv4 : t->ipv6; /* the NSM listener's */
-        s->local.port = l->bind_addr.port;
+        struct nk_addr a = l->kfd_family[k] == AF_INET ? t->ipv4 : t->ipv6; /* the NSM listener's */
+        a.port = l->bind_addr.port;
+        nk_sock_set_local(es, &a);
       }
-      nk_addr_from_sa(&s->peer, (struct sockaddr *)&ss);
-      atomic_store(&s->state, NK_ST_CONNECTED);
-      es->can_read = es->can_write = true;
-      nk_ep_add(es->proxy, PROXY_EVENTS, &es->h_proxy);
+      struct nk_addr peer;
+      nk_addr_from_sa(&peer, (struct sockaddr *)&ss);
+      nk_sock_set_peer(es, &peer);
       kfd_watch(es, 0);
-      struct nk_newconn msg = {.type = NK_MSG_NEWCONN, .slot = es->slot, .gen = es->gen,
-                               .peer = s->peer, .local = s->local};
-      if (!deliver_conn(l, sv[1], &msg)) {
-        /* The application's accept queue is full: hold this one until it drains. */
-        l->pending_fd = sv[1];
-        l->pending_msg = msg;
-        l->pending_listen_out = true;
-        nk_ep_mod(l->proxy, PROXY_EVENTS | EPOLLOUT, &l->h_proxy);
-        nk_sock_activate(es);
-        return;
-      }
-      close(sv[1]);
+      nk_sock_deliver_conn(l, es, gfd); /* delivered, or held until the queue drains */
       nk_sock_activate(es);
     }
   }
@@ -745,22 +864,10 @@ static void listener_accept(struct nk_esock *l) {
  * when the engine cannot take it: the caller has the NSM reset it. */
 bool nk_sock_ext_accepted(struct nk_esock *l, int k, uint32_t id, const struct nk_addr *peer) {
   struct nk_tenant *t = l->t;
-  int sv[2];
-  if (l->proxy < 0 || socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return false;
-  int one = 1;
-  setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
-  struct stat st;
-  fstat(sv[1], &st);
-  struct nk_esock *es = nk_esock_alloc(t, sv[0], l->family, SOCK_STREAM, st.st_ino);
-  if (!es) {
-    close(sv[0]);
-    close(sv[1]);
-    return false;
-  }
-  memcpy(es->opts, l->opts, sizeof(es->opts));
-  es->nopts = l->nopts;
-  es->linger = l->linger;
-  es->linger0 = l->linger0;
+  int gfd;
+  if (l->proxy < 0 || accept_queue_full(l)) return false;
+  struct nk_esock *es = accepted_end(l, &gfd);
+  if (!es) return false;
   es->nk = 1;
   es->kfd[0] = -1;
   es->kfd_family[0] = l->kfd_family[k];
@@ -773,23 +880,15 @@ bool nk_sock_ext_accepted(struct nk_esock *l, int k, uint32_t id, const struct n
   for (int i = 0; i < es->nopts; i++) /* inherited from the listener, as in Linux */
     nk_ext_setopt(es, 0, es->opts[i].level, es->opts[i].name, es->opts[i].val, es->opts[i].len);
   es->ext = true;
-  es->state = NK_ST_CONNECTED;
-  struct nk_slot *s = slot_of(es);
-  s->local = l->kfd_family[k] == AF_INET ? t->ipv4 : t->ipv6;
-  s->local.port = l->bind_addr.port;
-  s->peer = *peer;
-  s->peer.scope_id = 0;
-  atomic_store(&s->state, NK_ST_CONNECTED);
-  es->can_read = es->can_write = true;
-  nk_ep_add(es->proxy, PROXY_EVENTS, &es->h_proxy);
+  struct nk_addr a = l->kfd_family[k] == AF_INET ? t->ipv4 : t->ipv6;
+  a.port = l->bind_addr.port;
+  nk_sock_set_local(es, &a);
+  struct nk_addr p = *peer;
+  p.scope_id = 0;
+  nk_sock_set_peer(es, &p);
   nk_ext_attach(es);
   nk_sock_activate(es);
-  if (!nk_sock_deliver_conn(l, es, sv[1])) {
-    /* The application's accept queue is full and one is held already: reset this one. */
-    close(sv[1]);
-    nk_sock_close_kfds(es, true);
-    nk_sock_conn_error(es, ECONNRESET);
-  }
+  nk_sock_deliver_conn(l, es, gfd); /* the queue had room: delivered or held */
   return true;
 }
 
@@ -803,7 +902,7 @@ void nk_sock_ext_connected(struct nk_esock *es, int err, const struct nk_addr *l
   es->state = NK_ST_CONNECTED;
   struct nk_addr a = es->kfd_family[0] == AF_INET ? es->t->ipv4 : es->t->ipv6;
   a.port = local && local->port ? local->port : es->ext_port[0];
-  s->local = a;
+  nk_sock_set_local(es, &a);
   atomic_store(&s->state, NK_ST_CONNECTED);
   nk_ext_attach(es);
   nk_sock_activate(es);
@@ -887,9 +986,7 @@ void nk_sock_service(struct nk_esock *es) {
 void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev) {
   if (ev & (EPOLLHUP | EPOLLERR)) {
     /* Every guest reference is gone (closed, or the processes died). */
-    nk_ep_del(es->proxy);
-    close(es->proxy);
-    es->proxy = -1;
+    nk_sock_close_proxy(es);
     es->closing = true;
     nk_sock_service(es);
     return;
@@ -1007,7 +1104,7 @@ int nk_sock_bind(struct nk_esock *es, const struct nk_addr *req) {
   es->bound = true;
   es->bind_addr = a;
   es->bind_addr.port = port;
-  slot_of(es)->local = es->bind_addr;
+  nk_sock_set_local(es, &es->bind_addr);
   es->state = NK_ST_BOUND;
   atomic_store(&slot_of(es)->state, NK_ST_BOUND);
   if (es->kind == NK_KIND_DGRAM)
@@ -1024,6 +1121,7 @@ int nk_sock_listen(struct nk_esock *es, int backlog) {
     for (int k = 0; k < es->nk; k++)
       if (!es->kfd_ext[k]) listen(es->kfd[k], backlog);
     es->backlog = backlog;
+    proxy_fit_backlog(es, backlog);
     return 0;
   }
   if (es->state != NK_ST_NEW && es->state != NK_ST_BOUND) return -EINVAL;
@@ -1037,9 +1135,7 @@ int nk_sock_listen(struct nk_esock *es, int backlog) {
     if (r < 0) return r;
   }
   es->backlog = backlog;
-  /* Deep accept queue on the proxy: each pending connection is one small record. */
-  int big = 4 << 20;
-  setsockopt(es->proxy, SOL_SOCKET, SO_SNDBUF, &big, sizeof(big));
+  proxy_fit_backlog(es, backlog);
   es->kind = NK_KIND_LISTENER;
   es->state = NK_ST_LISTEN;
   struct nk_slot *s = slot_of(es);
@@ -1058,7 +1154,8 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_prog
   if (es->dead) return -ECONNABORTED;
   struct nk_addr dst = *req;
   if (dst.family == 0 && es->kind == NK_KIND_DGRAM) { /* AF_UNSPEC: dissolve the association */
-    memset(&s->peer, 0, sizeof(s->peer));
+    struct nk_addr none = {0};
+    nk_sock_set_peer(es, &none);
     es->state = es->bound ? NK_ST_BOUND : NK_ST_NEW;
     atomic_store(&s->state, es->state);
     return 0;
@@ -1112,10 +1209,11 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_prog
       }
       return r;
     }
+    struct nk_addr local = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
+    local.port = es->ext_port[0];
     if (es->kind == NK_KIND_DGRAM) { /* connected at once, as a kernel UDP socket */
-      s->peer = dst;
-      s->local = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
-      s->local.port = es->ext_port[0];
+      nk_sock_set_peer(es, &dst);
+      nk_sock_set_local(es, &local);
       es->state = NK_ST_CONNECTED;
       atomic_store(&s->state, NK_ST_CONNECTED);
       es->bound = true;
@@ -1124,9 +1222,8 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_prog
     es->ext = true;
     es->state = NK_ST_CONNECTING;
     atomic_store(&s->state, NK_ST_CONNECTING);
-    s->local = fam == AF_INET ? es->t->ipv4 : es->t->ipv6;
-    s->local.port = es->ext_port[0];
-    s->peer = dst;
+    nk_sock_set_local(es, &local);
+    nk_sock_set_peer(es, &dst);
     es->can_read = es->can_write = true;
     *in_progress = 1;
     return 0;
@@ -1151,7 +1248,7 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_prog
     return -e;
   }
   if (es->kind == NK_KIND_DGRAM) {
-    s->peer = dst;
+    nk_sock_set_peer(es, &dst);
     set_local_from_kfd(es, 0);
     es->state = NK_ST_CONNECTED;
     atomic_store(&s->state, NK_ST_CONNECTED);
@@ -1168,7 +1265,7 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_prog
     es->state = NK_ST_CONNECTING;
     atomic_store(&s->state, NK_ST_CONNECTING);
     set_local_from_kfd(es, 0);
-    s->peer = dst;
+    nk_sock_set_peer(es, &dst);
     *in_progress = 1;
   }
   nk_sock_activate(es);
@@ -1199,169 +1296,6 @@ int nk_sock_shutdown(struct nk_esock *es, int how) {
   return 0;
 }
 
-static void remember_opt(struct nk_esock *es, int level, int name, const void *val,
-                         socklen_t len) {
-  if (len > sizeof(es->opts[0].val)) return;
-  int i;
-  for (i = 0; i < es->nopts; i++)
-    if (es->opts[i].level == level && es->opts[i].name == name) break;
-  if (i == es->nopts) {
-    if (es->nopts == NK_MAX_OPTS) return;
-    es->nopts++;
-  }
-  es->opts[i] = (struct nk_opt){.level = level, .name = name, .len = len};
-  memcpy(es->opts[i].val, val, len);
-}
-
-/* The engine runs with every capability, and a tenant's option reaches a kernel socket with
- * the engine's privileges and in the engine's address space. So: refuse what an unprivileged
- * Linux process may not do (Linux's own errno), what would let a tenant leave its addresses
- * or the operator's stack settings, and every option whose value holds a pointer or a file
- * descriptor (it would name the engine's memory or fds). Everything else goes to the NSM. */
-static int opt_refused(int level, int name, const void *val, socklen_t len) {
-  int v = 0;
-  if (val && len >= sizeof(int)) memcpy(&v, val, sizeof(int));
-  if (level == SOL_SOCKET) {
-    switch (name) {
-      case SO_DEBUG:
-      case SO_MARK:
-      case SO_SNDBUFFORCE:
-      case SO_RCVBUFFORCE:
-      case SO_BUSY_POLL:
-      case SO_BINDTODEVICE:
-      case SO_BINDTOIFINDEX:
-        return -EPERM;
-      case SO_PRIORITY:
-        return v < 0 || v > 6 ? -EPERM : 0;
-      case SO_ATTACH_FILTER:
-      case SO_ATTACH_BPF:
-      case SO_ATTACH_REUSEPORT_CBPF:
-      case SO_ATTACH_REUSEPORT_EBPF:
-      case SO_DETACH_FILTER:
-      case SO_LOCK_FILTER:
-        return -EOPNOTSUPP;
-    }
-  } else if (level == IPPROTO_TCP) {
-    switch (name) {
-      case TCP_REPAIR:
-      case TCP_REPAIR_QUEUE:
-      case TCP_QUEUE_SEQ:
-      case TCP_REPAIR_OPTIONS:
-      case TCP_REPAIR_WINDOW:
-      case TCP_TX_DELAY:
-        return -EPERM;
-      case TCP_CONGESTION: /* the operator chooses congestion control, per NSM */
-      case TCP_ULP:
-      case TCP_ZEROCOPY_RECEIVE:
-        return -EPERM;
-    }
-  } else if (level == IPPROTO_IP) {
-    switch (name) {
-      case IP_TRANSPARENT:
-      case IP_FREEBIND:
-      case IP_XFRM_POLICY:
-      case IP_IPSEC_POLICY:
-        return -EPERM;
-    }
-  } else if (level == IPPROTO_IPV6) {
-    switch (name) {
-      case IPV6_TRANSPARENT:
-      case IPV6_FREEBIND:
-      case IPV6_XFRM_POLICY:
-      case IPV6_IPSEC_POLICY:
-        return -EPERM;
-    }
-  } else if (level != IPPROTO_UDP) {
-    return -ENOPROTOOPT; /* SOL_TLS and other layers: not offered */
-  }
-  return 0;
-}
-
-int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len) {
-  int refused = opt_refused(level, name, val, len);
-  if (refused) {
-    NK_INFO("tenant %s: setsockopt(%d, %d) refused: %s", es->t->name, level, name,
-            strerror(-refused));
-    return refused;
-  }
-  if (level == IPPROTO_IPV6 && name == IPV6_V6ONLY) {
-    if (es->family != AF_INET6) return -ENOPROTOOPT;
-    if (len < sizeof(int)) return -EINVAL;
-    if (es->bound) return -EINVAL;
-    int v;
-    memcpy(&v, val, sizeof(v));
-    es->v6only = v != 0;
-    return 0;
-  }
-  if (level == SOL_SOCKET && name == SO_LINGER) {
-    /* Kept here, never given to the kernel socket: close() of a socket with a linger time
-     * blocks, even a non-blocking one, and would stall the engine for every tenant. The
-     * engine applies {1, 0} itself when it closes with a reset. */
-    struct linger lg = {0};
-    if (len < sizeof(lg)) return -EINVAL;
-    memcpy(&lg, val, sizeof(lg));
-    es->linger = lg;
-    es->linger0 = lg.l_onoff && lg.l_linger == 0;
-    return 0;
-  }
-  int err = 0;
-  bool kernel = false;
-  for (int k = 0; k < es->nk; k++) {
-    if (es->kfd_ext[k]) {
-      nk_ext_setopt(es, k, level, name, val, len);
-      continue;
-    }
-    if (es->kfd[k] < 0) continue;
-    kernel = true;
-    if (level == IPPROTO_IPV6 && es->kfd_family[k] != AF_INET6) continue;
-    if (level == IPPROTO_IP && es->kfd_family[k] != AF_INET) continue;
-    if (setsockopt(es->kfd[k], level, name, val, len) < 0 && !err) err = -errno;
-  }
-  if (!kernel) {
-    /* Validate against a scratch socket so the application sees Linux's verdict now. */
-    int fd = socket(es->family, es->type | SOCK_CLOEXEC, 0);
-    if (fd >= 0) {
-      if (setsockopt(fd, level, name, val, len) < 0) err = -errno;
-      close(fd);
-    }
-  }
-  if (!err) remember_opt(es, level, name, val, len);
-  return err;
-}
-
-int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len) {
-  if (level == IPPROTO_TCP && name == TCP_ZEROCOPY_RECEIVE) return -EOPNOTSUPP; /* addresses */
-  if (level == SOL_SOCKET && name == SO_LINGER) {
-    if (*len < sizeof(es->linger)) return -EINVAL;
-    memcpy(val, &es->linger, sizeof(es->linger));
-    *len = sizeof(es->linger);
-    return 0;
-  }
-  if (level != SOL_SOCKET && level != IPPROTO_TCP && level != IPPROTO_IP &&
-      level != IPPROTO_IPV6 && level != IPPROTO_UDP)
-    return -ENOPROTOOPT;
-  if (level == IPPROTO_IPV6 && name == IPV6_V6ONLY) {
-    if (es->family != AF_INET6) return -ENOPROTOOPT;
-    int v = es->v6only;
-    memcpy(val, &v, sizeof(v));
-    *len = sizeof(v);
-    return 0;
-  }
-  int fd = -1;
-  for (int k = 0; k < es->nk; k++)
-    if (es->kfd[k] >= 0 && (!es->kfd_loop[k] || fd < 0)) fd = es->kfd[k];
-  bool scratch = fd < 0;
-  if (scratch) {
-    fd = socket(es->family, es->type | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -errno;
-    for (int i = 0; i < es->nopts; i++)
-      setsockopt(fd, es->opts[i].level, es->opts[i].name, es->opts[i].val, es->opts[i].len);
-  }
-  int r = getsockopt(fd, level, name, val, len) < 0 ? -errno : 0;
-  if (scratch) close(fd);
-  return r;
-}
-
 /* ---- tenant move ---- */
 
 /* Give listener es kernel listeners on NSM m as well, on the same addresses and port, so new
@@ -1387,7 +1321,7 @@ int nk_sock_listen_on(struct nk_esock *es, struct nk_nsm *m) {
       es->nk--;
       return r;
     }
-    if (!es->kfd_ext[j]) nk_ep_add(es->kfd[j], EPOLLIN, &es->h_kfd[j]);
+    if (!es->kfd_ext[j]) nk_ep_add(es->kfd[j], accept_queue_full(es) ? 0 : EPOLLIN, &es->h_kfd[j]);
     added++;
   }
   return added;
@@ -1399,7 +1333,7 @@ void nk_sock_drop_listeners_off(struct nk_esock *es, struct nk_nsm *keep) {
   int w = 0;
   for (int k = 0; k < es->nk; k++) {
     if (es->kfd_loop[k] || es->kfd_nsm[k] == keep) {
-      if (w != k) kfd_move(es, w, k, EPOLLIN);
+      if (w != k) kfd_move(es, w, k, accept_queue_full(es) ? 0 : EPOLLIN);
       w++;
       continue;
     }

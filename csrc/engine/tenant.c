@@ -147,17 +147,24 @@ static int region_create(struct nk_tenant *t) {
   uint64_t size = rings_off + (uint64_t)nslots * 2u * ring;
   char nm[80];
   snprintf(nm, sizeof(nm), "netkernel-%s", t->name);
-  /* Huge pages when the host has them reserved, else normal pages; both are sparse. */
-  int fd = memfd_create(nm, MFD_CLOEXEC | MFD_HUGETLB);
+  /* Huge pages when the host has them reserved, else normal pages; both are sparse. Sealed
+   * against shrinking and growing before anyone else sees it: a tenant (or an external NSM)
+   * that could truncate it would make the engine's next access a SIGBUS. */
+  int fd = memfd_create(nm, MFD_CLOEXEC | MFD_HUGETLB | MFD_ALLOW_SEALING);
   if (fd < 0 || ftruncate(fd, (off_t)size) < 0) {
     if (fd >= 0) close(fd);
-    fd = memfd_create(nm, MFD_CLOEXEC);
+    fd = memfd_create(nm, MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0) return -errno;
     if (ftruncate(fd, (off_t)size) < 0) {
       int e = errno;
       close(fd);
       return -e;
     }
+  }
+  if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+    int e = errno;
+    close(fd);
+    return -e;
   }
   void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (base == MAP_FAILED) {
@@ -252,6 +259,8 @@ fail_free:
 int nk_tenant_del(struct nk_tenant *t) {
   for (uint32_t i = 0; i < t->nslots; i++)
     if (t->socks[i]) nk_esock_free(t->socks[i]);
+  E.fds_taken -= t->fds; /* its control connections are closed by the caller */
+  t->fds = 0;
   nk_ext_tenant_gone(t);
   nk_dns_close(t);
   if (t->diag_fd >= 0) close(t->diag_fd);
@@ -288,6 +297,7 @@ struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int 
   }
   struct nk_esock *es = calloc(1, sizeof(*es));
   if (!es) {
+    nk_fds_give(t, NK_SOCK_FDS);
     errno = ENOBUFS;
     return NULL;
   }
@@ -335,10 +345,8 @@ void nk_esock_free(struct nk_esock *es) {
   if (es->ext_closing) nk_ext_forget(es);
   if (es->zombie) E.nzombies--;
   if (es->pending_fd >= 0) close(es->pending_fd);
-  if (es->proxy >= 0) {
-    nk_ep_del(es->proxy);
-    close(es->proxy);
-  }
+  nk_sock_close_proxy(es);
+  nk_fds_give(t, NK_SOCK_FDS);
   /* Unlink from the active and throttled lists. */
   struct nk_esock *prev = NULL;
   for (struct nk_esock *x = t->active_head; x; prev = x, x = x->next_active)
@@ -385,6 +393,37 @@ void nk_esock_reap(void) {
     free(t);
   }
   nk_control_reap();
+}
+
+uint64_t nk_tenant_region_bytes(const struct nk_tenant *t) {
+  struct stat st;
+  return fstat(t->memfd, &st) == 0 ? (uint64_t)st.st_blocks * 512u : 0;
+}
+
+/* A tenant can write anywhere in its region, also into the rings of slots it has no socket
+ * in: pages that then count against its memory cgroup but not against max_memory, which the
+ * engine enforces on the rings of open sockets. When the region holds more than those rings
+ * may, the free slots' ring pages are given back (what the tenant wrote there is lost: it was
+ * never a socket's). Checked once a second, only for tenants with max_memory. */
+static void trim(struct nk_tenant *t) {
+  uint64_t allowed = (uint64_t)(t->rings - t->base) + nk_tenant_memory(t);
+  if (allowed < t->max_memory) allowed = t->max_memory;
+  uint64_t held = nk_tenant_region_bytes(t);
+  if (held <= allowed) return;
+  uint64_t ring2 = 2ull * t->ring_size, base = (uint64_t)(t->rings - t->base);
+  for (uint32_t i = 0; i < t->nslots; i++)
+    if (!t->socks[i])
+      fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(base + i * ring2),
+                (off_t)ring2);
+  uint64_t after = nk_tenant_region_bytes(t);
+  t->region_trimmed += held > after ? held - after : 0;
+  NK_EVENT("region_trimmed", "tenant=%s held=%llu allowed=%llu after=%llu", t->name,
+           (unsigned long long)held, (unsigned long long)allowed, (unsigned long long)after);
+}
+
+void nk_tenant_trim_all(void) {
+  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+    if (t->max_memory && !t->dead) trim(t);
 }
 
 /* Collects the doorbell bits guests set; returns true if any socket was activated.

@@ -1,0 +1,204 @@
+/* File descriptors at the trust boundary: those a tenant (or an external NSM) hands the engine,
+ * the engine's own budget of descriptors, and each tenant's share of it.
+ *
+ * Closing a file can block: the last close() of a TCP socket with SO_LINGER waits for its
+ * unsent data for up to the linger time, a file on a stuck FUSE mount waits for its daemon.
+ * A descriptor a tenant passed in, and any socket a tenant can queue SCM_RIGHTS messages on
+ * (closing it releases the descriptors still queued there, in the closer's context), is
+ * therefore closed by a thread of its own, never by the engine's loop (nk_close_later). The
+ * proxy ends refuse descriptors altogether where the kernel offers it (SO_PASSRIGHTS, 6.16);
+ * everything read from them is read with room for every descriptor a message can carry, so
+ * the kernel never drops one (and closes it) in the engine's context.
+ *
+ * Budget: the engine raises its descriptor limit to the hard limit at start. Each tenant may
+ * hold at most its share: NK_SOCK_FDS per socket (the proxy end and up to three kernel sockets
+ * of a dual-stack wildcard bind) plus one per control connection, within max_sockets and
+ * never more than half of what the engine has; beyond that it gets EMFILE, as a process gets
+ * at its descriptor limit. When the engine itself runs short, ENFILE, as at the system's.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+
+#include "engine.h"
+
+static pthread_mutex_t closer_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t closer_cv = PTHREAD_COND_INITIALIZER;
+static int *closer_q;
+static size_t closer_n, closer_cap;
+static bool closer_up;
+
+static void *closer_main(void *arg) {
+  (void)arg;
+  int batch[256];
+  for (;;) {
+    pthread_mutex_lock(&closer_mu);
+    while (closer_n == 0) pthread_cond_wait(&closer_cv, &closer_mu);
+    size_t n = closer_n < 256 ? closer_n : 256;
+    memcpy(batch, closer_q + closer_n - n, n * sizeof(int));
+    closer_n -= n;
+    pthread_mutex_unlock(&closer_mu);
+    for (size_t i = 0; i < n; i++) close(batch[i]);
+  }
+  return NULL;
+}
+
+void nk_close_later(int fd) {
+  if (fd < 0) return;
+  pthread_mutex_lock(&closer_mu);
+  if (closer_up && closer_n == closer_cap) {
+    size_t cap = closer_cap ? 2 * closer_cap : 1024;
+    int *q = realloc(closer_q, cap * sizeof(int));
+    if (q) {
+      closer_q = q;
+      closer_cap = cap;
+    }
+  }
+  bool queued = closer_up && closer_n < closer_cap;
+  if (queued) {
+    closer_q[closer_n++] = fd;
+    pthread_cond_signal(&closer_cv);
+  }
+  pthread_mutex_unlock(&closer_mu);
+  if (!queued) {
+    /* No closer (out of memory): a reset never lingers, which is the case that matters. */
+    struct linger l = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+    close(fd);
+  }
+}
+
+#ifndef SO_PASSRIGHTS
+#define SO_PASSRIGHTS 83 /* Linux 6.16 */
+#endif
+
+/* A proxy end refuses descriptors from now on, where the kernel can (true then). Whatever was
+ * queued on it before it reached the engine is read and dropped: a fresh socket has nothing
+ * queued but what a hostile tenant put there. */
+bool nk_fd_refuse_rights(int fd) {
+  int off = 0;
+  bool refused = setsockopt(fd, SOL_SOCKET, SO_PASSRIGHTS, &off, sizeof(off)) == 0;
+  char buf[NK_BLOCKER_SIZE];
+  for (int i = 0; i < 64 && nk_recv_untrusted(fd, buf, sizeof(buf), MSG_DONTWAIT) >= 0; i++) {
+  }
+  return refused;
+}
+
+/* recv() for a socket a tenant writes to: descriptors that come along are taken and closed
+ * by the closer (a recv without room for them would have the kernel close them here). */
+ssize_t nk_recv_untrusted(int fd, void *buf, size_t len, int flags) {
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * NK_MAX_PASSED_FDS)];
+    struct cmsghdr align;
+  } cm;
+  struct iovec iov = {.iov_base = buf, .iov_len = len};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                      .msg_controllen = sizeof(cm.buf)};
+  ssize_t n = recvmsg(fd, &mh, flags | MSG_CMSG_CLOEXEC);
+  if (n >= 0 && !(flags & MSG_PEEK)) nk_fds_from_cmsg(&mh, NULL, 0);
+  return n;
+}
+
+/* The descriptors of a received message: the first `want` go to out[] (the rest of out[] is
+ * -1), every other one to the closer. Returns how many there were. */
+int nk_fds_from_cmsg(struct msghdr *mh, int *out, int want) {
+  int got = 0, total = 0;
+  for (int i = 0; i < want; i++) out[i] = -1;
+  for (struct cmsghdr *h = CMSG_FIRSTHDR(mh); h; h = CMSG_NXTHDR(mh, h)) {
+    if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
+    int k = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+    for (int j = 0; j < k; j++, total++) {
+      int fd;
+      memcpy(&fd, CMSG_DATA(h) + (size_t)j * sizeof(int), sizeof(int));
+      if (got < want) out[got++] = fd;
+      else nk_close_later(fd);
+    }
+  }
+  return total;
+}
+
+/* ---- the budget ---- */
+
+int nk_fds_init(void) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+    if (rl.rlim_cur < rl.rlim_max) {
+      rl.rlim_cur = rl.rlim_max;
+      setrlimit(RLIMIT_NOFILE, &rl);
+      getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    E.fd_limit = rl.rlim_cur > (rlim_t)INT32_MAX ? INT32_MAX : (uint64_t)rl.rlim_cur;
+  } else {
+    E.fd_limit = 1024;
+  }
+  /* One descriptor kept spare: a listener whose accept() fails for lack of descriptors stays
+   * readable, and the engine would spin on it; with the spare it takes the connection off the
+   * queue and refuses it. */
+  E.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  pthread_t th;
+  pthread_attr_t at;
+  pthread_attr_init(&at);
+  pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+  pthread_attr_setstacksize(&at, 64 * 1024);
+  int r = pthread_create(&th, &at, closer_main, NULL);
+  pthread_attr_destroy(&at);
+  if (r != 0) return -r;
+  pthread_mutex_lock(&closer_mu);
+  closer_up = true;
+  pthread_mutex_unlock(&closer_mu);
+  return 0;
+}
+
+/* accept4() that never leaves a connection queued for lack of descriptors. */
+int nk_accept_or_drop(int lfd, struct sockaddr *sa, socklen_t *len, bool *dropped) {
+  *dropped = false;
+  int fd = accept4(lfd, sa, len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (fd >= 0 || (errno != EMFILE && errno != ENFILE) || E.spare_fd < 0) return fd;
+  int e = errno;
+  close(E.spare_fd);
+  fd = accept4(lfd, sa, len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (fd >= 0) {
+    struct linger l = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l)); /* a TCP peer gets a reset */
+    nk_close_later(fd);
+    *dropped = true;
+  }
+  E.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  errno = e;
+  return -1;
+}
+
+/* Descriptors the engine can hand out to tenants: its limit less what it needs for itself
+ * (listeners, epoll, each tenant's doorbell, DNS and sock_diag sockets, each NSM's). */
+static uint64_t headroom(void) {
+  uint64_t own = 128;
+  for (struct nk_tenant *t = E.tenants; t; t = t->next) own += 4;
+  for (struct nk_nsm *m = E.nsms; m; m = m->next) own += 8;
+  return E.fd_limit > own ? E.fd_limit - own : 0;
+}
+
+uint64_t nk_tenant_fd_limit(const struct nk_tenant *t) {
+  uint64_t socks = t->max_sockets ? t->max_sockets : t->nslots;
+  uint64_t mine = socks * NK_SOCK_FDS + NK_CTL_FDS;
+  uint64_t half = headroom() / 2;
+  return mine < half ? mine : half;
+}
+
+/* Take n descriptors of t's budget: 0, -EMFILE (t's share is used up) or -ENFILE (the
+ * engine's). */
+int nk_fds_take(struct nk_tenant *t, uint32_t n) {
+  if (t->fds + n > nk_tenant_fd_limit(t)) return -EMFILE;
+  if (E.fds_taken + n > headroom()) return -ENFILE;
+  t->fds += n;
+  E.fds_taken += n;
+  return 0;
+}
+
+void nk_fds_give(struct nk_tenant *t, uint32_t n) {
+  t->fds -= n;
+  E.fds_taken -= n;
+}
