@@ -4,7 +4,11 @@ Request  ``{"v": 1, "op": "tenant-create", "name": "web"}``
 Reply    ``{"ok": true, ...}`` or ``{"ok": false, "error": "reason a person can act on"}``
 
 One connection may carry several requests in order. The socket is root-only (0600) unless
-the config names an ``api_group``, whose members may then use it too (0660, group-owned).
+the config names an ``api_group``, whose members may then use it too (0660, group-owned). The
+file mode is not all: each connection's peer is checked too (``peer_refusal``), by its
+credentials and its network namespace, so a process that got hold of the socket some other
+way (a tenant's root, which is not the host's root, or anything in another namespace) is
+refused with a reason and nothing else.
 Requests are checked here against ``OPS`` (version, op, field names and types) before the
 daemon sees them, so every handler gets only fields it knows, of the right type.
 """
@@ -12,12 +16,15 @@ daemon sees them, so every handler gets only fields it knows, of the right type.
 from __future__ import annotations
 
 import errno
+import fcntl
 import grp
 import json
 import logging
 import os
+import signal
 import socket
 import socketserver
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,10 +156,102 @@ def ping(path: Path | None = None) -> dict[str, Any] | None:
         return None
 
 
+SO_PEERPIDFD = 77  # Linux 6.5
+SO_PEERGROUPS = 59  # Linux 4.13
+PIDFD_GET_NET_NAMESPACE = 0xFF04  # _IO(0xFF, 4), Linux 6.11
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix connection, as the kernel
+    recorded them at connect()."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return pid, uid, gid
+
+
+def peer_groups(sock: socket.socket) -> set[int]:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+    except OSError:
+        return set()
+    return set(struct.unpack(f"{len(raw) // 4}I", raw))
+
+
+def peer_netns(sock: socket.socket, pid: int) -> int | None:
+    """The inode of the peer's network namespace, or None if it cannot be told. With a pidfd
+    (SO_PEERPIDFD) it names the very process that connected even if its pid was reused since:
+    asked from the pidfd itself where the kernel can (6.11), else read from /proc while the
+    pidfd is held and believed only if that process is still alive afterwards."""
+    pidfd = -1
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        pass
+    try:
+        if pidfd >= 0:
+            try:
+                ns = fcntl.ioctl(pidfd, PIDFD_GET_NET_NAMESPACE)
+            except OSError as e:
+                if e.errno == errno.ESRCH:
+                    return None
+            else:
+                try:
+                    return os.fstat(ns).st_ino
+                finally:
+                    os.close(ns)
+        try:
+            ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            return None
+        if pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(pidfd, 0)
+            except OSError:
+                return None  # gone: its pid may name another process by now
+        return ino
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def peer_refusal(sock: socket.socket, group: str | None) -> str | None:
+    """Why the peer may not use the API, or None: it must be root, or in ``group``, and in the
+    daemon's own network namespace (a tenant never is)."""
+    try:
+        pid, uid, gid = peer_credentials(sock)
+    except OSError as e:
+        return f"cannot tell who you are ({e.strerror})"
+    if uid != 0:
+        gids = {gid} | peer_groups(sock)
+        want = None
+        if group is not None:
+            try:
+                want = grp.getgrnam(group).gr_gid
+            except KeyError:
+                want = None
+        if want is None or want not in gids:
+            return (f"permission denied: the API is for root"
+                    f"{f' and members of group {group!r}' if group else ''} (you are uid {uid})")
+    mine = os.stat("/proc/self/ns/net").st_ino
+    theirs = peer_netns(sock, pid)
+    if theirs != mine:
+        return "permission denied: the API answers only processes in the host's network namespace"
+    return None
+
+
 class _RequestHandler(socketserver.StreamRequestHandler):
     server: ApiServer
 
     def handle(self) -> None:
+        refusal = peer_refusal(self.request, self.server.group)
+        if refusal is not None:
+            log.warning("api: refused a connection: %s", refusal)
+            try:
+                self.wfile.write(json.dumps({"ok": False, "error": refusal}).encode() + b"\n")
+                self.wfile.flush()
+            except OSError:
+                pass
+            return
         for raw in self.rfile:
             try:
                 req = check_request(json.loads(raw))
@@ -179,6 +278,7 @@ class ApiServer(socketserver.ThreadingUnixStreamServer):
         if missing:
             raise AssertionError(f"no handler for op(s) {', '.join(sorted(missing))}")
         self.handlers = handlers
+        self.group = group
         # A directory made here (a configured api_socket elsewhere) goes again at stop().
         self._made_dir = None if path.parent.exists() else path.parent
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -46,12 +46,30 @@ SLE_CONNECTED, SLE_ACCEPTED, SLE_SENT, SLE_RECVD, SLE_FREED, SLE_DGRAM = 64, 65,
 SOCK = 7  # the id the fake NSM gives the tenant's socket
 
 
+# The engine serves an external NSM only to root in that NSM's namespace: a helper process
+# there connects (and waits until the engine has taken it) and hands the socket over.
+CONNECT_IN_NETNS = """import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+s.recv(1, socket.MSG_PEEK)
+socket.send_fds(socket.socket(fileno=int(sys.argv[2])), [b"x"], [s.fileno()])
+"""
+
+
+def connect_in_netns(netns: str, path: str) -> socket.socket:
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with mine, theirs:
+        subprocess.run(["ip", "netns", "exec", netns, PY, "-c", CONNECT_IN_NETNS, path,
+                        str(theirs.fileno())], pass_fds=(theirs.fileno(),), check=True, timeout=30)
+        _, fds, _, _ = socket.recv_fds(mine, 1, 1)
+    return socket.socket(fileno=fds[0])
+
+
 class FakeNSM:
     """One connection to the engine, as an NSM process would make it."""
 
-    def __init__(self, path: str) -> None:
-        self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.ctl.connect(path)
+    def __init__(self, path: str, netns: str = "nk-nsm-kernel") -> None:
+        self.ctl = connect_in_netns(netns, path)
         self.ctl.settimeout(5)
         msg, fds, _, _ = socket.recv_fds(self.ctl, CTL.size, 3)
         op, version, _, _, size, _, _, _ = CTL.unpack(msg)
@@ -154,7 +172,7 @@ def fake_nsm(nk_daemon: Daemon, tenant: Callable[..., Tenant]) -> Iterator[tuple
     """A tenant moved (in the engine only) onto an external NSM that this test plays."""
     engine = EngineClient(ADMIN_SOCKET)
     name, path = "fakensm", str(RUN_DIR / "nsm-fakensm-test.sock")
-    engine.nsm_add(name, "/run/netns/nk-nsm-kernel", path)  # any namespace: it is not used
+    engine.nsm_add(name, "/run/netns/nk-nsm-kernel", path)  # where FakeNSM connects from
     t = tenant(uname("fk"))
     kernel = next(n.name for n in engine.stats().nsms if n.name != name)
     engine.tenant_move(t.name, name)
