@@ -15,7 +15,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q >/dev/null
 apt-get install -y -q --no-install-recommends \
     build-essential cmake iproute2 procps psmisc curl nginx-light wrk python3-venv \
-    pkg-config liblwip-dev >/dev/null
+    pkg-config liblwip-dev bubblewrap nftables >/dev/null
 service nginx stop >/dev/null 2>&1 || true   # Debian starts one; ours runs in the tenant
 
 echo "== installing netkernel (pip install . into /opt/netkernel-venv)"
@@ -25,7 +25,7 @@ VENV=/opt/netkernel-venv
 NK="$VENV/bin/netkernel"
 
 WORK=$(mktemp -d /tmp/netkernel-demo.XXXXXX)
-chmod 755 "$WORK"   # nginx workers run as nobody and read the docroot from here
+chmod 755 "$WORK"   # the tenant's users are unprivileged on the host: they must reach it
 PEER=nkp-demo
 cleanup() {
     set +e
@@ -67,8 +67,13 @@ CONF
 
 echo "== starting nginx in tenant web"
 "$NK" tenant create web
-"$NK" run --tenant web -- nginx -c "$WORK/nginx.conf" -p "$WORK" &
-IP=$("$NK" ps --json | python3 -c 'import json,sys; print(next(t["ipv4"] for t in json.load(sys.stdin)["tenants"] if t["name"]=="web"))')
+field() { "$NK" ps --json | python3 -c "import json,sys; print(next(t['$1'] for t in json.load(sys.stdin)['tenants'] if t['name']=='web'))"; }
+IP=$(field ipv4)
+# The host's files are read-only in a tenant, whose root is an unprivileged host uid: give it
+# the work directory (pid, logs, temp files) and let it write there.
+TENANT_ROOT=$(field uid_base)
+chown -R "$TENANT_ROOT:$TENANT_ROOT" "$WORK"
+"$NK" run --tenant web --rw "$WORK" -- nginx -c "$WORK/nginx.conf" -p "$WORK" &
 
 # A "remote host": a namespace on bridge nk0 in the test-peer range.
 ip netns add "$PEER"

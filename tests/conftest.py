@@ -28,6 +28,9 @@ import pytest
 from netkernel import netns
 
 NETKERNEL = [sys.executable, "-m", "netkernel"]
+# Python for programs that run in a tenant: the system's, which a tenant's unprivileged users
+# can reach (an interpreter under /root, as pyenv installs it, they cannot).
+TENANT_PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 KEEP_TMP = os.environ.get("NETKERNEL_KEEP_TMP") == "1"
 
 
@@ -50,7 +53,10 @@ def nk(*args: str, check: bool = False, timeout: float = 120, **kw: Any) -> subp
 
 @pytest.fixture
 def nk_tmpdir() -> Iterator[Path]:
+    """A temp dir tenants can read (its programs' configs, files to serve); to let a tenant
+    write there too, grant it: ``t.grant(nk_tmpdir)``."""
     path = Path(tempfile.mkdtemp(prefix="netkernel-test-"))
+    path.chmod(0o755)
     yield path
     if KEEP_TMP:
         print(f"\nNETKERNEL_KEEP_TMP: kept {path}")
@@ -170,10 +176,22 @@ class Tenant:
         self.ipv4: str = info["ipv4"]
         self.ipv6: str = info["ipv6"]
         self.netns: str = info["netns"]
+        self.uid_base: int = int(info["uid_base"])
         self.procs: list[subprocess.Popen[Any]] = []
+        self.rw: list[Path] = []
+
+    def grant(self, path: Path) -> Path:
+        """Let the tenant's programs write ``path`` (and what is below): it becomes its root's
+        (a host uid of its own) and is passed with --rw to every program it runs."""
+        path = Path(path)
+        for p in [path, *path.rglob("*")]:
+            os.chown(p, self.uid_base, self.uid_base, follow_symlinks=False)
+        self.rw.append(path)
+        return path
 
     def _cmd(self, cmd: Sequence[str]) -> list[str]:
-        return NETKERNEL + ["run", "--tenant", self.name, "--", *cmd]
+        grants = [x for p in self.rw for x in ("--rw", str(p))]
+        return NETKERNEL + ["run", "--tenant", self.name, *grants, "--", *cmd]
 
     def run(self, cmd: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
         kw.setdefault("timeout", 120)

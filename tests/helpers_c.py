@@ -40,8 +40,27 @@ def compiler() -> str:
     return cc
 
 
+def make_reachable(path: Path) -> Path:
+    """Let a tenant's users (unprivileged on the host) reach ``path``: every directory on the
+    way may be searched by others, and ``path`` itself read (and entered, if a directory).
+    pytest makes its temp directories 0700; tenants see host files as any other user does."""
+    path = Path(path).resolve()
+    for d in reversed(path.parents):
+        _add_mode(d, 0o001)
+    st = path.stat()
+    _add_mode(path, 0o005 if path.is_dir() or st.st_mode & 0o100 else 0o004)
+    return path
+
+
+def _add_mode(path: Path, bits: int) -> None:
+    mode = path.stat().st_mode & 0o7777
+    if mode | bits != mode:
+        os.chmod(path, mode | bits)
+
+
 def build_c(src: Path, out_dir: Path, extra_flags: Sequence[str] = ()) -> Path:
-    """Compile src into out_dir, reusing an earlier build when nothing changed.
+    """Compile src into out_dir, reusing an earlier build when nothing changed; tenants may run
+    the result (make_reachable).
 
     The output name carries a hash of the flags, so the same source built with and without
     sanitizers yields two executables side by side.
@@ -49,6 +68,7 @@ def build_c(src: Path, out_dir: Path, extra_flags: Sequence[str] = ()) -> Path:
     src = Path(src).resolve()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    make_reachable(out_dir)
     cc = compiler()
     flags = [*BASE_FLAGS, *extra_flags]
     tag = hashlib.sha1(" ".join([cc, *flags]).encode()).hexdigest()[:10]
@@ -56,12 +76,12 @@ def build_c(src: Path, out_dir: Path, extra_flags: Sequence[str] = ()) -> Path:
     deps = [src, *INCLUDE.rglob("*.h")]
     newest = max(p.stat().st_mtime for p in deps)
     if exe.exists() and exe.stat().st_mtime >= newest:
-        return exe
+        return make_reachable(exe)
     cmd = [cc, *flags, "-o", str(exe), str(src)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise AssertionError(f"compile failed: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
-    return exe
+    return make_reachable(exe)
 
 
 def cc_supports(flags: Sequence[str], out_dir: Path) -> bool:

@@ -551,11 +551,19 @@ class Place:
     tenant: str | None = None
     listen: str | None = None  # the address its servers bind, when not addr (slirp4netns)
 
-    def argv(self, cmd: Sequence[str]) -> list[str]:
+    def argv(self, cmd: Sequence[str], scratch: Path | None = None) -> list[str]:
         if self.tenant is not None:
-            return [sys.executable, "-m", "netkernel", "run", "--tenant", self.tenant, "--", *cmd]
+            # The host's files are read-only in a tenant: the bench's scratch directory is
+            # granted (nginx writes its pid, logs and temp files there).
+            grant = ["--rw", str(scratch)] if scratch is not None else []
+            return [sys.executable, "-m", "netkernel", "run", "--tenant", self.tenant, *grant, "--", *cmd]
         assert self.netns is not None
         return ["ip", "netns", "exec", self.netns, *cmd]
+
+
+# Python for programs the bench runs, in tenants too: the system's, which a tenant's
+# unprivileged users can reach (one under /root, as pyenv installs it, they cannot).
+PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
 
 def url_host(addr: str) -> str:
@@ -1012,7 +1020,9 @@ class Bench:
         self.opts = opts
         self.out = progress if progress is not None else sys.stderr
         self.tmp = Path(tempfile.mkdtemp(prefix="netkernel-bench-"))
-        self.tmp.chmod(0o755)
+        # Tenants run as unprivileged host users, one uid range each, and several tenants
+        # write here (nginx's pid, logs, temp files): open to all, sticky, as /tmp is.
+        self.tmp.chmod(0o1777)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.started_daemon = False
         self.made_tenant = False
@@ -1045,7 +1055,7 @@ class Bench:
     def run(self, place: Place, cmd: Sequence[str], timeout: float, what: str,
             ok_codes: Sequence[int] = (0,)) -> str:
         """Run to completion; return stdout+stderr; BenchError on timeout or a bad status."""
-        argv = place.argv(cmd)
+        argv = place.argv(cmd, self.tmp)
         try:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, timeout=timeout, cwd=self.tmp)
@@ -1066,7 +1076,7 @@ class Bench:
         log = open(self.tmp / log_name, "wb")  # the child keeps its own copy
         try:
             # Own session: a Ctrl-C on the terminal reaches us, and we stop servers in order.
-            p = subprocess.Popen(place.argv(cmd), stdin=subprocess.DEVNULL, stdout=log,
+            p = subprocess.Popen(place.argv(cmd, self.tmp), stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, cwd=self.tmp, start_new_session=True)
         finally:
             log.close()
@@ -1536,13 +1546,18 @@ class Bench:
         for c in configs_of(res.metric, self.opts.configs):
             res.extra[f"{c.name}_p99_us"] = median(p99[c.name])
 
-    @staticmethod
-    def _crr_prog() -> Path:
+    def _crr_prog(self) -> Path:
+        """netkernel-crr, copied where a tenant's users may run it (the package may be under
+        a directory only root enters)."""
         prog = libdir() / "netkernel-crr"
         if not os.access(prog, os.X_OK):
             raise BenchError(f"{prog} not found (reinstall with `pip install .`, or set "
                              "NETKERNEL_LIBDIR to a build directory)")
-        return prog
+        copy = self.tmp / "netkernel-crr"
+        if not copy.exists():
+            shutil.copy(prog, copy)
+            copy.chmod(0o755)
+        return copy
 
     @staticmethod
     def _crr_rate(out: str) -> tuple[float, int] | None:
@@ -1592,6 +1607,7 @@ class Bench:
         if (www / "1k.bin").exists():
             return
         (self.tmp / "tmp").mkdir(exist_ok=True)
+        (self.tmp / "tmp").chmod(0o1777)  # nginx in each tenant makes its temp dirs here
         www.mkdir(exist_ok=True)
         www.chmod(0o755)
         for name, size in (("1k.bin", 1024), ("1m.bin", 1 << 20)):
@@ -1927,7 +1943,7 @@ class Bench:
         assert self.tenant is not None
         d = max(1, min(self.opts.duration, 6) // 2)
         noisy_native, noisy_nk = self._noisy_places()
-        sink = self._peer_server(["nice", "-n", "19", sys.executable, "-c", SINK_PROG, PEER_V4,
+        sink = self._peer_server(["nice", "-n", "19", PYTHON, "-c", SINK_PROG, PEER_V4,
                                   str(SINK_PORT)], SINK_PORT, "sink")
         lowest_priority(sink.pid)
         server = self._peer_server(["sockperf", "server", "--tcp", "-i", PEER_V4, "-p",
@@ -1949,7 +1965,7 @@ class Bench:
             """NOISY_PAIRS alone/beside pairs against a flood from noisy: the summed rates
             and, for a flood from a tenant, where the engine's time went while it ran."""
             log = f"flood-{noisy.name}.log"
-            flood = self.spawn(noisy, ["nice", "-n", "19", sys.executable, "-c", FLOOD_PROG,
+            flood = self.spawn(noisy, ["nice", "-n", "19", PYTHON, "-c", FLOOD_PROG,
                                        PEER_V4, str(SINK_PORT), "3600"], log)
             lowest_priority(flood.pid)
             a = b = 0.0
@@ -2028,7 +2044,7 @@ class Bench:
                 raise BenchError("the daemon is not running any more")
             daemon_pid, engine_pid = int(status["pid"]), int(status["engine_pid"])
             log = "idle-netkernel.log"
-            server = self.spawn(self.tenant, [sys.executable, "-c", IDLE_PROG, self.tenant.addr,
+            server = self.spawn(self.tenant, [PYTHON, "-c", IDLE_PROG, self.tenant.addr,
                                               str(IDLE_PORT)], log)
             try:
                 self.wait_accepting(self.tenant.addr, IDLE_PORT, server, self.tenant,

@@ -96,6 +96,12 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shm", type=_argument_type(config.parse_switch, "switch"), metavar="on|off",
                    help="connections to tenants on this host over shared memory (default on; "
                    "both tenants must allow it)")
+    p.add_argument("--max-process-memory", type=_argument_type(config.parse_size, "size"),
+                   metavar="SIZE", help="memory its processes may use together (its cgroup), "
+                   f"e.g. 1GiB; default {config.format_size(config.DEFAULT_PROCESS_MEMORY)}; 0 = unlimited")
+    p.add_argument("--max-processes", type=_argument_type(config.parse_max_processes, "count"),
+                   metavar="N", help=f"processes and threads at most (default {config.DEFAULT_PROCESSES}; "
+                   "0 = unlimited)")
 
 
 def _policy_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,7 +112,8 @@ def _policy_args(args: argparse.Namespace) -> dict[str, Any]:
         "rate_tx": args.rate if args.rate is not None else args.rate_tx,
         "rate_rx": args.rate if args.rate is not None else args.rate_rx,
         "weight": args.weight, "max_sockets": args.max_sockets, "max_memory": args.max_memory,
-        "shm": args.shm,
+        "shm": args.shm, "max_process_memory": args.max_process_memory,
+        "max_processes": args.max_processes,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -142,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = command(sub, "run", help="run a command in a tenant (created on first use)")
     run.add_argument("--tenant", required=True, metavar="NAME")
     run.add_argument("--nsm", metavar="NSM", help="NSM for a new tenant (default: the first)")
+    run.add_argument("--rw", action="append", type=Path, default=[], metavar="PATH",
+                     help="let the program write PATH (the host's files are read-only in a tenant)")
+    run.add_argument("--ro", action="append", type=Path, default=[], metavar="PATH",
+                     help="let the program read PATH where it is otherwise private (e.g. under /run)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     t = command(sub, "tenant", help="create, change, move, delete or list tenants")
@@ -396,7 +407,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     launcher.resolve_command(cmd[0])  # exit 127 before any tenant is created
     reply = api.call("tenant-create", name=args.tenant, nsm=args.nsm)
     t = reply["tenant"]
-    return launcher.run(args.tenant, t["netns_path"], t["resolv_conf"], cmd)
+    rw = [Path(p) for p in t.get("rw", [])] + [p.resolve() for p in args.rw]
+    ro = [Path(p) for p in t.get("ro", [])] + [p.resolve() for p in args.ro]
+    return launcher.run(t, cmd, rw=rw, ro=ro)
 
 
 def _limit(bits: int | None, zero: str = "unlimited") -> str | None:
@@ -435,7 +448,8 @@ def cmd_tenant(args: argparse.Namespace) -> int:
         changes = _policy_args(args)
         if not changes:
             args.parser.error("nothing to change: give --rate-tx, --rate-rx, --rate, --weight, "
-                              "--max-sockets, --max-memory or --shm")
+                              "--max-sockets, --max-memory, --shm, --max-process-memory or "
+                              "--max-processes")
         t = api.call("tenant-set", name=args.name, **changes)["tenant"]
         print(f"tenant {t['name']}: {_describe_policy(t['policy'])}")
     elif action == "move":

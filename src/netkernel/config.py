@@ -81,6 +81,11 @@ def _abi_constant(name: str, fallback: int) -> int:
 ENGINE_SLOTS = _abi_constant("NK_DEFAULT_SLOTS", 1024)
 MAX_SLOTS = _abi_constant("NK_MAX_SLOTS", 65536)
 MAX_WEIGHT = 1000
+# A tenant's processes: memory (their cgroup's limit) and tasks. A fork bomb or a memory hog
+# stops there, and only that tenant's programs feel it.
+DEFAULT_PROCESS_MEMORY = 4 << 30
+DEFAULT_PROCESSES = 4096
+CGROUP_POLICY = ("max_process_memory", "max_processes")
 
 
 def libdir() -> Path:
@@ -204,6 +209,11 @@ def parse_max_sockets(value: object) -> int:
     return min(_whole_number(value, "socket limit", 0, MAX_SLOTS), ENGINE_SLOTS)
 
 
+def parse_max_processes(value: object) -> int:
+    """Tasks in the tenant's cgroup (pids.max); 0 is no limit."""
+    return _whole_number(value, "process limit", 0, 4194304)
+
+
 def parse_switch(value: object) -> bool:
     """true/false (TOML), or on/off, yes/no, 1/0 as text (CLI, API)."""
     if isinstance(value, bool):
@@ -254,16 +264,22 @@ class Policy:
     max_memory: int = 0
     # Connections to colocated tenants over shared memory; both ends' tenants must allow it.
     shm: bool = True
+    # The tenant's cgroup (cgroups.py): memory of its processes, and how many there may be.
+    max_process_memory: int = DEFAULT_PROCESS_MEMORY
+    max_processes: int = DEFAULT_PROCESSES
 
     def engine_args(self) -> str:
-        """``key=value ...`` for the engine's ``tenant-set``."""
-        return " ".join(f"{f.name}={int(getattr(self, f.name))}" for f in fields(self))
+        """``key=value ...`` for the engine's ``tenant-set`` (the cgroup's keys are not its)."""
+        return " ".join(f"{f.name}={int(getattr(self, f.name))}" for f in fields(self)
+                        if f.name not in CGROUP_POLICY)
 
     def describe(self) -> str:
         return (f"rate_tx={format_rate(self.rate_tx)} rate_rx={format_rate(self.rate_rx)} "
                 f"weight={self.weight} max_sockets={self.max_sockets or 'unlimited'} "
                 f"max_memory={format_size(self.max_memory, zero='unlimited')} "
-                f"shm={'on' if self.shm else 'off'}")
+                f"shm={'on' if self.shm else 'off'} "
+                f"max_process_memory={format_size(self.max_process_memory, zero='unlimited')} "
+                f"max_processes={self.max_processes or 'unlimited'}")
 
 
 POLICY_PARSERS: dict[str, Callable[[object], int | bool]] = {
@@ -273,6 +289,8 @@ POLICY_PARSERS: dict[str, Callable[[object], int | bool]] = {
     "max_sockets": parse_max_sockets,
     "max_memory": parse_size,
     "shm": parse_switch,
+    "max_process_memory": parse_size,
+    "max_processes": parse_max_processes,
 }
 
 
@@ -356,6 +374,9 @@ class TenantConfig:
     name: str
     nsm: str
     policy: Policy
+    # Host paths its programs may write (rw) or read where they are otherwise private (ro).
+    rw: tuple[Path, ...] = ()
+    ro: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -670,7 +691,7 @@ def check_nsm_kind_settings(kind: str, cc: str | None, sysctls: Sequence[tuple[s
 def _parse_tenant(item: object, path: KeyPath, nsms: tuple[NSMConfig, ...], defaults: Policy) -> TenantConfig:
     if not isinstance(item, dict):
         raise ConfigValueError(path, "must be a table ([[tenant]])")
-    _check_keys(item, ("name", "nsm", *POLICY_PARSERS), path)
+    _check_keys(item, ("name", "nsm", "rw", "ro", *POLICY_PARSERS), path)
     if not isinstance(item.get("name"), str):
         raise ConfigValueError(path, "needs a name, e.g. name = \"web\"")
     name = _parse_value(check_tenant_name, item["name"], path + ("name",))
@@ -678,7 +699,19 @@ def _parse_tenant(item: object, path: KeyPath, nsms: tuple[NSMConfig, ...], defa
     if not any(n.name == nsm for n in nsms):
         raise ConfigValueError(path + ("nsm",), f"no NSM named {nsm!r}; configured: "
                                f"{', '.join(n.name for n in nsms)}")
-    return TenantConfig(name, nsm, _parse_policy(item, defaults, path))
+    grants = {key: _parse_paths(item, key, path) for key in ("rw", "ro")}
+    return TenantConfig(name, nsm, _parse_policy(item, defaults, path), **grants)
+
+
+def _parse_paths(item: dict[str, Any], key: str, path: KeyPath) -> tuple[Path, ...]:
+    value = item.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith("/") for v in value):
+        raise ConfigValueError(path + (key,),
+                               f"must be a list of absolute paths, e.g. {key} = [\"/srv/web\"]")
+    for v in value:
+        if not Path(v).exists():
+            raise ConfigValueError(path + (key,), f"{v} does not exist on this host")
+    return tuple(Path(v) for v in value)
 
 
 def _array_of_tables(data: dict[str, Any], key: str, default: list[Any]) -> list[Any]:

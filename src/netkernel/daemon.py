@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from . import netns, steer
+from . import cgroups, guard, netns, sandbox, steer
 from .api import ApiServer, Handler
 from .config import (
     ADMIN_SOCKET,
@@ -235,10 +235,23 @@ class Tenant:
     # NSMs the tenant was moved away from whose old connections are still open.
     draining: list[str] = field(default_factory=list)
     steered: bool = False  # steer holds rules for its addresses (it was moved at least once)
+    cgroups: dict[str, str] = field(default_factory=dict)  # controller -> its cgroup
+    rw: tuple[Path, ...] = ()  # host paths the config lets it write
+    ro: tuple[Path, ...] = ()
 
     @property
     def netns(self) -> str:
         return tenant_netns(self.name)
+
+    @property
+    def uid_base(self) -> int:
+        """Its root's host uid: its uids 0..65535 are this and the 65535 after it."""
+        return sandbox.uid_base(self.index)
+
+    @property
+    def fs(self) -> Path:
+        """Its private tmpfs (/run, /var/tmp, /dev/shm inside)."""
+        return TENANTS_DIR / self.name / "fs"
 
     @property
     def cidrs(self) -> tuple[str, str]:
@@ -247,10 +260,15 @@ class Tenant:
     def record(self) -> dict[str, Any]:
         return {
             **asdict(self),
+            "rw": [str(p) for p in self.rw],
+            "ro": [str(p) for p in self.ro],
             "netns": self.netns,
             "netns_path": str(netns.netns_path(self.netns)),
             "resolv_conf": str(TENANTS_DIR / self.name / "resolv.conf"),
             "engine_socket": str(ENGINE_SOCKET),
+            "uid_base": self.uid_base,
+            "uid_count": sandbox.TENANT_UID_COUNT,
+            "fs": str(self.fs),
         }
 
 
@@ -272,10 +290,13 @@ def cleanup_all(keep_lock: bool = False) -> list[str]:
             steer.remove_all(BRIDGE)
         except Exception as e:  # the rest must still go
             log.warning("removing the steering rules of %s failed: %s", BRIDGE, e)
+    if guard.remove(BRIDGE):
+        removed.append(f"nft table {guard.table_name(BRIDGE)}")
     for link in netns.link_names():
         if link == BRIDGE or link.startswith(NSM_VETH_PREFIX):
             netns.link_del(link)
             removed.append(f"link {link}")
+    shutil.rmtree(sandbox.GUESTLIB_HOST_DIR, ignore_errors=True)
     files = [DAEMON_SOCKET, ENGINE_SOCKET, ADMIN_SOCKET, PID_FILE, ENGINE_PID_FILE]
     if not keep_lock:
         # A running daemon keeps its flock'd lock file: unlinking it would let a second
@@ -286,8 +307,14 @@ def cleanup_all(keep_lock: bool = False) -> list[str]:
             path.unlink(missing_ok=True)
             removed.append(str(path))
     if TENANTS_DIR.exists():
+        # Tenants' private tmpfs first: rmtree would empty them and leave them mounted.
+        removed += [f"mount {p}" for p in netns.umount_all(TENANTS_DIR)]
         shutil.rmtree(TENANTS_DIR, ignore_errors=True)
         removed.append(str(TENANTS_DIR))
+    try:
+        removed += [f"cgroup {d}" for d in cgroups.Cgroups().remove_all()]
+    except OSError as e:
+        log.warning("removing tenant cgroups failed: %s", e)
     try:
         RUN_DIR.rmdir()  # only if empty: leave anything we did not put there
     except OSError:
@@ -325,6 +352,8 @@ class Daemon:
         self._warned_no_policy = False
         # External NSMs' processes (lwIP), restarted by a watcher thread when they die.
         self.nsm_procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Tenants' cgroups go beneath the daemon's own (cgroups.py).
+        self.cgroups = cgroups.Cgroups()
 
     # -- lifecycle ------------------------------------------------------------------------
     def acquire_lock(self) -> None:
@@ -353,13 +382,19 @@ class Daemon:
             self._cleanup_keep_lock()
         PID_FILE.write_text(f"{os.getpid()}\n")
         TENANTS_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        sandbox.bwrap()  # fail now, with the install hint, not at the first `netkernel run`
+        sandbox.install_guestlib()
         self.build_fabric()
         self.start_engine()
         self.dns = DNSServer(str(self.config.bridge_ipv4), 53, self.resolve)
         self.dns.start()
         log.info("dns: answering on %s:53", self.config.bridge_ipv4)
+        missing = self.cgroups.missing()
+        if missing:
+            log.warning("no %s cgroup controller on this host: tenants run without that limit",
+                        ", ".join(missing))
         for tc in self.config.tenants:
-            self.create_tenant(tc.name, tc.nsm, tc.policy)
+            self.create_tenant(tc.name, tc.nsm, tc.policy, rw=tc.rw, ro=tc.ro)
         if self.config.metrics_listen is not None:
             host, port = self.config.metrics_listen
             self.metrics = MetricsServer(host, port, self.metrics_snapshot)
@@ -376,6 +411,8 @@ class Daemon:
 
     def build_fabric(self) -> None:
         c = self.config
+        # The firewall first: no NSM ever reaches the host's services on the bridge address.
+        guard.install(BRIDGE, c.bridge_ipv4, c.bridge_ipv6)
         netns.bridge_add(BRIDGE)
         netns.addr_add(BRIDGE, f"{c.bridge_ipv4}/{c.ipv4_subnet.prefixlen}")
         netns.addr_add(BRIDGE, f"{c.bridge_ipv6}/{c.ipv6_prefix.prefixlen}")
@@ -735,8 +772,8 @@ class Daemon:
             raise TenantError(f"no tenant named {name!r} (see: netkernel ps)")
         return t
 
-    def create_tenant(self, name: str, nsm_name: str | None,
-                      policy: Policy | None = None) -> tuple[Tenant, bool]:
+    def create_tenant(self, name: str, nsm_name: str | None, policy: Policy | None = None,
+                      rw: tuple[Path, ...] = (), ro: tuple[Path, ...] = ()) -> tuple[Tenant, bool]:
         """The tenant, created if new (policy None: the config's defaults), and whether it
         was created."""
         check_tenant_name(name)
@@ -762,7 +799,8 @@ class Daemon:
             if index is None:
                 raise TenantError(f"too many tenants (limit {MAX_TENANTS})")
             t = Tenant(name, nsm, index, -1, str(self.config.tenant_ipv4(index)),
-                       str(self.config.tenant_ipv6(index)), policy or self.config.defaults)
+                       str(self.config.tenant_ipv6(index)), policy or self.config.defaults,
+                       rw=rw, ro=ro)
             engine_added = False
             try:
                 self._create_tenant_fabric(t)
@@ -812,12 +850,19 @@ class Daemon:
             except ValueError as e:
                 raise TenantError(str(e)) from None
             self._apply_policy(t, policy)
+            self._apply_cgroup_policy(t, policy)
             old = t.policy
             t.policy = policy
             changed = {k: v for k, v in self._policy_fields(policy).items()
                        if v != self._policy_fields(old)[k]}
             log_event("tenant_policy_set", tenant=name, nsm=t.nsm, **changed)
             return t
+
+    def _apply_cgroup_policy(self, t: Tenant, policy: Policy) -> None:
+        try:
+            self.cgroups.limit(t.name, policy.max_process_memory, policy.max_processes, policy.weight)
+        except cgroups.CgroupError as e:
+            raise TenantError(f"tenant {t.name!r}: {e}") from None
 
     def _create_tenant_fabric(self, t: Tenant) -> None:
         netns.netns_add(t.netns)  # only `lo`: the tenant has no path around NetKernel
@@ -830,6 +875,16 @@ class Daemon:
         d = TENANTS_DIR / t.name
         d.mkdir(mode=0o755, parents=True, exist_ok=True)
         (d / "resolv.conf").write_text(RESOLV_CONF)
+        # Its private /run, /var/tmp and /dev/shm: a tmpfs of its own, its pages charged to its
+        # cgroup, which bounds it; the host's /run is not where a tenant can fill it up.
+        t.fs.mkdir(mode=0o700, exist_ok=True)
+        netns.mount_tmpfs(t.fs, t.policy.max_process_memory, t.uid_base, t.uid_base)
+        sandbox.prepare_private_fs(t.fs, t.uid_base)
+        try:
+            t.cgroups = self.cgroups.create(t.name, t.policy.max_process_memory,
+                                            t.policy.max_processes, t.policy.weight)
+        except (cgroups.CgroupError, OSError) as e:
+            raise TenantError(f"tenant {t.name!r}: cannot make its cgroups: {e}") from None
 
     @staticmethod
     def _add_tenant_addresses(t: Tenant, nsm: NSM) -> None:
@@ -849,7 +904,11 @@ class Daemon:
         for nsm_name in [t.nsm, *t.draining]:
             self._remove_tenant_addresses(t, nsm_name)
         netns.netns_del(t.netns)
+        # Anything of it the namespace did not find (its cgroup holds every process it forked).
+        self.cgroups.kill(t.name)
+        netns.umount_all(TENANTS_DIR / t.name)
         shutil.rmtree(TENANTS_DIR / t.name, ignore_errors=True)
+        self.cgroups.remove(t.name)
 
     def delete_tenant(self, name: str) -> None:
         with self.lock:
@@ -1157,7 +1216,9 @@ class Daemon:
             rates = self.rates.get(t.name)
             out.append({
                 "name": t.name, "nsm": t.nsm, "id": t.id, "ipv4": t.ipv4, "ipv6": t.ipv6,
-                "netns": t.netns, "pids": netns.pids_in_netns(t.netns),
+                "netns": t.netns,
+                "pids": sandbox.programs(t.name, netns.pids_in_netns(t.netns)),
+                "uid_base": t.uid_base, "uid_count": sandbox.TENANT_UID_COUNT,
                 "sockets": s.sockets if s else None,
                 "memory": s.memory if s else None,
                 "tx_bytes": s.tx_bytes if s else None,
@@ -1168,6 +1229,11 @@ class Daemon:
                 "refused_memory": s.refused_memory if s else None,
                 "engine_seconds": s.engine_ns / 1e9 if s and s.engine_ns is not None else None,
                 "engine_skips": s.engine_skips if s else None,
+                "fds": s.fds if s else None,
+                "fd_limit": s.fd_limit if s else None,
+                "dns_relayed": s.dns_relayed if s else None,
+                "dns_dropped": s.dns_dropped if s else None,
+                "region_bytes": s.region_bytes if s else None,
                 "policy": asdict(t.policy),
                 "draining": list(t.draining),
             })

@@ -47,6 +47,13 @@ class TenantStats:
     refused_memory: int | None = None
     engine_ns: int | None = None  # engine time spent serving the tenant's sockets
     engine_skips: int | None = None  # rounds it sat out, over its share of engine time
+    fds: int | None = None  # engine descriptors held for it (sockets' shares, control conns)
+    fd_limit: int | None = None  # its share of the engine's descriptors (EMFILE beyond)
+    ctls: int | None = None  # control connections of its processes
+    dns_relayed: int | None = None  # queries its DNS stub relayed
+    dns_dropped: int | None = None  # queries over its DNS rate, dropped
+    region_bytes: int | None = None  # memory its shared region holds
+    region_trimmed: int | None = None  # bytes of free slots' rings taken back (max_memory)
 
 
 @dataclass(frozen=True)

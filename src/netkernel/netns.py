@@ -309,3 +309,37 @@ def set_autogroup_nice(pid: int, nice: int) -> None:
         Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
     except FileNotFoundError:
         pass
+
+
+# -- mounts -------------------------------------------------------------------------------
+
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+
+def mount_tmpfs(path: Path, size: int, uid: int, gid: int, mode: int = 0o755) -> None:
+    """A tmpfs of ``size`` bytes (0: the kernel's default, half the RAM) at ``path``."""
+    opts = f"mode={mode:o},uid={uid},gid={gid}" + (f",size={size}" if size else "")
+    if _libc.mount(b"tmpfs", str(path).encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts.encode()) != 0:
+        e = ctypes.get_errno()
+        raise NetlinkError(f"cannot mount a tmpfs on {path}: {os.strerror(e)}")
+
+
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below ``path``, deepest first."""
+    prefix = str(path).rstrip("/")
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point == prefix or point.startswith(prefix + "/"):
+            found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def umount_all(path: Path) -> list[Path]:
+    """Detach every mount at or below ``path``; returns them."""
+    gone = mounts_under(path)
+    for point in gone:
+        _libc.umount2(str(point).encode(), MNT_DETACH)
+    return gone

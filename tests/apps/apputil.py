@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 PROGS = Path(__file__).resolve().parent / "progs"
-PY = sys.executable
+PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable  # a tenant reaches it
 LOG = Path("/var/log/netkernel.log")
 
 

@@ -44,6 +44,7 @@ def test_curl_in_tenant_from_peer_http_server(family, tenant, peer_ns, www, nk_t
     directory, digest = www
     peer = peer_ns()
     t = tenant(uname("http"))
+    t.grant(nk_tmpdir)  # curl writes there
     addr = _peer_addr(peer, family)
     server = _http_server(peer, addr, directory)
     try:

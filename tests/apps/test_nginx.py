@@ -73,6 +73,8 @@ class Nginx:
         self.sha_1k = make_random_file(www / "1k.bin", 1024)
         self.sha_1m = make_random_file(www / "1m.bin", 1024 * 1024)
         self.write_conf("v1")
+        if hasattr(runner, "grant"):  # a tenant: nginx writes its pid, logs and temp files there
+            runner.grant(d)
         self.proc: subprocess.Popen[str] | None = None
 
     def write_conf(self, version: str) -> None:
@@ -188,6 +190,7 @@ def test_wrk_in_tenant_against_nginx_in_peer(conn, family, tenant, peer_ns, nk_t
     peer = peer_ns()
     t = tenant(uname("wrk"))
     ng = Nginx(peer, nk_tmpdir)
+    t.grant(nk_tmpdir)  # curl in the tenant writes there (the peer's nginx is root: it still may)
     ng.start()
     try:
         addr = peer.ipv4 if family == "ipv4" else peer.ipv6
@@ -249,6 +252,7 @@ def test_nginx_reverse_proxy_in_tenant(nk_daemon, tenant, peer_ns, nk_tmpdir) ->
     front_dir.chmod(0o755)
     conf = front_dir / "nginx.conf"
     conf.write_text(PROXY_CONF.format(d=front_dir, backend=f"[{backend_peer.ipv6}]:80"))
+    t.grant(front_dir)
     cmd = ["nginx", "-p", str(front_dir), "-c", str(conf), "-e", str(front_dir / "error.log")]
     front = t.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -288,13 +292,15 @@ def test_aborted_downloads(nginx_in_tenant, nk_daemon, peer_ns, tenant, nk_tmpdi
     ng2 = Nginx(other, back)
     ng2.start()
     c = tenant(uname("abort"))
+    (back / "c").mkdir()
+    mine = c.grant(back / "c")  # where curl in the tenant writes
     try:
         wait_port(other, other.ipv4, 80, timeout=20)
         for host in (other.ipv4, other.ipv6) * 5:
             _abort(c, host)
         wait_tenant_idle(nk_daemon, c.name)
-        proc = run_checked(c, ["curl", "-sS", "--fail", "--max-time", "30", "-o", str(nk_tmpdir / "ok.bin"),
+        proc = run_checked(c, ["curl", "-sS", "--fail", "--max-time", "30", "-o", str(mine / "ok.bin"),
                                f"http://{other.ipv4}/1m.bin"])
-        assert sha256_file(nk_tmpdir / "ok.bin") == ng2.sha_1m, describe(proc)
+        assert sha256_file(mine / "ok.bin") == ng2.sha_1m, describe(proc)
     finally:
         ng2.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, Peer, Tenant, nk, wait_port
+from conftest import TENANT_PY, Daemon, Peer, Tenant, nk, wait_port
 
 from netkernel.bench import lowest_priority
 
@@ -301,7 +300,7 @@ def test_noisy_tenant_is_held_to_its_share_of_the_engine(tenant: Callable[..., T
     peer.popen(["sockperf", "server", "--tcp", "-i", peer.ipv4, "-p", "11111"],
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # The sink stands for another machine: it must not take the quiet tenant's CPU either.
-    sink = peer.popen(["nice", "-n", "19", sys.executable, "-c", SINK, peer.ipv4, "7000"],
+    sink = peer.popen(["nice", "-n", "19", TENANT_PY, "-c", SINK, peer.ipv4, "7000"],
                       stdout=subprocess.PIPE, text=True, start_new_session=True)
     lowest_priority(sink.pid)
     assert sink.stdout and sink.stdout.readline().strip() == "READY"
@@ -309,7 +308,7 @@ def test_noisy_tenant_is_held_to_its_share_of_the_engine(tenant: Callable[..., T
     alone = rr_rate(quiet, peer)
     # The flooder's program runs at the lowest CPU priority: what is looked at is the engine,
     # not the CPU scheduler of a two-core machine.
-    flood = noisy.popen(["nice", "-n", "19", sys.executable, "-c", NOISY, peer.ipv4, "7000", "14"],
+    flood = noisy.popen(["nice", "-n", "19", TENANT_PY, "-c", NOISY, peer.ipv4, "7000", "14"],
                         start_new_session=True)
     lowest_priority(flood.pid)
     time.sleep(3)
@@ -340,17 +339,17 @@ def test_move_keeps_live_connections_and_moves_new_ones(nsm: Callable[..., str],
     first, second = nsm("mva"), nsm("mvb")
     t = tenant(uname("mover"), first)
     # A listener in the tenant (it must follow the move) and a slow, checksummed download.
-    server = t.popen([sys.executable, "-m", "http.server", "8080", "--bind", "::"],
+    server = t.popen([TENANT_PY, "-m", "http.server", "8080", "--bind", "::"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     nk("tenant", "set", t.name, "--rate-rx", "400Mbit", check=True)
     size = 200 * 1000 * 1000  # ~4 s at 400 Mbit/s
-    src = peer.popen([sys.executable, str(PROGS / "bulk.py"), "listen", peer.ipv4, "7100", "send", str(size)],
+    src = peer.popen([TENANT_PY, str(PROGS / "bulk.py"), "listen", peer.ipv4, "7100", "send", str(size)],
                      stdout=subprocess.PIPE, text=True)
     assert src.stdout and src.stdout.readline().strip() == "READY"
     iperf3_server(peer, 5601)
     stream = t.popen(["iperf3", "-J", "-c", peer.ipv4, "-p", "5601", "-t", "6"],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    dst = t.popen([sys.executable, str(PROGS / "bulk.py"), "connect", peer.ipv4, "7100", "recv", "0"],
+    dst = t.popen([TENANT_PY, str(PROGS / "bulk.py"), "connect", peer.ipv4, "7100", "recv", "0"],
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_port(peer, t.ipv4, 8080)
     time.sleep(1.5)
@@ -400,11 +399,11 @@ except OSError as e:
 def test_socket_and_memory_limits_give_linux_errnos(tenant: Callable[..., Tenant]) -> None:
     t = tenant(uname("lim"))
     nk("tenant", "set", t.name, "--max-sockets", "10", check=True)
-    out = t.run([sys.executable, "-c", OPEN_UNTIL_FAIL], capture_output=True, text=True).stdout.split()
+    out = t.run([TENANT_PY, "-c", OPEN_UNTIL_FAIL], capture_output=True, text=True).stdout.split()
     assert out == ["10", "EMFILE"]
     # Each socket commits two 1 MiB rings: 8 MiB is room for four.
     nk("tenant", "set", t.name, "--max-sockets", "0", "--max-memory", "8MiB", check=True)
-    out = t.run([sys.executable, "-c", OPEN_UNTIL_FAIL], capture_output=True, text=True).stdout.split()
+    out = t.run([TENANT_PY, "-c", OPEN_UNTIL_FAIL], capture_output=True, text=True).stdout.split()
     assert out == ["4", "ENOBUFS"]
     log = LOG.read_text(errors="replace")
     assert re.search(rf"event=socket_refused tenant={t.name} reason=max_sockets limit=10 errno=EMFILE",
@@ -467,10 +466,10 @@ def test_conns_agree_with_the_peers_view(tenant: Callable[..., Tenant], peer_ns:
         subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
                         "rate", "100mbit", "burst", "64kb", "latency", "20ms"], check=True)
     t = tenant(uname("vis"), n)
-    server = peer.popen([sys.executable, "-c", DUPLEX, "listen", "5701", "11"],
+    server = peer.popen([TENANT_PY, "-c", DUPLEX, "listen", "5701", "11"],
                         stdout=subprocess.PIPE, text=True)
     assert server.stdout and server.stdout.readline().strip() == "READY"
-    client = t.popen([sys.executable, "-c", DUPLEX, peer.ipv4, "5701", "11"])
+    client = t.popen([TENANT_PY, "-c", DUPLEX, peer.ipv4, "5701", "11"])
     time.sleep(3)
     # The smoothed RTT moves with the queues: compare the means of samples taken side by side.
     ours_rtt, theirs_rtt = [], []

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NETKERNEL, Daemon, nk, requires_root, wait_port
+from conftest import NETKERNEL, TENANT_PY, Daemon, nk, requires_root, wait_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from netkernel import cli, dns
@@ -29,7 +29,7 @@ from netkernel.config import LOG_FILE as LOG
 from netkernel.config import Config
 from netkernel.engine import EngineClient, parse_conns, parse_stats
 from netkernel.errors import EngineError
-from netkernel.tenant import tenant_env
+from netkernel.sandbox import GUESTLIB_DIR, tenant_env
 
 
 def netns_names() -> list[str]:
@@ -100,11 +100,14 @@ def test_config_default_addresses() -> None:
 
 
 def test_tenant_env_prepends_guestlib() -> None:
-    env = tenant_env({"LD_PRELOAD": "/x/other.so", "A": "1"}, "web", Path("/lib/libnetkernel.so"))
-    assert env["LD_PRELOAD"] == "/lib/libnetkernel.so:/x/other.so"
+    lib = f"{GUESTLIB_DIR}/libnetkernel.so"  # where the sandbox shows GuestLib
+    env = tenant_env({"LD_PRELOAD": "/x/other.so", "A": "1"}, "web")
+    assert env["LD_PRELOAD"] == f"{lib}:/x/other.so"
     assert env["NETKERNEL_TENANT"] == "web"
     assert env["NETKERNEL_SOCKET"] == "/run/netkernel/engine.sock"
-    assert tenant_env({}, "w", Path("/l.so"))["LD_PRELOAD"] == "/l.so"
+    assert env["TMPDIR"] == "/var/tmp"  # /tmp is the host's, read-only
+    assert tenant_env({}, "w")["LD_PRELOAD"] == lib
+    assert tenant_env({"TMPDIR": "/mine"}, "w")["TMPDIR"] == "/mine"
 
 
 # -- DNS responder --------------------------------------------------------------------------
@@ -311,7 +314,8 @@ def test_ps_json_shape(nk_daemon: Daemon, tenant) -> None:  # type: ignore[no-un
         assert {"name", "nsm", "ipv4", "ipv6", "pids", "sockets", "memory", "tx_bytes", "rx_bytes",
                 "tx_bps", "rx_bps", "policy", "draining"} <= set(info)
         assert info["policy"] == {"rate_tx": 0, "rate_rx": 0, "weight": 1, "max_sockets": 1024,
-                                  "max_memory": 0, "shm": True}
+                                  "max_memory": 0, "shm": True, "max_process_memory": 4 << 30,
+                                  "max_processes": 4096}
         assert info["nsm"] == "kernel" and info["ipv4"] == t.ipv4 and info["ipv6"] == t.ipv6
         assert info["ipv4"].startswith("198.18.1.") and info["ipv6"].startswith("fd6e:6b00::1:")
         assert len(info["pids"]) == 1
@@ -443,14 +447,16 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
         (cfg_tenant,) = nk_json("ps")["tenants"]
         assert (cfg_tenant["name"], cfg_tenant["nsm"]) == ("t-cfg", "alt")
         assert cfg_tenant["policy"] == {"rate_tx": 200_000_000, "rate_rx": 0, "weight": 2,
-                                        "max_sockets": 64, "max_memory": 512 << 20, "shm": False}
+                                        "max_sockets": 64, "max_memory": 512 << 20, "shm": False,
+                                        "max_process_memory": 4 << 30, "max_processes": 4096}
 
         # Policy at creation ([defaults] below the options) and live changes.
         proc = nk("tenant", "create", "t-op", "--rate", "100Mbit", check=True)
         assert "tenant t-op created: nsm kernel" in proc.stdout
         proc = nk("tenant", "set", "t-op", "--weight", "5", "--max-sockets", "5000", check=True)
         assert proc.stdout.strip() == ("tenant t-op: rate_tx=100Mbit rate_rx=100Mbit weight=5 "
-                                       "max_sockets=1024 max_memory=unlimited shm=on")
+                                       "max_sockets=1024 max_memory=unlimited shm=on "
+                                       "max_process_memory=4GiB max_processes=4096")
         # Bad input: a clear error and nothing changes.
         def tenants() -> dict[str, tuple[str, dict[str, int]]]:
             return {t["name"]: (t["nsm"], t["policy"]) for t in nk_json("ps")["tenants"]}
@@ -505,7 +511,7 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
         assert before_scrape[("netkernel_up", ())] == 1
         assert before_scrape[("netkernel_tenant_weight", labels)] == 5
         assert before_scrape[("netkernel_tenant_rate_limit_tx_bps", labels)] == 100_000_000
-        proc = subprocess.run(NETKERNEL + ["run", "--tenant", "t-op", "--", sys.executable, "-c",
+        proc = subprocess.run(NETKERNEL + ["run", "--tenant", "t-op", "--", TENANT_PY, "-c",
                                            SOURCE.format(host=peer.ipv4)], capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 0, proc.stderr

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import nk
+from conftest import TENANT_PY, nk
 
 HERE = Path(__file__).resolve().parent
 SINK = HERE / "progs" / "sink.py"
@@ -42,14 +41,14 @@ except OSError as e:
 def test_engine_killed_mid_transfer(nk_daemon: Any, tenant: Any, peer_ns: Any) -> None:
     t = tenant("orphan")
     peer = peer_ns()
-    sink = peer.popen([sys.executable, str(SINK), "0.0.0.0", "7201"], stdout=subprocess.PIPE,
+    sink = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", "7201"], stdout=subprocess.PIPE,
                       text=True)
-    idle = peer.popen([sys.executable, str(SINK), "0.0.0.0", "7202"], stdout=subprocess.PIPE,
+    idle = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", "7202"], stdout=subprocess.PIPE,
                       text=True)
     time.sleep(0.5)
-    src = t.popen([sys.executable, str(SOURCE), peer.ipv4, "7201", "100000"],
+    src = t.popen([TENANT_PY, str(SOURCE), peer.ipv4, "7201", "100000"],
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    waiter = t.popen([sys.executable, "-c", BLOCKED_RECV, peer.ipv4, "7202"],
+    waiter = t.popen([TENANT_PY, "-c", BLOCKED_RECV, peer.ipv4, "7202"],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert waiter.stdout is not None
     assert waiter.stdout.readline().strip() == "connected"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from conftest import TENANT_PY  # noqa: E402
 from helpers_c import build_c
 
 HERE = Path(__file__).resolve().parent
@@ -30,10 +31,10 @@ def engine_alive() -> bool:
 
 def transfer(src_tenant: Any, peer: Any, size_mb: int, port: int) -> None:
     """size_mb from a tenant to a sink in the peer namespace; sha256 checked on both ends."""
-    sink = peer.popen([sys.executable, str(SINK), "0.0.0.0", str(port)],
+    sink = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", str(port)],
                       stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
-    src = src_tenant.run([sys.executable, str(SOURCE), peer.ipv4, str(port), str(size_mb)],
+    src = src_tenant.run([TENANT_PY, str(SOURCE), peer.ipv4, str(port), str(size_mb)],
                          capture_output=True, text=True, timeout=120)
     assert src.returncode == 0, src.stderr
     out, _ = sink.communicate(timeout=60)
@@ -44,7 +45,7 @@ def test_garbage_in_shared_memory(tenant: Any, peer_ns: Any, tmp_path: Path) -> 
     exe = build_c(Path(__file__).resolve().parent.parent / "c" / "scribble.c", tmp_path)
     bad, good = tenant("hostile"), tenant("bystander")
     peer = peer_ns()
-    echo = peer.popen([sys.executable, str(SINK), "0.0.0.0", "7001", "--forever"],
+    echo = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", "7001", "--forever"],
                       stdout=subprocess.DEVNULL)
     time.sleep(0.5)
     # The scribbler may wedge its own sockets (that is its business): bound it in time.
@@ -66,10 +67,10 @@ def test_garbage_in_shared_memory(tenant: Any, peer_ns: Any, tmp_path: Path) -> 
 def test_kill9_mid_transfer(tenant: Any, peer_ns: Any) -> None:
     victim, other = tenant("victim"), tenant("other")
     peer = peer_ns()
-    sink = peer.popen([sys.executable, str(SINK), "0.0.0.0", "7101"], stdout=subprocess.PIPE,
+    sink = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", "7101"], stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
-    src = victim.popen([sys.executable, str(SOURCE), peer.ipv4, "7101", "100000"])
+    src = victim.popen([TENANT_PY, str(SOURCE), peer.ipv4, "7101", "100000"])
     time.sleep(2)  # mid-transfer
     # Kill the program itself (the child of `netkernel run`), not the launcher.
     pids = subprocess.run(["pgrep", "-f", f"{SOURCE} {peer.ipv4} 7101"], capture_output=True,
@@ -89,6 +90,6 @@ def test_kill9_mid_transfer(tenant: Any, peer_ns: Any) -> None:
 def test_privileged_socket_options_refused(tenant: Any) -> None:
     t = tenant("opts")
     for host in (t.ipv4, t.ipv6):
-        r = t.run([sys.executable, str(HERE / "progs" / "options.py"), host], capture_output=True,
+        r = t.run([TENANT_PY, str(HERE / "progs" / "options.py"), host], capture_output=True,
                   text=True, timeout=60)
         assert r.returncode == 0 and r.stdout.strip() == "OK", r.stdout + r.stderr
