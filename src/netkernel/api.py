@@ -249,6 +249,13 @@ class _RequestHandler(socketserver.StreamRequestHandler):
             try:
                 self.wfile.write(json.dumps({"ok": False, "error": refusal}).encode() + b"\n")
                 self.wfile.flush()
+                # Let the peer's request arrive before closing (were it to meet a closed
+                # socket it would see a broken pipe, not the reason), but briefly: nothing
+                # it sends is read.
+                self.request.shutdown(socket.SHUT_WR)
+                self.request.settimeout(1.0)
+                while self.request.recv(65536):
+                    pass
             except OSError:
                 pass
             return

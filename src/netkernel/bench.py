@@ -587,11 +587,11 @@ http {{
     access_log off;
     sendfile on;
     keepalive_requests 1000000;
-    client_body_temp_path {d}/tmp/body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
+    client_body_temp_path {d}/tmp-{side}/body;
+    proxy_temp_path {d}/tmp-{side}/proxy;
+    fastcgi_temp_path {d}/tmp-{side}/fastcgi;
+    uwsgi_temp_path {d}/tmp-{side}/uwsgi;
+    scgi_temp_path {d}/tmp-{side}/scgi;
     default_type application/octet-stream;
 
     server {{
@@ -1606,14 +1606,24 @@ class Bench:
         www = self.tmp / "www"
         if (www / "1k.bin").exists():
             return
-        (self.tmp / "tmp").mkdir(exist_ok=True)
-        (self.tmp / "tmp").chmod(0o1777)  # nginx in each tenant makes its temp dirs here
         www.mkdir(exist_ok=True)
         www.chmod(0o755)
         for name, size in (("1k.bin", 1024), ("1m.bin", 1 << 20)):
             f = www / name
             f.write_bytes(os.urandom(size))
             f.chmod(0o644)
+
+    def _nginx_scratch(self, side: str) -> Path:
+        """The error log and temp directory of one side's nginx, fresh, writable by a
+        tenant's nginx too (its root is not the host's); returns the error log."""
+        temp = self.tmp / f"tmp-{side}"
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir()
+        temp.chmod(0o1777)
+        errlog = self.tmp / f"nginx-{side}.error.log"
+        errlog.write_bytes(b"")
+        errlog.chmod(0o666)
+        return errlog
 
     def m_nginx(self, res: MetricResult, close: bool, path: str = "1k.bin") -> None:
         self._nginx_files()
@@ -1629,8 +1639,7 @@ class Bench:
                     listen = url_host(place.listen or place.addr)
                     conf.write_text(NGINX_CONF.format(d=self.tmp, side=place.name,
                                                       listen=f"{listen}:{HTTP_PORT}"))
-                    errlog = self.tmp / f"nginx-{place.name}.error.log"
-                    errlog.write_bytes(b"")
+                    errlog = self._nginx_scratch(place.name)
                     log = f"nginx-{place.name}.log"
                     server = self.spawn(place, ["nginx", "-p", str(self.tmp), "-c", str(conf),
                                                 "-e", str(errlog)], log)
@@ -1858,7 +1867,7 @@ class Bench:
                 conf = self.tmp / f"nginx-colo-{side.name}.conf"
                 conf.write_text(NGINX_CONF.format(d=self.tmp, side=f"colo-{side.name}",
                                                   listen=f"{url_host(addr)}:{port}"))
-                errlog = self.tmp / f"nginx-colo-{side.name}.error.log"
+                errlog = self._nginx_scratch(f"colo-{side.name}")
                 srv = self._colo_start(server, ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e",
                                                 str(errlog)], port, "colo-nginx")
                 try:

@@ -227,3 +227,37 @@ def test_engine_drops_an_nsm_that_writes_garbage(fake_nsm: tuple[str, Tenant, En
         background.join(timeout=300)
     assert not errors, errors
     assert engine.stats().tenant(bystander.name) is not None  # the engine is alive
+
+
+def test_reply_flood_does_not_hold_the_engine(fake_nsm: tuple[str, Tenant, EngineClient],
+                                             tenant: Callable[..., Tenant]) -> None:
+    """The engine waits for the NSM's reply to a few calls (socket, bind, connect). An NSM that
+    sets its reply queue's head far ahead (a queue 2^31 entries long, none of them the answer)
+    must not keep the engine popping: after a queue's worth it is a protocol error, the NSM is
+    dropped, and another tenant's program gets its sockets from the engine meanwhile."""
+    path, t, engine = fake_nsm
+    other = tenant(uname("nb"))
+    fake = FakeNSM(path)
+    try:
+        app = t.popen([PY, "-u", "-c", CONNECT, "198.19.0.1"], stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+        for e in fake.requests(timeout=15):
+            if e[0] == SLQ_SOCKET:
+                tail = fake._index(REP, 1)
+                struct.pack_into("<I", fake.mem, REP, (tail + (1 << 31)) & 0xFFFFFFFF)
+                os.write(fake.engine_bell, (1).to_bytes(8, "little"))
+                break
+        t0 = time.monotonic()
+        r = other.run([PY, "-c", "import socket; socket.socket().bind(('127.0.0.1', 0)); print('ok')"],
+                      capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        assert took < 5, f"a neighbour waited {took:.1f} s behind the flooding NSM"
+        assert fake.gone(), "the engine kept an NSM that flooded its reply queue"
+        out, err = app.communicate(timeout=30)
+        assert "ERROR" in out, describe(app, out, err)
+    finally:
+        fake.close()
+    log = subprocess.run(["tail", "-n", "200", "/var/log/netkernel.log"], capture_output=True,
+                         text=True).stdout
+    assert "reason=reply_flood" in log

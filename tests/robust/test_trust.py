@@ -362,10 +362,11 @@ def test_daemon_api_refuses_a_tenant(tenant: Any) -> None:
     from netkernel.config import DAEMON_SOCKET
     t = tenant("askapi")
     # As a tenant program runs, and as a root process merely placed in its namespace.
-    inside = t.run([PY, "-c", ASK_DAEMON, str(DAEMON_SOCKET)], capture_output=True, text=True,
-                   timeout=30).stdout.strip()
-    raw = subprocess.run(["ip", "netns", "exec", t.netns, PY, "-c", ASK_DAEMON, str(DAEMON_SOCKET)],
-                         capture_output=True, text=True, timeout=30).stdout.strip()
+    r = t.run([PY, "-c", ASK_DAEMON, str(DAEMON_SOCKET)], capture_output=True, text=True, timeout=30)
+    inside = r.stdout.strip() + r.stderr.strip()
+    r = subprocess.run(["ip", "netns", "exec", t.netns, PY, "-c", ASK_DAEMON, str(DAEMON_SOCKET)],
+                       capture_output=True, text=True, timeout=30)
+    raw = r.stdout.strip() + r.stderr.strip()
     for out in (inside, raw):
         assert out.startswith("unreachable") or out.startswith("reply False"), out
     assert "permission denied" in raw, raw
