@@ -239,6 +239,15 @@ def peer_refusal(sock: socket.socket, group: str | None) -> str | None:
     return None
 
 
+def _parse_line(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        # Not JSON, or JSON past the parser's limits (nesting, digits of an integer);
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+        raise DaemonError("bad request: not JSON (send one JSON object per line)") from None
+
+
 class _RequestHandler(socketserver.StreamRequestHandler):
     server: ApiServer
 
@@ -261,12 +270,10 @@ class _RequestHandler(socketserver.StreamRequestHandler):
             return
         for raw in self.rfile:
             try:
-                req = check_request(json.loads(raw))
+                req = check_request(_parse_line(raw))
                 reply = {"ok": True, **self.server.handlers[req["op"]](req)}
             except NetKernelError as e:
                 reply = {"ok": False, "error": str(e)}
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                reply = {"ok": False, "error": "bad request: not JSON (send one JSON object per line)"}
             except Exception as e:  # keep serving; the log has the traceback
                 log.exception("api: request failed")
                 reply = {"ok": False, "error": f"internal error: {e} (see the daemon log)"}

@@ -166,7 +166,10 @@ def parse_rate(value: object) -> int:
     if m is None:
         raise ValueError(f"{value!r} is not a rate; {RATE_HINT}")
     number, prefix, _ = m.groups()
-    bits = int(float(number) * _RATE_UNITS[prefix.lower()])
+    scaled = float(number) * _RATE_UNITS[prefix.lower()]
+    if scaled >= 2**63:
+        raise ValueError(f"{value!r} is too large; {RATE_HINT}")
+    bits = int(scaled)
     if bits == 0 and float(number) != 0:
         raise ValueError(f"{value!r} is below 1 bit/s; {RATE_HINT}")
     return bits
@@ -185,10 +188,11 @@ def parse_size(value: object) -> int:
     if m is None:
         raise ValueError(f"{value!r} is not a size; {SIZE_HINT}")
     number, prefix, suffix = m.groups()
-    if prefix is None:
-        return int(float(number))
     base = 1000 if suffix is not None and suffix.lower() == "b" else 1024
-    return int(float(number) * base ** _SIZE_POWERS[prefix.lower()])
+    scaled = float(number) * (base ** _SIZE_POWERS[prefix.lower()] if prefix else 1)
+    if scaled >= 2**63:
+        raise ValueError(f"{value!r} is too large; {SIZE_HINT}")
+    return int(scaled)
 
 
 def _whole_number(value: object, what: str, low: int, high: int) -> int:
@@ -345,7 +349,7 @@ def check_sysctl(key: str, value: object) -> tuple[str, str]:
     parts = key.split(".")
     # The NSM's own eth0 may be absent from the root namespace, where this check looks.
     per_eth0 = len(parts) > 3 and parts[2] in ("conf", "neigh") and parts[3] == "eth0"
-    if not per_eth0 and not Path("/proc/sys", *parts).exists():
+    if not per_eth0 and not os.path.exists(os.path.join("/proc/sys", *parts)):
         raise ValueError(f"no sysctl {key} on this kernel (see `sysctl -a | grep '^net\\.'`)")
     if isinstance(value, bool):
         text = "1" if value else "0"
@@ -531,6 +535,8 @@ def load_config(path: Path | None) -> Config:
     except tomllib.TOMLDecodeError as e:
         # tomllib's message ends with "(at line L, column C)".
         raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise ConfigError(f"config file {path}: invalid TOML: arrays or tables nested too deeply") from None
     try:
         return parse_config(data)
     except ConfigValueError as e:
@@ -604,7 +610,7 @@ def _parse_daemon(data: dict[str, Any]) -> dict[str, Any]:
         group = _string(d, "api_group", path, "netkernel")
         try:
             grp.getgrnam(group)
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
             raise ConfigValueError(path + ("api_group",),
                                    f"no group {group!r} on this host; create it (groupadd {group}) "
                                    "or remove api_group to keep the API root-only") from None
@@ -709,7 +715,7 @@ def _parse_paths(item: dict[str, Any], key: str, path: KeyPath) -> tuple[Path, .
         raise ConfigValueError(path + (key,),
                                f"must be a list of absolute paths, e.g. {key} = [\"/srv/web\"]")
     for v in value:
-        if not Path(v).exists():
+        if not os.path.exists(v):  # False also for a NUL in it or a name too long
             raise ConfigValueError(path + (key,), f"{v} does not exist on this host")
     return tuple(Path(v) for v in value)
 
