@@ -55,7 +55,7 @@ struct nk_ext {
   size_t ncloses, closes_cap;
   uint32_t tenants[MAX_TENANTS_SEEN]; /* ids whose region the NSM has */
   uint32_t ntenants;
-  bool broken; /* broke the protocol inside a call: taken down at the next poll */
+  bool broken; /* broke the protocol or timed out inside a call: taken down at the next poll */
   struct nk_ext *next;
 };
 static struct nk_ext *all_ext;
@@ -80,7 +80,7 @@ static bool post(struct nk_ext *x, struct nk_nqe *q) {
 }
 
 static int sync_req(struct nk_ext *x, struct nk_nqe *q, struct nk_nqe *rep) {
-  if (!up(x)) return -ENETDOWN;
+  if (!up(x) || x->broken) return -ENETDOWN;
   q->tag = ++x->tag;
   if (!nk_sl_push(&x->sh->req, q)) return -ENOBUFS;
   bell(x);
@@ -103,7 +103,10 @@ static int sync_req(struct nk_ext *x, struct nk_nqe *q, struct nk_nqe *rep) {
     }
     uint64_t now = nk_now_ns();
     if (now - t0 > SYNC_TIMEOUT_NS) {
+      /* Every tenant waited with us: an NSM that does not answer is taken down (the daemon
+       * restarts it), not waited for again on the next call. */
       NK_EVENT("nsm_timeout", "nsm=%s op=%u", x->m->name, q->op);
+      x->broken = true;
       return -ETIMEDOUT;
     }
     if (now - t0 < SYNC_SPIN_NS) continue;
@@ -447,7 +450,7 @@ static bool handle(struct nk_ext *x, const struct nk_nqe *e) {
 static bool ext_poll(struct nk_ext *x) {
   if (!up(x)) return false;
   if (x->broken) {
-    ext_down(x, "protocol error");
+    ext_down(x, "protocol error or no answer");
     return true;
   }
   if (x->ncloses) flush_closes(x);

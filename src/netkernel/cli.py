@@ -391,6 +391,12 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"up {status['uptime']:.0f}s), {status['tenants']} tenant(s)")
     if status.get("metrics"):
         print(f"metrics: {status['metrics']}")
+    sb = status.get("sandbox")
+    if sb:
+        held = ", ".join(f"{c} ({v})" for c, v in sb["cgroups"].items()) or "none"
+        missing = f"; no {', '.join(sb['cgroups_missing'])} controller: not limited" \
+            if sb["cgroups_missing"] else ""
+        print(f"tenants sandboxed: cgroups {held}{missing}; firewall {sb['firewall']}")
     print(table(["NSM", "KIND", "NETNS", "IPV4", "IPV6", "CC", "BANDWIDTH", "TENANTS"],
                 [[n["name"], n["kind"], n["netns"], n["ipv4"], n["ipv6"], n.get("congestion_control"),
                   _limit(n.get("bandwidth"), "-"), n["tenants"]] for n in status["nsms"]]))

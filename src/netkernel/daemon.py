@@ -1172,6 +1172,11 @@ class Daemon:
             "api_socket": str(self.config.api_socket),
             "metrics": f"http://{self.metrics.address}/metrics" if self.metrics else None,
             "abi_version": abi_version(),
+            # How tenants are held (threat-model.md): controllers their cgroups have, and
+            # the ones this host lacks (their limits are then not enforced).
+            "sandbox": {"cgroups": {c: ("v2" if p.v2 else "v1") for c, p in self.cgroups.places.items()},
+                        "cgroups_missing": self.cgroups.missing(),
+                        "firewall": f"nft inet {guard.table_name(BRIDGE)}"},
         }
 
     def _engine_stats(self) -> EngineStats | None:
