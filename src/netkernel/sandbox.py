@@ -29,9 +29,9 @@ process keeps them; later processes join with ``--userns``/``--pidns`` and ``set
 network namespace and the cgroups (entered before bubblewrap runs).
 
 The launcher runs as root; bubblewrap itself runs as the tenant's host uid, so every path it
-opens it opens with the tenant's rights. Everything NetKernel hands in (GuestLib, the engine
-socket, the tenant's private directories, granted paths) is therefore opened by the launcher
-and passed as a descriptor.
+binds it opens with the tenant's rights: what NetKernel hands in lives where a tenant may
+reach it (the private directories and, under /run/netkernel, the engine's socket and a copy
+of GuestLib), and grants are checked for reachability first, with the reason when not.
 """
 
 from __future__ import annotations
@@ -223,12 +223,6 @@ def _holder_record(name: str) -> tuple[int, set[int]] | None:
     return None
 
 
-def holder_pids(name: str) -> set[int]:
-    """The pids of tenant ``name``'s holder (none if it has none)."""
-    rec = _holder_record(name)
-    return rec[1] if rec else set()
-
-
 def programs(name: str, pids: list[int]) -> list[int]:
     """Of ``pids`` (the processes in tenant ``name``'s network namespace), its programs: those
     in its pid namespace, less its holder (bubblewrap's processes outside, which watch each
@@ -348,13 +342,6 @@ def allows(st: os.stat_result, base: int, bit: int) -> bool:
         return bool(st.st_mode & (bit << 3))
     return bool(st.st_mode & bit)
 
-
-def _open_path(path: str | Path, directory: bool = False) -> int:
-    flags = os.O_PATH | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
-    return os.open(path, flags)
-
-
-# -- running a program ----------------------------------------------------------------------
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
@@ -478,11 +465,3 @@ def _forward(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
-
-
-def stop_holder(name: str) -> None:
-    """Forget the tenant's holder (its processes are being killed with the namespace)."""
-    try:
-        (TENANTS_DIR / name / "holder.pid").unlink()
-    except FileNotFoundError:
-        pass
