@@ -44,8 +44,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TextIO, TypeVar
 
-from . import __version__, api, netns
-from .config import BRIDGE, LOG_FILE, libdir, lwip_binary
+from . import __version__, api, cgroups, netns
+from .config import BRIDGE, LOG_FILE, PID_FILE, libdir, lwip_binary
 from .errors import NetKernelError, NotRootError
 
 T = TypeVar("T")
@@ -536,6 +536,28 @@ def lowest_priority(pid: int) -> None:
         netns.set_autogroup_nice(pid, 19)
     except OSError:
         pass  # plain nice is all we can do
+
+
+def lowest_tenant_priority(tenant: str) -> None:
+    """The tenant's CPU weight at its least: what nice 19 weighs (cgroup v1 shares 15, v2
+    weight 1). A tenant's processes sit in its own cgroup (cgroups.py), whose weight against
+    other tenants and the engine comes from its policy; a nice inside it (or the autogroup's,
+    which does not apply inside a cgroup) lowers it only against its own processes."""
+    try:
+        places = cgroups.discover(int(PID_FILE.read_text()))
+    except (OSError, ValueError):
+        return
+    place = places.get("cpu")
+    if place is None:
+        return
+    d = place.tenant_dir(tenant)
+    try:
+        if place.v2:
+            (d / "cpu.weight").write_text("1")
+        else:
+            (d / "cpu.shares").write_text("15")
+    except OSError:
+        pass  # no cpu controller for it: nice is all there is
 
 
 # -- where programs run --------------------------------------------------------------------------
@@ -1945,8 +1967,8 @@ class Bench:
         NOISY_PAIRS alternating pairs with the flood's programs stopped (SIGSTOP) for the
         "alone" half; the sample is the rate kept (sum beside / sum alone). Pairs a few seconds
         apart compare like with like: on this kind of VM a ping-pong's rate alone moves by 2x
-        from one minute to the next. The flood's programs run at the lowest CPU priority, so
-        what is compared is the stacks' isolation, not the CPU scheduler's. For the tenant the
+        from one minute to the next. The flood's programs run at the lowest CPU priority (in a
+        tenant: its cgroup's weight), so what is compared is the stacks' isolation, not the CPU scheduler's. For the tenant the
         pairs are run again with the flood coming from outside NetKernel (the native flood's
         namespace): a control, in the JSON, for how much of the loss the engine causes."""
         assert self.tenant is not None
@@ -1977,6 +1999,8 @@ class Bench:
             flood = self.spawn(noisy, ["nice", "-n", "19", PYTHON, "-c", FLOOD_PROG,
                                        PEER_V4, str(SINK_PORT), "3600"], log)
             lowest_priority(flood.pid)
+            if noisy.tenant:
+                lowest_tenant_priority(noisy.tenant)
             a = b = 0.0
             moved: dict[str, float] = {}
             try:

@@ -1,9 +1,14 @@
 """Control groups for tenants: memory, process count and CPU weight from the tenant's policy.
 
 Each tenant's cgroup is made beneath the cgroup the daemon itself runs in, in every hierarchy
-that has one of the controllers (``<daemon's cgroup>/netkernel/<tenant>``), as a systemd
+that has one of the controllers (``<daemon's cgroup>/netkernel.<tenant>``), as a systemd
 service with ``Delegate=yes`` would: the daemon never moves a process out of the part of the
-tree it was given, only tenant processes into their own cgroups below it. Hosts mount the
+tree it was given, only tenant processes into their own cgroups below it. They sit directly
+there, not under a common parent: the scheduler shares CPU level by level, so a parent would
+weigh as one process against the engine whatever the number of tenants (16 tenants' programs
+held to one process's share), and it hands a sleeping tenant's share to its busy siblings (a
+tenant given the least weight takes the whole parent's while its neighbours wait on the
+network). Flat, each tenant weighs its own weight against the engine and the host. Hosts mount the
 controllers as cgroup v1 hierarchies (one per controller, as on these machines), or v2's
 unified tree (one path, the controllers enabled in the parents' ``cgroup.subtree_control``);
 both are handled, a mix too (each controller where it is mounted).
@@ -28,7 +33,7 @@ from .errors import NetKernelError
 log = logging.getLogger(__name__)
 
 CONTROLLERS = ("memory", "pids", "cpu")
-PARENT = "netkernel"
+PREFIX = "netkernel."  # a tenant's cgroup is the daemon's cgroup's child PREFIX + its name
 
 
 class CgroupError(NetKernelError):
@@ -46,8 +51,12 @@ class Place:
     v2: bool
 
     @property
-    def tenants_dir(self) -> Path:
-        return self.mount / self.path.lstrip("/") / PARENT
+    def base(self) -> Path:
+        """The daemon's own cgroup in this hierarchy."""
+        return self.mount / self.path.lstrip("/")
+
+    def tenant_dir(self, tenant: str) -> Path:
+        return self.base / (PREFIX + tenant)
 
 
 def _mounts() -> list[tuple[str, Path, set[str]]]:
@@ -103,19 +112,16 @@ def _write(path: Path, value: str) -> None:
 
 
 def _enable_v2(place: Place) -> None:
-    """Turn the controller on down the unified tree to the tenants' parent."""
-    base = place.mount / place.path.lstrip("/")
-    for d in (base, base / PARENT):
-        d.mkdir(exist_ok=True)
-        control = d / "cgroup.subtree_control"
-        if place.controller not in control.read_text().split():
-            try:
-                control.write_text(f"+{place.controller}")
-            except OSError as e:
-                raise CgroupError(
-                    f"cannot enable the {place.controller} controller below {d} ({e.strerror}); "
-                    "on cgroup v2 the daemon's own cgroup must have no processes besides its "
-                    "children's cgroups (systemd: Delegate=yes and a sub-cgroup for the daemon)") from None
+    """Turn the controller on for the children of the daemon's cgroup."""
+    control = place.base / "cgroup.subtree_control"
+    if place.controller not in control.read_text().split():
+        try:
+            control.write_text(f"+{place.controller}")
+        except OSError as e:
+            raise CgroupError(
+                f"cannot enable the {place.controller} controller below {place.base} ({e.strerror}); "
+                "on cgroup v2 the daemon's own cgroup must have no processes besides its "
+                "children's cgroups (systemd: Delegate=yes and a sub-cgroup for the daemon)") from None
 
 
 class Cgroups:
@@ -129,13 +135,13 @@ class Cgroups:
 
     def paths(self, tenant: str) -> dict[str, str]:
         """controller -> the tenant's cgroup directory."""
-        return {c: str(p.tenants_dir / tenant) for c, p in self.places.items()}
+        return {c: str(p.tenant_dir(tenant)) for c, p in self.places.items()}
 
     def create(self, tenant: str, memory: int, processes: int, weight: int) -> dict[str, str]:
         for place in self.places.values():
             if place.v2:
                 _enable_v2(place)
-            (place.tenants_dir / tenant).mkdir(parents=True, exist_ok=True)
+            place.tenant_dir(tenant).mkdir(exist_ok=True)
         try:
             self.limit(tenant, memory, processes, weight)
         except BaseException:
@@ -145,7 +151,7 @@ class Cgroups:
 
     def limit(self, tenant: str, memory: int, processes: int, weight: int) -> None:
         for c, place in self.places.items():
-            d = place.tenants_dir / tenant
+            d = place.tenant_dir(tenant)
             if c == "memory":
                 if place.v2:
                     _write(d / "memory.max", str(memory) if memory else "max")
@@ -173,7 +179,7 @@ class Cgroups:
         found: set[int] = set()
         for place in self.places.values():
             try:
-                found |= {int(x) for x in (place.tenants_dir / tenant / "cgroup.procs").read_text().split()}
+                found |= {int(x) for x in (place.tenant_dir(tenant) / "cgroup.procs").read_text().split()}
             except OSError:
                 pass
         return found
@@ -196,7 +202,7 @@ class Cgroups:
         """Remove the tenant's cgroups (its processes must be gone; they may take a moment to
         leave after SIGKILL)."""
         for place in self.places.values():
-            d = place.tenants_dir / tenant
+            d = place.tenant_dir(tenant)
             deadline = time.monotonic() + wait
             while d.exists():
                 try:
@@ -210,20 +216,16 @@ class Cgroups:
                     time.sleep(0.05)
 
     def remove_all(self) -> list[str]:
-        """Every tenant cgroup under the parent, and the parent: leftovers of a crashed daemon."""
+        """Every tenant cgroup beside the daemon's: leftovers of a crashed daemon."""
         removed = []
         for place in self.places.values():
-            parent = place.tenants_dir
-            if not parent.is_dir():
-                continue
-            for d in parent.iterdir():
-                if d.is_dir():
-                    self.remove_dir(d)
-                    removed.append(str(d))
             try:
-                parent.rmdir()
+                found = [d for d in place.base.iterdir() if d.name.startswith(PREFIX) and d.is_dir()]
             except OSError:
-                pass
+                continue
+            for d in found:
+                self.remove_dir(d)
+                removed.append(str(d))
         return removed
 
     @staticmethod

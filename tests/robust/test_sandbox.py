@@ -168,7 +168,7 @@ def test_processes_join_the_tenants_cgroup_beneath_the_daemons(tenant: Any) -> N
         pids = [x for x in json.loads(nk("ps", "--json", check=True).stdout)["tenants"]
                 if x["name"] == t.name][0]["pids"]
         for controller, place in places.items():
-            want = (place.path.rstrip("/") + f"/netkernel/{t.name}")
+            want = (place.path.rstrip("/") + f"/netkernel.{t.name}")
             for pid in pids:
                 mine = cgroups.discover(pid)[controller].path
                 assert mine == want, (controller, pid, mine, want)
