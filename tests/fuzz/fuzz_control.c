@@ -12,8 +12,9 @@
  * the engine's loop; reconnects and hang-ups. Replies are read as GuestLib would and the
  * slot/gen of each socket created feeds later requests.
  *
- * Oracles (nk_fuzz.h): sanitizers, the engine's accounting, and after the tenant is deleted
- * every descriptor the tenant passed is closed (by the engine or its closer thread).
+ * Oracles (nk_fuzz.h): sanitizers, the engine's accounting, a neighbour tenant's ping through
+ * the engine after the input (the stall oracle), and after the tenant is deleted every
+ * descriptor the tenant passed is closed (by the engine or its closer thread).
  *
  * Input format: a byte chooses the action (modulo ACT_COUNT), its arguments follow.
  */
@@ -421,6 +422,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   int r = nk_nsm_add("nsm", nk_fuzz_ns_nsm_path, "kernel");
   if (r < 0) nk_fuzz_die("nsm: %s", strerror(-r));
   nsm = nk_nsm_find("nsm");
+  nk_fuzz_neighbour_init("nsm");
   snprintf(ctl_path, sizeof(ctl_path), "%s/engine.sock", nk_fuzz_dir);
   snprintf(file_path, sizeof(file_path), "%s/file", nk_fuzz_dir);
   int fd = open(file_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
@@ -458,6 +460,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
   }
   tick(4);
+  nk_fuzz_neighbour_ping("after the input");
   nk_control_forget_tenant(T);
   nk_tenant_del(T);
   nk_esock_reap();
@@ -467,7 +470,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   for (int i = 0; i < nkeep; i++)
     if (keep[i] >= 0) close(keep[i]);
   nkeep = nknown = 0;
-  NK_FUZZ_CHECK(!E.tenants && !E.graveyard && E.fds_taken == 0 && E.nzombies == 0,
+  NK_FUZZ_CHECK(nk_fuzz_only_neighbour_left() && !E.graveyard && E.nzombies == 0,
                 "engine: state left after the tenant was deleted");
   nk_fuzz_fd_expect("after the input");
   return 0;

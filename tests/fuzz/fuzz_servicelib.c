@@ -18,7 +18,8 @@
  * goes on (its later events go nowhere).
  *
  * Oracles: sanitizers; the engine's accounting (nk_fuzz.h); the credit the engine gives never
- * exceeds a ring; after the tenant is deleted and the NSM has hung up, no descriptor is left.
+ * exceeds a ring; a neighbour tenant on a kernel NSM pings through the engine after the input
+ * (the stall oracle); after the tenant is deleted and the NSM has hung up, no descriptor is left.
  *
  * Input format: a byte chooses the action (modulo ACT_COUNT), its arguments follow.
  */
@@ -314,7 +315,7 @@ static void teardown(void) {
   drain_ctl();
   if (del_tenant_first) nsm_disconnect();
   del_tenant_first = false;
-  NK_FUZZ_CHECK(!E.tenants && !E.graveyard && E.fds_taken == 0 && E.nzombies == 0,
+  NK_FUZZ_CHECK(nk_fuzz_only_neighbour_left() && !E.graveyard && E.nzombies == 0,
                 "engine: state left after the tenant was deleted");
 }
 
@@ -577,6 +578,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   int r = nk_nsm_add("ext", ns_path, type);
   if (r < 0) nk_fuzz_die("nsm: %s", strerror(-r));
   nsm = nk_nsm_find("ext");
+  /* The neighbour is on a kernel NSM of its own: what the external NSM does must not reach it. */
+  if ((r = nk_nsm_add("kernel", nk_fuzz_ns_nsm_path, "kernel")) < 0) nk_fuzz_die("nsm: %s", strerror(-r));
+  nk_fuzz_neighbour_init("kernel");
   /* One input's worth first: what the engine opens once is then open before every input. */
   setup();
   teardown();
@@ -620,6 +624,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   for (int k = 0; k < 4; k++) tick();
   nk_fuzz_sleep_cycle();
+  nk_fuzz_neighbour_ping("after the input");
   teardown();
   nk_fuzz_fd_expect("after the input");
   return 0;

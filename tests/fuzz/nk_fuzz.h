@@ -421,4 +421,129 @@ static inline void nk_fuzz_drain_server(int fd, bool listener) {
   }
 }
 
+/* ---- the stall oracle: a neighbour tenant's ping ----
+ *
+ * A tenant of its own, made once per process and kept across inputs, with one TCP connection
+ * through a kernel NSM to a server of the harness's. After each input's operations, while the
+ * input's tenant still holds whatever state the input left, the neighbour sends one byte and
+ * its peer one byte back: both must arrive within a few rounds of the loop. A loop over the
+ * fuzzed tenant's state without a budget hangs (libFuzzer's -timeout); one with a budget that
+ * still serves that tenant ahead of everyone, or a state that wedges shared machinery (the
+ * NSM's link, the throttled list, the active-tenant ring), fails here. */
+
+#define NK_FUZZ_NEIGHBOUR_V4 "10.77.0.3"
+#define NK_FUZZ_NEIGHBOUR_V6 "fd77::3"
+#define NK_FUZZ_NEIGHBOUR_PORT 7100
+#define NK_FUZZ_PING_ROUNDS 16
+
+static struct {
+  struct nk_tenant *t;
+  uint32_t slot;
+  int guest, peer, server; /* GuestLib's proxy end, the network's end, its listener */
+  uint8_t seq;
+} nk_fuzz_nbr = {.guest = -1, .peer = -1, .server = -1};
+
+static void nk_fuzz_ring_bell(struct nk_tenant *t, uint32_t i) {
+  struct nk_region *rg = t->rg;
+  atomic_fetch_or(&rg->doorbell[i >> 6], 1ull << (i & 63));
+  atomic_fetch_or(&rg->doorbell_summary, 1ull << ((i >> 6) & 63));
+  if (atomic_load(&rg->engine_sleeping) && atomic_exchange(&rg->engine_sleeping, 0)) {
+    uint64_t one = 1;
+    (void)!write(t->doorbell_fd, &one, sizeof(one));
+  }
+}
+
+/* READY records on the neighbour's proxy end, taken back as GuestLib does. */
+static void nk_fuzz_neighbour_drain(void) {
+  char buf[256];
+  while (recv(nk_fuzz_nbr.guest, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
+  }
+  struct nk_slot *s = &nk_fuzz_nbr.t->slots[nk_fuzz_nbr.slot];
+  atomic_store(&s->rx_ack, atomic_load(&s->ready_sent));
+  atomic_fetch_add(&s->rx_seen, 1);
+}
+
+/* The neighbour on the kernel NSM `nsm_name`, whose namespace is nk_fuzz_ns_nsm. */
+static void nk_fuzz_neighbour_init(const char *nsm_name) {
+  char ns_path[64];
+  int ns = nk_fuzz_new_netns(ns_path);
+  nk_fuzz_setns(nk_fuzz_ns_nsm);
+  nk_fuzz_addr_add(NK_FUZZ_NEIGHBOUR_V4);
+  nk_fuzz_addr_add(NK_FUZZ_NEIGHBOUR_V6);
+  nk_fuzz_setns(nk_fuzz_ns_engine);
+  int r = nk_tenant_add("neighbour", ns_path, nsm_name, NK_FUZZ_NEIGHBOUR_V4, NK_FUZZ_NEIGHBOUR_V6,
+                        &nk_fuzz_nbr.t);
+  if (r < 0) nk_fuzz_die("neighbour tenant: %s", strerror(-r));
+  nk_fuzz_nbr.server = nk_fuzz_socket_in(nk_fuzz_ns_nsm, AF_INET, SOCK_STREAM, NK_FUZZ_NSM_V4,
+                                         NK_FUZZ_NEIGHBOUR_PORT);
+  if (listen(nk_fuzz_nbr.server, 4) < 0) nk_fuzz_die("listen: %s", strerror(errno));
+  /* socket() and connect() as GuestLib and the control path make them. */
+  int sv[2];
+  nk_fuzz_setns(ns);
+  r = socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv);
+  nk_fuzz_setns(nk_fuzz_ns_engine);
+  close(ns); /* the engine holds the namespace now */
+  if (r < 0) nk_fuzz_die("socketpair: %s", strerror(errno));
+  fcntl(sv[0], F_SETFL, O_NONBLOCK);
+  struct stat st;
+  fstat(sv[0], &st);
+  struct nk_esock *es = nk_esock_alloc(nk_fuzz_nbr.t, sv[1], AF_INET, SOCK_STREAM, st.st_ino);
+  if (!es) nk_fuzz_die("neighbour socket: no slot");
+  es->proxy_rights_refused = nk_fd_refuse_rights(es->proxy);
+  es->proxy_in_tenant_ns = true;
+  nk_ep_add(es->proxy, EPOLLIN, &es->h_proxy);
+  nk_fuzz_nbr.guest = sv[0];
+  nk_fuzz_nbr.slot = es->slot;
+  struct nk_addr a = nk_fuzz_addr(NK_FUZZ_NSM_V4, NK_FUZZ_NEIGHBOUR_PORT);
+  int inprog;
+  if ((r = nk_sock_connect(es, &a, &inprog)) < 0) nk_fuzz_die("neighbour connect: %s", strerror(-r));
+  for (int i = 0; i < 100 && nk_fuzz_nbr.peer < 0; i++) {
+    nk_fuzz_tick();
+    nk_fuzz_nbr.peer = accept4(nk_fuzz_nbr.server, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  }
+  if (nk_fuzz_nbr.peer < 0) nk_fuzz_die("the neighbour's connection was not made");
+  for (int i = 0; i < 4; i++) nk_fuzz_tick();
+  nk_fuzz_neighbour_drain();
+}
+
+/* One byte each way; `what` names the input's stage for the report. */
+static void nk_fuzz_neighbour_ping(const char *what) {
+  struct nk_tenant *t = nk_fuzz_nbr.t;
+  uint32_t i = nk_fuzz_nbr.slot, size = t->ring_size;
+  struct nk_slot *s = &t->slots[i];
+  uint8_t *tx = t->rings + (uint64_t)i * 2u * size, *rx = tx + size;
+  uint8_t seq = ++nk_fuzz_nbr.seq;
+  uint32_t head = atomic_load(&s->tx_head.v);
+  tx[head % size] = seq;
+  atomic_store(&s->tx_head.v, head + 1);
+  nk_fuzz_ring_bell(t, i);
+  if (send(nk_fuzz_nbr.peer, &seq, 1, MSG_DONTWAIT | MSG_NOSIGNAL) != 1)
+    nk_fuzz_die("neighbour's peer: send: %s", strerror(errno));
+  bool out = false, in = false;
+  for (int k = 0; k < NK_FUZZ_PING_ROUNDS && !(out && in); k++) {
+    nk_fuzz_tick();
+    uint8_t b;
+    if (!out && recv(nk_fuzz_nbr.peer, &b, 1, MSG_DONTWAIT) == 1) {
+      NK_FUZZ_CHECK(b == seq, "neighbour: its peer read %u, it sent %u", b, seq);
+      out = true;
+    }
+    uint32_t rh = atomic_load(&s->rx_head.v), rt = atomic_load(&s->rx_tail.v);
+    if (!in && rh != rt) {
+      NK_FUZZ_CHECK(rh - rt == 1 && rx[rt % size] == seq, "neighbour: received %u bytes, first %u, "
+                    "its peer sent one, %u", rh - rt, rx[rt % size], seq);
+      atomic_store(&s->rx_tail.v, rt + 1);
+      in = true;
+    }
+    nk_fuzz_neighbour_drain();
+  }
+  NK_FUZZ_CHECK(out && in, "stall %s: the neighbour tenant's ping was not %s within %d rounds of "
+                "the loop", what, out ? "answered" : "sent", NK_FUZZ_PING_ROUNDS);
+}
+
+/* Only the neighbour is left, holding just its own socket (each harness's teardown check). */
+static bool nk_fuzz_only_neighbour_left(void) {
+  struct nk_tenant *n = nk_fuzz_nbr.t;
+  return E.tenants == n && n && !n->next && n->nsocks == 1 && E.fds_taken == n->fds;
+}
+
 #endif
