@@ -77,29 +77,11 @@ static void add_peer(int fd) {
   peer[npeers++] = fd;
 }
 
-/* socket() as GuestLib makes it: a SEQPACKET pair in the tenant's namespace, the engine's end
- * registered as handle_req(NK_OP_SOCKET) does. */
+/* socket() as GuestLib makes it, in the tenant's namespace (nk_fuzz_guest_socket). */
 static struct nk_esock *guest_socket(int family, int type) {
-  int sv[2];
-  nk_fuzz_setns(nk_fuzz_ns_tenant);
-  int r = socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv);
-  nk_fuzz_setns(nk_fuzz_ns_engine);
-  if (r < 0) nk_fuzz_die("socketpair: %s", strerror(errno));
-  int one = 1;
-  setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
-  fcntl(sv[0], F_SETFL, O_NONBLOCK);
-  struct stat st;
-  fstat(sv[0], &st);
-  struct nk_esock *es = nk_esock_alloc(T, sv[1], family, type, st.st_ino);
-  if (!es) {
-    close(sv[0]);
-    close(sv[1]);
-    return NULL;
-  }
-  es->proxy_rights_refused = nk_fd_refuse_rights(es->proxy);
-  es->proxy_in_tenant_ns = true;
-  nk_ep_add(es->proxy, EPOLLIN, &es->h_proxy);
-  gfd[es->slot] = sv[0];
+  int guest = -1;
+  struct nk_esock *es = nk_fuzz_guest_socket(T, nk_fuzz_ns_tenant, family, type, &guest);
+  if (es) gfd[es->slot] = guest;
   return es;
 }
 
@@ -190,15 +172,7 @@ static void teardown(void) {
 
 /* ---- what the guest does ---- */
 
-static void doorbell(uint32_t i) {
-  struct nk_region *rg = T->rg;
-  atomic_fetch_or(&rg->doorbell[i >> 6], 1ull << (i & 63));
-  atomic_fetch_or(&rg->doorbell_summary, 1ull << ((i >> 6) & 63));
-  if (atomic_load(&rg->engine_sleeping) && atomic_exchange(&rg->engine_sleeping, 0)) {
-    uint64_t one = 1;
-    (void)!write(T->doorbell_fd, &one, sizeof(one));
-  }
-}
+static void doorbell(uint32_t i) { nk_fuzz_ring_bell(T, i); }
 
 /* The guest's side of the proxy: READY records (dropped) and NEWCONN records, whose new guest
  * end it keeps for the slot named (as GuestLib's accept() does). */

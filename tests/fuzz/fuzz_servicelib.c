@@ -220,26 +220,9 @@ static void nsm_connect(void) {
 
 /* socket() as GuestLib makes it (see fuzz_region.c). */
 static struct nk_esock *guest_socket(int family, int type) {
-  int sv[2];
-  nk_fuzz_setns(nk_fuzz_ns_tenant);
-  int r = socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv);
-  nk_fuzz_setns(nk_fuzz_ns_engine);
-  if (r < 0) nk_fuzz_die("socketpair: %s", strerror(errno));
-  int one = 1;
-  setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
-  fcntl(sv[0], F_SETFL, O_NONBLOCK);
-  struct stat st;
-  fstat(sv[0], &st);
-  struct nk_esock *es = nk_esock_alloc(T, sv[1], family, type, st.st_ino);
-  if (!es) {
-    close(sv[0]);
-    close(sv[1]);
-    return NULL;
-  }
-  es->proxy_rights_refused = nk_fd_refuse_rights(es->proxy);
-  es->proxy_in_tenant_ns = true;
-  nk_ep_add(es->proxy, EPOLLIN, &es->h_proxy);
-  gfd[es->slot] = sv[0];
+  int guest = -1;
+  struct nk_esock *es = nk_fuzz_guest_socket(T, nk_fuzz_ns_tenant, family, type, &guest);
+  if (es) gfd[es->slot] = guest;
   return es;
 }
 

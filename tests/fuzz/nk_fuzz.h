@@ -421,6 +421,34 @@ static inline void nk_fuzz_drain_server(int fd, bool listener) {
   }
 }
 
+/* socket() as GuestLib makes it: a SEQPACKET pair in namespace ns, the engine's end
+ * registered for tenant t as handle_req(NK_OP_SOCKET) does; *guest gets the application's end
+ * (non-blocking, a one-byte send buffer so that a blocked guest is quick to reach). */
+static struct nk_esock *nk_fuzz_guest_socket(struct nk_tenant *t, int ns, int family, int type,
+                                             int *guest) {
+  int sv[2];
+  nk_fuzz_setns(ns);
+  int r = socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv);
+  nk_fuzz_setns(nk_fuzz_ns_engine);
+  if (r < 0) nk_fuzz_die("socketpair: %s", strerror(errno));
+  int one = 1;
+  setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
+  fcntl(sv[0], F_SETFL, O_NONBLOCK);
+  struct stat st;
+  fstat(sv[0], &st);
+  struct nk_esock *es = nk_esock_alloc(t, sv[1], family, type, st.st_ino);
+  if (!es) {
+    close(sv[0]);
+    close(sv[1]);
+    return NULL;
+  }
+  es->proxy_rights_refused = nk_fd_refuse_rights(es->proxy);
+  es->proxy_in_tenant_ns = true;
+  nk_ep_add(es->proxy, EPOLLIN, &es->h_proxy);
+  *guest = sv[0];
+  return es;
+}
+
 /* ---- the stall oracle: a neighbour tenant's ping ----
  *
  * A tenant of its own, made once per process and kept across inputs, with one TCP connection
@@ -478,21 +506,10 @@ static void nk_fuzz_neighbour_init(const char *nsm_name) {
                                          NK_FUZZ_NEIGHBOUR_PORT);
   if (listen(nk_fuzz_nbr.server, 4) < 0) nk_fuzz_die("listen: %s", strerror(errno));
   /* socket() and connect() as GuestLib and the control path make them. */
-  int sv[2];
-  nk_fuzz_setns(ns);
-  r = socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv);
-  nk_fuzz_setns(nk_fuzz_ns_engine);
+  struct nk_esock *es = nk_fuzz_guest_socket(nk_fuzz_nbr.t, ns, AF_INET, SOCK_STREAM,
+                                             &nk_fuzz_nbr.guest);
   close(ns); /* the engine holds the namespace now */
-  if (r < 0) nk_fuzz_die("socketpair: %s", strerror(errno));
-  fcntl(sv[0], F_SETFL, O_NONBLOCK);
-  struct stat st;
-  fstat(sv[0], &st);
-  struct nk_esock *es = nk_esock_alloc(nk_fuzz_nbr.t, sv[1], AF_INET, SOCK_STREAM, st.st_ino);
   if (!es) nk_fuzz_die("neighbour socket: no slot");
-  es->proxy_rights_refused = nk_fd_refuse_rights(es->proxy);
-  es->proxy_in_tenant_ns = true;
-  nk_ep_add(es->proxy, EPOLLIN, &es->h_proxy);
-  nk_fuzz_nbr.guest = sv[0];
   nk_fuzz_nbr.slot = es->slot;
   struct nk_addr a = nk_fuzz_addr(NK_FUZZ_NSM_V4, NK_FUZZ_NEIGHBOUR_PORT);
   int inprog;
