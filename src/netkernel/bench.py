@@ -1968,9 +1968,10 @@ class Bench:
         "alone" half; the sample is the rate kept (sum beside / sum alone). Pairs a few seconds
         apart compare like with like: on this kind of VM a ping-pong's rate alone moves by 2x
         from one minute to the next. The flood's programs run at the lowest CPU priority (in a
-        tenant: its cgroup's weight), so what is compared is the stacks' isolation, not the CPU scheduler's. For the tenant the
-        pairs are run again with the flood coming from outside NetKernel (the native flood's
-        namespace): a control, in the JSON, for how much of the loss the engine causes."""
+        tenant: its cgroup's weight), so what is compared is the stacks' isolation, not the
+        CPU scheduler's. For the tenant the pairs are run again with the flood coming from
+        outside NetKernel (the native flood's namespace): a control, in the JSON, for how
+        much of the loss the engine causes."""
         assert self.tenant is not None
         d = max(1, min(self.opts.duration, 6) // 2)
         noisy_native, noisy_nk = self._noisy_places()
