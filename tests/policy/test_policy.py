@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import TENANT_PY, Daemon, Peer, Tenant, nk, wait_port
 
-from netkernel.bench import lowest_priority
+from netkernel.bench import lowest_priority, lowest_tenant_priority
 
 PROGS = Path(__file__).resolve().parent.parent / "apps" / "progs"
 LOG = Path("/var/log/netkernel.log")
@@ -311,6 +311,9 @@ def test_noisy_tenant_is_held_to_its_share_of_the_engine(tenant: Callable[..., T
     flood = noisy.popen(["nice", "-n", "19", TENANT_PY, "-c", NOISY, peer.ipv4, "7000", "14"],
                         start_new_session=True)
     lowest_priority(flood.pid)
+    # A tenant's processes are in its own cgroup, where nice and the autogroup weigh only
+    # against each other: the cgroup's weight is what sets them against the quiet tenant.
+    lowest_tenant_priority(noisy.name)
     time.sleep(3)
     before = {t["name"]: t for t in json.loads(nk("ps", "--json", check=True).stdout)["tenants"]}
     beside = rr_rate(quiet, peer)
