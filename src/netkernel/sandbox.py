@@ -258,15 +258,23 @@ def _children(pid: int) -> list[int]:
 
 
 def _start_holder(rec: dict[str, Any]) -> int:
+    """The holder's processes are in the tenant's pid namespace (its init is pid 1 there) and
+    run as the tenant's root, so its programs may look into them (/proc/1/root) and ptrace
+    them: they see the same files as the tenant's programs and run under the same seccomp
+    filter, so that gains nothing."""
     base = int(rec["uid_base"])
+    try:
+        filt = os.open(seccomp_filter(), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SandboxError(f"tenant {rec['name']}: cannot open {e.filename}: {e.strerror}") from None
     block_r, block_w = os.pipe2(os.O_CLOEXEC)
     info_r, info_w = os.pipe2(os.O_CLOEXEC)
     cmd = [bwrap(), "--unshare-user", "--userns-block-fd", str(block_r), "--info-fd", str(info_w),
            "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-           "--hostname", rec["name"], "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
-           "--cap-drop", "ALL", "--", "sleep", "infinity"]
+           "--hostname", rec["name"], *_view(rec), "--cap-drop", "ALL",
+           "--seccomp", str(filt), "--", "sleep", "infinity"]
     try:
-        proc = subprocess.Popen(cmd, pass_fds=(block_r, info_w), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, pass_fds=(block_r, info_w, filt), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True, preexec_fn=lambda: _become_tenant(rec, None))
     except (OSError, subprocess.SubprocessError) as e:
@@ -274,6 +282,7 @@ def _start_holder(rec: dict[str, Any]) -> int:
     finally:
         os.close(block_r)
         os.close(info_w)
+        os.close(filt)
     try:
         try:
             info = _read_info(info_r)
@@ -346,6 +355,17 @@ def allows(st: os.stat_result, base: int, bit: int) -> bool:
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
+def _view(rec: dict[str, Any]) -> list[str]:
+    """The files every process of the tenant sees (bubblewrap's mount options): the host
+    read-only, its private directories, its resolver, GuestLib and the engine's socket."""
+    view = ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
+    for where, d in private_dirs(Path(rec["fs"])).items():
+        view += ["--bind", str(d), where]
+    return view + ["--ro-bind", rec["resolv_conf"], "/etc/resolv.conf",
+                   "--ro-bind", str(GUESTLIB_HOST_DIR), GUESTLIB_DIR,
+                   "--bind", str(ENGINE_SOCKET), str(ENGINE_SOCKET)]
+
+
 def command(rec: dict[str, Any], holder_pid: int, argv: Sequence[str], rw: Sequence[Path],
             ro: Sequence[Path], env: dict[str, str]) -> tuple[list[str], list[int]]:
     """bubblewrap's command line to run ``argv`` in the tenant, and the descriptors it needs
@@ -362,13 +382,7 @@ def command(rec: dict[str, Any], holder_pid: int, argv: Sequence[str], rw: Seque
             os.close(n)
         raise SandboxError(f"tenant {rec['name']}: cannot open {e.filename}: {e.strerror}") from None
     cmd = [bwrap(), "--userns", str(fds[0]), "--pidns", str(fds[1]), "--uid", "0", "--gid", "0",
-           "--unshare-cgroup", "--die-with-parent",
-           "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
-    for where, d in private_dirs(Path(rec["fs"])).items():
-        cmd += ["--bind", str(d), where]
-    cmd += ["--ro-bind", rec["resolv_conf"], "/etc/resolv.conf",
-            "--ro-bind", str(GUESTLIB_HOST_DIR), GUESTLIB_DIR,
-            "--bind", str(ENGINE_SOCKET), str(ENGINE_SOCKET)]
+           "--unshare-cgroup", "--die-with-parent", *_view(rec)]
     for p in ro:
         cmd += ["--ro-bind", str(p), str(p)]
     for p in rw:

@@ -156,6 +156,28 @@ print("mount", libc.mount(b"none", b"/var/tmp", b"tmpfs", 0, None), ctypes.get_e
     assert lines[3] == "mount -1 1", out
 
 
+def test_every_process_a_tenant_sees_is_as_confined_as_itself(tenant: Any) -> None:
+    """The processes that hold the tenant's namespaces are in its pid namespace and run as its
+    root, so its programs can look through them (/proc/PID/root) and ptrace them: they must
+    show the tenant's own files and be under the same seccomp filter, or they are a way out
+    (the host's /run and its sockets, unfiltered system calls injected by ptrace)."""
+    t = tenant("holderview")
+    out = run_py(t, """import os
+for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+    try:
+        run = sorted(os.listdir(f"/proc/{pid}/root/run"))
+        status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    except OSError:
+        continue
+    print(pid, status["Seccomp"].strip(), status["NoNewPrivs"].strip(), ",".join(run))
+""")
+    rows = [line.split(" ", 3) for line in out.splitlines()]
+    assert len(rows) >= 3, out  # the holder's init, what it keeps up, and this program
+    for pid, seccomp, nnp, run in rows:
+        assert (seccomp, nnp) == ("2", "1"), f"pid {pid} in the tenant runs unfiltered: {out}"
+        assert run.split(",") == ["netkernel"], f"pid {pid} shows another /run: {out}"
+
+
 def test_processes_join_the_tenants_cgroup_beneath_the_daemons(tenant: Any) -> None:
     t = tenant("cgjoin")
     from netkernel import cgroups
