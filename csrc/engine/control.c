@@ -92,6 +92,7 @@ static void ctl_close(struct nk_ctl *c) {
   nk_close_later(c->fd);
   c->fd = -1;
   if (!c->refused) nk_fds_give(c->t, 1);
+  else c->t->ctls_refused--;
   c->t->ctls--;
   for (struct nk_ctl **p = &ctls; *p; p = &(*p)->next)
     if (*p == c) {
@@ -148,7 +149,18 @@ static void accept_ctl(void) {
     c->fd = fd;
     c->t = t;
     c->refused = nk_fds_take(t, 1) < 0 ? -EMFILE : 0;
-    if (c->refused) NK_LOG(1, "tenant %s: control connection over its share of descriptors", t->name);
+    if (c->refused) {
+      /* Held until its first request, which is answered EMFILE (GuestLib's connect fails as
+       * a process's socket() does at its limit). Those are outside every budget: a few at a
+       * time, the rest are closed at once. */
+      NK_LOG(1, "tenant %s: control connection over its share of descriptors", t->name);
+      if (t->ctls_refused >= NK_CTL_REFUSED_HELD) {
+        free(c);
+        nk_close_later(fd);
+        continue;
+      }
+      t->ctls_refused++;
+    }
     t->ctls++;
     c->h = (struct nk_handle){NK_H_CTL, 0, c};
     c->next = ctls;
@@ -230,7 +242,10 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
         rep.err = -errno; /* EMFILE / ENOBUFS from the tenant's limits, logged there */
       } else {
         rfd = -1; /* owned by the socket now */
-        es->proxy_rights_refused = nk_fd_refuse_rights(es->proxy);
+        /* The tenant made this pair and may keep a copy of our end, on which it can allow
+         * descriptors again and queue them: its close goes to the closer all the same. */
+        (void)nk_fd_refuse_rights(es->proxy);
+        es->proxy_rights_refused = false;
         es->proxy_in_tenant_ns = true;
         nk_ep_add(es->proxy, EPOLLIN, &es->h_proxy);
         rep.slot = es->slot;
@@ -286,7 +301,7 @@ static void read_ctl(struct nk_ctl *c) {
     /* Room for every descriptor a message can carry: those that do not fit would be closed
      * by the kernel right here, in the engine's thread (see fds.c). */
     union {
-      char buf[CMSG_SPACE(sizeof(int) * NK_MAX_PASSED_FDS)];
+      char buf[NK_UNTRUSTED_CMSG_SPACE];
       struct cmsghdr align;
     } cm;
     struct iovec iov = {.iov_base = &req, .iov_len = sizeof(req)};

@@ -125,6 +125,7 @@ struct nk_tenant {
   uint64_t last_refusal_log_ns;
   uint32_t fds;  /* engine descriptors held for it (fds.c): sockets' shares, control conns */
   uint32_t ctls; /* its control connections */
+  uint32_t ctls_refused; /* of which over its share, held until answered EMFILE */
   /* Sockets with work, served round-robin between tenants (a tenant with many busy sockets
    * does not lengthen the round for the others). */
   struct nk_esock *active_head, *active_tail;
@@ -272,8 +273,15 @@ extern struct nk_engine E;
 
 /* fds.c */
 #define NK_MAX_PASSED_FDS 253 /* SCM_MAX_FD: the most one message can carry */
+/* Control space for a message from a socket a tenant can set options on: every descriptor,
+ * plus credentials, a pidfd and a security label the kernel adds when asked (SO_PASSCRED,
+ * SO_PASSPIDFD, SO_PASSSEC). Less, and the kernel closes what does not fit in our thread. */
+#define NK_UNTRUSTED_CMSG_SPACE                                                              \
+  (CMSG_SPACE(sizeof(int) * NK_MAX_PASSED_FDS) + CMSG_SPACE(sizeof(struct ucred)) +          \
+   CMSG_SPACE(sizeof(int)) + CMSG_SPACE(4096))
 #define NK_SOCK_FDS 4         /* a socket's share: proxy end + dual-stack wildcard bind */
 #define NK_CTL_FDS 256        /* control connections a tenant may have besides its sockets */
+#define NK_CTL_REFUSED_HELD 8 /* refused ones held for their answer at once, per tenant */
 int nk_fds_init(void);
 void nk_close_later(int fd);
 bool nk_fd_refuse_rights(int fd);

@@ -7,8 +7,12 @@
  * (closing it releases the descriptors still queued there, in the closer's context), is
  * therefore closed by a thread of its own, never by the engine's loop (nk_close_later). The
  * proxy ends refuse descriptors altogether where the kernel offers it (SO_PASSRIGHTS, 6.16);
- * everything read from them is read with room for every descriptor a message can carry, so
- * the kernel never drops one (and closes it) in the engine's context.
+ * everything read from them is read with room for every descriptor a message can carry and
+ * for the credentials, pidfd and security label a tenant can ask the kernel to add (it made
+ * the pair, so it may set SO_PASSCRED on our end), so the kernel never drops one (and closes
+ * it) in the engine's context. The closer itself must not be stuck for good: before a socket
+ * is closed its close is made abortive (SO_LINGER 0) and a UNIX socket is emptied of the
+ * descriptors queued on it, which get the same treatment.
  *
  * Budget: the engine raises its descriptor limit to the hard limit at start. Each tenant may
  * hold at most its share: NK_SOCK_FDS per socket (the proxy end and up to three kernel sockets
@@ -26,23 +30,70 @@
 
 #include "engine.h"
 
+#ifndef SO_PASSRIGHTS
+#define SO_PASSRIGHTS 83 /* Linux 6.16 */
+#endif
+#ifndef SO_PASSPIDFD
+#define SO_PASSPIDFD 76 /* Linux 6.5 */
+#endif
+#ifndef SCM_PIDFD
+#define SCM_PIDFD 0x04
+#endif
+
 static pthread_mutex_t closer_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t closer_cv = PTHREAD_COND_INITIALIZER;
-static int *closer_q;
-static size_t closer_n, closer_cap;
+static int *closer_q; /* first in, first out: closer_q[closer_head .. closer_n) */
+static size_t closer_head, closer_n, closer_cap;
 static bool closer_up;
+
+/* What a close of fd could wait for, taken away first: a socket's linger (the close sends a
+ * reset instead of waiting for unsent data) and, for a UNIX socket, the descriptors queued on
+ * it or on connections waiting in its accept queue (released by the close, they would be
+ * closed here as they are: each is queued to the closer instead). The budget bounds the work
+ * one descriptor costs; what is left after it is released by the close. */
+static void defuse(int fd) {
+  struct linger l = {1, 0};
+  if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l)) < 0) return; /* not a socket */
+  int v = 0;
+  socklen_t len = sizeof(v);
+  if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) < 0 || v != AF_UNIX) return;
+  int off = 0;
+  setsockopt(fd, SOL_SOCKET, SO_PASSRIGHTS, &off, sizeof(off));
+  len = sizeof(v);
+  if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &len) == 0 && v) {
+    /* Never blocks: O_NONBLOCK on the file (a tenant holding it too sees that: its doing). */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return;
+    for (int i = 0; i < 1024; i++) {
+      int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (c < 0) break;
+      nk_close_later(c);
+    }
+    return;
+  }
+  /* Read until nothing is queued. A read of 0 is the end of a stream; on a SEQPACKET or
+   * datagram socket it is also an empty message (with descriptors, maybe), which the kernel
+   * does not tell apart from the end: a run of them is taken for the end. */
+  len = sizeof(v);
+  bool stream = getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &len) == 0 && v == SOCK_STREAM;
+  static char buf[65536]; /* the closer's own: one thread */
+  for (int i = 0, empty = 0; i < 4096 && empty < 8; i++) {
+    ssize_t n = nk_recv_untrusted(fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n < 0 || (n == 0 && stream)) break;
+    empty = n == 0 ? empty + 1 : 0;
+  }
+}
 
 static void *closer_main(void *arg) {
   (void)arg;
-  int batch[256];
   for (;;) {
     pthread_mutex_lock(&closer_mu);
-    while (closer_n == 0) pthread_cond_wait(&closer_cv, &closer_mu);
-    size_t n = closer_n < 256 ? closer_n : 256;
-    memcpy(batch, closer_q + closer_n - n, n * sizeof(int));
-    closer_n -= n;
+    while (closer_head == closer_n) pthread_cond_wait(&closer_cv, &closer_mu);
+    int fd = closer_q[closer_head++];
+    if (closer_head == closer_n) closer_head = closer_n = 0;
     pthread_mutex_unlock(&closer_mu);
-    for (size_t i = 0; i < n; i++) close(batch[i]);
+    defuse(fd);
+    close(fd);
   }
   return NULL;
 }
@@ -50,6 +101,11 @@ static void *closer_main(void *arg) {
 void nk_close_later(int fd) {
   if (fd < 0) return;
   pthread_mutex_lock(&closer_mu);
+  if (closer_up && closer_n == closer_cap && closer_head > 0) {
+    memmove(closer_q, closer_q + closer_head, (closer_n - closer_head) * sizeof(int));
+    closer_n -= closer_head;
+    closer_head = 0;
+  }
   if (closer_up && closer_n == closer_cap) {
     size_t cap = closer_cap ? 2 * closer_cap : 1024;
     int *q = realloc(closer_q, cap * sizeof(int));
@@ -72,16 +128,17 @@ void nk_close_later(int fd) {
   }
 }
 
-#ifndef SO_PASSRIGHTS
-#define SO_PASSRIGHTS 83 /* Linux 6.16 */
-#endif
-
 /* A proxy end refuses descriptors from now on, where the kernel can (true then). Whatever was
  * queued on it before it reached the engine is read and dropped: a fresh socket has nothing
  * queued but what a hostile tenant put there. */
 bool nk_fd_refuse_rights(int fd) {
   int off = 0;
   bool refused = setsockopt(fd, SOL_SOCKET, SO_PASSRIGHTS, &off, sizeof(off)) == 0;
+  /* Nor credentials, pidfds or labels along with what is read (a tenant that keeps a copy
+   * of this end may set them again: reads leave room for them anyway). */
+  setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &off, sizeof(off));
+  setsockopt(fd, SOL_SOCKET, SO_PASSPIDFD, &off, sizeof(off));
+  setsockopt(fd, SOL_SOCKET, SO_PASSSEC, &off, sizeof(off));
   char buf[NK_BLOCKER_SIZE];
   for (int i = 0; i < 64 && nk_recv_untrusted(fd, buf, sizeof(buf), MSG_DONTWAIT) >= 0; i++) {
   }
@@ -92,7 +149,7 @@ bool nk_fd_refuse_rights(int fd) {
  * by the closer (a recv without room for them would have the kernel close them here). */
 ssize_t nk_recv_untrusted(int fd, void *buf, size_t len, int flags) {
   union {
-    char buf[CMSG_SPACE(sizeof(int) * NK_MAX_PASSED_FDS)];
+    char buf[NK_UNTRUSTED_CMSG_SPACE];
     struct cmsghdr align;
   } cm;
   struct iovec iov = {.iov_base = buf, .iov_len = len};
@@ -108,8 +165,17 @@ ssize_t nk_recv_untrusted(int fd, void *buf, size_t len, int flags) {
 int nk_fds_from_cmsg(struct msghdr *mh, int *out, int want) {
   int got = 0, total = 0;
   for (int i = 0; i < want; i++) out[i] = -1;
+  if (mh->msg_flags & MSG_CTRUNC)
+    NK_LOG(1, "a message's control data did not all fit: the kernel closed what did not");
   for (struct cmsghdr *h = CMSG_FIRSTHDR(mh); h; h = CMSG_NXTHDR(mh, h)) {
-    if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
+    if (h->cmsg_level != SOL_SOCKET) continue;
+    if (h->cmsg_type == SCM_PIDFD && h->cmsg_len >= CMSG_LEN(sizeof(int))) {
+      int pidfd; /* a peer asked for with SO_PASSPIDFD: a descriptor too, closing it is quick */
+      memcpy(&pidfd, CMSG_DATA(h), sizeof(int));
+      close(pidfd);
+      continue;
+    }
+    if (h->cmsg_type != SCM_RIGHTS) continue;
     int k = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
     for (int j = 0; j < k; j++, total++) {
       int fd;

@@ -307,6 +307,9 @@ int main(int argc, char **argv) {
     int64_t timeout_ns = 0;
     bool slept = false;
     uint64_t now = nk_now_ns();
+    /* The spare descriptor goes when a listener's connection is dropped for lack of them
+     * (fds.c); it comes back once there are descriptors again. */
+    if (E.spare_fd < 0) E.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (!E.active_tenants && now - last_work > E.spin_ns) {
       /* E1: announce sleep, then look once more for work a guest posted meanwhile. */
       set_sleeping(1);

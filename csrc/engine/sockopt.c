@@ -12,7 +12,7 @@
  *    refused with EPERM, as are SO_BINDTODEVICE and SO_BINDTOIFINDEX (the NSM's devices).
  *  - The kernel's own verdict, as for an unprivileged process. The tenant holds no capability
  *    over the NSM's namespace, so every option is set with the engine's effective capabilities
- *    dropped for the call (restored after; the engine is one thread): SO_MARK, SO_PRIORITY
+ *    dropped for the call (restored after; capabilities are per thread): SO_MARK, SO_PRIORITY
  *    above 6, IP options, IPv6 hop-by-hop and destination options, SO_BUSY_POLL_BUDGET and
  *    the like then fail with exactly the errno Linux gives such a process.
  *
@@ -157,8 +157,10 @@ int nk_setsockopt_unprivileged(int fd, int level, int name, const void *val, soc
     none[0].effective = none[1].effective = 0;
     dropped = syscall(SYS_capset, &h, none) == 0;
   }
+  /* Never with the engine's own privileges: if they could not be dropped, refused. */
+  if (!dropped) return -EPERM;
   int r = setsockopt(fd, level, name, val, len) < 0 ? -errno : 0;
-  if (dropped && syscall(SYS_capset, &h, saved) < 0) {
+  if (syscall(SYS_capset, &h, saved) < 0) {
     /* Without them the engine cannot enter namespaces: nothing would work. */
     NK_INFO("cannot restore the engine's capabilities: %s", strerror(errno));
     _exit(70);

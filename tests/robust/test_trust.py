@@ -130,12 +130,16 @@ def test_listening_socket_as_proxy_fd(tenant: Any, hostile: Path) -> None:
     assert busy < 0.5, f"the engine was busy {busy:.0%} of a core with the socket open"
 
 
-@pytest.mark.parametrize("mode", ["proxy", "extra", "onproxy"])
+@pytest.mark.parametrize("mode", ["proxy", "extra", "onproxy", "passcred", "reenable"])
 def test_lingering_socket_passed_to_the_engine(mode: str, tenant: Any, hostile: Path,
                                                neighbour: Neighbour) -> None:
     """The last reference to a socket whose close() lingers 60 s, handed to the engine as a
-    proxy fd, as an fd too many, or inside a record on a proxy fd: the engine must not wait for
-    it. The attack goes first, while the engine sleeps (so that its copy is the last one)."""
+    proxy fd, as an fd too many, or inside a record on a proxy fd (passcred: a full record on
+    a proxy end asked to receive credentials and a pidfd too, which crowd out descriptors the
+    kernel then closes in the reader's thread; reenable: queued on the engine's proxy end
+    through a copy of it the tenant kept, with descriptors allowed again, then released by
+    the engine's close of that end): the engine must not wait for it. The attack goes first,
+    while the engine sleeps (so that its copy is the last one)."""
     t = tenant(f"ling{mode[:3]}")
     p = t.popen([str(hostile), "linger", mode, "6"], stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
@@ -145,6 +149,74 @@ def test_lingering_socket_passed_to_the_engine(mode: str, tenant: Any, hostile: 
     out, _ = p.communicate()
     print(out, r)
     neighbour.assert_unharmed(r)
+
+
+def engine_fds() -> int:
+    return len(os.listdir(f"/proc/{engine_pid()}/fd"))
+
+
+def wait_engine_fds(at_most: int, seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    n = engine_fds()
+    while n > at_most and time.monotonic() < deadline:
+        time.sleep(0.2)
+        n = engine_fds()
+    return n
+
+
+# Sockets (each a proxy end in the engine) and control connections, opened and closed.
+CHURN = """import os, socket
+for _ in range(300):
+    socket.socket().close()
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    c.connect(os.environ["NETKERNEL_SOCKET"])
+    c.close()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("mode", ["extra", "nested"])
+def test_closer_is_not_stuck_by_a_lingering_socket(mode: str, tenant: Any, hostile: Path) -> None:
+    """What the engine closes off its loop (descriptors passed in, proxy ends) is closed by a
+    thread of its own: a lingering socket handed over (as an fd too many, or queued inside a
+    UNIX socket handed over) must not hold that thread for its linger time, or every proxy
+    end closed after it stays open in the engine (descriptors it no longer counts)."""
+    t = tenant(f"closer{mode[:3]}")
+    before = engine_fds()
+    p = t.popen([str(hostile), "linger", mode, "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        r = t.run([PY, "-c", CHURN], capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == "ok", r.stderr
+        # The attacker still holds its control connection and one socket.
+        after = wait_engine_fds(before + 20, 10)
+        assert after <= before + 20, f"engine fds {before} before, {after} after 300 sockets closed"
+    finally:
+        p.kill()
+        p.communicate()
+
+
+def test_control_connections_never_written_to_are_bounded(tenant: Any, hostile: Path) -> None:
+    """Control connections over the tenant's share of descriptors are refused; those that
+    never send a request must not be held without limit (each is a descriptor in the engine
+    outside every budget)."""
+    t = tenant("ctlhold")
+    nk("tenant", "set", t.name, "--max-sockets", "1", check=True)
+    before = engine_fds()
+    p = t.popen([str(hostile), "ctlhold", "900", "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        held = parse_kv(p.stdout.readline())
+        assert int(held["held"]) >= 600, held  # connect() succeeds: the engine's backlog
+        time.sleep(2)
+        grew = engine_fds() - before
+        # Its share: four per socket and NK_CTL_FDS (256) control connections; a few over it
+        # are held to be answered EMFILE.
+        assert grew <= 4 + 256 + 16, f"the engine holds {grew} more descriptors for {held} connections"
+    finally:
+        p.kill()
+        p.communicate()
+    assert wait_engine_fds(before + 4, 10) <= before + 4
 
 
 def test_loopback_datagram_flood(tenant: Any, hostile: Path, neighbour: Neighbour) -> None:

@@ -7,7 +7,10 @@
  *
  *   hostile seal                          shrink and grow the region memfd
  *   hostile listenproxy SECONDS           a listening SEQPACKET socket as a proxy fd
- *   hostile linger proxy|extra|onproxy S  a lingering TCP socket's last reference, passed in
+ *   hostile linger MODE S                 a lingering TCP socket's last reference, passed in:
+ *                                         proxy, extra, onproxy, passcred, reenable, nested
+ *                                         (see do_linger)
+ *   hostile ctlhold COUNT SECONDS         control connections opened and never written to
  *   hostile dgramflood SECONDS            datagrams to loopback, produced as fast as consumed
  *   hostile shmflood HOST PORT SECONDS    a closed shared-memory connection fed forever
  *   hostile fdflood SECONDS               control connections and sockets until refused
@@ -28,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -232,6 +236,25 @@ static int lingering_socket(void) {
   return c; /* the listener `l` stays open and never accepts */
 }
 
+/* A blocker-sized record carrying n descriptors. */
+static int send_fds(int fd, const int *fds, int n) {
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * 253)];
+    struct cmsghdr align;
+  } cm;
+  memset(&cm, 0, sizeof(cm));
+  static char blocker[NK_BLOCKER_SIZE];
+  struct iovec iov = {.iov_base = blocker, .iov_len = sizeof(blocker)};
+  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                      .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n)};
+  struct cmsghdr *h = CMSG_FIRSTHDR(&mh);
+  h->cmsg_level = SOL_SOCKET;
+  h->cmsg_type = SCM_RIGHTS;
+  h->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n);
+  memcpy(CMSG_DATA(h), fds, sizeof(int) * (size_t)n);
+  return sendmsg(fd, &mh, MSG_NOSIGNAL) < 0 ? -1 : 0;
+}
+
 /* The lingering socket's last reference must end up in the engine: each mode closes our copy
  * while the fd is still in flight, before the engine (asleep: we wait for it to settle) can
  * have taken it. The reply, if any, comes after whatever the engine did with it. */
@@ -247,26 +270,55 @@ static int do_linger(const char *mode, int secs) {
     int sv[2];
     socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv);
     r = proxy_socket_req(ctl, sv[1], c, true); /* an fd more than the request asks for */
-  } else {
-    /* Over a proxy fd: a blocker record that carries the socket, queued for the engine end
-     * before the engine has that end. The engine reads blockers without taking fds. */
+  } else if (!strcmp(mode, "reenable")) {
+    /* A copy of the engine's proxy end kept: descriptors allowed on it again once the engine
+     * refused them, the socket queued there, and both our ends closed. The engine's close
+     * of its end is then the one that releases it. */
     int sv[2];
     socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv);
-    union {
-      char buf[CMSG_SPACE(sizeof(int))];
-      struct cmsghdr align;
-    } cm;
-    memset(&cm, 0, sizeof(cm));
+    int mine = dup(sv[1]);
+    r = proxy_socket_req(ctl, sv[1], -1, true);
+    usleep(50000); /* the engine sleeps: what follows is done before it wakes */
+    int on = 1;
+    setsockopt(mine, SOL_SOCKET, 83 /* SO_PASSRIGHTS */, &on, sizeof(on));
+    /* Plain records first: the engine reads one at a time, as blockers, and those it has not
+     * read when our end goes are released by its close. */
     static char blocker[NK_BLOCKER_SIZE];
-    struct iovec iov = {.iov_base = blocker, .iov_len = sizeof(blocker)};
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                        .msg_controllen = sizeof(cm.buf)};
-    struct cmsghdr *h = CMSG_FIRSTHDR(&mh);
-    h->cmsg_level = SOL_SOCKET;
-    h->cmsg_type = SCM_RIGHTS;
-    h->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(h), &c, sizeof(int));
-    if (sendmsg(sv[0], &mh, MSG_NOSIGNAL) < 0) return 1;
+    for (int i = 0; i < 4; i++) send(sv[0], blocker, sizeof(blocker), MSG_NOSIGNAL);
+    if (send_fds(sv[0], &c, 1) < 0) return 1;
+    close(c);
+    close(mine);
+    close(sv[0]);
+  } else if (!strcmp(mode, "nested")) {
+    /* Inside a UNIX socket passed as an fd too many: closing that socket releases what is
+     * queued on it, in the closer's context, which must not be stuck by it. */
+    int u[2], sv[2];
+    socketpair(AF_UNIX, SOCK_SEQPACKET, 0, u);
+    socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv);
+    if (send_fds(u[0], &c, 1) < 0) return 1;
+    close(c);
+    close(u[0]);
+    r = proxy_socket_req(ctl, sv[1], u[1], true);
+  } else {
+    /* Over a proxy fd: a blocker record that carries the socket, queued for the engine end
+     * before the engine has that end. The engine reads blockers without taking fds. With
+     * passcred, the engine end is also asked to receive credentials and a pidfd (the tenant
+     * made the pair: it may set options on either end), which take room from the
+     * descriptors; the record carries as many as a message may, the lingering one last. */
+    bool passcred = !strcmp(mode, "passcred");
+    int sv[2];
+    socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv);
+    int fds[253], n = 1;
+    if (passcred) {
+      int on = 1;
+      setsockopt(sv[1], SOL_SOCKET, SO_PASSCRED, &on, sizeof(on));
+      setsockopt(sv[1], SOL_SOCKET, 76 /* SO_PASSPIDFD */, &on, sizeof(on));
+      int null = open("/dev/null", O_RDONLY);
+      for (n = 0; n < 252; n++) fds[n] = null;
+      n = 253;
+    }
+    fds[n - 1] = c;
+    if (send_fds(sv[0], fds, n) < 0) return 1;
     close(c);
     r = proxy_socket_req(ctl, sv[1], -1, true);
     usleep(100000);
@@ -417,6 +469,22 @@ static int do_fdflood(int secs) {
   return 0;
 }
 
+/* Control connections that never send a request: each is a descriptor in the engine, held
+ * for as long as we hold ours. As many as our own limit allows, up to count. */
+static int do_ctlhold(int count, int secs) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+  int n = 0;
+  while (n < count && ctl_open() >= 0) n++;
+  printf("held=%d\n", n);
+  fflush(stdout);
+  sleep((unsigned)secs);
+  return 0;
+}
+
 static int do_lie(const char *host, const char *port, int secs) {
   struct sockaddr_storage ss;
   socklen_t sl;
@@ -489,10 +557,12 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "dgramflood") && argc == 3) return do_dgramflood(atoi(argv[2]));
   if (!strcmp(cmd, "shmflood") && argc == 5) return do_shmflood(argv[2], argv[3], atoi(argv[4]));
   if (!strcmp(cmd, "fdflood") && argc == 3) return do_fdflood(atoi(argv[2]));
+  if (!strcmp(cmd, "ctlhold") && argc == 4) return do_ctlhold(atoi(argv[2]), atoi(argv[3]));
   if (!strcmp(cmd, "lie") && argc == 5) return do_lie(argv[2], argv[3], atoi(argv[4]));
   if (!strcmp(cmd, "tamper") && argc == 3) return do_tamper(atoi(argv[2]));
   if (!strcmp(cmd, "dnsflood") && argc == 3) return do_dnsflood(atoi(argv[2]));
   fprintf(stderr, "usage: hostile seal|listenproxy S|linger MODE S|dgramflood S|"
-                  "shmflood HOST PORT S|fdflood S|lie HOST PORT S|tamper S|dnsflood S\n");
+                  "shmflood HOST PORT S|fdflood S|ctlhold N S|lie HOST PORT S|tamper S|"
+                  "dnsflood S\n");
   return 2;
 }
