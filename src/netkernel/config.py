@@ -40,6 +40,8 @@ TENANTS_DIR = RUN_DIR / "tenants"
 # Outside RUN_DIR so the log of a failed or stopped daemon survives `netkernel down`.
 LOG_FILE = Path("/var/log/netkernel.log")
 NETNS_DIR = Path("/run/netns")
+# What outlives a daemon and a reboot: which host uids each tenant name was given.
+STATE_DIR = Path("/var/lib/netkernel")
 
 # Names of everything we create, so `down` can find leftovers of a crashed daemon.
 BRIDGE = "nk0"

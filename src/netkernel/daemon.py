@@ -238,6 +238,7 @@ class Tenant:
     cgroups: dict[str, str] = field(default_factory=dict)  # controller -> its cgroup
     rw: tuple[Path, ...] = ()  # host paths the config lets it write
     ro: tuple[Path, ...] = ()
+    uid_slot: int = 0  # which host uid range is its own (sandbox.uid_slot: by name, for good)
 
     @property
     def netns(self) -> str:
@@ -246,7 +247,7 @@ class Tenant:
     @property
     def uid_base(self) -> int:
         """Its root's host uid: its uids 0..65535 are this and the 65535 after it."""
-        return sandbox.uid_base(self.index)
+        return sandbox.uid_base(self.uid_slot)
 
     @property
     def fs(self) -> Path:
@@ -800,7 +801,7 @@ class Daemon:
                 raise TenantError(f"too many tenants (limit {MAX_TENANTS})")
             t = Tenant(name, nsm, index, -1, str(self.config.tenant_ipv4(index)),
                        str(self.config.tenant_ipv6(index)), policy or self.config.defaults,
-                       rw=rw, ro=ro)
+                       rw=rw, ro=ro, uid_slot=sandbox.uid_slot(name))
             engine_added = False
             try:
                 self._create_tenant_fabric(t)

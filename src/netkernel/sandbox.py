@@ -2,11 +2,13 @@
 
 A tenant is a hostile program. Its processes get nothing of the host's privileges:
 
-- a **user namespace** whose root is an unprivileged host uid: tenant ``N`` has host uids
+- a **user namespace** whose root is an unprivileged host uid: a tenant has host uids
   ``TENANT_UID_BASE + N * 65536`` and the 65535 after it, mapped as its uids 0..65535, so
   programs that switch users (nginx workers as ``nobody``, postgres via ``setpriv``) keep
   working, and two tenants never share a host uid (they cannot signal or ptrace each other,
-  nor write each other's files);
+  nor write each other's files). ``N`` belongs to the tenant's name for good (``UID_RANGES``):
+  files a tenant leaves in a directory granted to it stay its own after it is deleted, the
+  daemon restarts or tenants are made in another order, never another tenant's;
 - its own **pid, IPC, UTS and cgroup namespaces**, shared by all its processes (``netkernel
   run`` twice in one tenant sees one process tree: ``nginx -s reload`` finds its master), so
   it cannot see, let alone signal, the engine, the daemon or other tenants;
@@ -50,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cgroups
-from .config import ENGINE_SOCKET, RUN_DIR, TENANTS_DIR, libdir
+from .config import ENGINE_SOCKET, RUN_DIR, STATE_DIR, TENANTS_DIR, libdir
 from .errors import InstallError, NetKernelError
 
 TENANT_UID_BASE = 1_000_000_000
@@ -75,8 +77,48 @@ class SandboxError(NetKernelError):
     """A tenant's sandbox could not be made or entered."""
 
 
-def uid_base(index: int) -> int:
-    return TENANT_UID_BASE + index * TENANT_UID_COUNT
+UID_RANGES = STATE_DIR / "uid-ranges.json"
+# The last range ends below 2**32 - 1 (the kernel's "no uid").
+UID_SLOTS = (2**32 - 1 - TENANT_UID_BASE) // TENANT_UID_COUNT
+
+
+def uid_base(slot: int) -> int:
+    return TENANT_UID_BASE + slot * TENANT_UID_COUNT
+
+
+def uid_slot(name: str, path: Path | None = None) -> int:
+    """The uid range of the tenant called ``name``: the one it had before (whether it was
+    deleted since or the daemon restarted), else the first never given to any name, recorded
+    at once. A range is never handed to another name: files its tenant left in a directory
+    granted to it (or chowned to it) would become the new tenant's."""
+    path = UID_RANGES if path is None else path
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            doc = json.loads(path.read_text())
+            ranges = doc["ranges"]
+            if not isinstance(ranges, dict):
+                raise ValueError("ranges is not a table")
+        except FileNotFoundError:
+            ranges = {}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SandboxError(f"{path} is unreadable ({e}): it records which host uids each "
+                               "tenant was given; restore it from a backup (or, if no "
+                               "tenant's files are left on the host, remove it)") from None
+        slot = ranges.get(name)
+        if isinstance(slot, int) and 1 <= slot < UID_SLOTS:
+            return slot
+        taken = {v for v in ranges.values() if isinstance(v, int)}
+        slot = next((n for n in range(1, UID_SLOTS) if n not in taken), None)
+        if slot is None:
+            raise SandboxError(f"every host uid range has been given to a tenant name ({path}): "
+                               "remove the names of tenants whose files are gone from it")
+        ranges[name] = slot
+        tmp = path.with_suffix(".new")
+        tmp.write_text(json.dumps({"version": 1, "ranges": ranges}, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return slot
 
 
 def bwrap() -> str:

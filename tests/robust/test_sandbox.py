@@ -116,6 +116,37 @@ print(attempt(lambda: open('{nk_tmpdir}/a.txt', 'a')), attempt(lambda: open('{nk
     assert r.returncode == 126 and "not writable by the tenant's root" in r.stderr, r.stderr
 
 
+def test_host_uids_belong_to_the_tenant_name_for_good(tenant: Any, nk_tmpdir: Path) -> None:
+    """A tenant's files in a directory granted to it stay its own: after it is deleted, a new
+    tenant does not get its host uids (and with them its files); made again under its name,
+    it has them back, and its grant still works."""
+    a = tenant("uidkeep")
+    a.grant(nk_tmpdir)
+    run_py(a, f"open('{nk_tmpdir}/mine.txt', 'w').write('kept')")
+    base = a.uid_base
+    nk("tenant", "delete", a.name, check=True)
+    b = tenant("uidnext")
+    assert b.uid_base != base
+    out = run_py(b, TRY + f"print(attempt(lambda: open('{nk_tmpdir}/mine.txt', 'a')))")
+    assert out in ("EACCES", "EROFS"), out
+    again = tenant("uidkeep")
+    assert again.uid_base == base
+    again.rw.append(nk_tmpdir)
+    assert run_py(again, f"print(open('{nk_tmpdir}/mine.txt').read())") == "kept"
+
+
+def test_uid_ranges_are_recorded_and_a_damaged_record_is_refused(tmp_path: Path) -> None:
+    from netkernel import sandbox
+    path = tmp_path / "uid-ranges.json"
+    a, b = sandbox.uid_slot("a", path), sandbox.uid_slot("b", path)
+    assert a != b and sandbox.uid_slot("a", path) == a
+    assert sandbox.uid_base(sandbox.UID_SLOTS - 1) + sandbox.TENANT_UID_COUNT <= 2**32 - 1
+    path.write_text("{not json")
+    with pytest.raises(sandbox.SandboxError, match="unreadable"):
+        sandbox.uid_slot("c", path)
+    assert path.read_text() == "{not json"  # nothing lost
+
+
 SIGNALS = TRY + """
 for pid in map(int, sys.argv[1:]):
     print(attempt(lambda: os.kill(pid, 0)))
