@@ -413,8 +413,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     launcher.resolve_command(cmd[0])  # exit 127 before any tenant is created
     reply = api.call("tenant-create", name=args.tenant, nsm=args.nsm)
     t = reply["tenant"]
-    rw = [Path(p) for p in t.get("rw", [])] + [p.resolve() for p in args.rw]
-    ro = [Path(p) for p in t.get("ro", [])] + [p.resolve() for p in args.ro]
+    # Absolute, not resolved: the sandbox follows symbolic links itself, checking each.
+    rw = [Path(p) for p in t.get("rw", [])] + [p.absolute() for p in args.rw]
+    ro = [Path(p) for p in t.get("ro", [])] + [p.absolute() for p in args.ro]
     return launcher.run(t, cmd, rw=rw, ro=ro)
 
 

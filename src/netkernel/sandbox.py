@@ -33,7 +33,8 @@ network namespace and the cgroups (entered before bubblewrap runs).
 The launcher runs as root; bubblewrap itself runs as the tenant's host uid, so every path it
 binds it opens with the tenant's rights: what NetKernel hands in lives where a tenant may
 reach it (the private directories and, under /run/netkernel, the engine's socket and a copy
-of GuestLib), and grants are checked for reachability first, with the reason when not.
+of GuestLib). Grants are opened by the launcher, with no symbolic link on the way, checked
+(with the reason when the tenant could not use one) and bound from that descriptor.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -394,6 +396,100 @@ def allows(st: os.stat_result, base: int, bit: int) -> bool:
     return bool(st.st_mode & bit)
 
 
+_SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
+_RESOLVE_NO_SYMLINKS = 0x04
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _open_no_symlinks(path: str) -> int:
+    """An O_PATH descriptor of ``path``, refused (ELOOP) if any part of it is a symbolic link."""
+    how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
+    fd = _libc.syscall(_SYS_OPENAT2, -100, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+    return int(fd)
+
+
+def _tenant_made_link(path: Path, base: int) -> str | None:
+    """Why ``path`` cannot be trusted to lead where the operator meant, or None: a symbolic
+    link on the way (followed as the kernel does) that the tenant could have put there, in a
+    directory it may write (one granted to it, or one anyone may write unless it is sticky
+    and the link is not the tenant's). Where it points is then the tenant's choice."""
+    todo = list(Path(os.path.abspath(path)).parts[1:])
+    cur, hops = "/", 0
+    while todo:
+        name = todo.pop(0)
+        if name == "..":
+            cur = os.path.dirname(cur)
+            continue
+        nxt = os.path.join(cur, name)
+        try:
+            st = os.lstat(nxt)
+            if not stat.S_ISLNK(st.st_mode):
+                cur = nxt
+                continue
+            parent = os.stat(cur)
+            target = os.readlink(nxt)
+        except OSError:
+            return None  # what is not there is reported by tenant_can_reach
+        sticky = parent.st_mode & stat.S_ISVTX
+        owned = base <= st.st_uid < base + TENANT_UID_COUNT
+        if allows(parent, base, 0o2) and (owned or not sticky):
+            return (f"{nxt} is a symbolic link in a directory the tenant may write: grant the "
+                    "path it should lead to instead")
+        hops += 1
+        if hops > 40:
+            return f"{path}: too many levels of symbolic links"
+        if target.startswith("/"):
+            cur = "/"
+        todo[:0] = list(Path(target).parts[1:] if target.startswith("/") else Path(target).parts)
+    return None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A host path a tenant's program is given: opened by the launcher (root) before
+    bubblewrap runs, and bound from that descriptor. bubblewrap runs as the tenant and would
+    resolve a path itself, following whatever symbolic links the tenant put on the way (a
+    grant inside another grant can be replaced by a link to the host's /tmp)."""
+
+    where: str  # where it appears in the sandbox: where it is on the host
+    fd: int
+    write: bool
+
+
+def open_grants(rec: dict[str, Any], rw: Sequence[Path], ro: Sequence[Path]) -> list[Grant]:
+    """The grants opened and checked, or SandboxError with the reason (nothing left open)."""
+    base = int(rec["uid_base"])
+    out: list[Grant] = []
+    try:
+        for paths, write in ((rw, True), (ro, False)):
+            for p in paths:
+                flag = "--rw" if write else "--ro"
+                real = os.path.realpath(p)
+                why = _tenant_made_link(p, base) or tenant_can_reach(Path(real), base, write)
+                if why:
+                    raise SandboxError(f"{flag} {p}: {why}")
+                try:
+                    fd = _open_no_symlinks(real)
+                    out.append(Grant(real, fd, write))  # links to it still lead there
+                    checked, opened = os.stat(real), os.fstat(fd)
+                    same = (checked.st_dev, checked.st_ino) == (opened.st_dev, opened.st_ino)
+                except OSError:
+                    same = False
+                if not same:
+                    raise SandboxError(f"{flag} {p}: {real} changed while it was opened; try again")
+    except BaseException:
+        for g in out:
+            os.close(g.fd)
+        raise
+    return out
+
+
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -408,12 +504,12 @@ def _view(rec: dict[str, Any]) -> list[str]:
                    "--bind", str(ENGINE_SOCKET), str(ENGINE_SOCKET)]
 
 
-def command(rec: dict[str, Any], holder_pid: int, argv: Sequence[str], rw: Sequence[Path],
-            ro: Sequence[Path], env: dict[str, str]) -> tuple[list[str], list[int]]:
+def command(rec: dict[str, Any], holder_pid: int, argv: Sequence[str], grants: Sequence[Grant],
+            env: dict[str, str]) -> tuple[list[str], list[int]]:
     """bubblewrap's command line to run ``argv`` in the tenant, and the descriptors it needs
     (the caller closes them once bubblewrap runs). bubblewrap runs as the tenant's root and
     opens the paths it binds with that uid's rights: each is one a tenant may reach (the
-    private directories and NetKernel's files under /run/netkernel, grants checked before)."""
+    private directories and NetKernel's files under /run/netkernel); grants come opened."""
     fds: list[int] = []
     try:
         fds.append(os.open(f"/proc/{holder_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC))
@@ -425,10 +521,8 @@ def command(rec: dict[str, Any], holder_pid: int, argv: Sequence[str], rw: Seque
         raise SandboxError(f"tenant {rec['name']}: cannot open {e.filename}: {e.strerror}") from None
     cmd = [bwrap(), "--userns", str(fds[0]), "--pidns", str(fds[1]), "--uid", "0", "--gid", "0",
            "--unshare-cgroup", "--die-with-parent", *_view(rec)]
-    for p in ro:
-        cmd += ["--ro-bind", str(p), str(p)]
-    for p in rw:
-        cmd += ["--bind", str(p), str(p)]
+    for g in grants:
+        cmd += ["--bind-fd" if g.write else "--ro-bind-fd", str(g.fd), g.where]
     cmd += ["--cap-drop", "ALL"]
     for cap in CAPABILITIES:
         cmd += ["--cap-add", cap]
@@ -464,20 +558,18 @@ def run(rec: dict[str, Any], argv: Sequence[str], rw: Sequence[Path] = (),
         ro: Sequence[Path] = ()) -> int:
     """Run ``argv`` in tenant ``rec`` (the daemon's tenant record) and return its exit status
     (128+N if killed by signal N). Signals sent to us are forwarded to it."""
-    base = int(rec["uid_base"])
-    for p in rw:
-        why = tenant_can_reach(p, base, write=True)
-        if why:
-            raise SandboxError(f"--rw {p}: {why}")
-    for p in ro:
-        why = tenant_can_reach(p, base)
-        if why:
-            raise SandboxError(f"--ro {p}: {why}")
-    pid = holder(rec)
-    # The program's environment goes in with --setenv: bubblewrap's own must not preload
-    # GuestLib (it is not where bubblewrap starts).
-    env = tenant_env(dict(os.environ), rec["name"])
-    cmd, fds = command(rec, pid, argv, rw, ro, env)
+    grants = open_grants(rec, rw, ro)
+    try:
+        pid = holder(rec)
+        # The program's environment goes in with --setenv: bubblewrap's own must not preload
+        # GuestLib (it is not where bubblewrap starts).
+        env = tenant_env(dict(os.environ), rec["name"])
+        cmd, fds = command(rec, pid, argv, grants, env)
+    except BaseException:
+        for g in grants:
+            os.close(g.fd)
+        raise
+    fds += [g.fd for g in grants]
     info_r, info_w = os.pipe2(os.O_CLOEXEC)
     cmd[1:1] = ["--info-fd", str(info_w)]
     own_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}

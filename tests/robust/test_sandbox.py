@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -285,6 +287,35 @@ def test_cgroup_holds_a_runaway_tenant(attack: str, tenant: Any, peer_ns: Any) -
     th.join(timeout=180)
     assert not th.is_alive() and not errors, errors
     nk("tenant", "delete", bad.name, check=True)  # its processes (the bomb's children) go too
+
+
+def test_a_grant_through_a_link_the_tenant_made_is_refused(tenant: Any, nk_tmpdir: Path) -> None:
+    """A grant inside another is the tenant's to replace: made a symbolic link to a directory
+    anyone may write (the host's /tmp, say), it would be bound read-write where it leads."""
+    open_dir = Path(tempfile.mkdtemp(prefix="netkernel-open-"))
+    try:
+        open_dir.chmod(0o1777)
+        t = tenant("grantlink")
+        (nk_tmpdir / "uploads").mkdir()
+        t.grant(nk_tmpdir)
+        run_py(t, f"import os; os.rmdir('{nk_tmpdir}/uploads'); os.symlink('{open_dir}', '{nk_tmpdir}/uploads')")
+        r = nk("run", "--tenant", t.name, "--rw", str(nk_tmpdir / "uploads"), "--",
+               "touch", str(nk_tmpdir / "uploads" / "planted"))
+        assert r.returncode == 126 and "symbolic link" in r.stderr, (r.returncode, r.stderr)
+        assert not (open_dir / "planted").exists()
+        # A link the operator made (in a directory the tenant cannot write) is followed.
+        mine = Path(tempfile.mkdtemp(prefix="netkernel-link-"))
+        try:
+            mine.chmod(0o755)
+            (mine / "data").symlink_to(nk_tmpdir)
+            r = nk("run", "--tenant", t.name, "--rw", str(mine / "data"), "--",
+                   "touch", str(mine / "data" / "ok"))
+            assert r.returncode == 0, r.stderr
+            assert (nk_tmpdir / "ok").exists()
+        finally:
+            shutil.rmtree(mine)
+    finally:
+        shutil.rmtree(open_dir)
 
 
 def test_grants_are_checked_with_a_clear_error(tenant: Any, nk_tmpdir: Path) -> None:
