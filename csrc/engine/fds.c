@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -84,6 +85,9 @@ static void defuse(int fd) {
   }
 }
 
+/* Descriptors queued to the closer or being closed: still the engine's until closed. */
+static _Atomic uint64_t closer_pending;
+
 static void *closer_main(void *arg) {
   (void)arg;
   for (;;) {
@@ -94,6 +98,7 @@ static void *closer_main(void *arg) {
     pthread_mutex_unlock(&closer_mu);
     defuse(fd);
     close(fd);
+    atomic_fetch_sub(&closer_pending, 1);
   }
   return NULL;
 }
@@ -116,6 +121,7 @@ void nk_close_later(int fd) {
   }
   bool queued = closer_up && closer_n < closer_cap;
   if (queued) {
+    atomic_fetch_add(&closer_pending, 1);
     closer_q[closer_n++] = fd;
     pthread_cond_signal(&closer_cv);
   }
@@ -258,7 +264,9 @@ uint64_t nk_tenant_fd_limit(const struct nk_tenant *t) {
  * engine's). */
 int nk_fds_take(struct nk_tenant *t, uint32_t n) {
   if (t->fds + n > nk_tenant_fd_limit(t)) return -EMFILE;
-  if (E.fds_taken + n > headroom()) return -ENFILE;
+  /* What the closer has yet to close is not given out again: if it falls behind, tenants
+   * get ENFILE before the engine itself runs out. */
+  if (E.fds_taken + atomic_load(&closer_pending) + n > headroom()) return -ENFILE;
   t->fds += n;
   E.fds_taken += n;
   return 0;
