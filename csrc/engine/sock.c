@@ -332,12 +332,17 @@ static bool writable_now(struct nk_esock *es) {
 }
 
 /* The engine end of the proxy, closed. Where it refuses descriptors, nothing queued on it can
- * make the close block; elsewhere the closer thread does it (fds.c). */
+ * make the close block; elsewhere the closer thread does it (fds.c), a moment later: the
+ * shutdown both ways shows the guest end its hang-up (POLLHUP) now, as the close would. */
 void nk_sock_close_proxy(struct nk_esock *es) {
   if (es->proxy < 0) return;
   nk_ep_del(es->proxy);
-  if (es->proxy_rights_refused) close(es->proxy);
-  else nk_close_later(es->proxy);
+  if (es->proxy_rights_refused) {
+    close(es->proxy);
+  } else {
+    shutdown(es->proxy, SHUT_RDWR);
+    nk_close_later(es->proxy);
+  }
   es->proxy = -1;
 }
 
