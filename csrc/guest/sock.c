@@ -508,7 +508,14 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
       if (got == total || !waitall) return (ssize_t)got;
       continue;
     }
-    /* Empty. Errors and EOF stay readable: never eat the record for them. */
+    /* Empty. Errors and EOF stay readable: never eat the record for them. The engine sets
+     * them after the last bytes before them are in the ring, so they may have landed between
+     * our look at the ring and this one (a reply and its FIN together): those bytes come
+     * first, as Linux returns queued data before EOF or a reset. */
+    if ((atomic_load(&s->rx_err) || atomic_load(&s->rx_eof)) && nk_ring_fill(&rx)) {
+      unlock(&s->rx_lock);
+      continue;
+    }
     int err = atomic_load(&s->rx_err);
     if (err && !peek) err = take_error(s);
     if (err) {
