@@ -110,7 +110,7 @@ void nk_dns_event(struct nk_tenant *t, bool upstream) {
     } else {
       /* Only answers from the upstream, for a query we relayed. */
       struct nk_addr src;
-      nk_addr_from_sa(&src, (struct sockaddr *)&from);
+      nk_addr_from_sa(&src, &from);
       if (!nk_addr_eq_ip(&src, &E.dns_upstream) || src.port != E.dns_upstream.port) continue;
       if (!t->dns_pending[idx].used || t->dns_pending[idx].id != id) continue;
       t->dns_pending[idx].used = false;

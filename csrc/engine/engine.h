@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "netkernel/abi.h"
+#include "netkernel/addr.h"
 #include "netkernel/ring.h"
 
 extern int nk_debug;
@@ -432,15 +433,8 @@ void nk_dns_close(struct nk_tenant *t);
 int nk_dns_reopen_upstream(struct nk_tenant *t); /* after a move: relay through the new NSM */
 void nk_dns_event(struct nk_tenant *t, bool upstream);
 
-/* addr.c */
+/* addr.c (conversions to and from sockaddr: netkernel/addr.h) */
 int nk_addr_parse(const char *s, struct nk_addr *a);
 void nk_addr_fmt(const struct nk_addr *a, char *buf, size_t len);
-socklen_t nk_addr_to_sa(const struct nk_addr *a, struct sockaddr_storage *ss);
-void nk_addr_from_sa(struct nk_addr *a, const struct sockaddr *sa);
-bool nk_addr_is_any(const struct nk_addr *a);
-bool nk_addr_is_loopback(const struct nk_addr *a);
-bool nk_addr_is_mapped(const struct nk_addr *a);
-void nk_addr_unmap(struct nk_addr *a); /* ::ffff:a.b.c.d -> a.b.c.d */
-bool nk_addr_eq_ip(const struct nk_addr *a, const struct nk_addr *b);
 
 #endif

@@ -216,7 +216,7 @@ static void set_local_from_kfd(struct nk_esock *es, int k) {
   socklen_t l = sizeof(ss);
   struct nk_addr a;
   if (getsockname(es->kfd[k], (struct sockaddr *)&ss, &l) == 0) {
-    nk_addr_from_sa(&a, (struct sockaddr *)&ss);
+    nk_addr_from_sa(&a, &ss);
     nk_sock_set_local(es, &a);
   }
 }
@@ -227,7 +227,7 @@ static void set_peer_from_kfd(struct nk_esock *es, int k) {
   socklen_t l = sizeof(ss);
   struct nk_addr a;
   if (getpeername(es->kfd[k], (struct sockaddr *)&ss, &l) == 0) {
-    nk_addr_from_sa(&a, (struct sockaddr *)&ss);
+    nk_addr_from_sa(&a, &ss);
     nk_sock_set_peer(es, &a);
   }
 }
@@ -667,7 +667,7 @@ static void dgram_rx(struct nk_esock *es) {
       ssize_t n = recvmsg(es->kfd[k], &mh, MSG_DONTWAIT);
       if (n < 0) break;
       struct nk_dgram h = {.len = (uint32_t)n};
-      nk_addr_from_sa(&h.addr, (struct sockaddr *)&ss);
+      nk_addr_from_sa(&h.addr, &ss);
       nk_ring_copy_in(&es->rx, head, &h, sizeof(h));
       nk_ring_produce(&es->rx, (uint32_t)NK_DGRAM_SPACE((uint32_t)n));
       es->rx_bytes += (uint64_t)n;
@@ -856,7 +856,7 @@ static void listener_accept(struct nk_esock *l) {
         nk_sock_set_local(es, &a);
       }
       struct nk_addr peer;
-      nk_addr_from_sa(&peer, (struct sockaddr *)&ss);
+      nk_addr_from_sa(&peer, &ss);
       nk_sock_set_peer(es, &peer);
       kfd_watch(es, 0);
       nk_sock_deliver_conn(l, es, gfd); /* delivered, or held until the queue drains */
@@ -1066,7 +1066,7 @@ static uint16_t kfd_port(struct nk_esock *es, int k) {
   struct sockaddr_storage ss;
   socklen_t l = sizeof(ss);
   struct nk_addr a = {0};
-  if (getsockname(es->kfd[k], (struct sockaddr *)&ss, &l) == 0) nk_addr_from_sa(&a, (void *)&ss);
+  if (getsockname(es->kfd[k], (struct sockaddr *)&ss, &l) == 0) nk_addr_from_sa(&a, &ss);
   return a.port;
 }
 

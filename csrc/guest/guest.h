@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "netkernel/abi.h"
+#include "netkernel/addr.h"
 #include "netkernel/ring.h"
 
 #define NK_EXPORT __attribute__((visibility("default")))
@@ -118,8 +119,5 @@ int nk_setsockopt(int fd, int slot, int level, int name, const void *val, sockle
 int nk_ioctl(int fd, int slot, unsigned long req, void *arg);
 void nk_note_nonblock(int slot, bool on);
 
-/* addr helpers */
-int nk_addr_from_sockaddr(struct nk_addr *a, const struct sockaddr *sa, socklen_t len);
-socklen_t nk_addr_to_sockaddr(const struct nk_addr *a, int family, struct sockaddr_storage *ss);
 
 #endif

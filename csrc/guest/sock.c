@@ -174,54 +174,6 @@ static int epipe(int flags) {
 
 /* ---- addresses ---- */
 
-int nk_addr_from_sockaddr(struct nk_addr *a, const struct sockaddr *sa, socklen_t len) {
-  memset(a, 0, sizeof(*a));
-  if (!sa || len < sizeof(sa_family_t)) return -EINVAL;
-  if (sa->sa_family == AF_INET) {
-    if (len < sizeof(struct sockaddr_in)) return -EINVAL;
-    const struct sockaddr_in *in = (const void *)sa;
-    a->family = AF_INET;
-    a->port = in->sin_port;
-    memcpy(a->addr, &in->sin_addr, 4);
-    return 0;
-  }
-  if (sa->sa_family == AF_INET6) {
-    if (len < sizeof(struct sockaddr_in6)) return -EINVAL;
-    const struct sockaddr_in6 *in6 = (const void *)sa;
-    a->family = AF_INET6;
-    a->port = in6->sin6_port;
-    a->scope_id = in6->sin6_scope_id;
-    memcpy(a->addr, &in6->sin6_addr, 16);
-    return 0;
-  }
-  if (sa->sa_family == AF_UNSPEC) return 0;
-  return -EAFNOSUPPORT;
-}
-
-/* Render a in the application's family (IPv4 becomes v4-mapped for AF_INET6 sockets). */
-socklen_t nk_addr_to_sockaddr(const struct nk_addr *a, int family, struct sockaddr_storage *ss) {
-  memset(ss, 0, sizeof(*ss));
-  if (family == AF_INET) {
-    struct sockaddr_in *in = (void *)ss;
-    in->sin_family = AF_INET;
-    in->sin_port = a->port;
-    if (a->family == AF_INET) memcpy(&in->sin_addr, a->addr, 4);
-    return sizeof(*in);
-  }
-  struct sockaddr_in6 *in6 = (void *)ss;
-  in6->sin6_family = AF_INET6;
-  in6->sin6_port = a->port;
-  if (a->family == AF_INET) {
-    in6->sin6_addr.s6_addr[10] = 0xff;
-    in6->sin6_addr.s6_addr[11] = 0xff;
-    memcpy(&in6->sin6_addr.s6_addr[12], a->addr, 4);
-  } else if (a->family == AF_INET6) {
-    memcpy(&in6->sin6_addr, a->addr, 16);
-    in6->sin6_scope_id = a->scope_id;
-  }
-  return sizeof(*in6);
-}
-
 static void copy_out_addr(const struct sockaddr_storage *ss, socklen_t sl, struct sockaddr *sa,
                           socklen_t *len) {
   if (!sa || !len) return;
