@@ -141,6 +141,9 @@ struct nk_tenant {
    * mark a tenant doing request-sized work, which keeps the others' services short. */
   uint64_t win_start_ns, win_max, prev_win_max;
   uint32_t throttled_socks; /* its sockets waiting for rate or link tokens */
+  /* Throttled sockets woken, per direction; how late past their tokens' due time in total;
+   * and the rate tokens kept for it over those late wakes (policy.c, late_wake). */
+  uint64_t throttle_wakes[2], throttle_late_ns[2], rate_late_credit[2];
   bool shm; /* its connections to colocated tenants may use the shared-memory path */
   uint32_t ephemeral; /* next local port for a shared-memory connection */
   struct nk_tenant *next_active;
@@ -224,6 +227,7 @@ struct nk_esock {
   struct nk_ring tx, rx;
   struct nk_esock *next_active;
   bool throttled; /* waiting for tokens: on E.throttled until throttle_until */
+  int throttle_dir; /* NK_TX / NK_RX: which direction's tokens */
   uint64_t throttle_until;
   struct nk_esock *next_throttled;
   /* Shared-memory path (shm.c): a connection between two tenant sockets on this host. The

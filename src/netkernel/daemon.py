@@ -1240,6 +1240,10 @@ class Daemon:
                 "dns_relayed": s.dns_relayed if s else None,
                 "dns_dropped": s.dns_dropped if s else None,
                 "region_bytes": s.region_bytes if s else None,
+                "throttle_wakes": s.throttle_wakes if s else None,
+                "throttle_late_seconds": (s.throttle_late_ns / 1e9
+                                          if s and s.throttle_late_ns is not None else None),
+                "rate_late_credit_bytes": s.rate_late_credit if s else None,
                 "policy": asdict(t.policy),
                 "draining": list(t.draining),
             })

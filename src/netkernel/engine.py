@@ -54,6 +54,9 @@ class TenantStats:
     dns_dropped: int | None = None  # queries over its DNS rate, dropped
     region_bytes: int | None = None  # memory its shared region holds
     region_trimmed: int | None = None  # bytes of free slots' rings taken back (max_memory)
+    throttle_wakes: int | None = None  # its sockets woken after waiting for rate/link tokens
+    throttle_late_ns: int | None = None  # how late past their due time, in total
+    rate_late_credit: int | None = None  # rate tokens kept for it over late wakes (bytes)
 
 
 @dataclass(frozen=True)
