@@ -11,9 +11,12 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -150,3 +153,50 @@ def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                   "-fno-omit-frame-pointer")
+
+
+def engine_sources() -> list[str]:
+    """The engine's C sources: csrc/engine and every NSM kind in csrc/nsm (each registers
+    itself, so a test build may add one more file)."""
+    return sorted(map(str, (REPO / "csrc" / "engine").glob("*.c"))) + sorted(
+        map(str, (REPO / "csrc" / "nsm").glob("*.c")))
+
+
+def start_engine(engine: Path, tmp: Path, log: IO[str], env: dict[str, str] | None = None,
+                 timeout: float = 20) -> subprocess.Popen[bytes]:
+    """Start an engine binary on its own control and admin sockets in tmp (engine.sock,
+    admin.sock), outside any daemon; returns once it answers."""
+    proc = subprocess.Popen([str(engine), "--control", str(tmp / "engine.sock"), "--admin",
+                             str(tmp / "admin.sock")], stderr=log, env=env)
+    deadline = time.monotonic() + timeout
+    while not (tmp / "admin.sock").exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"engine exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("engine did not start")
+        time.sleep(0.1)
+    return proc
+
+
+def stop_engine(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def engine_admin(path: Path, line: str) -> str:
+    """One request on an engine's admin socket; its reply up to the "ok"/"err" line."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        s.sendall(line.encode() + b"\n")
+        data = b""
+        while not any(x.startswith((b"ok", b"err")) for x in data.splitlines()):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode()

@@ -32,7 +32,7 @@ int nk_admin_listen(const char *path) {
   int fd = nk_unix_listen(path, SOCK_STREAM, 0600, 16);
   if (fd < 0) return fd;
   admin_listen_fd = fd;
-  nk_ep_add(fd, EPOLLIN, &h_admin_listen);
+  nk_epoll_add(fd, EPOLLIN, &h_admin_listen);
   return 0;
 }
 
@@ -144,14 +144,12 @@ static void conn_line(struct nk_admin *a, struct nk_tenant *t, uint32_t i, struc
   nk_addr_fmt(&es->local, l, sizeof(l)); /* the engine's copies: the slot's are the tenant's */
   nk_addr_fmt(&es->peer, p, sizeof(p));
   struct nk_nsm *m = nk_sock_nsm(es);
-  if (es->type == SOCK_STREAM && es->nk && !es->shm && es->kind != NK_KIND_LISTENER) {
+  if (es->type == SOCK_STREAM && es->ep_count && es->kind != NK_KIND_LISTENER &&
+      es->ep[0].ops->tcp_info) {
     struct tcp_info ti;
-    socklen_t tl = sizeof(ti);
     char ca[16] = "";
-    socklen_t cl = sizeof(ca) - 1;
     memset(&ti, 0, sizeof(ti));
-    if (getsockopt(es->kfd[0], IPPROTO_TCP, TCP_INFO, &ti, &tl) == 0) {
-      getsockopt(es->kfd[0], IPPROTO_TCP, TCP_CONGESTION, ca, &cl);
+    if (es->ep[0].ops->tcp_info(es, &ti, ca, sizeof(ca)) == 0) {
       snprintf(tcp, sizeof(tcp),
                " tcp_state=%s rtt_us=%u rttvar_us=%u cwnd=%u ssthresh=%u mss=%u retrans=%u"
                " total_retrans=%u lost=%u unacked=%u delivery_rate=%llu pacing_rate=%llu"
@@ -165,14 +163,14 @@ static void conn_line(struct nk_admin *a, struct nk_tenant *t, uint32_t i, struc
   }
   /* Which path carries it: an NSM, the tenant's loopback, or shared memory (then the peer's
    * tenant is named too). */
-  const char *path = es->shm ? "shm" : m ? "nsm" : es->nk ? "loopback" : "-";
+  const char *path = es->shm ? "shm" : m ? "nsm" : es->ep_count ? "loopback" : "-";
   char peer_tenant[80] = "";
   if (es->shm_peer) snprintf(peer_tenant, sizeof(peer_tenant), " peer_tenant=%s", es->shm_peer->t->name);
   out(a, "conn tenant=%s slot=%u kind=%s state=%s nsm=%s path=%s%s proto=%s local=%s peer=%s tx_bytes=%llu"
       " rx_bytes=%llu tx_queued=%lld rx_queued=%lld ready_sent=%u rx_ack=%u blocker=%d stalled=%u"
       " throttled=%d%s",
       t->name, i, kind_name(es->kind), es->closing ? "closing" : state_name(es->state),
-      es->shm ? "shm" : m ? m->name : (es->nk ? "loopback" : "-"), path, peer_tenant,
+      es->shm ? "shm" : m ? m->name : (es->ep_count ? "loopback" : "-"), path, peer_tenant,
       es->type == SOCK_STREAM ? "tcp" : "udp", l, p,
       (unsigned long long)es->tx_bytes, (unsigned long long)es->rx_bytes,
       (long long)nk_ring_fill_checked(&es->tx), (long long)nk_ring_fill_checked(&es->rx),
@@ -248,11 +246,11 @@ static void command(struct nk_admin *a, char *line) {
     struct nk_addr u;
     if (nk_addr_parse(argv[1], &u) < 0) return err(a, EINVAL, "bad address '%s'", argv[1]);
     u.port = htons((uint16_t)atoi(argv[2]));
-    E.dns_upstream = u;
+    engine.dns_upstream = u;
     return out(a, "ok");
   }
   if (!strcmp(cmd, "stats") && argc == 1) {
-    for (struct nk_tenant *t = E.tenants; t; t = t->next)
+    for (struct nk_tenant *t = engine.tenants; t; t = t->next)
       out(a, "tenant %s id=%u nsm=%s sockets=%u tx_bytes=%llu rx_bytes=%llu memory=%llu"
           " rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu"
            " refused_sockets=%llu refused_memory=%llu slots=%u engine_ns=%llu engine_skips=%llu shm=%d"
@@ -270,23 +268,23 @@ static void command(struct nk_admin *a, char *line) {
           (unsigned long long)(t->throttle_wakes[NK_TX] + t->throttle_wakes[NK_RX]),
           (unsigned long long)(t->throttle_late_ns[NK_TX] + t->throttle_late_ns[NK_RX]),
           (unsigned long long)(t->rate_late_credit[NK_TX] + t->rate_late_credit[NK_RX]));
-    for (struct nk_nsm *m = E.nsms; m; m = m->next) {
+    for (struct nk_nsm *m = engine.nsms; m; m = m->next) {
       uint32_t tenants = 0, socks = 0;
-      for (struct nk_tenant *t = E.tenants; t; t = t->next) {
+      for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
         tenants += t->nsm == m;
         for (uint32_t i = 0; i < t->nslots; i++)
           if (t->socks[i] && nk_sock_nsm(t->socks[i]) == m) socks++;
       }
       out(a, "nsm %s type=%s tenants=%u sockets=%u tx_bytes=%llu rx_bytes=%llu bandwidth=%llu "
           "up=%d connects=%u",
-          m->name, m->ops->type, tenants, socks, (unsigned long long)m->bytes[NK_TX],
+          m->name, m->type->type, tenants, socks, (unsigned long long)m->bytes[NK_TX],
           (unsigned long long)m->bytes[NK_RX], (unsigned long long)m->bandwidth_bps,
-          m->ext ? nk_ext_is_up(m) : 1, m->ext ? nk_ext_connects(m) : 0);
+          m->type->is_up ? m->type->is_up(m) : 1, m->type->connects ? m->type->connects(m) : 0);
     }
     return out(a, "ok");
   }
   if (!strcmp(cmd, "conns") && argc <= 2) {
-    for (struct nk_tenant *t = E.tenants; t; t = t->next) {
+    for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
       if (argc == 2 && strcmp(argv[1], t->name)) continue;
       for (uint32_t i = 0; i < t->nslots; i++)
         if (t->socks[i]) conn_line(a, t, i, t->socks[i]);
@@ -298,7 +296,7 @@ static void command(struct nk_admin *a, char *line) {
 }
 
 static void admin_close(struct nk_admin *a) {
-  nk_ep_del(a->fd);
+  nk_epoll_del(a->fd);
   close(a->fd);
   for (struct nk_admin **p = &admins; *p; p = &(*p)->next)
     if (*p == a) {
@@ -318,7 +316,7 @@ static void flush_out(struct nk_admin *a) {
   }
   memmove(a->out, a->out + off, a->outlen - off);
   a->outlen -= off;
-  nk_ep_mod(a->fd, EPOLLIN | (a->outlen ? EPOLLOUT : 0), &a->h);
+  nk_epoll_mod(a->fd, EPOLLIN | (a->outlen ? EPOLLOUT : 0), &a->h);
 }
 
 void nk_admin_event(struct nk_handle *h, uint32_t ev) {
@@ -328,7 +326,7 @@ void nk_admin_event(struct nk_handle *h, uint32_t ev) {
       if (fd < 0) return;
       struct ucred cr = {0};
       uint64_t ns = nk_peer_netns(fd, &cr);
-      bool ok = cr.uid == 0 && ns == E.self_netns_ino;
+      bool ok = cr.uid == 0 && ns == engine.self_netns_ino;
       if (!ok) {
         close(fd);
         continue;
@@ -342,7 +340,7 @@ void nk_admin_event(struct nk_handle *h, uint32_t ev) {
       a->h = (struct nk_handle){NK_H_ADMIN, 0, a};
       a->next = admins;
       admins = a;
-      nk_ep_add(fd, EPOLLIN, &a->h);
+      nk_epoll_add(fd, EPOLLIN, &a->h);
     }
   }
   struct nk_admin *a = h->obj;

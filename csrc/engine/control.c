@@ -33,7 +33,7 @@ int nk_control_listen(const char *path) {
   int fd = nk_unix_listen(path, SOCK_SEQPACKET, 0666, 512);
   if (fd < 0) return fd;
   ctl_listen_fd = fd;
-  nk_ep_add(fd, EPOLLIN, &h_ctl_listen);
+  nk_epoll_add(fd, EPOLLIN, &h_ctl_listen);
   return 0;
 }
 
@@ -87,7 +87,7 @@ static struct nk_ctl *dead_ctls;
 /* Closed now, freed after the event batch (an event for it may still be queued). */
 static void ctl_close(struct nk_ctl *c) {
   if (c->fd < 0) return;
-  nk_ep_del(c->fd);
+  nk_epoll_del(c->fd);
   /* The tenant may have queued messages with descriptors on it: closing it releases them. */
   nk_close_later(c->fd);
   c->fd = -1;
@@ -165,7 +165,7 @@ static void accept_ctl(void) {
     c->h = (struct nk_handle){NK_H_CTL, 0, c};
     c->next = ctls;
     ctls = c;
-    nk_ep_add(fd, EPOLLIN | EPOLLRDHUP, &c->h);
+    nk_epoll_add(fd, EPOLLIN | EPOLLRDHUP, &c->h);
   }
 }
 
@@ -247,7 +247,7 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
         (void)nk_fd_refuse_rights(es->proxy);
         es->proxy_rights_refused = false;
         es->proxy_in_tenant_ns = true;
-        nk_ep_add(es->proxy, EPOLLIN, &es->h_proxy);
+        nk_epoll_add(es->proxy, EPOLLIN, &es->h_proxy);
         rep.slot = es->slot;
         rep.gen = es->gen;
       }

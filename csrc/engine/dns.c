@@ -40,7 +40,7 @@ int nk_dns_open(struct nk_tenant *t) {
   }
   t->dns_fd = fd;
   t->h_dns = (struct nk_handle){NK_H_DNS, 0, t};
-  nk_ep_add(fd, EPOLLIN, &t->h_dns);
+  nk_epoll_add(fd, EPOLLIN, &t->h_dns);
   int r = nk_dns_reopen_upstream(t);
   if (r < 0) {
     nk_dns_close(t);
@@ -51,32 +51,32 @@ int nk_dns_open(struct nk_tenant *t) {
 
 /* The relay socket lives on the tenant's NSM and sends from the tenant's address. */
 int nk_dns_reopen_upstream(struct nk_tenant *t) {
-  /* An external NSM has no kernel socket to lend: its tenants' queries leave from the
+  /* An NSM without kernel sockets has none to lend: its tenants' queries leave from the
    * engine's own namespace, which reaches the daemon's resolver on the bridge directly. */
-  bool ext = t->nsm->ext != NULL;
+  bool ext = !t->nsm->type->kernel_sockets;
   int up = ext ? socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
-               : t->nsm->ops->open_socket(t->nsm, AF_INET, SOCK_DGRAM);
+               : nk_in_netns(t->nsm->netns_fd, AF_INET, SOCK_DGRAM);
   if (up < 0) return ext ? -errno : up;
   struct sockaddr_storage ss;
   socklen_t l = nk_addr_to_sa(&t->ipv4, &ss);
   if (!ext) bind(up, (struct sockaddr *)&ss, l);
   if (t->dns_up_fd >= 0) {
-    nk_ep_del(t->dns_up_fd);
+    nk_epoll_del(t->dns_up_fd);
     close(t->dns_up_fd);
   }
   t->dns_up_fd = up;
   t->h_dns_up = (struct nk_handle){NK_H_DNS_UP, 0, t};
-  nk_ep_add(up, EPOLLIN, &t->h_dns_up);
+  nk_epoll_add(up, EPOLLIN, &t->h_dns_up);
   return 0;
 }
 
 void nk_dns_close(struct nk_tenant *t) {
   if (t->dns_fd >= 0) {
-    nk_ep_del(t->dns_fd);
+    nk_epoll_del(t->dns_fd);
     close(t->dns_fd);
   }
   if (t->dns_up_fd >= 0) {
-    nk_ep_del(t->dns_up_fd);
+    nk_epoll_del(t->dns_up_fd);
     close(t->dns_up_fd);
   }
   t->dns_fd = t->dns_up_fd = -1;
@@ -94,7 +94,7 @@ void nk_dns_event(struct nk_tenant *t, bool upstream) {
     uint16_t id = (uint16_t)(buf[0] << 8 | buf[1]);
     unsigned idx = id % NK_DNS_PENDING;
     if (!upstream) {
-      if (!E.dns_upstream.family) continue;
+      if (!engine.dns_upstream.family) continue;
       if (!dns_admit(t)) {
         t->dns_dropped++;
         continue;
@@ -105,13 +105,13 @@ void nk_dns_event(struct nk_tenant *t, bool upstream) {
       t->dns_pending[idx].client = from;
       t->dns_pending[idx].len = fl;
       struct sockaddr_storage ss;
-      socklen_t l = nk_addr_to_sa(&E.dns_upstream, &ss);
+      socklen_t l = nk_addr_to_sa(&engine.dns_upstream, &ss);
       sendto(t->dns_up_fd, buf, (size_t)n, MSG_DONTWAIT, (struct sockaddr *)&ss, l);
     } else {
       /* Only answers from the upstream, for a query we relayed. */
       struct nk_addr src;
       nk_addr_from_sa(&src, &from);
-      if (!nk_addr_eq_ip(&src, &E.dns_upstream) || src.port != E.dns_upstream.port) continue;
+      if (!nk_addr_eq_ip(&src, &engine.dns_upstream) || src.port != engine.dns_upstream.port) continue;
       if (!t->dns_pending[idx].used || t->dns_pending[idx].id != id) continue;
       t->dns_pending[idx].used = false;
       sendto(t->dns_fd, buf, (size_t)n, MSG_DONTWAIT,

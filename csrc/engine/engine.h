@@ -15,6 +15,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/types.h>
@@ -40,14 +41,12 @@ enum nk_htype {
   NK_H_CTL,
   NK_H_ADMIN,
   NK_H_PROXY,
-  NK_H_KFD,
+  NK_H_ENDPOINT, /* a kernel socket of an endpoint (idx: which) */
   NK_H_DOORBELL,
   NK_H_DNS,
   NK_H_DNS_UP,
   NK_H_SIGNAL,
-  NK_H_EXT_LISTEN, /* an external NSM's connection socket (ext.c) */
-  NK_H_EXT_CTL,
-  NK_H_EXT_BELL,
+  NK_H_NSM, /* an NSM kind's own descriptor (obj: the NSM, idx: which, its business) */
 };
 struct nk_handle {
   enum nk_htype type;
@@ -55,13 +54,6 @@ struct nk_handle {
   void *obj;
 };
 
-/* ---- NSMs: one ops table, one file per module (csrc/nsm/) ---- */
-struct nk_nsm;
-struct nk_nsm_ops {
-  const char *type;
-  /* Opens a socket on this stack; returns fd or -errno. */
-  int (*open_socket)(struct nk_nsm *nsm, int domain, int type);
-};
 /* ---- policy (policy.c) ---- */
 enum { NK_TX = 0, NK_RX = 1 };
 /* A token bucket in bytes. rate 0 = unlimited. tokens may go negative (a datagram larger than
@@ -73,21 +65,89 @@ struct nk_bucket {
   uint64_t last_ns;
 };
 
+/* ---- NSMs and endpoints: one file per kind (csrc/nsm/), registered by name ---- */
+struct nk_nsm;
+struct nk_tenant;
+struct nk_esock;
+struct tcp_info;
+
+/* What the engine asks of a stack for one endpoint (a socket of that stack) of a NetKernel
+ * socket. The per-socket code in csrc/engine/ (readiness mirror, rings, policy, accounting)
+ * calls only these; csrc/nsm/kernel.c, csrc/nsm/external.c and csrc/nsm/shm.c implement them.
+ * k names the endpoint (es->ep[k]); stream data always runs on endpoint 0. NULL entries are
+ * things the kind does not do (see each). */
+#define NK_NO_VERDICT 1 /* setopt: the stack cannot say; the engine asks a scratch socket */
+struct nk_ep_ops {
+  const char *name;
+  /* Opens endpoint k: its family, nsm and loop are set (nsm NULL: the tenant's loopback). */
+  int (*open)(struct nk_esock *es, int k);
+  /* An option as the application set it, replayed on every endpoint opened afterwards:
+   * 0, -errno, or NK_NO_VERDICT. */
+  int (*setopt)(struct nk_esock *es, int k, int level, int name, const void *val, socklen_t len);
+  /* bind(); source: the tenant's address for a connect (the port is picked at connect). */
+  int (*bind)(struct nk_esock *es, int k, const struct nk_addr *a, bool source);
+  uint16_t (*port)(struct nk_esock *es, int k); /* the local port it got, network order */
+  /* The stack's view of an address (false: the engine uses the tenant's address). */
+  bool (*address)(struct nk_esock *es, int k, bool peer, struct nk_addr *out);
+  int (*listen)(struct nk_esock *es, int k, int backlog);
+  /* Hand the connections waiting on listener endpoint k to nk_sock_accepted(), at most
+   * *budget of them (NULL: they come from the stack as events). */
+  void (*accept)(struct nk_esock *l, int k, int *budget);
+  /* Connect endpoint 0: 0 done, 1 under way (the stack calls nk_sock_connected()), -errno. */
+  int (*connect)(struct nk_esock *es, const struct nk_addr *dst);
+  /* Stream data on endpoint 0: the transmit ring to the stack (then the write shutdown the
+   * application asked for, once flushed), and the stack into the receive ring. */
+  void (*transmit)(struct nk_esock *es);
+  void (*receive)(struct nk_esock *es);
+  /* One datagram at transmit ring position pos (dst family 0: the connected peer): bytes
+   * taken, -EAGAIN to try again when the stack has room, another -errno: dropped. */
+  int (*send_dgram)(struct nk_esock *es, int k, const struct nk_addr *dst, uint32_t pos,
+                    uint32_t len);
+  void (*recv_dgrams)(struct nk_esock *es, int k); /* NULL: they come as events */
+  void (*shutdown_rd)(struct nk_esock *es);
+  /* The application closed es: flush endpoint 0 and close it; true when es may be freed. */
+  bool (*finish)(struct nk_esock *es);
+  void (*close)(struct nk_esock *es, int k, bool rst);
+  /* Endpoint k (new, renamed, or a listener pausing) wants these events. */
+  void (*watch)(struct nk_esock *es, int k, uint32_t events);
+  /* The stack's TCP state of endpoint 0, for `conns` (NULL or -errno: none). */
+  int (*tcp_info)(struct nk_esock *es, struct tcp_info *ti, char *ca, size_t calen);
+};
+
+/* A kind of NSM. Each csrc/nsm/ file defines one and registers it (NK_NSM_TYPE); the operator
+ * names it in nsm-add as "TYPE" or "TYPE:ARG". */
+struct nk_nsm_type {
+  const char *type;
+  const struct nk_ep_ops *ep; /* its sockets' endpoints */
+  bool kernel_sockets; /* its sockets are kernel sockets in the NSM's namespace */
+  int (*init)(struct nk_nsm *m, const char *arg); /* arg: after "TYPE:", or NULL */
+  void (*fini)(struct nk_nsm *m);
+  void (*tenant_on)(struct nk_nsm *m, struct nk_tenant *t); /* t has sockets on m from now */
+  void (*tenant_gone)(struct nk_nsm *m, struct nk_tenant *t);
+  void (*forget)(struct nk_nsm *m, struct nk_esock *es); /* es is freed: drop references */
+  int (*is_up)(struct nk_nsm *m);         /* NULL: always */
+  uint32_t (*connects)(struct nk_nsm *m); /* processes that served it so far */
+  bool (*poll)(struct nk_nsm *m); /* while the engine polls: true when it found work */
+  void (*set_sleeping)(struct nk_nsm *m, bool v); /* the engine is about to sleep, or woke */
+  void (*event)(struct nk_nsm *m, int which, uint32_t ev); /* its epoll handles (NK_H_NSM) */
+  struct nk_nsm_type *next;
+};
+void nk_nsm_register(struct nk_nsm_type *type);
+#define NK_NSM_TYPE(var)                                                          \
+  __attribute__((constructor)) static void register_##var(void) { nk_nsm_register(&var); }
+
 struct nk_nsm {
   char name[32];
   int netns_fd;
-  const struct nk_nsm_ops *ops;
+  const struct nk_nsm_type *type;
   uint64_t bandwidth_bps;  /* the operator's figure for the uplink; 0 = not shared by weight */
   struct nk_bucket link[2]; /* what the engine lets through, per direction, when shared */
   uint64_t bytes[2];
-  struct nk_ext *ext; /* an NSM in another process, over ServiceLib (ext.c); NULL in-process */
+  void *priv; /* the kind's own state */
   struct nk_nsm *next;
 };
-extern const struct nk_nsm_ops nk_nsm_kernel_ops;
-extern const struct nk_nsm_ops nk_nsm_external_ops;
-int nk_in_netns(int netns_fd, int domain, int type); /* socket() inside a namespace */
-int nk_in_netns_proto(int netns_fd, int domain, int type, int protocol);
-
+extern const struct nk_ep_ops nk_kernel_ep_ops; /* also the tenant's loopback */
+extern const struct nk_ep_ops nk_shm_ep_ops;
 /* ---- tenants ---- */
 struct nk_esock;
 #define NK_DNS_PENDING 256
@@ -163,13 +223,28 @@ struct nk_tenant {
 };
 
 /* v6 + v4 on the NSM and v6 on loopback for a dual-stack listener, plus two during a move. */
-#define NK_MAX_KFD 6
+#define NK_MAX_EP 6
 #define NK_MAX_OPTS 24
 struct nk_opt {
   int level, name;
   socklen_t len;
   uint8_t val[64];
 };
+
+/* One socket of a stack that a NetKernel socket uses: a listener has one per address family
+ * and stack (and its loopback), a connection one. */
+struct nk_endpoint {
+  const struct nk_ep_ops *ops;
+  struct nk_nsm *nsm; /* NULL: the tenant's loopback, or the shared-memory path */
+  int family;
+  bool loop;      /* lives in the tenant's own namespace (its loopback) */
+  bool listening; /* listen() succeeded on it */
+  int fd;         /* a kernel socket, or -1 */
+  uint32_t id;   /* an external NSM's socket id (NK_EXT_LOST while that NSM is down) */
+  uint16_t port; /* an external NSM's: the port it bound, network order */
+  struct nk_handle h;
+};
+#define NK_EXT_LOST UINT32_MAX
 
 struct nk_esock {
   struct nk_tenant *t;
@@ -180,22 +255,16 @@ struct nk_esock {
   int proxy;  /* engine end of the proxy socketpair */
   bool proxy_rights_refused; /* SO_PASSRIGHTS is off on it: closing it cannot block */
   struct nk_handle h_proxy;
-  int kfd[NK_MAX_KFD]; /* kernel sockets on the NSM (or in the tenant's netns for loopback) */
-  int kfd_family[NK_MAX_KFD];
-  struct nk_nsm *kfd_nsm[NK_MAX_KFD]; /* NULL for the tenant's loopback */
-  bool kfd_loop[NK_MAX_KFD]; /* lives in the tenant's own namespace (its loopback) */
-  struct nk_handle h_kfd[NK_MAX_KFD];
-  /* An endpoint on an external NSM has no kernel fd (kfd -1): it is the NSM's socket ext_id
-   * (NK_EXT_LOST while that NSM is down), bound to ext_port. */
-  bool kfd_ext[NK_MAX_KFD];
-  uint32_t ext_id[NK_MAX_KFD];
-  uint16_t ext_port[NK_MAX_KFD];
-  int nk;
+  struct nk_endpoint ep[NK_MAX_EP];
+  int ep_count;
+  /* Endpoints closed whose stack may still touch the socket's rings (an external NSM until
+   * it reports FREED): the slot stays reserved while any are. */
+  uint32_t ep_held;
   uint32_t state;
   bool can_read, can_write;
-  bool watch_out; /* EPOLLOUT armed on kfd[0] */
+  bool watch_out; /* EPOLLOUT armed on endpoint 0's kernel socket */
   bool peer_fin; /* the kernel socket reported RDHUP/HUP/ERR */
-  bool kfd_err;  /* the kernel socket reported ERR: SO_ERROR may hold a reset */
+  bool kernel_err; /* the kernel socket reported ERR: SO_ERROR may hold a reset */
   bool guest_shut_wr; /* the application called shutdown(SHUT_WR) */
   bool proxy_in_tenant_ns; /* the guest made the socketpair (in its namespace) */
   bool zombie;        /* engine end closed to show POLLHUP; freed when the guest end is gone */
@@ -226,30 +295,29 @@ struct nk_esock {
   uint64_t tx_bytes, rx_bytes;
   struct nk_ring tx, rx;
   struct nk_esock *next_active;
-  bool throttled; /* waiting for tokens: on E.throttled until throttle_until */
+  bool throttled; /* waiting for tokens: on engine.throttled until throttle_until */
   int throttle_dir; /* NK_TX / NK_RX: which direction's tokens */
   uint64_t throttle_until;
   struct nk_esock *next_throttled;
-  /* Shared-memory path (shm.c): a connection between two tenant sockets on this host. The
-   * engine copies the sender's transmit ring into the receiver's receive ring; no TCP. */
-  bool shm;                    /* this connection runs (or ran) on the shared-memory path */
+  /* Shared-memory path (csrc/nsm/shm.c): a connection between two tenant sockets on this
+   * host. The engine copies the sender's transmit ring into the receiver's receive ring. */
+  bool shm;                    /* this connection runs (or ran) on it: for `conns` */
   struct nk_esock *shm_peer;   /* the other end; NULL once it is gone */
   bool shm_fin_sent;           /* our end of the byte stream was delivered to the peer */
   bool in_port_map;            /* listener reachable by the shared-memory path */
   struct nk_esock *next_port;  /* chain of listeners hashed by port */
-  /* External NSM (ext.c): a connection on kfd_ext[0]. The engine hands out ring positions:
-   * the NSM may take transmit bytes up to ext_tx_off and write received bytes up to
-   * ext_rx_credit. */
-  bool ext;
-  bool ext_attached;
-  bool ext_fin;           /* the NSM reported the peer's FIN */
-  uint32_t ext_tx_off, ext_rx_credit;
-  uint32_t ext_closing;   /* its NSM sockets closed but not yet freed by the NSM */
+  /* External NSM (csrc/nsm/external.c): the engine hands out ring positions: the NSM may
+   * take transmit bytes up to tx_off and write received bytes up to rx_credit. */
+  struct {
+    bool attached;
+    bool fin; /* the NSM reported the peer's FIN */
+    uint32_t tx_off, rx_credit;
+  } ext;
 };
 
 /* ---- the engine ---- */
 struct nk_engine {
-  int ep;
+  int epoll_fd;
   int self_netns;
   uint64_t self_netns_ino;
   struct nk_nsm *nsms;
@@ -270,11 +338,11 @@ struct nk_engine {
   uint64_t fd_limit;  /* RLIMIT_NOFILE, raised to the hard limit (fds.c) */
   uint64_t fds_taken; /* descriptors held for tenants */
   int spare_fd;
-  uint32_t record_size; /* kernel memory one NEWCONN record takes on a proxy (sock.c) */
+  uint32_t record_size; /* kernel memory one NEWCONN record takes on a proxy (listener.c) */
   uint64_t next_trim_ns;
   bool stop;
 };
-extern struct nk_engine E;
+extern struct nk_engine engine;
 
 /* fds.c */
 #define NK_MAX_PASSED_FDS 253 /* SCM_MAX_FD: the most one message can carry */
@@ -298,9 +366,9 @@ int nk_fds_take(struct nk_tenant *t, uint32_t n);
 void nk_fds_give(struct nk_tenant *t, uint32_t n);
 
 /* main.c */
-int nk_ep_add(int fd, uint32_t events, struct nk_handle *h);
-int nk_ep_mod(int fd, uint32_t events, struct nk_handle *h);
-void nk_ep_del(int fd);
+int nk_epoll_add(int fd, uint32_t events, struct nk_handle *h);
+int nk_epoll_mod(int fd, uint32_t events, struct nk_handle *h);
+void nk_epoll_del(int fd);
 int nk_unix_listen(const char *path, int type, mode_t mode, int backlog);
 uint64_t nk_now_ns(void);
 
@@ -323,75 +391,88 @@ void nk_esock_reap(void); /* also releases deleted tenants and closed control co
 void nk_control_reap(void);
 bool nk_tenant_scan_doorbells(struct nk_tenant *t);
 
-/* sock.c */
+/* The per-socket code, by concern. Endpoints (endpoint.c): a socket's sockets on stacks. */
+#define NK_EP_DATA_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET) /* see kernel.c */
+int nk_ep_open(struct nk_esock *es, int family, struct nk_nsm *m); /* m NULL: loopback */
+int nk_ep_open_here(struct nk_esock *es, int family, bool loop);    /* the tenant's NSM now */
+int nk_ep_reopen(struct nk_esock *es, int k); /* endpoint k again, after its stack came back */
+int nk_ep_find(const struct nk_esock *es, const struct nk_addr *dst); /* -1: none fits */
+void nk_ep_close(struct nk_esock *es, int k, bool rst);
+void nk_ep_drop_last(struct nk_esock *es); /* close the endpoint just opened */
+void nk_ep_close_all(struct nk_esock *es, bool rst);
+void nk_ep_move(struct nk_esock *es, int to, int from, uint32_t events);
+void nk_ep_keep_only(struct nk_esock *es, int k);
+void nk_ep_local(struct nk_esock *es, int k, struct nk_addr *out);
+void nk_ep_set(struct nk_esock *es, int k, const struct nk_endpoint *e);
+void nk_ep_replay_opts(struct nk_esock *es, int k); /* the options set so far, on endpoint k */
+int nk_ep_listen_on_port(struct nk_esock *es, int k); /* the tenant's address, es's port */
+struct nk_nsm *nk_sock_nsm(const struct nk_esock *es); /* NULL: loopback or shared memory */
+void nk_sock_count(struct nk_esock *es, int dir, uint64_t n); /* bytes moved, for stats */
+
+/* readiness.c: the proxy fd mirrors the socket's state to the guest */
+enum nk_end {
+  NK_END_BROKEN,  /* the tenant broke its socket (bad ring): reset, no SO_ERROR */
+  NK_END_ERROR,   /* the connection failed (reset by the peer, its NSM gone): SO_ERROR */
+  NK_END_REFUSED, /* connect failed: SO_ERROR; the socket is finished, as after Linux's */
+};
+void nk_sock_fail(struct nk_esock *es, int err, enum nk_end how);
 void nk_sock_activate(struct nk_esock *es);
-int nk_sock_listen_on(struct nk_esock *es, struct nk_nsm *m); /* tenant move */
-void nk_sock_drop_listeners_off(struct nk_esock *es, struct nk_nsm *keep);
-struct nk_nsm *nk_sock_nsm(const struct nk_esock *es);
-void nk_sock_service(struct nk_esock *es);
+void nk_sock_maybe_ready(struct nk_esock *es);
+void nk_sock_release_blocker(struct nk_esock *es);
+void nk_sock_end_of_stream(struct nk_esock *es); /* rx EOF reached the guest's ring */
+void nk_sock_proxy_shutdown(struct nk_esock *es);
+void nk_sock_hang_up(struct nk_esock *es);
+void nk_sock_close_proxy(struct nk_esock *es);
+void nk_sock_sweep_zombies(void);
 void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev);
-void nk_sock_kfd_event(struct nk_esock *es, int idx, uint32_t ev);
-void nk_sock_reset(struct nk_esock *es, int err);
-void nk_sock_close_kfds(struct nk_esock *es, bool rst);
-int nk_sock_bind(struct nk_esock *es, const struct nk_addr *a);
-int nk_sock_listen(struct nk_esock *es, int backlog);
-int nk_sock_connect(struct nk_esock *es, const struct nk_addr *a, int *in_progress);
+bool nk_sock_rx_stall(struct nk_esock *es, uint32_t need); /* true: still short of room */
+void nk_sock_set_local(struct nk_esock *es, const struct nk_addr *a);
+void nk_sock_set_peer(struct nk_esock *es, const struct nk_addr *a);
+struct nk_slot *nk_sock_slot(struct nk_esock *es);
+
+/* stream.c: service, close, shutdown */
+void nk_sock_service(struct nk_esock *es);
+bool nk_sock_finish_stream(struct nk_esock *es); /* the finish of a stack with TCP's close */
 int nk_sock_shutdown(struct nk_esock *es, int how);
+
+/* dgram.c */
+void nk_dgram_service(struct nk_esock *es);
+
+/* listener.c */
+void nk_sock_calibrate(void);
+int nk_sock_listen(struct nk_esock *es, int backlog);
+void nk_listener_service(struct nk_esock *l);
 bool nk_sock_accept_queue_full(struct nk_esock *l);
-struct nk_esock *nk_sock_accepted_end(struct nk_esock *l, int *gfd);
+/* A connection a stack accepted for listener l (endpoint e, a template), as accept() makes it
+ * in l's tenant and delivers it; local NULL: the tenant's address and l's port. NULL when the
+ * tenant is at its limits or l's queue is full: the stack refuses it with a reset. */
+struct nk_esock *nk_sock_accepted(struct nk_esock *l, const struct nk_endpoint *e,
+                                  const struct nk_addr *local, const struct nk_addr *peer);
+
+/* connect.c */
+int nk_sock_bind(struct nk_esock *es, const struct nk_addr *a);
+int nk_sock_connect(struct nk_esock *es, const struct nk_addr *a, int *in_progress);
+void nk_sock_connected(struct nk_esock *es, int err); /* a stack answered a connect */
+
+/* move.c: a tenant moving to another NSM, an NSM coming back */
+int nk_sock_listen_on(struct nk_esock *es, struct nk_nsm *m);
+void nk_sock_drop_listeners_off(struct nk_esock *es, struct nk_nsm *keep);
+void nk_sock_relisten(struct nk_esock *es, int k); /* endpoint k's stack came back */
 
 /* sockopt.c: the options a tenant may set, checked as the kernel checks an unprivileged process */
 int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len);
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len);
 int nk_setsockopt_unprivileged(int fd, int level, int name, const void *val, socklen_t len);
 
-/* ext.c: NSMs in other processes (ServiceLib) */
-#define NK_EXT_LOST UINT32_MAX
-int nk_ext_nsm_init(struct nk_nsm *m, const char *path);
-void nk_ext_nsm_fini(struct nk_nsm *m);
-void nk_ext_event(struct nk_handle *h, uint32_t ev);
-bool nk_ext_poll_all(void);
-void nk_ext_set_sleeping(int v);
-int nk_ext_is_up(struct nk_nsm *m);          /* its process is connected */
-uint32_t nk_ext_connects(struct nk_nsm *m); /* processes that connected so far */
-void nk_ext_tenant_on(struct nk_nsm *m, struct nk_tenant *t); /* give m the tenant's region */
-void nk_ext_tenant_gone(struct nk_tenant *t);
-int nk_ext_socket(struct nk_nsm *m, struct nk_tenant *t, int family, int type);
-void nk_ext_ref(struct nk_esock *es, int k); /* the NSM's events for ext_id[k] go to es */
-int nk_ext_bind(struct nk_esock *es, int k, const struct nk_addr *a);
-int nk_ext_listen(struct nk_esock *es, int k, int backlog);
-int nk_ext_connect(struct nk_esock *es, const struct nk_addr *dst);
-void nk_ext_close(struct nk_esock *es, int k, bool rst);
-bool nk_ext_sendto(struct nk_esock *es, int k, const struct nk_addr *dst, uint32_t pos, uint32_t len);
-void nk_ext_setopt(struct nk_esock *es, int k, int level, int name, const void *val, socklen_t len);
-void nk_ext_attach(struct nk_esock *es);
-void nk_ext_service(struct nk_esock *es);
-void nk_ext_refuse(struct nk_nsm *m, uint32_t id); /* reset a connection the engine cannot take */
-void nk_ext_forget(struct nk_esock *es);          /* es is freed before the NSM freed its ids */
+/* csrc/nsm/kernel.c */
+int nk_in_netns(int netns_fd, int domain, int type); /* socket() inside a namespace */
+int nk_in_netns_proto(int netns_fd, int domain, int type, int protocol);
+void nk_kernel_event(struct nk_esock *es, int k, uint32_t ev);
 
-/* shm.c: the shared-memory path */
+/* csrc/nsm/shm.c: the shared-memory path, a route connect() takes before any NSM */
 void nk_shm_listener_add(struct nk_esock *l);
 void nk_shm_listener_del(struct nk_esock *l);
 int nk_shm_connect(struct nk_esock *es, const struct nk_addr *dst); /* 1 done, 0 not ours, -errno */
-void nk_shm_service(struct nk_esock *es);
-bool nk_shm_close(struct nk_esock *es); /* true when es may be freed */
-void nk_shm_unlink(struct nk_esock *es, int err); /* reset the peer with err (0: none) */
-
-/* sock.c helpers shared with shm.c */
-void nk_sock_maybe_ready(struct nk_esock *es);
-void nk_sock_release_blocker(struct nk_esock *es);
-void nk_sock_conn_error(struct nk_esock *es, int err);
-void nk_sock_end_of_stream(struct nk_esock *es); /* rx EOF reached the guest's ring */
-bool nk_sock_deliver_conn(struct nk_esock *l, struct nk_esock *es, int gfd);
-void nk_sock_hang_up(struct nk_esock *es);
-void nk_sock_set_local(struct nk_esock *es, const struct nk_addr *a);
-void nk_sock_set_peer(struct nk_esock *es, const struct nk_addr *a);
-void nk_sock_close_proxy(struct nk_esock *es);
-void nk_sock_calibrate(void);
-/* for ext.c */
-bool nk_sock_ext_accepted(struct nk_esock *l, int k, uint32_t id, const struct nk_addr *peer);
-void nk_sock_ext_connected(struct nk_esock *es, int err, const struct nk_addr *local);
-void nk_sock_relisten(struct nk_esock *es, struct nk_nsm *m); /* after m came back */
 
 /* policy.c */
 #define NK_QUANTUM 16384u /* smallest grant worth a system call for a stream */

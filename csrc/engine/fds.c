@@ -203,14 +203,14 @@ int nk_fds_init(void) {
       setrlimit(RLIMIT_NOFILE, &rl);
       getrlimit(RLIMIT_NOFILE, &rl);
     }
-    E.fd_limit = rl.rlim_cur > (rlim_t)INT32_MAX ? INT32_MAX : (uint64_t)rl.rlim_cur;
+    engine.fd_limit = rl.rlim_cur > (rlim_t)INT32_MAX ? INT32_MAX : (uint64_t)rl.rlim_cur;
   } else {
-    E.fd_limit = 1024;
+    engine.fd_limit = 1024;
   }
   /* One descriptor kept spare: a listener whose accept() fails for lack of descriptors stays
    * readable, and the engine would spin on it; with the spare it takes the connection off the
    * queue and refuses it. */
-  E.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  engine.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
   pthread_t th;
   pthread_attr_t at;
   pthread_attr_init(&at);
@@ -229,9 +229,9 @@ int nk_fds_init(void) {
 int nk_accept_or_drop(int lfd, struct sockaddr *sa, socklen_t *len, bool *dropped) {
   *dropped = false;
   int fd = accept4(lfd, sa, len, SOCK_NONBLOCK | SOCK_CLOEXEC);
-  if (fd >= 0 || (errno != EMFILE && errno != ENFILE) || E.spare_fd < 0) return fd;
+  if (fd >= 0 || (errno != EMFILE && errno != ENFILE) || engine.spare_fd < 0) return fd;
   int e = errno;
-  close(E.spare_fd);
+  close(engine.spare_fd);
   fd = accept4(lfd, sa, len, SOCK_NONBLOCK | SOCK_CLOEXEC);
   if (fd >= 0) {
     struct linger l = {1, 0};
@@ -239,7 +239,7 @@ int nk_accept_or_drop(int lfd, struct sockaddr *sa, socklen_t *len, bool *droppe
     nk_close_later(fd);
     *dropped = true;
   }
-  E.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  engine.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
   errno = e;
   return -1;
 }
@@ -248,9 +248,9 @@ int nk_accept_or_drop(int lfd, struct sockaddr *sa, socklen_t *len, bool *droppe
  * (listeners, epoll, each tenant's doorbell, DNS and sock_diag sockets, each NSM's). */
 static uint64_t headroom(void) {
   uint64_t own = 128;
-  for (struct nk_tenant *t = E.tenants; t; t = t->next) own += 4;
-  for (struct nk_nsm *m = E.nsms; m; m = m->next) own += 8;
-  return E.fd_limit > own ? E.fd_limit - own : 0;
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next) own += 4;
+  for (struct nk_nsm *m = engine.nsms; m; m = m->next) own += 8;
+  return engine.fd_limit > own ? engine.fd_limit - own : 0;
 }
 
 uint64_t nk_tenant_fd_limit(const struct nk_tenant *t) {
@@ -266,13 +266,13 @@ int nk_fds_take(struct nk_tenant *t, uint32_t n) {
   if (t->fds + n > nk_tenant_fd_limit(t)) return -EMFILE;
   /* What the closer has yet to close is not given out again: if it falls behind, tenants
    * get ENFILE before the engine itself runs out. */
-  if (E.fds_taken + atomic_load(&closer_pending) + n > headroom()) return -ENFILE;
+  if (engine.fds_taken + atomic_load(&closer_pending) + n > headroom()) return -ENFILE;
   t->fds += n;
-  E.fds_taken += n;
+  engine.fds_taken += n;
   return 0;
 }
 
 void nk_fds_give(struct nk_tenant *t, uint32_t n) {
   t->fds -= n;
-  E.fds_taken -= n;
+  engine.fds_taken -= n;
 }

@@ -19,24 +19,24 @@
 
 #include "engine.h"
 
-struct nk_engine E;
+struct nk_engine engine;
 int nk_debug;
 
-int nk_ep_add(int fd, uint32_t events, struct nk_handle *h) {
+int nk_epoll_add(int fd, uint32_t events, struct nk_handle *h) {
   struct epoll_event ev = {.events = events, .data.ptr = h};
-  if (epoll_ctl(E.ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
-    if (errno == EEXIST) return nk_ep_mod(fd, events, h);
+  if (epoll_ctl(engine.epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+    if (errno == EEXIST) return nk_epoll_mod(fd, events, h);
     return -errno;
   }
   return 0;
 }
 
-int nk_ep_mod(int fd, uint32_t events, struct nk_handle *h) {
+int nk_epoll_mod(int fd, uint32_t events, struct nk_handle *h) {
   struct epoll_event ev = {.events = events, .data.ptr = h};
-  return epoll_ctl(E.ep, EPOLL_CTL_MOD, fd, &ev) < 0 ? -errno : 0;
+  return epoll_ctl(engine.epoll_fd, EPOLL_CTL_MOD, fd, &ev) < 0 ? -errno : 0;
 }
 
-void nk_ep_del(int fd) { epoll_ctl(E.ep, EPOLL_CTL_DEL, fd, NULL); }
+void nk_epoll_del(int fd) { epoll_ctl(engine.epoll_fd, EPOLL_CTL_DEL, fd, NULL); }
 
 /* A listening Unix socket at path (replacing a stale one) with the given file mode. */
 int nk_unix_listen(const char *path, int type, mode_t mode, int backlog) {
@@ -68,15 +68,17 @@ static void usage(void) {
 }
 
 static void set_sleeping(uint32_t v) {
-  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next)
     atomic_store(&t->rg->engine_sleeping, v);
-  nk_ext_set_sleeping((int)v);
+  for (struct nk_nsm *m = engine.nsms; m; m = m->next)
+    if (m->type->set_sleeping) m->type->set_sleeping(m, v != 0);
 }
 
 static bool scan_all(void) {
   bool any = false;
-  for (struct nk_tenant *t = E.tenants; t; t = t->next) any |= nk_tenant_scan_doorbells(t);
-  any |= nk_ext_poll_all();
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next) any |= nk_tenant_scan_doorbells(t);
+  for (struct nk_nsm *m = engine.nsms; m; m = m->next)
+    if (m->type->poll) any |= m->type->poll(m);
   return any;
 }
 
@@ -97,7 +99,7 @@ static bool scan_all(void) {
 
 /* Tenants with max_memory have their regions checked once a second (tenant.c: trim). */
 static bool trim_due(void) {
-  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next)
     if (t->max_memory) return true;
   return false;
 }
@@ -105,7 +107,7 @@ static bool trim_due(void) {
 static void queue_tenant(struct nk_tenant *t) {
   t->in_active = true;
   t->next_active = NULL;
-  struct nk_tenant **q = &E.active_tenants;
+  struct nk_tenant **q = &engine.active_tenants;
   while (*q) q = &(*q)->next_active;
   *q = t;
 }
@@ -142,12 +144,12 @@ static bool is_light(struct nk_tenant *t, uint64_t now) {
  * so a light tenant's request waits behind at most one service of a heavy one's. */
 static bool run_active(void) {
   bool any = false;
-  struct nk_tenant *round = E.active_tenants;
-  E.active_tenants = NULL;
+  struct nk_tenant *round = engine.active_tenants;
+  engine.active_tenants = NULL;
   uint64_t now = nk_now_ns();
   uint32_t weights = 0, contending = 0, recent = 0;
   bool light = false;
-  for (struct nk_tenant *t = E.tenants; t; t = t->next) {
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
     /* A tenant whose work waits for its rate limit or its share of a link, not for the
      * engine, does not contend: an unlimited neighbour keeps the whole engine meanwhile. */
     if (t->throttled_socks && !t->in_active) continue;
@@ -167,7 +169,7 @@ static bool run_active(void) {
    * takes to move all of it (a 1 MiB ring: hundreds of microseconds) while others wait. How
    * long a service may be depends on who waits: a tenant doing request-sized work lately
    * (light) gets short ones, bulk tenants among themselves longer, cheaper ones. */
-  E.service_bytes = recent <= 1 ? UINT64_MAX : light ? NK_SERVICE_BYTES : NK_BULK_SERVICE_BYTES;
+  engine.service_bytes = recent <= 1 ? UINT64_MAX : light ? NK_SERVICE_BYTES : NK_BULK_SERVICE_BYTES;
   for (int pass = 0; pass < 2; pass++) {
     for (struct nk_tenant **p = &round; *p;) {
       struct nk_tenant *t = *p;
@@ -209,7 +211,7 @@ static bool run_active(void) {
       }
     }
   }
-  E.service_bytes = UINT64_MAX;
+  engine.service_bytes = UINT64_MAX;
   return any;
 }
 
@@ -227,8 +229,8 @@ static void dispatch(struct epoll_event *ev) {
     case NK_H_PROXY:
       if (!((struct nk_esock *)h->obj)->freed) nk_sock_proxy_event(h->obj, ev->events);
       break;
-    case NK_H_KFD:
-      if (!((struct nk_esock *)h->obj)->freed) nk_sock_kfd_event(h->obj, h->idx, ev->events);
+    case NK_H_ENDPOINT:
+      if (!((struct nk_esock *)h->obj)->freed) nk_kernel_event(h->obj, h->idx, ev->events);
       break;
     case NK_H_DOORBELL: {
       struct nk_tenant *t = h->obj;
@@ -243,13 +245,13 @@ static void dispatch(struct epoll_event *ev) {
       if (!((struct nk_tenant *)h->obj)->dead) nk_dns_event(h->obj, h->type == NK_H_DNS_UP);
       break;
     case NK_H_SIGNAL:
-      E.stop = true;
+      engine.stop = true;
       break;
-    case NK_H_EXT_LISTEN:
-    case NK_H_EXT_CTL:
-    case NK_H_EXT_BELL:
-      nk_ext_event(h, ev->events);
+    case NK_H_NSM: {
+      struct nk_nsm *m = h->obj;
+      m->type->event(m, h->idx, ev->events);
       break;
+    }
   }
 }
 
@@ -266,16 +268,16 @@ int main(int argc, char **argv) {
   const char *dbg = getenv("NETKERNEL_DEBUG");
   nk_debug = dbg ? atoi(dbg) : 0;
   const char *spin = getenv("NETKERNEL_SPIN_US");
-  E.spin_ns = (spin ? strtoull(spin, NULL, 10) : 50) * 1000ull;
-  E.ep = epoll_create1(EPOLL_CLOEXEC);
-  E.self_netns = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
-  if (E.ep < 0 || E.self_netns < 0) {
+  engine.spin_ns = (spin ? strtoull(spin, NULL, 10) : 50) * 1000ull;
+  engine.epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+  engine.self_netns = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+  if (engine.epoll_fd < 0 || engine.self_netns < 0) {
     perror("netkernel-engine: setup");
     return 1;
   }
   struct stat st;
-  fstat(E.self_netns, &st);
-  E.self_netns_ino = st.st_ino;
+  fstat(engine.self_netns, &st);
+  engine.self_netns_ino = st.st_ino;
   signal(SIGPIPE, SIG_IGN);
   sigset_t mask;
   sigemptyset(&mask);
@@ -284,7 +286,7 @@ int main(int argc, char **argv) {
   sigprocmask(SIG_BLOCK, &mask, NULL);
   int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
   static struct nk_handle h_sig = {NK_H_SIGNAL, 0, NULL};
-  nk_ep_add(sfd, EPOLLIN, &h_sig);
+  nk_epoll_add(sfd, EPOLLIN, &h_sig);
   int r;
   /* After the signal mask: the closer thread inherits it, so SIGTERM stays with signalfd. */
   if ((r = nk_fds_init()) < 0) {
@@ -297,20 +299,20 @@ int main(int argc, char **argv) {
     return 1;
   }
   NK_INFO("ready: control %s, admin %s, spin %llu us, %llu descriptors", ctl, adm,
-          (unsigned long long)(E.spin_ns / 1000), (unsigned long long)E.fd_limit);
+          (unsigned long long)(engine.spin_ns / 1000), (unsigned long long)engine.fd_limit);
 
   struct epoll_event evs[256];
   uint64_t last_work = nk_now_ns();
-  E.next_wake_ns = UINT64_MAX;
-  E.service_bytes = UINT64_MAX;
-  while (!E.stop) {
+  engine.next_wake_ns = UINT64_MAX;
+  engine.service_bytes = UINT64_MAX;
+  while (!engine.stop) {
     int64_t timeout_ns = 0;
     bool slept = false;
     uint64_t now = nk_now_ns();
     /* The spare descriptor goes when a listener's connection is dropped for lack of them
      * (fds.c); it comes back once there are descriptors again. */
-    if (E.spare_fd < 0) E.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-    if (!E.active_tenants && now - last_work > E.spin_ns) {
+    if (engine.spare_fd < 0) engine.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (!engine.active_tenants && now - last_work > engine.spin_ns) {
       /* E1: announce sleep, then look once more for work a guest posted meanwhile. */
       set_sleeping(1);
       atomic_thread_fence(memory_order_seq_cst);
@@ -319,28 +321,28 @@ int main(int argc, char **argv) {
       } else {
         /* Sockets waiting for their guest end to close are checked a few times a second;
          * throttled sockets are woken when their tokens are due. */
-        timeout_ns = E.nzombies ? 100000000 : -1;
-        if (E.throttled) {
-          int64_t due = E.next_wake_ns > now ? (int64_t)(E.next_wake_ns - now) : 0;
+        timeout_ns = engine.nzombies ? 100000000 : -1;
+        if (engine.throttled) {
+          int64_t due = engine.next_wake_ns > now ? (int64_t)(engine.next_wake_ns - now) : 0;
           if (timeout_ns < 0 || due < timeout_ns) timeout_ns = due;
         }
         if (trim_due()) {
-          int64_t due = E.next_trim_ns > now ? (int64_t)(E.next_trim_ns - now) : 0;
+          int64_t due = engine.next_trim_ns > now ? (int64_t)(engine.next_trim_ns - now) : 0;
           if (timeout_ns < 0 || due < timeout_ns) timeout_ns = due;
         }
         slept = true;
       }
     }
-    if (E.nzombies && nk_now_ns() >= E.next_sweep_ns) {
+    if (engine.nzombies && nk_now_ns() >= engine.next_sweep_ns) {
       nk_sock_sweep_zombies();
-      E.next_sweep_ns = nk_now_ns() + 100000000ull;
+      engine.next_sweep_ns = nk_now_ns() + 100000000ull;
     }
-    if (trim_due() && nk_now_ns() >= E.next_trim_ns) {
+    if (trim_due() && nk_now_ns() >= engine.next_trim_ns) {
       nk_tenant_trim_all();
-      E.next_trim_ns = nk_now_ns() + 1000000000ull;
+      engine.next_trim_ns = nk_now_ns() + 1000000000ull;
     }
     struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
-    int n = epoll_pwait2(E.ep, evs, 256, timeout_ns < 0 ? NULL : &ts, NULL);
+    int n = epoll_pwait2(engine.epoll_fd, evs, 256, timeout_ns < 0 ? NULL : &ts, NULL);
     if (slept) set_sleeping(0);
     if (n < 0 && errno != EINTR) {
       perror("netkernel-engine: epoll_wait");

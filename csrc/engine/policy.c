@@ -9,7 +9,7 @@
  * operator's bandwidth figure (NK_LINK_SHARE), so the kernel's per-flow TCP dynamics at the
  * bottleneck never get to decide the shares.
  *
- * A socket that must wait is put on E.throttled with the time its tokens will be there; the
+ * A socket that must wait is put on engine.throttled with the time its tokens will be there; the
  * main loop sleeps until the earliest such time (nothing spins while throttled).
  */
 #include <errno.h>
@@ -64,7 +64,7 @@ void nk_nsm_set_bandwidth(struct nk_nsm *m, uint64_t bits_per_s) {
 /* The smallest virtual time among the backlogged tenants sharing m (t itself included). */
 static double share_floor(struct nk_tenant *t, struct nk_nsm *m, int dir, uint64_t now) {
   double vmin = t->vt[dir];
-  for (struct nk_tenant *o = E.tenants; o; o = o->next)
+  for (struct nk_tenant *o = engine.tenants; o; o = o->next)
     if (o != t && o->nsm == m && o->active_until[dir] > now && o->vt[dir] < vmin) vmin = o->vt[dir];
   return vmin;
 }
@@ -77,10 +77,10 @@ static void throttle(struct nk_esock *es, int dir, uint64_t until) {
     es->throttled = true;
     es->t->throttled_socks++;
     es->throttle_until = until;
-    es->next_throttled = E.throttled;
-    E.throttled = es;
+    es->next_throttled = engine.throttled;
+    engine.throttled = es;
   }
-  if (es->throttle_until < E.next_wake_ns) E.next_wake_ns = es->throttle_until;
+  if (es->throttle_until < engine.next_wake_ns) engine.next_wake_ns = es->throttle_until;
 }
 
 /* How many bytes es may move now through NSM m (NULL: the tenant's own loopback, never
@@ -171,9 +171,9 @@ static void late_wake(struct nk_esock *es, uint64_t now) {
 
 /* Wake the sockets whose tokens are due; recompute the next wake-up. */
 void nk_policy_wake_due(uint64_t now) {
-  if (!E.throttled || now < E.next_wake_ns) return;
+  if (!engine.throttled || now < engine.next_wake_ns) return;
   uint64_t next = UINT64_MAX;
-  for (struct nk_esock **p = &E.throttled; *p;) {
+  for (struct nk_esock **p = &engine.throttled; *p;) {
     struct nk_esock *es = *p;
     if (es->throttle_until <= now) {
       late_wake(es, now);
@@ -186,12 +186,12 @@ void nk_policy_wake_due(uint64_t now) {
       p = &es->next_throttled;
     }
   }
-  E.next_wake_ns = next;
+  engine.next_wake_ns = next;
 }
 
 void nk_policy_unthrottle(struct nk_esock *es) {
   if (!es->throttled) return;
-  for (struct nk_esock **p = &E.throttled; *p; p = &(*p)->next_throttled)
+  for (struct nk_esock **p = &engine.throttled; *p; p = &(*p)->next_throttled)
     if (*p == es) {
       *p = es->next_throttled;
       break;
@@ -231,6 +231,6 @@ int nk_tenant_admit(struct nk_tenant *t) {
   if (t->nfree == 0) return refuse(t, EMFILE, "slots", t->nslots, &t->refused_sockets);
   int r = nk_fds_take(t, NK_SOCK_FDS);
   if (r == -EMFILE) return refuse(t, EMFILE, "engine_fds", nk_tenant_fd_limit(t), &t->refused_sockets);
-  if (r < 0) return refuse(t, ENFILE, "engine_fds_total", E.fd_limit, &t->refused_sockets);
+  if (r < 0) return refuse(t, ENFILE, "engine_fds_total", engine.fd_limit, &t->refused_sockets);
   return 0;
 }

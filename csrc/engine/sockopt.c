@@ -171,8 +171,8 @@ int nk_setsockopt_unprivileged(int fd, int level, int name, const void *val, soc
 /* A socket like es's in the namespace its kernel sockets live in, for a check or a read. */
 static int scratch_socket(struct nk_esock *es) {
   struct nk_nsm *m = es->t->nsm;
-  return m->ext ? nk_in_netns(es->t->netns_fd, es->family, es->type)
-                : m->ops->open_socket(m, es->family, es->type);
+  return nk_in_netns(m->type->kernel_sockets ? m->netns_fd : es->t->netns_fd, es->family,
+                     es->type);
 }
 
 static void remember_opt(struct nk_esock *es, int level, int name, const void *val,
@@ -225,20 +225,15 @@ int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, so
     return -err;
   }
   int err = 0;
-  bool kernel = false;
-  for (int k = 0; k < es->nk; k++) {
-    if (es->kfd_ext[k]) {
-      nk_ext_setopt(es, k, level, name, val, len);
-      continue;
-    }
-    if (es->kfd[k] < 0) continue;
-    kernel = true;
-    if (level == IPPROTO_IPV6 && es->kfd_family[k] != AF_INET6) continue;
-    if (level == IPPROTO_IP && es->kfd_family[k] != AF_INET) continue;
-    int r = nk_setsockopt_unprivileged(es->kfd[k], level, name, val, len);
+  bool verdict = false;
+  for (int k = 0; k < es->ep_count; k++) {
+    if (!es->ep[k].ops->setopt) continue;
+    int r = es->ep[k].ops->setopt(es, k, level, name, val, len);
+    if (r == NK_NO_VERDICT) continue;
+    verdict = true;
     if (r < 0 && !err) err = r;
   }
-  if (!kernel) {
+  if (!verdict) {
     /* Check against a scratch socket so the application sees Linux's verdict now. */
     int fd = scratch_socket(es);
     if (fd >= 0) {
@@ -269,9 +264,9 @@ int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_
     *len = sizeof(v);
     return 0;
   }
-  int fd = -1;
-  for (int k = 0; k < es->nk; k++)
-    if (es->kfd[k] >= 0 && (!es->kfd_loop[k] || fd < 0)) fd = es->kfd[k];
+  int fd = -1; /* a kernel socket of its own, the NSM's rather than the loopback's */
+  for (int k = 0; k < es->ep_count; k++)
+    if (es->ep[k].fd >= 0 && (!es->ep[k].loop || fd < 0)) fd = es->ep[k].fd;
   bool scratch = fd < 0;
   if (scratch) {
     fd = scratch_socket(es);

@@ -20,16 +20,28 @@
 #define NK_TRIM_BYTES (16u * 1024u)
 
 struct nk_nsm *nk_nsm_find(const char *name) {
-  for (struct nk_nsm *n = E.nsms; n; n = n->next)
+  for (struct nk_nsm *n = engine.nsms; n; n = n->next)
     if (strcmp(n->name, name) == 0) return n;
   return NULL;
 }
 
-/* type: "kernel", or "external:PATH" for a stack in another process that connects to the
- * engine at PATH (ext.c). */
+static struct nk_nsm_type *types; /* registered by each csrc/nsm/ file at start */
+
+void nk_nsm_register(struct nk_nsm_type *type) {
+  type->next = types;
+  types = type;
+}
+
+/* type: "TYPE" or "TYPE:ARG", a registered kind: "kernel", "external:PATH" (a stack in another
+ * process that connects to the engine at PATH), ... */
 int nk_nsm_add(const char *name, const char *netns_path, const char *type) {
   if (strlen(name) >= sizeof(((struct nk_nsm *)0)->name)) return -ENAMETOOLONG;
   if (nk_nsm_find(name)) return -EEXIST;
+  const char *colon = strchr(type, ':');
+  size_t len = colon ? (size_t)(colon - type) : strlen(type);
+  const struct nk_nsm_type *kind = types;
+  while (kind && (strlen(kind->type) != len || strncmp(kind->type, type, len) != 0)) kind = kind->next;
+  if (!kind) return -EINVAL;
   int fd = open(netns_path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return -errno;
   struct nk_nsm *n = calloc(1, sizeof(*n));
@@ -39,43 +51,36 @@ int nk_nsm_add(const char *name, const char *netns_path, const char *type) {
   }
   strcpy(n->name, name);
   n->netns_fd = fd;
-  n->ops = &nk_nsm_kernel_ops;
-  if (strncmp(type, "external:", 9) == 0) {
-    n->ops = &nk_nsm_external_ops;
-    int r = nk_ext_nsm_init(n, type + 9);
-    if (r < 0) {
-      close(fd);
-      free(n);
-      return r;
-    }
-  } else if (strcmp(type, "kernel") != 0) {
+  n->type = kind;
+  int r = kind->init ? kind->init(n, colon ? colon + 1 : NULL) : colon ? -EINVAL : 0;
+  if (r < 0) {
     close(fd);
     free(n);
-    return -EINVAL;
+    return r;
   }
-  n->next = E.nsms;
-  E.nsms = n;
-  NK_INFO("nsm %s (%s) added: %s", name, n->ops->type, netns_path);
+  n->next = engine.nsms;
+  engine.nsms = n;
+  NK_INFO("nsm %s (%s) added: %s", name, kind->type, netns_path);
   return 0;
 }
 
 /* An NSM can go only when nothing uses it: no tenant assigned, no socket left on it. */
 int nk_nsm_del(struct nk_nsm *m) {
-  for (struct nk_tenant *t = E.tenants; t; t = t->next) {
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
     if (t->nsm == m) return -EBUSY;
     for (uint32_t i = 0; i < t->nslots; i++) {
       struct nk_esock *es = t->socks[i];
       if (!es) continue;
-      for (int k = 0; k < es->nk; k++)
-        if (es->kfd_nsm[k] == m) return -EBUSY;
+      for (int k = 0; k < es->ep_count; k++)
+        if (es->ep[k].nsm == m) return -EBUSY;
     }
   }
-  for (struct nk_nsm **p = &E.nsms; *p; p = &(*p)->next)
+  for (struct nk_nsm **p = &engine.nsms; *p; p = &(*p)->next)
     if (*p == m) {
       *p = m->next;
       break;
     }
-  nk_ext_nsm_fini(m);
+  if (m->type->fini) m->type->fini(m);
   close(m->netns_fd);
   NK_INFO("nsm %s removed", m->name);
   free(m);
@@ -87,7 +92,7 @@ int nk_nsm_del(struct nk_nsm *m) {
 int nk_tenant_move(struct nk_tenant *t, struct nk_nsm *to) {
   struct nk_nsm *from = t->nsm;
   t->nsm = to;
-  if (to->ext) nk_ext_tenant_on(to, t);
+  if (to->type->tenant_on) to->type->tenant_on(to, t);
   t->active_until[NK_TX] = t->active_until[NK_RX] = 0; /* a newcomer on to's link */
   int r = nk_dns_reopen_upstream(t);
   if (r < 0) NK_INFO("tenant %s: DNS relay not moved: %s", t->name, strerror(-r));
@@ -118,13 +123,13 @@ int nk_tenant_move_done(struct nk_tenant *t) {
 }
 
 struct nk_tenant *nk_tenant_find(const char *name) {
-  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next)
     if (strcmp(t->name, name) == 0) return t;
   return NULL;
 }
 
 struct nk_tenant *nk_tenant_by_ino(uint64_t ino) {
-  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next)
     if (t->netns_ino == ino) return t;
   return NULL;
 }
@@ -216,11 +221,11 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
   struct stat st;
   fstat(t->netns_fd, &st);
   t->netns_ino = st.st_ino;
-  if (t->netns_ino == E.self_netns_ino || nk_tenant_by_ino(t->netns_ino)) {
+  if (t->netns_ino == engine.self_netns_ino || nk_tenant_by_ino(t->netns_ino)) {
     r = -EBUSY; /* a tenant must have a namespace of its own */
     goto fail_ns;
   }
-  t->id = ++E.next_tenant_id;
+  t->id = ++engine.next_tenant_id;
   if ((r = region_create(t)) < 0) goto fail_ns;
   t->socks = calloc(t->nslots, sizeof(*t->socks));
   t->free_stack = calloc(t->nslots, sizeof(*t->free_stack));
@@ -236,12 +241,12 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
     goto fail_socks;
   }
   t->h_doorbell = (struct nk_handle){NK_H_DOORBELL, 0, t};
-  nk_ep_add(t->doorbell_fd, EPOLLIN, &t->h_doorbell);
+  nk_epoll_add(t->doorbell_fd, EPOLLIN, &t->h_doorbell);
   if (nk_dns_open(t) < 0) NK_INFO("tenant %s: no DNS stub (lo down?)", name);
-  t->next = E.tenants;
-  E.tenants = t;
+  t->next = engine.tenants;
+  engine.tenants = t;
   NK_INFO("tenant %s (id %u) on nsm %s: %s %s", name, t->id, nsm->name, v4, v6);
-  if (nsm->ext) nk_ext_tenant_on(nsm, t);
+  if (nsm->type->tenant_on) nsm->type->tenant_on(nsm, t);
   *out = t;
   return 0;
 fail_socks:
@@ -259,19 +264,20 @@ fail_free:
 int nk_tenant_del(struct nk_tenant *t) {
   for (uint32_t i = 0; i < t->nslots; i++)
     if (t->socks[i]) nk_esock_free(t->socks[i]);
-  E.fds_taken -= t->fds; /* its control connections are closed by the caller */
+  engine.fds_taken -= t->fds; /* its control connections are closed by the caller */
   t->fds = 0;
-  nk_ext_tenant_gone(t);
+  for (struct nk_nsm *m = engine.nsms; m; m = m->next)
+    if (m->type->tenant_gone) m->type->tenant_gone(m, t);
   nk_dns_close(t);
   if (t->diag_fd >= 0) close(t->diag_fd);
-  nk_ep_del(t->doorbell_fd);
+  nk_epoll_del(t->doorbell_fd);
   close(t->doorbell_fd);
-  for (struct nk_tenant **p = &E.active_tenants; *p; p = &(*p)->next_active)
+  for (struct nk_tenant **p = &engine.active_tenants; *p; p = &(*p)->next_active)
     if (*p == t) {
       *p = t->next_active;
       break;
     }
-  for (struct nk_tenant **p = &E.tenants; *p; p = &(*p)->next)
+  for (struct nk_tenant **p = &engine.tenants; *p; p = &(*p)->next)
     if (*p == t) {
       *p = t->next;
       break;
@@ -283,8 +289,8 @@ int nk_tenant_del(struct nk_tenant *t) {
   NK_INFO("tenant %s removed", t->name);
   /* Events for its doorbell and DNS sockets may still sit in this epoll batch. */
   t->dead = true;
-  t->next = E.dead_tenants;
-  E.dead_tenants = t;
+  t->next = engine.dead_tenants;
+  engine.dead_tenants = t;
   return 0;
 }
 
@@ -313,7 +319,8 @@ struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int 
   es->pending_fd = -1;
   es->state = NK_ST_NEW;
   es->can_write = true;
-  for (int k = 0; k < NK_MAX_KFD; k++) es->kfd[k] = -1;
+  for (int k = 0; k < NK_MAX_EP; k++)
+    es->ep[k] = (struct nk_endpoint){.fd = -1, .id = NK_EXT_LOST, .h = {NK_H_ENDPOINT, k, es}};
   /* Reset the shared header before the guest can see the slot. */
   memset(s, 0, sizeof(*s));
   s->gen = es->gen;
@@ -324,7 +331,6 @@ struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int 
   nk_ring_init(&es->tx, ring, t->ring_size, &s->tx_head, &s->tx_tail);
   nk_ring_init(&es->rx, ring + t->ring_size, t->ring_size, &s->rx_head, &s->rx_tail);
   es->h_proxy = (struct nk_handle){NK_H_PROXY, 0, es};
-  for (int k = 0; k < NK_MAX_KFD; k++) es->h_kfd[k] = (struct nk_handle){NK_H_KFD, k, es};
   t->socks[i] = es;
   t->nsocks++;
   return es;
@@ -339,11 +345,12 @@ struct nk_esock *nk_esock_get(struct nk_tenant *t, uint32_t slot, uint32_t gen) 
 
 void nk_esock_free(struct nk_esock *es) {
   struct nk_tenant *t = es->t;
-  nk_shm_unlink(es, ECONNRESET); /* freed while paired (tenant deleted): the peer is reset */
   nk_shm_listener_del(es);
-  nk_sock_close_kfds(es, true);
-  if (es->ext_closing) nk_ext_forget(es);
-  if (es->zombie) E.nzombies--;
+  nk_ep_close_all(es, true); /* freed while connected (tenant deleted): the peer is reset */
+  if (es->ep_held) /* the stacks still holding closed endpoints must not name it any more */
+    for (struct nk_nsm *m = engine.nsms; m; m = m->next)
+      if (m->type->forget) m->type->forget(m, es);
+  if (es->zombie) engine.nzombies--;
   if (es->pending_fd >= 0) close(es->pending_fd);
   nk_sock_close_proxy(es);
   nk_fds_give(t, NK_SOCK_FDS);
@@ -375,19 +382,19 @@ void nk_esock_free(struct nk_esock *es) {
   /* Events for this socket may still sit in the current epoll batch: free it afterwards. */
   es->freed = true;
   es->active = true; /* never queue it again */
-  es->next_active = E.graveyard;
-  E.graveyard = es;
+  es->next_active = engine.graveyard;
+  engine.graveyard = es;
 }
 
 void nk_esock_reap(void) {
-  while (E.graveyard) {
-    struct nk_esock *es = E.graveyard;
-    E.graveyard = es->next_active;
+  while (engine.graveyard) {
+    struct nk_esock *es = engine.graveyard;
+    engine.graveyard = es->next_active;
     free(es);
   }
-  while (E.dead_tenants) {
-    struct nk_tenant *t = E.dead_tenants;
-    E.dead_tenants = t->next;
+  while (engine.dead_tenants) {
+    struct nk_tenant *t = engine.dead_tenants;
+    engine.dead_tenants = t->next;
     free(t->socks);
     free(t->free_stack);
     free(t);
@@ -422,7 +429,7 @@ static void trim(struct nk_tenant *t) {
 }
 
 void nk_tenant_trim_all(void) {
-  for (struct nk_tenant *t = E.tenants; t; t = t->next)
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next)
     if (t->max_memory && !t->dead) trim(t);
 }
 

@@ -470,7 +470,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   for (int i = 0; i < nkeep; i++)
     if (keep[i] >= 0) close(keep[i]);
   nkeep = nknown = 0;
-  NK_FUZZ_CHECK(nk_fuzz_only_neighbour_left() && !E.graveyard && E.nzombies == 0,
+  NK_FUZZ_CHECK(nk_fuzz_only_neighbour_left() && !engine.graveyard && engine.nzombies == 0,
                 "engine: state left after the tenant was deleted");
   nk_fuzz_fd_expect("after the input");
   return 0;

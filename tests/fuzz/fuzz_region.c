@@ -163,10 +163,10 @@ static void teardown(void) {
   T = NULL;
   nk_fuzz_drain_server(srv_tcp, true);
   nk_fuzz_drain_server(loop_tcp, true);
-  NK_FUZZ_CHECK(nk_fuzz_only_neighbour_left() && !E.graveyard && E.nzombies == 0 &&
-                (!E.active_tenants || E.active_tenants == nk_fuzz_nbr.t),
+  NK_FUZZ_CHECK(nk_fuzz_only_neighbour_left() && !engine.graveyard && engine.nzombies == 0 &&
+                (!engine.active_tenants || engine.active_tenants == nk_fuzz_nbr.t),
                 "engine: state left after the tenant was deleted");
-  NK_FUZZ_CHECK(!E.throttled || (E.throttled->t == nk_fuzz_nbr.t && !E.throttled->next_throttled),
+  NK_FUZZ_CHECK(!engine.throttled || (engine.throttled->t == nk_fuzz_nbr.t && !engine.throttled->next_throttled),
                 "engine: a deleted tenant's socket is still throttled");
 }
 

@@ -1,4 +1,4 @@
-/* libFuzzer harness: what an external NSM writes into its ServiceLib queues (csrc/engine/ext.c).
+/* libFuzzer harness: what an external NSM writes into its ServiceLib queues (csrc/nsm/external.c).
  *
  * The harness is the NSM: each input it connects to the engine's socket for the NSM (as root in
  * the NSM's namespace, which here is the engine's own), maps the queues from the engine's HELLO
@@ -166,12 +166,12 @@ static void tick(void) {
    * application has not read, or send bytes it has not written. */
   for (uint32_t i = 0; T && i < T->nslots; i++) {
     struct nk_esock *es = T->socks[i];
-    if (!es || !es->ext || !es->ext_attached || es->dead) continue;
+    if (!es || !es->ext.attached || es->dead) continue;
     uint32_t tail = atomic_load(es->tx.tail), head = atomic_load(es->rx.head);
-    NK_FUZZ_CHECK(es->ext_tx_off - tail <= es->tx.size, "slot %u: %u bytes offered to the NSM",
-                  i, es->ext_tx_off - tail);
-    NK_FUZZ_CHECK(es->ext_rx_credit - head <= es->rx.size, "slot %u: %u bytes of credit", i,
-                  es->ext_rx_credit - head);
+    NK_FUZZ_CHECK(es->ext.tx_off - tail <= es->tx.size, "slot %u: %u bytes offered to the NSM",
+                  i, es->ext.tx_off - tail);
+    NK_FUZZ_CHECK(es->ext.rx_credit - head <= es->rx.size, "slot %u: %u bytes of credit", i,
+                  es->ext.rx_credit - head);
   }
 }
 
@@ -229,8 +229,8 @@ static struct nk_esock *guest_socket(int family, int type) {
 static void note_ids(void) {
   for (uint32_t i = 0; i < T->nslots; i++) {
     struct nk_esock *es = T->socks[i];
-    for (int k = 0; es && k < es->nk; k++)
-      if (es->kfd_ext[k] && es->ext_id[k] != NK_EXT_LOST) note_id(es->ext_id[k]);
+    for (int k = 0; es && k < es->ep_count; k++)
+      if (es->ep[k].fd < 0 && es->ep[k].id != NK_EXT_LOST) note_id(es->ep[k].id);
   }
 }
 
@@ -242,8 +242,8 @@ static struct nk_esock *connected(int family, const char *ip, uint16_t port, boo
   prequeue();
   nk_sock_connect(es, &a, &inprog);
   observe();
-  if (established && es->nk && es->kfd_ext[0] && sh) {
-    struct nk_nqe e = {.op = NK_SLE_CONNECTED, .sock = es->ext_id[0], .addr = es->local};
+  if (established && es->ep_count && es->ep[0].fd < 0 && sh) {
+    struct nk_nqe e = {.op = NK_SLE_CONNECTED, .sock = es->ep[0].id, .addr = es->local};
     nk_sl_push(&sh->evt, &e);
   }
   return es;
@@ -298,7 +298,7 @@ static void teardown(void) {
   drain_ctl();
   if (del_tenant_first) nsm_disconnect();
   del_tenant_first = false;
-  NK_FUZZ_CHECK(nk_fuzz_only_neighbour_left() && !E.graveyard && E.nzombies == 0,
+  NK_FUZZ_CHECK(nk_fuzz_only_neighbour_left() && !engine.graveyard && engine.nzombies == 0,
                 "engine: state left after the tenant was deleted");
 }
 
@@ -320,8 +320,8 @@ static uint32_t pick_id(struct nk_fuzz_in *in) {
 static struct nk_esock *by_id(uint32_t id) {
   for (uint32_t i = 0; T && i < T->nslots; i++) {
     struct nk_esock *es = T->socks[i];
-    for (int k = 0; es && k < es->nk; k++)
-      if (es->kfd_ext[k] && es->ext_id[k] == id) return es;
+    for (int k = 0; es && k < es->ep_count; k++)
+      if (es->ep[k].fd < 0 && es->ep[k].id == id) return es;
   }
   return NULL;
 }
@@ -352,8 +352,8 @@ static void act_event(struct nk_fuzz_in *in) {
   struct nk_esock *es = by_id(e.sock);
   uint8_t l = in_u8(in);
   uint32_t credit = 0;
-  if (es && e.op == NK_SLE_SENT) credit = es->ext_tx_off - atomic_load(es->tx.tail);
-  if (es && e.op == NK_SLE_RECVD) credit = es->ext_rx_credit - atomic_load(es->rx.head);
+  if (es && e.op == NK_SLE_SENT) credit = es->ext.tx_off - atomic_load(es->tx.tail);
+  if (es && e.op == NK_SLE_RECVD) credit = es->ext.rx_credit - atomic_load(es->rx.head);
   switch (l % 5) {
     case 0: e.len = credit; break;
     case 1: e.len = credit + 1; break;

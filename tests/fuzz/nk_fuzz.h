@@ -213,15 +213,15 @@ static void nk_fuzz_engine_init(void) {
   if (mkdir(nk_fuzz_dir, 0700) < 0 && errno != EEXIST) nk_fuzz_die("mkdir: %s", strerror(errno));
   atexit(nk_fuzz_cleanup_dir);
 
-  E.spin_ns = 0;
-  E.ep = epoll_create1(EPOLL_CLOEXEC);
-  E.self_netns = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+  engine.spin_ns = 0;
+  engine.epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+  engine.self_netns = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
   struct stat st;
-  if (E.ep < 0 || E.self_netns < 0 || fstat(E.self_netns, &st) < 0)
+  if (engine.epoll_fd < 0 || engine.self_netns < 0 || fstat(engine.self_netns, &st) < 0)
     nk_fuzz_die("engine setup: %s", strerror(errno));
-  E.self_netns_ino = st.st_ino;
-  E.next_wake_ns = UINT64_MAX;
-  E.service_bytes = UINT64_MAX;
+  engine.self_netns_ino = st.st_ino;
+  engine.next_wake_ns = UINT64_MAX;
+  engine.service_bytes = UINT64_MAX;
   int r = nk_fds_init();
   if (r < 0) nk_fuzz_die("closer thread: %s", strerror(-r));
   nk_sock_calibrate();
@@ -238,7 +238,7 @@ static void nk_fuzz_engine_init(void) {
 /* One round of the engine's loop, as main() runs it after epoll_wait, without sleeping. */
 static void nk_fuzz_tick(void) {
   struct epoll_event evs[256];
-  int n = epoll_wait(E.ep, evs, 256, 0);
+  int n = epoll_wait(engine.epoll_fd, evs, 256, 0);
   for (int i = 0; i < n; i++) dispatch(&evs[i]);
   nk_policy_wake_due(nk_now_ns());
   scan_all();
@@ -269,7 +269,8 @@ static void nk_fuzz_check_tenant(struct nk_tenant *t) {
     n++;
     NK_FUZZ_CHECK(es->slot == i && es->t == t && !es->freed, "slot %u: socket %p is not its own",
                   i, (void *)es);
-    NK_FUZZ_CHECK(es->nk >= 0 && es->nk <= NK_MAX_KFD, "slot %u: %d kernel sockets", i, es->nk);
+    NK_FUZZ_CHECK(es->ep_count >= 0 && es->ep_count <= NK_MAX_EP, "slot %u: %d endpoints", i,
+                  es->ep_count);
   }
   NK_FUZZ_CHECK(n == t->nsocks, "tenant %s: %u sockets in slots, nsocks %u", t->name, n, t->nsocks);
   /* A socket linked twice would make this list a cycle (see nk_sock_service's comment). */
@@ -290,16 +291,16 @@ static void nk_fuzz_check_tenant(struct nk_tenant *t) {
 static void nk_fuzz_check_engine(void) {
   uint64_t fds = 0;
   uint32_t zombies = 0;
-  for (struct nk_tenant *t = E.tenants; t; t = t->next) {
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
     nk_fuzz_check_tenant(t);
     fds += t->fds;
     for (uint32_t i = 0; i < t->nslots; i++) zombies += t->socks[i] && t->socks[i]->zombie;
   }
-  NK_FUZZ_CHECK(fds == E.fds_taken, "engine: %llu descriptors taken, tenants hold %llu",
-                (unsigned long long)E.fds_taken, (unsigned long long)fds);
-  NK_FUZZ_CHECK(zombies == E.nzombies, "engine: nzombies %u, zombie sockets %u", E.nzombies, zombies);
+  NK_FUZZ_CHECK(fds == engine.fds_taken, "engine: %llu descriptors taken, tenants hold %llu",
+                (unsigned long long)engine.fds_taken, (unsigned long long)fds);
+  NK_FUZZ_CHECK(zombies == engine.nzombies, "engine: nzombies %u, zombie sockets %u", engine.nzombies, zombies);
   uint32_t throttled = 0;
-  for (struct nk_esock *es = E.throttled; es; es = es->next_throttled)
+  for (struct nk_esock *es = engine.throttled; es; es = es->next_throttled)
     NK_FUZZ_CHECK(++throttled <= 1u << 20 && es->throttled && !es->freed, "throttled list broken");
 }
 
@@ -444,7 +445,7 @@ static struct nk_esock *nk_fuzz_guest_socket(struct nk_tenant *t, int ns, int fa
   }
   es->proxy_rights_refused = nk_fd_refuse_rights(es->proxy);
   es->proxy_in_tenant_ns = true;
-  nk_ep_add(es->proxy, EPOLLIN, &es->h_proxy);
+  nk_epoll_add(es->proxy, EPOLLIN, &es->h_proxy);
   *guest = sv[0];
   return es;
 }
@@ -560,7 +561,7 @@ static void nk_fuzz_neighbour_ping(const char *what) {
 /* Only the neighbour is left, holding just its own socket (each harness's teardown check). */
 static bool nk_fuzz_only_neighbour_left(void) {
   struct nk_tenant *n = nk_fuzz_nbr.t;
-  return E.tenants == n && n && !n->next && n->nsocks == 1 && E.fds_taken == n->fds;
+  return engine.tenants == n && n && !n->next && n->nsocks == 1 && engine.fds_taken == n->fds;
 }
 
 #endif

@@ -11,11 +11,9 @@ index and record it reads from a region explicitly (tests/c/scribble.c drives th
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "semantics"))
-from helpers_c import build_c, cc_supports, compiler  # noqa: E402
+from helpers_c import (  # noqa: E402
+    build_c,
+    cc_supports,
+    compiler,
+    engine_admin,
+    engine_sources,
+    start_engine,
+    stop_engine,
+)
 from test_native import PROGRAMS, build_program, run_program  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -48,29 +54,14 @@ def teardown_fabric() -> None:
 def build_sanitized(out: Path) -> tuple[Path, Path]:
     inc = [f"-I{REPO / 'include'}", "-D_GNU_SOURCE"]
     engine = out / "netkernel-engine-asan"
-    srcs = sorted(map(str, (REPO / "csrc" / "engine").glob("*.c"))) + sorted(
-        map(str, (REPO / "csrc" / "nsm").glob("*.c")))
     subprocess.run([compiler(), *SAN, *inc, f"-I{REPO / 'csrc' / 'engine'}", "-o", str(engine),
-                    *srcs], check=True)
+                    *engine_sources()], check=True)
     guest = out / "libnetkernel-asan.so"
     gsrcs = sorted(map(str, (REPO / "csrc" / "guest").glob("*.c")))
     subprocess.run([compiler(), *SAN, *inc, f"-I{REPO / 'csrc' / 'guest'}", "-shared", "-fPIC",
                     "-fvisibility=hidden", "-o", str(guest), *gsrcs, "-ldl", "-lpthread"],
                    check=True)
     return engine, guest
-
-
-def admin(path: Path, line: str) -> str:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(path))
-        s.sendall(line.encode() + b"\n")
-        data = b""
-        while not any(x.startswith((b"ok", b"err")) for x in data.splitlines()):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return data.decode()
 
 
 class Fabric:
@@ -111,27 +102,17 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
     log = open(tmp / "engine.log", "w")
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
-    proc = subprocess.Popen([str(engine), "--control", str(tmp / "engine.sock"), "--admin",
-                             str(tmp / "admin.sock")], stderr=log, env=env)
+    proc = start_engine(engine, tmp, log, env)
     try:
-        deadline = time.monotonic() + 20
-        while not (tmp / "admin.sock").exists():
-            assert proc.poll() is None, (tmp / "engine.log").read_text()
-            assert time.monotonic() < deadline, "sanitized engine did not start"
-            time.sleep(0.1)
-        assert admin(tmp / "admin.sock", f"nsm-add kernel /run/netns/{NSM}").startswith("ok")
-        r = admin(tmp / "admin.sock", f"tenant-add t /run/netns/{TEN} kernel {V4} {V6}")
+        assert engine_admin(tmp / "admin.sock", f"nsm-add kernel /run/netns/{NSM}").startswith("ok")
+        r = engine_admin(tmp / "admin.sock", f"tenant-add t /run/netns/{TEN} kernel {V4} {V6}")
         assert r.startswith("ok"), r
         f = Fabric(tmp, guest)
         f.proc = proc  # type: ignore[attr-defined]
         yield f
         assert proc.poll() is None, "sanitized engine died:\n" + (tmp / "engine.log").read_text()[-4000:]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_engine(proc)
         log.close()
         teardown_fabric()
     text = (tmp / "engine.log").read_text()

@@ -128,14 +128,15 @@ int nk_shm_connect(struct nk_esock *es, const struct nk_addr *dst) {
   struct nk_addr local;
   if (!local_address(es, dst, &local)) return 0;
 
-  /* The accepted end, in the listener's tenant, as listener_accept makes one. */
-  int gfd;
-  struct nk_esock *nb = nk_sock_accepted_end(l, &gfd);
+  /* The accepted end, in the listener's tenant, as for a connection from any stack. */
+  struct nk_endpoint path = {.ops = &nk_shm_ep_ops, .family = dst->family, .fd = -1,
+                             .id = NK_EXT_LOST};
+  struct nk_esock *nb = nk_sock_accepted(l, &path, dst, &local);
   if (!nb) return -ECONNREFUSED; /* the listener's tenant is at its limits: as a RST */
   nb->shm = true;
-  nk_sock_set_local(nb, dst);
-  nk_sock_set_peer(nb, &local);
-  nk_sock_deliver_conn(l, nb, gfd); /* delivered, or held until the queue drains */
+  nk_ep_close_all(es, false); /* what a bind opened: the connection takes this path instead */
+  nk_ep_set(es, 0, &path);
+  es->ep_count = 1;
   es->shm = true;
   es->shm_peer = nb;
   nb->shm_peer = es;
@@ -158,7 +159,7 @@ static int64_t move(struct nk_esock *src, struct nk_esock *dst, uint64_t budget)
   for (;;) {
     int64_t fill = nk_ring_fill_checked(&src->tx);
     if (fill < 0) {
-      nk_sock_reset(src, ECONNRESET);
+      nk_sock_fail(src, ECONNRESET, NK_END_BROKEN);
       return -1;
     }
     if (fill == 0 || budget == 0) return moved;
@@ -169,15 +170,12 @@ static int64_t move(struct nk_esock *src, struct nk_esock *dst, uint64_t budget)
     }
     int64_t dfill = nk_ring_fill_checked(&dst->rx);
     if (dfill < 0) {
-      nk_sock_reset(dst, ECONNRESET);
+      nk_sock_fail(dst, ECONNRESET, NK_END_BROKEN);
       return -1;
     }
     if ((uint32_t)dfill == dst->rx.size) {
-      /* Full, bytes still waiting: the receiver kicks its socket when it drains (S1, as in
-       * stream_rx); re-check after publishing, or a drain in between goes unseen. */
-      atomic_store(&ds->rx_stalled, 1);
-      if (nk_ring_fill_checked(&dst->rx) == (int64_t)dst->rx.size) return moved;
-      atomic_store(&ds->rx_stalled, 0);
+      /* Full, bytes still waiting: the receiver kicks its socket when it drains. */
+      if (nk_sock_rx_stall(dst, 1)) return moved;
       continue;
     }
     atomic_store_explicit(&ds->rx_stalled, 0, memory_order_relaxed);
@@ -202,10 +200,8 @@ static int64_t move(struct nk_esock *src, struct nk_esock *dst, uint64_t budget)
     }
     nk_ring_produce(&dst->rx, (uint32_t)n);
     nk_ring_consume(&src->tx, (uint32_t)n);
-    src->tx_bytes += n;
-    src->t->tx_bytes += n;
-    dst->rx_bytes += n;
-    dst->t->rx_bytes += n;
+    nk_sock_count(src, NK_TX, n);
+    nk_sock_count(dst, NK_RX, n);
     moved += (int64_t)n;
     budget -= n;
   }
@@ -225,7 +221,7 @@ static void send_fin(struct nk_esock *from, struct nk_esock *to) {
 static void peer_gone(struct nk_esock *es) {
   int64_t fill = nk_ring_fill_checked(&es->tx);
   if (fill < 0) {
-    nk_sock_reset(es, ECONNRESET);
+    nk_sock_fail(es, ECONNRESET, NK_END_BROKEN);
     return;
   }
   es->shut_wr_pending = false;
@@ -235,7 +231,7 @@ static void peer_gone(struct nk_esock *es) {
   nk_sock_hang_up(es);
 }
 
-void nk_shm_service(struct nk_esock *es) {
+static void shm_transmit(struct nk_esock *es) {
   struct nk_esock *p = es->shm_peer;
   if (!p) {
     peer_gone(es);
@@ -245,7 +241,7 @@ void nk_shm_service(struct nk_esock *es) {
    * of one sent through the kernel, and with 64 KiB the pair's wake-ups ate a third of its
    * throughput (38 Gbit/s vs 60). With the engine to itself, a ring's worth each way: both
    * rings' indices are the tenants' to move, so "until one is empty or full" could be forever. */
-  uint64_t budget = E.service_bytes == UINT64_MAX ? 2ull * es->tx.size : NK_SHM_SERVICE_BYTES;
+  uint64_t budget = engine.service_bytes == UINT64_MAX ? 2ull * es->tx.size : NK_SHM_SERVICE_BYTES;
   int64_t out = move(es, p, budget);
   if (out < 0) return;
   int64_t in = move(p, es, budget - (uint64_t)out);
@@ -258,16 +254,18 @@ void nk_shm_service(struct nk_esock *es) {
   if (p->closing) nk_sock_activate(p); /* it may be waiting to flush into our ring */
 }
 
+static void unlink_pair(struct nk_esock *es, int err);
+
 /* The application closed its last reference to es. True when es may be freed now; false
  * while its last bytes wait for room in the peer's ring (the peer's reads bring us back). */
-bool nk_shm_close(struct nk_esock *es) {
+static bool shm_finish(struct nk_esock *es) {
   struct nk_esock *p = es->shm_peer;
   if (!p || es->dead) return true;
   int64_t unread = nk_ring_fill_checked(&es->rx);
   int64_t incoming = nk_ring_fill_checked(&p->tx);
   if (es->linger0 || unread != 0 || incoming != 0) {
     /* Linux resets a connection closed with unread data (or bytes still on the way). */
-    nk_shm_unlink(es, ECONNRESET);
+    unlink_pair(es, ECONNRESET);
     return true;
   }
   es->shut_wr_pending = true;
@@ -283,17 +281,41 @@ bool nk_shm_close(struct nk_esock *es) {
   }
   send_fin(es, p);
   nk_sock_maybe_ready(p);
-  nk_shm_unlink(es, 0);
+  unlink_pair(es, 0);
   return true;
 }
 
 /* Dissolve the pair. With err, the peer's connection is reset (its socket reports err, as
  * after a TCP reset); without, the peer just learns it is alone (see peer_gone). */
-void nk_shm_unlink(struct nk_esock *es, int err) {
+static void unlink_pair(struct nk_esock *es, int err) {
   struct nk_esock *p = es->shm_peer;
   if (!p) return;
   es->shm_peer = NULL;
   p->shm_peer = NULL;
-  if (err && !p->dead) nk_sock_conn_error(p, err);
+  if (err && !p->dead) nk_sock_fail(p, err, NK_END_ERROR);
   nk_sock_activate(p);
 }
+
+static void shm_close(struct nk_esock *es, int k, bool rst) {
+  (void)k;
+  unlink_pair(es, rst ? ECONNRESET : 0);
+}
+
+static int shm_connect(struct nk_esock *es, const struct nk_addr *dst) {
+  (void)es, (void)dst;
+  return -EISCONN; /* it only ever carries a connection made by nk_shm_connect */
+}
+
+static int shm_open(struct nk_esock *es, int k) {
+  (void)es, (void)k;
+  return -EOPNOTSUPP; /* never opened as a socket: nk_shm_connect makes it */
+}
+
+const struct nk_ep_ops nk_shm_ep_ops = {
+    .name = "shm",
+    .open = shm_open,
+    .connect = shm_connect,
+    .transmit = shm_transmit,
+    .finish = shm_finish,
+    .close = shm_close,
+};
