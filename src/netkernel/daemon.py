@@ -350,7 +350,6 @@ class Daemon:
         self._nsm_samples: dict[str, tuple[float, int, int]] = {}
         self.nsm_rates: dict[str, tuple[float, float]] = {}
         self._refused: dict[str, tuple[int, int]] = {}
-        self._warned_no_policy = False
         # External NSMs' processes (lwIP), restarted by a watcher thread when they die.
         self.nsm_procs: dict[str, subprocess.Popen[bytes]] = {}
         # Tenants' cgroups go beneath the daemon's own (cgroups.py).
@@ -581,9 +580,8 @@ class Daemon:
             try:
                 self.engine_client.nsm_set(nsm.name, nsm.config.bandwidth)
             except EngineError as e:
-                hint = " (this engine predates NSM bandwidth; update it)" if e.unsupported else ""
                 raise NSMError(f"NSM {nsm.name!r}: cannot set bandwidth "
-                               f"{format_rate(nsm.config.bandwidth)}: {e}{hint}") from None
+                               f"{format_rate(nsm.config.bandwidth)}: {e}") from None
 
     def start_engine(self) -> None:
         binary = engine_binary()
@@ -733,7 +731,7 @@ class Daemon:
                 try:
                     self.engine_client.nsm_del(name)
                 except NetKernelError:
-                    pass  # never registered, or an engine that cannot remove NSMs
+                    pass  # never registered
                 self._remove_nsm_fabric(nsm)
                 raise
             log_event("nsm_added", nsm=name)
@@ -756,8 +754,6 @@ class Daemon:
             try:
                 self.engine_client.nsm_del(name)
             except EngineError as e:
-                if e.unsupported:
-                    raise NSMError("this engine cannot remove NSMs (nsm-del); update it") from None
                 if e.errno_name == "EBUSY":
                     raise NSMError(f"NSM {name!r} is busy: {e.engine_message}") from None
                 raise NSMError(f"cannot remove NSM {name!r}: {e}") from None
@@ -830,16 +826,6 @@ class Daemon:
         try:
             self.engine_client.tenant_set(t.name, policy.engine_args())
         except EngineError as e:
-            if e.unsupported and policy == Policy():
-                # An engine without tenant policy: nothing but its own defaults was asked.
-                if not self._warned_no_policy:
-                    log.warning("this engine does not support tenant policy (tenant-set); "
-                                "tenants run with the engine's defaults")
-                    self._warned_no_policy = True
-                return
-            if e.unsupported:
-                raise TenantError("this engine does not support tenant policy (tenant-set); "
-                                  "update it, or leave rates, weight and limits at their defaults") from None
             raise TenantError(f"tenant {t.name!r}: the engine refused the policy: "
                               f"{e.engine_message}") from None
 
@@ -960,9 +946,6 @@ class Daemon:
                     self.engine_client.tenant_move(name, new.name)
                 except EngineError as e:
                     if e.errno_name in ("ENOENT", "EINVAL"):
-                        if e.unsupported:
-                            raise TenantError("this engine cannot move tenants (tenant-move); "
-                                              "update it") from None
                         raise TenantError(f"the engine refused: {e.engine_message}") from None
                     # The engine did move the tenant, but some listener could not be opened in
                     # the new NSM: finish the move (the engine is already there) and say so.
