@@ -274,7 +274,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     guestlib()
 
     if args.foreground:
-        from .daemon import Daemon, configure_logging
+        from .daemon import Daemon
+        from .daemon_log import configure_logging
         # The daemon's own log format and level, on stderr (the journal under systemd).
         configure_logging("debug" if args.log_level == "debug" else "info", cfg.log_format)
         return Daemon(cfg).run()

@@ -17,7 +17,6 @@ import argparse
 import fcntl
 import importlib
 import ipaddress
-import json
 import logging
 import os
 import shutil
@@ -26,10 +25,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from . import cgroups, guard, netns, sandbox, steer
 from .api import ApiServer, Handler
@@ -64,6 +62,7 @@ from .config import (
     parse_rate,
     policy_with,
 )
+from .daemon_log import configure_logging, engine_log_relay, log, log_event
 from .dns import TENANT_SUFFIX, Addrs, DNSServer, HostsFile
 from .engine import EngineClient, EngineStats, wait_ready
 from .errors import (
@@ -77,8 +76,7 @@ from .errors import (
     UnknownNSMError,
 )
 from .metrics import MetricsServer, NSMSample, Snapshot, TenantSample
-
-log = logging.getLogger("netkernel.daemon")
+from .records import NSM, Tenant
 
 RESOLV_CONF = "nameserver 127.0.0.53\n"  # the engine's stub inside each tenant namespace
 SAMPLE_INTERVAL = 1.0  # engine stats for rates
@@ -99,23 +97,6 @@ def abi_version() -> int | None:
     return int(abi.NK_ABI_VERSION)
 
 
-def nsm_netns(name: str) -> str:
-    return NSM_NETNS_PREFIX + name
-
-
-def tenant_netns(name: str) -> str:
-    return TENANT_NETNS_PREFIX + name
-
-
-# -- structured logs ---------------------------------------------------------------------------
-
-def _log_value(value: object) -> str:
-    text = str(value)
-    if not text or any(c in text for c in " \"=\n"):
-        return json.dumps(text)
-    return text
-
-
 def _split_hostport(text: str) -> tuple[steer.IPAddress, int]:
     """The engine's "a.b.c.d:port" / "[v6]:port" (ValueError otherwise)."""
     host, _, port = text.rpartition(":")
@@ -123,56 +104,6 @@ def _split_hostport(text: str) -> tuple[steer.IPAddress, int]:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address, int(port)
-
-
-def log_event(event: str, level: int = logging.INFO, **fields: object) -> None:
-    """``event=NAME key=value ...`` in the text log; the same as fields of the JSON object
-    with log_format = "json"."""
-    kept = {k: v for k, v in fields.items() if v is not None}
-    text = " ".join([f"event={event}"] + [f"{k}={_log_value(v)}" for k, v in kept.items()])
-    log.log(level, "%s", text, extra={"nk_fields": {"event": event, **kept}})
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; events carry their fields as top-level keys."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,
-            "message": record.getMessage(),
-        }
-        doc.update(getattr(record, "nk_fields", {}))
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
-
-
-TEXT_FORMAT = "%(asctime)s netkernel[%(process)d] %(levelname)s %(name)s: %(message)s"
-
-
-def configure_logging(level: str, log_format: str = "text", stream: IO[str] | None = None) -> None:
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
-
-
-def _engine_log_relay(pipe: IO[bytes]) -> None:
-    """With JSON logs the engine's stderr lines (``engine: event=NAME k=v ...``) become JSON
-    objects too, so that the whole log is one format."""
-    engine_log = logging.getLogger("netkernel.engine")
-    for raw in pipe:
-        line = raw.decode(errors="replace").rstrip("\n")
-        text = line.removeprefix("engine: ")
-        fields: dict[str, str] = {}
-        if text.startswith("event="):
-            for word in text.split():
-                key, sep, value = word.partition("=")
-                if sep:
-                    fields[key] = value
-        engine_log.info("%s", text, extra={"nk_fields": fields})
 
 
 def allow_congestion_control(name: str) -> None:
@@ -191,86 +122,10 @@ def allow_congestion_control(name: str) -> None:
                   reason=f"an NSM uses congestion control {name}")
 
 
-# -- records -------------------------------------------------------------------------------------
-
-@dataclass
-class NSM:
-    config: NSMConfig
-    index: int  # its addresses are host 2+index of each subnet
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def netns(self) -> str:
-        return nsm_netns(self.config.name)
-
-    @property
-    def external(self) -> bool:
-        """A stack in a process of its own, which the engine drives over ServiceLib."""
-        return self.config.kind == "lwip"
-
-    @property
-    def socket(self) -> Path:
-        """Where an external NSM's process connects to the engine."""
-        return RUN_DIR / f"nsm-{self.config.name}.sock"
-
-
 # The lwIP NSM's namespace: eth0 (the veth to the fabric) and the TAP that lwIP drives, joined
 # by a bridge; the kernel there holds no address (lwIP holds the tenants').
 LWIP_TAP = "tap0"
 LWIP_BRIDGE = "br0"
-
-
-@dataclass
-class Tenant:
-    name: str
-    nsm: str
-    index: int  # N in 198.18.1.N
-    id: int  # the engine's tenant id
-    ipv4: str
-    ipv6: str
-    policy: Policy = field(default_factory=Policy)
-    # NSMs the tenant was moved away from whose old connections are still open.
-    draining: list[str] = field(default_factory=list)
-    steered: bool = False  # steer holds rules for its addresses (it was moved at least once)
-    cgroups: dict[str, str] = field(default_factory=dict)  # controller -> its cgroup
-    rw: tuple[Path, ...] = ()  # host paths the config lets it write
-    ro: tuple[Path, ...] = ()
-    uid_slot: int = 0  # which host uid range is its own (sandbox.uid_slot: by name, for good)
-
-    @property
-    def netns(self) -> str:
-        return tenant_netns(self.name)
-
-    @property
-    def uid_base(self) -> int:
-        """Its root's host uid: its uids 0..65535 are this and the 65535 after it."""
-        return sandbox.uid_base(self.uid_slot)
-
-    @property
-    def fs(self) -> Path:
-        """Its private tmpfs (/run, /var/tmp, /dev/shm inside)."""
-        return TENANTS_DIR / self.name / "fs"
-
-    @property
-    def cidrs(self) -> tuple[str, str]:
-        return f"{self.ipv4}/32", f"{self.ipv6}/128"
-
-    def record(self) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "rw": [str(p) for p in self.rw],
-            "ro": [str(p) for p in self.ro],
-            "netns": self.netns,
-            "netns_path": str(netns.netns_path(self.netns)),
-            "resolv_conf": str(TENANTS_DIR / self.name / "resolv.conf"),
-            "engine_socket": str(ENGINE_SOCKET),
-            "uid_base": self.uid_base,
-            "uid_count": sandbox.TENANT_UID_COUNT,
-            "fs": str(self.fs),
-        }
 
 
 def cleanup_all(keep_lock: bool = False) -> list[str]:
@@ -608,7 +463,7 @@ class Daemon:
                 log.warning("cannot set the engine's autogroup nice to %d (%s); it competes "
                             "with tenant programs at equal weight", nice, e)
         if relay and engine.stderr is not None:
-            threading.Thread(target=_engine_log_relay, args=(engine.stderr,), name="engine-log",
+            threading.Thread(target=engine_log_relay, args=(engine.stderr,), name="engine-log",
                              daemon=True).start()
         # Recorded so that `netkernel down` can stop an engine orphaned by a killed daemon.
         ENGINE_PID_FILE.write_text(f"{engine.pid}\n")
@@ -1024,7 +879,7 @@ class Daemon:
                         t.draining.remove(old)
                         continue
                     args = self._steer_args(t, self.nsms[old], None)
-                    if steer.finish_if_drained(BRIDGE, t.ipv4, t.ipv6, nsm_netns(old), **args):
+                    if steer.finish_if_drained(BRIDGE, t.ipv4, t.ipv6, self.nsms[old].netns, **args):
                         self._remove_tenant_addresses(t, old)
                         t.draining.remove(old)
                         log_event("tenant_drained", tenant=t.name, nsm=old)

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from netkernel import api, cli, daemon
+from netkernel import api, cli, daemon_log
 from netkernel.config import Policy
 from netkernel.engine import NSMStats, TenantStats
 from netkernel.errors import DaemonError
@@ -270,9 +270,9 @@ def _capture(fmt: str) -> str:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        daemon.configure_logging("info", fmt, stream=out)
-        daemon.log_event("tenant_created", tenant="web", nsm="kernel", rate_tx=200_000_000, note="a b",
-                         skipped=None)
+        daemon_log.configure_logging("info", fmt, stream=out)
+        daemon_log.log_event("tenant_created", tenant="web", nsm="kernel", rate_tx=200_000_000, note="a b",
+                             skipped=None)
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
