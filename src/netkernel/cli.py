@@ -323,7 +323,7 @@ def _print_log_tail(offset: int, lines: int = 20) -> None:
 
 def cmd_down(args: argparse.Namespace) -> int:
     require_root()
-    from .daemon import cleanup_all
+    from .fabric import cleanup_all
 
     pid = _read_pid(PID_FILE)
     status = api.ping()
