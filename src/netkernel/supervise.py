@@ -48,7 +48,7 @@ def _wait_nsm_up(d: Daemon, nsm: NSM, connects: int, timeout: float = 10.0) -> N
     while time.monotonic() < deadline:
         stats = d.engine_stats()
         s = stats.nsm(nsm.name) if stats else None
-        if s and s.up and (s.connects or 0) >= connects:
+        if s and s.up and s.connects >= connects:
             return
         proc = d.nsm_procs.get(nsm.name)
         if proc is not None and proc.poll() is not None and connects <= 1:

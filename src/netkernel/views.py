@@ -43,9 +43,7 @@ def abi_version() -> int | None:
 # -- rates --------------------------------------------------------------------------------------
 
 def _rate(samples: dict[str, tuple[float, int, int]], name: str, now: float,
-          tx: int | None, rx: int | None) -> tuple[float, float] | None:
-    if tx is None or rx is None:
-        return None
+          tx: int, rx: int) -> tuple[float, float] | None:
     prev = samples.get(name)
     samples[name] = (now, tx, rx)
     if prev is None or now <= prev[0]:
@@ -72,7 +70,7 @@ class Rates:
             rate = _rate(self._samples, s.name, now, s.tx_bytes, s.rx_bytes)
             if rate is not None:
                 self.tenants[s.name] = rate
-            refused = (s.refused_sockets or 0, s.refused_memory or 0)
+            refused = (s.refused_sockets, s.refused_memory)
             before = self._refused.get(s.name, refused)
             self._refused[s.name] = refused
             for reason, count, prev, limit in (("max_sockets", refused[0], before[0], s.max_sockets),
@@ -156,8 +154,8 @@ def nsm_list(d: Daemon) -> list[dict[str, Any]]:
             "rx_bps": round(rates[1]) if rates else None,
             # An external NSM: its process (restarted by the daemon when it dies).
             "pid": d.nsm_procs[nsm.name].pid if nsm.name in d.nsm_procs else None,
-            "up": bool(s.up) if s and s.up is not None else None,
-            "restarts": max((s.connects or 0) - 1, 0) if s and nsm.external else 0,
+            "up": bool(s.up) if s else None,
+            "restarts": max(s.connects - 1, 0) if s and nsm.external else 0,
         })
     return out
 
@@ -181,7 +179,7 @@ def ps(d: Daemon) -> list[dict[str, Any]]:
             "rx_bps": round(rates[1]) if rates else None,
             "refused_sockets": s.refused_sockets if s else None,
             "refused_memory": s.refused_memory if s else None,
-            "engine_seconds": s.engine_ns / 1e9 if s and s.engine_ns is not None else None,
+            "engine_seconds": s.engine_ns / 1e9 if s else None,
             "engine_skips": s.engine_skips if s else None,
             "fds": s.fds if s else None,
             "fd_limit": s.fd_limit if s else None,
@@ -189,8 +187,7 @@ def ps(d: Daemon) -> list[dict[str, Any]]:
             "dns_dropped": s.dns_dropped if s else None,
             "region_bytes": s.region_bytes if s else None,
             "throttle_wakes": s.throttle_wakes if s else None,
-            "throttle_late_seconds": (s.throttle_late_ns / 1e9
-                                      if s and s.throttle_late_ns is not None else None),
+            "throttle_late_seconds": s.throttle_late_ns / 1e9 if s else None,
             "rate_late_credit_bytes": s.rate_late_credit if s else None,
             "policy": asdict(t.policy),
             "draining": list(t.draining),

@@ -11,6 +11,7 @@ import logging
 import socketserver
 import threading
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from netkernel import api, daemon_log, handlers, move, views
 from netkernel.config import Config, NSMConfig, Policy
 from netkernel.daemon import Daemon
-from netkernel.engine import EngineClient
+from netkernel.engine import EngineClient, TenantStats
 from netkernel.errors import TenantError, UnknownNSMError
 from netkernel.records import NSM, Tenant
 
@@ -26,8 +27,11 @@ NAME = "zz-split"
 
 
 def _stats(tx: int, refused: int) -> str:
-    return (f"tenant {NAME} id=258 nsm=zzlw sockets=3 tx_bytes={tx} rx_bytes=0 memory=10 max_sockets=5 "
-            f"max_memory=0 refused_sockets={refused} refused_memory=0\n"
+    """A stats reply with every key the engine writes; those not given are 0."""
+    given = {"id": 258, "nsm": "zzlw", "sockets": 3, "tx_bytes": tx, "max_sockets": 5,
+             "refused_sockets": refused}
+    tenant = " ".join(f"{f.name}={given.get(f.name, 0)}" for f in fields(TenantStats) if f.name != "name")
+    return (f"tenant {NAME} {tenant}\n"
             "nsm zzlw type=lwip tenants=1 sockets=3 tx_bytes=0 rx_bytes=0 bandwidth=0 up=1 connects=3\nok\n")
 
 
