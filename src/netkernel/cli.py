@@ -274,7 +274,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     guestlib()
 
     if args.foreground:
-        from .daemon import Daemon, configure_logging
+        from .daemon import Daemon
+        from .daemon_log import configure_logging
         # The daemon's own log format and level, on stderr (the journal under systemd).
         configure_logging("debug" if args.log_level == "debug" else "info", cfg.log_format)
         return Daemon(cfg).run()
@@ -322,7 +323,7 @@ def _print_log_tail(offset: int, lines: int = 20) -> None:
 
 def cmd_down(args: argparse.Namespace) -> int:
     require_root()
-    from .daemon import cleanup_all
+    from .fabric import cleanup_all
 
     pid = _read_pid(PID_FILE)
     status = api.ping()

@@ -28,35 +28,34 @@ class Reply:
 
 @dataclass(frozen=True)
 class TenantStats:
-    """One ``tenant NAME k=v ...`` line of ``stats``; a key an older engine does not send is
-    None."""
+    """One ``tenant NAME k=v ...`` line of ``stats``."""
 
     name: str
-    id: int | None = None
-    nsm: str | None = None
-    sockets: int | None = None
-    tx_bytes: int | None = None
-    rx_bytes: int | None = None
-    memory: int | None = None
-    rate_tx: int | None = None
-    rate_rx: int | None = None
-    weight: int | None = None
-    max_sockets: int | None = None
-    max_memory: int | None = None
-    refused_sockets: int | None = None
-    refused_memory: int | None = None
-    engine_ns: int | None = None  # engine time spent serving the tenant's sockets
-    engine_skips: int | None = None  # rounds it sat out, over its share of engine time
-    fds: int | None = None  # engine descriptors held for it (sockets' shares, control conns)
-    fd_limit: int | None = None  # its share of the engine's descriptors (EMFILE beyond)
-    ctls: int | None = None  # control connections of its processes
-    dns_relayed: int | None = None  # queries its DNS stub relayed
-    dns_dropped: int | None = None  # queries over its DNS rate, dropped
-    region_bytes: int | None = None  # memory its shared region holds
-    region_trimmed: int | None = None  # bytes of free slots' rings taken back (max_memory)
-    throttle_wakes: int | None = None  # its sockets woken after waiting for rate/link tokens
-    throttle_late_ns: int | None = None  # how late past their due time, in total
-    rate_late_credit: int | None = None  # rate tokens kept for it over late wakes (bytes)
+    id: int
+    nsm: str
+    sockets: int
+    tx_bytes: int
+    rx_bytes: int
+    memory: int
+    rate_tx: int
+    rate_rx: int
+    weight: int
+    max_sockets: int
+    max_memory: int
+    refused_sockets: int
+    refused_memory: int
+    engine_ns: int  # engine time spent serving the tenant's sockets
+    engine_skips: int  # rounds it sat out, over its share of engine time
+    fds: int  # engine descriptors held for it (sockets' shares, control conns)
+    fd_limit: int  # its share of the engine's descriptors (EMFILE beyond)
+    ctls: int  # control connections of its processes
+    dns_relayed: int  # queries its DNS stub relayed
+    dns_dropped: int  # queries over its DNS rate, dropped
+    region_bytes: int  # memory its shared region holds
+    region_trimmed: int  # bytes of free slots' rings taken back (max_memory)
+    throttle_wakes: int  # its sockets woken after waiting for rate/link tokens
+    throttle_late_ns: int  # how late past their due time, in total
+    rate_late_credit: int  # rate tokens kept for it over late wakes (bytes)
 
 
 @dataclass(frozen=True)
@@ -64,13 +63,13 @@ class NSMStats:
     """One ``nsm NAME k=v ...`` line of ``stats``."""
 
     name: str
-    tenants: int | None = None
-    sockets: int | None = None
-    tx_bytes: int | None = None
-    rx_bytes: int | None = None
-    bandwidth: int | None = None
-    up: int | None = None  # an external NSM's process is connected
-    connects: int | None = None  # processes of an external NSM that connected so far
+    tenants: int
+    sockets: int
+    tx_bytes: int
+    rx_bytes: int
+    bandwidth: int
+    up: int  # an external NSM's process is connected
+    connects: int  # processes of an external NSM that connected so far
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,8 @@ def _fields(line: str, tag: str) -> tuple[list[str], dict[str, str]]:
 
 def _typed(cls: type[T], kv: dict[str, str], **given: Any) -> T:
     """``cls`` from the keys it knows, converted to each field's type; unknown keys are
-    ignored and a value that does not parse counts as missing (newer or older engines)."""
+    ignored, and a key the line lacks (TCP_INFO's, for UDP) or a value that does not parse is
+    None."""
     values: dict[str, Any] = dict(given)
     for f in fields(cls):  # type: ignore[arg-type]
         if f.name in values or f.name not in kv:
@@ -149,6 +149,26 @@ def _typed(cls: type[T], kv: dict[str, str], **given: Any) -> T:
     return cls(**values)
 
 
+def _complete(cls: type[T], line: str, kv: dict[str, str], **given: Any) -> T:
+    """``cls`` from a stats line. The engine ships with this package and writes every key of
+    it: one missing or not a number means an engine of another build, an error that says so
+    rather than a number quietly absent. Keys ``cls`` does not know are ignored (the engine
+    reports some that the daemon does not show)."""
+    values: dict[str, Any] = dict(given)
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in values:
+            continue
+        raw = kv.get(f.name, "")
+        try:
+            values[f.name] = int(raw) if str(f.type) == "int" else raw
+        except ValueError:
+            raw = ""
+        if not raw:
+            raise NetKernelError(f"engine stats: no valid {f.name}= in {line!r}; the engine is not "
+                                 "from this package's build (reinstall with `pip install .`)")
+    return cls(**values)
+
+
 def parse_stats(lines: tuple[str, ...] | list[str]) -> EngineStats:
     tenants: list[TenantStats] = []
     nsms: list[NSMStats] = []
@@ -157,11 +177,11 @@ def parse_stats(lines: tuple[str, ...] | list[str]) -> EngineStats:
         if line.startswith("tenant "):
             pos, kv = _fields(line, "tenant")
             if pos:
-                tenants.append(_typed(TenantStats, kv, name=pos[0]))
+                tenants.append(_complete(TenantStats, line, kv, name=pos[0]))
         elif line.startswith("nsm "):
             pos, kv = _fields(line, "nsm")
             if pos:
-                nsms.append(_typed(NSMStats, kv, name=pos[0]))
+                nsms.append(_complete(NSMStats, line, kv, name=pos[0]))
     return EngineStats(tuple(tenants), tuple(nsms))
 
 

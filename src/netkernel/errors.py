@@ -78,8 +78,3 @@ class EngineError(NetKernelError):
         self.engine_message = message
         verb = request.split(" ", 1)[0]
         super().__init__(f"engine refused {verb}: {errno_name} {message}".rstrip())
-
-    @property
-    def unsupported(self) -> bool:
-        """The engine does not know this request at all (an older engine binary)."""
-        return self.errno_name == "EINVAL" and self.engine_message.startswith("unknown request")

@@ -81,20 +81,19 @@ class NetKernelCollector(Collector):
         for t in snap.tenants:
             values = [t.name, t.nsm]
             s = t.stats
+            # A tenant the engine did not report has no counters, never fake zeros.
             if s is not None:
-                _add(tx, values, s.tx_bytes)
-                _add(rx, values, s.rx_bytes)
-                if s.refused_sockets is not None or s.refused_memory is not None:
-                    refused.add_metric(values, float((s.refused_sockets or 0) + (s.refused_memory or 0)))
-                _add(sockets, values, s.sockets)
-                _add(memory, values, s.memory)
-                if s.engine_ns is not None:
-                    engine.add_metric(values, s.engine_ns / 1e9)
-                _add(skips, values, s.engine_skips)
+                tx.add_metric(values, float(s.tx_bytes))
+                rx.add_metric(values, float(s.rx_bytes))
+                refused.add_metric(values, float(s.refused_sockets + s.refused_memory))
+                sockets.add_metric(values, float(s.sockets))
+                memory.add_metric(values, float(s.memory))
+                engine.add_metric(values, s.engine_ns / 1e9)
+                skips.add_metric(values, float(s.engine_skips))
             # The engine's view when it reports one, else the policy the daemon gave it.
-            _add(limit_tx, values, _first(s.rate_tx if s else None, t.policy.rate_tx))
-            _add(limit_rx, values, _first(s.rate_rx if s else None, t.policy.rate_rx))
-            _add(weight, values, _first(s.weight if s else None, t.policy.weight))
+            limit_tx.add_metric(values, float(s.rate_tx if s else t.policy.rate_tx))
+            limit_rx.add_metric(values, float(s.rate_rx if s else t.policy.rate_rx))
+            weight.add_metric(values, float(s.weight if s else t.policy.weight))
         yield from (tx, rx, refused, sockets, memory, engine, skips, limit_tx, limit_rx, weight)
 
         nsm_tx = CounterMetricFamily("netkernel_nsm_tx_bytes", "Bytes sent through the NSM", labels=["nsm"])
@@ -105,20 +104,11 @@ class NetKernelCollector(Collector):
                                         labels=["nsm"])
         for n in snap.nsms:
             if n.stats is not None:
-                _add(nsm_tx, [n.name], n.stats.tx_bytes)
-                _add(nsm_rx, [n.name], n.stats.rx_bytes)
-                _add(nsm_sockets, [n.name], n.stats.sockets)
+                nsm_tx.add_metric([n.name], float(n.stats.tx_bytes))
+                nsm_rx.add_metric([n.name], float(n.stats.rx_bytes))
+                nsm_sockets.add_metric([n.name], float(n.stats.sockets))
             nsm_tenants.add_metric([n.name], float(n.tenants))
         yield from (nsm_tx, nsm_rx, nsm_sockets, nsm_tenants)
-
-
-def _first(*values: int | None) -> int | None:
-    return next((v for v in values if v is not None), None)
-
-
-def _add(family: CounterMetricFamily | GaugeMetricFamily, labels: list[str], value: int | None) -> None:
-    if value is not None:  # a value the engine did not report is absent, never a fake 0
-        family.add_metric(labels, float(value))
 
 
 class MetricsServer:

@@ -16,6 +16,7 @@ import socket
 import stat
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from netkernel import api, cli, daemon
+from netkernel import api, cli, daemon_log
 from netkernel.config import Policy
 from netkernel.engine import NSMStats, TenantStats
 from netkernel.errors import DaemonError
@@ -193,18 +194,24 @@ def test_daemon_error_text_reaches_the_cli(server: tuple[Path, api.ApiServer],
 
 # -- metrics ---------------------------------------------------------------------------------
 
+def _tenant_stats(name: str, nsm: str, **values: int) -> TenantStats:
+    zeros = {f.name: 0 for f in fields(TenantStats) if f.name not in ("name", "nsm")}
+    return TenantStats(name=name, nsm=nsm, **(zeros | values))
+
+
 def _snapshot() -> Snapshot:
     return Snapshot(
         up=True,
         tenants=(
             TenantSample("web", "kernel", Policy(rate_tx=200_000_000, weight=2),
-                         TenantStats("web", sockets=3, tx_bytes=1000, rx_bytes=2000, memory=6 << 20,
-                                     rate_tx=200_000_000, rate_rx=0, weight=2, refused_sockets=4,
-                                     refused_memory=1)),
+                         _tenant_stats("web", "kernel", sockets=3, tx_bytes=1000, rx_bytes=2000,
+                                       memory=6 << 20, rate_tx=200_000_000, rate_rx=0, weight=2,
+                                       refused_sockets=4, refused_memory=1)),
             # An engine that did not report this tenant: policy gauges only, no fake zeros.
             TenantSample("db", "alt", Policy(weight=5), None),
         ),
-        nsms=(NSMSample("kernel", 1, NSMStats("kernel", sockets=3, tx_bytes=1000, rx_bytes=2000)),
+        nsms=(NSMSample("kernel", 1, NSMStats("kernel", tenants=1, sockets=3, tx_bytes=1000, rx_bytes=2000,
+                                              bandwidth=0, up=1, connects=0)),
               NSMSample("alt", 1, None)),
     )
 
@@ -270,9 +277,9 @@ def _capture(fmt: str) -> str:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        daemon.configure_logging("info", fmt, stream=out)
-        daemon.log_event("tenant_created", tenant="web", nsm="kernel", rate_tx=200_000_000, note="a b",
-                         skipped=None)
+        daemon_log.configure_logging("info", fmt, stream=out)
+        daemon_log.log_event("tenant_created", tenant="web", nsm="kernel", rate_tx=200_000_000, note="a b",
+                             skipped=None)
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
