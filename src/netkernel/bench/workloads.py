@@ -1,0 +1,894 @@
+"""The workloads: for each metric, its servers and load generators run in every
+configuration in turn, repetition after repetition."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO, TypeVar
+
+from .. import api, netns
+from ..config import libdir
+from .catalogue import (
+    CONFIG_NAMES,
+    CONFIGS,
+    IDLE,
+    IDLE_SECONDS,
+    PEERS,
+    SIDES,
+    BenchError,
+    Metric,
+    Options,
+    configs_of,
+)
+from .parse import (
+    ParseError,
+    median,
+    parse_iperf3,
+    parse_redis_benchmark,
+    parse_sockperf,
+    parse_wrk,
+    tail,
+)
+from .places import (
+    COLO_TENANT,
+    NATIVE_NS,
+    NATIVE_V4,
+    NOISY_TENANT,
+    PEER_NS,
+    PEER_V4,
+    PYTHON,
+    TENANT,
+    Fabric,
+    Place,
+)
+from .probes import (
+    cpu_percent,
+    lowest_priority,
+    lowest_tenant_priority,
+    machine_idle_seconds,
+    machine_info,
+    proc_cpu_ticks,
+    program_versions,
+)
+from .report import IdleResult, MetricResult, Report
+
+T = TypeVar("T")
+
+IPERF3_PORT = 5201
+MUX_PORT = 5301  # the multiplexing workload's iperf3 servers: MUX_PORT + i
+COLO_PORT = 7400  # the colocated servers: iperf3, sockperf +1, nginx +2, crr +3, redis +4
+SOCKPERF_PORT = 11111
+CRR_PORT = 7200
+CRR_THREADS = 8
+HTTP_PORT = 80
+REDIS_PORT = 6379
+IDLE_PORT = 7000
+SINK_PORT = 7001
+
+IDLE_SETTLE = 1.0
+WRK_CONNECTIONS = 32
+REDIS_REQUESTS = 100_000
+REDIS_CLIENTS = 32
+
+
+def url_host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr else addr
+
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 2;
+user root;
+pid {d}/nginx-{side}.pid;
+error_log {d}/nginx-{side}.error.log warn;
+
+events {{
+    use epoll;
+    worker_connections 1024;
+}}
+
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_requests 1000000;
+    client_body_temp_path {d}/tmp-{side}/body;
+    proxy_temp_path {d}/tmp-{side}/proxy;
+    fastcgi_temp_path {d}/tmp-{side}/fastcgi;
+    uwsgi_temp_path {d}/tmp-{side}/uwsgi;
+    scgi_temp_path {d}/tmp-{side}/scgi;
+    default_type application/octet-stream;
+
+    server {{
+        listen {listen};
+        root {d}/www;
+    }}
+}}
+"""
+
+# The idle tenant: a listener holding one accepted connection, blocked in accept().
+IDLE_PROG = """\
+import socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(16)
+held = []
+while True:
+    c, _ = s.accept()
+    held.append(c)
+"""
+
+
+# Alone/beside pairs per noisy-neighbour sample (see m_noisy).
+NOISY_PAIRS = 3
+
+# The noisy neighbour: 200 connections, 16-byte writes as fast as it can (TCP_NODELAY, so
+# every write is a send of its own for the stack); and the sink it floods, in the peer.
+FLOOD_PROG = """\
+import socket, sys, time
+socks = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(200)]
+for s in socks:
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setblocking(False)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    for s in socks:
+        try:
+            s.send(b"x" * 16)
+        except BlockingIOError:
+            pass
+"""
+
+SINK_PROG = """\
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+ls = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=512)
+sel.register(ls, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is ls:
+            c, _ = ls.accept()
+            sel.register(c, selectors.EVENT_READ)
+        else:
+            try:
+                data = key.fileobj.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+"""
+
+
+class Bench(Fabric):
+    """The measurements, in the fabric: each metric's workload run in each of its
+    configurations, repetition after repetition, with progress lines as it goes."""
+
+    def __init__(self, opts: Options, progress: TextIO | None = None) -> None:
+        super().__init__(opts, progress)
+        self.usermode_used: set[str] = set()  # run once: restarted before the next run
+        # A count, not a duration: a quick pass must not wait on slirp4netns (~4k req/s).
+        self.redis_requests = REDIS_REQUESTS // 5 if opts.quick else REDIS_REQUESTS
+        self._engine_cpu: list[float] = []  # per NetKernel run of the current metric
+        self._cpu: dict[str, list[float]] = {}  # machine-wide cores busy, per configuration
+        self.step = 0
+        self.total_steps = self._steps_through(None)
+
+    # -- measurements -----------------------------------------------------------------------
+    def sides(self, rep: int, m: Metric | None = None) -> Iterator[Place]:
+        """The configurations in this repetition's order: rotated each time, so that each
+        goes first in turn and drift favours none. A user-mode peer is restarted before each
+        of its runs (the first run of the first workload has it fresh from setup)."""
+        configs = configs_of(m, self.opts.configs) if m else [c for c in CONFIGS if c.name in SIDES]
+        k = rep % len(configs)
+        for c in configs[k:] + configs[:k]:
+            if c.host_ns is not None and c.name in self.usermode_used:
+                yield self._restart_usermode(c, whole=rep == 0)
+            else:
+                self.usermode_used.add(c.name)
+                yield self.places[c.name]
+
+    @contextmanager
+    def attempt(self, res: MetricResult, place: Place, rep: int) -> Iterator[None]:
+        """One run. A failed run of pasta or slirp4netns is recorded for that configuration
+        (slirp4netns sometimes resets redis-benchmark's connections) and the workload goes
+        on; a failed native or NetKernel run fails the workload."""
+        try:
+            yield
+        except BenchError as e:
+            if place.name not in PEERS:
+                raise
+            first = str(e).splitlines()[0]
+            res.peer_errors.setdefault(place.name, []).append(str(e))
+            self.progress(res.metric, place, rep, f"FAILED (recorded, the workload goes on): {first}")
+
+    @contextmanager
+    def engine_load(self, place: Place) -> Iterator[None]:
+        """While a run's load is on: the machine's busy cores (everything the configuration
+        and the load generator use, from /proc/stat) and, for NetKernel, the engine's CPU
+        (percent of one core)."""
+        pid = self.engine_pid if place.tenant is not None else None
+        t0, (idle0, _) = time.monotonic(), machine_idle_seconds()
+        before = None
+        if pid is not None:
+            try:
+                before = proc_cpu_ticks(pid)
+            except (OSError, IndexError, ValueError):
+                pass
+        yield
+        hz = os.sysconf("SC_CLK_TCK")
+        elapsed = max(time.monotonic() - t0, 1e-6)
+        idle1, cpus = machine_idle_seconds()
+        self._cpu.setdefault(place.name, []).append(max(0.0, cpus - (idle1 - idle0) / elapsed))
+        if before is None or pid is None:
+            return
+        try:
+            ticks = proc_cpu_ticks(pid) - before
+        except (OSError, IndexError, ValueError):
+            return
+        self._engine_cpu.append(ticks / hz / elapsed * 100.0)
+
+    def progress(self, m: Metric, place: Place, rep: int, text: str) -> None:
+        self.step += 1
+        width = len(str(self.total_steps))
+        self.say(f"[{self.step:>{width}}/{self.total_steps}] {m.name:<22} {place.name:<16} "
+                 f"run {rep + 1}/{self.opts.repetitions}: {text}")
+
+    def measure(self, m: Metric) -> MetricResult:
+        res = MetricResult(m)
+        self._engine_cpu = []
+        self._cpu = {}
+        fn: dict[str, Callable[[MetricResult], None]] = {
+            "iperf3_tcp_gbps": lambda r: self.m_iperf3(r, streams=1, receive=False),
+            "iperf3_tcp_p4_gbps": lambda r: self.m_iperf3(r, streams=4, receive=False),
+            "iperf3_tcp_rx_gbps": lambda r: self.m_iperf3(r, streams=1, receive=True),
+            "iperf3_tcp_rx_p4_gbps": lambda r: self.m_iperf3(r, streams=4, receive=True),
+            "tcp_rr_p50_us": self.m_sockperf,
+            "tcp_crr_rps": self.m_crr,
+            "nginx_keepalive_rps": lambda r: self.m_nginx(r, close=False),
+            "nginx_close_rps": lambda r: self.m_nginx(r, close=True),
+            "nginx_1m_keepalive_rps": lambda r: self.m_nginx(r, close=False, path="1m.bin"),
+            "nginx_1m_close_rps": lambda r: self.m_nginx(r, close=True, path="1m.bin"),
+            "redis_get_rps": lambda r: self.m_redis(r, "get"),
+            "redis_set_rps": lambda r: self.m_redis(r, "set"),
+            "noisy_neighbour_kept": self.m_noisy,
+            **{f"mux{n}_gbps": functools.partial(self.m_mux, n=n) for n in (1, 4, 16)},
+            "colo_iperf3_gbps": self.m_colo_iperf3,
+            "colo_tcp_rr_p50_us": self.m_colo_sockperf,
+            "colo_nginx_keepalive_rps": self.m_colo_nginx,
+            "colo_tcp_crr_rps": self.m_colo_crr,
+            "colo_redis_get_rps": self.m_colo_redis,
+        }
+        try:
+            fn[m.name](res)
+        except BenchError as e:
+            res.error = str(e)
+            self.say(f"{m.name}: FAILED: {e}")
+            self.step = self._steps_through(m)
+        if self._engine_cpu:
+            res.extra["netkernel_engine_cpu_percent"] = round(median(self._engine_cpu) or 0.0, 1)
+        if m.name != "noisy_neighbour_kept":  # there the load is the flood, not the workload
+            for name, cores in self._cpu.items():
+                res.extra[f"{name}_cpu_cores"] = round(median(cores) or 0.0, 3)
+        return res
+
+    def _steps_through(self, m: Metric | None) -> int:
+        """Progress steps up to and including metric m (None: all of them)."""
+        n = 0
+        for x in self.opts.metrics:
+            if x.name != IDLE:
+                n += self.opts.repetitions * len(configs_of(x, self.opts.configs))
+            if x is m:
+                break
+        return n
+
+    def _peer_server(self, cmd: Sequence[str], port: int, what: str) -> subprocess.Popen[bytes]:
+        log = f"{what}-peer.log"
+        p = self.spawn(self.peer, cmd, log)
+        self.wait_listening(PEER_NS, port, p, self.peer, what, log)
+        return p
+
+    def m_iperf3(self, res: MetricResult, streams: int, receive: bool) -> None:
+        d = self.opts.duration
+        server = self._peer_server(["iperf3", "-s", "-p", str(IPERF3_PORT), "-B", PEER_V4],
+                                   IPERF3_PORT, "iperf3-server")
+        retrans: dict[str, float] = {s: 0.0 for s in CONFIG_NAMES}
+        try:
+            for rep in range(self.opts.repetitions):
+                for place in self.sides(rep, res.metric):
+                    with self.attempt(res, place, rep):
+                        cmd = ["iperf3", "-c", PEER_V4, "-p", str(IPERF3_PORT), "-t", str(d), "-J",
+                               "--connect-timeout", "5000", "-P", str(streams)]
+                        if receive:
+                            cmd.append("-R")
+                        out = ""
+                        with self.engine_load(place):
+                            for _attempt in range(10):  # the server may still be finishing the last test
+                                out = self.run(place, cmd, d + 60, "iperf3 client")
+                                if "server is busy" not in out:
+                                    break
+                                time.sleep(0.5)
+                        try:
+                            r = parse_iperf3(out)
+                        except ParseError as e:
+                            raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
+                        res.samples[place.name].append(r["gbps"])
+                        retrans[place.name] += r["retransmits"]
+                        self.progress(res.metric, place, rep, f"{r['gbps']:.2f} Gbit/s")
+                        if server.poll() is not None:
+                            raise self._died(server, self.peer, "iperf3 server", "iperf3-server-peer.log")
+        finally:
+            self.stop(server)
+        for c in configs_of(res.metric, self.opts.configs):
+            res.extra[f"{c.name}_retransmits"] = int(retrans[c.name])
+
+    def m_sockperf(self, res: MetricResult) -> None:
+        d = self.opts.duration
+        server = self._peer_server(["sockperf", "server", "--tcp", "-i", PEER_V4, "-p",
+                                    str(SOCKPERF_PORT)], SOCKPERF_PORT, "sockperf-server")
+        p99: dict[str, list[float]] = {s: [] for s in CONFIG_NAMES}
+        try:
+            for rep in range(self.opts.repetitions):
+                for place in self.sides(rep, res.metric):
+                    with self.attempt(res, place, rep):
+                        with self.engine_load(place):
+                            out = self.run(place, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t",
+                                                   str(d), "-i", PEER_V4, "-p", str(SOCKPERF_PORT)],
+                                           d + 60, "sockperf ping-pong")
+                        try:
+                            r = parse_sockperf(out)
+                        except ParseError as e:
+                            raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
+                        res.samples[place.name].append(r["p50_us"])
+                        if "p99_us" in r:
+                            p99[place.name].append(r["p99_us"])
+                        self.progress(res.metric, place, rep, f"p50 {r['p50_us']:.1f} us")
+        finally:
+            self.stop(server, signal.SIGINT)
+        for c in configs_of(res.metric, self.opts.configs):
+            res.extra[f"{c.name}_p99_us"] = median(p99[c.name])
+
+    def _crr_prog(self) -> Path:
+        """netkernel-crr, copied where a tenant's users may run it (the package may be under
+        a directory only root enters)."""
+        prog = libdir() / "netkernel-crr"
+        if not os.access(prog, os.X_OK):
+            raise BenchError(f"{prog} not found (reinstall with `pip install .`, or set "
+                             "NETKERNEL_LIBDIR to a build directory)")
+        copy = self.tmp / "netkernel-crr"
+        if not copy.exists():
+            shutil.copy(prog, copy)
+            copy.chmod(0o755)
+        return copy
+
+    @staticmethod
+    def _crr_rate(out: str) -> tuple[float, int] | None:
+        """netkernel-crr's report → (connections/s, errors), None without a rate."""
+        m = re.search(r"^connections/s ([0-9.]+)$", out, re.M)
+        e = re.search(r"^errors (\d+)$", out, re.M)
+        return (float(m[1]), int(e[1]) if e else 0) if m else None
+
+    @staticmethod
+    def _note_crr_errors(res: MetricResult, side: str, out: str, n_err: int) -> None:
+        """Count netkernel-crr's failed connections for side, and keep the step and errno
+        the client printed for its first few (a count alone says nothing about which call)."""
+        res.extra[f"{side}_connection_errors"] = res.extra.get(f"{side}_connection_errors", 0) + n_err
+        lines = re.findall(r"^netkernel-crr: (\w+: .*)$", out, re.M)
+        if lines:
+            key = f"{side}_connection_error_lines"
+            res.extra[key] = (res.extra.get(key, []) + lines)[:5]
+
+    def m_crr(self, res: MetricResult) -> None:
+        prog = self._crr_prog()
+        d = self.opts.duration
+        server = self._peer_server([str(prog), "server", PEER_V4, str(CRR_PORT)], CRR_PORT,
+                                   "crr-server")
+        try:
+            for rep in range(self.opts.repetitions):
+                for place in self.sides(rep, res.metric):
+                    with self.attempt(res, place, rep):
+                        with self.engine_load(place):
+                            out = self.run(place, [str(prog), "client", PEER_V4, str(CRR_PORT), str(d),
+                                                   str(CRR_THREADS)], d + 60, "netkernel-crr client")
+                        got = self._crr_rate(out)
+                        if not got:
+                            raise BenchError(f"netkernel-crr: no 'connections/s' ({place.name}):\n"
+                                             f"{tail(out)}" + self._log_hint(place))
+                        rate, n_err = got
+                        self._note_crr_errors(res, place.name, out, n_err)
+                        res.samples[place.name].append(rate)
+                        self.progress(res.metric, place, rep, f"{rate:,.0f} connections/s")
+                        if server.poll() is not None:
+                            raise self._died(server, self.peer, "netkernel-crr server",
+                                             "crr-server-peer.log")
+        finally:
+            self.stop(server)
+
+    def _nginx_files(self) -> None:
+        www = self.tmp / "www"
+        if (www / "1k.bin").exists():
+            return
+        www.mkdir(exist_ok=True)
+        www.chmod(0o755)
+        for name, size in (("1k.bin", 1024), ("1m.bin", 1 << 20)):
+            f = www / name
+            f.write_bytes(os.urandom(size))
+            f.chmod(0o644)
+
+    def _nginx_scratch(self, side: str) -> Path:
+        """The error log and temp directory of one side's nginx, fresh, writable by a
+        tenant's nginx too (its root is not the host's); returns the error log."""
+        temp = self.tmp / f"tmp-{side}"
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir()
+        temp.chmod(0o1777)
+        errlog = self.tmp / f"nginx-{side}.error.log"
+        errlog.write_bytes(b"")
+        errlog.chmod(0o666)
+        return errlog
+
+    def m_nginx(self, res: MetricResult, close: bool, path: str = "1k.bin") -> None:
+        self._nginx_files()
+        d = self.opts.duration
+        errors: dict[str, dict[str, int]] = {
+            s: {"connect": 0, "read": 0, "write": 0, "timeout": 0} for s in CONFIG_NAMES}
+        non2xx = {s: 0 for s in CONFIG_NAMES}
+        error_log_lines: dict[str, list[str]] = {s: [] for s in CONFIG_NAMES}
+        for rep in range(self.opts.repetitions):
+            for place in self.sides(rep, res.metric):
+                with self.attempt(res, place, rep):
+                    conf = self.tmp / f"nginx-{place.name}.conf"
+                    listen = url_host(place.listen or place.addr)
+                    conf.write_text(NGINX_CONF.format(d=self.tmp, side=place.name,
+                                                      listen=f"{listen}:{HTTP_PORT}"))
+                    errlog = self._nginx_scratch(place.name)
+                    log = f"nginx-{place.name}.log"
+                    server = self.spawn(place, ["nginx", "-p", str(self.tmp), "-c", str(conf),
+                                                "-e", str(errlog)], log)
+                    try:
+                        self.wait_accepting(place.addr, HTTP_PORT, server, place, "nginx", log)
+                        cmd = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{d}s"]
+                        if close:
+                            cmd += ["-H", "Connection: close"]
+                        cmd.append(f"http://{url_host(place.addr)}:{HTTP_PORT}/{path}")
+                        with self.engine_load(place):
+                            out = self.run(self.peer, cmd, d + 60, f"wrk against nginx ({place.name})")
+                        r = self._parse_against(parse_wrk, out, server, place, "nginx", log)
+                    finally:
+                        self.stop(server)
+                    res.samples[place.name].append(r.requests_per_sec)
+                    for k, v in r.socket_errors.items():
+                        errors[place.name][k] += v
+                    non2xx[place.name] += r.non_2xx_3xx
+                    bad = [ln for ln in errlog.read_text(errors="replace").splitlines()
+                           if re.search(r"\[(error|crit|alert|emerg)\]", ln)]
+                    error_log_lines[place.name] += bad
+                    note = ""
+                    if r.total_socket_errors or r.non_2xx_3xx:
+                        note = (f" (socket errors {r.total_socket_errors}, "
+                                f"non-2xx/3xx {r.non_2xx_3xx})")
+                    self.progress(res.metric, place, rep, f"{r.requests_per_sec:,.0f} req/s{note}")
+        for c in configs_of(res.metric, self.opts.configs):
+            s = c.name
+            res.extra[f"{s}_socket_errors"] = errors[s]
+            res.extra[f"{s}_non_2xx_3xx"] = non2xx[s]
+            res.extra[f"{s}_nginx_error_log"] = error_log_lines[s][:5]
+            res.extra[f"{s}_nginx_error_log_lines"] = len(error_log_lines[s])
+
+    def _parse_against(self, parse: Callable[[str], T], out: str, server: subprocess.Popen[bytes],
+                       place: Place, what: str, log: str) -> T:
+        """The load generator's figure, from a run against a server of ours in place; an
+        error if the figure is missing or the server died during the run."""
+        try:
+            value = parse(out)
+        except ParseError as e:
+            raise BenchError(f"{e} (against {what} in {place.name})" + self._log_hint(place)) from None
+        if server.poll() is not None:
+            raise BenchError(f"{what} ({place.name}) died during the run:\n"
+                             f"{tail(self.log_text(log))}" + self._log_hint(place))
+        return value
+
+    def m_redis(self, res: MetricResult, test: str) -> None:
+        for rep in range(self.opts.repetitions):
+            for place in self.sides(rep, res.metric):
+                with self.attempt(res, place, rep):
+                    log = f"redis-{place.name}.log"
+                    server = self.spawn(place, ["redis-server", "--save", "", "--appendonly", "no",
+                                                "--protected-mode", "no", "--port", str(REDIS_PORT)], log)
+                    try:
+                        self.wait_accepting(place.addr, REDIS_PORT, server, place, "redis-server", log)
+                        # Its connection loop never gives up, hence the timeout (and the wait above).
+                        with self.engine_load(place):
+                            out = self.run(self.peer, ["redis-benchmark", "-h", place.addr,
+                                                       "-p", str(REDIS_PORT), "-t", test,
+                                                       "-n", str(self.redis_requests),
+                                                       "-c", str(REDIS_CLIENTS),
+                                                       "--csv"],
+                                           300, f"redis-benchmark against redis-server ({place.name})")
+                        rps = self._parse_against(lambda o: parse_redis_benchmark(o, test.upper()),
+                                                  out, server, place, "redis-server", log)
+                    finally:
+                        self.stop(server)
+                    res.samples[place.name].append(rps)
+                    self.progress(res.metric, place, rep, f"{rps:,.0f} req/s")
+
+    def m_mux(self, res: MetricResult, n: int) -> None:
+        """n sandboxes each running one iperf3 stream to its own server in the peer, all at
+        once; the sample is the sum. NetKernel: n tenants served by the one engine thread."""
+        d = self.opts.duration
+        places = self._mux_places(n)
+        servers = [self._peer_server(["iperf3", "-s", "-p", str(MUX_PORT + i), "-B", PEER_V4],
+                                     MUX_PORT + i, f"iperf3-server-{i}") for i in range(n)]
+        try:
+            for rep in range(self.opts.repetitions):
+                for side in self.sides(rep):
+                    clients = []
+                    with self.engine_load(side):
+                        for i, place in enumerate(places[side.name]):
+                            cmd = ["iperf3", "-c", PEER_V4, "-p", str(MUX_PORT + i), "-t", str(d),
+                                   "-J", "--connect-timeout", "5000"]
+                            log = f"mux-{side.name}-{i}.json"
+                            clients.append((self.spawn(place, cmd, log), log, place))
+                        for p, _, place in clients:
+                            try:
+                                p.wait(timeout=d + 60)
+                            except subprocess.TimeoutExpired:
+                                raise BenchError(f"iperf3 client ({place.name} {place.addr}) did "
+                                                 f"not finish within {d + 60}s") from None
+                    total = 0.0
+                    for p, log, place in clients:
+                        self.procs.remove(p)
+                        try:
+                            total += parse_iperf3(self.log_text(log))["gbps"]
+                        except ParseError as e:
+                            raise BenchError(f"{e} ({place.name} {place.addr})"
+                                             + self._log_hint(place)) from None
+                    res.samples[side.name].append(total)
+                    self.progress(res.metric, side, rep, f"{total:.2f} Gbit/s from {n} at once")
+        finally:
+            for srv in servers:
+                self.stop(srv)
+
+    # -- colocated: both ends on this host -------------------------------------------------
+    @staticmethod
+    def _colo_log(server: Place, what: str) -> str:
+        return f"{what}-{server.tenant or 'native'}.log"
+
+    def _colo_start(self, server: Place, cmd: Sequence[str], port: int, what: str) -> subprocess.Popen[bytes]:
+        """A server for a colocated run, waited for without a probe connection (iperf3 would
+        count one as its test): ss in the namespace, or the engine's listener list."""
+        log = self._colo_log(server, what)
+        p = self.spawn(server, cmd, log)
+        if server.tenant is None:
+            self.wait_listening(NATIVE_NS, port, p, server, what, log)
+            return p
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise self._died(p, server, what, log)
+            if any(c.get("kind") == "listener" and str(c.get("local", "")).endswith(f":{port}")
+                   for c in api.call("conns", tenant=COLO_TENANT)["conns"]):
+                return p
+            time.sleep(0.1)
+        raise BenchError(f"{what} (tenant {COLO_TENANT}) not listening on port {port} after 20s:\n"
+                         f"{tail(self.log_text(log))}")
+
+    @staticmethod
+    def _nsm_bytes() -> int:
+        return sum(int(n.get("tx_bytes") or 0) + int(n.get("rx_bytes") or 0)
+                   for n in api.call("nsm-list").get("nsms", []))
+
+    @contextmanager
+    def _colo_load(self, res: MetricResult, side: Place) -> Iterator[None]:
+        """engine_load, and for NetKernel the bytes that went through an NSM meanwhile: on
+        the shared-memory path, none (recorded, so a run that fell back shows)."""
+        before = self._nsm_bytes() if side.tenant is not None else 0
+        with self.engine_load(side):
+            yield
+        if side.tenant is not None:
+            res.extra["netkernel_nsm_bytes"] = res.extra.get("netkernel_nsm_bytes", 0) + \
+                self._nsm_bytes() - before
+
+    def m_colo_iperf3(self, res: MetricResult) -> None:
+        d = self.opts.duration
+        for rep in range(self.opts.repetitions):
+            for side in self.sides(rep, res.metric):
+                client, server, addr = self._colo(side)
+                srv = self._colo_start(server, ["iperf3", "-s", "-1", "-p", str(COLO_PORT), "-B", addr],
+                                       COLO_PORT, "colo-iperf3-server")
+                try:
+                    cmd = ["iperf3", "-c", addr, "-p", str(COLO_PORT), "-t", str(d), "-J",
+                           "--connect-timeout", "5000"]
+                    with self._colo_load(res, side):
+                        out = self.run(client, cmd, d + 60, "iperf3 client (colocated)")
+                finally:
+                    self.stop(srv)
+                try:
+                    gbps = parse_iperf3(out)["gbps"]
+                except ParseError as e:
+                    raise BenchError(f"{e} ({side.name}, colocated)" + self._log_hint(side)) from None
+                res.samples[side.name].append(gbps)
+                self.progress(res.metric, side, rep, f"{gbps:.2f} Gbit/s")
+
+    def m_colo_sockperf(self, res: MetricResult) -> None:
+        d = self.opts.duration
+        port = COLO_PORT + 1
+        for rep in range(self.opts.repetitions):
+            for side in self.sides(rep, res.metric):
+                client, server, addr = self._colo(side)
+                srv = self._colo_start(server, ["sockperf", "server", "--tcp", "-i", addr, "-p", str(port)],
+                                       port, "colo-sockperf-server")
+                try:
+                    with self._colo_load(res, side):
+                        out = self.run(client, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t", str(d),
+                                                "-i", addr, "-p", str(port)], d + 60,
+                                       "sockperf ping-pong (colocated)")
+                finally:
+                    self.stop(srv, signal.SIGINT)
+                try:
+                    p50 = parse_sockperf(out)["p50_us"]
+                except ParseError as e:
+                    raise BenchError(f"{e} ({side.name}, colocated)" + self._log_hint(side)) from None
+                res.samples[side.name].append(p50)
+                self.progress(res.metric, side, rep, f"p50 {p50:.1f} us")
+
+    def m_colo_nginx(self, res: MetricResult) -> None:
+        self._nginx_files()
+        d = self.opts.duration
+        port = COLO_PORT + 2
+        for rep in range(self.opts.repetitions):
+            for side in self.sides(rep, res.metric):
+                client, server, addr = self._colo(side)
+                conf = self.tmp / f"nginx-colo-{side.name}.conf"
+                conf.write_text(NGINX_CONF.format(d=self.tmp, side=f"colo-{side.name}",
+                                                  listen=f"{url_host(addr)}:{port}"))
+                errlog = self._nginx_scratch(f"colo-{side.name}")
+                srv = self._colo_start(server, ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e",
+                                                str(errlog)], port, "colo-nginx")
+                try:
+                    cmd = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{d}s",
+                           f"http://{url_host(addr)}:{port}/1k.bin"]
+                    with self._colo_load(res, side):
+                        out = self.run(client, cmd, d + 60, "wrk against nginx (colocated)")
+                    r = self._parse_against(parse_wrk, out, srv, server, "nginx",
+                                            self._colo_log(server, "colo-nginx"))
+                finally:
+                    self.stop(srv)
+                if r.total_socket_errors or r.non_2xx_3xx:
+                    raise BenchError(f"wrk against nginx ({side.name}, colocated): socket errors "
+                                     f"{r.socket_errors}, non-2xx/3xx {r.non_2xx_3xx}")
+                res.samples[side.name].append(r.requests_per_sec)
+                self.progress(res.metric, side, rep, f"{r.requests_per_sec:,.0f} req/s")
+
+    def m_colo_crr(self, res: MetricResult) -> None:
+        prog = self._crr_prog()
+        d = self.opts.duration
+        port = COLO_PORT + 3
+        for rep in range(self.opts.repetitions):
+            for side in self.sides(rep, res.metric):
+                client, server, addr = self._colo(side)
+                srv = self._colo_start(server, [str(prog), "server", addr, str(port)], port,
+                                       "colo-crr-server")
+                try:
+                    with self._colo_load(res, side):
+                        out = self.run(client, [str(prog), "client", addr, str(port), str(d),
+                                                str(CRR_THREADS)], d + 60,
+                                       "netkernel-crr client (colocated)")
+                finally:
+                    self.stop(srv)
+                got = self._crr_rate(out)
+                if not got:
+                    raise BenchError(f"netkernel-crr: no 'connections/s' ({side.name}, colocated):\n"
+                                     f"{tail(out)}" + self._log_hint(side))
+                rate, n_err = got
+                self._note_crr_errors(res, side.name, out, n_err)
+                res.samples[side.name].append(rate)
+                self.progress(res.metric, side, rep, f"{rate:,.0f} connections/s")
+
+    def m_colo_redis(self, res: MetricResult) -> None:
+        port = COLO_PORT + 4
+        for rep in range(self.opts.repetitions):
+            for side in self.sides(rep, res.metric):
+                client, server, addr = self._colo(side)
+                srv = self._colo_start(server, ["redis-server", "--save", "", "--appendonly", "no",
+                                                "--protected-mode", "no", "--bind", addr,
+                                                "--port", str(port)], port, "colo-redis")
+                try:
+                    with self._colo_load(res, side):
+                        out = self.run(client, ["redis-benchmark", "-h", addr, "-p", str(port),
+                                                "-t", "get", "-n", str(self.redis_requests),
+                                                "-c", str(REDIS_CLIENTS), "--csv"], 300,
+                                       "redis-benchmark (colocated)")
+                    rps = self._parse_against(lambda o: parse_redis_benchmark(o, "GET"), out, srv,
+                                              server, "redis-server", self._colo_log(server, "colo-redis"))
+                finally:
+                    self.stop(srv)
+                res.samples[side.name].append(rps)
+                self.progress(res.metric, side, rep, f"{rps:,.0f} req/s")
+
+    def m_noisy(self, res: MetricResult) -> None:
+        """Per side and repetition: the quiet ping-pong alone and beside the flood, in
+        NOISY_PAIRS alternating pairs with the flood's programs stopped (SIGSTOP) for the
+        "alone" half; the sample is the rate kept (sum beside / sum alone). Pairs a few seconds
+        apart compare like with like: on this kind of VM a ping-pong's rate alone moves by 2x
+        from one minute to the next. The flood's programs run at the lowest CPU priority (in a
+        tenant: its cgroup's weight), so what is compared is the stacks' isolation, not the
+        CPU scheduler's. For the tenant the pairs are run again with the flood coming from
+        outside NetKernel (the native flood's namespace): a control, in the JSON, for how
+        much of the loss the engine causes."""
+        assert self.tenant is not None
+        d = max(1, min(self.opts.duration, 6) // 2)
+        noisy_native, noisy_nk = self._noisy_places()
+        sink = self._peer_server(["nice", "-n", "19", PYTHON, "-c", SINK_PROG, PEER_V4,
+                                  str(SINK_PORT)], SINK_PORT, "sink")
+        lowest_priority(sink.pid)
+        server = self._peer_server(["sockperf", "server", "--tcp", "-i", PEER_V4, "-p",
+                                    str(SOCKPERF_PORT)], SOCKPERF_PORT, "sockperf-server")
+
+        def rate(place: Place) -> float:
+            out = self.run(place, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t", str(d),
+                                   "-i", PEER_V4, "-p", str(SOCKPERF_PORT)], d + 60,
+                           "sockperf ping-pong")
+            try:
+                r = parse_sockperf(out)
+            except ParseError as e:
+                raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
+            if not r.get("avg_us"):
+                raise BenchError(f"sockperf: no 'avg-latency' figure ({place.name})\n{tail(out)}")
+            return 1e6 / (2 * r["avg_us"])  # sockperf's latency is half the round trip
+
+        def pairs(place: Place, noisy: Place) -> tuple[float, float, dict[str, float]]:
+            """NOISY_PAIRS alone/beside pairs against a flood from noisy: the summed rates
+            and, for a flood from a tenant, where the engine's time went while it ran."""
+            log = f"flood-{noisy.name}.log"
+            flood = self.spawn(noisy, ["nice", "-n", "19", PYTHON, "-c", FLOOD_PROG,
+                                       PEER_V4, str(SINK_PORT), "3600"], log)
+            lowest_priority(flood.pid)
+            if noisy.tenant:
+                lowest_tenant_priority(noisy.tenant)
+            a = b = 0.0
+            moved: dict[str, float] = {}
+            try:
+                time.sleep(2)  # connected and flooding
+                for _ in range(NOISY_PAIRS):
+                    if flood.poll() is not None:
+                        raise self._died(flood, noisy, "flood", log)
+                    os.killpg(flood.pid, signal.SIGSTOP)
+                    time.sleep(0.5)  # let the stack drain what the flood left queued
+                    a += rate(place)
+                    os.killpg(flood.pid, signal.SIGCONT)
+                    time.sleep(0.5)
+                    before = self._engine_split() if noisy.tenant else None
+                    with self.engine_load(place):
+                        b += rate(place)
+                    if before is not None:
+                        for k, v in self._engine_split().items():
+                            moved[k] = moved.get(k, 0.0) + v - before.get(k, 0.0)
+            finally:
+                if flood.poll() is None:
+                    os.killpg(flood.pid, signal.SIGCONT)
+                self.stop(flood)
+            time.sleep(1)
+            return a, b, moved
+
+        alone: dict[str, list[float]] = {s: [] for s in SIDES}
+        beside: dict[str, list[float]] = {s: [] for s in SIDES}
+        split: dict[str, list[float]] = {"quiet_engine_seconds": [], "noisy_engine_seconds": [],
+                                          "noisy_rounds_sat_out": []}
+        outside: list[float] = []
+        try:
+            for rep in range(self.opts.repetitions):
+                for place in self.sides(rep):
+                    a, b, moved = pairs(place, noisy_nk if place.tenant else noisy_native)
+                    for k, v in moved.items():
+                        split[k].append(round(v, 3))
+                    alone[place.name].append(round(a / NOISY_PAIRS))
+                    beside[place.name].append(round(b / NOISY_PAIRS))
+                    res.samples[place.name].append(b / a)
+                    text = (f"{a / NOISY_PAIRS:,.0f} round trips/s alone, {b / NOISY_PAIRS:,.0f} "
+                            f"beside the flood ({NOISY_PAIRS} pairs): kept {b / a:.2f}")
+                    if place.tenant:
+                        # The control: the same flood from the native namespace, which never
+                        # enters NetKernel. What the tenant loses to it is the machine's share
+                        # (CPUs, the sink's kernel work), not the engine's.
+                        a2, b2, _ = pairs(place, noisy_native)
+                        outside.append(round(b2 / a2, 3))
+                        text += f"; beside a flood outside NetKernel: kept {b2 / a2:.2f}"
+                    self.progress(res.metric, place, rep, text)
+        finally:
+            self.stop(server, signal.SIGINT)
+            self.stop(sink)
+        for side in SIDES:
+            res.extra[f"{side}_alone_rt_per_s"] = alone[side]
+            res.extra[f"{side}_beside_rt_per_s"] = beside[side]
+        res.extra["netkernel_kept_beside_flood_outside_netkernel"] = outside
+        # Where the engine's time went while the quiet tenant ran beside the flood.
+        res.extra.update({f"netkernel_{k}": v for k, v in split.items()})
+
+    @staticmethod
+    def _engine_split() -> dict[str, float]:
+        ps = {t.get("name"): t for t in api.call("ps").get("tenants", [])}
+        q, n = ps.get(TENANT, {}), ps.get(NOISY_TENANT, {})
+        return {"quiet_engine_seconds": float(q.get("engine_seconds") or 0.0),
+                "noisy_engine_seconds": float(n.get("engine_seconds") or 0.0),
+                "noisy_rounds_sat_out": float(n.get("engine_skips") or 0)}
+
+    def m_idle(self) -> IdleResult:
+        assert self.tenant is not None
+        res = IdleResult()
+        try:
+            status = api.ping()
+            if status is None:
+                raise BenchError("the daemon is not running any more")
+            daemon_pid, engine_pid = int(status["pid"]), int(status["engine_pid"])
+            log = "idle-netkernel.log"
+            server = self.spawn(self.tenant, [PYTHON, "-c", IDLE_PROG, self.tenant.addr,
+                                              str(IDLE_PORT)], log)
+            try:
+                self.wait_accepting(self.tenant.addr, IDLE_PORT, server, self.tenant,
+                                    "idle listener", log)
+
+                addr = self.tenant.addr
+
+                def connect() -> socket.socket:
+                    return socket.create_connection((addr, IDLE_PORT), timeout=5)
+
+                held = netns.run_in_netns(PEER_NS, connect)
+                try:
+                    time.sleep(IDLE_SETTLE)  # let the engine's post-work polling wind down
+                    tenant_pids = netns.pids_in_netns(self.tenant_netns)
+                    pids = [engine_pid, daemon_pid, *tenant_pids]
+                    self.say(f"{IDLE}: measuring engine (pid {engine_pid}) and daemon (pid "
+                             f"{daemon_pid}) for {IDLE_SECONDS:.0f} s; tenant idle with a "
+                             "listener and one open connection")
+                    pct = cpu_percent(pids, IDLE_SECONDS)
+                finally:
+                    held.close()
+            finally:
+                self.stop(server)
+            res.engine, res.daemon = pct[engine_pid], pct[daemon_pid]
+            res.tenant = sum(pct[p] for p in tenant_pids)
+            res.percent = res.engine + res.daemon
+            self.say(f"{IDLE}: {res.percent:.2f} % (engine {res.engine:.2f} %, "
+                     f"daemon {res.daemon:.2f} %, tenant processes {res.tenant:.2f} %)")
+        except (BenchError, OSError, KeyError, ValueError, TypeError) as e:
+            res.error = str(e)
+            self.say(f"{IDLE}: FAILED: {e}")
+        return res
+
+    def run_all(self) -> Report:
+        results = []
+        idle = None
+        for m in self.opts.metrics:
+            if m.name == IDLE:
+                continue
+            self.say(f"{m.name}: {m.what}")
+            results.append(self.measure(m))
+        if any(m.name == IDLE for m in self.opts.metrics):
+            idle = self.m_idle()
+        machine = machine_info()
+        programs = sorted({p for m in self.opts.metrics for p in m.programs})
+        programs += sorted({p for c in self.opts.configs for p in c.programs})
+        machine["programs"] = program_versions(programs)
+        settings = {"duration": self.opts.duration, "repetitions": self.opts.repetitions,
+                    "quick": self.opts.quick, "wrk_connections": WRK_CONNECTIONS,
+                    "configurations": {c.name: c.what for c in self.opts.configs},
+                    "redis_requests": self.redis_requests, "redis_clients": REDIS_CLIENTS,
+                    "idle_seconds": IDLE_SECONDS,
+                    "daemon_started_by_bench": self.started_daemon,
+                    "peer": f"{PEER_NS} {PEER_V4}", "native": f"{NATIVE_NS} {NATIVE_V4}",
+                    "tenant": f"{TENANT} {self.tenant.addr if self.tenant else '-'}"}
+        return Report(results, idle, machine, settings)
+
