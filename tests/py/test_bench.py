@@ -596,6 +596,14 @@ def test_write_outputs(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out/results.json").read_text())["entries"]
 
 
+def test_programs_ship_in_the_package() -> None:
+    """The programs the workloads run (and the policy tests share) are files of the package,
+    in the wheel too: every file under src/netkernel is."""
+    for name in ("idle.py", "flood.py", "sink.py"):
+        compile(bench.program(name), name, "exec")
+    assert "listen {listen};" in bench.program("nginx.conf")
+
+
 def test_cpu_percent_of_a_busy_process() -> None:
     def busy(seconds: float) -> None:
         end = time.monotonic() + seconds

@@ -22,7 +22,8 @@ numbers, and non-zero when a program is missing or a run failed.
 
 The package: catalogue (what is measured), parse (the programs' output), probes (the host),
 places (namespaces, tenants and processes), workloads (the measurements), report (the
-results) and command (`netkernel bench` itself).
+results) and command (`netkernel bench` itself); programs/ holds the programs and the nginx
+configuration the workloads run.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from .parse import (
     parse_wrk,
     ratio,
 )
-from .places import LWIP_NSM, LWIP_TENANT, Place
+from .places import LWIP_NSM, LWIP_TENANT, Place, program
 from .probes import (
     cpu_percent,
     lowest_priority,
@@ -86,6 +87,6 @@ __all__ = [
     "Options", "ParseError", "Place", "Report", "WrkResult", "cpu_percent", "lowest_priority",
     "lowest_tenant_priority", "machine_idle_seconds", "machine_info", "main", "median",
     "missing_programs", "parse_iperf3", "parse_redis_benchmark", "parse_sockperf", "parse_wrk",
-    "peer_floors", "program_versions", "ratio", "render_markdown", "render_table", "run_bench",
-    "select_configs", "select_metrics", "write_outputs",
+    "peer_floors", "program", "program_versions", "ratio", "render_markdown", "render_table",
+    "run_bench", "select_configs", "select_metrics", "write_outputs",
 ]

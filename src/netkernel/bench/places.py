@@ -71,6 +71,14 @@ class Place:
 # Python for programs the bench runs, in tenants too: the system's, which a tenant's
 # unprivileged users can reach (one under /root, as pyenv installs it, they cannot).
 PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+# The programs and configuration files the workloads run, shipped in the package.
+PROGRAMS = Path(__file__).with_name("programs")
+
+
+def program(name: str) -> str:
+    """The text of programs/NAME. The Python programs are run as ``python3 -c TEXT``: a
+    tenant's users may not reach the package's files (pip under /root, say)."""
+    return (PROGRAMS / name).read_text()
 
 
 class Fabric:

@@ -50,6 +50,7 @@ from .places import (
     TENANT,
     Fabric,
     Place,
+    program,
 )
 from .probes import (
     cpu_percent,
@@ -79,97 +80,11 @@ IDLE_SETTLE = 1.0
 WRK_CONNECTIONS = 32
 REDIS_REQUESTS = 100_000
 REDIS_CLIENTS = 32
+NOISY_PAIRS = 3  # alone/beside pairs per noisy-neighbour sample (see m_noisy)
 
 
 def url_host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr else addr
-
-
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 2;
-user root;
-pid {d}/nginx-{side}.pid;
-error_log {d}/nginx-{side}.error.log warn;
-
-events {{
-    use epoll;
-    worker_connections 1024;
-}}
-
-http {{
-    access_log off;
-    sendfile on;
-    keepalive_requests 1000000;
-    client_body_temp_path {d}/tmp-{side}/body;
-    proxy_temp_path {d}/tmp-{side}/proxy;
-    fastcgi_temp_path {d}/tmp-{side}/fastcgi;
-    uwsgi_temp_path {d}/tmp-{side}/uwsgi;
-    scgi_temp_path {d}/tmp-{side}/scgi;
-    default_type application/octet-stream;
-
-    server {{
-        listen {listen};
-        root {d}/www;
-    }}
-}}
-"""
-
-# The idle tenant: a listener holding one accepted connection, blocked in accept().
-IDLE_PROG = """\
-import socket, sys
-fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(16)
-held = []
-while True:
-    c, _ = s.accept()
-    held.append(c)
-"""
-
-
-# Alone/beside pairs per noisy-neighbour sample (see m_noisy).
-NOISY_PAIRS = 3
-
-# The noisy neighbour: 200 connections, 16-byte writes as fast as it can (TCP_NODELAY, so
-# every write is a send of its own for the stack); and the sink it floods, in the peer.
-FLOOD_PROG = """\
-import socket, sys, time
-socks = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(200)]
-for s in socks:
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.setblocking(False)
-end = time.monotonic() + float(sys.argv[3])
-while time.monotonic() < end:
-    for s in socks:
-        try:
-            s.send(b"x" * 16)
-        except BlockingIOError:
-            pass
-"""
-
-SINK_PROG = """\
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-ls = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=512)
-sel.register(ls, selectors.EVENT_READ)
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is ls:
-            c, _ = ls.accept()
-            sel.register(c, selectors.EVENT_READ)
-        else:
-            try:
-                data = key.fileobj.recv(1 << 16)
-            except OSError:
-                data = b""
-            if not data:
-                sel.unregister(key.fileobj)
-                key.fileobj.close()
-"""
 
 
 class Bench(Fabric):
@@ -451,8 +366,8 @@ class Bench(Fabric):
                 with self.attempt(res, place, rep):
                     conf = self.tmp / f"nginx-{place.name}.conf"
                     listen = url_host(place.listen or place.addr)
-                    conf.write_text(NGINX_CONF.format(d=self.tmp, side=place.name,
-                                                      listen=f"{listen}:{HTTP_PORT}"))
+                    conf.write_text(program("nginx.conf").format(d=self.tmp, side=place.name,
+                                                                 listen=f"{listen}:{HTTP_PORT}"))
                     errlog = self._nginx_scratch(place.name)
                     log = f"nginx-{place.name}.log"
                     server = self.spawn(place, ["nginx", "-p", str(self.tmp), "-c", str(conf),
@@ -652,8 +567,8 @@ class Bench(Fabric):
             for side in self.sides(rep, res.metric):
                 client, server, addr = self._colo(side)
                 conf = self.tmp / f"nginx-colo-{side.name}.conf"
-                conf.write_text(NGINX_CONF.format(d=self.tmp, side=f"colo-{side.name}",
-                                                  listen=f"{url_host(addr)}:{port}"))
+                conf.write_text(program("nginx.conf").format(d=self.tmp, side=f"colo-{side.name}",
+                                                             listen=f"{url_host(addr)}:{port}"))
                 errlog = self._nginx_scratch(f"colo-{side.name}")
                 srv = self._colo_start(server, ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e",
                                                 str(errlog)], port, "colo-nginx")
@@ -731,7 +646,7 @@ class Bench(Fabric):
         assert self.tenant is not None
         d = max(1, min(self.opts.duration, 6) // 2)
         noisy_native, noisy_nk = self._noisy_places()
-        sink = self._peer_server(["nice", "-n", "19", PYTHON, "-c", SINK_PROG, PEER_V4,
+        sink = self._peer_server(["nice", "-n", "19", PYTHON, "-c", program("sink.py"), PEER_V4,
                                   str(SINK_PORT)], SINK_PORT, "sink")
         lowest_priority(sink.pid)
         server = self._peer_server(["sockperf", "server", "--tcp", "-i", PEER_V4, "-p",
@@ -753,7 +668,7 @@ class Bench(Fabric):
             """NOISY_PAIRS alone/beside pairs against a flood from noisy: the summed rates
             and, for a flood from a tenant, where the engine's time went while it ran."""
             log = f"flood-{noisy.name}.log"
-            flood = self.spawn(noisy, ["nice", "-n", "19", PYTHON, "-c", FLOOD_PROG,
+            flood = self.spawn(noisy, ["nice", "-n", "19", PYTHON, "-c", program("flood.py"),
                                        PEER_V4, str(SINK_PORT), "3600"], log)
             lowest_priority(flood.pid)
             if noisy.tenant:
@@ -834,7 +749,7 @@ class Bench(Fabric):
                 raise BenchError("the daemon is not running any more")
             daemon_pid, engine_pid = int(status["pid"]), int(status["engine_pid"])
             log = "idle-netkernel.log"
-            server = self.spawn(self.tenant, [PYTHON, "-c", IDLE_PROG, self.tenant.addr,
+            server = self.spawn(self.tenant, [PYTHON, "-c", program("idle.py"), self.tenant.addr,
                                               str(IDLE_PORT)], log)
             try:
                 self.wait_accepting(self.tenant.addr, IDLE_PORT, server, self.tenant,
