@@ -117,6 +117,13 @@ def parse_redis_benchmark(text: str, test: str = "GET") -> float:
     raise ParseError(f"redis-benchmark: no {test} result in its output:\n{tail(text)}")
 
 
+def parse_crr(text: str) -> tuple[float, int] | None:
+    """netkernel-crr's report → (connections/s, failed connections), None without a rate."""
+    m = re.search(r"^connections/s ([0-9.]+)$", text, re.M)
+    e = re.search(r"^errors (\d+)$", text, re.M)
+    return (float(m[1]), int(e[1]) if e else 0) if m else None
+
+
 def median(xs: Sequence[float]) -> float | None:
     return float(statistics.median(xs)) if xs else None
 

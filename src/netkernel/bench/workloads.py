@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TextIO, TypeVar
 
@@ -20,7 +20,6 @@ from .. import api, netns
 from ..config import libdir
 from .catalogue import (
     CONFIG_NAMES,
-    CONFIGS,
     IDLE,
     IDLE_SECONDS,
     PEERS,
@@ -33,6 +32,7 @@ from .catalogue import (
 from .parse import (
     ParseError,
     median,
+    parse_crr,
     parse_iperf3,
     parse_redis_benchmark,
     parse_sockperf,
@@ -87,6 +87,38 @@ def url_host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr else addr
 
 
+# -- command lines: the same programs, the same options, wherever they run -----------------
+
+def iperf3_client(addr: str, port: int, seconds: int) -> list[str]:
+    return ["iperf3", "-c", addr, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "5000"]
+
+
+def sockperf_server(addr: str, port: int) -> list[str]:
+    return ["sockperf", "server", "--tcp", "-i", addr, "-p", str(port)]
+
+
+def sockperf_ping_pong(addr: str, port: int, seconds: int) -> list[str]:
+    """64-byte messages, one at a time."""
+    return ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t", str(seconds), "-i", addr, "-p", str(port)]
+
+
+def wrk(url: str, seconds: int, close: bool = False) -> list[str]:
+    """WRK_CONNECTIONS connections, kept alive or closed after each response."""
+    return ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{seconds}s",
+            *(["-H", "Connection: close"] if close else []), url]
+
+
+def redis_server(port: int, bind: str | None = None) -> list[str]:
+    """Nothing saved; protected mode off, which would refuse clients from other hosts."""
+    return ["redis-server", "--save", "", "--appendonly", "no", "--protected-mode", "no",
+            *(["--bind", bind] if bind else []), "--port", str(port)]
+
+
+def redis_benchmark(addr: str, port: int, test: str, requests: int) -> list[str]:
+    return ["redis-benchmark", "-h", addr, "-p", str(port), "-t", test, "-n", str(requests),
+            "-c", str(REDIS_CLIENTS), "--csv"]
+
+
 class Bench(Fabric):
     """The measurements, in the fabric: each metric's workload run in each of its
     configurations, repetition after repetition, with progress lines as it goes."""
@@ -102,11 +134,11 @@ class Bench(Fabric):
         self.total_steps = self._steps_through(None)
 
     # -- measurements -----------------------------------------------------------------------
-    def sides(self, rep: int, m: Metric | None = None) -> Iterator[Place]:
+    def sides(self, rep: int, m: Metric) -> Iterator[Place]:
         """The configurations in this repetition's order: rotated each time, so that each
         goes first in turn and drift favours none. A user-mode peer is restarted before each
         of its runs (the first run of the first workload has it fresh from setup)."""
-        configs = configs_of(m, self.opts.configs) if m else [c for c in CONFIGS if c.name in SIDES]
+        configs = configs_of(m, self.opts.configs)
         k = rep % len(configs)
         for c in configs[k:] + configs[:k]:
             if c.host_ns is not None and c.name in self.usermode_used:
@@ -128,6 +160,18 @@ class Bench(Fabric):
             first = str(e).splitlines()[0]
             res.peer_errors.setdefault(place.name, []).append(str(e))
             self.progress(res.metric, place, rep, f"FAILED (recorded, the workload goes on): {first}")
+
+    def repeat(self, res: MetricResult, run: Callable[[Place], tuple[float, str]]) -> None:
+        """Every workload's loop: in each repetition each of the metric's configurations in
+        turn (sides) does one run, which returns its sample and the text of its progress
+        line. The sample counts once the whole run has succeeded; a failed run fails the
+        workload, or for a user-mode peer is recorded (attempt)."""
+        for rep in range(self.opts.repetitions):
+            for place in self.sides(rep, res.metric):
+                with self.attempt(res, place, rep):
+                    sample, text = run(place)
+                    res.samples[place.name].append(sample)
+                    self.progress(res.metric, place, rep, text)
 
     @contextmanager
     def engine_load(self, place: Place) -> Iterator[None]:
@@ -209,69 +253,89 @@ class Bench(Fabric):
                 break
         return n
 
-    def _peer_server(self, cmd: Sequence[str], port: int, what: str) -> subprocess.Popen[bytes]:
+    def _parsed(self, parse: Callable[[str], T], out: str, place: Place, where: str) -> T:
+        """The figure in a run's output, or the workload's error: the parser's, where the
+        run was and, for a tenant, where the engine's side is logged."""
+        try:
+            return parse(out)
+        except ParseError as e:
+            raise BenchError(f"{e} ({where})" + self._log_hint(place)) from None
+
+    def _parse_against(self, parse: Callable[[str], T], out: str, server: subprocess.Popen[bytes],
+                       place: Place, what: str, log: str) -> T:
+        """The load generator's figure, from a run against a server of ours in place; an
+        error if the figure is missing or the server died during the run."""
+        value = self._parsed(parse, out, place, f"against {what} in {place.name}")
+        if server.poll() is not None:
+            raise BenchError(f"{what} ({place.name}) died during the run:\n"
+                             f"{tail(self.log_text(log))}" + self._log_hint(place))
+        return value
+
+    @contextmanager
+    def _peer_server(self, cmd: Sequence[str], port: int, what: str,
+                     sig: int = signal.SIGTERM) -> Iterator[subprocess.Popen[bytes]]:
+        """A server in the peer that all runs of a workload use: listening before the first,
+        stopped with sig after the last."""
         log = f"{what}-peer.log"
         p = self.spawn(self.peer, cmd, log)
-        self.wait_listening(PEER_NS, port, p, self.peer, what, log)
-        return p
+        try:
+            self.wait_listening(PEER_NS, port, p, self.peer, what, log)
+            yield p
+        finally:
+            self.stop(p, sig)
+
+    @contextmanager
+    def _run_server(self, place: Place, cmd: Sequence[str], port: int, what: str,
+                    log: str) -> Iterator[subprocess.Popen[bytes]]:
+        """A server for one run in place, accepting the peer's connections; stopped after."""
+        p = self.spawn(place, cmd, log)
+        try:
+            self.wait_accepting(place.addr, port, p, place, what, log)
+            yield p
+        finally:
+            self.stop(p)
 
     def m_iperf3(self, res: MetricResult, streams: int, receive: bool) -> None:
         d = self.opts.duration
-        server = self._peer_server(["iperf3", "-s", "-p", str(IPERF3_PORT), "-B", PEER_V4],
-                                   IPERF3_PORT, "iperf3-server")
+        cmd = [*iperf3_client(PEER_V4, IPERF3_PORT, d), "-P", str(streams), *(["-R"] if receive else [])]
         retrans: dict[str, float] = {s: 0.0 for s in CONFIG_NAMES}
-        try:
-            for rep in range(self.opts.repetitions):
-                for place in self.sides(rep, res.metric):
-                    with self.attempt(res, place, rep):
-                        cmd = ["iperf3", "-c", PEER_V4, "-p", str(IPERF3_PORT), "-t", str(d), "-J",
-                               "--connect-timeout", "5000", "-P", str(streams)]
-                        if receive:
-                            cmd.append("-R")
-                        out = ""
-                        with self.engine_load(place):
-                            for _attempt in range(10):  # the server may still be finishing the last test
-                                out = self.run(place, cmd, d + 60, "iperf3 client")
-                                if "server is busy" not in out:
-                                    break
-                                time.sleep(0.5)
-                        try:
-                            r = parse_iperf3(out)
-                        except ParseError as e:
-                            raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
-                        res.samples[place.name].append(r["gbps"])
-                        retrans[place.name] += r["retransmits"]
-                        self.progress(res.metric, place, rep, f"{r['gbps']:.2f} Gbit/s")
-                        if server.poll() is not None:
-                            raise self._died(server, self.peer, "iperf3 server", "iperf3-server-peer.log")
-        finally:
-            self.stop(server)
+
+        def run(place: Place) -> tuple[float, str]:
+            out = ""
+            with self.engine_load(place):
+                for _attempt in range(10):  # the server may still be finishing the last test
+                    out = self.run(place, cmd, d + 60, "iperf3 client")
+                    if "server is busy" not in out:
+                        break
+                    time.sleep(0.5)
+            r = self._parsed(parse_iperf3, out, place, place.name)
+            if server.poll() is not None:
+                raise self._died(server, self.peer, "iperf3 server", "iperf3-server-peer.log")
+            retrans[place.name] += r["retransmits"]
+            return r["gbps"], f"{r['gbps']:.2f} Gbit/s"
+
+        with self._peer_server(["iperf3", "-s", "-p", str(IPERF3_PORT), "-B", PEER_V4],
+                               IPERF3_PORT, "iperf3-server") as server:
+            self.repeat(res, run)
         for c in configs_of(res.metric, self.opts.configs):
             res.extra[f"{c.name}_retransmits"] = int(retrans[c.name])
 
     def m_sockperf(self, res: MetricResult) -> None:
         d = self.opts.duration
-        server = self._peer_server(["sockperf", "server", "--tcp", "-i", PEER_V4, "-p",
-                                    str(SOCKPERF_PORT)], SOCKPERF_PORT, "sockperf-server")
         p99: dict[str, list[float]] = {s: [] for s in CONFIG_NAMES}
-        try:
-            for rep in range(self.opts.repetitions):
-                for place in self.sides(rep, res.metric):
-                    with self.attempt(res, place, rep):
-                        with self.engine_load(place):
-                            out = self.run(place, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t",
-                                                   str(d), "-i", PEER_V4, "-p", str(SOCKPERF_PORT)],
-                                           d + 60, "sockperf ping-pong")
-                        try:
-                            r = parse_sockperf(out)
-                        except ParseError as e:
-                            raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
-                        res.samples[place.name].append(r["p50_us"])
-                        if "p99_us" in r:
-                            p99[place.name].append(r["p99_us"])
-                        self.progress(res.metric, place, rep, f"p50 {r['p50_us']:.1f} us")
-        finally:
-            self.stop(server, signal.SIGINT)
+
+        def run(place: Place) -> tuple[float, str]:
+            with self.engine_load(place):
+                out = self.run(place, sockperf_ping_pong(PEER_V4, SOCKPERF_PORT, d), d + 60,
+                               "sockperf ping-pong")
+            r = self._parsed(parse_sockperf, out, place, place.name)
+            if "p99_us" in r:
+                p99[place.name].append(r["p99_us"])
+            return r["p50_us"], f"p50 {r['p50_us']:.1f} us"
+
+        with self._peer_server(sockperf_server(PEER_V4, SOCKPERF_PORT), SOCKPERF_PORT,
+                               "sockperf-server", signal.SIGINT):
+            self.repeat(res, run)
         for c in configs_of(res.metric, self.opts.configs):
             res.extra[f"{c.name}_p99_us"] = median(p99[c.name])
 
@@ -288,48 +352,39 @@ class Bench(Fabric):
             copy.chmod(0o755)
         return copy
 
-    @staticmethod
-    def _crr_rate(out: str) -> tuple[float, int] | None:
-        """netkernel-crr's report → (connections/s, errors), None without a rate."""
-        m = re.search(r"^connections/s ([0-9.]+)$", out, re.M)
-        e = re.search(r"^errors (\d+)$", out, re.M)
-        return (float(m[1]), int(e[1]) if e else 0) if m else None
-
-    @staticmethod
-    def _note_crr_errors(res: MetricResult, side: str, out: str, n_err: int) -> None:
-        """Count netkernel-crr's failed connections for side, and keep the step and errno
-        the client printed for its first few (a count alone says nothing about which call)."""
+    def _crr_rate(self, res: MetricResult, out: str, place: Place, where: str) -> float:
+        """netkernel-crr's connections/s. Its failed connections are counted for place, with
+        the step and errno the client printed for its first few (a count alone says nothing
+        about which call)."""
+        got = parse_crr(out)
+        if not got:
+            raise BenchError(f"netkernel-crr: no 'connections/s' ({where}):\n{tail(out)}"
+                             + self._log_hint(place))
+        rate, n_err = got
+        side = place.name
         res.extra[f"{side}_connection_errors"] = res.extra.get(f"{side}_connection_errors", 0) + n_err
         lines = re.findall(r"^netkernel-crr: (\w+: .*)$", out, re.M)
         if lines:
             key = f"{side}_connection_error_lines"
             res.extra[key] = (res.extra.get(key, []) + lines)[:5]
+        return rate
 
     def m_crr(self, res: MetricResult) -> None:
         prog = self._crr_prog()
         d = self.opts.duration
-        server = self._peer_server([str(prog), "server", PEER_V4, str(CRR_PORT)], CRR_PORT,
-                                   "crr-server")
-        try:
-            for rep in range(self.opts.repetitions):
-                for place in self.sides(rep, res.metric):
-                    with self.attempt(res, place, rep):
-                        with self.engine_load(place):
-                            out = self.run(place, [str(prog), "client", PEER_V4, str(CRR_PORT), str(d),
-                                                   str(CRR_THREADS)], d + 60, "netkernel-crr client")
-                        got = self._crr_rate(out)
-                        if not got:
-                            raise BenchError(f"netkernel-crr: no 'connections/s' ({place.name}):\n"
-                                             f"{tail(out)}" + self._log_hint(place))
-                        rate, n_err = got
-                        self._note_crr_errors(res, place.name, out, n_err)
-                        res.samples[place.name].append(rate)
-                        self.progress(res.metric, place, rep, f"{rate:,.0f} connections/s")
-                        if server.poll() is not None:
-                            raise self._died(server, self.peer, "netkernel-crr server",
-                                             "crr-server-peer.log")
-        finally:
-            self.stop(server)
+
+        def run(place: Place) -> tuple[float, str]:
+            with self.engine_load(place):
+                out = self.run(place, [str(prog), "client", PEER_V4, str(CRR_PORT), str(d),
+                                       str(CRR_THREADS)], d + 60, "netkernel-crr client")
+            rate = self._crr_rate(res, out, place, place.name)
+            if server.poll() is not None:
+                raise self._died(server, self.peer, "netkernel-crr server", "crr-server-peer.log")
+            return rate, f"{rate:,.0f} connections/s"
+
+        with self._peer_server([str(prog), "server", PEER_V4, str(CRR_PORT)], CRR_PORT,
+                               "crr-server") as server:
+            self.repeat(res, run)
 
     def _nginx_files(self) -> None:
         www = self.tmp / "www"
@@ -342,9 +397,12 @@ class Bench(Fabric):
             f.write_bytes(os.urandom(size))
             f.chmod(0o644)
 
-    def _nginx_scratch(self, side: str) -> Path:
-        """The error log and temp directory of one side's nginx, fresh, writable by a
-        tenant's nginx too (its root is not the host's); returns the error log."""
+    def _nginx(self, side: str, listen: str) -> tuple[list[str], Path]:
+        """The command that runs one side's nginx, listening on listen, and its error log.
+        The error log and temp directory are fresh, and writable by a tenant's nginx too
+        (its root is not the host's)."""
+        conf = self.tmp / f"nginx-{side}.conf"
+        conf.write_text(program("nginx.conf").format(d=self.tmp, side=side, listen=listen))
         temp = self.tmp / f"tmp-{side}"
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir()
@@ -352,7 +410,7 @@ class Bench(Fabric):
         errlog = self.tmp / f"nginx-{side}.error.log"
         errlog.write_bytes(b"")
         errlog.chmod(0o666)
-        return errlog
+        return ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e", str(errlog)], errlog
 
     def m_nginx(self, res: MetricResult, close: bool, path: str = "1k.bin") -> None:
         self._nginx_files()
@@ -361,40 +419,28 @@ class Bench(Fabric):
             s: {"connect": 0, "read": 0, "write": 0, "timeout": 0} for s in CONFIG_NAMES}
         non2xx = {s: 0 for s in CONFIG_NAMES}
         error_log_lines: dict[str, list[str]] = {s: [] for s in CONFIG_NAMES}
-        for rep in range(self.opts.repetitions):
-            for place in self.sides(rep, res.metric):
-                with self.attempt(res, place, rep):
-                    conf = self.tmp / f"nginx-{place.name}.conf"
-                    listen = url_host(place.listen or place.addr)
-                    conf.write_text(program("nginx.conf").format(d=self.tmp, side=place.name,
-                                                                 listen=f"{listen}:{HTTP_PORT}"))
-                    errlog = self._nginx_scratch(place.name)
-                    log = f"nginx-{place.name}.log"
-                    server = self.spawn(place, ["nginx", "-p", str(self.tmp), "-c", str(conf),
-                                                "-e", str(errlog)], log)
-                    try:
-                        self.wait_accepting(place.addr, HTTP_PORT, server, place, "nginx", log)
-                        cmd = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{d}s"]
-                        if close:
-                            cmd += ["-H", "Connection: close"]
-                        cmd.append(f"http://{url_host(place.addr)}:{HTTP_PORT}/{path}")
-                        with self.engine_load(place):
-                            out = self.run(self.peer, cmd, d + 60, f"wrk against nginx ({place.name})")
-                        r = self._parse_against(parse_wrk, out, server, place, "nginx", log)
-                    finally:
-                        self.stop(server)
-                    res.samples[place.name].append(r.requests_per_sec)
-                    for k, v in r.socket_errors.items():
-                        errors[place.name][k] += v
-                    non2xx[place.name] += r.non_2xx_3xx
-                    bad = [ln for ln in errlog.read_text(errors="replace").splitlines()
-                           if re.search(r"\[(error|crit|alert|emerg)\]", ln)]
-                    error_log_lines[place.name] += bad
-                    note = ""
-                    if r.total_socket_errors or r.non_2xx_3xx:
-                        note = (f" (socket errors {r.total_socket_errors}, "
-                                f"non-2xx/3xx {r.non_2xx_3xx})")
-                    self.progress(res.metric, place, rep, f"{r.requests_per_sec:,.0f} req/s{note}")
+
+        def run(place: Place) -> tuple[float, str]:
+            cmd, errlog = self._nginx(place.name, f"{url_host(place.listen or place.addr)}:{HTTP_PORT}")
+            log = f"nginx-{place.name}.log"
+            with self._run_server(place, cmd, HTTP_PORT, "nginx", log) as server:
+                url = f"http://{url_host(place.addr)}:{HTTP_PORT}/{path}"
+                with self.engine_load(place):
+                    out = self.run(self.peer, wrk(url, d, close), d + 60,
+                                   f"wrk against nginx ({place.name})")
+                r = self._parse_against(parse_wrk, out, server, place, "nginx", log)
+            for k, v in r.socket_errors.items():
+                errors[place.name][k] += v
+            non2xx[place.name] += r.non_2xx_3xx
+            bad = [ln for ln in errlog.read_text(errors="replace").splitlines()
+                   if re.search(r"\[(error|crit|alert|emerg)\]", ln)]
+            error_log_lines[place.name] += bad
+            note = ""
+            if r.total_socket_errors or r.non_2xx_3xx:
+                note = f" (socket errors {r.total_socket_errors}, non-2xx/3xx {r.non_2xx_3xx})"
+            return r.requests_per_sec, f"{r.requests_per_sec:,.0f} req/s{note}"
+
+        self.repeat(res, run)
         for c in configs_of(res.metric, self.opts.configs):
             s = c.name
             res.extra[f"{s}_socket_errors"] = errors[s]
@@ -402,100 +448,86 @@ class Bench(Fabric):
             res.extra[f"{s}_nginx_error_log"] = error_log_lines[s][:5]
             res.extra[f"{s}_nginx_error_log_lines"] = len(error_log_lines[s])
 
-    def _parse_against(self, parse: Callable[[str], T], out: str, server: subprocess.Popen[bytes],
-                       place: Place, what: str, log: str) -> T:
-        """The load generator's figure, from a run against a server of ours in place; an
-        error if the figure is missing or the server died during the run."""
-        try:
-            value = parse(out)
-        except ParseError as e:
-            raise BenchError(f"{e} (against {what} in {place.name})" + self._log_hint(place)) from None
-        if server.poll() is not None:
-            raise BenchError(f"{what} ({place.name}) died during the run:\n"
-                             f"{tail(self.log_text(log))}" + self._log_hint(place))
-        return value
-
     def m_redis(self, res: MetricResult, test: str) -> None:
-        for rep in range(self.opts.repetitions):
-            for place in self.sides(rep, res.metric):
-                with self.attempt(res, place, rep):
-                    log = f"redis-{place.name}.log"
-                    server = self.spawn(place, ["redis-server", "--save", "", "--appendonly", "no",
-                                                "--protected-mode", "no", "--port", str(REDIS_PORT)], log)
-                    try:
-                        self.wait_accepting(place.addr, REDIS_PORT, server, place, "redis-server", log)
-                        # Its connection loop never gives up, hence the timeout (and the wait above).
-                        with self.engine_load(place):
-                            out = self.run(self.peer, ["redis-benchmark", "-h", place.addr,
-                                                       "-p", str(REDIS_PORT), "-t", test,
-                                                       "-n", str(self.redis_requests),
-                                                       "-c", str(REDIS_CLIENTS),
-                                                       "--csv"],
-                                           300, f"redis-benchmark against redis-server ({place.name})")
-                        rps = self._parse_against(lambda o: parse_redis_benchmark(o, test.upper()),
-                                                  out, server, place, "redis-server", log)
-                    finally:
-                        self.stop(server)
-                    res.samples[place.name].append(rps)
-                    self.progress(res.metric, place, rep, f"{rps:,.0f} req/s")
+        def run(place: Place) -> tuple[float, str]:
+            log = f"redis-{place.name}.log"
+            with self._run_server(place, redis_server(REDIS_PORT), REDIS_PORT, "redis-server",
+                                  log) as server:
+                # Its connection loop never gives up, hence the timeout (and the wait above).
+                with self.engine_load(place):
+                    out = self.run(self.peer, redis_benchmark(place.addr, REDIS_PORT, test,
+                                                              self.redis_requests),
+                                   300, f"redis-benchmark against redis-server ({place.name})")
+                rps = self._parse_against(lambda o: parse_redis_benchmark(o, test.upper()),
+                                          out, server, place, "redis-server", log)
+            return rps, f"{rps:,.0f} req/s"
+
+        self.repeat(res, run)
 
     def m_mux(self, res: MetricResult, n: int) -> None:
         """n sandboxes each running one iperf3 stream to its own server in the peer, all at
         once; the sample is the sum. NetKernel: n tenants served by the one engine thread."""
         d = self.opts.duration
         places = self._mux_places(n)
-        servers = [self._peer_server(["iperf3", "-s", "-p", str(MUX_PORT + i), "-B", PEER_V4],
-                                     MUX_PORT + i, f"iperf3-server-{i}") for i in range(n)]
-        try:
-            for rep in range(self.opts.repetitions):
-                for side in self.sides(rep):
-                    clients = []
-                    with self.engine_load(side):
-                        for i, place in enumerate(places[side.name]):
-                            cmd = ["iperf3", "-c", PEER_V4, "-p", str(MUX_PORT + i), "-t", str(d),
-                                   "-J", "--connect-timeout", "5000"]
-                            log = f"mux-{side.name}-{i}.json"
-                            clients.append((self.spawn(place, cmd, log), log, place))
-                        for p, _, place in clients:
-                            try:
-                                p.wait(timeout=d + 60)
-                            except subprocess.TimeoutExpired:
-                                raise BenchError(f"iperf3 client ({place.name} {place.addr}) did "
-                                                 f"not finish within {d + 60}s") from None
-                    total = 0.0
-                    for p, log, place in clients:
-                        self.procs.remove(p)
-                        try:
-                            total += parse_iperf3(self.log_text(log))["gbps"]
-                        except ParseError as e:
-                            raise BenchError(f"{e} ({place.name} {place.addr})"
-                                             + self._log_hint(place)) from None
-                    res.samples[side.name].append(total)
-                    self.progress(res.metric, side, rep, f"{total:.2f} Gbit/s from {n} at once")
-        finally:
-            for srv in servers:
-                self.stop(srv)
+
+        def run(side: Place) -> tuple[float, str]:
+            clients = []
+            with self.engine_load(side):
+                for i, place in enumerate(places[side.name]):
+                    log = f"mux-{side.name}-{i}.json"
+                    clients.append((self.spawn(place, iperf3_client(PEER_V4, MUX_PORT + i, d), log),
+                                    log, place))
+                for p, _, place in clients:
+                    try:
+                        p.wait(timeout=d + 60)
+                    except subprocess.TimeoutExpired:
+                        raise BenchError(f"iperf3 client ({place.name} {place.addr}) did "
+                                         f"not finish within {d + 60}s") from None
+            total = 0.0
+            for p, log, place in clients:
+                self.procs.remove(p)
+                total += self._parsed(parse_iperf3, self.log_text(log), place,
+                                      f"{place.name} {place.addr}")["gbps"]
+            return total, f"{total:.2f} Gbit/s from {n} at once"
+
+        with ExitStack() as servers:
+            for i in range(n):
+                servers.enter_context(self._peer_server(
+                    ["iperf3", "-s", "-p", str(MUX_PORT + i), "-B", PEER_V4], MUX_PORT + i,
+                    f"iperf3-server-{i}"))
+            self.repeat(res, run)
 
     # -- colocated: both ends on this host -------------------------------------------------
     @staticmethod
     def _colo_log(server: Place, what: str) -> str:
         return f"{what}-{server.tenant or 'native'}.log"
 
-    def _colo_start(self, server: Place, cmd: Sequence[str], port: int, what: str) -> subprocess.Popen[bytes]:
+    @contextmanager
+    def _colo_server(self, server: Place, cmd: Sequence[str], port: int, what: str,
+                     sig: int = signal.SIGTERM) -> Iterator[subprocess.Popen[bytes]]:
         """A server for a colocated run, waited for without a probe connection (iperf3 would
-        count one as its test): ss in the namespace, or the engine's listener list."""
+        count one as its test): ss in the namespace, or the engine's listener list; stopped
+        with sig after the run."""
         log = self._colo_log(server, what)
         p = self.spawn(server, cmd, log)
-        if server.tenant is None:
-            self.wait_listening(NATIVE_NS, port, p, server, what, log)
-            return p
+        try:
+            if server.tenant is None:
+                self.wait_listening(NATIVE_NS, port, p, server, what, log)
+            else:
+                self._wait_tenant_listener(p, server, port, what, log)
+            yield p
+        finally:
+            self.stop(p, sig)
+
+    def _wait_tenant_listener(self, p: subprocess.Popen[bytes], server: Place, port: int, what: str,
+                              log: str) -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if p.poll() is not None:
                 raise self._died(p, server, what, log)
             if any(c.get("kind") == "listener" and str(c.get("local", "")).endswith(f":{port}")
                    for c in api.call("conns", tenant=COLO_TENANT)["conns"]):
-                return p
+                return
             time.sleep(0.1)
         raise BenchError(f"{what} (tenant {COLO_TENANT}) not listening on port {port} after 20s:\n"
                          f"{tail(self.log_text(log))}")
@@ -518,120 +550,84 @@ class Bench(Fabric):
 
     def m_colo_iperf3(self, res: MetricResult) -> None:
         d = self.opts.duration
-        for rep in range(self.opts.repetitions):
-            for side in self.sides(rep, res.metric):
-                client, server, addr = self._colo(side)
-                srv = self._colo_start(server, ["iperf3", "-s", "-1", "-p", str(COLO_PORT), "-B", addr],
-                                       COLO_PORT, "colo-iperf3-server")
-                try:
-                    cmd = ["iperf3", "-c", addr, "-p", str(COLO_PORT), "-t", str(d), "-J",
-                           "--connect-timeout", "5000"]
-                    with self._colo_load(res, side):
-                        out = self.run(client, cmd, d + 60, "iperf3 client (colocated)")
-                finally:
-                    self.stop(srv)
-                try:
-                    gbps = parse_iperf3(out)["gbps"]
-                except ParseError as e:
-                    raise BenchError(f"{e} ({side.name}, colocated)" + self._log_hint(side)) from None
-                res.samples[side.name].append(gbps)
-                self.progress(res.metric, side, rep, f"{gbps:.2f} Gbit/s")
+
+        def run(side: Place) -> tuple[float, str]:
+            client, server, addr = self._colo(side)
+            with self._colo_server(server, ["iperf3", "-s", "-1", "-p", str(COLO_PORT), "-B", addr],
+                                   COLO_PORT, "colo-iperf3-server"), self._colo_load(res, side):
+                out = self.run(client, iperf3_client(addr, COLO_PORT, d), d + 60,
+                               "iperf3 client (colocated)")
+            gbps = self._parsed(parse_iperf3, out, side, f"{side.name}, colocated")["gbps"]
+            return gbps, f"{gbps:.2f} Gbit/s"
+
+        self.repeat(res, run)
 
     def m_colo_sockperf(self, res: MetricResult) -> None:
         d = self.opts.duration
         port = COLO_PORT + 1
-        for rep in range(self.opts.repetitions):
-            for side in self.sides(rep, res.metric):
-                client, server, addr = self._colo(side)
-                srv = self._colo_start(server, ["sockperf", "server", "--tcp", "-i", addr, "-p", str(port)],
-                                       port, "colo-sockperf-server")
-                try:
-                    with self._colo_load(res, side):
-                        out = self.run(client, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t", str(d),
-                                                "-i", addr, "-p", str(port)], d + 60,
-                                       "sockperf ping-pong (colocated)")
-                finally:
-                    self.stop(srv, signal.SIGINT)
-                try:
-                    p50 = parse_sockperf(out)["p50_us"]
-                except ParseError as e:
-                    raise BenchError(f"{e} ({side.name}, colocated)" + self._log_hint(side)) from None
-                res.samples[side.name].append(p50)
-                self.progress(res.metric, side, rep, f"p50 {p50:.1f} us")
+
+        def run(side: Place) -> tuple[float, str]:
+            client, server, addr = self._colo(side)
+            with self._colo_server(server, sockperf_server(addr, port), port, "colo-sockperf-server",
+                                   signal.SIGINT), self._colo_load(res, side):
+                out = self.run(client, sockperf_ping_pong(addr, port, d), d + 60,
+                               "sockperf ping-pong (colocated)")
+            p50 = self._parsed(parse_sockperf, out, side, f"{side.name}, colocated")["p50_us"]
+            return p50, f"p50 {p50:.1f} us"
+
+        self.repeat(res, run)
 
     def m_colo_nginx(self, res: MetricResult) -> None:
         self._nginx_files()
         d = self.opts.duration
         port = COLO_PORT + 2
-        for rep in range(self.opts.repetitions):
-            for side in self.sides(rep, res.metric):
-                client, server, addr = self._colo(side)
-                conf = self.tmp / f"nginx-colo-{side.name}.conf"
-                conf.write_text(program("nginx.conf").format(d=self.tmp, side=f"colo-{side.name}",
-                                                             listen=f"{url_host(addr)}:{port}"))
-                errlog = self._nginx_scratch(f"colo-{side.name}")
-                srv = self._colo_start(server, ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e",
-                                                str(errlog)], port, "colo-nginx")
-                try:
-                    cmd = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{d}s",
-                           f"http://{url_host(addr)}:{port}/1k.bin"]
-                    with self._colo_load(res, side):
-                        out = self.run(client, cmd, d + 60, "wrk against nginx (colocated)")
-                    r = self._parse_against(parse_wrk, out, srv, server, "nginx",
-                                            self._colo_log(server, "colo-nginx"))
-                finally:
-                    self.stop(srv)
-                if r.total_socket_errors or r.non_2xx_3xx:
-                    raise BenchError(f"wrk against nginx ({side.name}, colocated): socket errors "
-                                     f"{r.socket_errors}, non-2xx/3xx {r.non_2xx_3xx}")
-                res.samples[side.name].append(r.requests_per_sec)
-                self.progress(res.metric, side, rep, f"{r.requests_per_sec:,.0f} req/s")
+
+        def run(side: Place) -> tuple[float, str]:
+            client, server, addr = self._colo(side)
+            cmd, _ = self._nginx(f"colo-{side.name}", f"{url_host(addr)}:{port}")
+            with self._colo_server(server, cmd, port, "colo-nginx") as srv:
+                with self._colo_load(res, side):
+                    out = self.run(client, wrk(f"http://{url_host(addr)}:{port}/1k.bin", d), d + 60,
+                                   "wrk against nginx (colocated)")
+                r = self._parse_against(parse_wrk, out, srv, server, "nginx",
+                                        self._colo_log(server, "colo-nginx"))
+            if r.total_socket_errors or r.non_2xx_3xx:
+                raise BenchError(f"wrk against nginx ({side.name}, colocated): socket errors "
+                                 f"{r.socket_errors}, non-2xx/3xx {r.non_2xx_3xx}")
+            return r.requests_per_sec, f"{r.requests_per_sec:,.0f} req/s"
+
+        self.repeat(res, run)
 
     def m_colo_crr(self, res: MetricResult) -> None:
         prog = self._crr_prog()
         d = self.opts.duration
         port = COLO_PORT + 3
-        for rep in range(self.opts.repetitions):
-            for side in self.sides(rep, res.metric):
-                client, server, addr = self._colo(side)
-                srv = self._colo_start(server, [str(prog), "server", addr, str(port)], port,
-                                       "colo-crr-server")
-                try:
-                    with self._colo_load(res, side):
-                        out = self.run(client, [str(prog), "client", addr, str(port), str(d),
-                                                str(CRR_THREADS)], d + 60,
-                                       "netkernel-crr client (colocated)")
-                finally:
-                    self.stop(srv)
-                got = self._crr_rate(out)
-                if not got:
-                    raise BenchError(f"netkernel-crr: no 'connections/s' ({side.name}, colocated):\n"
-                                     f"{tail(out)}" + self._log_hint(side))
-                rate, n_err = got
-                self._note_crr_errors(res, side.name, out, n_err)
-                res.samples[side.name].append(rate)
-                self.progress(res.metric, side, rep, f"{rate:,.0f} connections/s")
+
+        def run(side: Place) -> tuple[float, str]:
+            client, server, addr = self._colo(side)
+            with self._colo_server(server, [str(prog), "server", addr, str(port)], port,
+                                   "colo-crr-server"), self._colo_load(res, side):
+                out = self.run(client, [str(prog), "client", addr, str(port), str(d),
+                                        str(CRR_THREADS)], d + 60, "netkernel-crr client (colocated)")
+            rate = self._crr_rate(res, out, side, f"{side.name}, colocated")
+            return rate, f"{rate:,.0f} connections/s"
+
+        self.repeat(res, run)
 
     def m_colo_redis(self, res: MetricResult) -> None:
         port = COLO_PORT + 4
-        for rep in range(self.opts.repetitions):
-            for side in self.sides(rep, res.metric):
-                client, server, addr = self._colo(side)
-                srv = self._colo_start(server, ["redis-server", "--save", "", "--appendonly", "no",
-                                                "--protected-mode", "no", "--bind", addr,
-                                                "--port", str(port)], port, "colo-redis")
-                try:
-                    with self._colo_load(res, side):
-                        out = self.run(client, ["redis-benchmark", "-h", addr, "-p", str(port),
-                                                "-t", "get", "-n", str(self.redis_requests),
-                                                "-c", str(REDIS_CLIENTS), "--csv"], 300,
-                                       "redis-benchmark (colocated)")
-                    rps = self._parse_against(lambda o: parse_redis_benchmark(o, "GET"), out, srv,
-                                              server, "redis-server", self._colo_log(server, "colo-redis"))
-                finally:
-                    self.stop(srv)
-                res.samples[side.name].append(rps)
-                self.progress(res.metric, side, rep, f"{rps:,.0f} req/s")
+
+        def run(side: Place) -> tuple[float, str]:
+            client, server, addr = self._colo(side)
+            with self._colo_server(server, redis_server(port, addr), port, "colo-redis") as srv:
+                with self._colo_load(res, side):
+                    out = self.run(client, redis_benchmark(addr, port, "get", self.redis_requests),
+                                   300, "redis-benchmark (colocated)")
+                rps = self._parse_against(lambda o: parse_redis_benchmark(o, "GET"), out, srv,
+                                          server, "redis-server", self._colo_log(server, "colo-redis"))
+            return rps, f"{rps:,.0f} req/s"
+
+        self.repeat(res, run)
 
     def m_noisy(self, res: MetricResult) -> None:
         """Per side and repetition: the quiet ping-pong alone and beside the flood, in
@@ -646,20 +642,11 @@ class Bench(Fabric):
         assert self.tenant is not None
         d = max(1, min(self.opts.duration, 6) // 2)
         noisy_native, noisy_nk = self._noisy_places()
-        sink = self._peer_server(["nice", "-n", "19", PYTHON, "-c", program("sink.py"), PEER_V4,
-                                  str(SINK_PORT)], SINK_PORT, "sink")
-        lowest_priority(sink.pid)
-        server = self._peer_server(["sockperf", "server", "--tcp", "-i", PEER_V4, "-p",
-                                    str(SOCKPERF_PORT)], SOCKPERF_PORT, "sockperf-server")
 
         def rate(place: Place) -> float:
-            out = self.run(place, ["sockperf", "ping-pong", "--tcp", "-m", "64", "-t", str(d),
-                                   "-i", PEER_V4, "-p", str(SOCKPERF_PORT)], d + 60,
+            out = self.run(place, sockperf_ping_pong(PEER_V4, SOCKPERF_PORT, d), d + 60,
                            "sockperf ping-pong")
-            try:
-                r = parse_sockperf(out)
-            except ParseError as e:
-                raise BenchError(f"{e} ({place.name})" + self._log_hint(place)) from None
+            r = self._parsed(parse_sockperf, out, place, place.name)
             if not r.get("avg_us"):
                 raise BenchError(f"sockperf: no 'avg-latency' figure ({place.name})\n{tail(out)}")
             return 1e6 / (2 * r["avg_us"])  # sockperf's latency is half the round trip
@@ -703,28 +690,30 @@ class Bench(Fabric):
         split: dict[str, list[float]] = {"quiet_engine_seconds": [], "noisy_engine_seconds": [],
                                           "noisy_rounds_sat_out": []}
         outside: list[float] = []
-        try:
-            for rep in range(self.opts.repetitions):
-                for place in self.sides(rep):
-                    a, b, moved = pairs(place, noisy_nk if place.tenant else noisy_native)
-                    for k, v in moved.items():
-                        split[k].append(round(v, 3))
-                    alone[place.name].append(round(a / NOISY_PAIRS))
-                    beside[place.name].append(round(b / NOISY_PAIRS))
-                    res.samples[place.name].append(b / a)
-                    text = (f"{a / NOISY_PAIRS:,.0f} round trips/s alone, {b / NOISY_PAIRS:,.0f} "
-                            f"beside the flood ({NOISY_PAIRS} pairs): kept {b / a:.2f}")
-                    if place.tenant:
-                        # The control: the same flood from the native namespace, which never
-                        # enters NetKernel. What the tenant loses to it is the machine's share
-                        # (CPUs, the sink's kernel work), not the engine's.
-                        a2, b2, _ = pairs(place, noisy_native)
-                        outside.append(round(b2 / a2, 3))
-                        text += f"; beside a flood outside NetKernel: kept {b2 / a2:.2f}"
-                    self.progress(res.metric, place, rep, text)
-        finally:
-            self.stop(server, signal.SIGINT)
-            self.stop(sink)
+
+        def run(place: Place) -> tuple[float, str]:
+            a, b, moved = pairs(place, noisy_nk if place.tenant else noisy_native)
+            for k, v in moved.items():
+                split[k].append(round(v, 3))
+            alone[place.name].append(round(a / NOISY_PAIRS))
+            beside[place.name].append(round(b / NOISY_PAIRS))
+            text = (f"{a / NOISY_PAIRS:,.0f} round trips/s alone, {b / NOISY_PAIRS:,.0f} "
+                    f"beside the flood ({NOISY_PAIRS} pairs): kept {b / a:.2f}")
+            if place.tenant:
+                # The control: the same flood from the native namespace, which never
+                # enters NetKernel. What the tenant loses to it is the machine's share
+                # (CPUs, the sink's kernel work), not the engine's.
+                a2, b2, _ = pairs(place, noisy_native)
+                outside.append(round(b2 / a2, 3))
+                text += f"; beside a flood outside NetKernel: kept {b2 / a2:.2f}"
+            return b / a, text
+
+        with self._peer_server(["nice", "-n", "19", PYTHON, "-c", program("sink.py"), PEER_V4,
+                                str(SINK_PORT)], SINK_PORT, "sink") as sink:
+            lowest_priority(sink.pid)
+            with self._peer_server(sockperf_server(PEER_V4, SOCKPERF_PORT), SOCKPERF_PORT,
+                                   "sockperf-server", signal.SIGINT):
+                self.repeat(res, run)
         for side in SIDES:
             res.extra[f"{side}_alone_rt_per_s"] = alone[side]
             res.extra[f"{side}_beside_rt_per_s"] = beside[side]
