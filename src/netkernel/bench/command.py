@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import IO, Any, TextIO
@@ -31,13 +31,10 @@ class Interrupted(BaseException):
 
 
 @contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C so that the cleanup runs."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+def _signals(handler: Callable[[int, FrameType | None], None] | int,
+             sigs: Sequence[signal.Signals]) -> Iterator[None]:
+    """sigs handled by handler (or SIG_IGN) meanwhile, their old handlers back after."""
+    old = {s: signal.signal(s, handler) for s in sigs}
     try:
         yield
     finally:
@@ -45,16 +42,14 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(s, h)
 
 
-@contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """While cleaning up, a second Ctrl-C must not leave half the fabric behind."""
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+# SIGTERM and SIGHUP unwind like Ctrl-C so that the cleanup runs; while cleaning up, a second
+# Ctrl-C must not leave half the fabric behind.
+INTERRUPTING = (signal.SIGTERM, signal.SIGHUP)
+IGNORED_IN_CLEANUP = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def run_bench(opts: Options, progress: TextIO | None = None) -> Report:
@@ -67,14 +62,14 @@ def run_bench(opts: Options, progress: TextIO | None = None) -> Report:
     bench = Bench(opts, progress)
     interrupted: BaseException | None = None
     try:
-        with _signals_interrupt():
+        with _signals(_interrupt, INTERRUPTING):
             bench.setup()
             return bench.run_all()
     except (KeyboardInterrupt, Interrupted) as e:
         interrupted = e
         raise
     finally:
-        with _signals_ignored():
+        with _signals(signal.SIG_IGN, IGNORED_IN_CLEANUP):
             if interrupted is not None:
                 bench.say("interrupted: cleaning up")
             problems = bench.cleanup()

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -169,21 +169,32 @@ class Fabric:
         return BenchError(f"{what} ({place.name}) exited with status {p.returncode} while starting:\n"
                           f"{tail(self.log_text(log_name))}" + self._log_hint(place))
 
-    def wait_listening(self, ns: str, port: int, p: subprocess.Popen[bytes], place: Place,
-                       what: str, log_name: str, timeout: float = 20) -> None:
-        """A server in one of our namespaces: wait for its listening socket (no probe
-        connection, which iperf3 would count as a test)."""
+    def _until(self, ready: Callable[[], bool], p: subprocess.Popen[bytes], place: Place, what: str,
+               log_name: str, timeout: float) -> bool:
+        """Poll ready() every 0.1 s while p starts: True once it holds, False after timeout;
+        an error with the end of p's log if p exits first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if p.poll() is not None:
                 raise self._died(p, place, what, log_name)
+            if ready():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def wait_listening(self, ns: str, port: int, p: subprocess.Popen[bytes], place: Place,
+                       what: str, log_name: str, timeout: float = 20) -> None:
+        """A server in one of our namespaces: wait for its listening socket (no probe
+        connection, which iperf3 would count as a test)."""
+
+        def listening() -> bool:
             r = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"],
                                capture_output=True, text=True)
-            if r.stdout.strip():
-                return
-            time.sleep(0.1)
-        raise BenchError(f"{what} ({place.name}) not listening on port {port} after {timeout:.0f}s:\n"
-                         f"{tail(self.log_text(log_name))}")
+            return bool(r.stdout.strip())
+
+        if not self._until(listening, p, place, what, log_name, timeout):
+            raise BenchError(f"{what} ({place.name}) not listening on port {port} after {timeout:.0f}s:\n"
+                             f"{tail(self.log_text(log_name))}")
 
     def wait_accepting(self, addr: str, port: int, p: subprocess.Popen[bytes], place: Place,
                        what: str, log_name: str, timeout: float = 20) -> None:
@@ -191,15 +202,10 @@ class Fabric:
         if place.name in PEERS and place.netns:
             # pasta and slirp4netns accept on the host side before they try the sandbox.
             self.wait_listening(place.netns, port, p, place, what, log_name, timeout)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                raise self._died(p, place, what, log_name)
-            if netns.tcp_accepts(PEER_NS, addr, port):
-                return
-            time.sleep(0.1)
-        raise BenchError(f"{what} ({place.name}) not accepting on {addr}:{port} after "
-                         f"{timeout:.0f}s:\n{tail(self.log_text(log_name))}" + self._log_hint(place))
+        if not self._until(lambda: netns.tcp_accepts(PEER_NS, addr, port), p, place, what, log_name,
+                           timeout):
+            raise BenchError(f"{what} ({place.name}) not accepting on {addr}:{port} after "
+                             f"{timeout:.0f}s:\n{tail(self.log_text(log_name))}" + self._log_hint(place))
 
     # -- setup and teardown ----------------------------------------------------------------
     def setup(self) -> None:
@@ -324,17 +330,14 @@ class Fabric:
 
     def _wait_sandbox(self, sandbox: str, addr: str, p: subprocess.Popen[bytes], place: Place,
                       log: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                raise self._died(p, place, place.name, log)
+        def configured() -> bool:
             r = subprocess.run(["ip", "-n", sandbox, "-4", "-o", "addr", "show"],
                                capture_output=True, text=True)
-            if f" {addr}/" in r.stdout:
-                return
-            time.sleep(0.1)
-        raise BenchError(f"{place.name}: the sandbox has no address {addr} after {timeout:.0f}s:\n"
-                         f"{tail(self.log_text(log))}")
+            return f" {addr}/" in r.stdout
+
+        if not self._until(configured, p, place, place.name, log, timeout):
+            raise BenchError(f"{place.name}: the sandbox has no address {addr} after {timeout:.0f}s:\n"
+                             f"{tail(self.log_text(log))}")
 
     def _slirp_forward(self, api_sock: Path, host_addr: str, port: int, place: Place) -> None:
         req = {"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_addr": host_addr,

@@ -513,24 +513,17 @@ class Bench(Fabric):
         try:
             if server.tenant is None:
                 self.wait_listening(NATIVE_NS, port, p, server, what, log)
-            else:
-                self._wait_tenant_listener(p, server, port, what, log)
+            elif not self._until(lambda: self._tenant_listens(port), p, server, what, log, 20):
+                raise BenchError(f"{what} (tenant {COLO_TENANT}) not listening on port {port} after "
+                                 f"20s:\n{tail(self.log_text(log))}")
             yield p
         finally:
             self.stop(p, sig)
 
-    def _wait_tenant_listener(self, p: subprocess.Popen[bytes], server: Place, port: int, what: str,
-                              log: str) -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                raise self._died(p, server, what, log)
-            if any(c.get("kind") == "listener" and str(c.get("local", "")).endswith(f":{port}")
-                   for c in api.call("conns", tenant=COLO_TENANT)["conns"]):
-                return
-            time.sleep(0.1)
-        raise BenchError(f"{what} (tenant {COLO_TENANT}) not listening on port {port} after 20s:\n"
-                         f"{tail(self.log_text(log))}")
+    @staticmethod
+    def _tenant_listens(port: int) -> bool:
+        return any(c.get("kind") == "listener" and str(c.get("local", "")).endswith(f":{port}")
+                   for c in api.call("conns", tenant=COLO_TENANT)["conns"])
 
     @staticmethod
     def _nsm_bytes() -> int:
