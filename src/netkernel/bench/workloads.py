@@ -730,13 +730,9 @@ class Bench(Fabric):
             if status is None:
                 raise BenchError("the daemon is not running any more")
             daemon_pid, engine_pid = int(status["pid"]), int(status["engine_pid"])
-            log = "idle-netkernel.log"
-            server = self.spawn(self.tenant, [PYTHON, "-c", program("idle.py"), self.tenant.addr,
-                                              str(IDLE_PORT)], log)
-            try:
-                self.wait_accepting(self.tenant.addr, IDLE_PORT, server, self.tenant,
-                                    "idle listener", log)
-
+            listener = [PYTHON, "-c", program("idle.py"), self.tenant.addr, str(IDLE_PORT)]
+            with self._run_server(self.tenant, listener, IDLE_PORT, "idle listener",
+                                  "idle-netkernel.log"):
                 addr = self.tenant.addr
 
                 def connect() -> socket.socket:
@@ -753,8 +749,6 @@ class Bench(Fabric):
                     pct = cpu_percent(pids, IDLE_SECONDS)
                 finally:
                     held.close()
-            finally:
-                self.stop(server)
             res.engine, res.daemon = pct[engine_pid], pct[daemon_pid]
             res.tenant = sum(pct[p] for p in tenant_pids)
             res.percent = res.engine + res.daemon
