@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import TENANT_PY, Daemon, Peer, Tenant, nk, wait_port
 
-from netkernel.bench import lowest_priority, lowest_tenant_priority
+from netkernel.bench import lowest_priority, lowest_tenant_priority, program
 
 PROGS = Path(__file__).resolve().parent.parent / "apps" / "progs"
 LOG = Path("/var/log/netkernel.log")
@@ -292,6 +292,8 @@ def test_bottleneck_is_shared_by_tenant_not_by_flow(nsm: Callable[..., str],
 
 # -- a noisy tenant ----------------------------------------------------------------------------
 
+# Not the bench's flood (netkernel/bench/programs/flood.py): without its TCP_NODELAY, as the
+# bounds below were set for.
 NOISY = """
 import socket, sys, time
 socks = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(200)]
@@ -306,21 +308,8 @@ while time.monotonic() < end:
             pass
 """
 
-SINK = """
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-ls = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=512)
-sel.register(ls, selectors.EVENT_READ)
-print("READY", flush=True)
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is ls:
-            c, _ = ls.accept()
-            sel.register(c, selectors.EVENT_READ)
-        elif not key.fileobj.recv(1 << 16):
-            sel.unregister(key.fileobj)
-            key.fileobj.close()
-"""
+# The bench's sink (it prints READY once it listens).
+SINK = program("sink.py")
 
 
 def rr_rate(t: Tenant, peer: Peer, seconds: int = 6) -> float:

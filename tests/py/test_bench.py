@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -469,18 +470,15 @@ def test_cli_unknown_metric(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_missing_programs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import shutil
-
     real = shutil.which
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(bench.shutil, "which",
-                        lambda p: None if p in ("wrk", "redis-benchmark") else real(p))
+    monkeypatch.setattr(shutil, "which", lambda p: None if p in ("wrk", "redis-benchmark") else real(p))
     assert cli.main(["bench", "--quick"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == ("netkernel: bench needs wrk, redis-benchmark, not found in PATH; "
                    "install with: apt-get install redis-tools wrk")
     # Only what the chosen metrics need is required.
-    monkeypatch.setattr(bench, "run_bench", lambda opts: (_ for _ in ()).throw(SystemExit(7)))
+    monkeypatch.setattr(bench.command, "run_bench", lambda opts: (_ for _ in ()).throw(SystemExit(7)))
     with pytest.raises(SystemExit):
         cli.main(["bench", "--only", "iperf3_tcp_gbps"])
 
@@ -596,6 +594,14 @@ def test_write_outputs(tmp_path: Path) -> None:
                      "charts/tcp_rr_p50_us.png", "results.json", "results.md"]
     assert (tmp_path / "out/charts/iperf3_tcp_gbps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "out/results.json").read_text())["entries"]
+
+
+def test_programs_ship_in_the_package() -> None:
+    """The programs the workloads run (and the policy tests share) are files of the package,
+    in the wheel too: every file under src/netkernel is."""
+    for name in ("idle.py", "flood.py", "sink.py"):
+        compile(bench.program(name), name, "exec")
+    assert "listen {listen};" in bench.program("nginx.conf")
 
 
 def test_cpu_percent_of_a_busy_process() -> None:
