@@ -357,8 +357,13 @@ class Fabric:
         """Like tests/conftest.py's peer_ns: a veth from the namespace to nk0."""
         self.made_ns.append(ns)
         netns.netns_add(ns)
-        # Root-side veth named like the namespace (<= 15 bytes), the inner end is eth0.
-        netns.ip("link", "add", ns, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        # Root-side veth named like the namespace (<= 15 bytes), the inner end is eth0, with a
+        # MAC address made from its IPv4 address: the same namespace made again by the next
+        # run keeps its MAC, so the NSMs' neighbour caches (reachable for ~30 s) stay right.
+        # (A new random one made back-to-back runs' connects time out while they re-probe.)
+        mac = "02:4e:62:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(v4).packed[1:])
+        netns.ip("link", "add", ns, "type", "veth", "peer", "name", "eth0", "address", mac,
+                 "netns", ns)
         netns.ip("link", "set", ns, "master", BRIDGE, "up")
         netns.sysctl("net.ipv6.conf.eth0.accept_dad", "0", netns=ns)
         netns.addr_add("eth0", f"{v4}/{PREFIX_V4}", netns=ns)

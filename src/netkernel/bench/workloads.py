@@ -487,7 +487,7 @@ class Bench(Fabric):
             for p, log, place in clients:
                 self.procs.remove(p)
                 total += self._parsed(parse_iperf3, self.log_text(log), place,
-                                      f"{place.name} {place.addr}")["gbps"]
+                                      f"{place.name} {place.addr}, exit status {p.returncode}")["gbps"]
             return total, f"{total:.2f} Gbit/s from {n} at once"
 
         with ExitStack() as servers:
