@@ -19,11 +19,16 @@
 #include <stdint.h>
 #include <stddef.h>
 
+/* C++ may include this header for the layouts (ring.h, addr.h and servicelib.h are C11 only):
+ * there the atomic fields are plain integers of the same size, and the layout pins are
+ * static_assert, since C++ has no _Static_assert. */
 #ifdef __cplusplus
 #define NK_ATOMIC(t) t
+#define NK_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
 #else
 #include <stdatomic.h>
 #define NK_ATOMIC(t) _Atomic t
+#define NK_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
 #endif
 
 #define NK_REGION_MAGIC 0x4e4b5247u /* "NKRG" */
@@ -56,14 +61,14 @@ struct nk_addr {
   uint32_t scope_id;
   uint8_t addr[16]; /* IPv4 in the first 4 bytes */
 };
-_Static_assert(sizeof(struct nk_addr) == 24, "nk_addr size");
+NK_STATIC_ASSERT(sizeof(struct nk_addr) == 24, "nk_addr size");
 
 /* One index on its own cache line (DPDK rte_ring layout). */
 struct nk_index {
   NK_ATOMIC(uint32_t) v;
   uint32_t pad[NK_CACHELINE / 4 - 1];
 };
-_Static_assert(sizeof(struct nk_index) == NK_CACHELINE, "nk_index size");
+NK_STATIC_ASSERT(sizeof(struct nk_index) == NK_CACHELINE, "nk_index size");
 
 /* Per-socket header in the region. The engine writes: ident, kind, state, addresses,
  * rx_head, tx_tail, rx_eof, rx_err, so_error, rx_stalled. The guest writes: tx_head, rx_tail,
@@ -106,12 +111,12 @@ struct nk_slot {
   NK_ATOMIC(uint32_t) rx_seen;  /* bumped each time the guest looks at the receive ring */
   uint32_t reserved3[6];
 };
-_Static_assert(sizeof(struct nk_slot) == 8 * NK_CACHELINE, "nk_slot size");
-_Static_assert(offsetof(struct nk_slot, local) == NK_CACHELINE, "nk_slot.local");
-_Static_assert(offsetof(struct nk_slot, tx_head) == 2 * NK_CACHELINE, "nk_slot.tx_head");
-_Static_assert(offsetof(struct nk_slot, rx_tail) == 5 * NK_CACHELINE, "nk_slot.rx_tail");
-_Static_assert(offsetof(struct nk_slot, rx_eof) == 6 * NK_CACHELINE, "nk_slot.rx_eof");
-_Static_assert(offsetof(struct nk_slot, rx_ack) == 7 * NK_CACHELINE, "nk_slot.rx_ack");
+NK_STATIC_ASSERT(sizeof(struct nk_slot) == 8 * NK_CACHELINE, "nk_slot size");
+NK_STATIC_ASSERT(offsetof(struct nk_slot, local) == NK_CACHELINE, "nk_slot.local");
+NK_STATIC_ASSERT(offsetof(struct nk_slot, tx_head) == 2 * NK_CACHELINE, "nk_slot.tx_head");
+NK_STATIC_ASSERT(offsetof(struct nk_slot, rx_tail) == 5 * NK_CACHELINE, "nk_slot.rx_tail");
+NK_STATIC_ASSERT(offsetof(struct nk_slot, rx_eof) == 6 * NK_CACHELINE, "nk_slot.rx_eof");
+NK_STATIC_ASSERT(offsetof(struct nk_slot, rx_ack) == 7 * NK_CACHELINE, "nk_slot.rx_ack");
 
 /* Region header, at offset 0 of the tenant's memfd. The slot array follows at slots_off,
  * the rings at rings_off: slot i owns 2*ring_size bytes at rings_off + i*2*ring_size
@@ -134,9 +139,9 @@ struct nk_region {
   uint64_t reserved2[7];
   NK_ATOMIC(uint64_t) doorbell[]; /* NK_DOORBELL_WORDS(nslots) words */
 };
-_Static_assert(offsetof(struct nk_region, engine_sleeping) == NK_CACHELINE, "engine_sleeping");
-_Static_assert(offsetof(struct nk_region, doorbell_summary) == 2 * NK_CACHELINE, "summary");
-_Static_assert(offsetof(struct nk_region, doorbell) == 3 * NK_CACHELINE, "doorbell");
+NK_STATIC_ASSERT(offsetof(struct nk_region, engine_sleeping) == NK_CACHELINE, "engine_sleeping");
+NK_STATIC_ASSERT(offsetof(struct nk_region, doorbell_summary) == 2 * NK_CACHELINE, "summary");
+NK_STATIC_ASSERT(offsetof(struct nk_region, doorbell) == 3 * NK_CACHELINE, "doorbell");
 
 /* A UDP datagram in a ring: header, then len payload bytes, then padding to 8 bytes. */
 struct nk_dgram {
@@ -144,7 +149,7 @@ struct nk_dgram {
   uint32_t reserved;
   struct nk_addr addr; /* destination on tx, source on rx */
 };
-_Static_assert(sizeof(struct nk_dgram) == 32, "nk_dgram size");
+NK_STATIC_ASSERT(sizeof(struct nk_dgram) == 32, "nk_dgram size");
 #define NK_DGRAM_MAX 65507u
 #define NK_DGRAM_SPACE(len) (sizeof(struct nk_dgram) + (((len) + 7u) & ~7u))
 
@@ -162,7 +167,7 @@ struct nk_newconn {
   struct nk_addr peer;
   struct nk_addr local;
 };
-_Static_assert(sizeof(struct nk_newconn) == 64, "nk_newconn size");
+NK_STATIC_ASSERT(sizeof(struct nk_newconn) == 64, "nk_newconn size");
 
 /* guest -> engine: a blocker record. Its size exceeds a quarter of the guest end's minimal
  * SO_SNDBUF, so while it is queued the kernel reports the guest end unwritable. The engine
@@ -196,7 +201,7 @@ struct nk_req {
   struct nk_addr addr;
   uint8_t optval[NK_OPT_MAX];
 };
-_Static_assert(sizeof(struct nk_req) == 64 + NK_OPT_MAX, "nk_req size");
+NK_STATIC_ASSERT(sizeof(struct nk_req) == 64 + NK_OPT_MAX, "nk_req size");
 
 struct nk_rep {
   int32_t err; /* 0 or -errno */
@@ -208,7 +213,7 @@ struct nk_rep {
   struct nk_addr addr;
   uint8_t optval[NK_OPT_MAX];
 };
-_Static_assert(sizeof(struct nk_rep) == 56 + NK_OPT_MAX, "nk_rep size");
+NK_STATIC_ASSERT(sizeof(struct nk_rep) == 56 + NK_OPT_MAX, "nk_rep size");
 
 /* REGISTER reply: err, and in optval: */
 struct nk_reginfo {

@@ -90,8 +90,8 @@ struct nk_nqe {
   uint32_t arg2;
   uint32_t reserved;
 };
-_Static_assert(sizeof(struct nk_nqe) == 64, "nk_nqe size");
-_Static_assert(offsetof(struct nk_nqe, addr) == 32, "nk_nqe.addr");
+NK_STATIC_ASSERT(sizeof(struct nk_nqe) == 64, "nk_nqe size");
+NK_STATIC_ASSERT(offsetof(struct nk_nqe, addr) == 32, "nk_nqe.addr");
 
 /* One queue: the producer owns head, the consumer owns tail (free-running, masked on use).
  * `sleeping` is the consumer's: set before it blocks on its doorbell, re-checked after. */
@@ -127,13 +127,13 @@ struct nk_sl_shared {
   struct nk_sl_area dg_in;  /* NSM -> engine: datagrams received */
 };
 #define NK_SL_QUEUE_BYTES (3u * NK_CACHELINE + NK_SL_QUEUE_LEN * 64u)
-_Static_assert(sizeof(struct nk_sl_queue) == NK_SL_QUEUE_BYTES, "nk_sl_queue size");
-_Static_assert(offsetof(struct nk_sl_shared, rep) == NK_CACHELINE + NK_SL_QUEUE_BYTES, "rep");
-_Static_assert(offsetof(struct nk_sl_shared, evt) == NK_CACHELINE + 2 * NK_SL_QUEUE_BYTES, "evt");
-_Static_assert(offsetof(struct nk_sl_shared, dg_out) == NK_CACHELINE + 3 * NK_SL_QUEUE_BYTES,
-               "dg_out");
-_Static_assert(sizeof(struct nk_sl_area) == 2 * NK_CACHELINE + NK_SL_AREA_SIZE, "nk_sl_area");
-_Static_assert(offsetof(struct nk_sl_shared, req) == NK_CACHELINE, "nk_sl_shared.req");
+NK_STATIC_ASSERT(sizeof(struct nk_sl_queue) == NK_SL_QUEUE_BYTES, "nk_sl_queue size");
+NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, rep) == NK_CACHELINE + NK_SL_QUEUE_BYTES, "rep");
+NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, evt) == NK_CACHELINE + 2 * NK_SL_QUEUE_BYTES, "evt");
+NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, dg_out) == NK_CACHELINE + 3 * NK_SL_QUEUE_BYTES,
+                 "dg_out");
+NK_STATIC_ASSERT(sizeof(struct nk_sl_area) == 2 * NK_CACHELINE + NK_SL_AREA_SIZE, "nk_sl_area");
+NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, req) == NK_CACHELINE, "nk_sl_shared.req");
 
 /* ---- control messages (SEQPACKET) ---- */
 #define NK_SLC_HELLO 1      /* engine -> NSM: fds [shared memfd, nsm_bell, engine_bell] */
@@ -148,7 +148,7 @@ struct nk_sl_ctl {
   struct nk_addr ipv4, ipv6; /* TENANT_ADD: the addresses the NSM must hold for it */
   char name[64];             /* HELLO: the NSM's name; TENANT_ADD: the tenant's */
 };
-_Static_assert(sizeof(struct nk_sl_ctl) == 24 + 48 + 64, "nk_sl_ctl size");
+NK_STATIC_ASSERT(sizeof(struct nk_sl_ctl) == 24 + 48 + 64, "nk_sl_ctl size");
 
 /* Queue helpers for either side. Push: false when full. Pop: false when empty. */
 static inline bool nk_sl_push(struct nk_sl_queue *q, const struct nk_nqe *e) {
