@@ -23,6 +23,8 @@
 
 #include "abi.h"
 
+/* One process's handle on a ring: pointers into its own mapping, never shared (the shared
+ * parts, the indices and the bytes, are laid out in abi.h). */
 struct nk_ring {
   uint8_t *data;
   uint32_t size; /* power of two */
