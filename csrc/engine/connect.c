@@ -83,7 +83,7 @@ void nk_sock_connected(struct nk_esock *es, int err) {
   nk_ep_local(es, 0, &a);
   nk_sock_set_local(es, &a);
   if (es->ep[0].ops->address && es->ep[0].ops->address(es, 0, true, &a)) nk_sock_set_peer(es, &a);
-  atomic_store(&nk_sock_slot(es)->state, NK_ST_CONNECTED);
+  atomic_store(&nk_sock_slot(es)->state, NK_ST_CONNECTED); /* T1: after the addresses */
   nk_sock_activate(es);
 }
 

@@ -67,6 +67,8 @@ static void usage(void) {
           "  normally started by the NetKernel daemon (netkernel up)\n");
 }
 
+/* The sleep announcement of D2 and W4 (see main()): every tenant region's engine_sleeping and
+ * every external NSM's evt.sleeping (seq_cst stores). */
 static void set_sleeping(uint32_t v) {
   for (struct nk_tenant *t = engine.tenants; t; t = t->next)
     atomic_store(&t->rg->engine_sleeping, v);
@@ -313,7 +315,10 @@ int main(int argc, char **argv) {
      * (fds.c); it comes back once there are descriptors again. */
     if (engine.spare_fd < 0) engine.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (!engine.active_tenants && now - last_work > engine.spin_ns) {
-      /* E1: announce sleep, then look once more for work a guest posted meanwhile. */
+      /* D2 and W4: announce sleep, fence, then look once more (doorbell bits, NSM event
+       * queues) for work posted meanwhile. D2 pairs with D1 in GuestLib's doorbell(), W4 with
+       * W3 in ServiceLib's nk_sl_flush(): each publishes its work, then loads our flag after
+       * a seq_cst RMW or fence, so either this look finds the work or they see us asleep. */
       set_sleeping(1);
       atomic_thread_fence(memory_order_seq_cst);
       if (scan_all()) {

@@ -1,6 +1,7 @@
 /* The readiness mirror: the engine end of each socket's proxy fd shows the guest, through
  * poll/epoll on its end, what a Linux socket would show (readable, writable, hung up), and the
  * ends a connection can come to. See csrc/guest/sock.c for the guest half of the protocol.
+ * Memory order: each pair is labelled at both ends (R1/R2...); docs/abi.md lists them.
  */
 #include <errno.h>
 #include <string.h>
@@ -30,7 +31,9 @@ void nk_sock_activate(struct nk_esock *es) {
 }
 
 /* The socket's addresses live in the engine; the slot gets a copy for the guest's
- * getsockname()/getpeername(), which the engine never reads back (a tenant may scribble it). */
+ * getsockname()/getpeername(), which the engine never reads back (a tenant may scribble it).
+ * T1: plain stores, published to the guest by the store of the slot's state that follows
+ * them (seq_cst, so release); pairs with T2 in GuestLib's nk_getname(). */
 void nk_sock_set_local(struct nk_esock *es, const struct nk_addr *a) {
   es->local = *a;
   slot_of(es)->local = *a;
@@ -51,7 +54,8 @@ static bool has_input(struct nk_esock *es) {
 }
 
 /* Queue one READY record. The intent is published in ready_sent first and the ring looked at
- * again afterwards (R3, seq_cst; pairs with R4 in GuestLib's drained()): a reader that
+ * again afterwards (R3: store, seq_cst fence, loads; pairs with R4 in GuestLib's
+ * take_records(), which drained() calls after emptying the ring): a reader that
  * emptied the ring meanwhile either sees the intent and waits for the record or its
  * retraction, or we see the empty ring and retract. Either way no record outlives the bytes
  * it announced: programs such as wrk count "readable, then EAGAIN" as an error. */
@@ -73,7 +77,7 @@ static void send_ready(struct nk_esock *es) {
 /* Mirror the end of the byte stream onto the proxy fd: shutting our end for writing gives the
  * guest end POLLIN|POLLRDHUP for good, as a TCP socket has after the peer's FIN. We never
  * shut our end for reading: its EPOLLHUP must keep meaning "the guest closed it". When the
- * connection is over both ways, hang_up() closes our end instead. */
+ * connection is over both ways, nk_sock_hang_up() closes our end instead. */
 void nk_sock_proxy_shutdown(struct nk_esock *es) {
   NK_LOG(2, "tenant %s slot %u: end of stream", es->t->name, es->slot);
   if (es->proxy >= 0) shutdown(es->proxy, SHUT_WR);
@@ -112,7 +116,8 @@ void nk_sock_sweep_zombies(void) {
 
 /* Queue a READY record when there is something to read and none is outstanding.
  * R1: the fence orders our ring/EOF stores before the load of rx_ack; pairs with R2 in
- * GuestLib's stream_recv(), which publishes rx_ack before re-checking the ring. */
+ * GuestLib's stream_recv(), dgram_recv() and drained(), which publish rx_ack before they look
+ * at the ring again. */
 void nk_sock_maybe_ready(struct nk_esock *es) {
   struct nk_slot *s = slot_of(es);
   atomic_thread_fence(memory_order_seq_cst);
@@ -124,8 +129,9 @@ void nk_sock_maybe_ready(struct nk_esock *es) {
   }
   /* A record is outstanding, but the guest looked at the ring since we queued it and bytes
    * arrived since: queue another, so an edge-triggered poller sees a new EPOLLIN edge as it
-   * would for new data on a Linux socket. E3: the fence above orders our ring stores before
-   * this load; pairs with E2 in GuestLib. The guest takes back every record when it drains. */
+   * would for new data on a Linux socket. E2: the fence above orders our ring stores before
+   * this load; pairs with E1 in GuestLib's seen(). The guest takes back every record when it
+   * drains. */
   if (atomic_load(&s->rx_seen) != es->seen_at_ready && es->rx_bytes != es->rx_bytes_at_ready)
     send_ready(es);
 }
@@ -172,6 +178,8 @@ void nk_sock_fail(struct nk_esock *es, int err, enum nk_end how) {
          how == NK_END_BROKEN ? "reset" : how == NK_END_ERROR ? "connection error" : "connect failed",
          strerror(err), atomic_load(es->tx.head), atomic_load(es->tx.tail),
          atomic_load(es->rx.head), atomic_load(es->rx.tail));
+  /* X1 and T1: every byte before the end is in the ring already; the flags follow it, and
+   * the state comes last (the guest reads so_error once it sees the state change). */
   if (how != NK_END_BROKEN) atomic_store(&s->so_error, err);
   nk_ep_close_all(es, how == NK_END_BROKEN);
   es->dead = true;
@@ -189,7 +197,9 @@ void nk_sock_fail(struct nk_esock *es, int err, enum nk_end how) {
 }
 
 /* The peer's byte stream ended and everything before it is in our receive ring: readable for
- * good, no READY record needed. Both directions shut: POLLHUP. */
+ * good, no READY record needed. Both directions shut: POLLHUP. X1: rx_eof (seq_cst) is stored
+ * after the last bytes' head (P1); pairs with X2 in GuestLib's stream_recv(), which loads the
+ * flag, then the ring: it never reports EOF with bytes still unread. */
 void nk_sock_end_of_stream(struct nk_esock *es) {
   atomic_store(&slot_of(es)->rx_eof, 1);
   if (es->guest_shut_wr) nk_sock_hang_up(es);
@@ -197,9 +207,13 @@ void nk_sock_end_of_stream(struct nk_esock *es) {
 }
 
 /* The receive ring lacks `need` bytes of room: the guest is asked to kick the socket when it
- * drains. S1: the flag is stored (seq_cst) before the ring is looked at again; pairs with
- * GuestLib's consume, then load of rx_stalled. True while the room is still lacking; false
- * (flag withdrawn) when the guest drained meanwhile or broke its ring (the caller finds out). */
+ * drains. S1: the flag is stored (seq_cst) before the ring is looked at again; pairs with S2
+ * in GuestLib's after_consume() (tail store, fence, load of rx_stalled): either we see the
+ * room or it sees the flag. A seq_cst store followed by an acquire load of another object is
+ * ordered by the hardware, not by C11 (docs/abi.md, "Where the order rests on the hardware").
+ * True while the room is still lacking; false (flag withdrawn) when the guest drained
+ * meanwhile or broke its ring (the caller finds out). Callers withdraw the flag with a relaxed
+ * store once there is room: it publishes nothing, and a stale flag costs one spurious kick. */
 bool nk_sock_rx_stall(struct nk_esock *es, uint32_t need) {
   struct nk_slot *s = slot_of(es);
   atomic_store(&s->rx_stalled, 1);

@@ -31,6 +31,7 @@ static void finish_close(struct nk_esock *es) {
  * seen as sockets that outlive their processes). */
 void nk_sock_service(struct nk_esock *es) {
   struct nk_slot *s = nk_sock_slot(es);
+  /* Relaxed: kick publishes nothing, and the engine never reads it (doorbell bits wake us). */
   atomic_store_explicit(&s->kick, 0, memory_order_relaxed);
   if (!es->dead) {
     if (es->kind == NK_KIND_LISTENER) {

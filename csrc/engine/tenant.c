@@ -434,7 +434,10 @@ void nk_tenant_trim_all(void) {
 }
 
 /* Collects the doorbell bits guests set; returns true if any socket was activated.
- * E1: the exchanges are seq_cst; they pair with D1 in GuestLib's doorbell(). */
+ * D2 (with main()'s sleep path): the loads here come after main()'s fence; the exchanges
+ * (seq_cst) take the bits D1 in GuestLib's doorbell() set, and with them the ring stores the
+ * guest made before setting them. The relaxed peeks publish nothing: a bit one misses is
+ * taken in a later round, and before a sleep the fence in main() orders them. */
 bool nk_tenant_scan_doorbells(struct nk_tenant *t) {
   struct nk_region *rg = t->rg;
   if (!atomic_load_explicit(&rg->doorbell_summary, memory_order_relaxed)) return false;

@@ -152,6 +152,8 @@ int nk_ctl_call(struct nk_req *req, int send_fd, struct nk_rep *rep) {
 
 int nk_ensure_registered(void) {
   if (!nk_g.enabled) return -ENETDOWN;
+  /* G2: acquire; pairs with G1 below: a thread that sees registered sees the mapping and
+   * every nk_g field set before it. */
   if (__atomic_load_n(&nk_g.registered, __ATOMIC_ACQUIRE)) return 0;
   int saved = errno, r = 0;
   pthread_mutex_lock(&reg_lock);
@@ -195,7 +197,7 @@ int nk_ensure_registered(void) {
   nk_g.rings = (uint8_t *)base + rg->rings_off;
   nk_g.doorbell_fd = fds[1];
   nk_g.info = info;
-  __atomic_store_n(&nk_g.registered, true, __ATOMIC_RELEASE);
+  __atomic_store_n(&nk_g.registered, true, __ATOMIC_RELEASE); /* G1: after all of the above */
   NK_LOG(1, "registered: tenant %u, %u slots of %u bytes", info.tenant_id, nk_g.nslots,
          nk_g.ring_size);
 out:

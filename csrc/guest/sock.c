@@ -1,7 +1,7 @@
 /* NetKernel sockets as seen by the guest: the proxy fd for readiness and lifetime
  * (DESIGN §A), the shared rings for bytes (§B), control requests for everything else.
  *
- * Readiness protocol (the engine side is in csrc/engine/sock.c):
+ * Readiness protocol (the engine side is in csrc/engine/readiness.c):
  *  - readable: the engine queues one READY record on the proxy fd whenever the receive ring is
  *    non-empty, at EOF or on error, and no record is outstanding (ready_sent == rx_ack in its
  *    private count). We consume records only when the ring is empty and no EOF/error is
@@ -9,6 +9,8 @@
  *    "kick" the engine so it re-evaluates and queues a fresh record. No wake-up is lost.
  *  - writable: when the transmit ring is full we queue a blocker record on the proxy fd, whose
  *    size makes the kernel report our end unwritable; the engine consumes it when space frees.
+ *
+ * Memory order: each pair is labelled at both ends (R1/R2, D1/D2...); docs/abi.md lists them.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -36,6 +38,9 @@ void nk_slot_rings(int slot, struct nk_ring *tx, struct nk_ring *rx) {
 
 /* ---- small helpers ---- */
 
+/* tx_lock serialises a slot's senders, rx_lock its receivers, across threads and processes.
+ * L2: acquire; pairs with L1 in unlock(): the next holder sees the ring as the last one left
+ * it (bytes and index). */
 static void lock(_Atomic uint32_t *l) {
   for (int spins = 0;; spins++) {
     uint32_t z = 0;
@@ -44,13 +49,17 @@ static void lock(_Atomic uint32_t *l) {
     if (spins > 100) sched_yield();
   }
 }
+/* L1: release; pairs with L2 in lock(). */
 static void unlock(_Atomic uint32_t *l) { atomic_store_explicit(l, 0, memory_order_release); }
 
 /* Tell the engine that this slot needs attention; wake it only when it sleeps. */
 static void doorbell(int slot) {
   struct nk_region *rg = nk_g.region;
   uint64_t bit = 1ull << (slot & 63);
-  /* D1: seq_cst; pairs with E1 in the engine's sleep path (store sleeping, then scan bits). */
+  /* D1: the bits are set (seq_cst) before engine_sleeping is loaded (seq_cst); pairs with D2 in
+   * the engine's main() (store engine_sleeping, fence, scan the bits): either its last scan
+   * finds our bit or we find it asleep and write the eventfd. The bit also publishes our
+   * earlier ring stores: the engine takes it with an exchange before it looks at the ring. */
   atomic_fetch_or(&rg->doorbell[slot >> 6], bit);
   atomic_fetch_or(&rg->doorbell_summary, 1ull << ((slot >> 6) & 63));
   if (atomic_load(&rg->engine_sleeping) && atomic_exchange(&rg->engine_sleeping, 0)) {
@@ -62,6 +71,8 @@ static void doorbell(int slot) {
   }
 }
 
+/* The doorbell bit is what the engine acts on; kick only marks the slot (the engine clears it
+ * when it serves the socket and reads it nowhere). */
 static void kick(int slot) {
   atomic_store(&nk_slot_at(slot)->kick, 1);
   doorbell(slot);
@@ -69,7 +80,8 @@ static void kick(int slot) {
 
 /* O_NONBLOCK belongs to the open file description, which every copy of the proxy fd (dup,
  * fork, exec, SCM_RIGHTS) shares, as they share the slot: so the slot mirrors it, kept up to
- * date by socket(), accept4(), fcntl(F_SETFL) and ioctl(FIONBIO). No system call per read. */
+ * date by socket(), accept4(), fcntl(F_SETFL) and ioctl(FIONBIO). No system call per read.
+ * Relaxed: the flag publishes nothing, and a call racing with fcntl() may see either value. */
 static bool is_nonblock(int fd, int flags) {
   (void)fd;
   return (flags & MSG_DONTWAIT) || atomic_load_explicit(&nk_slot_at(nk_fd_slot(fd))->nonblock,
@@ -123,8 +135,11 @@ static uint32_t eat_ready(int fd, uint32_t want) {
 /* Tell the engine we looked at the receive ring. Linux raises a new EPOLLIN edge for every
  * arrival of data, also while unread data is queued, and nginx counts on it: it reads the
  * FIONREAD amount, then waits for the next edge. The engine queues an extra READY record for
- * data it pushes after we looked. E2: seq_cst, before the caller loads the ring's fill;
- * pairs with E3 in the engine's maybe_ready(). */
+ * data it pushes after we looked. E1: the bump (seq_cst) comes before the caller loads the
+ * ring's fill; pairs with E2 in the engine's nk_sock_maybe_ready() (ring stores, fence, load
+ * rx_seen): either we see its new bytes or it sees the bump and queues a fresh record. C11
+ * does not order a seq_cst RMW before a later acquire load of another object; the hardware
+ * does (see docs/abi.md, "Where the order rests on the hardware"). */
 static void seen(struct nk_slot *s) { atomic_fetch_add(&s->rx_seen, 1); }
 
 /* Takes back the READY records the engine announced (ready_sent - rx_ack): one recv() per
@@ -132,7 +147,10 @@ static void seen(struct nk_slot *s) { atomic_fetch_add(&s->rx_seen, 1); }
  * socket. A record announced but not here yet is being sent right now, or is about to be
  * retracted (R3 in the engine): wait for either, briefly; left behind, it would make the
  * socket read as readable with nothing to read. Returns how many were taken; the caller
- * adds them to rx_ack. R4: the fence orders the caller's ring accesses before the loads. */
+ * adds them to rx_ack. R4: the fence orders the caller's ring accesses (its tail store) before
+ * the loads of ready_sent; pairs with R3 in the engine's send_ready() (store ready_sent,
+ * fence, look at the ring): either it sees the ring we emptied and retracts, or we see the
+ * record it announced. */
 static uint32_t take_records(int fd, struct nk_slot *s) {
   atomic_thread_fence(memory_order_seq_cst);
   uint32_t sent = atomic_load(&s->ready_sent), ack = atomic_load(&s->rx_ack);
@@ -161,7 +179,8 @@ static void drained(int fd, int slot, struct nk_ring *rx, bool dgram) {
 }
 
 /* The engine stopped reading the NSM because the ring was full: tell it there is room.
- * S2: the fence orders our tail store before the load of rx_stalled; pairs with S1. */
+ * S2: the fence orders our tail store (C1) before the load of rx_stalled; pairs with S1 in the
+ * engine's nk_sock_rx_stall(): either it sees the room or we see the flag and kick. */
 static void after_consume(int slot) {
   atomic_thread_fence(memory_order_seq_cst);
   if (atomic_load(&nk_slot_at(slot)->rx_stalled)) kick(slot);
@@ -302,6 +321,7 @@ int nk_connect(int fd, int slot, const struct sockaddr *sa, socklen_t len) {
     if (atomic_load(&s->state) != NK_ST_CONNECTING) break;
     if (w == 2) return -ECONNRESET;
   }
+  /* T2: the state was loaded first; pairs with T1 in the engine (so_error, then the state). */
   int err = atomic_exchange(&s->so_error, 0);
   return err ? -err : 0;
 }
@@ -463,7 +483,8 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
     /* Empty. Errors and EOF stay readable: never eat the record for them. The engine sets
      * them after the last bytes before them are in the ring, so they may have landed between
      * our look at the ring and this one (a reply and its FIN together): those bytes come
-     * first, as Linux returns queued data before EOF or a reset. */
+     * first, as Linux returns queued data before EOF or a reset. X2: the flag's load comes
+     * before the ring's (C0); pairs with X1 in the engine (its head store, then the flag). */
     if ((atomic_load(&s->rx_err) || atomic_load(&s->rx_eof)) && nk_ring_fill(&rx)) {
       unlock(&s->rx_lock);
       continue;
@@ -481,7 +502,10 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
     }
     uint32_t eaten = take_records(fd, s);
     if (eaten) atomic_fetch_add(&s->rx_ack, eaten);
-    /* R2: seq_cst re-check after publishing the ack; pairs with the engine's push-then-check. */
+    /* R2: the ack is published (seq_cst RMW) before the ring is looked at again; pairs with R1
+     * in the engine's nk_sock_maybe_ready() (ring stores, fence, load rx_ack): either it sees
+     * the ack and queues a fresh record for what arrived, or we see the bytes and kick. As
+     * with E1, this leans on the hardware for RMW-then-acquire-load order (docs/abi.md). */
     bool more = nk_ring_fill(&rx) || atomic_load(&s->rx_eof) || atomic_load(&s->rx_err);
     unlock(&s->rx_lock);
     if (more) {
@@ -571,6 +595,7 @@ static ssize_t dgram_recv(int fd, int slot, struct msghdr *msg, int flags) {
     }
     uint32_t eaten = take_records(fd, s);
     if (eaten) atomic_fetch_add(&s->rx_ack, eaten);
+    /* R2, as in stream_recv(). */
     bool more = nk_ring_fill(&rx) >= sizeof(struct nk_dgram) || atomic_load(&s->rx_err);
     unlock(&s->rx_lock);
     if (more) {
@@ -666,6 +691,7 @@ int nk_getname(int fd, int slot, struct sockaddr *sa, socklen_t *len, bool peer)
   struct nk_slot *s = nk_slot_at(slot);
   if (!len) return -EFAULT;
   if (peer) {
+    /* T2: the state before the addresses; pairs with T1 (the engine writes them first). */
     uint32_t st = atomic_load(&s->state);
     if (st != NK_ST_CONNECTED && !(s->kind == NK_KIND_DGRAM && s->peer.family)) return -ENOTCONN;
     if (st == NK_ST_CONNECTED && !s->peer.family) return -ENOTCONN;

@@ -79,8 +79,9 @@ static void bell(struct nk_ext *x) {
 /* Async request: the doorbell rings only while the NSM sleeps. */
 static bool post(struct nk_ext *x, struct nk_nqe *q) {
   if (!up(x) || !nk_sl_push(&x->sh->req, q)) return false;
-  /* F2: the request is published before the NSM's flag is read; pairs with the NSM's store
-   * of sleeping and re-check of the queue (nk_sl_may_sleep). */
+  /* W1: the request is published (K1) before the NSM's flag is read; pairs with W2 in
+   * ServiceLib's nk_sl_may_sleep() (store sleeping, fence, look at the queue again): either
+   * it finds the request or we find it asleep and ring. */
   atomic_thread_fence(memory_order_seq_cst);
   if (atomic_load(&x->sh->req.sleeping.v)) bell(x);
   return true;
@@ -248,6 +249,7 @@ static int ext_send_dgram(struct nk_esock *es, int k, const struct nk_addr *dst,
   }
   struct nk_nqe q = {.op = NK_SLQ_SENDTO, .sock = es->ep[k].id, .off = head, .len = len};
   if (dst) q.addr = *dst;
+  /* A1: the bytes before the head; pairs with A2 in nk_sl_area_valid() (nk_sl_dgram_take()). */
   atomic_store_explicit(&a->head.v, head + len, memory_order_release);
   if (!post(x, &q)) {
     atomic_store_explicit(&a->head.v, head, memory_order_relaxed); /* not announced: take back */
@@ -281,6 +283,8 @@ static bool dgram_in(struct nk_ext *x, const struct nk_nqe *e, struct nk_esock *
     nk_policy_charge_dgram(es, es->ep[k].nsm, NK_RX, e->len);
     nk_sock_activate(es);
   }
+  /* A3: the bytes were copied out before the space is freed; pairs with A4 in
+   * nk_sl_area_room() (the NSM's nk_sl_dgram_post()). */
   atomic_store_explicit(&a->tail.v, (uint32_t)e->off + e->len, memory_order_release);
   return true;
 }
@@ -346,7 +350,9 @@ static struct nk_ext *ready(struct nk_esock *es) {
   return x;
 }
 
-/* Offer the transmit ring's new bytes. */
+/* Offer the transmit ring's new bytes. The NSM reads them in the tenant's ring, never its
+ * indices: the order comes by way of the engine, C0 (the guest's bytes, here) then K1 (the
+ * SEND nqe, which the NSM pops with K2 before it reads them). */
 static void ext_transmit(struct nk_esock *es) {
   struct nk_ext *x = ready(es);
   if (!x) return;
@@ -376,7 +382,8 @@ static void ext_transmit(struct nk_esock *es) {
   }
 }
 
-/* Grant receive room as the application drains. */
+/* Grant receive room as the application drains: P0 (the guest's tail, here) then K1 (the
+ * RECV nqe): the NSM writes only after the guest's reads of that room. */
 static void ext_receive(struct nk_esock *es) {
   struct nk_ext *x = ready(es);
   if (!x) return;
@@ -396,7 +403,7 @@ static void ext_receive(struct nk_esock *es) {
     nk_sock_rx_stall(es, 1); /* it kicks us when it drains */
     return;
   }
-  atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed);
+  atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed); /* S1 withdrawn */
   if (room == 0 || (room < es->rx.size / 4 && outstanding > 0)) return;
   uint64_t g = nk_policy_grant(es, m, NK_RX, room, room < NK_QUANTUM ? room : NK_QUANTUM);
   struct nk_nqe q = {.op = NK_SLQ_RECV, .sock = es->ep[0].id, .len = (uint32_t)g};
@@ -473,6 +480,8 @@ static bool handle(struct nk_ext *x, const struct nk_nqe *e) {
     case NK_SLE_SENT: {
       uint32_t tail = atomic_load_explicit(es->tx.tail, memory_order_relaxed);
       if (!is_conn(es) || e->len > es->ext.tx_off - tail) return protocol_error(x, e, "sent_len");
+      /* The NSM copied the bytes out before it pushed SENT (K1), we popped it (K2): C1 hands
+       * the space back to the guest after them. */
       nk_ring_consume(&es->tx, e->len);
       nk_sock_count(es, NK_TX, e->len);
       nk_sock_activate(es);
@@ -482,6 +491,8 @@ static bool handle(struct nk_ext *x, const struct nk_nqe *e) {
       uint32_t head = atomic_load_explicit(es->rx.head, memory_order_relaxed);
       if (!is_conn(es) || es->ext.fin || e->len > es->ext.rx_credit - head)
         return protocol_error(x, e, "recvd_len");
+      /* The NSM wrote the bytes before it pushed RECVD (K1), we popped it (K2): P1 passes them
+       * on to the guest. */
       nk_ring_produce(&es->rx, e->len);
       nk_sock_count(es, NK_RX, e->len);
       nk_sock_activate(es);
@@ -518,7 +529,8 @@ static uint32_t ext_connects(struct nk_nsm *m) { return ((struct nk_ext *)m->pri
 
 static bool ext_poll_nsm(struct nk_nsm *m) { return ext_poll(m->priv); }
 
-/* The engine announces its sleep in the NSM's event queue as in each tenant region. */
+/* The engine announces its sleep in the NSM's event queue as in each tenant region: part of
+ * W4 (main()'s sleep path, then ext_poll()); pairs with W3 in ServiceLib's nk_sl_flush(). */
 static void ext_set_sleeping(struct nk_nsm *m, bool v) {
   struct nk_ext *x = m->priv;
   if (up(x)) atomic_store(&x->sh->evt.sleeping.v, (uint32_t)v);

@@ -238,7 +238,7 @@ static void kernel_receive(struct nk_esock *es) {
       if (nk_sock_rx_stall(es, 1)) break;
       continue;
     }
-    atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed);
+    atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed); /* S1 withdrawn: see there */
     if (space > budget) space = (uint32_t)budget;
     struct nk_nsm *m = nk_sock_nsm(es);
     uint64_t grant = nk_policy_grant(es, m, NK_RX, space, space < NK_QUANTUM ? space : NK_QUANTUM);
@@ -328,7 +328,7 @@ static void kernel_recv_dgrams(struct nk_esock *es, int k) {
       if (nk_sock_rx_stall(es, need)) return;
       continue;
     }
-    atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed);
+    atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed); /* S1 withdrawn: see there */
     uint32_t head = atomic_load_explicit(es->rx.head, memory_order_relaxed);
     struct iovec iov[2];
     int cnt = nk_ring_iov(&es->rx, head + sizeof(struct nk_dgram), (uint32_t)len, iov);

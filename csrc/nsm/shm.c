@@ -178,7 +178,7 @@ static int64_t move(struct nk_esock *src, struct nk_esock *dst, uint64_t budget)
       if (nk_sock_rx_stall(dst, 1)) return moved;
       continue;
     }
-    atomic_store_explicit(&ds->rx_stalled, 0, memory_order_relaxed);
+    atomic_store_explicit(&ds->rx_stalled, 0, memory_order_relaxed); /* S1 withdrawn */
     uint64_t n = (uint64_t)fill;
     if (n > dst->rx.size - (uint64_t)dfill) n = dst->rx.size - (uint64_t)dfill;
     if (n > budget) n = budget;

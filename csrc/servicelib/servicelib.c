@@ -195,6 +195,8 @@ int nk_sl_dispatch(struct nk_sl *sl, const struct nk_sl_handlers *h, void *ctx, 
 bool nk_sl_may_sleep(struct nk_sl *sl) {
   nk_sl_flush(sl);
   if (sl->nbacklog) return false; /* keep trying to hand them over */
+  /* W2: the flag is stored, fenced, then the queue looked at; pairs with W1 in the engine's
+   * post() (csrc/nsm/external.c): either we see its request or it sees us asleep and rings. */
   atomic_store(&sl->sh->req.sleeping.v, 1);
   atomic_thread_fence(memory_order_seq_cst);
   if (!nk_sl_empty(&sl->sh->req)) {
@@ -250,8 +252,9 @@ void nk_sl_flush(struct nk_sl *sl) {
   }
   if (!sl->posted) return;
   sl->posted = false;
-  /* F1: events published before the load of the engine's flag; pairs with the engine's
-   * store of sleeping and re-check of the queue. */
+  /* W3: events published (K1) before the load of the engine's flag; pairs with W4 in the
+   * engine's main() (ext_set_sleeping(), fence, ext_poll()): either it sees our events or we
+   * see it asleep and ring. */
   atomic_thread_fence(memory_order_seq_cst);
   if (atomic_load(&sl->sh->evt.sleeping.v)) ring(sl->engine_bell);
 }
@@ -262,6 +265,7 @@ bool nk_sl_dgram_take(struct nk_sl *sl, const struct nk_nqe *e, void *dst) {
   struct nk_sl_area *a = &sl->sh->dg_out;
   if (!nk_sl_area_valid(a, e->off, e->len)) return false;
   nk_sl_area_copy_out(a, (uint32_t)e->off, dst, e->len);
+  /* A3: the copy before the space is freed; pairs with A4 in the engine's nk_sl_area_room(). */
   atomic_store_explicit(&a->tail.v, (uint32_t)e->off + e->len, memory_order_release);
   return true;
 }
@@ -272,6 +276,7 @@ bool nk_sl_dgram_post(struct nk_sl *sl, uint32_t sock, const struct nk_addr *src
   if (len > NK_DGRAM_MAX || nk_sl_area_room(a) < len) return false; /* dropped, as UDP may */
   uint32_t head = atomic_load_explicit(&a->head.v, memory_order_relaxed);
   nk_sl_area_copy_in(a, head, data, len);
+  /* A1: the bytes before the head; pairs with A2 in the engine's nk_sl_area_valid(). */
   atomic_store_explicit(&a->head.v, head + len, memory_order_release);
   struct nk_nqe e = {.op = NK_SLE_DGRAM, .sock = sock, .off = head, .len = len, .addr = *src};
   nk_sl_event(sl, &e);

@@ -10,6 +10,10 @@
  *      acquire load of head), so the consumer never sees an index ahead of the bytes.
  *  C1: the consumer stores tail with release after copying data out; pairs with P0 (the
  *      producer's acquire load of tail), so the producer never overwrites unread bytes.
+ *  The loads of one's own index are relaxed: only this side writes it. docs/abi.md lists
+ *  these pairs with every other one of the protocol. Callers that copy into the ring
+ *  themselves (nk_ring_copy_in(), nk_ring_iov()) publish with nk_ring_produce() (P1) after the
+ *  copy, and consume with nk_ring_consume() (C1) after copying out.
  *
  * The engine uses nk_ring_fill_checked(): a fill level above size means the tenant wrote
  * garbage into an index it owns, and the engine then resets that socket.
@@ -55,7 +59,8 @@ static inline uint32_t nk_ring_space(const struct nk_ring *r) {
 }
 
 /* Fill level as the engine sees it, where the other side is untrusted: returns -1 when the
- * indices are inconsistent. Both loads acquire: the engine may be either side. */
+ * indices are inconsistent. Both loads acquire, C0 and P0 at once: the engine may be either
+ * side. */
 static inline int64_t nk_ring_fill_checked(const struct nk_ring *r) {
   uint32_t head = atomic_load_explicit(r->head, memory_order_acquire);
   uint32_t tail = atomic_load_explicit(r->tail, memory_order_acquire);

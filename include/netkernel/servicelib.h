@@ -28,6 +28,19 @@
  * the bytes in a tenant's rings as untrusted data.
  *
  * Layout rules as in abi.h: fixed-width fields, offsets not pointers, sizes pinned.
+ *
+ * Memory order (docs/abi.md lists every pair with both sites):
+ *  K1/K2: nk_sl_push() stores head with release after the element; nk_sl_pop() and
+ *         nk_sl_empty() load it with acquire, so an nqe is never read before it is written.
+ *  K3/K4: nk_sl_pop() stores tail with release after copying the element out; nk_sl_push()
+ *         loads it with acquire, so a slot is never overwritten while being read.
+ *  A1/A2, A3/A4: the same for a datagram area's head (the producer's store after copying the
+ *         bytes in, nk_sl_area_valid()'s load) and tail (the consumer's store after copying
+ *         them out, nk_sl_area_room()'s load).
+ *  W1/W2: requests while the NSM sleeps: the engine's post() (push, fence, load req.sleeping)
+ *         against nk_sl_may_sleep() (store req.sleeping, fence, look at req).
+ *  W3/W4: events while the engine sleeps: nk_sl_flush() (push, fence, load evt.sleeping)
+ *         against the engine's sleep path (store evt.sleeping, fence, look at evt).
  */
 #ifndef NETKERNEL_SERVICELIB_H
 #define NETKERNEL_SERVICELIB_H
@@ -104,7 +117,8 @@ NK_STATIC_ASSERT(offsetof(struct nk_nqe, arg2) == 56, "nk_nqe.arg2");
 NK_STATIC_ASSERT(offsetof(struct nk_nqe, reserved) == 60, "nk_nqe.reserved");
 
 /* One queue: the producer owns head, the consumer owns tail (free-running, masked on use).
- * `sleeping` is the consumer's: set before it blocks on its doorbell, re-checked after. */
+ * `sleeping` is the consumer's: set before it blocks on its doorbell, re-checked after (W2 for
+ * req, W4 for evt; rep's is unused). Each on its own cache line. */
 struct nk_sl_queue {
   struct nk_index head;
   struct nk_index tail;
@@ -187,7 +201,10 @@ NK_STATIC_ASSERT(offsetof(struct nk_sl_ctl, ipv4) == 24, "nk_sl_ctl.ipv4");
 NK_STATIC_ASSERT(offsetof(struct nk_sl_ctl, ipv6) == 48, "nk_sl_ctl.ipv6");
 NK_STATIC_ASSERT(offsetof(struct nk_sl_ctl, name) == 72, "nk_sl_ctl.name");
 
-/* Queue helpers for either side. Push: false when full. Pop: false when empty. */
+/* Queue helpers for either side. Push: false when full. Pop: false when empty.
+ * Push: K4, the acquire load of tail, pairs with K3 in nk_sl_pop(); K1, the release store of
+ * head after the element, pairs with K2 in nk_sl_pop() and nk_sl_empty(). Head is our own
+ * index (relaxed). */
 static inline bool nk_sl_push(struct nk_sl_queue *q, const struct nk_nqe *e) {
   uint32_t head = atomic_load_explicit(&q->head.v, memory_order_relaxed);
   uint32_t tail = atomic_load_explicit(&q->tail.v, memory_order_acquire);
@@ -198,7 +215,9 @@ static inline bool nk_sl_push(struct nk_sl_queue *q, const struct nk_nqe *e) {
 }
 
 /* Copies the element out before releasing the slot: the producer may reuse it at once, and
- * the reader must look at its own copy only (the other side can still write the queue). */
+ * the reader must look at its own copy only (the other side can still write the queue).
+ * K2: the acquire load of head pairs with K1 in nk_sl_push(); K3: the release store of tail
+ * after the copy pairs with K4 in nk_sl_push(). Tail is our own index (relaxed). */
 static inline bool nk_sl_pop(struct nk_sl_queue *q, struct nk_nqe *out) {
   uint32_t tail = atomic_load_explicit(&q->tail.v, memory_order_relaxed);
   uint32_t head = atomic_load_explicit(&q->head.v, memory_order_acquire);
@@ -208,7 +227,10 @@ static inline bool nk_sl_pop(struct nk_sl_queue *q, struct nk_nqe *out) {
   return true;
 }
 
-/* Producer: room for len more bytes? Then copy them in at head (not yet published). */
+/* Producer: room for len more bytes? Then copy them in at head (not yet published), and
+ * publish with A1, a release store of head (nk_sl_dgram_post(), the engine's ext_send_dgram()).
+ * A4: the acquire load of tail pairs with A3, the consumer's release store of tail after its
+ * copy (nk_sl_dgram_take(), the engine's dgram_in()). */
 static inline uint32_t nk_sl_area_room(struct nk_sl_area *a) {
   uint32_t tail = atomic_load_explicit(&a->tail.v, memory_order_acquire);
   uint32_t used = atomic_load_explicit(&a->head.v, memory_order_relaxed) - tail;
@@ -231,13 +253,16 @@ static inline void nk_sl_area_copy_out(const struct nk_sl_area *a, uint32_t pos,
   memcpy((uint8_t *)dst + first, a->data, len - first);
 }
 
-/* Consumer: true when a datagram at `pos` of `len` bytes is exactly the next one published. */
+/* Consumer: true when a datagram at `pos` of `len` bytes is exactly the next one published.
+ * A2: the acquire load of head pairs with A1 (see nk_sl_area_room()). Then copy it out and
+ * free it with A3. */
 static inline bool nk_sl_area_valid(struct nk_sl_area *a, uint64_t pos, uint32_t len) {
   uint32_t tail = atomic_load_explicit(&a->tail.v, memory_order_relaxed);
   uint32_t head = atomic_load_explicit(&a->head.v, memory_order_acquire);
   return pos == tail && len <= head - tail && len <= 65535u;
 }
 
+/* Consumer: K2, as in nk_sl_pop() (W2 looks at req with it). */
 static inline bool nk_sl_empty(struct nk_sl_queue *q) {
   return atomic_load_explicit(&q->head.v, memory_order_acquire) ==
          atomic_load_explicit(&q->tail.v, memory_order_relaxed);

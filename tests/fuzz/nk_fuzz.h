@@ -246,8 +246,8 @@ static void nk_fuzz_tick(void) {
   nk_esock_reap();
 }
 
-/* The engine's sleep announcement and the look for work a guest posted meanwhile (E1), then
- * the housekeeping the loop does on its timers. */
+/* The engine's sleep announcement and the look for work a guest or NSM posted meanwhile (D2,
+ * W4 in main()), then the housekeeping the loop does on its timers. */
 static inline void nk_fuzz_sleep_cycle(void) {
   set_sleeping(1);
   atomic_thread_fence(memory_order_seq_cst);
