@@ -76,9 +76,12 @@ struct nk_index {
 NK_STATIC_ASSERT(sizeof(struct nk_index) == NK_CACHELINE, "nk_index size");
 NK_STATIC_ASSERT(offsetof(struct nk_index, v) == 0, "nk_index.v");
 
-/* Per-socket header in the region. The engine writes: ident, kind, state, addresses,
- * rx_head, tx_tail, rx_eof, rx_err, so_error, rx_stalled. The guest writes: tx_head, rx_tail,
- * rx_ack, kick, locks and the guest-side options. */
+/* Per-socket header in the region. The engine writes lines 0, 1 and 6 (identity, state,
+ * addresses, the end flags, rx_stalled, ready_sent) and the indices it owns, rx_head and
+ * tx_tail. The guest writes tx_head, rx_tail and line 7 (rx_ack, rx_seen, kick, the locks,
+ * async_connect and the options it mirrors). Two fields have a second writer: the guest
+ * clears rx_err and so_error when it reports them (Linux's one pending error), and the engine
+ * clears kick when it serves the socket. docs/abi.md lists the memory-order pairs. */
 struct nk_slot {
   /* line 0: identity (engine) */
   uint64_t inode; /* inode of the guest end of the proxy fd; 0 when free */
@@ -106,7 +109,7 @@ struct nk_slot {
   uint32_t reserved2[10];
   /* line 7: guest side */
   NK_ATOMIC(uint32_t) rx_ack; /* ready records consumed by the guest (counter) */
-  NK_ATOMIC(uint32_t) kick;   /* guest asks the engine to re-evaluate this socket */
+  NK_ATOMIC(uint32_t) kick;   /* set with the doorbell bit (which is what the engine acts on) */
   NK_ATOMIC(uint32_t) tx_lock;
   NK_ATOMIC(uint32_t) rx_lock;
   NK_ATOMIC(uint32_t) async_connect; /* an EINPROGRESS connect not yet reported done */
@@ -164,7 +167,8 @@ struct nk_region {
   uint64_t rings_off;
   uint32_t tenant_id;
   uint32_t reserved0[5];
-  /* line 1: the engine says whether it sleeps; guests ring the eventfd only then */
+  /* line 1: the engine says whether it sleeps; guests ring the eventfd only then (the first
+   * to see it set clears it, so one write wakes it) */
   NK_ATOMIC(uint32_t) engine_sleeping;
   uint32_t reserved1[15];
   /* line 2: summary word, then the per-slot doorbell bits (guest sets, engine clears) */
