@@ -79,7 +79,7 @@ NK_STATIC_ASSERT(offsetof(struct nk_index, v) == 0, "nk_index.v");
 /* Per-socket header in the region. The engine writes lines 0, 1 and 6 (identity, state,
  * addresses, the end flags, rx_stalled, ready_sent) and the indices it owns, rx_head and
  * tx_tail. The guest writes tx_head, rx_tail and line 7 (rx_ack, rx_seen, kick, the locks,
- * async_connect and the options it mirrors). Two fields have a second writer: the guest
+ * async_connect and the options it mirrors). Three fields have a second writer: the guest
  * clears rx_err and so_error when it reports them (Linux's one pending error), and the engine
  * clears kick when it serves the socket. docs/abi.md lists the memory-order pairs. */
 struct nk_slot {
