@@ -31,6 +31,9 @@
 #define NK_ATOMIC(t) _Atomic t
 #define NK_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
 #endif
+/* The pins: a shared struct's size, and the offset of each of its fields. */
+#define NK_PIN_SIZE(s, size) NK_STATIC_ASSERT(sizeof(struct s) == (size), #s " size")
+#define NK_PIN_OFFSET(s, f, off) NK_STATIC_ASSERT(offsetof(struct s, f) == (off), #s "." #f)
 
 #define NK_REGION_MAGIC 0x4e4b5247u /* "NKRG" */
 #define NK_ABI_VERSION 1
@@ -62,19 +65,19 @@ struct nk_addr {
   uint32_t scope_id;
   uint8_t addr[16]; /* IPv4 in the first 4 bytes */
 };
-NK_STATIC_ASSERT(sizeof(struct nk_addr) == 24, "nk_addr size");
-NK_STATIC_ASSERT(offsetof(struct nk_addr, family) == 0, "nk_addr.family");
-NK_STATIC_ASSERT(offsetof(struct nk_addr, port) == 2, "nk_addr.port");
-NK_STATIC_ASSERT(offsetof(struct nk_addr, scope_id) == 4, "nk_addr.scope_id");
-NK_STATIC_ASSERT(offsetof(struct nk_addr, addr) == 8, "nk_addr.addr");
+NK_PIN_SIZE(nk_addr, 24);
+NK_PIN_OFFSET(nk_addr, family, 0);
+NK_PIN_OFFSET(nk_addr, port, 2);
+NK_PIN_OFFSET(nk_addr, scope_id, 4);
+NK_PIN_OFFSET(nk_addr, addr, 8);
 
 /* One index on its own cache line (DPDK rte_ring layout). */
 struct nk_index {
   NK_ATOMIC(uint32_t) v;
   uint32_t pad[NK_CACHELINE / 4 - 1];
 };
-NK_STATIC_ASSERT(sizeof(struct nk_index) == NK_CACHELINE, "nk_index size");
-NK_STATIC_ASSERT(offsetof(struct nk_index, v) == 0, "nk_index.v");
+NK_PIN_SIZE(nk_index, NK_CACHELINE);
+NK_PIN_OFFSET(nk_index, v, 0);
 
 /* Per-socket header in the region. The engine writes lines 0, 1 and 6 (identity, state,
  * addresses, the end flags, rx_stalled, ready_sent) and the indices it owns, rx_head and
@@ -120,39 +123,34 @@ struct nk_slot {
   NK_ATOMIC(uint32_t) rx_seen;  /* bumped each time the guest looks at the receive ring */
   uint32_t reserved3[6];
 };
-NK_STATIC_ASSERT(sizeof(struct nk_slot) == 8 * NK_CACHELINE, "nk_slot size");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, inode) == 0, "nk_slot.inode");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, gen) == 8, "nk_slot.gen");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, kind) == 12, "nk_slot.kind");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, state) == 16, "nk_slot.state");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, family) == 20, "nk_slot.family");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, local) == NK_CACHELINE, "nk_slot.local");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, peer) == NK_CACHELINE + 24, "nk_slot.peer");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, tx_head) == 2 * NK_CACHELINE, "nk_slot.tx_head");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, tx_tail) == 3 * NK_CACHELINE, "nk_slot.tx_tail");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, rx_head) == 4 * NK_CACHELINE, "nk_slot.rx_head");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, rx_tail) == 5 * NK_CACHELINE, "nk_slot.rx_tail");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, rx_eof) == 6 * NK_CACHELINE, "nk_slot.rx_eof");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, rx_err) == 6 * NK_CACHELINE + 4, "nk_slot.rx_err");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, so_error) == 6 * NK_CACHELINE + 8, "nk_slot.so_error");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, tx_closed) == 6 * NK_CACHELINE + 12, "nk_slot.tx_closed");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, rx_stalled) == 6 * NK_CACHELINE + 16,
-                 "nk_slot.rx_stalled");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, ready_sent) == 6 * NK_CACHELINE + 20,
-                 "nk_slot.ready_sent");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, rx_ack) == 7 * NK_CACHELINE, "nk_slot.rx_ack");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, kick) == 7 * NK_CACHELINE + 4, "nk_slot.kick");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, tx_lock) == 7 * NK_CACHELINE + 8, "nk_slot.tx_lock");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, rx_lock) == 7 * NK_CACHELINE + 12, "nk_slot.rx_lock");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, async_connect) == 7 * NK_CACHELINE + 16,
-                 "nk_slot.async_connect");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, rcvtimeo_ms) == 7 * NK_CACHELINE + 20,
-                 "nk_slot.rcvtimeo_ms");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, sndtimeo_ms) == 7 * NK_CACHELINE + 24,
-                 "nk_slot.sndtimeo_ms");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, rcvlowat) == 7 * NK_CACHELINE + 28, "nk_slot.rcvlowat");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, nonblock) == 7 * NK_CACHELINE + 32, "nk_slot.nonblock");
-NK_STATIC_ASSERT(offsetof(struct nk_slot, rx_seen) == 7 * NK_CACHELINE + 36, "nk_slot.rx_seen");
+NK_PIN_SIZE(nk_slot, 8 * NK_CACHELINE);
+NK_PIN_OFFSET(nk_slot, inode, 0);
+NK_PIN_OFFSET(nk_slot, gen, 8);
+NK_PIN_OFFSET(nk_slot, kind, 12);
+NK_PIN_OFFSET(nk_slot, state, 16);
+NK_PIN_OFFSET(nk_slot, family, 20);
+NK_PIN_OFFSET(nk_slot, local, NK_CACHELINE);
+NK_PIN_OFFSET(nk_slot, peer, NK_CACHELINE + 24);
+NK_PIN_OFFSET(nk_slot, tx_head, 2 * NK_CACHELINE);
+NK_PIN_OFFSET(nk_slot, tx_tail, 3 * NK_CACHELINE);
+NK_PIN_OFFSET(nk_slot, rx_head, 4 * NK_CACHELINE);
+NK_PIN_OFFSET(nk_slot, rx_tail, 5 * NK_CACHELINE);
+NK_PIN_OFFSET(nk_slot, rx_eof, 6 * NK_CACHELINE);
+NK_PIN_OFFSET(nk_slot, rx_err, 6 * NK_CACHELINE + 4);
+NK_PIN_OFFSET(nk_slot, so_error, 6 * NK_CACHELINE + 8);
+NK_PIN_OFFSET(nk_slot, tx_closed, 6 * NK_CACHELINE + 12);
+NK_PIN_OFFSET(nk_slot, rx_stalled, 6 * NK_CACHELINE + 16);
+NK_PIN_OFFSET(nk_slot, ready_sent, 6 * NK_CACHELINE + 20);
+NK_PIN_OFFSET(nk_slot, rx_ack, 7 * NK_CACHELINE);
+NK_PIN_OFFSET(nk_slot, kick, 7 * NK_CACHELINE + 4);
+NK_PIN_OFFSET(nk_slot, tx_lock, 7 * NK_CACHELINE + 8);
+NK_PIN_OFFSET(nk_slot, rx_lock, 7 * NK_CACHELINE + 12);
+NK_PIN_OFFSET(nk_slot, async_connect, 7 * NK_CACHELINE + 16);
+NK_PIN_OFFSET(nk_slot, rcvtimeo_ms, 7 * NK_CACHELINE + 20);
+NK_PIN_OFFSET(nk_slot, sndtimeo_ms, 7 * NK_CACHELINE + 24);
+NK_PIN_OFFSET(nk_slot, rcvlowat, 7 * NK_CACHELINE + 28);
+NK_PIN_OFFSET(nk_slot, nonblock, 7 * NK_CACHELINE + 32);
+NK_PIN_OFFSET(nk_slot, rx_seen, 7 * NK_CACHELINE + 36);
 
 /* Region header, at offset 0 of the tenant's memfd. The slot array follows at slots_off,
  * the rings at rings_off: slot i owns 2*ring_size bytes at rings_off + i*2*ring_size
@@ -176,18 +174,18 @@ struct nk_region {
   uint64_t reserved2[7];
   NK_ATOMIC(uint64_t) doorbell[]; /* NK_DOORBELL_WORDS(nslots) words */
 };
-NK_STATIC_ASSERT(sizeof(struct nk_region) == 3 * NK_CACHELINE, "nk_region size");
-NK_STATIC_ASSERT(offsetof(struct nk_region, magic) == 0, "nk_region.magic");
-NK_STATIC_ASSERT(offsetof(struct nk_region, version) == 4, "nk_region.version");
-NK_STATIC_ASSERT(offsetof(struct nk_region, nslots) == 8, "nk_region.nslots");
-NK_STATIC_ASSERT(offsetof(struct nk_region, ring_size) == 12, "nk_region.ring_size");
-NK_STATIC_ASSERT(offsetof(struct nk_region, size) == 16, "nk_region.size");
-NK_STATIC_ASSERT(offsetof(struct nk_region, slots_off) == 24, "nk_region.slots_off");
-NK_STATIC_ASSERT(offsetof(struct nk_region, rings_off) == 32, "nk_region.rings_off");
-NK_STATIC_ASSERT(offsetof(struct nk_region, tenant_id) == 40, "nk_region.tenant_id");
-NK_STATIC_ASSERT(offsetof(struct nk_region, engine_sleeping) == NK_CACHELINE, "engine_sleeping");
-NK_STATIC_ASSERT(offsetof(struct nk_region, doorbell_summary) == 2 * NK_CACHELINE, "summary");
-NK_STATIC_ASSERT(offsetof(struct nk_region, doorbell) == 3 * NK_CACHELINE, "doorbell");
+NK_PIN_SIZE(nk_region, 3 * NK_CACHELINE);
+NK_PIN_OFFSET(nk_region, magic, 0);
+NK_PIN_OFFSET(nk_region, version, 4);
+NK_PIN_OFFSET(nk_region, nslots, 8);
+NK_PIN_OFFSET(nk_region, ring_size, 12);
+NK_PIN_OFFSET(nk_region, size, 16);
+NK_PIN_OFFSET(nk_region, slots_off, 24);
+NK_PIN_OFFSET(nk_region, rings_off, 32);
+NK_PIN_OFFSET(nk_region, tenant_id, 40);
+NK_PIN_OFFSET(nk_region, engine_sleeping, NK_CACHELINE);
+NK_PIN_OFFSET(nk_region, doorbell_summary, 2 * NK_CACHELINE);
+NK_PIN_OFFSET(nk_region, doorbell, 3 * NK_CACHELINE);
 
 /* A UDP datagram in a ring: header, then len payload bytes, then padding to 8 bytes. */
 struct nk_dgram {
@@ -195,10 +193,10 @@ struct nk_dgram {
   uint32_t reserved;
   struct nk_addr addr; /* destination on tx, source on rx */
 };
-NK_STATIC_ASSERT(sizeof(struct nk_dgram) == 32, "nk_dgram size");
-NK_STATIC_ASSERT(offsetof(struct nk_dgram, len) == 0, "nk_dgram.len");
-NK_STATIC_ASSERT(offsetof(struct nk_dgram, reserved) == 4, "nk_dgram.reserved");
-NK_STATIC_ASSERT(offsetof(struct nk_dgram, addr) == 8, "nk_dgram.addr");
+NK_PIN_SIZE(nk_dgram, 32);
+NK_PIN_OFFSET(nk_dgram, len, 0);
+NK_PIN_OFFSET(nk_dgram, reserved, 4);
+NK_PIN_OFFSET(nk_dgram, addr, 8);
 #define NK_DGRAM_MAX 65507u
 #define NK_DGRAM_SPACE(len) (sizeof(struct nk_dgram) + (((len) + 7u) & ~7u))
 
@@ -216,13 +214,13 @@ struct nk_newconn {
   struct nk_addr peer;
   struct nk_addr local;
 };
-NK_STATIC_ASSERT(sizeof(struct nk_newconn) == 64, "nk_newconn size");
-NK_STATIC_ASSERT(offsetof(struct nk_newconn, type) == 0, "nk_newconn.type");
-NK_STATIC_ASSERT(offsetof(struct nk_newconn, slot) == 4, "nk_newconn.slot");
-NK_STATIC_ASSERT(offsetof(struct nk_newconn, gen) == 8, "nk_newconn.gen");
-NK_STATIC_ASSERT(offsetof(struct nk_newconn, reserved) == 12, "nk_newconn.reserved");
-NK_STATIC_ASSERT(offsetof(struct nk_newconn, peer) == 16, "nk_newconn.peer");
-NK_STATIC_ASSERT(offsetof(struct nk_newconn, local) == 40, "nk_newconn.local");
+NK_PIN_SIZE(nk_newconn, 64);
+NK_PIN_OFFSET(nk_newconn, type, 0);
+NK_PIN_OFFSET(nk_newconn, slot, 4);
+NK_PIN_OFFSET(nk_newconn, gen, 8);
+NK_PIN_OFFSET(nk_newconn, reserved, 12);
+NK_PIN_OFFSET(nk_newconn, peer, 16);
+NK_PIN_OFFSET(nk_newconn, local, 40);
 
 /* guest -> engine: a blocker record. Its size exceeds a quarter of the guest end's minimal
  * SO_SNDBUF, so while it is queued the kernel reports the guest end unwritable. The engine
@@ -256,18 +254,18 @@ struct nk_req {
   struct nk_addr addr;
   uint8_t optval[NK_OPT_MAX];
 };
-NK_STATIC_ASSERT(sizeof(struct nk_req) == 64 + NK_OPT_MAX, "nk_req size");
-NK_STATIC_ASSERT(offsetof(struct nk_req, op) == 0, "nk_req.op");
-NK_STATIC_ASSERT(offsetof(struct nk_req, slot) == 4, "nk_req.slot");
-NK_STATIC_ASSERT(offsetof(struct nk_req, gen) == 8, "nk_req.gen");
-NK_STATIC_ASSERT(offsetof(struct nk_req, arg0) == 12, "nk_req.arg0");
-NK_STATIC_ASSERT(offsetof(struct nk_req, arg1) == 16, "nk_req.arg1");
-NK_STATIC_ASSERT(offsetof(struct nk_req, arg2) == 20, "nk_req.arg2");
-NK_STATIC_ASSERT(offsetof(struct nk_req, optlen) == 24, "nk_req.optlen");
-NK_STATIC_ASSERT(offsetof(struct nk_req, reserved) == 28, "nk_req.reserved");
-NK_STATIC_ASSERT(offsetof(struct nk_req, inode) == 32, "nk_req.inode");
-NK_STATIC_ASSERT(offsetof(struct nk_req, addr) == 40, "nk_req.addr");
-NK_STATIC_ASSERT(offsetof(struct nk_req, optval) == 64, "nk_req.optval");
+NK_PIN_SIZE(nk_req, 64 + NK_OPT_MAX);
+NK_PIN_OFFSET(nk_req, op, 0);
+NK_PIN_OFFSET(nk_req, slot, 4);
+NK_PIN_OFFSET(nk_req, gen, 8);
+NK_PIN_OFFSET(nk_req, arg0, 12);
+NK_PIN_OFFSET(nk_req, arg1, 16);
+NK_PIN_OFFSET(nk_req, arg2, 20);
+NK_PIN_OFFSET(nk_req, optlen, 24);
+NK_PIN_OFFSET(nk_req, reserved, 28);
+NK_PIN_OFFSET(nk_req, inode, 32);
+NK_PIN_OFFSET(nk_req, addr, 40);
+NK_PIN_OFFSET(nk_req, optval, 64);
 
 struct nk_rep {
   int32_t err; /* 0 or -errno */
@@ -279,15 +277,15 @@ struct nk_rep {
   struct nk_addr addr;
   uint8_t optval[NK_OPT_MAX];
 };
-NK_STATIC_ASSERT(sizeof(struct nk_rep) == 56 + NK_OPT_MAX, "nk_rep size");
-NK_STATIC_ASSERT(offsetof(struct nk_rep, err) == 0, "nk_rep.err");
-NK_STATIC_ASSERT(offsetof(struct nk_rep, slot) == 4, "nk_rep.slot");
-NK_STATIC_ASSERT(offsetof(struct nk_rep, gen) == 8, "nk_rep.gen");
-NK_STATIC_ASSERT(offsetof(struct nk_rep, val) == 12, "nk_rep.val");
-NK_STATIC_ASSERT(offsetof(struct nk_rep, optlen) == 16, "nk_rep.optlen");
-NK_STATIC_ASSERT(offsetof(struct nk_rep, reserved) == 20, "nk_rep.reserved");
-NK_STATIC_ASSERT(offsetof(struct nk_rep, addr) == 32, "nk_rep.addr");
-NK_STATIC_ASSERT(offsetof(struct nk_rep, optval) == 56, "nk_rep.optval");
+NK_PIN_SIZE(nk_rep, 56 + NK_OPT_MAX);
+NK_PIN_OFFSET(nk_rep, err, 0);
+NK_PIN_OFFSET(nk_rep, slot, 4);
+NK_PIN_OFFSET(nk_rep, gen, 8);
+NK_PIN_OFFSET(nk_rep, val, 12);
+NK_PIN_OFFSET(nk_rep, optlen, 16);
+NK_PIN_OFFSET(nk_rep, reserved, 20);
+NK_PIN_OFFSET(nk_rep, addr, 32);
+NK_PIN_OFFSET(nk_rep, optval, 56);
 
 /* REGISTER reply: err, and in optval: */
 struct nk_reginfo {
@@ -297,12 +295,12 @@ struct nk_reginfo {
   struct nk_addr ipv4;
   struct nk_addr ipv6;
 };
-NK_STATIC_ASSERT(sizeof(struct nk_reginfo) == 64, "nk_reginfo size");
+NK_PIN_SIZE(nk_reginfo, 64);
 NK_STATIC_ASSERT(sizeof(struct nk_reginfo) <= NK_OPT_MAX, "nk_reginfo fits in nk_rep.optval");
-NK_STATIC_ASSERT(offsetof(struct nk_reginfo, region_size) == 0, "nk_reginfo.region_size");
-NK_STATIC_ASSERT(offsetof(struct nk_reginfo, tenant_id) == 8, "nk_reginfo.tenant_id");
-NK_STATIC_ASSERT(offsetof(struct nk_reginfo, reserved) == 12, "nk_reginfo.reserved");
-NK_STATIC_ASSERT(offsetof(struct nk_reginfo, ipv4) == 16, "nk_reginfo.ipv4");
-NK_STATIC_ASSERT(offsetof(struct nk_reginfo, ipv6) == 40, "nk_reginfo.ipv6");
+NK_PIN_OFFSET(nk_reginfo, region_size, 0);
+NK_PIN_OFFSET(nk_reginfo, tenant_id, 8);
+NK_PIN_OFFSET(nk_reginfo, reserved, 12);
+NK_PIN_OFFSET(nk_reginfo, ipv4, 16);
+NK_PIN_OFFSET(nk_reginfo, ipv6, 40);
 
 #endif

@@ -103,18 +103,18 @@ struct nk_nqe {
   uint32_t arg2;
   uint32_t reserved;
 };
-NK_STATIC_ASSERT(sizeof(struct nk_nqe) == 64, "nk_nqe size");
-NK_STATIC_ASSERT(offsetof(struct nk_nqe, op) == 0, "nk_nqe.op");
-NK_STATIC_ASSERT(offsetof(struct nk_nqe, flags) == 2, "nk_nqe.flags");
-NK_STATIC_ASSERT(offsetof(struct nk_nqe, tag) == 4, "nk_nqe.tag");
-NK_STATIC_ASSERT(offsetof(struct nk_nqe, sock) == 8, "nk_nqe.sock");
-NK_STATIC_ASSERT(offsetof(struct nk_nqe, arg) == 12, "nk_nqe.arg");
-NK_STATIC_ASSERT(offsetof(struct nk_nqe, len) == 16, "nk_nqe.len");
-NK_STATIC_ASSERT(offsetof(struct nk_nqe, tenant) == 20, "nk_nqe.tenant");
-NK_STATIC_ASSERT(offsetof(struct nk_nqe, off) == 24, "nk_nqe.off");
-NK_STATIC_ASSERT(offsetof(struct nk_nqe, addr) == 32, "nk_nqe.addr");
-NK_STATIC_ASSERT(offsetof(struct nk_nqe, arg2) == 56, "nk_nqe.arg2");
-NK_STATIC_ASSERT(offsetof(struct nk_nqe, reserved) == 60, "nk_nqe.reserved");
+NK_PIN_SIZE(nk_nqe, 64);
+NK_PIN_OFFSET(nk_nqe, op, 0);
+NK_PIN_OFFSET(nk_nqe, flags, 2);
+NK_PIN_OFFSET(nk_nqe, tag, 4);
+NK_PIN_OFFSET(nk_nqe, sock, 8);
+NK_PIN_OFFSET(nk_nqe, arg, 12);
+NK_PIN_OFFSET(nk_nqe, len, 16);
+NK_PIN_OFFSET(nk_nqe, tenant, 20);
+NK_PIN_OFFSET(nk_nqe, off, 24);
+NK_PIN_OFFSET(nk_nqe, addr, 32);
+NK_PIN_OFFSET(nk_nqe, arg2, 56);
+NK_PIN_OFFSET(nk_nqe, reserved, 60);
 
 /* One queue: the producer owns head, the consumer owns tail (free-running, masked on use).
  * `sleeping` is the consumer's: set before it blocks on its doorbell, re-checked after (W2 for
@@ -152,31 +152,25 @@ struct nk_sl_shared {
 };
 #define NK_SL_QUEUE_BYTES (3u * NK_CACHELINE + NK_SL_QUEUE_LEN * 64u)
 #define NK_SL_AREA_BYTES (2u * NK_CACHELINE + NK_SL_AREA_SIZE)
-NK_STATIC_ASSERT(sizeof(struct nk_sl_queue) == NK_SL_QUEUE_BYTES, "nk_sl_queue size");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_queue, head) == 0, "nk_sl_queue.head");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_queue, tail) == NK_CACHELINE, "nk_sl_queue.tail");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_queue, sleeping) == 2 * NK_CACHELINE,
-                 "nk_sl_queue.sleeping");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_queue, e) == 3 * NK_CACHELINE, "nk_sl_queue.e");
-NK_STATIC_ASSERT(sizeof(struct nk_sl_area) == NK_SL_AREA_BYTES, "nk_sl_area size");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_area, head) == 0, "nk_sl_area.head");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_area, tail) == NK_CACHELINE, "nk_sl_area.tail");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_area, data) == 2 * NK_CACHELINE, "nk_sl_area.data");
-NK_STATIC_ASSERT(sizeof(struct nk_sl_shared) == NK_CACHELINE + 3 * NK_SL_QUEUE_BYTES +
-                                                     2 * NK_SL_AREA_BYTES,
-                 "nk_sl_shared size");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, magic) == 0, "nk_sl_shared.magic");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, version) == 4, "nk_sl_shared.version");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, queue_len) == 8, "nk_sl_shared.queue_len");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, area_size) == 12, "nk_sl_shared.area_size");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, req) == NK_CACHELINE, "nk_sl_shared.req");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, rep) == NK_CACHELINE + NK_SL_QUEUE_BYTES, "rep");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, evt) == NK_CACHELINE + 2 * NK_SL_QUEUE_BYTES, "evt");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, dg_out) == NK_CACHELINE + 3 * NK_SL_QUEUE_BYTES,
-                 "dg_out");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_shared, dg_in) ==
-                     NK_CACHELINE + 3 * NK_SL_QUEUE_BYTES + NK_SL_AREA_BYTES,
-                 "dg_in");
+NK_PIN_SIZE(nk_sl_queue, NK_SL_QUEUE_BYTES);
+NK_PIN_OFFSET(nk_sl_queue, head, 0);
+NK_PIN_OFFSET(nk_sl_queue, tail, NK_CACHELINE);
+NK_PIN_OFFSET(nk_sl_queue, sleeping, 2 * NK_CACHELINE);
+NK_PIN_OFFSET(nk_sl_queue, e, 3 * NK_CACHELINE);
+NK_PIN_SIZE(nk_sl_area, NK_SL_AREA_BYTES);
+NK_PIN_OFFSET(nk_sl_area, head, 0);
+NK_PIN_OFFSET(nk_sl_area, tail, NK_CACHELINE);
+NK_PIN_OFFSET(nk_sl_area, data, 2 * NK_CACHELINE);
+NK_PIN_SIZE(nk_sl_shared, NK_CACHELINE + 3 * NK_SL_QUEUE_BYTES + 2 * NK_SL_AREA_BYTES);
+NK_PIN_OFFSET(nk_sl_shared, magic, 0);
+NK_PIN_OFFSET(nk_sl_shared, version, 4);
+NK_PIN_OFFSET(nk_sl_shared, queue_len, 8);
+NK_PIN_OFFSET(nk_sl_shared, area_size, 12);
+NK_PIN_OFFSET(nk_sl_shared, req, NK_CACHELINE);
+NK_PIN_OFFSET(nk_sl_shared, rep, NK_CACHELINE + NK_SL_QUEUE_BYTES);
+NK_PIN_OFFSET(nk_sl_shared, evt, NK_CACHELINE + 2 * NK_SL_QUEUE_BYTES);
+NK_PIN_OFFSET(nk_sl_shared, dg_out, NK_CACHELINE + 3 * NK_SL_QUEUE_BYTES);
+NK_PIN_OFFSET(nk_sl_shared, dg_in, NK_CACHELINE + 3 * NK_SL_QUEUE_BYTES + NK_SL_AREA_BYTES);
 
 /* ---- control messages (SEQPACKET) ---- */
 #define NK_SLC_HELLO 1      /* engine -> NSM: fds [shared memfd, nsm_bell, engine_bell] */
@@ -191,15 +185,15 @@ struct nk_sl_ctl {
   struct nk_addr ipv4, ipv6; /* TENANT_ADD: the addresses the NSM must hold for it */
   char name[64];             /* HELLO: the NSM's name; TENANT_ADD: the tenant's */
 };
-NK_STATIC_ASSERT(sizeof(struct nk_sl_ctl) == 24 + 48 + 64, "nk_sl_ctl size");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_ctl, op) == 0, "nk_sl_ctl.op");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_ctl, version) == 4, "nk_sl_ctl.version");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_ctl, tenant) == 8, "nk_sl_ctl.tenant");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_ctl, reserved) == 12, "nk_sl_ctl.reserved");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_ctl, size) == 16, "nk_sl_ctl.size");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_ctl, ipv4) == 24, "nk_sl_ctl.ipv4");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_ctl, ipv6) == 48, "nk_sl_ctl.ipv6");
-NK_STATIC_ASSERT(offsetof(struct nk_sl_ctl, name) == 72, "nk_sl_ctl.name");
+NK_PIN_SIZE(nk_sl_ctl, 24 + 48 + 64);
+NK_PIN_OFFSET(nk_sl_ctl, op, 0);
+NK_PIN_OFFSET(nk_sl_ctl, version, 4);
+NK_PIN_OFFSET(nk_sl_ctl, tenant, 8);
+NK_PIN_OFFSET(nk_sl_ctl, reserved, 12);
+NK_PIN_OFFSET(nk_sl_ctl, size, 16);
+NK_PIN_OFFSET(nk_sl_ctl, ipv4, 24);
+NK_PIN_OFFSET(nk_sl_ctl, ipv6, 48);
+NK_PIN_OFFSET(nk_sl_ctl, name, 72);
 
 /* Queue helpers for either side. Push: false when full. Pop: false when empty.
  * Push: K4, the acquire load of tail, pairs with K3 in nk_sl_pop(); K1, the release store of
