@@ -170,24 +170,10 @@ static void accept_ctl(void) {
 }
 
 static void reply(struct nk_ctl *c, struct nk_rep *rep, const int *fds, int nfds) {
-  union {
-    char buf[CMSG_SPACE(sizeof(int) * 2)];
-    struct cmsghdr align;
-  } cm;
-  memset(&cm, 0, sizeof(cm));
-  struct iovec iov = {.iov_base = rep, .iov_len = sizeof(*rep)};
-  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
-  if (nfds) {
-    mh.msg_control = cm.buf;
-    mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
-    struct cmsghdr *h = CMSG_FIRSTHDR(&mh);
-    h->cmsg_level = SOL_SOCKET;
-    h->cmsg_type = SCM_RIGHTS;
-    h->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-    memcpy(CMSG_DATA(h), fds, sizeof(int) * (size_t)nfds);
-  }
   /* The guest waits for this reply; a full socket means a broken guest: drop it. */
-  if (sendmsg(c->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof(*rep)) ctl_close(c);
+  if (nk_send_fds(c->fd, rep, sizeof(*rep), fds, nfds, MSG_DONTWAIT | MSG_NOSIGNAL) !=
+      sizeof(*rep))
+    ctl_close(c);
 }
 
 /* One end of a connected AF_UNIX SOCK_SEQPACKET pair, as GuestLib makes: not a listening

@@ -23,21 +23,9 @@ void nk_sock_calibrate(void) {
   if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return;
   if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pv) == 0) {
     struct nk_newconn msg = {.type = NK_MSG_NEWCONN};
-    union {
-      char buf[CMSG_SPACE(sizeof(int))];
-      struct cmsghdr align;
-    } cm;
-    memset(&cm, 0, sizeof(cm));
-    struct iovec iov = {.iov_base = &msg, .iov_len = sizeof(msg)};
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                        .msg_controllen = sizeof(cm.buf)};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &pv[1], sizeof(int));
     int q = 0;
-    if (sendmsg(sv[0], &mh, MSG_DONTWAIT) == sizeof(msg) && ioctl(sv[0], SIOCOUTQ, &q) == 0 && q > 0)
+    if (nk_send_fds(sv[0], &msg, sizeof(msg), &pv[1], 1, MSG_DONTWAIT) == sizeof(msg) &&
+        ioctl(sv[0], SIOCOUTQ, &q) == 0 && q > 0)
       engine.record_size = (uint32_t)q;
     close(pv[0]);
     close(pv[1]);
@@ -62,20 +50,8 @@ static void proxy_fit_backlog(struct nk_esock *l, int backlog) {
 }
 
 static bool deliver_conn(struct nk_esock *l, int gfd, struct nk_newconn *msg) {
-  union {
-    char buf[CMSG_SPACE(sizeof(int))];
-    struct cmsghdr align;
-  } cm;
-  memset(&cm, 0, sizeof(cm));
-  struct iovec iov = {.iov_base = msg, .iov_len = sizeof(*msg)};
-  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                      .msg_controllen = sizeof(cm.buf)};
-  struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(sizeof(int));
-  memcpy(CMSG_DATA(c), &gfd, sizeof(int));
-  return sendmsg(l->proxy, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) == sizeof(*msg);
+  return nk_send_fds(l->proxy, msg, sizeof(*msg), &gfd, 1, MSG_DONTWAIT | MSG_NOSIGNAL) ==
+         sizeof(*msg);
 }
 
 /* Is listener l's queue of connections its application has not accepted yet full? Then a new

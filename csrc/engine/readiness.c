@@ -207,16 +207,17 @@ void nk_sock_end_of_stream(struct nk_esock *es) {
 }
 
 /* The receive ring lacks `need` bytes of room: the guest is asked to kick the socket when it
- * drains. S1: the flag is stored (seq_cst) before the ring is looked at again; pairs with S2
- * in GuestLib's after_consume() (tail store, fence, load of rx_stalled): either we see the
- * room or it sees the flag. A seq_cst store followed by an acquire load of another object is
- * ordered by the hardware, not by C11 (docs/abi.md, "Where the order rests on the hardware").
+ * drains. S1: the flag is stored, then a fence, before the ring is looked at again; pairs with
+ * S2 in GuestLib's after_consume() (tail store, fence, load of rx_stalled): either we see the
+ * room or it sees the flag. (C11 does not order a seq_cst store before a later acquire load of
+ * another object without the fence; docs/abi.md.)
  * True while the room is still lacking; false (flag withdrawn) when the guest drained
  * meanwhile or broke its ring (the caller finds out). Callers withdraw the flag with a relaxed
  * store once there is room: it publishes nothing, and a stale flag costs one spurious kick. */
 bool nk_sock_rx_stall(struct nk_esock *es, uint32_t need) {
   struct nk_slot *s = slot_of(es);
   atomic_store(&s->rx_stalled, 1);
+  atomic_thread_fence(memory_order_seq_cst);
   int64_t fill = nk_ring_fill_checked(&es->rx);
   if (fill >= 0 && es->rx.size - (uint32_t)fill < need) return true;
   atomic_store(&s->rx_stalled, 0);

@@ -135,12 +135,24 @@ static uint32_t eat_ready(int fd, uint32_t want) {
 /* Tell the engine we looked at the receive ring. Linux raises a new EPOLLIN edge for every
  * arrival of data, also while unread data is queued, and nginx counts on it: it reads the
  * FIONREAD amount, then waits for the next edge. The engine queues an extra READY record for
- * data it pushes after we looked. E1: the bump (seq_cst) comes before the caller loads the
- * ring's fill; pairs with E2 in the engine's nk_sock_maybe_ready() (ring stores, fence, load
- * rx_seen): either we see its new bytes or it sees the bump and queues a fresh record. C11
- * does not order a seq_cst RMW before a later acquire load of another object; the hardware
- * does (see docs/abi.md, "Where the order rests on the hardware"). */
-static void seen(struct nk_slot *s) { atomic_fetch_add(&s->rx_seen, 1); }
+ * data it pushes after we looked. E1: the bump, then a fence, comes before the caller loads
+ * the ring's fill; pairs with E2 in the engine's nk_sock_maybe_ready() (ring stores, fence,
+ * load rx_seen): either we see its new bytes or it sees the bump and queues a fresh record.
+ * The fence is what C11 needs: it does not order a seq_cst RMW before a later acquire load of
+ * another object (x86-64 and AArch64 would; docs/abi.md). */
+static void seen(struct nk_slot *s) {
+  atomic_fetch_add(&s->rx_seen, 1);
+  atomic_thread_fence(memory_order_seq_cst);
+}
+
+/* R2: give back `eaten` READY records, published before the caller looks at the ring again;
+ * pairs with R1 in the engine's nk_sock_maybe_ready() (ring stores, fence, load rx_ack):
+ * either it sees the ack and queues a fresh record for what arrived, or the caller sees the
+ * bytes and kicks. The fence, as in seen(). */
+static void ack_records(struct nk_slot *s, uint32_t eaten) {
+  atomic_fetch_add(&s->rx_ack, eaten);
+  atomic_thread_fence(memory_order_seq_cst);
+}
 
 /* Takes back the READY records the engine announced (ready_sent - rx_ack): one recv() per
  * record and none when there is none, so a read costs no extra system call on a quiet
@@ -172,8 +184,7 @@ static void drained(int fd, int slot, struct nk_ring *rx, bool dgram) {
   if (atomic_load(&s->rx_eof) || atomic_load(&s->rx_err)) return;
   uint32_t eaten = take_records(fd, s);
   if (!eaten) return;
-  atomic_fetch_add(&s->rx_ack, eaten);
-  /* R2: as in stream_recv(): data that raced in gets a fresh record from the engine. */
+  ack_records(s, eaten); /* R2: data that raced in gets a fresh record from the engine */
   uint32_t fill = nk_ring_fill(rx);
   if ((dgram ? fill >= sizeof(struct nk_dgram) : fill > 0) || atomic_load(&s->rx_eof)) kick(slot);
 }
@@ -501,11 +512,7 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
       return (ssize_t)got;
     }
     uint32_t eaten = take_records(fd, s);
-    if (eaten) atomic_fetch_add(&s->rx_ack, eaten);
-    /* R2: the ack is published (seq_cst RMW) before the ring is looked at again; pairs with R1
-     * in the engine's nk_sock_maybe_ready() (ring stores, fence, load rx_ack): either it sees
-     * the ack and queues a fresh record for what arrived, or we see the bytes and kick. As
-     * with E1, this leans on the hardware for RMW-then-acquire-load order (docs/abi.md). */
+    if (eaten) ack_records(s, eaten); /* R2 */
     bool more = nk_ring_fill(&rx) || atomic_load(&s->rx_eof) || atomic_load(&s->rx_err);
     unlock(&s->rx_lock);
     if (more) {
@@ -594,8 +601,7 @@ static ssize_t dgram_recv(int fd, int slot, struct msghdr *msg, int flags) {
       return -err;
     }
     uint32_t eaten = take_records(fd, s);
-    if (eaten) atomic_fetch_add(&s->rx_ack, eaten);
-    /* R2, as in stream_recv(). */
+    if (eaten) ack_records(s, eaten); /* R2 */
     bool more = nk_ring_fill(&rx) >= sizeof(struct nk_dgram) || atomic_load(&s->rx_err);
     unlock(&s->rx_lock);
     if (more) {

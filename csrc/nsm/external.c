@@ -539,23 +539,8 @@ static void ext_set_sleeping(struct nk_nsm *m, bool v) {
 /* ---- tenants ---- */
 
 static int send_ctl(int fd, const struct nk_sl_ctl *m, const int *fds, int nfds) {
-  union {
-    char buf[CMSG_SPACE(3 * sizeof(int))];
-    struct cmsghdr align;
-  } cm;
-  memset(&cm, 0, sizeof(cm));
-  struct iovec iov = {.iov_base = (void *)m, .iov_len = sizeof(*m)};
-  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
-  if (nfds) {
-    mh.msg_control = cm.buf;
-    mh.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
-    memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
-  }
-  return sendmsg(fd, &mh, MSG_NOSIGNAL) == (ssize_t)sizeof(*m) ? 0 : -errno;
+  return nk_send_fds(fd, m, sizeof(*m), fds, nfds, MSG_NOSIGNAL) == (ssize_t)sizeof(*m) ? 0
+                                                                                      : -errno;
 }
 
 /* Only the NSMs serving a tenant (it is assigned there, or has sockets there) map its region. */
