@@ -43,11 +43,11 @@ requires_root = pytest.mark.skipif(not is_root(), reason="needs root (namespaces
 
 def nk(*args: str, check: bool = False, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
     """Run the `netkernel` CLI; output captured as text."""
-    proc = subprocess.run(NETKERNEL + list(args), capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    proc = subprocess.run(NETKERNEL + list(args), capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
-        raise AssertionError(f"netkernel {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}{proc.stderr}")
+        raise AssertionError(
+            f"netkernel {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+        )
     return proc
 
 

@@ -95,16 +95,24 @@ def cc_supports(flags: Sequence[str], out_dir: Path) -> bool:
     src.write_text("int main(void) { return 0; }\n")
     exe = out_dir / ("probe-" + hashlib.sha1(" ".join(flags).encode()).hexdigest()[:10])
     try:
-        if subprocess.run([compiler(), *flags, "-o", str(exe), str(src)],
-                          check=False, capture_output=True).returncode != 0:
+        if (
+            subprocess.run(
+                [compiler(), *flags, "-o", str(exe), str(src)], check=False, capture_output=True
+            ).returncode
+            != 0
+        ):
             return False
         return subprocess.run([str(exe)], check=False, capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
 
-def run_c(exe: Path | Sequence[str], args: Sequence[str] = (), timeout: float = 60,
-          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_c(
+    exe: Path | Sequence[str],
+    args: Sequence[str] = (),
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run a test program; exit 77 becomes pytest.skip, a timeout a failure.
 
     exe may be a command prefix (a list) so callers can wrap the program, e.g. in a tenant.
@@ -114,15 +122,23 @@ def run_c(exe: Path | Sequence[str], args: Sequence[str] = (), timeout: float = 
     cmd += [str(a) for a in args]
     # Own session, so a timeout kills the program's forked children too (they would
     # otherwise hold the output pipes open and hang communicate()).
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(p.pid)
         out, err = p.communicate()
-        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout}s\n"
-                             f"stdout:\n{out}\nstderr:\n{err}") from None
+        raise AssertionError(
+            f"{' '.join(cmd)} timed out after {timeout}s\nstdout:\n{out}\nstderr:\n{err}"
+        ) from None
     finally:
         _kill_group(p.pid)
     proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
@@ -140,8 +156,9 @@ def _kill_group(pgid: int) -> None:
 
 def describe(proc: subprocess.CompletedProcess[str]) -> str:
     args = proc.args if isinstance(proc.args, list) else [proc.args]
-    return (f"{' '.join(map(str, args))} exited {proc.returncode}\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return (
+        f"{' '.join(map(str, args))} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
 
 
 def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -151,23 +168,27 @@ def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                  "-fno-omit-frame-pointer")
+SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer")
 
 
 def engine_sources() -> list[str]:
     """The engine's C sources: csrc/engine and every NSM kind in csrc/nsm (each registers
     itself, so a test build may add one more file)."""
     return sorted(map(str, (REPO / "csrc" / "engine").glob("*.c"))) + sorted(
-        map(str, (REPO / "csrc" / "nsm").glob("*.c")))
+        map(str, (REPO / "csrc" / "nsm").glob("*.c"))
+    )
 
 
-def start_engine(engine: Path, tmp: Path, log: IO[str], env: dict[str, str] | None = None,
-                 timeout: float = 20) -> subprocess.Popen[bytes]:
+def start_engine(
+    engine: Path, tmp: Path, log: IO[str], env: dict[str, str] | None = None, timeout: float = 20
+) -> subprocess.Popen[bytes]:
     """Start an engine binary on its own control and admin sockets in tmp (engine.sock,
     admin.sock), outside any daemon; returns once it answers."""
-    proc = subprocess.Popen([str(engine), "--control", str(tmp / "engine.sock"), "--admin",
-                             str(tmp / "admin.sock")], stderr=log, env=env)
+    proc = subprocess.Popen(
+        [str(engine), "--control", str(tmp / "engine.sock"), "--admin", str(tmp / "admin.sock")],
+        stderr=log,
+        env=env,
+    )
     deadline = time.monotonic() + timeout
     while not (tmp / "admin.sock").exists():
         if proc.poll() is not None:

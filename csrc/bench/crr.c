@@ -50,7 +50,8 @@ static int resolve(const char *addr, const char *port) {
 
 static int full_io(int fd, char *buf, int n, int writing) {
   for (int off = 0; off < n;) {
-    ssize_t r = writing ? write(fd, buf + off, (size_t)(n - off)) : read(fd, buf + off, (size_t)(n - off));
+    ssize_t r =
+        writing ? write(fd, buf + off, (size_t)(n - off)) : read(fd, buf + off, (size_t)(n - off));
     if (r < 0 && errno == EINTR) continue;
     if (r <= 0) return -1;
     off += (int)r;
@@ -96,7 +97,8 @@ static int client(int seconds, int threads) {
   double start = now();
   stop_at = start + seconds;
   int started = 0;
-  while (started < threads && pthread_create(&tid[started], NULL, client_loop, NULL) == 0) started++;
+  while (started < threads && pthread_create(&tid[started], NULL, client_loop, NULL) == 0)
+    started++;
   for (int i = 0; i < started; i++) pthread_join(tid[i], NULL);
   if (started < threads) {
     fprintf(stderr, "netkernel-crr: could only start %d of %d threads\n", started, threads);

@@ -21,8 +21,7 @@ int nk_addr_parse(const char *s, struct nk_addr *a) {
 
 void nk_addr_fmt(const struct nk_addr *a, char *buf, size_t len) {
   char ip[INET6_ADDRSTRLEN] = "-";
-  if (a->family == AF_INET || a->family == AF_INET6)
-    inet_ntop(a->family, a->addr, ip, sizeof(ip));
+  if (a->family == AF_INET || a->family == AF_INET6) inet_ntop(a->family, a->addr, ip, sizeof(ip));
   if (a->family == AF_INET6) snprintf(buf, len, "[%s]:%u", ip, ntohs(a->port));
   else snprintf(buf, len, "%s:%u", ip, ntohs(a->port));
 }

@@ -111,8 +111,10 @@ static void tenant_set(struct nk_admin *a, struct nk_tenant *t, int argc, char *
     else if (kv_u64(argv[i], "max_sockets", &v)) max_sockets = v;
     else if (kv_u64(argv[i], "max_memory", &v)) max_memory = v;
     else
-      return err(a, EINVAL, "bad setting '%s' (known: rate_tx, rate_rx, weight, max_sockets, "
-                 "max_memory, each =unsigned integer; shm=0|1)", argv[i]);
+      return err(a, EINVAL,
+                 "bad setting '%s' (known: rate_tx, rate_rx, weight, max_sockets, "
+                 "max_memory, each =unsigned integer; shm=0|1)",
+                 argv[i]);
   }
   if (weight < 1 || weight > 1000) return err(a, EINVAL, "weight must be 1..1000");
   if (max_sockets > t->nslots)
@@ -124,16 +126,17 @@ static void tenant_set(struct nk_admin *a, struct nk_tenant *t, int argc, char *
   t->max_sockets = (uint32_t)max_sockets;
   t->max_memory = max_memory;
   t->shm = shm; /* new connections; those on the path stay there */
-  NK_EVENT("policy_set", "tenant=%s rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu shm=%d",
+  NK_EVENT("policy_set",
+           "tenant=%s rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu shm=%d",
            t->name, (unsigned long long)rate_tx, (unsigned long long)rate_rx, t->weight,
            t->max_sockets, (unsigned long long)t->max_memory, t->shm);
   out(a, "ok");
 }
 
 static const char *tcp_state_name(uint8_t st) {
-  static const char *names[] = {"?", "established", "syn-sent", "syn-recv", "fin-wait-1",
-                                "fin-wait-2", "time-wait", "close", "close-wait", "last-ack",
-                                "listen", "closing"};
+  static const char *names[] = {"?",          "established", "syn-sent",  "syn-recv",
+                                "fin-wait-1", "fin-wait-2",  "time-wait", "close",
+                                "close-wait", "last-ack",    "listen",    "closing"};
   return st < sizeof(names) / sizeof(names[0]) ? names[st] : "?";
 }
 
@@ -165,13 +168,17 @@ static void conn_line(struct nk_admin *a, struct nk_tenant *t, uint32_t i, struc
    * tenant is named too). */
   const char *path = es->shm ? "shm" : m ? "nsm" : es->ep_count ? "loopback" : "-";
   char peer_tenant[80] = "";
-  if (es->shm_peer) snprintf(peer_tenant, sizeof(peer_tenant), " peer_tenant=%s", es->shm_peer->t->name);
-  out(a, "conn tenant=%s slot=%u kind=%s state=%s nsm=%s path=%s%s proto=%s local=%s peer=%s tx_bytes=%llu"
+  if (es->shm_peer)
+    snprintf(peer_tenant, sizeof(peer_tenant), " peer_tenant=%s", es->shm_peer->t->name);
+  out(a,
+      "conn tenant=%s slot=%u kind=%s state=%s nsm=%s path=%s%s proto=%s local=%s peer=%s tx_bytes=%llu"
       " rx_bytes=%llu tx_queued=%lld rx_queued=%lld ready_sent=%u rx_ack=%u blocker=%d stalled=%u"
       " throttled=%d%s",
       t->name, i, kind_name(es->kind), es->closing ? "closing" : state_name(es->state),
-      es->shm ? "shm" : m ? m->name : (es->ep_count ? "loopback" : "-"), path, peer_tenant,
-      es->type == SOCK_STREAM ? "tcp" : "udp", l, p,
+      es->shm ? "shm"
+      : m     ? m->name
+              : (es->ep_count ? "loopback" : "-"),
+      path, peer_tenant, es->type == SOCK_STREAM ? "tcp" : "udp", l, p,
       (unsigned long long)es->tx_bytes, (unsigned long long)es->rx_bytes,
       (long long)nk_ring_fill_checked(&es->tx), (long long)nk_ring_fill_checked(&es->rx),
       es->ready_sent, atomic_load(&sl->rx_ack), es->blocker_held, atomic_load(&sl->rx_stalled),
@@ -218,8 +225,11 @@ static void command(struct nk_admin *a, char *line) {
     struct nk_nsm *m = nk_nsm_find(argv[2]);
     if (!m) return err(a, ENOENT, "unknown nsm '%s'", argv[2]);
     int r = nk_tenant_move(t, m);
-    if (r < 0) return err(a, -r, "tenant %s moved to %s, but some listeners could not follow "
-                          "(see the log)", t->name, m->name);
+    if (r < 0)
+      return err(a, -r,
+                 "tenant %s moved to %s, but some listeners could not follow "
+                 "(see the log)",
+                 t->name, m->name);
     return out(a, "ok %d", r);
   }
   if (!strcmp(cmd, "tenant-move-done") && argc == 2) {
@@ -251,20 +261,21 @@ static void command(struct nk_admin *a, char *line) {
   }
   if (!strcmp(cmd, "stats") && argc == 1) {
     for (struct nk_tenant *t = engine.tenants; t; t = t->next)
-      out(a, "tenant %s id=%u nsm=%s sockets=%u tx_bytes=%llu rx_bytes=%llu memory=%llu"
+      out(a,
+          "tenant %s id=%u nsm=%s sockets=%u tx_bytes=%llu rx_bytes=%llu memory=%llu"
           " rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu"
-           " refused_sockets=%llu refused_memory=%llu slots=%u engine_ns=%llu engine_skips=%llu shm=%d"
-           " fds=%u fd_limit=%llu ctls=%u dns_relayed=%llu dns_dropped=%llu region_bytes=%llu"
-           " region_trimmed=%llu throttle_wakes=%llu throttle_late_ns=%llu rate_late_credit=%llu",
+          " refused_sockets=%llu refused_memory=%llu slots=%u engine_ns=%llu engine_skips=%llu shm=%d"
+          " fds=%u fd_limit=%llu ctls=%u dns_relayed=%llu dns_dropped=%llu region_bytes=%llu"
+          " region_trimmed=%llu throttle_wakes=%llu throttle_late_ns=%llu rate_late_credit=%llu",
           t->name, t->id, t->nsm->name, t->nsocks, (unsigned long long)t->tx_bytes,
           (unsigned long long)t->rx_bytes, (unsigned long long)nk_tenant_memory(t),
-          (unsigned long long)t->rate[NK_TX] * 8, (unsigned long long)t->rate[NK_RX] * 8,
-          t->weight, t->max_sockets, (unsigned long long)t->max_memory,
-          (unsigned long long)t->refused_sockets, (unsigned long long)t->refused_memory,
-          t->nslots, (unsigned long long)t->cpu_total_ns, (unsigned long long)t->cpu_skips,
-          t->shm, t->fds, (unsigned long long)nk_tenant_fd_limit(t), t->ctls,
-          (unsigned long long)t->dns_relayed, (unsigned long long)t->dns_dropped,
-          (unsigned long long)nk_tenant_region_bytes(t), (unsigned long long)t->region_trimmed,
+          (unsigned long long)t->rate[NK_TX] * 8, (unsigned long long)t->rate[NK_RX] * 8, t->weight,
+          t->max_sockets, (unsigned long long)t->max_memory, (unsigned long long)t->refused_sockets,
+          (unsigned long long)t->refused_memory, t->nslots, (unsigned long long)t->cpu_total_ns,
+          (unsigned long long)t->cpu_skips, t->shm, t->fds,
+          (unsigned long long)nk_tenant_fd_limit(t), t->ctls, (unsigned long long)t->dns_relayed,
+          (unsigned long long)t->dns_dropped, (unsigned long long)nk_tenant_region_bytes(t),
+          (unsigned long long)t->region_trimmed,
           (unsigned long long)(t->throttle_wakes[NK_TX] + t->throttle_wakes[NK_RX]),
           (unsigned long long)(t->throttle_late_ns[NK_TX] + t->throttle_late_ns[NK_RX]),
           (unsigned long long)(t->rate_late_credit[NK_TX] + t->rate_late_credit[NK_RX]));
@@ -275,7 +286,8 @@ static void command(struct nk_admin *a, char *line) {
         for (uint32_t i = 0; i < t->nslots; i++)
           if (t->socks[i] && nk_sock_nsm(t->socks[i]) == m) socks++;
       }
-      out(a, "nsm %s type=%s tenants=%u sockets=%u tx_bytes=%llu rx_bytes=%llu bandwidth=%llu "
+      out(a,
+          "nsm %s type=%s tenants=%u sockets=%u tx_bytes=%llu rx_bytes=%llu bandwidth=%llu "
           "up=%d connects=%u",
           m->name, m->type->type, tenants, socks, (unsigned long long)m->bytes[NK_TX],
           (unsigned long long)m->bytes[NK_RX], (unsigned long long)m->bandwidth_bps,

@@ -119,7 +119,8 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_prog
   int k = nk_ep_find(es, &dst);
   if (es->ep_count && k < 0) return es->bound ? -EADDRNOTAVAIL : -EINVAL;
   if (k < 0) {
-    k = nk_ep_open_here(es, loop ? (es->family == AF_INET6 ? AF_INET6 : AF_INET) : dst.family, loop);
+    k = nk_ep_open_here(es, loop ? (es->family == AF_INET6 ? AF_INET6 : AF_INET) : dst.family,
+                        loop);
     if (k < 0) return k;
     if (!loop) {
       /* Connections leave with the tenant's own source address (DESIGN §F). */

@@ -171,8 +171,7 @@ static void accept_ctl(void) {
 
 static void reply(struct nk_ctl *c, struct nk_rep *rep, const int *fds, int nfds) {
   /* The guest waits for this reply; a full socket means a broken guest: drop it. */
-  if (nk_send_fds(c->fd, rep, sizeof(*rep), fds, nfds, MSG_DONTWAIT | MSG_NOSIGNAL) !=
-      sizeof(*rep))
+  if (nk_send_fds(c->fd, rep, sizeof(*rep), fds, nfds, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof(*rep))
     ctl_close(c);
 }
 
@@ -207,8 +206,8 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
      * engine for good, outside every budget: a tenant repeating that would fill the engine's
      * descriptor table (found by tests/fuzz/fuzz_control.c). */
     if (rfd >= 0) nk_close_later(rfd);
-    struct nk_reginfo info = {.region_size = t->size, .tenant_id = t->id, .ipv4 = t->ipv4,
-                              .ipv6 = t->ipv6};
+    struct nk_reginfo info = {
+        .region_size = t->size, .tenant_id = t->id, .ipv4 = t->ipv4, .ipv6 = t->ipv6};
     memcpy(rep.optval, &info, sizeof(info));
     int fds[2] = {t->memfd, t->doorbell_fd};
     reply(c, &rep, fds, 2);
@@ -291,8 +290,8 @@ static void read_ctl(struct nk_ctl *c) {
       struct cmsghdr align;
     } cm;
     struct iovec iov = {.iov_base = &req, .iov_len = sizeof(req)};
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                        .msg_controllen = sizeof(cm.buf)};
+    struct msghdr mh = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
     ssize_t n = recvmsg(c->fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (n < 0 && errno == EAGAIN) return;
     int rfd = -1;

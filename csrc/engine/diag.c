@@ -6,9 +6,9 @@
  * from the kernel, not from the guest) and checks from time to time whether it still exists.
  */
 #include <errno.h>
+#include <linux/inet_diag.h>
 #include <linux/netlink.h>
 #include <linux/rtnetlink.h>
-#include <linux/inet_diag.h>
 #include <linux/sock_diag.h>
 #include <linux/unix_diag.h>
 #include <poll.h>
@@ -27,7 +27,8 @@ static int diag_socket(struct nk_tenant *t) {
     if (nl_engine < 0) nl_engine = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
     return nl_engine;
   }
-  if (t->diag_fd < 0) t->diag_fd = nk_in_netns_proto(t->netns_fd, AF_NETLINK, SOCK_DGRAM, NETLINK_SOCK_DIAG);
+  if (t->diag_fd < 0)
+    t->diag_fd = nk_in_netns_proto(t->netns_fd, AF_NETLINK, SOCK_DGRAM, NETLINK_SOCK_DIAG);
   return t->diag_fd;
 }
 
@@ -39,9 +40,12 @@ static int query(struct nk_tenant *t, uint64_t ino, uint64_t *peer) {
     struct nlmsghdr nh;
     struct unix_diag_req r;
   } req = {
-      .nh = {.nlmsg_len = sizeof(req), .nlmsg_type = SOCK_DIAG_BY_FAMILY,
+      .nh = {.nlmsg_len = sizeof(req),
+             .nlmsg_type = SOCK_DIAG_BY_FAMILY,
              .nlmsg_flags = NLM_F_REQUEST},
-      .r = {.sdiag_family = AF_UNIX, .udiag_states = ~0u, .udiag_ino = (uint32_t)ino,
+      .r = {.sdiag_family = AF_UNIX,
+            .udiag_states = ~0u,
+            .udiag_ino = (uint32_t)ino,
             .udiag_show = UDIAG_SHOW_PEER,
             .udiag_cookie = {INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE}},
   };

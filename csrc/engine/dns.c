@@ -13,7 +13,7 @@
 /* Queries a tenant may have relayed: a steady rate and a burst (a page load resolves a few
  * dozen names at once). A tenant that asks faster has the rest dropped, as a busy resolver
  * would; the stub is a path to the daemon's responder, which every tenant shares. */
-#define NK_DNS_RATE 200.0
+#define NK_DNS_RATE  200.0
 #define NK_DNS_BURST 400.0
 
 static bool dns_admit(struct nk_tenant *t) {
@@ -111,7 +111,8 @@ void nk_dns_event(struct nk_tenant *t, bool upstream) {
       /* Only answers from the upstream, for a query we relayed. */
       struct nk_addr src;
       nk_addr_from_sa(&src, &from);
-      if (!nk_addr_eq_ip(&src, &engine.dns_upstream) || src.port != engine.dns_upstream.port) continue;
+      if (!nk_addr_eq_ip(&src, &engine.dns_upstream) || src.port != engine.dns_upstream.port)
+        continue;
       if (!t->dns_pending[idx].used || t->dns_pending[idx].id != id) continue;
       t->dns_pending[idx].used = false;
       sendto(t->dns_fd, buf, (size_t)n, MSG_DONTWAIT,

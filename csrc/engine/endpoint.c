@@ -7,7 +7,9 @@
 
 #include "engine.h"
 
-struct nk_slot *nk_sock_slot(struct nk_esock *es) { return &es->t->slots[es->slot]; }
+struct nk_slot *nk_sock_slot(struct nk_esock *es) {
+  return &es->t->slots[es->slot];
+}
 
 /* The NSM a connected or connecting socket's traffic goes through (NULL: loopback, or the
  * shared-memory path, which no NSM carries). */
@@ -49,8 +51,13 @@ static const struct nk_ep_ops *ops_for(struct nk_nsm *m) {
 int nk_ep_open(struct nk_esock *es, int family, struct nk_nsm *m) {
   if (es->ep_count >= NK_MAX_EP) return -EMFILE;
   int k = es->ep_count;
-  nk_ep_set(es, k, &(struct nk_endpoint){.ops = ops_for(m), .nsm = m, .family = family,
-                                          .loop = m == NULL, .fd = -1, .id = NK_EXT_LOST});
+  nk_ep_set(es, k,
+            &(struct nk_endpoint){.ops = ops_for(m),
+                                  .nsm = m,
+                                  .family = family,
+                                  .loop = m == NULL,
+                                  .fd = -1,
+                                  .id = NK_EXT_LOST});
   int r = es->ep[k].ops->open(es, k);
   if (r < 0) {
     es->ep[k].ops = NULL;
@@ -79,8 +86,7 @@ int nk_ep_find(const struct nk_esock *es, const struct nk_addr *dst) {
   bool loop = nk_addr_is_loopback(dst);
   for (int k = 0; k < es->ep_count; k++) {
     const struct nk_endpoint *e = &es->ep[k];
-    if (e->loop == loop && (e->family == dst->family || (loop && e->family == AF_INET6)))
-      return k;
+    if (e->loop == loop && (e->family == dst->family || (loop && e->family == AF_INET6))) return k;
   }
   return -1;
 }
@@ -139,7 +145,6 @@ int nk_ep_listen_on_port(struct nk_esock *es, int k) {
   int r = e->ops->bind(es, k, &a, false);
   if (r == 0) r = e->ops->listen(es, k, es->backlog);
   e->listening = r == 0;
-  if (r == 0 && e->ops->watch)
-    e->ops->watch(es, k, nk_sock_accept_queue_full(es) ? 0 : EPOLLIN);
+  if (r == 0 && e->ops->watch) e->ops->watch(es, k, nk_sock_accept_queue_full(es) ? 0 : EPOLLIN);
   return r;
 }

@@ -17,8 +17,8 @@
 #include <stdio.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
-#include <sys/uio.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "netkernel/abi.h"
@@ -26,8 +26,8 @@
 #include "netkernel/ring.h"
 
 extern int nk_debug;
-#define NK_LOG(lvl, fmt, ...)                                                               \
-  do {                                                                                      \
+#define NK_LOG(lvl, fmt, ...)                                                                \
+  do {                                                                                       \
     if (nk_debug >= (lvl)) fprintf(stderr, "engine %s: " fmt "\n", __func__, ##__VA_ARGS__); \
   } while (0)
 #define NK_INFO(fmt, ...) fprintf(stderr, "engine: " fmt "\n", ##__VA_ARGS__)
@@ -119,28 +119,28 @@ struct nk_ep_ops {
 struct nk_nsm_type {
   const char *type;
   const struct nk_ep_ops *ep; /* its sockets' endpoints */
-  bool kernel_sockets; /* its sockets are kernel sockets in the NSM's namespace */
+  bool kernel_sockets;        /* its sockets are kernel sockets in the NSM's namespace */
   int (*init)(struct nk_nsm *m, const char *arg); /* arg: after "TYPE:", or NULL */
   void (*fini)(struct nk_nsm *m);
   void (*tenant_on)(struct nk_nsm *m, struct nk_tenant *t); /* t has sockets on m from now */
   void (*tenant_gone)(struct nk_nsm *m, struct nk_tenant *t);
   void (*forget)(struct nk_nsm *m, struct nk_esock *es); /* es is freed: drop references */
-  int (*is_up)(struct nk_nsm *m);         /* NULL: always */
-  uint32_t (*connects)(struct nk_nsm *m); /* processes that served it so far */
+  int (*is_up)(struct nk_nsm *m);                        /* NULL: always */
+  uint32_t (*connects)(struct nk_nsm *m);                /* processes that served it so far */
   bool (*poll)(struct nk_nsm *m); /* while the engine polls: true when it found work */
   void (*set_sleeping)(struct nk_nsm *m, bool v); /* the engine is about to sleep, or woke */
   void (*event)(struct nk_nsm *m, int which, uint32_t ev); /* its epoll handles (NK_H_NSM) */
   struct nk_nsm_type *next;
 };
 void nk_nsm_register(struct nk_nsm_type *type);
-#define NK_NSM_TYPE(var)                                                          \
+#define NK_NSM_TYPE(var) \
   __attribute__((constructor)) static void register_##var(void) { nk_nsm_register(&var); }
 
 struct nk_nsm {
   char name[32];
   int netns_fd;
   const struct nk_nsm_type *type;
-  uint64_t bandwidth_bps;  /* the operator's figure for the uplink; 0 = not shared by weight */
+  uint64_t bandwidth_bps;   /* the operator's figure for the uplink; 0 = not shared by weight */
   struct nk_bucket link[2]; /* what the engine lets through, per direction, when shared */
   uint64_t bytes[2];
   void *priv; /* the kind's own state */
@@ -191,7 +191,7 @@ struct nk_tenant {
    * does not lengthen the round for the others). */
   struct nk_esock *active_head, *active_tail;
   bool in_active;
-  bool carried; /* had more work than one round's budget */
+  bool carried;         /* had more work than one round's budget */
   uint64_t cpu_used_ns; /* when it last had the engine, or sat out a round for it */
   double cpu_tokens;    /* engine time (ns) it may still use while others contend */
   uint64_t cpu_last_ns;
@@ -204,15 +204,15 @@ struct nk_tenant {
   /* Throttled sockets woken, per direction; how late past their tokens' due time in total;
    * and the rate tokens kept for it over those late wakes (policy.c, late_wake). */
   uint64_t throttle_wakes[2], throttle_late_ns[2], rate_late_credit[2];
-  bool shm; /* its connections to colocated tenants may use the shared-memory path */
+  bool shm;           /* its connections to colocated tenants may use the shared-memory path */
   uint32_t ephemeral; /* next local port for a shared-memory connection */
   struct nk_tenant *next_active;
   int dns_fd, dns_up_fd;
   struct nk_bucket dns_bucket; /* queries per second it may have relayed (dns.c) */
   uint64_t dns_relayed, dns_dropped;
   uint64_t region_trimmed; /* bytes of free slots' ring pages taken back (tenant.c) */
-  int diag_fd; /* NETLINK_SOCK_DIAG in the tenant's namespace */
-  bool dead;   /* deleted: freed after the current event batch */
+  int diag_fd;             /* NETLINK_SOCK_DIAG in the tenant's namespace */
+  bool dead;               /* deleted: freed after the current event batch */
   struct {
     uint16_t id;
     bool used;
@@ -223,7 +223,7 @@ struct nk_tenant {
 };
 
 /* v6 + v4 on the NSM and v6 on loopback for a dual-stack listener, plus two during a move. */
-#define NK_MAX_EP 6
+#define NK_MAX_EP   6
 #define NK_MAX_OPTS 24
 struct nk_opt {
   int level, name;
@@ -240,8 +240,8 @@ struct nk_endpoint {
   bool loop;      /* lives in the tenant's own namespace (its loopback) */
   bool listening; /* listen() succeeded on it */
   int fd;         /* a kernel socket, or -1 */
-  uint32_t id;   /* an external NSM's socket id (NK_EXT_LOST while that NSM is down) */
-  uint16_t port; /* an external NSM's: the port it bound, network order */
+  uint32_t id;    /* an external NSM's socket id (NK_EXT_LOST while that NSM is down) */
+  uint16_t port;  /* an external NSM's: the port it bound, network order */
   struct nk_handle h;
 };
 #define NK_EXT_LOST UINT32_MAX
@@ -249,10 +249,10 @@ struct nk_endpoint {
 struct nk_esock {
   struct nk_tenant *t;
   uint32_t slot, gen;
-  int kind;   /* NK_KIND_* */
-  int family; /* as the application created it */
-  int type;   /* SOCK_STREAM / SOCK_DGRAM */
-  int proxy;  /* engine end of the proxy socketpair */
+  int kind;                  /* NK_KIND_* */
+  int family;                /* as the application created it */
+  int type;                  /* SOCK_STREAM / SOCK_DGRAM */
+  int proxy;                 /* engine end of the proxy socketpair */
   bool proxy_rights_refused; /* SO_PASSRIGHTS is off on it: closing it cannot block */
   struct nk_handle h_proxy;
   struct nk_endpoint ep[NK_MAX_EP];
@@ -262,13 +262,13 @@ struct nk_esock {
   uint32_t ep_held;
   uint32_t state;
   bool can_read, can_write;
-  bool watch_out; /* EPOLLOUT armed on endpoint 0's kernel socket */
-  bool peer_fin; /* the kernel socket reported RDHUP/HUP/ERR */
-  bool kernel_err; /* the kernel socket reported ERR: SO_ERROR may hold a reset */
-  bool guest_shut_wr; /* the application called shutdown(SHUT_WR) */
+  bool watch_out;          /* EPOLLOUT armed on endpoint 0's kernel socket */
+  bool peer_fin;           /* the kernel socket reported RDHUP/HUP/ERR */
+  bool kernel_err;         /* the kernel socket reported ERR: SO_ERROR may hold a reset */
+  bool guest_shut_wr;      /* the application called shutdown(SHUT_WR) */
   bool proxy_in_tenant_ns; /* the guest made the socketpair (in its namespace) */
-  bool zombie;        /* engine end closed to show POLLHUP; freed when the guest end is gone */
-  uint64_t guest_ino; /* inode of the guest end, from sock_diag (zombies only) */
+  bool zombie;             /* engine end closed to show POLLHUP; freed when the guest end is gone */
+  uint64_t guest_ino;      /* inode of the guest end, from sock_diag (zombies only) */
   bool blocker_held;
   bool shut_wr_pending;
   bool closing; /* the guest closed its last reference: flush, then free */
@@ -281,7 +281,7 @@ struct nk_esock {
   bool bound;
   bool pending_listen_out; /* listener waits for room on its proxy end */
   int backlog;
-  int pending_fd;          /* accepted connection waiting for delivery */
+  int pending_fd; /* accepted connection waiting for delivery */
   struct nk_newconn pending_msg;
   uint32_t ready_sent;
   uint32_t seen_at_ready;     /* guest's rx_seen when the last READY record went out */
@@ -295,17 +295,17 @@ struct nk_esock {
   uint64_t tx_bytes, rx_bytes;
   struct nk_ring tx, rx;
   struct nk_esock *next_active;
-  bool throttled; /* waiting for tokens: on engine.throttled until throttle_until */
+  bool throttled;   /* waiting for tokens: on engine.throttled until throttle_until */
   int throttle_dir; /* NK_TX / NK_RX: which direction's tokens */
   uint64_t throttle_until;
   struct nk_esock *next_throttled;
   /* Shared-memory path (csrc/nsm/shm.c): a connection between two tenant sockets on this
    * host. The engine copies the sender's transmit ring into the receiver's receive ring. */
-  bool shm;                    /* this connection runs (or ran) on it: for `conns` */
-  struct nk_esock *shm_peer;   /* the other end; NULL once it is gone */
-  bool shm_fin_sent;           /* our end of the byte stream was delivered to the peer */
-  bool in_port_map;            /* listener reachable by the shared-memory path */
-  struct nk_esock *next_port;  /* chain of listeners hashed by port */
+  bool shm;                   /* this connection runs (or ran) on it: for `conns` */
+  struct nk_esock *shm_peer;  /* the other end; NULL once it is gone */
+  bool shm_fin_sent;          /* our end of the byte stream was delivered to the peer */
+  bool in_port_map;           /* listener reachable by the shared-memory path */
+  struct nk_esock *next_port; /* chain of listeners hashed by port */
   /* External NSM (csrc/nsm/external.c): the engine hands out ring positions: the NSM may
    * take transmit bytes up to tx_off and write received bytes up to rx_credit. */
   struct {
@@ -325,7 +325,7 @@ struct nk_engine {
   uint32_t next_tenant_id;
   struct nk_tenant *active_tenants; /* round-robin ring of tenants with active sockets */
   struct nk_esock *throttled;
-  uint64_t next_wake_ns; /* earliest throttle_until, UINT64_MAX when none */
+  uint64_t next_wake_ns;      /* earliest throttle_until, UINT64_MAX when none */
   struct nk_esock *graveyard; /* freed sockets, released after the current event batch */
   struct nk_tenant *dead_tenants;
   struct nk_addr dns_upstream;
@@ -349,12 +349,12 @@ extern struct nk_engine engine;
 /* Control space for a message from a socket a tenant can set options on: every descriptor,
  * plus credentials, a pidfd and a security label the kernel adds when asked (SO_PASSCRED,
  * SO_PASSPIDFD, SO_PASSSEC). Less, and the kernel closes what does not fit in our thread. */
-#define NK_UNTRUSTED_CMSG_SPACE                                                              \
-  (CMSG_SPACE(sizeof(int) * NK_MAX_PASSED_FDS) + CMSG_SPACE(sizeof(struct ucred)) +          \
+#define NK_UNTRUSTED_CMSG_SPACE                                                     \
+  (CMSG_SPACE(sizeof(int) * NK_MAX_PASSED_FDS) + CMSG_SPACE(sizeof(struct ucred)) + \
    CMSG_SPACE(sizeof(int)) + CMSG_SPACE(4096))
-#define NK_SOCK_FDS 4         /* a socket's share: proxy end + dual-stack wildcard bind */
-#define NK_CTL_FDS 256        /* control connections a tenant may have besides its sockets */
-#define NK_CTL_REFUSED_HELD 8 /* refused ones held for their answer at once, per tenant */
+#define NK_SOCK_FDS         4   /* a socket's share: proxy end + dual-stack wildcard bind */
+#define NK_CTL_FDS          256 /* control connections a tenant may have besides its sockets */
+#define NK_CTL_REFUSED_HELD 8   /* refused ones held for their answer at once, per tenant */
 int nk_fds_init(void);
 void nk_close_later(int fd);
 bool nk_fd_refuse_rights(int fd);
@@ -395,8 +395,8 @@ bool nk_tenant_scan_doorbells(struct nk_tenant *t);
 
 /* The per-socket code, by concern. Endpoints (endpoint.c): a socket's sockets on stacks. */
 #define NK_EP_DATA_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET) /* see kernel.c */
-int nk_ep_open(struct nk_esock *es, int family, struct nk_nsm *m); /* m NULL: loopback */
-int nk_ep_open_here(struct nk_esock *es, int family, bool loop);    /* the tenant's NSM now */
+int nk_ep_open(struct nk_esock *es, int family, struct nk_nsm *m);    /* m NULL: loopback */
+int nk_ep_open_here(struct nk_esock *es, int family, bool loop);      /* the tenant's NSM now */
 int nk_ep_reopen(struct nk_esock *es, int k); /* endpoint k again, after its stack came back */
 int nk_ep_find(const struct nk_esock *es, const struct nk_addr *dst); /* -1: none fits */
 void nk_ep_close(struct nk_esock *es, int k, bool rst);
@@ -406,8 +406,8 @@ void nk_ep_move(struct nk_esock *es, int to, int from, uint32_t events);
 void nk_ep_keep_only(struct nk_esock *es, int k);
 void nk_ep_local(struct nk_esock *es, int k, struct nk_addr *out);
 void nk_ep_set(struct nk_esock *es, int k, const struct nk_endpoint *e);
-void nk_ep_replay_opts(struct nk_esock *es, int k); /* the options set so far, on endpoint k */
-int nk_ep_listen_on_port(struct nk_esock *es, int k); /* the tenant's address, es's port */
+void nk_ep_replay_opts(struct nk_esock *es, int k);    /* the options set so far, on endpoint k */
+int nk_ep_listen_on_port(struct nk_esock *es, int k);  /* the tenant's address, es's port */
 struct nk_nsm *nk_sock_nsm(const struct nk_esock *es); /* NULL: loopback or shared memory */
 void nk_sock_count(struct nk_esock *es, int dir, uint64_t n); /* bytes moved, for stats */
 
@@ -483,9 +483,9 @@ int nk_shm_connect(struct nk_esock *es, const struct nk_addr *dst); /* 1 done, 0
  * larger when all of them move bulk. Each sendmsg/readv wakes the peer across
  * cores and pushes what it queued; 16 bulk tenants on one engine thread took 1.3x the CPU
  * per Gbit/s of 16 namespaces with 256 KiB services, 2.1x with 64 KiB (docs/benchmarks.md). */
-#define NK_SERVICE_BYTES 65536u
+#define NK_SERVICE_BYTES      65536u
 #define NK_BULK_SERVICE_BYTES 262144u
-#define NK_SHM_SERVICE_BYTES 262144u
+#define NK_SHM_SERVICE_BYTES  262144u
 uint64_t nk_policy_grant(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t want,
                          uint64_t need);
 void nk_policy_charge(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t n);

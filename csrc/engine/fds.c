@@ -146,8 +146,7 @@ bool nk_fd_refuse_rights(int fd) {
   setsockopt(fd, SOL_SOCKET, SO_PASSPIDFD, &off, sizeof(off));
   setsockopt(fd, SOL_SOCKET, SO_PASSSEC, &off, sizeof(off));
   char buf[NK_BLOCKER_SIZE];
-  for (int i = 0; i < 64 && nk_recv_untrusted(fd, buf, sizeof(buf), MSG_DONTWAIT) >= 0; i++) {
-  }
+  for (int i = 0; i < 64 && nk_recv_untrusted(fd, buf, sizeof(buf), MSG_DONTWAIT) >= 0; i++) {}
   return refused;
 }
 
@@ -159,8 +158,8 @@ ssize_t nk_recv_untrusted(int fd, void *buf, size_t len, int flags) {
     struct cmsghdr align;
   } cm;
   struct iovec iov = {.iov_base = buf, .iov_len = len};
-  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                      .msg_controllen = sizeof(cm.buf)};
+  struct msghdr mh = {
+      .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
   ssize_t n = recvmsg(fd, &mh, flags | MSG_CMSG_CLOEXEC);
   if (n >= 0 && !(flags & MSG_PEEK)) nk_fds_from_cmsg(&mh, NULL, 0);
   return n;

@@ -70,8 +70,11 @@ static void listen_watch(struct nk_esock *l, bool on) {
  * application; when its accept queue is full, hold it as the one pending connection.
  * False when one is already pending: the caller refuses the connection. */
 static bool deliver(struct nk_esock *l, struct nk_esock *es, int gfd) {
-  struct nk_newconn msg = {.type = NK_MSG_NEWCONN, .slot = es->slot, .gen = es->gen,
-                           .peer = es->peer, .local = es->local};
+  struct nk_newconn msg = {.type = NK_MSG_NEWCONN,
+                           .slot = es->slot,
+                           .gen = es->gen,
+                           .peer = es->peer,
+                           .local = es->local};
   if (l->pending_fd < 0 && deliver_conn(l, gfd, &msg)) {
     close(gfd);
     return true;

@@ -96,7 +96,7 @@ static bool scan_all(void) {
  * rounds the moment a light one waited 0.5 ms for its peer, the light one's next request would
  * wait behind such a round, miss the window again, and so on — observed as a ping-pong
  * tenant falling to a quarter of its rate beside a flood. */
-#define NK_GRANULE_NS 10000000ull
+#define NK_GRANULE_NS   10000000ull
 #define NK_CPU_BURST_NS 50000.0
 
 /* Tenants with max_memory have their regions checked once a second (tenant.c: trim). */
@@ -171,7 +171,9 @@ static bool run_active(void) {
    * takes to move all of it (a 1 MiB ring: hundreds of microseconds) while others wait. How
    * long a service may be depends on who waits: a tenant doing request-sized work lately
    * (light) gets short ones, bulk tenants among themselves longer, cheaper ones. */
-  engine.service_bytes = recent <= 1 ? UINT64_MAX : light ? NK_SERVICE_BYTES : NK_BULK_SERVICE_BYTES;
+  engine.service_bytes = recent <= 1 ? UINT64_MAX
+                         : light     ? NK_SERVICE_BYTES
+                                     : NK_BULK_SERVICE_BYTES;
   for (int pass = 0; pass < 2; pass++) {
     for (struct nk_tenant **p = &round; *p;) {
       struct nk_tenant *t = *p;
@@ -238,8 +240,7 @@ static void dispatch(struct epoll_event *ev) {
       struct nk_tenant *t = h->obj;
       if (t->dead) break;
       uint64_t v;
-      while (read(t->doorbell_fd, &v, sizeof(v)) > 0) {
-      }
+      while (read(t->doorbell_fd, &v, sizeof(v)) > 0) {}
       break;
     }
     case NK_H_DNS:

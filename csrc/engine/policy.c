@@ -18,12 +18,12 @@
 
 #include "engine.h"
 
-#define NK_BURST_MIN (64u * 1024u)
-#define NK_BURST_NS 2000000ull        /* 2 ms of the rate */
-#define NK_LINK_SHARE 0.92            /* payload budget: leaves room for TCP/IP/Ethernet headers */
-#define NK_SLACK (256.0 * 1024.0)     /* virtual-time lead (bytes at weight 1) still allowed */
-#define NK_BACKLOG_NS 20000000ull     /* a tenant that asked within 20 ms is backlogged */
-#define NK_FAIR_RETRY_NS 200000ull    /* an ineligible tenant looks again after 0.2 ms */
+#define NK_BURST_MIN      (64u * 1024u)
+#define NK_BURST_NS       2000000ull /* 2 ms of the rate */
+#define NK_LINK_SHARE     0.92       /* payload budget: leaves room for TCP/IP/Ethernet headers */
+#define NK_SLACK          (256.0 * 1024.0) /* virtual-time lead (bytes at weight 1) still allowed */
+#define NK_BACKLOG_NS     20000000ull      /* a tenant that asked within 20 ms is backlogged */
+#define NK_FAIR_RETRY_NS  200000ull        /* an ineligible tenant looks again after 0.2 ms */
 #define NK_REFUSAL_LOG_NS 1000000000ull
 
 static void bucket_set(struct nk_bucket *b, uint64_t rate) {
@@ -58,7 +58,8 @@ void nk_tenant_set_rate(struct nk_tenant *t, int dir, uint64_t bits_per_s) {
 
 void nk_nsm_set_bandwidth(struct nk_nsm *m, uint64_t bits_per_s) {
   m->bandwidth_bps = bits_per_s;
-  for (int d = 0; d < 2; d++) bucket_set(&m->link[d], (uint64_t)((double)bits_per_s / 8 * NK_LINK_SHARE));
+  for (int d = 0; d < 2; d++)
+    bucket_set(&m->link[d], (uint64_t)((double)bits_per_s / 8 * NK_LINK_SHARE));
 }
 
 /* The smallest virtual time among the backlogged tenants sharing m (t itself included). */
@@ -230,7 +231,8 @@ int nk_tenant_admit(struct nk_tenant *t) {
     return refuse(t, ENOBUFS, "max_memory", t->max_memory, &t->refused_memory);
   if (t->nfree == 0) return refuse(t, EMFILE, "slots", t->nslots, &t->refused_sockets);
   int r = nk_fds_take(t, NK_SOCK_FDS);
-  if (r == -EMFILE) return refuse(t, EMFILE, "engine_fds", nk_tenant_fd_limit(t), &t->refused_sockets);
+  if (r == -EMFILE)
+    return refuse(t, EMFILE, "engine_fds", nk_tenant_fd_limit(t), &t->refused_sockets);
   if (r < 0) return refuse(t, ENFILE, "engine_fds_total", engine.fd_limit, &t->refused_sockets);
   return 0;
 }

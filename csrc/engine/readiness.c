@@ -90,7 +90,8 @@ void nk_sock_proxy_shutdown(struct nk_esock *es) {
 void nk_sock_hang_up(struct nk_esock *es) {
   if (es->proxy < 0 || es->zombie) return;
   uint64_t ino = nk_diag_peer_of_fd(es->proxy_in_tenant_ns ? es->t : NULL, es->proxy);
-  NK_LOG(1, "tenant %s slot %u hangs up (guest end %llu)", es->t->name, es->slot, (unsigned long long)ino);
+  NK_LOG(1, "tenant %s slot %u hangs up (guest end %llu)", es->t->name, es->slot,
+         (unsigned long long)ino);
   if (!ino) {
     nk_sock_proxy_shutdown(es);
     return;
@@ -175,7 +176,9 @@ void nk_sock_release_blocker(struct nk_esock *es) {
 void nk_sock_fail(struct nk_esock *es, int err, enum nk_end how) {
   struct nk_slot *s = slot_of(es);
   NK_LOG(1, "tenant %s slot %u: %s (%s): tx %u/%u rx %u/%u", es->t->name, es->slot,
-         how == NK_END_BROKEN ? "reset" : how == NK_END_ERROR ? "connection error" : "connect failed",
+         how == NK_END_BROKEN  ? "reset"
+         : how == NK_END_ERROR ? "connection error"
+                               : "connect failed",
          strerror(err), atomic_load(es->tx.head), atomic_load(es->tx.tail),
          atomic_load(es->rx.head), atomic_load(es->rx.tail));
   /* X1 and T1: every byte before the end is in the ring already; the flags follow it, and
@@ -242,4 +245,3 @@ void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev) {
     nk_sock_activate(es);
   }
 }
-

@@ -40,7 +40,8 @@ int nk_nsm_add(const char *name, const char *netns_path, const char *type) {
   const char *colon = strchr(type, ':');
   size_t len = colon ? (size_t)(colon - type) : strlen(type);
   const struct nk_nsm_type *kind = types;
-  while (kind && (strlen(kind->type) != len || strncmp(kind->type, type, len) != 0)) kind = kind->next;
+  while (kind && (strlen(kind->type) != len || strncmp(kind->type, type, len) != 0))
+    kind = kind->next;
   if (!kind) return -EINVAL;
   int fd = open(netns_path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return -errno;

@@ -69,7 +69,7 @@ void nk_libc_init(void);
 
 /* Process state. */
 struct nk_guest {
-  bool enabled;   /* NETKERNEL_SOCKET set and not a setuid program */
+  bool enabled; /* NETKERNEL_SOCKET set and not a setuid program */
   bool registered;
   const char *ctl_path;
   struct nk_region *region;
@@ -84,9 +84,9 @@ struct nk_guest {
 extern struct nk_guest nk_g;
 
 extern int nk_debug;
-#define NK_LOG(lvl, fmt, ...)                                                                  \
-  do {                                                                                         \
-    if (nk_debug >= (lvl))                                                                     \
+#define NK_LOG(lvl, fmt, ...)                                                                 \
+  do {                                                                                        \
+    if (nk_debug >= (lvl))                                                                    \
       fprintf(stderr, "netkernel[%d] %s: " fmt "\n", (int)getpid(), __func__, ##__VA_ARGS__); \
   } while (0)
 
@@ -118,6 +118,5 @@ int nk_getsockopt(int fd, int slot, int level, int name, void *val, socklen_t *l
 int nk_setsockopt(int fd, int slot, int level, int name, const void *val, socklen_t len);
 int nk_ioctl(int fd, int slot, unsigned long req, void *arg);
 void nk_note_nonblock(int slot, bool on);
-
 
 #endif

@@ -117,8 +117,8 @@ static int ctl_call_fds(struct nk_req *req, int send_fd, struct nk_rep *rep, int
   while (n < 0 && errno == EINTR);
   if (n < 0) goto dead;
   struct iovec riov = {.iov_base = rep, .iov_len = sizeof(*rep)};
-  struct msghdr rh = {.msg_iov = &riov, .msg_iovlen = 1, .msg_control = cm.buf,
-                      .msg_controllen = sizeof(cm.buf)};
+  struct msghdr rh = {
+      .msg_iov = &riov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
   do n = nk_libc.recvmsg(t_ctl, &rh, MSG_CMSG_CLOEXEC);
   while (n < 0 && errno == EINTR);
   if (n != (ssize_t)sizeof(*rep)) goto dead;

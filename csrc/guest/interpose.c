@@ -57,16 +57,18 @@ NK_EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len) {
 static ssize_t send_one(int fd, int s, const void *buf, size_t len, int flags,
                         const struct sockaddr *to, socklen_t tolen) {
   struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
-  struct msghdr mh = {.msg_name = (void *)to, .msg_namelen = to ? tolen : 0, .msg_iov = &iov,
-                      .msg_iovlen = 1};
+  struct msghdr mh = {
+      .msg_name = (void *)to, .msg_namelen = to ? tolen : 0, .msg_iov = &iov, .msg_iovlen = 1};
   return ret(nk_sendmsg(fd, s, &mh, flags));
 }
 
 static ssize_t recv_one(int fd, int s, void *buf, size_t len, int flags, struct sockaddr *from,
                         socklen_t *fromlen) {
   struct iovec iov = {.iov_base = buf, .iov_len = len};
-  struct msghdr mh = {.msg_name = from, .msg_namelen = from && fromlen ? *fromlen : 0,
-                      .msg_iov = &iov, .msg_iovlen = 1};
+  struct msghdr mh = {.msg_name = from,
+                      .msg_namelen = from && fromlen ? *fromlen : 0,
+                      .msg_iov = &iov,
+                      .msg_iovlen = 1};
   ssize_t r = nk_recvmsg(fd, s, &mh, flags);
   if (r >= 0 && from && fromlen) *fromlen = mh.msg_namelen;
   return ret(r);

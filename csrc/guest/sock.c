@@ -27,7 +27,9 @@
 
 #include "guest.h"
 
-struct nk_slot *nk_slot_at(int slot) { return &nk_g.slots[slot]; }
+struct nk_slot *nk_slot_at(int slot) {
+  return &nk_g.slots[slot];
+}
 
 void nk_slot_rings(int slot, struct nk_ring *tx, struct nk_ring *rx) {
   struct nk_slot *s = nk_slot_at(slot);
@@ -84,8 +86,8 @@ static void kick(int slot) {
  * Relaxed: the flag publishes nothing, and a call racing with fcntl() may see either value. */
 static bool is_nonblock(int fd, int flags) {
   (void)fd;
-  return (flags & MSG_DONTWAIT) || atomic_load_explicit(&nk_slot_at(nk_fd_slot(fd))->nonblock,
-                                                        memory_order_relaxed);
+  return (flags & MSG_DONTWAIT) ||
+         atomic_load_explicit(&nk_slot_at(nk_fd_slot(fd))->nonblock, memory_order_relaxed);
 }
 
 void nk_note_nonblock(int slot, bool on) { atomic_store(&nk_slot_at(slot)->nonblock, on); }
@@ -225,8 +227,8 @@ int nk_socket(int domain, int type, int protocol) {
   nk_libc.setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
   struct stat st;
   fstat(sv[0], &st);
-  struct nk_req req = {.op = NK_OP_SOCKET, .arg0 = domain, .arg1 = base, .arg2 = protocol,
-                       .inode = st.st_ino};
+  struct nk_req req = {
+      .op = NK_OP_SOCKET, .arg0 = domain, .arg1 = base, .arg2 = protocol, .inode = st.st_ino};
   struct nk_rep rep;
   r = nk_ctl_call(&req, sv[1], &rep);
   nk_libc.close(sv[1]);
@@ -245,7 +247,8 @@ int nk_socket(int domain, int type, int protocol) {
 
 static int simple_req(int slot, uint32_t op, int32_t arg0, const struct nk_addr *addr,
                       struct nk_rep *rep) {
-  struct nk_req req = {.op = op, .slot = (uint32_t)slot, .gen = nk_slot_at(slot)->gen, .arg0 = arg0};
+  struct nk_req req = {
+      .op = op, .slot = (uint32_t)slot, .gen = nk_slot_at(slot)->gen, .arg0 = arg0};
   if (addr) req.addr = *addr;
   int r = nk_ctl_call(&req, -1, rep);
   return r < 0 ? r : rep->err;
@@ -276,8 +279,8 @@ int nk_accept4(int fd, int slot, struct sockaddr *sa, socklen_t *len, int flags)
       struct cmsghdr align;
     } cm;
     struct iovec iov = {.iov_base = &nc, .iov_len = sizeof(nc)};
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                        .msg_controllen = sizeof(cm.buf)};
+    struct msghdr mh = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
     ssize_t n = nk_libc.recvmsg(fd, &mh, (flags & SOCK_CLOEXEC) ? MSG_CMSG_CLOEXEC : 0);
     if (n < 0) return -errno;
     if (n == 0) return -ECONNABORTED; /* engine end gone */
@@ -409,7 +412,7 @@ static int take_error(struct nk_slot *s) {
 static ssize_t stream_send(int fd, int slot, const struct iovec *iov, size_t iovcnt, int flags) {
   struct nk_slot *s = nk_slot_at(slot);
   size_t total = iov_total(iov, iovcnt), done = 0, vi = 0, voff = 0;
-  bool nonblock = is_nonblock(fd, flags) ;
+  bool nonblock = is_nonblock(fd, flags);
   struct nk_ring tx;
   nk_slot_rings(slot, &tx, NULL);
   for (;;) {
@@ -746,8 +749,12 @@ int nk_setsockopt(int fd, int slot, int level, int name, const void *val, sockle
     return 0;
   }
   if (len > NK_OPT_MAX) return -EINVAL;
-  struct nk_req req = {.op = NK_OP_SETSOCKOPT, .slot = (uint32_t)slot, .gen = s->gen,
-                       .arg0 = level, .arg1 = name, .optlen = len};
+  struct nk_req req = {.op = NK_OP_SETSOCKOPT,
+                       .slot = (uint32_t)slot,
+                       .gen = s->gen,
+                       .arg0 = level,
+                       .arg1 = name,
+                       .optlen = len};
   memcpy(req.optval, val, len);
   struct nk_rep rep;
   int r = nk_ctl_call(&req, -1, &rep);
@@ -784,8 +791,11 @@ int nk_getsockopt(int fd, int slot, int level, int name, void *val, socklen_t *l
       }
     }
   }
-  struct nk_req req = {.op = NK_OP_GETSOCKOPT, .slot = (uint32_t)slot, .gen = s->gen,
-                       .arg0 = level, .arg1 = name,
+  struct nk_req req = {.op = NK_OP_GETSOCKOPT,
+                       .slot = (uint32_t)slot,
+                       .gen = s->gen,
+                       .arg0 = level,
+                       .arg1 = name,
                        .optlen = *len > NK_OPT_MAX ? NK_OPT_MAX : *len};
   struct nk_rep rep;
   int r = nk_ctl_call(&req, -1, &rep);

@@ -28,9 +28,9 @@
 #include "engine.h"
 #include "netkernel/servicelib.h"
 
-#define SYNC_TIMEOUT_NS 2000000000ull
-#define SYNC_SPIN_NS 50000ull
-#define EVENTS_PER_POLL 512
+#define SYNC_TIMEOUT_NS  2000000000ull
+#define SYNC_SPIN_NS     50000ull
+#define EVENTS_PER_POLL  512
 #define MAX_TENANTS_SEEN 1024
 
 enum { REF_FREE = 0, REF_LIVE, REF_CLOSING };
@@ -150,8 +150,8 @@ static int ext_open(struct nk_esock *es, int k) {
   struct nk_endpoint *e = &es->ep[k];
   struct nk_ext *x = e->nsm->priv;
   ext_tenant_on(e->nsm, es->t);
-  struct nk_nqe q = {.op = NK_SLQ_SOCKET, .tenant = es->t->id, .arg = e->family,
-                     .arg2 = (uint32_t)es->type};
+  struct nk_nqe q = {
+      .op = NK_SLQ_SOCKET, .tenant = es->t->id, .arg = e->family, .arg2 = (uint32_t)es->type};
   struct nk_nqe r;
   int err = sync_req(x, &q, &r);
   if (err) return err;
@@ -224,8 +224,11 @@ static int ext_setopt(struct nk_esock *es, int k, int level, int name, const voi
     if (es->ep_count <= k || es->ep[k].ops != &ext_ep_ops || es->ep[k].id == NK_EXT_LOST)
       return NK_NO_VERDICT;
   }
-  struct nk_nqe q = {.op = NK_SLQ_SETOPT, .sock = es->ep[k].id, .arg = level,
-                     .arg2 = (uint32_t)name, .len = (uint32_t)v};
+  struct nk_nqe q = {.op = NK_SLQ_SETOPT,
+                     .sock = es->ep[k].id,
+                     .arg = level,
+                     .arg2 = (uint32_t)name,
+                     .len = (uint32_t)v};
   post(ext_of(es, k), &q);
   return NK_NO_VERDICT; /* whether its stack has it is the NSM's business */
 }
@@ -265,7 +268,8 @@ static bool dgram_in(struct nk_ext *x, const struct nk_nqe *e, struct nk_esock *
   if (!nk_sl_area_valid(a, e->off, e->len) || e->len > NK_DGRAM_MAX) return false;
   uint32_t need = (uint32_t)NK_DGRAM_SPACE(e->len);
   int64_t fill = es ? nk_ring_fill_checked(&es->rx) : -1;
-  if (es && es->kind == NK_KIND_DGRAM && !es->dead && fill >= 0 && es->rx.size - (uint32_t)fill >= need &&
+  if (es && es->kind == NK_KIND_DGRAM && !es->dead && fill >= 0 &&
+      es->rx.size - (uint32_t)fill >= need &&
       (e->addr.family == AF_INET || e->addr.family == AF_INET6)) {
     uint32_t head = atomic_load_explicit(es->rx.head, memory_order_relaxed);
     struct iovec iov[2];
@@ -330,9 +334,13 @@ static void attach(struct nk_esock *es) {
   uint32_t tail = atomic_load(es->tx.tail), head = atomic_load(es->rx.head);
   es->ext.tx_off = tail;
   es->ext.rx_credit = head;
-  struct nk_nqe q = {.op = NK_SLQ_ATTACH, .sock = es->ep[0].id, .tenant = es->t->id,
-                     .off = (uint64_t)(es->tx.data - es->t->base), .arg2 = es->tx.size,
-                     .len = tail, .arg = (int32_t)head};
+  struct nk_nqe q = {.op = NK_SLQ_ATTACH,
+                     .sock = es->ep[0].id,
+                     .tenant = es->t->id,
+                     .off = (uint64_t)(es->tx.data - es->t->base),
+                     .arg2 = es->tx.size,
+                     .len = tail,
+                     .arg = (int32_t)head};
   es->ext.attached = post(ext_of(es, 0), &q);
 }
 
@@ -423,7 +431,6 @@ static void refuse(struct nk_ext *x, uint32_t id) {
 
 /* ---- events from the NSM ---- */
 
-
 static bool protocol_error(struct nk_ext *x, const struct nk_nqe *e, const char *what) {
   NK_EVENT("nsm_protocol_error", "nsm=%s reason=%s op=%u id=%u len=%u", x->m->name, what, e->op,
            e->sock, e->len);
@@ -454,8 +461,12 @@ static bool handle(struct nk_ext *x, const struct nk_nqe *e) {
     struct nk_addr peer = e->addr;
     const struct nk_endpoint *le = &l->es->ep[l->k];
     if (peer.family != le->family) return protocol_error(x, e, "accepted_family");
-    struct nk_endpoint conn = {.ops = &ext_ep_ops, .nsm = x->m, .family = le->family,
-                               .fd = -1, .id = e->sock, .port = l->es->bind_addr.port};
+    struct nk_endpoint conn = {.ops = &ext_ep_ops,
+                               .nsm = x->m,
+                               .family = le->family,
+                               .fd = -1,
+                               .id = e->sock,
+                               .port = l->es->bind_addr.port};
     if (!nk_sock_accepted(l->es, &conn, NULL, &peer)) refuse(x, e->sock);
     return true;
   }
@@ -469,7 +480,8 @@ static bool handle(struct nk_ext *x, const struct nk_nqe *e) {
   switch (e->op) {
     case NK_SLE_CONNECTED:
     case NK_SLE_ERROR:
-      if (e->op == NK_SLE_ERROR && (e->arg <= 0 || e->arg > 4095)) return protocol_error(x, e, "errno");
+      if (e->op == NK_SLE_ERROR && (e->arg <= 0 || e->arg > 4095))
+        return protocol_error(x, e, "errno");
       if (es->state == NK_ST_CONNECTING && is_conn(es)) {
         if (e->op == NK_SLE_CONNECTED && e->addr.port) es->ep[0].port = e->addr.port;
         nk_sock_connected(es, e->op == NK_SLE_ERROR ? e->arg : 0);
@@ -540,7 +552,7 @@ static void ext_set_sleeping(struct nk_nsm *m, bool v) {
 
 static int send_ctl(int fd, const struct nk_sl_ctl *m, const int *fds, int nfds) {
   return nk_send_fds(fd, m, sizeof(*m), fds, nfds, MSG_NOSIGNAL) == (ssize_t)sizeof(*m) ? 0
-                                                                                      : -errno;
+                                                                                        : -errno;
 }
 
 /* Only the NSMs serving a tenant (it is assigned there, or has sockets there) map its region. */
@@ -550,8 +562,8 @@ static void ext_tenant_on(struct nk_nsm *m, struct nk_tenant *t) {
   for (uint32_t i = 0; i < x->ntenants; i++)
     if (x->tenants[i] == t->id) return;
   if (x->ntenants == MAX_TENANTS_SEEN) return;
-  struct nk_sl_ctl c = {.op = NK_SLC_TENANT_ADD, .tenant = t->id, .size = t->size,
-                        .ipv4 = t->ipv4, .ipv6 = t->ipv6};
+  struct nk_sl_ctl c = {
+      .op = NK_SLC_TENANT_ADD, .tenant = t->id, .size = t->size, .ipv4 = t->ipv4, .ipv6 = t->ipv6};
   snprintf(c.name, sizeof(c.name), "%s", t->name);
   if (send_ctl(x->cfd, &c, &t->memfd, 1) == 0) x->tenants[x->ntenants++] = t->id;
 }
@@ -626,8 +638,8 @@ static void ext_up(struct nk_ext *x, int cfd) {
   x->sh->version = NK_SL_VERSION;
   x->sh->queue_len = NK_SL_QUEUE_LEN;
   x->sh->area_size = NK_SL_AREA_SIZE;
-  struct nk_sl_ctl hello = {.op = NK_SLC_HELLO, .version = NK_SL_VERSION,
-                            .size = sizeof(struct nk_sl_shared)};
+  struct nk_sl_ctl hello = {
+      .op = NK_SLC_HELLO, .version = NK_SL_VERSION, .size = sizeof(struct nk_sl_shared)};
   snprintf(hello.name, sizeof(hello.name), "%s", x->m->name);
   int fds[3] = {x->shfd, x->nsm_bell, x->engine_bell};
   if (send_ctl(cfd, &hello, fds, 3) < 0) {

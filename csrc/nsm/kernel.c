@@ -110,8 +110,12 @@ static void kernel_accept(struct nk_esock *l, int k, int *budget) {
     (*budget)--;
     struct nk_addr peer;
     nk_addr_from_sa(&peer, &ss);
-    struct nk_endpoint e = {.ops = &nk_kernel_ep_ops, .nsm = le->nsm, .family = le->family,
-                            .loop = le->loop, .fd = cfd, .id = NK_EXT_LOST};
+    struct nk_endpoint e = {.ops = &nk_kernel_ep_ops,
+                            .nsm = le->nsm,
+                            .family = le->family,
+                            .loop = le->loop,
+                            .fd = cfd,
+                            .id = NK_EXT_LOST};
     if (!nk_sock_accepted(l, &e, NULL, &peer)) {
       /* Admission limit (logged by nk_tenant_admit): refuse it with a reset, keep the
        * listener. */
@@ -333,8 +337,8 @@ static void kernel_recv_dgrams(struct nk_esock *es, int k) {
     struct iovec iov[2];
     int cnt = nk_ring_iov(&es->rx, head + sizeof(struct nk_dgram), (uint32_t)len, iov);
     struct sockaddr_storage ss;
-    struct msghdr mh = {.msg_name = &ss, .msg_namelen = sizeof(ss), .msg_iov = iov,
-                        .msg_iovlen = (size_t)cnt};
+    struct msghdr mh = {
+        .msg_name = &ss, .msg_namelen = sizeof(ss), .msg_iov = iov, .msg_iovlen = (size_t)cnt};
     ssize_t n = recvmsg(fd, &mh, MSG_DONTWAIT);
     if (n < 0) return;
     struct nk_dgram h = {.len = (uint32_t)n};

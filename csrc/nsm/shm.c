@@ -52,8 +52,7 @@ void nk_shm_listener_del(struct nk_esock *l) {
 static int reaches(const struct nk_esock *l, const struct nk_tenant *from,
                    const struct nk_addr *dst) {
   const struct nk_tenant *t = l->t;
-  if (l->kind != NK_KIND_LISTENER || l->dead || l->closing || l->proxy < 0 || t->dead)
-    return 0;
+  if (l->kind != NK_KIND_LISTENER || l->dead || l->closing || l->proxy < 0 || t->dead) return 0;
   if (l->bind_addr.port != dst->port) return 0;
   if (dst->family == AF_INET6 && l->family != AF_INET6) return 0;
   if (dst->family == AF_INET && l->family == AF_INET6 && l->v6only) return 0;
@@ -129,8 +128,8 @@ int nk_shm_connect(struct nk_esock *es, const struct nk_addr *dst) {
   if (!local_address(es, dst, &local)) return 0;
 
   /* The accepted end, in the listener's tenant, as for a connection from any stack. */
-  struct nk_endpoint path = {.ops = &nk_shm_ep_ops, .family = dst->family, .fd = -1,
-                             .id = NK_EXT_LOST};
+  struct nk_endpoint path = {
+      .ops = &nk_shm_ep_ops, .family = dst->family, .fd = -1, .id = NK_EXT_LOST};
   struct nk_esock *nb = nk_sock_accepted(l, &path, dst, &local);
   if (!nb) return -ECONNREFUSED; /* the listener's tenant is at its limits: as a RST */
   nb->shm = true;

@@ -33,7 +33,7 @@
 #include <unistd.h>
 
 #if defined(__x86_64__)
-#define NK_ARCH AUDIT_ARCH_X86_64
+#define NK_ARCH    AUDIT_ARCH_X86_64
 #define NK_X32_BIT 0x40000000u
 #elif defined(__aarch64__)
 #define NK_ARCH AUDIT_ARCH_AARCH64
@@ -41,14 +41,14 @@
 #error "netkernel-seccomp: add this architecture's AUDIT_ARCH"
 #endif
 
-#define NK_NS_FLAGS                                                                             \
-  (CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET |  \
+#define NK_NS_FLAGS                                                                          \
+  (CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | \
    CLONE_NEWCGROUP | 0x00000080 /* CLONE_NEWTIME */)
 
-#define LOW32(i) (offsetof(struct seccomp_data, args) + (i) * 8) /* little endian */
-#define RET(v) BPF_STMT(BPF_RET | BPF_K, (v))
-#define DENY(e) RET(SECCOMP_RET_ERRNO | ((e) & SECCOMP_RET_DATA))
-#define ALLOW RET(SECCOMP_RET_ALLOW)
+#define LOW32(i)  (offsetof(struct seccomp_data, args) + (i)*8) /* little endian */
+#define RET(v)    BPF_STMT(BPF_RET | BPF_K, (v))
+#define DENY(e)   RET(SECCOMP_RET_ERRNO | ((e)&SECCOMP_RET_DATA))
+#define ALLOW     RET(SECCOMP_RET_ALLOW)
 #define LOAD(off) BPF_STMT(BPF_LD | BPF_W | BPF_ABS, (off))
 
 static struct sock_filter prog[512];
@@ -72,17 +72,36 @@ static const int denied[] = {
 #ifdef __NR_mount
     __NR_mount,
 #endif
-    __NR_umount2, __NR_pivot_root, __NR_swapon, __NR_swapoff, __NR_reboot,
-    __NR_init_module, __NR_finit_module, __NR_delete_module, __NR_kexec_load,
+    __NR_umount2,
+    __NR_pivot_root,
+    __NR_swapon,
+    __NR_swapoff,
+    __NR_reboot,
+    __NR_init_module,
+    __NR_finit_module,
+    __NR_delete_module,
+    __NR_kexec_load,
 #ifdef __NR_kexec_file_load
     __NR_kexec_file_load,
 #endif
 #ifdef __NR_iopl
-    __NR_iopl, __NR_ioperm,
+    __NR_iopl,
+    __NR_ioperm,
 #endif
-    __NR_acct, __NR_settimeofday, __NR_clock_settime, __NR_clock_adjtime,
-    __NR_bpf, __NR_perf_event_open, __NR_userfaultfd, __NR_keyctl, __NR_add_key, __NR_request_key,
-    __NR_lookup_dcookie, __NR_open_by_handle_at, __NR_name_to_handle_at, __NR_quotactl,
+    __NR_acct,
+    __NR_settimeofday,
+    __NR_clock_settime,
+    __NR_clock_adjtime,
+    __NR_bpf,
+    __NR_perf_event_open,
+    __NR_userfaultfd,
+    __NR_keyctl,
+    __NR_add_key,
+    __NR_request_key,
+    __NR_lookup_dcookie,
+    __NR_open_by_handle_at,
+    __NR_name_to_handle_at,
+    __NR_quotactl,
 #ifdef __NR_quotactl_fd
     __NR_quotactl_fd,
 #endif
@@ -96,13 +115,23 @@ static const int denied[] = {
 #ifdef __NR_uselib
     __NR_uselib,
 #endif
-    __NR_setns, __NR_fsopen, __NR_fsconfig, __NR_fsmount, __NR_fspick, __NR_move_mount,
+    __NR_setns,
+    __NR_fsopen,
+    __NR_fsconfig,
+    __NR_fsmount,
+    __NR_fspick,
+    __NR_move_mount,
     __NR_open_tree,
 #ifdef __NR_mount_setattr
     __NR_mount_setattr,
 #endif
-    __NR_io_uring_setup, __NR_io_uring_enter, __NR_io_uring_register, __NR_move_pages,
-    __NR_migrate_pages, __NR_fanotify_init, __NR_vhangup,
+    __NR_io_uring_setup,
+    __NR_io_uring_enter,
+    __NR_io_uring_register,
+    __NR_move_pages,
+    __NR_migrate_pages,
+    __NR_fanotify_init,
+    __NR_vhangup,
 };
 
 int main(void) {
@@ -115,7 +144,8 @@ int main(void) {
   emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, NK_X32_BIT, 0, 1));
   emit((struct sock_filter)DENY(ENOSYS));
 #endif
-  for (size_t i = 0; i < sizeof(denied) / sizeof(denied[0]); i++) deny_nr((unsigned)denied[i], EPERM);
+  for (size_t i = 0; i < sizeof(denied) / sizeof(denied[0]); i++)
+    deny_nr((unsigned)denied[i], EPERM);
   deny_nr(__NR_clone3, ENOSYS);
 
   /* clone and unshare: not into new namespaces. */
@@ -153,7 +183,8 @@ int main(void) {
   emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_personality, 0, 8));
   emit((struct sock_filter)LOAD(LOW32(0)));
   for (int i = 0; i < 5; i++)
-    emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, ok_personalities[i], (__u8)(5 - i), 0));
+    emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, ok_personalities[i], (__u8)(5 - i),
+                                      0));
   emit((struct sock_filter)DENY(EPERM));
   emit((struct sock_filter)ALLOW);
   emit((struct sock_filter)ALLOW);

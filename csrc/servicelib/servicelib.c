@@ -19,7 +19,7 @@ struct nk_sl {
   int ctl, nsm_bell, engine_bell;
   struct nk_sl_shared *sh;
   uint64_t sh_size;
-  bool posted; /* events since the last flush */
+  bool posted;            /* events since the last flush */
   struct nk_nqe *backlog; /* events that found the queue full, oldest first */
   size_t nbacklog, cap;
   struct nk_sl_tenant *tenants[MAX_TENANTS];
@@ -31,8 +31,8 @@ static int recv_ctl(int fd, struct nk_sl_ctl *m, int *fds, int maxfds, int *nfds
     struct cmsghdr align;
   } cm;
   struct iovec iov = {.iov_base = m, .iov_len = sizeof(*m)};
-  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                      .msg_controllen = sizeof(cm.buf)};
+  struct msghdr mh = {
+      .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
   ssize_t n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
   *nfds = 0;
   if (n <= 0) return n == 0 ? 0 : -errno;
@@ -175,8 +175,7 @@ static int control(struct nk_sl *sl, const struct nk_sl_handlers *h, void *ctx) 
 
 int nk_sl_dispatch(struct nk_sl *sl, const struct nk_sl_handlers *h, void *ctx, int max) {
   uint64_t v;
-  while (read(sl->nsm_bell, &v, sizeof(v)) > 0) {
-  }
+  while (read(sl->nsm_bell, &v, sizeof(v)) > 0) {}
   if (control(sl, h, ctx) < 0) return -1;
   int n = 0;
   struct nk_nqe e;

@@ -17,46 +17,46 @@
 #ifndef NETKERNEL_ABI_H
 #define NETKERNEL_ABI_H
 
-#include <stdint.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* C++ may include this header for the layouts (ring.h, addr.h and servicelib.h are C11 only):
  * there the atomic fields are plain integers of the same size, and the layout pins are
  * static_assert, since C++ has no _Static_assert. */
 #ifdef __cplusplus
-#define NK_ATOMIC(t) t
+#define NK_ATOMIC(t)                t
 #define NK_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
 #else
 #include <stdatomic.h>
-#define NK_ATOMIC(t) _Atomic t
+#define NK_ATOMIC(t)                _Atomic t
 #define NK_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
 #endif
 /* The pins: a shared struct's size, and the offset of each of its fields. */
-#define NK_PIN_SIZE(s, size) NK_STATIC_ASSERT(sizeof(struct s) == (size), #s " size")
+#define NK_PIN_SIZE(s, size)     NK_STATIC_ASSERT(sizeof(struct s) == (size), #s " size")
 #define NK_PIN_OFFSET(s, f, off) NK_STATIC_ASSERT(offsetof(struct s, f) == (off), #s "." #f)
 
 #define NK_REGION_MAGIC 0x4e4b5247u /* "NKRG" */
-#define NK_ABI_VERSION 1
-#define NK_CACHELINE 64
+#define NK_ABI_VERSION  1
+#define NK_CACHELINE    64
 
-#define NK_DEFAULT_RING_SIZE (1024u * 1024u) /* bytes per direction per socket */
-#define NK_DEFAULT_SLOTS 1024u               /* sockets per tenant region */
+#define NK_DEFAULT_RING_SIZE      (1024u * 1024u) /* bytes per direction per socket */
+#define NK_DEFAULT_SLOTS          1024u           /* sockets per tenant region */
 #define NK_DOORBELL_WORDS(nslots) (((nslots) + 63u) / 64u)
-#define NK_MAX_SLOTS 65536u
+#define NK_MAX_SLOTS              65536u
 
 /* Socket kinds stored in nk_slot.kind. */
-#define NK_KIND_FREE 0
-#define NK_KIND_STREAM 1
-#define NK_KIND_DGRAM 2
+#define NK_KIND_FREE     0
+#define NK_KIND_STREAM   1
+#define NK_KIND_DGRAM    2
 #define NK_KIND_LISTENER 3
 
 /* Connection states stored in nk_slot.state (engine-written, informational for the guest). */
-#define NK_ST_NEW 0
-#define NK_ST_BOUND 1
-#define NK_ST_LISTEN 2
+#define NK_ST_NEW        0
+#define NK_ST_BOUND      1
+#define NK_ST_LISTEN     2
 #define NK_ST_CONNECTING 3
-#define NK_ST_CONNECTED 4
-#define NK_ST_CLOSED 5
+#define NK_ST_CONNECTED  4
+#define NK_ST_CLOSED     5
 
 /* An address as it crosses the ABI: no struct sockaddr, whose size depends on the family. */
 struct nk_addr {
@@ -197,14 +197,14 @@ NK_PIN_SIZE(nk_dgram, 32);
 NK_PIN_OFFSET(nk_dgram, len, 0);
 NK_PIN_OFFSET(nk_dgram, reserved, 4);
 NK_PIN_OFFSET(nk_dgram, addr, 8);
-#define NK_DGRAM_MAX 65507u
+#define NK_DGRAM_MAX        65507u
 #define NK_DGRAM_SPACE(len) (sizeof(struct nk_dgram) + (((len) + 7u) & ~7u))
 
 /* ---- Messages on the proxy fd (AF_UNIX SOCK_SEQPACKET, guest end <-> engine end) ---- */
 
 /* engine -> guest: "this socket has something to read" (1 byte), or a new connection on a
  * listener (struct nk_newconn with the new proxy fd attached as SCM_RIGHTS). */
-#define NK_MSG_READY 'R'
+#define NK_MSG_READY   'R'
 #define NK_MSG_NEWCONN 'N'
 struct nk_newconn {
   uint32_t type; /* NK_MSG_NEWCONN */
@@ -229,14 +229,14 @@ NK_PIN_OFFSET(nk_newconn, local, 40);
 
 /* ---- Requests on the per-thread control connection (AF_UNIX SOCK_SEQPACKET) ---- */
 
-#define NK_OP_REGISTER 1    /* reply carries the region memfd and the doorbell eventfd */
-#define NK_OP_SOCKET 2      /* carries the engine end of a fresh proxy socketpair */
-#define NK_OP_BIND 3
-#define NK_OP_LISTEN 4
-#define NK_OP_CONNECT 5
-#define NK_OP_SHUTDOWN 6
-#define NK_OP_SETSOCKOPT 7
-#define NK_OP_GETSOCKOPT 8
+#define NK_OP_REGISTER     1 /* reply carries the region memfd and the doorbell eventfd */
+#define NK_OP_SOCKET       2 /* carries the engine end of a fresh proxy socketpair */
+#define NK_OP_BIND         3
+#define NK_OP_LISTEN       4
+#define NK_OP_CONNECT      5
+#define NK_OP_SHUTDOWN     6
+#define NK_OP_SETSOCKOPT   7
+#define NK_OP_GETSOCKOPT   8
 #define NK_OP_LINGER_CLOSE 9 /* reserved */
 
 #define NK_OPT_MAX 256

@@ -32,8 +32,8 @@
 struct nk_ring {
   uint8_t *data;
   uint32_t size; /* power of two */
-  NK_ATOMIC(uint32_t) *head;
-  NK_ATOMIC(uint32_t) *tail;
+  NK_ATOMIC(uint32_t) * head;
+  NK_ATOMIC(uint32_t) * tail;
 };
 
 static inline void nk_ring_init(struct nk_ring *r, void *data, uint32_t size, struct nk_index *head,
@@ -88,7 +88,8 @@ static inline void nk_ring_copy_out(const struct nk_ring *r, uint32_t at, void *
 }
 
 /* Up to two iovecs describing len bytes starting at position at. Returns the iovec count. */
-static inline int nk_ring_iov(const struct nk_ring *r, uint32_t at, uint32_t len, struct iovec iov[2]) {
+static inline int nk_ring_iov(const struct nk_ring *r, uint32_t at, uint32_t len,
+                              struct iovec iov[2]) {
   uint32_t off = at & (r->size - 1);
   uint32_t first = r->size - off;
   if (len == 0) return 0;

@@ -52,29 +52,33 @@
 
 #include "abi.h"
 
-#define NK_SL_MAGIC 0x4e4b534cu /* "NKSL" */
-#define NK_SL_VERSION 1
+#define NK_SL_MAGIC     0x4e4b534cu /* "NKSL" */
+#define NK_SL_VERSION   1
 #define NK_SL_QUEUE_LEN 4096u /* nqes per queue, a power of two */
 #define NK_SL_MAX_SOCKS 65536u
 
 /* ---- requests: engine -> NSM ---- */
-#define NK_SLQ_SOCKET 1   /* sync. tenant, arg = family, arg2 = SOCK_STREAM / SOCK_DGRAM ->
+#define NK_SLQ_SOCKET \
+  1                      /* sync. tenant, arg = family, arg2 = SOCK_STREAM / SOCK_DGRAM ->
                              reply sock = new id, or arg = -errno */
-#define NK_SLQ_BIND 2     /* sync. sock, addr (port 0: pick one) -> reply addr = bound */
-#define NK_SLQ_LISTEN 3   /* sync. sock, arg = backlog -> reply arg = 0 / -errno */
-#define NK_SLQ_CONNECT 4  /* sync. sock, addr -> reply arg = 0 (then CONNECTED or ERROR) */
-#define NK_SLQ_ATTACH 5   /* sock, tenant, off = transmit ring's offset in the region,
+#define NK_SLQ_BIND    2 /* sync. sock, addr (port 0: pick one) -> reply addr = bound */
+#define NK_SLQ_LISTEN  3 /* sync. sock, arg = backlog -> reply arg = 0 / -errno */
+#define NK_SLQ_CONNECT 4 /* sync. sock, addr -> reply arg = 0 (then CONNECTED or ERROR) */
+#define NK_SLQ_ATTACH \
+  5                       /* sock, tenant, off = transmit ring's offset in the region,
                              arg2 = ring size (the receive ring follows the transmit ring),
                              len = transmit ring position of the first byte to take,
                              arg = receive ring position of the first byte to write */
-#define NK_SLQ_SEND 6     /* sock, len: len more bytes are in the transmit ring */
-#define NK_SLQ_RECV 7     /* sock, len: len more bytes of room in the receive ring */
+#define NK_SLQ_SEND     6 /* sock, len: len more bytes are in the transmit ring */
+#define NK_SLQ_RECV     7 /* sock, len: len more bytes of room in the receive ring */
 #define NK_SLQ_SHUTDOWN 8 /* sock: no more bytes after those sent (FIN) */
-#define NK_SLQ_CLOSE 9    /* sock, arg = 1 to reset: the engine forgets it; -> FREED */
-#define NK_SLQ_SETOPT 10  /* sock, arg = level, arg2 = option, len = its int value: an option
+#define NK_SLQ_CLOSE    9 /* sock, arg = 1 to reset: the engine forgets it; -> FREED */
+#define NK_SLQ_SETOPT \
+  10 /* sock, arg = level, arg2 = option, len = its int value: an option
                              the application set (SOL_SOCKET / IPPROTO_TCP ints only); the NSM
                              applies what its stack has and ignores the rest */
-#define NK_SLQ_SENDTO 11  /* sock (a datagram socket), addr (family 0: the connected peer),
+#define NK_SLQ_SENDTO \
+  11 /* sock (a datagram socket), addr (family 0: the connected peer),
                              off = position of the payload in dg_out, len: one datagram */
 
 /* ---- replies (to SOCKET, BIND, LISTEN, CONNECT): NSM -> engine, tag echoed ---- */
@@ -82,13 +86,13 @@
 
 /* ---- events: NSM -> engine ---- */
 #define NK_SLE_CONNECTED 64 /* sock, addr = local address */
-#define NK_SLE_ACCEPTED 65  /* sock = new connection, arg = listener's id, addr = peer */
-#define NK_SLE_SENT 66      /* sock, len: took len bytes out of the transmit ring */
-#define NK_SLE_RECVD 67     /* sock, len: wrote len bytes into the receive ring */
-#define NK_SLE_FIN 68       /* sock: the peer's byte stream ended after the last RECVD */
-#define NK_SLE_ERROR 69     /* sock, arg = errno (ECONNRESET, ECONNREFUSED, ETIMEDOUT...) */
-#define NK_SLE_FREED 70     /* sock: CLOSE done; the id may be used again */
-#define NK_SLE_DGRAM 71     /* sock, addr = source, off = position in dg_in, len: a datagram */
+#define NK_SLE_ACCEPTED  65 /* sock = new connection, arg = listener's id, addr = peer */
+#define NK_SLE_SENT      66 /* sock, len: took len bytes out of the transmit ring */
+#define NK_SLE_RECVD     67 /* sock, len: wrote len bytes into the receive ring */
+#define NK_SLE_FIN       68 /* sock: the peer's byte stream ended after the last RECVD */
+#define NK_SLE_ERROR     69 /* sock, arg = errno (ECONNRESET, ECONNREFUSED, ETIMEDOUT...) */
+#define NK_SLE_FREED     70 /* sock: CLOSE done; the id may be used again */
+#define NK_SLE_DGRAM     71 /* sock, addr = source, off = position in dg_in, len: a datagram */
 
 struct nk_nqe {
   uint16_t op;
@@ -144,14 +148,14 @@ struct nk_sl_shared {
   uint32_t queue_len;
   uint32_t area_size;
   uint32_t reserved[12];
-  struct nk_sl_queue req; /* engine -> NSM */
-  struct nk_sl_queue rep; /* NSM -> engine */
-  struct nk_sl_queue evt; /* NSM -> engine */
+  struct nk_sl_queue req;   /* engine -> NSM */
+  struct nk_sl_queue rep;   /* NSM -> engine */
+  struct nk_sl_queue evt;   /* NSM -> engine */
   struct nk_sl_area dg_out; /* engine -> NSM: datagrams to send */
   struct nk_sl_area dg_in;  /* NSM -> engine: datagrams received */
 };
 #define NK_SL_QUEUE_BYTES (3u * NK_CACHELINE + NK_SL_QUEUE_LEN * 64u)
-#define NK_SL_AREA_BYTES (2u * NK_CACHELINE + NK_SL_AREA_SIZE)
+#define NK_SL_AREA_BYTES  (2u * NK_CACHELINE + NK_SL_AREA_SIZE)
 NK_PIN_SIZE(nk_sl_queue, NK_SL_QUEUE_BYTES);
 NK_PIN_OFFSET(nk_sl_queue, head, 0);
 NK_PIN_OFFSET(nk_sl_queue, tail, NK_CACHELINE);
@@ -173,7 +177,7 @@ NK_PIN_OFFSET(nk_sl_shared, dg_out, NK_CACHELINE + 3 * NK_SL_QUEUE_BYTES);
 NK_PIN_OFFSET(nk_sl_shared, dg_in, NK_CACHELINE + 3 * NK_SL_QUEUE_BYTES + NK_SL_AREA_BYTES);
 
 /* ---- control messages (SEQPACKET) ---- */
-#define NK_SLC_HELLO 1      /* engine -> NSM: fds [shared memfd, nsm_bell, engine_bell] */
+#define NK_SLC_HELLO      1 /* engine -> NSM: fds [shared memfd, nsm_bell, engine_bell] */
 #define NK_SLC_TENANT_ADD 2 /* engine -> NSM: fd [region memfd] */
 #define NK_SLC_TENANT_DEL 3 /* engine -> NSM */
 struct nk_sl_ctl {
@@ -181,7 +185,7 @@ struct nk_sl_ctl {
   uint32_t version; /* HELLO: NK_SL_VERSION */
   uint32_t tenant;  /* TENANT_*: the tenant's id (as in nqes) */
   uint32_t reserved;
-  uint64_t size; /* HELLO: bytes of the shared memfd; TENANT_ADD: of the region */
+  uint64_t size;             /* HELLO: bytes of the shared memfd; TENANT_ADD: of the region */
   struct nk_addr ipv4, ipv6; /* TENANT_ADD: the addresses the NSM must hold for it */
   char name[64];             /* HELLO: the NSM's name; TENANT_ADD: the tenant's */
 };

@@ -64,9 +64,15 @@ OPS: dict[str, Op] = {
     "tenant-set": Op(required={"name": (str,)}, optional=_POLICY_FIELDS),
     "tenant-move": Op(required={"name": (str,), "nsm": (str,)}),
     "nsm-list": Op(),
-    "nsm-add": Op(required={"name": (str,)},
-                  optional={"kind": (str,), "congestion_control": (str,), "bandwidth": _NUMBER_OR_TEXT,
-                            "sysctl": (dict,)}),
+    "nsm-add": Op(
+        required={"name": (str,)},
+        optional={
+            "kind": (str,),
+            "congestion_control": (str,),
+            "bandwidth": _NUMBER_OR_TEXT,
+            "sysctl": (dict,),
+        },
+    ),
     "nsm-remove": Op(required={"name": (str,)}),
     "shutdown": Op(),
 }
@@ -84,16 +90,17 @@ def socket_path() -> Path:
 def check_request(req: object) -> dict[str, Any]:
     """The request if it is well-formed, else DaemonError saying what is wrong with it."""
     if not isinstance(req, dict):
-        raise DaemonError("bad request: expected a JSON object like "
-                          f"{{\"v\": {VERSION}, \"op\": \"status\"}}")
+        raise DaemonError(f'bad request: expected a JSON object like {{"v": {VERSION}, "op": "status"}}')
     if "v" not in req:
-        raise DaemonError(f"bad request: missing \"v\" (the protocol version; this daemon speaks {VERSION})")
+        raise DaemonError(f'bad request: missing "v" (the protocol version; this daemon speaks {VERSION})')
     if req["v"] != VERSION:
-        raise DaemonError(f"unsupported protocol version {req['v']!r}: this daemon speaks {VERSION} "
-                          "(is the netkernel command from another release than the daemon?)")
+        raise DaemonError(
+            f"unsupported protocol version {req['v']!r}: this daemon speaks {VERSION} "
+            "(is the netkernel command from another release than the daemon?)"
+        )
     op = req.get("op")
     if not isinstance(op, str):
-        raise DaemonError("bad request: missing \"op\" (a string, e.g. \"status\")")
+        raise DaemonError('bad request: missing "op" (a string, e.g. "status")')
     spec = OPS.get(op)
     if spec is None:
         raise DaemonError(f"unknown op {op!r} (known: {', '.join(OPS)})")
@@ -127,8 +134,10 @@ def call(op: str, path: Path | None = None, timeout: float = 60.0, **args: Any) 
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonNotRunningError() from None
         except PermissionError:
-            raise NetKernelError(f"permission denied on {path}: the API is for root and the "
-                                 "configured api_group only (try sudo)") from None
+            raise NetKernelError(
+                f"permission denied on {path}: the API is for root and the "
+                "configured api_group only (try sudo)"
+            ) from None
         s.sendall(json.dumps(request).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
@@ -164,8 +173,9 @@ PIDFD_GET_NET_NAMESPACE = 0xFF04  # _IO(0xFF, 4), Linux 6.11
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a Unix connection, as the kernel
     recorded them at connect()."""
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                        struct.calcsize("3i")))
+    pid, uid, gid = struct.unpack(
+        "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    )
     return pid, uid, gid
 
 
@@ -230,8 +240,10 @@ def peer_refusal(sock: socket.socket, group: str | None) -> str | None:
             except KeyError:
                 want = None
         if want is None or want not in gids:
-            return (f"permission denied: the API is for root"
-                    f"{f' and members of group {group!r}' if group else ''} (you are uid {uid})")
+            return (
+                f"permission denied: the API is for root"
+                f"{f' and members of group {group!r}' if group else ''} (you are uid {uid})"
+            )
     mine = os.stat("/proc/self/ns/net").st_ino
     theirs = peer_netns(sock, pid)
     if theirs != mine:

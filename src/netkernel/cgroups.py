@@ -121,7 +121,8 @@ def _enable_v2(place: Place) -> None:
             raise CgroupError(
                 f"cannot enable the {place.controller} controller below {place.base} ({e.strerror}); "
                 "on cgroup v2 the daemon's own cgroup must have no processes besides its "
-                "children's cgroups (systemd: Delegate=yes and a sub-cgroup for the daemon)") from None
+                "children's cgroups (systemd: Delegate=yes and a sub-cgroup for the daemon)"
+            ) from None
 
 
 class Cgroups:
@@ -250,5 +251,7 @@ def join(paths: dict[str, str], pid: int | None = None) -> None:
         try:
             Path(d, "cgroup.procs").write_text(me)
         except OSError as e:
-            raise CgroupError(f"cannot join the tenant's {c} cgroup {d}: {e.strerror} "
-                              "(is the daemon running? `netkernel status`)") from None
+            raise CgroupError(
+                f"cannot join the tenant's {c} cgroup {d}: {e.strerror} "
+                "(is the daemon running? `netkernel status`)"
+            ) from None

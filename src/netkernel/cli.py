@@ -82,26 +82,53 @@ def _positive_int(text: str) -> int:
 
 def _add_policy_options(p: argparse.ArgumentParser) -> None:
     rate = _argument_type(config.parse_rate, "rate")
-    p.add_argument("--rate-tx", type=rate, metavar="RATE",
-                   help="egress limit in bits/s, e.g. 200Mbit, 1.5Gbit; 0 = unlimited")
+    p.add_argument(
+        "--rate-tx",
+        type=rate,
+        metavar="RATE",
+        help="egress limit in bits/s, e.g. 200Mbit, 1.5Gbit; 0 = unlimited",
+    )
     p.add_argument("--rate-rx", type=rate, metavar="RATE", help="ingress limit, as --rate-tx")
     p.add_argument("--rate", type=rate, metavar="RATE", help="both limits at once")
-    p.add_argument("--weight", type=_argument_type(config.parse_weight, "weight"), metavar="W",
-                   help="share of a bottleneck relative to other tenants, 1-1000")
-    p.add_argument("--max-sockets", type=_argument_type(config.parse_max_sockets, "count"),
-                   metavar="N", help=f"open sockets at most (1-{config.MAX_SLOTS}, capped at the "
-                   f"engine's {config.ENGINE_SLOTS} slots; 0 = no limit but the slots)")
-    p.add_argument("--max-memory", type=_argument_type(config.parse_size, "size"), metavar="SIZE",
-                   help="shared memory for socket rings, e.g. 512MiB (2 MiB per socket); 0 = unlimited")
-    p.add_argument("--shm", type=_argument_type(config.parse_switch, "switch"), metavar="on|off",
-                   help="connections to tenants on this host over shared memory (default on; "
-                   "both tenants must allow it)")
-    p.add_argument("--max-process-memory", type=_argument_type(config.parse_size, "size"),
-                   metavar="SIZE", help="memory its processes may use together (its cgroup), "
-                   f"e.g. 1GiB; default {config.format_size(config.DEFAULT_PROCESS_MEMORY)}; 0 = unlimited")
-    p.add_argument("--max-processes", type=_argument_type(config.parse_max_processes, "count"),
-                   metavar="N", help=f"processes and threads at most (default {config.DEFAULT_PROCESSES}; "
-                   "0 = unlimited)")
+    p.add_argument(
+        "--weight",
+        type=_argument_type(config.parse_weight, "weight"),
+        metavar="W",
+        help="share of a bottleneck relative to other tenants, 1-1000",
+    )
+    p.add_argument(
+        "--max-sockets",
+        type=_argument_type(config.parse_max_sockets, "count"),
+        metavar="N",
+        help=f"open sockets at most (1-{config.MAX_SLOTS}, capped at the "
+        f"engine's {config.ENGINE_SLOTS} slots; 0 = no limit but the slots)",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=_argument_type(config.parse_size, "size"),
+        metavar="SIZE",
+        help="shared memory for socket rings, e.g. 512MiB (2 MiB per socket); 0 = unlimited",
+    )
+    p.add_argument(
+        "--shm",
+        type=_argument_type(config.parse_switch, "switch"),
+        metavar="on|off",
+        help="connections to tenants on this host over shared memory (default on; "
+        "both tenants must allow it)",
+    )
+    p.add_argument(
+        "--max-process-memory",
+        type=_argument_type(config.parse_size, "size"),
+        metavar="SIZE",
+        help="memory its processes may use together (its cgroup), "
+        f"e.g. 1GiB; default {config.format_size(config.DEFAULT_PROCESS_MEMORY)}; 0 = unlimited",
+    )
+    p.add_argument(
+        "--max-processes",
+        type=_argument_type(config.parse_max_processes, "count"),
+        metavar="N",
+        help=f"processes and threads at most (default {config.DEFAULT_PROCESSES}; 0 = unlimited)",
+    )
 
 
 def _policy_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,8 +138,11 @@ def _policy_args(args: argparse.Namespace) -> dict[str, Any]:
     given = {
         "rate_tx": args.rate if args.rate is not None else args.rate_tx,
         "rate_rx": args.rate if args.rate is not None else args.rate_rx,
-        "weight": args.weight, "max_sockets": args.max_sockets, "max_memory": args.max_memory,
-        "shm": args.shm, "max_process_memory": args.max_process_memory,
+        "weight": args.weight,
+        "max_sockets": args.max_sockets,
+        "max_memory": args.max_memory,
+        "shm": args.shm,
+        "max_process_memory": args.max_process_memory,
         "max_processes": args.max_processes,
     }
     return {k: v for k, v in given.items() if v is not None}
@@ -124,11 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run unmodified programs in tenants whose network stack is host infrastructure.",
     )
     p.add_argument("--version", action="version", version=f"netkernel {__version__}")
-    p.add_argument("--log-level", default="warning",
-                   choices=["debug", "info", "warning", "error"], help="default: warning")
-    p.add_argument("--api-socket", type=Path, metavar="PATH",
-                   help="the daemon's API socket (default: $NETKERNEL_API_SOCKET or "
-                   f"{config.DAEMON_SOCKET}; `up` uses the config's [daemon] api_socket)")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="default: warning",
+    )
+    p.add_argument(
+        "--api-socket",
+        type=Path,
+        metavar="PATH",
+        help="the daemon's API socket (default: $NETKERNEL_API_SOCKET or "
+        f"{config.DAEMON_SOCKET}; `up` uses the config's [daemon] api_socket)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(parent: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
@@ -138,8 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = command(sub, "up", help="start the daemon, the engine and the network fabric")
     up.add_argument("--config", type=Path, help="TOML config file (default: built-in)")
-    up.add_argument("--foreground", action="store_true",
-                    help="run the daemon in this process, logging to stderr (for systemd)")
+    up.add_argument(
+        "--foreground",
+        action="store_true",
+        help="run the daemon in this process, logging to stderr (for systemd)",
+    )
 
     command(sub, "down", help="stop everything and remove what `up` created")
 
@@ -149,10 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = command(sub, "run", help="run a command in a tenant (created on first use)")
     run.add_argument("--tenant", required=True, metavar="NAME")
     run.add_argument("--nsm", metavar="NSM", help="NSM for a new tenant (default: the first)")
-    run.add_argument("--rw", action="append", type=Path, default=[], metavar="PATH",
-                     help="let the program write PATH (the host's files are read-only in a tenant)")
-    run.add_argument("--ro", action="append", type=Path, default=[], metavar="PATH",
-                     help="let the program read PATH where it is otherwise private (e.g. under /run)")
+    run.add_argument(
+        "--rw",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="let the program write PATH (the host's files are read-only in a tenant)",
+    )
+    run.add_argument(
+        "--ro",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="let the program read PATH where it is otherwise private (e.g. under /run)",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     t = command(sub, "tenant", help="create, change, move, delete or list tenants")
@@ -180,10 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--json", action="store_true")
 
     top = command(sub, "top", help="live per-tenant rates (Ctrl-C to quit)")
-    top.add_argument("--interval", type=_argument_type(_positive_float, "seconds"), default=1.0,
-                     metavar="S", help="seconds between refreshes (default: 1)")
-    top.add_argument("--iterations", type=_argument_type(_positive_int, "count"), metavar="N",
-                     help="stop after N refreshes (default: until Ctrl-C)")
+    top.add_argument(
+        "--interval",
+        type=_argument_type(_positive_float, "seconds"),
+        default=1.0,
+        metavar="S",
+        help="seconds between refreshes (default: 1)",
+    )
+    top.add_argument(
+        "--iterations",
+        type=_argument_type(_positive_int, "count"),
+        metavar="N",
+        help="stop after N refreshes (default: until Ctrl-C)",
+    )
     top.add_argument("--json", action="store_true", help="one JSON object per refresh")
 
     n = command(sub, "nsm", help="list, add or remove NSMs")
@@ -192,36 +254,76 @@ def build_parser() -> argparse.ArgumentParser:
     nl.add_argument("--json", action="store_true")
     na = command(nsub, "add", help="add an NSM: the kernel stack in its own namespace, or lwIP")
     na.add_argument("name")
-    na.add_argument("--type", choices=config.NSM_KINDS, default="kernel",
-                    help="kernel (default): Linux's stack, with its own sysctls; lwip: the lwIP "
-                    "userspace stack in a process of its own")
-    na.add_argument("--congestion-control", type=_argument_type(config.check_congestion_control, "name"),
-                    metavar="NAME", help="TCP congestion control, one of: "
-                    + " ".join(config.available_congestion_control()))
-    na.add_argument("--bandwidth", type=_argument_type(config.parse_rate, "rate"), metavar="RATE",
-                    help="the uplink's capacity, shared between tenants by weight, e.g. 500Mbit")
-    na.add_argument("--sysctl", type=_argument_type(_sysctl_argument, "sysctl"), action="append",
-                    default=[], metavar="KEY=VALUE", help="a net.* sysctl in its namespace (repeatable)")
+    na.add_argument(
+        "--type",
+        choices=config.NSM_KINDS,
+        default="kernel",
+        help="kernel (default): Linux's stack, with its own sysctls; lwip: the lwIP "
+        "userspace stack in a process of its own",
+    )
+    na.add_argument(
+        "--congestion-control",
+        type=_argument_type(config.check_congestion_control, "name"),
+        metavar="NAME",
+        help="TCP congestion control, one of: " + " ".join(config.available_congestion_control()),
+    )
+    na.add_argument(
+        "--bandwidth",
+        type=_argument_type(config.parse_rate, "rate"),
+        metavar="RATE",
+        help="the uplink's capacity, shared between tenants by weight, e.g. 500Mbit",
+    )
+    na.add_argument(
+        "--sysctl",
+        type=_argument_type(_sysctl_argument, "sysctl"),
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a net.* sysctl in its namespace (repeatable)",
+    )
     nr = command(nsub, "remove", help="remove an NSM that no tenant uses")
     nr.add_argument("name")
 
-    b = command(sub, "bench", help="measure NetKernel against native, pasta and slirp4netns "
-                "(iperf3, sockperf, nginx, redis, idle CPU)")
+    b = command(
+        sub,
+        "bench",
+        help="measure NetKernel against native, pasta and slirp4netns "
+        "(iperf3, sockperf, nginx, redis, idle CPU)",
+    )
     b.add_argument("--json", action="store_true", help="print the results as JSON")
-    b.add_argument("--quick", action="store_true",
-                   help=f"one run per configuration instead of {bench.DEFAULT_REPETITIONS}, "
-                   f"{bench.QUICK_DURATION} s each unless --duration is given")
-    b.add_argument("--duration", type=int, default=None, metavar="SECONDS",
-                   help=f"length of each timed run (default: {bench.DEFAULT_DURATION})")
-    b.add_argument("--repetitions", type=int, default=None, metavar="N",
-                   help=f"runs per configuration and metric (default: {bench.DEFAULT_REPETITIONS})")
-    b.add_argument("--only", metavar="METRIC[,METRIC]",
-                   help="measure only these: " + ", ".join(bench.METRIC_NAMES))
-    b.add_argument("--configs", metavar="CONFIG[,CONFIG]",
-                   help="besides native and netkernel, only these: " + ", ".join(bench.OTHERS)
-                   + " (default: all; 'none' for none)")
-    b.add_argument("--out", metavar="DIR", type=Path,
-                   help="also write results.md, results.json and charts/*.png there")
+    b.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"one run per configuration instead of {bench.DEFAULT_REPETITIONS}, "
+        f"{bench.QUICK_DURATION} s each unless --duration is given",
+    )
+    b.add_argument(
+        "--duration",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help=f"length of each timed run (default: {bench.DEFAULT_DURATION})",
+    )
+    b.add_argument(
+        "--repetitions",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"runs per configuration and metric (default: {bench.DEFAULT_REPETITIONS})",
+    )
+    b.add_argument(
+        "--only", metavar="METRIC[,METRIC]", help="measure only these: " + ", ".join(bench.METRIC_NAMES)
+    )
+    b.add_argument(
+        "--configs",
+        metavar="CONFIG[,CONFIG]",
+        help="besides native and netkernel, only these: "
+        + ", ".join(bench.OTHERS)
+        + " (default: all; 'none' for none)",
+    )
+    b.add_argument(
+        "--out", metavar="DIR", type=Path, help="also write results.md, results.json and charts/*.png there"
+    )
     return p
 
 
@@ -260,6 +362,7 @@ def _read_pid(path: Path) -> int | None:
 
 # -- commands --------------------------------------------------------------------------------
 
+
 def cmd_up(args: argparse.Namespace) -> int:
     require_root()
     config_path = args.config.resolve() if args.config else None
@@ -276,19 +379,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.foreground:
         from .daemon import Daemon
         from .daemon_log import configure_logging
+
         # The daemon's own log format and level, on stderr (the journal under systemd).
         configure_logging("debug" if args.log_level == "debug" else "info", cfg.log_format)
         return Daemon(cfg).run()
 
-    cmd = [sys.executable, "-m", "netkernel.daemon", "--log-level",
-           "debug" if args.log_level == "debug" else "info"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "netkernel.daemon",
+        "--log-level",
+        "debug" if args.log_level == "debug" else "info",
+    ]
     if config_path:
         cmd += ["--config", str(config_path)]
     LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
     with open(LOG_FILE, "ab") as logf:
         offset = logf.tell()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True, close_fds=True
+        )
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         status = api.ping(cfg.api_socket)
@@ -300,8 +410,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                 proc.terminate()
                 proc.wait()
             _print_log_tail(offset)
-            why = f"exited with status {code}" if code is not None else \
-                f"was not ready within {START_TIMEOUT:.0f}s"
+            why = (
+                f"exited with status {code}"
+                if code is not None
+                else f"was not ready within {START_TIMEOUT:.0f}s"
+            )
             raise NetKernelError(f"the daemon {why} (log above; full log in {LOG_FILE})")
         time.sleep(0.1)
     nsms = ", ".join(n["name"] for n in status.get("nsms", []))
@@ -388,19 +501,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
         return 0
-    print(f"netkernel: running (daemon pid {status['pid']}, engine pid {status['engine_pid']}, "
-          f"up {status['uptime']:.0f}s), {status['tenants']} tenant(s)")
+    print(
+        f"netkernel: running (daemon pid {status['pid']}, engine pid {status['engine_pid']}, "
+        f"up {status['uptime']:.0f}s), {status['tenants']} tenant(s)"
+    )
     if status.get("metrics"):
         print(f"metrics: {status['metrics']}")
     sb = status.get("sandbox")
     if sb:
         held = ", ".join(f"{c} ({v})" for c, v in sb["cgroups"].items()) or "none"
-        missing = f"; no {', '.join(sb['cgroups_missing'])} controller: not limited" \
-            if sb["cgroups_missing"] else ""
+        missing = (
+            f"; no {', '.join(sb['cgroups_missing'])} controller: not limited"
+            if sb["cgroups_missing"]
+            else ""
+        )
         print(f"tenants sandboxed: cgroups {held}{missing}; firewall {sb['firewall']}")
-    print(table(["NSM", "KIND", "NETNS", "IPV4", "IPV6", "CC", "BANDWIDTH", "TENANTS"],
-                [[n["name"], n["kind"], n["netns"], n["ipv4"], n["ipv6"], n.get("congestion_control"),
-                  _limit(n.get("bandwidth"), "-"), n["tenants"]] for n in status["nsms"]]))
+    print(
+        table(
+            ["NSM", "KIND", "NETNS", "IPV4", "IPV6", "CC", "BANDWIDTH", "TENANTS"],
+            [
+                [
+                    n["name"],
+                    n["kind"],
+                    n["netns"],
+                    n["ipv4"],
+                    n["ipv6"],
+                    n.get("congestion_control"),
+                    _limit(n.get("bandwidth"), "-"),
+                    n["tenants"],
+                ]
+                for n in status["nsms"]
+            ],
+        )
+    )
     return 0
 
 
@@ -450,14 +583,18 @@ def cmd_tenant(args: argparse.Namespace) -> int:
         reply = api.call("tenant-create", name=args.name, nsm=args.nsm, **_policy_args(args))
         t = reply["tenant"]
         verb = "created" if reply["created"] else "exists"
-        print(f"tenant {t['name']} {verb}: nsm {t['nsm']}, {t['ipv4']}, {t['ipv6']}, "
-              f"{_describe_policy(t['policy'])}")
+        print(
+            f"tenant {t['name']} {verb}: nsm {t['nsm']}, {t['ipv4']}, {t['ipv6']}, "
+            f"{_describe_policy(t['policy'])}"
+        )
     elif action == "set":
         changes = _policy_args(args)
         if not changes:
-            args.parser.error("nothing to change: give --rate-tx, --rate-rx, --rate, --weight, "
-                              "--max-sockets, --max-memory, --shm, --max-process-memory or "
-                              "--max-processes")
+            args.parser.error(
+                "nothing to change: give --rate-tx, --rate-rx, --rate, --weight, "
+                "--max-sockets, --max-memory, --shm, --max-process-memory or "
+                "--max-processes"
+            )
         t = api.call("tenant-set", name=args.name, **changes)["tenant"]
         print(f"tenant {t['name']}: {_describe_policy(t['policy'])}")
     elif action == "move":
@@ -466,9 +603,11 @@ def cmd_tenant(args: argparse.Namespace) -> int:
         if not reply["moved"]:
             print(f"tenant {t['name']} is already on NSM {t['nsm']}")
         else:
-            print(f"tenant {t['name']} moved to NSM {t['nsm']}: new connections use it; "
-                  f"{reply['pinned_flows']} open connection(s) stay on NSM "
-                  f"{', '.join(t['draining'])} until they close")
+            print(
+                f"tenant {t['name']} moved to NSM {t['nsm']}: new connections use it; "
+                f"{reply['pinned_flows']} open connection(s) stay on NSM "
+                f"{', '.join(t['draining'])} until they close"
+            )
             if reply.get("warning"):
                 print(f"netkernel: warning: {reply['warning']}", file=sys.stderr)
     else:
@@ -482,16 +621,45 @@ def _ps_rows(tenants: list[dict[str, Any]]) -> list[list[Any]]:
     for t in tenants:
         nsm = t["nsm"] + (f" (from {','.join(t['draining'])})" if t.get("draining") else "")
         p = t["policy"]
-        rows.append([t["name"], nsm, t["ipv4"], ",".join(map(str, t["pids"])) or "-", t["sockets"],
-                     _bytes(t["memory"]), _bytes(t["tx_bytes"]), _bytes(t["rx_bytes"]),
-                     _bps(t["tx_bps"]), _bps(t["rx_bps"]), _limit(p["rate_tx"]), _limit(p["rate_rx"]),
-                     p["weight"], p["max_sockets"] or "unlimited",
-                     format_size(p["max_memory"], zero="unlimited")])
+        rows.append(
+            [
+                t["name"],
+                nsm,
+                t["ipv4"],
+                ",".join(map(str, t["pids"])) or "-",
+                t["sockets"],
+                _bytes(t["memory"]),
+                _bytes(t["tx_bytes"]),
+                _bytes(t["rx_bytes"]),
+                _bps(t["tx_bps"]),
+                _bps(t["rx_bps"]),
+                _limit(p["rate_tx"]),
+                _limit(p["rate_rx"]),
+                p["weight"],
+                p["max_sockets"] or "unlimited",
+                format_size(p["max_memory"], zero="unlimited"),
+            ]
+        )
     return rows
 
 
-PS_HEADERS = ["NAME", "NSM", "IPV4", "PIDS", "SOCKETS", "MEMORY", "TX", "RX", "TX/S", "RX/S",
-              "LIMIT-TX", "LIMIT-RX", "WEIGHT", "MAX-SOCKETS", "MAX-MEMORY"]
+PS_HEADERS = [
+    "NAME",
+    "NSM",
+    "IPV4",
+    "PIDS",
+    "SOCKETS",
+    "MEMORY",
+    "TX",
+    "RX",
+    "TX/S",
+    "RX/S",
+    "LIMIT-TX",
+    "LIMIT-RX",
+    "WEIGHT",
+    "MAX-SOCKETS",
+    "MAX-MEMORY",
+]
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -512,17 +680,47 @@ def cmd_conns(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"conns": conns})
         return 0
-    print(table(
-        ["TENANT", "NSM", "PATH", "PROTO", "KIND", "STATE", "LOCAL", "PEER", "TX", "RX", "RTT",
-         "CWND", "RETRANS", "DELIVERY", "CC"],
-        [[c["tenant"], c.get("nsm"),
-          f"shm:{c['peer_tenant']}" if c.get("peer_tenant") else c.get("path"),
-          c.get("proto"), c.get("kind"), c.get("tcp_state") or c.get("state"),
-          c.get("local"), c.get("peer"), _bytes(c.get("tx_bytes")), _bytes(c.get("rx_bytes")),
-          _rtt(c.get("rtt_us")), c.get("cwnd"),
-          None if c.get("retrans") is None else f"{c['retrans']}/{c.get('total_retrans')}",
-          None if c.get("delivery_rate") is None else _bps(c["delivery_rate"] * 8), c.get("ca")]
-         for c in conns]))
+    print(
+        table(
+            [
+                "TENANT",
+                "NSM",
+                "PATH",
+                "PROTO",
+                "KIND",
+                "STATE",
+                "LOCAL",
+                "PEER",
+                "TX",
+                "RX",
+                "RTT",
+                "CWND",
+                "RETRANS",
+                "DELIVERY",
+                "CC",
+            ],
+            [
+                [
+                    c["tenant"],
+                    c.get("nsm"),
+                    f"shm:{c['peer_tenant']}" if c.get("peer_tenant") else c.get("path"),
+                    c.get("proto"),
+                    c.get("kind"),
+                    c.get("tcp_state") or c.get("state"),
+                    c.get("local"),
+                    c.get("peer"),
+                    _bytes(c.get("tx_bytes")),
+                    _bytes(c.get("rx_bytes")),
+                    _rtt(c.get("rtt_us")),
+                    c.get("cwnd"),
+                    None if c.get("retrans") is None else f"{c['retrans']}/{c.get('total_retrans')}",
+                    None if c.get("delivery_rate") is None else _bps(c["delivery_rate"] * 8),
+                    c.get("ca"),
+                ]
+                for c in conns
+            ],
+        )
+    )
     return 0
 
 
@@ -542,14 +740,33 @@ def cmd_top(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"time": round(now, 3), "tenants": tenants}), flush=True)
             else:
-                rows = [[t["name"], t["nsm"], t["sockets"], _bps(t["tx_bps"]), _bps(t["rx_bps"]),
-                         _limit(t["policy"]["rate_tx"]), _limit(t["policy"]["rate_rx"]),
-                         t["policy"]["weight"], _bytes(t["tx_bytes"]), _bytes(t["rx_bytes"])]
-                        for t in tenants]
-                head = (f"netkernel top - {datetime.fromtimestamp(now):%H:%M:%S}, {len(tenants)} "
-                        f"tenant(s), every {args.interval:g}s (Ctrl-C to quit)")
-                print((CLEAR_SCREEN if tty else "") + head + "\n" + table(TOP_HEADERS, rows)
-                      + ("" if tty else "\n"), flush=True)
+                rows = [
+                    [
+                        t["name"],
+                        t["nsm"],
+                        t["sockets"],
+                        _bps(t["tx_bps"]),
+                        _bps(t["rx_bps"]),
+                        _limit(t["policy"]["rate_tx"]),
+                        _limit(t["policy"]["rate_rx"]),
+                        t["policy"]["weight"],
+                        _bytes(t["tx_bytes"]),
+                        _bytes(t["rx_bytes"]),
+                    ]
+                    for t in tenants
+                ]
+                head = (
+                    f"netkernel top - {datetime.fromtimestamp(now):%H:%M:%S}, {len(tenants)} "
+                    f"tenant(s), every {args.interval:g}s (Ctrl-C to quit)"
+                )
+                print(
+                    (CLEAR_SCREEN if tty else "")
+                    + head
+                    + "\n"
+                    + table(TOP_HEADERS, rows)
+                    + ("" if tty else "\n"),
+                    flush=True,
+                )
             count += 1
             if args.iterations is not None and count >= args.iterations:
                 return 0
@@ -565,26 +782,63 @@ def cmd_nsm(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"nsms": nsms})
             return 0
-        print(table(
-            ["NAME", "KIND", "NETNS", "IPV4", "IPV6", "CC", "BANDWIDTH", "TENANTS", "SOCKETS", "TX", "RX",
-             "TX/S", "RX/S"],
-            [[n["name"], n["kind"], n["netns"], n["ipv4"] or "-", n["ipv6"] or "-",
-              n["congestion_control"] or "-",
-              _limit(n["bandwidth"], "-"),
-              ",".join(n["tenants"] + [f"{d}(draining)" for d in n["draining"]]) or "-",
-              n["sockets"], _bytes(n["tx_bytes"]), _bytes(n["rx_bytes"]), _bps(n["tx_bps"]),
-              _bps(n["rx_bps"])] for n in nsms]))
+        print(
+            table(
+                [
+                    "NAME",
+                    "KIND",
+                    "NETNS",
+                    "IPV4",
+                    "IPV6",
+                    "CC",
+                    "BANDWIDTH",
+                    "TENANTS",
+                    "SOCKETS",
+                    "TX",
+                    "RX",
+                    "TX/S",
+                    "RX/S",
+                ],
+                [
+                    [
+                        n["name"],
+                        n["kind"],
+                        n["netns"],
+                        n["ipv4"] or "-",
+                        n["ipv6"] or "-",
+                        n["congestion_control"] or "-",
+                        _limit(n["bandwidth"], "-"),
+                        ",".join(n["tenants"] + [f"{d}(draining)" for d in n["draining"]]) or "-",
+                        n["sockets"],
+                        _bytes(n["tx_bytes"]),
+                        _bytes(n["rx_bytes"]),
+                        _bps(n["tx_bps"]),
+                        _bps(n["rx_bps"]),
+                    ]
+                    for n in nsms
+                ],
+            )
+        )
     elif action == "add":
-        n = api.call("nsm-add", name=args.name, kind=args.type,
-                     congestion_control=args.congestion_control,
-                     bandwidth=args.bandwidth, sysctl=dict(args.sysctl) or None)["nsm"]
+        n = api.call(
+            "nsm-add",
+            name=args.name,
+            kind=args.type,
+            congestion_control=args.congestion_control,
+            bandwidth=args.bandwidth,
+            sysctl=dict(args.sysctl) or None,
+        )["nsm"]
         if n["kind"] != "kernel":
-            print(f"nsm {n['name']} added: {n['kind']}, netns {n['netns']}, process {n['pid']}"
-                  + (f", bandwidth {format_rate(n['bandwidth'])}" if n["bandwidth"] else ""))
+            print(
+                f"nsm {n['name']} added: {n['kind']}, netns {n['netns']}, process {n['pid']}"
+                + (f", bandwidth {format_rate(n['bandwidth'])}" if n["bandwidth"] else "")
+            )
         else:
-            print(f"nsm {n['name']} added: netns {n['netns']}, {n['ipv4']}, {n['ipv6']}, "
-                  f"congestion control {n['congestion_control']}"
-                  + (f", bandwidth {format_rate(n['bandwidth'])}" if n["bandwidth"] else ""))
+            print(
+                f"nsm {n['name']} added: netns {n['netns']}, {n['ipv4']}, {n['ipv6']}, "
+                f"congestion control {n['congestion_control']}"
+                + (f", bandwidth {format_rate(n['bandwidth'])}" if n["bandwidth"] else "")
+            )
     else:
         api.call("nsm-remove", name=args.name)
         print(f"nsm {args.name} removed")
@@ -592,16 +846,25 @@ def cmd_nsm(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "up": cmd_up, "down": cmd_down, "status": cmd_status, "run": cmd_run, "tenant": cmd_tenant,
-    "ps": cmd_ps, "conns": cmd_conns, "top": cmd_top, "nsm": cmd_nsm, "bench": bench.main,
+    "up": cmd_up,
+    "down": cmd_down,
+    "status": cmd_status,
+    "run": cmd_run,
+    "tenant": cmd_tenant,
+    "ps": cmd_ps,
+    "conns": cmd_conns,
+    "top": cmd_top,
+    "nsm": cmd_nsm,
+    "bench": bench.main,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="netkernel: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), format="netkernel: %(levelname)s: %(message)s"
+    )
     api.socket_override = args.api_socket
     try:
         return COMMANDS[args.command](args)

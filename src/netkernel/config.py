@@ -276,16 +276,19 @@ class Policy:
 
     def engine_args(self) -> str:
         """``key=value ...`` for the engine's ``tenant-set`` (the cgroup's keys are not its)."""
-        return " ".join(f"{f.name}={int(getattr(self, f.name))}" for f in fields(self)
-                        if f.name not in CGROUP_POLICY)
+        return " ".join(
+            f"{f.name}={int(getattr(self, f.name))}" for f in fields(self) if f.name not in CGROUP_POLICY
+        )
 
     def describe(self) -> str:
-        return (f"rate_tx={format_rate(self.rate_tx)} rate_rx={format_rate(self.rate_rx)} "
-                f"weight={self.weight} max_sockets={self.max_sockets or 'unlimited'} "
-                f"max_memory={format_size(self.max_memory, zero='unlimited')} "
-                f"shm={'on' if self.shm else 'off'} "
-                f"max_process_memory={format_size(self.max_process_memory, zero='unlimited')} "
-                f"max_processes={self.max_processes or 'unlimited'}")
+        return (
+            f"rate_tx={format_rate(self.rate_tx)} rate_rx={format_rate(self.rate_rx)} "
+            f"weight={self.weight} max_sockets={self.max_sockets or 'unlimited'} "
+            f"max_memory={format_size(self.max_memory, zero='unlimited')} "
+            f"shm={'on' if self.shm else 'off'} "
+            f"max_process_memory={format_size(self.max_process_memory, zero='unlimited')} "
+            f"max_processes={self.max_processes or 'unlimited'}"
+        )
 
 
 POLICY_PARSERS: dict[str, Callable[[object], int | bool]] = {
@@ -320,8 +323,8 @@ def policy_with(base: Policy, changes: dict[str, object]) -> Policy:
 MANAGED_SYSCTLS = {
     "net.ipv4.ip_nonlocal_bind": "NetKernel keeps it 0: an NSM binds only its tenants' addresses",
     "net.ipv4.conf.all.arp_announce": "NetKernel keeps it 2: tenant move relies on ARP "
-                                      "requests carrying the NSM's own address",
-    "net.ipv4.tcp_congestion_control": "set it with congestion_control = \"...\" instead",
+    "requests carrying the NSM's own address",
+    "net.ipv4.tcp_congestion_control": 'set it with congestion_control = "..." instead',
 }
 _SYSCTL_KEY_RE = re.compile(r"^net(\.[A-Za-z0-9_-]+)+$")
 
@@ -336,16 +339,20 @@ def available_congestion_control() -> list[str]:
 def check_congestion_control(name: object) -> str:
     available = available_congestion_control()
     if not isinstance(name, str) or name not in available:
-        raise ValueError(f"{name!r} is not offered by this kernel; use one of: {', '.join(available)} "
-                         f"(from {CONGESTION_CONTROL_FILE}; `modprobe tcp_NAME` adds more)")
+        raise ValueError(
+            f"{name!r} is not offered by this kernel; use one of: {', '.join(available)} "
+            f"(from {CONGESTION_CONTROL_FILE}; `modprobe tcp_NAME` adds more)"
+        )
     return name
 
 
 def check_sysctl(key: str, value: object) -> tuple[str, str]:
     """A ``net.*`` sysctl for an NSM namespace, as (key, value-as-written-to-/proc)."""
     if not _SYSCTL_KEY_RE.match(key):
-        raise ValueError(f"{key!r} is not a net.* sysctl; NSM namespaces take only network "
-                         "sysctls, e.g. \"net.ipv4.tcp_wmem\"")
+        raise ValueError(
+            f"{key!r} is not a net.* sysctl; NSM namespaces take only network "
+            'sysctls, e.g. "net.ipv4.tcp_wmem"'
+        )
     if key in MANAGED_SYSCTLS:
         raise ValueError(f"{key} cannot be set here: {MANAGED_SYSCTLS[key]}")
     parts = key.split(".")
@@ -358,13 +365,14 @@ def check_sysctl(key: str, value: object) -> tuple[str, str]:
     elif isinstance(value, int | str):
         text = str(value)
     else:
-        raise ValueError(f"value of {key} must be a string or a whole number, e.g. \"4096 16384 4194304\"")
+        raise ValueError(f'value of {key} must be a string or a whole number, e.g. "4096 16384 4194304"')
     if "\n" in text:
         raise ValueError(f"value of {key} must be one line")
     return key, text
 
 
 # -- the config ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class NSMConfig:
@@ -463,7 +471,7 @@ def _split_dotted_key(text: str) -> list[str]:
         if c in "\"'":
             end = text.find(c, i + 1)
             end = len(text) if end < 0 else end
-            current += text[i + 1:end]
+            current += text[i + 1 : end]
             i = end + 1
         elif c == ".":
             parts.append(current.strip())
@@ -508,7 +516,7 @@ def locate_key(text: str, path: KeyPath) -> int | None:
         if key:
             full = table + tuple(_split_dotted_key(key.group(1)))
             lines.setdefault(full, number)
-            rest = line[key.end():]
+            rest = line[key.end() :]
             if rest.lstrip().startswith("{"):
                 for inner in _INLINE_KEY_RE.finditer(rest.lstrip()[1:]):
                     lines.setdefault(full + tuple(_split_dotted_key(inner.group(1))), number)
@@ -551,6 +559,7 @@ def load_config(path: Path | None) -> Config:
 
 # -- parsing a loaded TOML document -------------------------------------------------------------
 
+
 def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], path: KeyPath) -> None:
     for key in table:
         if key not in allowed:
@@ -567,7 +576,7 @@ def _table(data: dict[str, Any], key: str, path: KeyPath = ()) -> dict[str, Any]
 def _string(table: dict[str, Any], key: str, path: KeyPath, default: str) -> str:
     value = table.get(key, default)
     if not isinstance(value, str):
-        raise ConfigValueError(path + (key,), f"must be a string, e.g. {key} = \"{default}\"")
+        raise ConfigValueError(path + (key,), f'must be a string, e.g. {key} = "{default}"')
     return value
 
 
@@ -583,7 +592,7 @@ def parse_listen(value: str) -> tuple[str, int] | None:
     if value == "":
         return None
     m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:\[\]]+):(\d+)$", value)
-    hint = "use host:port, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\", or \"\" to disable"
+    hint = 'use host:port, e.g. "127.0.0.1:9464" or "[::1]:9464", or "" to disable'
     if m is None:
         raise ValueError(f"{value!r} is not host:port; {hint}")
     host, port = m.group(1), int(m.group(2))
@@ -600,34 +609,35 @@ def parse_listen(value: str) -> tuple[str, int] | None:
 def _parse_daemon(data: dict[str, Any]) -> dict[str, Any]:
     path: KeyPath = ("daemon",)
     d = _table(data, "daemon")
-    _check_keys(d, ("api_socket", "api_group", "metrics_listen", "log_format", "engine_nice"),
-                path)
+    _check_keys(d, ("api_socket", "api_group", "metrics_listen", "log_format", "engine_nice"), path)
     out: dict[str, Any] = {}
     sock = _string(d, "api_socket", path, str(DAEMON_SOCKET))
     if not sock.startswith("/") or len(sock.encode()) > _SUN_PATH_MAX:
-        raise ConfigValueError(path + ("api_socket",),
-                               f"{sock!r} must be an absolute path of at most {_SUN_PATH_MAX} bytes")
+        raise ConfigValueError(
+            path + ("api_socket",), f"{sock!r} must be an absolute path of at most {_SUN_PATH_MAX} bytes"
+        )
     out["api_socket"] = Path(sock)
     if "api_group" in d:
         group = _string(d, "api_group", path, "netkernel")
         try:
             grp.getgrnam(group)
         except (KeyError, ValueError):  # ValueError: a NUL in the name
-            raise ConfigValueError(path + ("api_group",),
-                                   f"no group {group!r} on this host; create it (groupadd {group}) "
-                                   "or remove api_group to keep the API root-only") from None
+            raise ConfigValueError(
+                path + ("api_group",),
+                f"no group {group!r} on this host; create it (groupadd {group}) "
+                "or remove api_group to keep the API root-only",
+            ) from None
         out["api_group"] = group
     listen = _string(d, "metrics_listen", path, "127.0.0.1:9464")
     out["metrics_listen"] = _parse_value(parse_listen, listen, path + ("metrics_listen",))
     fmt = _string(d, "log_format", path, "text")
     if fmt not in LOG_FORMATS:
-        raise ConfigValueError(path + ("log_format",),
-                               f"{fmt!r} is not a log format; use \"text\" or \"json\"")
+        raise ConfigValueError(path + ("log_format",), f'{fmt!r} is not a log format; use "text" or "json"')
     out["log_format"] = fmt
     if "engine_nice" in d:
         out["engine_nice"] = _parse_value(
-            lambda v: _whole_number(v, "engine_nice", -20, 19), d["engine_nice"],
-            path + ("engine_nice",))
+            lambda v: _whole_number(v, "engine_nice", -20, 19), d["engine_nice"], path + ("engine_nice",)
+        )
     return out
 
 
@@ -639,11 +649,11 @@ def _parse_network(data: dict[str, Any]) -> tuple[ipaddress.IPv4Network, ipaddre
     try:
         v4 = ipaddress.IPv4Network(_string(net, "ipv4_subnet", path, str(default.ipv4_subnet)))
     except ValueError as e:
-        raise ConfigValueError(path + ("ipv4_subnet",), f"{e}; use e.g. \"198.18.0.0/15\"") from None
+        raise ConfigValueError(path + ("ipv4_subnet",), f'{e}; use e.g. "198.18.0.0/15"') from None
     try:
         v6 = ipaddress.IPv6Network(_string(net, "ipv6_prefix", path, str(default.ipv6_prefix)))
     except ValueError as e:
-        raise ConfigValueError(path + ("ipv6_prefix",), f"{e}; use e.g. \"fd6e:6b00::/64\"") from None
+        raise ConfigValueError(path + ("ipv6_prefix",), f'{e}; use e.g. "fd6e:6b00::/64"') from None
     if v4.prefixlen > 22:
         raise ConfigValueError(path + ("ipv4_subnet",), f"{v4} is too small (need /22 or larger)")
     if v6.prefixlen > 96:
@@ -664,15 +674,16 @@ def _parse_nsm(item: object, path: KeyPath) -> NSMConfig:
         raise ConfigValueError(path, "must be a table ([[nsm]])")
     _check_keys(item, ("name", "kind", "congestion_control", "bandwidth", "sysctl"), path)
     if not isinstance(item.get("name"), str):
-        raise ConfigValueError(path, "needs a name (a string), e.g. name = \"kernel\"")
+        raise ConfigValueError(path, 'needs a name (a string), e.g. name = "kernel"')
     name = _parse_value(check_nsm_name, item["name"], path + ("name",))
     kind = _string(item, "kind", path, "kernel")
     if kind not in NSM_KINDS:
         raise ConfigValueError(path + ("kind",), f"unknown kind {kind!r}; use one of: {', '.join(NSM_KINDS)}")
     cc = None
     if "congestion_control" in item:
-        cc = _parse_value(check_congestion_control, item["congestion_control"],
-                          path + ("congestion_control",))
+        cc = _parse_value(
+            check_congestion_control, item["congestion_control"], path + ("congestion_control",)
+        )
     bandwidth = 0
     if "bandwidth" in item:
         bandwidth = _parse_value(parse_rate, item["bandwidth"], path + ("bandwidth",))
@@ -692,8 +703,10 @@ def _parse_nsm(item: object, path: KeyPath) -> NSMConfig:
 def check_nsm_kind_settings(kind: str, cc: str | None, sysctls: Sequence[tuple[str, str]]) -> None:
     """Congestion control and sysctls are the Linux stack's: an lwIP NSM has neither."""
     if kind == "lwip" and (cc or sysctls):
-        raise ValueError("an lwip NSM has no congestion_control or sysctl settings (lwIP's are "
-                         "built in); use kind = \"kernel\" for those")
+        raise ValueError(
+            "an lwip NSM has no congestion_control or sysctl settings (lwIP's are "
+            'built in); use kind = "kernel" for those'
+        )
 
 
 def _parse_tenant(item: object, path: KeyPath, nsms: tuple[NSMConfig, ...], defaults: Policy) -> TenantConfig:
@@ -701,12 +714,13 @@ def _parse_tenant(item: object, path: KeyPath, nsms: tuple[NSMConfig, ...], defa
         raise ConfigValueError(path, "must be a table ([[tenant]])")
     _check_keys(item, ("name", "nsm", "rw", "ro", *POLICY_PARSERS), path)
     if not isinstance(item.get("name"), str):
-        raise ConfigValueError(path, "needs a name, e.g. name = \"web\"")
+        raise ConfigValueError(path, 'needs a name, e.g. name = "web"')
     name = _parse_value(check_tenant_name, item["name"], path + ("name",))
     nsm = _string(item, "nsm", path, nsms[0].name)
     if not any(n.name == nsm for n in nsms):
-        raise ConfigValueError(path + ("nsm",), f"no NSM named {nsm!r}; configured: "
-                               f"{', '.join(n.name for n in nsms)}")
+        raise ConfigValueError(
+            path + ("nsm",), f"no NSM named {nsm!r}; configured: {', '.join(n.name for n in nsms)}"
+        )
     grants = {key: _parse_paths(item, key, path) for key in ("rw", "ro")}
     return TenantConfig(name, nsm, _parse_policy(item, defaults, path), **grants)
 
@@ -714,8 +728,7 @@ def _parse_tenant(item: object, path: KeyPath, nsms: tuple[NSMConfig, ...], defa
 def _parse_paths(item: dict[str, Any], key: str, path: KeyPath) -> tuple[Path, ...]:
     value = item.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith("/") for v in value):
-        raise ConfigValueError(path + (key,),
-                               f"must be a list of absolute paths, e.g. {key} = [\"/srv/web\"]")
+        raise ConfigValueError(path + (key,), f'must be a list of absolute paths, e.g. {key} = ["/srv/web"]')
     for v in value:
         if not os.path.exists(v):  # False also for a NUL in it or a name too long
             raise ConfigValueError(path + (key,), f"{v} does not exist on this host")
@@ -772,9 +785,17 @@ def parse_config(data: dict[str, Any]) -> Config:
         try:
             ipaddress.ip_address(addr)
         except (ValueError, TypeError):
-            raise ConfigValueError(("dns", "hosts", name),
-                                   f"{addr!r} is not an IP address; use e.g. \"198.19.1.1\"") from None
+            raise ConfigValueError(
+                ("dns", "hosts", name), f'{addr!r} is not an IP address; use e.g. "198.19.1.1"'
+            ) from None
         pairs.append((name.lower().rstrip("."), str(addr)))
 
-    return Config(ipv4_subnet=v4, ipv6_prefix=v6, nsms=tuple(nsms), dns_hosts=tuple(pairs),
-                  defaults=defaults, tenants=tuple(tenants), **daemon)
+    return Config(
+        ipv4_subnet=v4,
+        ipv6_prefix=v6,
+        nsms=tuple(nsms),
+        dns_hosts=tuple(pairs),
+        defaults=defaults,
+        tenants=tuple(tenants),
+        **daemon,
+    )

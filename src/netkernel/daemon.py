@@ -124,8 +124,7 @@ class Daemon:
 
     def start(self) -> None:
         self.acquire_lock()
-        leftovers = [n for n in netns.netns_list()
-                     if n.startswith((TENANT_NETNS_PREFIX, NSM_NETNS_PREFIX))]
+        leftovers = [n for n in netns.netns_list() if n.startswith((TENANT_NETNS_PREFIX, NSM_NETNS_PREFIX))]
         if leftovers or netns.link_exists(BRIDGE):
             log.warning("removing leftovers of a previous run: %s", ", ".join(leftovers) or BRIDGE)
             self._cleanup_keep_lock()
@@ -142,8 +141,9 @@ class Daemon:
         log.info("dns: answering on %s:53", self.config.bridge_ipv4)
         missing = self.cgroups.missing()
         if missing:
-            log.warning("no %s cgroup controller on this host: tenants run without that limit",
-                        ", ".join(missing))
+            log.warning(
+                "no %s cgroup controller on this host: tenants run without that limit", ", ".join(missing)
+            )
         for tc in self.config.tenants:
             self.create_tenant(tc.name, tc.nsm, tc.policy, rw=tc.rw, ro=tc.ro)
         if self.config.metrics_listen is not None:
@@ -155,10 +155,15 @@ class Daemon:
         # Last: `netkernel up` waits for this socket, so it sees a daemon that is complete.
         self.api = ApiServer(self.config.api_socket, handlers.api_handlers(self), self.config.api_group)
         self.api.start()
-        log_event("daemon_ready", pid=os.getpid(), api=self.config.api_socket,
-                  api_group=self.config.api_group,
-                  metrics=self.metrics.address if self.metrics else None,
-                  nsms=",".join(self.nsms), tenants=len(self.tenants))
+        log_event(
+            "daemon_ready",
+            pid=os.getpid(),
+            api=self.config.api_socket,
+            api_group=self.config.api_group,
+            metrics=self.metrics.address if self.metrics else None,
+            nsms=",".join(self.nsms),
+            tenants=len(self.tenants),
+        )
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -251,8 +256,14 @@ class Daemon:
         self._nsm_indices_used.add(nsm.index)
         return nsm
 
-    def add_nsm(self, name: str, congestion_control: str | None, bandwidth: object,
-                sysctls: dict[str, object], kind: str = "kernel") -> NSM:
+    def add_nsm(
+        self,
+        name: str,
+        congestion_control: str | None,
+        bandwidth: object,
+        sysctls: dict[str, object],
+        kind: str = "kernel",
+    ) -> NSM:
         """An NSM at runtime, built as at start-up; nothing is left behind if a step fails."""
         check_nsm_name(name)
         if kind not in NSM_KINDS:
@@ -287,13 +298,17 @@ class Daemon:
             nsm = self.get_nsm(name)
             assigned = sorted(t.name for t in self.tenants.values() if t.nsm == name)
             if assigned:
-                raise NSMError(f"NSM {name!r} still serves tenant(s) {', '.join(assigned)}; move them "
-                               f"(netkernel tenant move NAME --nsm OTHER) or delete them first")
+                raise NSMError(
+                    f"NSM {name!r} still serves tenant(s) {', '.join(assigned)}; move them "
+                    f"(netkernel tenant move NAME --nsm OTHER) or delete them first"
+                )
             draining = sorted(t.name for t in self.tenants.values() if name in t.draining)
             if draining:
-                raise NSMError(f"NSM {name!r} still carries connections of tenant(s) {', '.join(draining)} "
-                               "moved away from it; try again once they have closed "
-                               "(netkernel conns shows them)")
+                raise NSMError(
+                    f"NSM {name!r} still carries connections of tenant(s) {', '.join(draining)} "
+                    "moved away from it; try again once they have closed "
+                    "(netkernel conns shows them)"
+                )
             if len(self.nsms) == 1:
                 raise NSMError(f"NSM {name!r} is the last one; tenants need at least one NSM")
             try:
@@ -314,8 +329,14 @@ class Daemon:
             raise TenantError(f"no tenant named {name!r} (see: netkernel ps)")
         return t
 
-    def create_tenant(self, name: str, nsm_name: str | None, policy: Policy | None = None,
-                      rw: tuple[Path, ...] = (), ro: tuple[Path, ...] = ()) -> tuple[Tenant, bool]:
+    def create_tenant(
+        self,
+        name: str,
+        nsm_name: str | None,
+        policy: Policy | None = None,
+        rw: tuple[Path, ...] = (),
+        ro: tuple[Path, ...] = (),
+    ) -> tuple[Tenant, bool]:
         """The tenant, created if new (policy None: the config's defaults), and whether it
         was created."""
         check_tenant_name(name)
@@ -327,11 +348,13 @@ class Daemon:
                 if nsm_name is not None and nsm_name != existing.nsm:
                     raise TenantError(
                         f"tenant {name!r} is on NSM {existing.nsm!r}; move it with: "
-                        f"netkernel tenant move {name} --nsm {nsm_name}")
+                        f"netkernel tenant move {name} --nsm {nsm_name}"
+                    )
                 if policy is not None and policy != existing.policy:
                     raise TenantError(
                         f"tenant {name!r} exists with another policy ({existing.policy.describe()}); "
-                        f"change it with: netkernel tenant set {name} ...")
+                        f"change it with: netkernel tenant set {name} ..."
+                    )
                 return existing, False
             if not self.nsms:
                 raise TenantError("there is no NSM to put a tenant on (add one: netkernel nsm add NAME)")
@@ -340,14 +363,24 @@ class Daemon:
             index = next((n for n in range(1, MAX_TENANTS + 1) if n not in used), None)
             if index is None:
                 raise TenantError(f"too many tenants (limit {MAX_TENANTS})")
-            t = Tenant(name, nsm, index, -1, str(self.config.tenant_ipv4(index)),
-                       str(self.config.tenant_ipv6(index)), policy or self.config.defaults,
-                       rw=rw, ro=ro, uid_slot=sandbox.uid_slot(name))
+            t = Tenant(
+                name,
+                nsm,
+                index,
+                -1,
+                str(self.config.tenant_ipv4(index)),
+                str(self.config.tenant_ipv6(index)),
+                policy or self.config.defaults,
+                rw=rw,
+                ro=ro,
+                uid_slot=sandbox.uid_slot(name),
+            )
             engine_added = False
             try:
                 fabric.create_tenant(t, self.nsms[nsm], self.cgroups)
                 t.id = self.engine_client.tenant_add(
-                    name, str(netns.netns_path(t.netns)), nsm, t.ipv4, t.ipv6)
+                    name, str(netns.netns_path(t.netns)), nsm, t.ipv4, t.ipv6
+                )
                 engine_added = True
                 self._apply_policy(t, t.policy)
             except BaseException:
@@ -359,8 +392,15 @@ class Daemon:
                 self._delete_tenant_fabric(t)
                 raise
             self.tenants[name] = t
-            log_event("tenant_created", tenant=name, nsm=nsm, id=t.id, ipv4=t.ipv4, ipv6=t.ipv6,
-                      **self._policy_fields(t.policy))
+            log_event(
+                "tenant_created",
+                tenant=name,
+                nsm=nsm,
+                id=t.id,
+                ipv4=t.ipv4,
+                ipv6=t.ipv6,
+                **self._policy_fields(t.policy),
+            )
             return t, True
 
     @staticmethod
@@ -371,8 +411,9 @@ class Daemon:
         try:
             self.engine_client.tenant_set(t.name, policy.engine_args())
         except EngineError as e:
-            raise TenantError(f"tenant {t.name!r}: the engine refused the policy: "
-                              f"{e.engine_message}") from None
+            raise TenantError(
+                f"tenant {t.name!r}: the engine refused the policy: {e.engine_message}"
+            ) from None
 
     def set_policy(self, name: str, changes: dict[str, object]) -> Tenant:
         with self.lock:
@@ -385,8 +426,9 @@ class Daemon:
             self._apply_cgroup_policy(t, policy)
             old = t.policy
             t.policy = policy
-            changed = {k: v for k, v in self._policy_fields(policy).items()
-                       if v != self._policy_fields(old)[k]}
+            changed = {
+                k: v for k, v in self._policy_fields(policy).items() if v != self._policy_fields(old)[k]
+            }
             log_event("tenant_policy_set", tenant=name, nsm=t.nsm, **changed)
             return t
 

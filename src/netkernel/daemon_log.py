@@ -15,7 +15,7 @@ log = logging.getLogger("netkernel.daemon")
 
 def _log_value(value: object) -> str:
     text = str(value)
-    if not text or any(c in text for c in " \"=\n"):
+    if not text or any(c in text for c in ' "=\n'):
         return json.dumps(text)
     return text
 

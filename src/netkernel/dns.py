@@ -58,7 +58,7 @@ def parse_query(packet: bytes) -> tuple[int, int, str, int, int, int]:
             raise FormatError("compression in question")  # never legitimate in a query
         if pos + length > len(packet):
             raise FormatError("truncated label")
-        labels.append(packet[pos:pos + length].decode("ascii", "replace"))
+        labels.append(packet[pos : pos + length].decode("ascii", "replace"))
         pos += length
     if pos + 4 > len(packet):
         raise FormatError("truncated question")
@@ -210,7 +210,7 @@ def parse_answers(reply: bytes) -> tuple[int, list[str]]:
         pos += 2  # compressed name pointer
         rtype, _, _, rdlen = struct.unpack_from("!HHIH", reply, pos)
         pos += 10
-        data = reply[pos:pos + rdlen]
+        data = reply[pos : pos + rdlen]
         pos += rdlen
         if rtype == QTYPE_A:
             out.append(str(ipaddress.IPv4Address(data)))

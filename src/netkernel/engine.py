@@ -164,8 +164,10 @@ def _complete(cls: type[T], line: str, kv: dict[str, str], **given: Any) -> T:
         except ValueError:
             raw = ""
         if not raw:
-            raise NetKernelError(f"engine stats: no valid {f.name}= in {line!r}; the engine is not "
-                                 "from this package's build (reinstall with `pip install .`)")
+            raise NetKernelError(
+                f"engine stats: no valid {f.name}= in {line!r}; the engine is not "
+                "from this package's build (reinstall with `pip install .`)"
+            )
     return cls(**values)
 
 

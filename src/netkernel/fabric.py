@@ -55,8 +55,12 @@ def allow_congestion_control(name: str) -> None:
     allowed = (netns.sysctl_get(key) or "").split()
     if name not in allowed:
         netns.sysctl(key, " ".join([*allowed, name]))
-        log_event("host_sysctl_changed", key=key, value=" ".join([*allowed, name]),
-                  reason=f"an NSM uses congestion control {name}")
+        log_event(
+            "host_sysctl_changed",
+            key=key,
+            value=" ".join([*allowed, name]),
+            reason=f"an NSM uses congestion control {name}",
+        )
 
 
 def build_bridge(c: Config) -> None:
@@ -84,11 +88,17 @@ def create_nsm(c: Config, nsm: NSM) -> None:
     except BaseException:
         remove_nsm(nsm)
         raise
-    log_event("nsm_created", nsm=nsm.name, kind=nsm_config.kind, netns=ns,
-              ipv4=None if nsm.external else v4, ipv6=None if nsm.external else v6,
-              congestion_control=nsm_config.congestion_control,
-              bandwidth=format_rate(nsm_config.bandwidth) if nsm_config.bandwidth else None,
-              sysctls=len(nsm_config.sysctls))
+    log_event(
+        "nsm_created",
+        nsm=nsm.name,
+        kind=nsm_config.kind,
+        netns=ns,
+        ipv4=None if nsm.external else v4,
+        ipv6=None if nsm.external else v6,
+        congestion_control=nsm_config.congestion_control,
+        bandwidth=format_rate(nsm_config.bandwidth) if nsm_config.bandwidth else None,
+        sysctls=len(nsm_config.sysctls),
+    )
 
 
 def _create_kernel_nsm(c: Config, nsm: NSM, v4: str, v6: str) -> None:
@@ -112,8 +122,10 @@ def _create_kernel_nsm(c: Config, nsm: NSM, v4: str, v6: str) -> None:
             netns.sysctl(key, value, netns=ns)
         except NetKernelError as e:
             if netns.sysctl_get(key, ns) is None:
-                raise NSMError(f"{e} (this sysctl is host-wide: network namespaces do not "
-                               "have it, so it cannot be set per NSM)") from None
+                raise NSMError(
+                    f"{e} (this sysctl is host-wide: network namespaces do not "
+                    "have it, so it cannot be set per NSM)"
+                ) from None
             raise
 
 
@@ -165,8 +177,9 @@ def create_tenant(t: Tenant, nsm: NSM, tenant_cgroups: cgroups.Cgroups) -> None:
     netns.mount_tmpfs(t.fs, t.policy.max_process_memory, t.uid_base, t.uid_base)
     sandbox.prepare_private_fs(t.fs, t.uid_base)
     try:
-        t.cgroups = tenant_cgroups.create(t.name, t.policy.max_process_memory,
-                                          t.policy.max_processes, t.policy.weight)
+        t.cgroups = tenant_cgroups.create(
+            t.name, t.policy.max_process_memory, t.policy.max_processes, t.policy.weight
+        )
     except (cgroups.CgroupError, OSError) as e:
         raise TenantError(f"tenant {t.name!r}: cannot make its cgroups: {e}") from None
 
@@ -203,8 +216,9 @@ def cleanup_all(keep_lock: bool = False) -> list[str]:
     Works from names alone so that it also cleans up after a daemon that crashed.
     """
     removed: list[str] = []
-    ours = [n for n in netns.netns_list()
-            if n.startswith(TENANT_NETNS_PREFIX) or n.startswith(NSM_NETNS_PREFIX)]
+    ours = [
+        n for n in netns.netns_list() if n.startswith(TENANT_NETNS_PREFIX) or n.startswith(NSM_NETNS_PREFIX)
+    ]
     netns.kill_netns_processes(n for n in ours if n.startswith(TENANT_NETNS_PREFIX))
     for name in ours:
         netns.netns_del(name)  # takes the NSM's eth0 and its veth peer with it

@@ -60,8 +60,10 @@ def _nft(script: str) -> subprocess.CompletedProcess[str]:
 def install(bridge: str, v4: ipaddress.IPv4Address, v6: ipaddress.IPv6Address) -> None:
     """The table, replacing any earlier one of this bridge."""
     if shutil.which(NFT) is None:
-        raise GuardError("nft (nftables) is not installed: NetKernel needs it to keep tenants "
-                         "away from the host's own services (apt-get install nftables)")
+        raise GuardError(
+            "nft (nftables) is not installed: NetKernel needs it to keep tenants "
+            "away from the host's own services (apt-get install nftables)"
+        )
     remove(bridge)
     r = _nft(ruleset(bridge, v4, v6))
     if r.returncode != 0:
@@ -78,8 +80,9 @@ def remove(bridge: str) -> bool:
 
 def dropped(bridge: str) -> int:
     """Packets dropped so far by the input rule (what NSMs tried to send to the host)."""
-    r = subprocess.run([NFT, "list", "chain", "inet", table_name(bridge), "input"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [NFT, "list", "chain", "inet", table_name(bridge), "input"], capture_output=True, text=True
+    )
     for line in r.stdout.splitlines():
         if "drop" in line and "counter packets" in line:
             return int(line.split("counter packets")[1].split()[0])

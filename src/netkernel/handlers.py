@@ -31,22 +31,27 @@ def api_handlers(d: Daemon) -> dict[str, Handler]:
     def tenant_set(req: dict[str, Any]) -> dict[str, Any]:
         changes = policy_changes(req)
         if not changes:
-            raise DaemonError("tenant-set: nothing to change; give one or more of "
-                              + ", ".join(Policy.__dataclass_fields__))
+            raise DaemonError(
+                "tenant-set: nothing to change; give one or more of " + ", ".join(Policy.__dataclass_fields__)
+            )
         return {"tenant": d.set_policy(req["name"], changes).record()}
 
     def tenant_move(req: dict[str, Any]) -> dict[str, Any]:
         t, pinned, warning = move.move_tenant(d, req["name"], req["nsm"])
-        return {"tenant": t.record(), "moved": pinned is not None, "pinned_flows": pinned,
-                "warning": warning}
+        return {"tenant": t.record(), "moved": pinned is not None, "pinned_flows": pinned, "warning": warning}
 
     def tenant_delete(req: dict[str, Any]) -> dict[str, Any]:
         d.delete_tenant(req["name"])
         return {}
 
     def nsm_add(req: dict[str, Any]) -> dict[str, Any]:
-        d.add_nsm(req["name"], req.get("congestion_control"), req.get("bandwidth"),
-                  req.get("sysctl", {}), req.get("kind", "kernel"))
+        d.add_nsm(
+            req["name"],
+            req.get("congestion_control"),
+            req.get("bandwidth"),
+            req.get("sysctl", {}),
+            req.get("kind", "kernel"),
+        )
         return {"nsm": next(n for n in views.nsm_list(d) if n["name"] == req["name"])}
 
     def nsm_remove(req: dict[str, Any]) -> dict[str, Any]:

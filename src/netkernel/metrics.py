@@ -61,23 +61,32 @@ class NetKernelCollector(Collector):
         rx = CounterMetricFamily("netkernel_tenant_rx_bytes", "Bytes the tenant received", labels=labels)
         refused = CounterMetricFamily(
             "netkernel_tenant_sockets_refused",
-            "Sockets refused to the tenant by its max_sockets or max_memory limit", labels=labels)
+            "Sockets refused to the tenant by its max_sockets or max_memory limit",
+            labels=labels,
+        )
         sockets = GaugeMetricFamily("netkernel_tenant_sockets", "Open sockets", labels=labels)
-        memory = GaugeMetricFamily("netkernel_tenant_memory_bytes",
-                                   "Shared memory committed to the tenant's rings", labels=labels)
-        limit_tx = GaugeMetricFamily("netkernel_tenant_rate_limit_tx_bps",
-                                     "Egress rate limit in bits/s (0 = unlimited)", labels=labels)
-        limit_rx = GaugeMetricFamily("netkernel_tenant_rate_limit_rx_bps",
-                                     "Ingress rate limit in bits/s (0 = unlimited)", labels=labels)
-        weight = GaugeMetricFamily("netkernel_tenant_weight",
-                                   "Share of a bottleneck relative to other tenants", labels=labels)
+        memory = GaugeMetricFamily(
+            "netkernel_tenant_memory_bytes", "Shared memory committed to the tenant's rings", labels=labels
+        )
+        limit_tx = GaugeMetricFamily(
+            "netkernel_tenant_rate_limit_tx_bps", "Egress rate limit in bits/s (0 = unlimited)", labels=labels
+        )
+        limit_rx = GaugeMetricFamily(
+            "netkernel_tenant_rate_limit_rx_bps",
+            "Ingress rate limit in bits/s (0 = unlimited)",
+            labels=labels,
+        )
+        weight = GaugeMetricFamily(
+            "netkernel_tenant_weight", "Share of a bottleneck relative to other tenants", labels=labels
+        )
         engine = CounterMetricFamily(
-            "netkernel_tenant_engine_seconds",
-            "Engine time spent serving the tenant's sockets", labels=labels)
+            "netkernel_tenant_engine_seconds", "Engine time spent serving the tenant's sockets", labels=labels
+        )
         skips = CounterMetricFamily(
             "netkernel_tenant_engine_skips",
             "Engine rounds the tenant sat out for being over its share of engine time",
-            labels=labels)
+            labels=labels,
+        )
         for t in snap.tenants:
             values = [t.name, t.nsm]
             s = t.stats
@@ -97,11 +106,13 @@ class NetKernelCollector(Collector):
         yield from (tx, rx, refused, sockets, memory, engine, skips, limit_tx, limit_rx, weight)
 
         nsm_tx = CounterMetricFamily("netkernel_nsm_tx_bytes", "Bytes sent through the NSM", labels=["nsm"])
-        nsm_rx = CounterMetricFamily("netkernel_nsm_rx_bytes", "Bytes received through the NSM",
-                                     labels=["nsm"])
+        nsm_rx = CounterMetricFamily(
+            "netkernel_nsm_rx_bytes", "Bytes received through the NSM", labels=["nsm"]
+        )
         nsm_sockets = GaugeMetricFamily("netkernel_nsm_sockets", "Open sockets in the NSM", labels=["nsm"])
-        nsm_tenants = GaugeMetricFamily("netkernel_nsm_tenants", "Tenants assigned to the NSM",
-                                        labels=["nsm"])
+        nsm_tenants = GaugeMetricFamily(
+            "netkernel_nsm_tenants", "Tenants assigned to the NSM", labels=["nsm"]
+        )
         for n in snap.nsms:
             if n.stats is not None:
                 nsm_tx.add_metric([n.name], float(n.stats.tx_bytes))
@@ -128,8 +139,10 @@ class MetricsServer:
         try:
             self._server, self._thread = start_http_server(self.port, self.host, self.registry)
         except OSError as e:
-            raise NetKernelError(f"metrics endpoint {self.address}: cannot listen: {e.strerror or e} "
-                                 "(change [daemon] metrics_listen, or \"\" to disable it)") from None
+            raise NetKernelError(
+                f"metrics endpoint {self.address}: cannot listen: {e.strerror or e} "
+                '(change [daemon] metrics_listen, or "" to disable it)'
+            ) from None
         self.port = self._server.server_port  # the one the kernel chose, if asked for port 0
         log.info("metrics: http://%s/metrics", self.address)
 

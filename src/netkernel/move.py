@@ -62,8 +62,9 @@ def move_tenant(d: Daemon, name: str, nsm_name: str) -> tuple[Tenant, int | None
             # peer that re-resolves the address meanwhile send an old connection's
             # packets to the new NSM, which answers them with a reset.
             t.steered = True
-            steer.begin_move(BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns,
-                             **_steer_args(d.engine_client, t, old, new))
+            steer.begin_move(
+                BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns, **_steer_args(d.engine_client, t, old, new)
+            )
             if added:
                 fabric.add_tenant_addresses(t, new)
             try:
@@ -76,22 +77,31 @@ def move_tenant(d: Daemon, name: str, nsm_name: str) -> tuple[Tenant, int | None
                 warning = e.engine_message
             # Connections the old NSM accepted or opened meanwhile get pinned too.
             time.sleep(MOVE_SETTLE)
-            pinned = steer.begin_move(BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns,
-                                      **_steer_args(d.engine_client, t, old, new))
+            pinned = steer.begin_move(
+                BRIDGE, t.ipv4, t.ipv6, old.netns, new.netns, **_steer_args(d.engine_client, t, old, new)
+            )
             d.engine_client.tenant_move_done(name)
         except BaseException as e:
             _undo_move(d.engine_client, t, old, new, added)
             if isinstance(e, NetKernelError | OSError | subprocess.SubprocessError):
-                raise TenantError(f"moving tenant {name!r} to {new.name!r} failed and was undone: "
-                                  f"{e}") from None
+                raise TenantError(
+                    f"moving tenant {name!r} to {new.name!r} failed and was undone: {e}"
+                ) from None
             raise
         t.nsm = new.name
         if new.name in t.draining:
             t.draining.remove(new.name)
         if old.name not in t.draining:
             t.draining.append(old.name)
-        log_event("tenant_moved", logging.WARNING if warning else logging.INFO, tenant=name,
-                  nsm=new.name, from_nsm=old.name, pinned_flows=pinned, warning=warning)
+        log_event(
+            "tenant_moved",
+            logging.WARNING if warning else logging.INFO,
+            tenant=name,
+            nsm=new.name,
+            from_nsm=old.name,
+            pinned_flows=pinned,
+            warning=warning,
+        )
         return t, pinned, warning
 
 
@@ -100,8 +110,12 @@ def _undo_move(client: EngineClient, t: Tenant, old: NSM, new: NSM, added: bool)
     for undo, what in (
         (lambda: client.tenant_move(t.name, old.name), "engine tenant-move back"),
         (lambda: client.tenant_move_done(t.name), "engine tenant-move-done"),
-        (lambda: steer.begin_move(BRIDGE, t.ipv4, t.ipv6, new.netns, old.netns,
-                                  **_steer_args(client, t, new, old)), "steering back"),
+        (
+            lambda: steer.begin_move(
+                BRIDGE, t.ipv4, t.ipv6, new.netns, old.netns, **_steer_args(client, t, new, old)
+            ),
+            "steering back",
+        ),
     ):
         try:
             undo()
@@ -116,8 +130,9 @@ def lwip_mac(nsm: NSM, t: Tenant) -> str:
     return f"02:4e:4b:{(nsm.index + 1) & 0xFF:02x}:{(t.id >> 8) & 0xFF:02x}:{t.id & 0xFF:02x}"
 
 
-def _engine_flows(client: EngineClient, t: Tenant, nsm: NSM,
-                  addresses: set[steer.IPAddress]) -> set[steer.Flow]:
+def _engine_flows(
+    client: EngineClient, t: Tenant, nsm: NSM, addresses: set[steer.IPAddress]
+) -> set[steer.Flow]:
     """The tenant's TCP connections on an external NSM, as the engine sees them."""
     flows: set[steer.Flow] = set()
     for c in client.conns(t.name):

@@ -63,6 +63,7 @@ def ip_json(*args: str, netns: str | None = None) -> list[dict[str, Any]]:
 
 # -- namespaces ---------------------------------------------------------------------------
 
+
 def netns_list() -> list[str]:
     try:
         return sorted(p.name for p in NETNS_DIR.iterdir())
@@ -120,7 +121,6 @@ def run_in_netns(name: str, fn: Callable[[], T]) -> T:
     return result[0]
 
 
-
 def tcp_accepts(name: str | None, host: str, port: int, timeout: float = 0.5) -> bool:
     """True when host:port accepts a TCP connection, tried from netns ``name`` (None: here).
 
@@ -137,6 +137,7 @@ def tcp_accepts(name: str | None, host: str, port: int, timeout: float = 0.5) ->
                 return False
 
     return run_in_netns(name, attempt) if name else attempt()
+
 
 def sysctl(key: str, value: str, netns: str | None = None) -> None:
     path = Path("/proc/sys") / key.replace(".", "/")
@@ -165,6 +166,7 @@ def sysctl_get(key: str, netns: str | None = None) -> str | None:
 
 
 # -- links and addresses --------------------------------------------------------------------
+
 
 def link_exists(name: str, netns: str | None = None) -> bool:
     return ip("link", "show", "dev", name, netns=netns, check=False).returncode == 0
@@ -216,6 +218,7 @@ def addr_list(dev: str, netns: str | None = None) -> list[str]:
 
 
 # -- processes in a namespace ------------------------------------------------------------------
+
 
 def netns_inode(path: Path) -> tuple[int, int] | None:
     try:
@@ -269,6 +272,7 @@ def kill_netns_processes(names: Iterable[str], grace: float = 2.0) -> None:
 
 # -- feature check ---------------------------------------------------------------------------
 
+
 def check_kernel_features() -> list[str]:
     """Names of kernel features NetKernel needs and this host lacks (empty if all present).
 
@@ -291,8 +295,9 @@ def check_kernel_features() -> list[str]:
     try:
         if ip("link", "add", "nkchk0", "type", "bridge", netns=scratch, check=False).returncode:
             missing.append("bridge (CONFIG_BRIDGE)")
-        if ip("link", "add", "nkchk1", "type", "veth", "peer", "name", "nkchk2",
-              netns=scratch, check=False).returncode:
+        if ip(
+            "link", "add", "nkchk1", "type", "veth", "peer", "name", "nkchk2", netns=scratch, check=False
+        ).returncode:
             missing.append("veth (CONFIG_VETH)")
     finally:
         ip("netns", "del", scratch, check=False)

@@ -61,9 +61,20 @@ TENANT_UID_BASE = 1_000_000_000
 TENANT_UID_COUNT = 65536
 # What root inside a tenant may do (to its own things only: it has no capability over
 # anything the host owns). Docker's default set, less what a user namespace makes useless.
-CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-                "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_SETFCAP", "CAP_NET_BIND_SERVICE",
-                "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE")
+CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_SETFCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_AUDIT_WRITE",
+)
 # GuestLib as tenants see it: a copy the daemon makes at start (install_guestlib), bound at
 # the same path inside the sandbox, under its private /run.
 GUESTLIB_HOST_DIR = RUN_DIR / "lib"
@@ -105,17 +116,21 @@ def uid_slot(name: str, path: Path | None = None) -> int:
         except FileNotFoundError:
             ranges = {}
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SandboxError(f"{path} is unreadable ({e}): it records which host uids each "
-                               "tenant was given; restore it from a backup (or, if no "
-                               "tenant's files are left on the host, remove it)") from None
+            raise SandboxError(
+                f"{path} is unreadable ({e}): it records which host uids each "
+                "tenant was given; restore it from a backup (or, if no "
+                "tenant's files are left on the host, remove it)"
+            ) from None
         slot = ranges.get(name)
         if isinstance(slot, int) and 1 <= slot < UID_SLOTS:
             return slot
         taken = {v for v in ranges.values() if isinstance(v, int)}
         slot = next((n for n in range(1, UID_SLOTS) if n not in taken), None)
         if slot is None:
-            raise SandboxError(f"every host uid range has been given to a tenant name ({path}): "
-                               "remove the names of tenants whose files are gone from it")
+            raise SandboxError(
+                f"every host uid range has been given to a tenant name ({path}): "
+                "remove the names of tenants whose files are gone from it"
+            )
         ranges[name] = slot
         tmp = path.with_suffix(".new")
         tmp.write_text(json.dumps({"version": 1, "ranges": ranges}, indent=1, sort_keys=True) + "\n")
@@ -126,16 +141,19 @@ def uid_slot(name: str, path: Path | None = None) -> int:
 def bwrap() -> str:
     path = shutil.which("bwrap")
     if path is None:
-        raise InstallError("bubblewrap is not installed: tenants run in its sandbox "
-                           "(apt-get install bubblewrap)")
+        raise InstallError(
+            "bubblewrap is not installed: tenants run in its sandbox (apt-get install bubblewrap)"
+        )
     return path
 
 
 def seccomp_filter() -> Path:
     path = libdir() / "seccomp.bpf"
     if not path.is_file():
-        raise InstallError(f"the tenants' seccomp filter is not at {path} (reinstall with "
-                           "`pip install .`, or set NETKERNEL_LIBDIR to a build directory)")
+        raise InstallError(
+            f"the tenants' seccomp filter is not at {path} (reinstall with "
+            "`pip install .`, or set NETKERNEL_LIBDIR to a build directory)"
+        )
     return path
 
 
@@ -162,6 +180,7 @@ def prepare_private_fs(fs: Path, base: int) -> None:
 
 # -- entering namespaces and cgroups (in the forked child, before exec) -------------------
 
+
 def _setns_path(path: str, flag: int) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -187,6 +206,7 @@ def _become_tenant(rec: dict[str, Any], holder: int | None) -> None:
 
 
 # -- the holder: the namespaces all processes of a tenant share ---------------------------
+
 
 def _start_time(pid: int) -> str | None:
     try:
@@ -313,14 +333,41 @@ def _start_holder(rec: dict[str, Any]) -> int:
         raise SandboxError(f"tenant {rec['name']}: cannot open {e.filename}: {e.strerror}") from None
     block_r, block_w = os.pipe2(os.O_CLOEXEC)
     info_r, info_w = os.pipe2(os.O_CLOEXEC)
-    cmd = [bwrap(), "--unshare-user", "--userns-block-fd", str(block_r), "--info-fd", str(info_w),
-           "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-           "--hostname", rec["name"], *_view(rec), "--cap-drop", "ALL",
-           "--seccomp", str(filt), "--", "sleep", "infinity"]
+    cmd = [
+        bwrap(),
+        "--unshare-user",
+        "--userns-block-fd",
+        str(block_r),
+        "--info-fd",
+        str(info_w),
+        "--uid",
+        "0",
+        "--gid",
+        "0",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--hostname",
+        rec["name"],
+        *_view(rec),
+        "--cap-drop",
+        "ALL",
+        "--seccomp",
+        str(filt),
+        "--",
+        "sleep",
+        "infinity",
+    ]
     try:
-        proc = subprocess.Popen(cmd, pass_fds=(block_r, info_w, filt), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=lambda: _become_tenant(rec, None))
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=(block_r, info_w, filt),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=lambda: _become_tenant(rec, None),
+        )
     except (OSError, subprocess.SubprocessError) as e:
         raise SandboxError(f"tenant {rec['name']}: cannot start its sandbox: {e}") from None
     finally:
@@ -365,6 +412,7 @@ def _userns_hint() -> str:
 
 # -- grants ---------------------------------------------------------------------------
 
+
 def tenant_can_reach(path: Path, base: int, write: bool = False) -> str | None:
     """Why the tenant's root (host uid ``base``) could not use ``path``, or None. A tenant sees
     host files as an unprivileged user does: every directory on the way must let others
@@ -383,8 +431,10 @@ def tenant_can_reach(path: Path, base: int, write: bool = False) -> str | None:
     except OSError as e:
         return f"{path}: {e.strerror}"
     if write and not allows(st, base, 0o2):
-        return (f"{path} (mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}) is not writable by "
-                f"the tenant's root, host uid {base}: chown -R {base}:{base} {path}")
+        return (
+            f"{path} (mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}) is not writable by "
+            f"the tenant's root, host uid {base}: chown -R {base}:{base} {path}"
+        )
     return None
 
 
@@ -439,8 +489,10 @@ def _tenant_made_link(path: Path, base: int) -> str | None:
         sticky = parent.st_mode & stat.S_ISVTX
         owned = base <= st.st_uid < base + TENANT_UID_COUNT
         if allows(parent, base, 0o2) and (owned or not sticky):
-            return (f"{nxt} is a symbolic link in a directory the tenant may write: grant the "
-                    "path it should lead to instead")
+            return (
+                f"{nxt} is a symbolic link in a directory the tenant may write: grant the "
+                "path it should lead to instead"
+            )
         hops += 1
         if hops > 40:
             return f"{path}: too many levels of symbolic links"
@@ -499,13 +551,22 @@ def _view(rec: dict[str, Any]) -> list[str]:
     view = ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
     for where, d in private_dirs(Path(rec["fs"])).items():
         view += ["--bind", str(d), where]
-    return view + ["--ro-bind", rec["resolv_conf"], "/etc/resolv.conf",
-                   "--ro-bind", str(GUESTLIB_HOST_DIR), GUESTLIB_DIR,
-                   "--bind", str(ENGINE_SOCKET), str(ENGINE_SOCKET)]
+    return view + [
+        "--ro-bind",
+        rec["resolv_conf"],
+        "/etc/resolv.conf",
+        "--ro-bind",
+        str(GUESTLIB_HOST_DIR),
+        GUESTLIB_DIR,
+        "--bind",
+        str(ENGINE_SOCKET),
+        str(ENGINE_SOCKET),
+    ]
 
 
-def command(rec: dict[str, Any], holder_pid: int, argv: Sequence[str], grants: Sequence[Grant],
-            env: dict[str, str]) -> tuple[list[str], list[int]]:
+def command(
+    rec: dict[str, Any], holder_pid: int, argv: Sequence[str], grants: Sequence[Grant], env: dict[str, str]
+) -> tuple[list[str], list[int]]:
     """bubblewrap's command line to run ``argv`` in the tenant, and the descriptors it needs
     (the caller closes them once bubblewrap runs). bubblewrap runs as the tenant's root and
     opens the paths it binds with that uid's rights: each is one a tenant may reach (the
@@ -519,8 +580,20 @@ def command(rec: dict[str, Any], holder_pid: int, argv: Sequence[str], grants: S
         for n in fds:
             os.close(n)
         raise SandboxError(f"tenant {rec['name']}: cannot open {e.filename}: {e.strerror}") from None
-    cmd = [bwrap(), "--userns", str(fds[0]), "--pidns", str(fds[1]), "--uid", "0", "--gid", "0",
-           "--unshare-cgroup", "--die-with-parent", *_view(rec)]
+    cmd = [
+        bwrap(),
+        "--userns",
+        str(fds[0]),
+        "--pidns",
+        str(fds[1]),
+        "--uid",
+        "0",
+        "--gid",
+        "0",
+        "--unshare-cgroup",
+        "--die-with-parent",
+        *_view(rec),
+    ]
     for g in grants:
         cmd += ["--bind-fd" if g.write else "--ro-bind-fd", str(g.fd), g.where]
     cmd += ["--cap-drop", "ALL"]
@@ -554,8 +627,7 @@ def tenant_env(env: dict[str, str], name: str) -> dict[str, str]:
     return env
 
 
-def run(rec: dict[str, Any], argv: Sequence[str], rw: Sequence[Path] = (),
-        ro: Sequence[Path] = ()) -> int:
+def run(rec: dict[str, Any], argv: Sequence[str], rw: Sequence[Path] = (), ro: Sequence[Path] = ()) -> int:
     """Run ``argv`` in tenant ``rec`` (the daemon's tenant record) and return its exit status
     (128+N if killed by signal N). Signals sent to us are forwarded to it."""
     grants = open_grants(rec, rw, ro)
@@ -574,8 +646,13 @@ def run(rec: dict[str, Any], argv: Sequence[str], rw: Sequence[Path] = (),
     cmd[1:1] = ["--info-fd", str(info_w)]
     own_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     try:
-        proc = subprocess.Popen(cmd, pass_fds=(*fds, info_w), env=own_env, close_fds=True,
-                                preexec_fn=lambda: _restore_signals_and_enter(rec, pid))
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=(*fds, info_w),
+            env=own_env,
+            close_fds=True,
+            preexec_fn=lambda: _restore_signals_and_enter(rec, pid),
+        )
     except subprocess.SubprocessError as e:
         raise SandboxError(f"tenant {rec['name']}: cannot enter it: {e}") from None
     finally:
@@ -583,8 +660,9 @@ def run(rec: dict[str, Any], argv: Sequence[str], rw: Sequence[Path] = (),
             os.close(n)
         os.close(info_w)
     child: list[int] = []
-    previous = {sig: signal.signal(sig, lambda s, _f: _forward(child or [proc.pid], s))
-                for sig in FORWARDED_SIGNALS}
+    previous = {
+        sig: signal.signal(sig, lambda s, _f: _forward(child or [proc.pid], s)) for sig in FORWARDED_SIGNALS
+    }
     try:
         try:
             info = _read_info(info_r, timeout=30)

@@ -71,6 +71,7 @@ def table_name(bridge: str) -> str:
 
 # -- sockets of the old namespace (sock_diag) ------------------------------------------------
 
+
 @dataclass(frozen=True, order=True)
 class Flow:
     """A connection as the frames *to* the tenant see it: remote is their source."""
@@ -109,8 +110,9 @@ def _diag_dump(family: int, proto: int, states: int) -> list[tuple[bytes, int, b
     """(local addr, local port, remote addr, remote port) of the sockets in the calling thread's
     namespace; addresses as 4 or 16 raw bytes."""
     request = _INET_DIAG_REQ_V2.pack(family, proto, 0, 0, states)
-    header = _NLMSGHDR.pack(_NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY,
-                            NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+    header = _NLMSGHDR.pack(
+        _NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
+    )
     addr_len = 4 if family == socket.AF_INET else 16
     found: list[tuple[bytes, int, bytes, int]] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
@@ -126,11 +128,19 @@ def _diag_dump(family: int, proto: int, states: int) -> list[tuple[bytes, int, b
                     (err,) = struct.unpack_from("=i", data, body)
                     name = "TCP" if proto == socket.IPPROTO_TCP else "UDP"
                     reason = errno.errorcode.get(-err, str(err))
-                    raise SteerError(f"cannot list {name} sockets (sock_diag: {reason}); the kernel "
-                                     "needs CONFIG_INET_DIAG with TCP and UDP (modprobe tcp_diag udp_diag)")
+                    raise SteerError(
+                        f"cannot list {name} sockets (sock_diag: {reason}); the kernel "
+                        "needs CONFIG_INET_DIAG with TCP and UDP (modprobe tcp_diag udp_diag)"
+                    )
                 _, _, _, _, sport, dport, src, dst = _INET_DIAG_MSG.unpack_from(data, body)
-                found.append((src[:addr_len], int.from_bytes(sport, "big"),
-                              dst[:addr_len], int.from_bytes(dport, "big")))
+                found.append(
+                    (
+                        src[:addr_len],
+                        int.from_bytes(sport, "big"),
+                        dst[:addr_len],
+                        int.from_bytes(dport, "big"),
+                    )
+                )
                 offset += (length + 3) & ~3
     raise SteerError("sock_diag dump ended without NLMSG_DONE")
 
@@ -150,8 +160,7 @@ def tenant_flows(netns_name: str, addresses: Iterable[IPAddress]) -> set[Flow]:
 
     def dump() -> set[Flow]:
         flows: set[Flow] = set()
-        for proto, states in ((socket.IPPROTO_TCP, _TCP_FLOW_STATES),
-                              (socket.IPPROTO_UDP, _UDP_FLOW_STATES)):
+        for proto, states in ((socket.IPPROTO_TCP, _TCP_FLOW_STATES), (socket.IPPROTO_UDP, _UDP_FLOW_STATES)):
             for family in (socket.AF_INET, socket.AF_INET6):
                 for src, sport, dst, dport in _diag_dump(family, proto, states):
                     local = _unmapped(src)
@@ -171,6 +180,7 @@ def nsm_mac(netns_name: str, ifname: str = "eth0") -> str:
 
 # -- the maps, as the kernel holds them ------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Target:
     mac: str
@@ -183,8 +193,11 @@ class SteerState:
     pins: dict[Flow, Target] = field(default_factory=dict)
 
     def pins_of(self, addresses: set[IPAddress], netns_name: str | None = None) -> set[Flow]:
-        return {flow for flow, target in self.pins.items()
-                if flow.local in addresses and (netns_name is None or target.netns == netns_name)}
+        return {
+            flow
+            for flow, target in self.pins.items()
+            if flow.local in addresses and (netns_name is None or target.netns == netns_name)
+        }
 
     def set_pins(self, addresses: set[IPAddress], target: Target, flows: set[Flow]) -> None:
         """Make ``flows`` exactly the pins of ``addresses`` to ``target.netns``: flows that have
@@ -244,8 +257,13 @@ def read_state(bridge: str) -> SteerState:
                 state.addresses[ipaddress.ip_address(key)] = target
             elif nft_map["name"] in ("flows4", "flows6"):
                 proto, remote, remote_port, local, local_port = key["concat"]
-                flow = Flow(_parse_proto(proto), ipaddress.ip_address(remote), int(remote_port),
-                            ipaddress.ip_address(local), int(local_port))
+                flow = Flow(
+                    _parse_proto(proto),
+                    ipaddress.ip_address(remote),
+                    int(remote_port),
+                    ipaddress.ip_address(local),
+                    int(local_port),
+                )
                 state.pins[flow] = target
     return state
 
@@ -304,8 +322,12 @@ def _table_script(family: str, table: str, chain: str, hook: str, state: SteerSt
 def _delete_tables_script(bridge: str) -> list[str]:
     table = table_name(bridge)
     # nft 1.0.6 has no `destroy`: declaring the table first makes the delete succeed when absent.
-    return [f"add table bridge {table}", f"delete table bridge {table}",
-            f"add table netdev {table}", f"delete table netdev {table}"]
+    return [
+        f"add table bridge {table}",
+        f"delete table bridge {table}",
+        f"add table netdev {table}",
+        f"delete table netdev {table}",
+    ]
 
 
 def write_state(bridge: str, state: SteerState) -> None:
@@ -314,16 +336,18 @@ def write_state(bridge: str, state: SteerState) -> None:
     else:
         table = table_name(bridge)
         # Host-sent frames: dstnat priority would be meaningless on egress; filter is fine.
-        lines = (_table_script("bridge", table, "prerouting",
-                               "type filter hook prerouting priority dstnat", state)
-                 + _table_script("netdev", table, "egress",
-                                 f'type filter hook egress device "{bridge}" priority filter', state))
+        lines = _table_script(
+            "bridge", table, "prerouting", "type filter hook prerouting priority dstnat", state
+        ) + _table_script(
+            "netdev", table, "egress", f'type filter hook egress device "{bridge}" priority filter', state
+        )
     proc = _run_nft(["-f", "-"], "\n".join(lines) + "\n")
     if proc.returncode != 0:
         raise SteerError(f"nft refused the steering update for bridge {bridge}: {proc.stderr.strip()}")
 
 
 # -- the API the daemon calls ----------------------------------------------------------------
+
 
 def tenant_addresses(ipv4: str, ipv6: str) -> set[IPAddress]:
     """The pair of tenant addresses the API takes, checked."""
@@ -341,9 +365,17 @@ def tenant_addresses(ipv4: str, ipv6: str) -> set[IPAddress]:
 FlowSource = Callable[[set[IPAddress]], set[Flow]]
 
 
-def begin_move(bridge: str, ipv4: str, ipv6: str, old_netns: str, new_netns: str, *,
-               old_mac: str | None = None, new_mac: str | None = None,
-               old_flows: FlowSource | None = None) -> int:
+def begin_move(
+    bridge: str,
+    ipv4: str,
+    ipv6: str,
+    old_netns: str,
+    new_netns: str,
+    *,
+    old_mac: str | None = None,
+    new_mac: str | None = None,
+    old_flows: FlowSource | None = None,
+) -> int:
     """Idempotent. Creates the table if needed; points all new traffic for ipv4/ipv6 at the MAC
     of new_netns's eth0; pins every flow of the tenant addresses that exists now in old_netns to
     old_netns's eth0 MAC. Returns the number of flows pinned. Calling it again later adds flows
@@ -374,8 +406,15 @@ def begin_move(bridge: str, ipv4: str, ipv6: str, old_netns: str, new_netns: str
         return len(late)
 
 
-def finish_if_drained(bridge: str, ipv4: str, ipv6: str, old_netns: str, *,
-                      old_mac: str | None = None, old_flows: FlowSource | None = None) -> bool:
+def finish_if_drained(
+    bridge: str,
+    ipv4: str,
+    ipv6: str,
+    old_netns: str,
+    *,
+    old_mac: str | None = None,
+    old_flows: FlowSource | None = None,
+) -> bool:
     """True when no socket with a tenant address as local address remains in old_netns
     (listeners of the tenant should already be gone; LISTEN and unconnected UDP sockets are
     ignored anyway); then removes the pins pointing at old_netns for these addresses.

@@ -31,15 +31,30 @@ if TYPE_CHECKING:
 
 def start_nsm_process(d: Daemon, nsm: NSM) -> None:
     c = d.config
-    cmd = ["ip", "netns", "exec", nsm.netns, str(lwip_binary()), "--engine", str(nsm.socket),
-           "--tap", LWIP_TAP, "--index", str(nsm.index + 1),
-           "--prefix4", str(c.ipv4_subnet.prefixlen), "--prefix6", str(c.ipv6_prefix.prefixlen)]
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        nsm.netns,
+        str(lwip_binary()),
+        "--engine",
+        str(nsm.socket),
+        "--tap",
+        LWIP_TAP,
+        "--index",
+        str(nsm.index + 1),
+        "--prefix4",
+        str(c.ipv4_subnet.prefixlen),
+        "--prefix6",
+        str(c.ipv6_prefix.prefixlen),
+    ]
     # Its log goes where the daemon's goes; its own session keeps terminal signals away.
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
     d.nsm_procs[nsm.name] = proc
     log_event("nsm_process_started", nsm=nsm.name, pid=proc.pid)
-    threading.Thread(target=_watch_nsm_process, args=(d, nsm, proc),
-                     name=f"nsm-{nsm.name}", daemon=True).start()
+    threading.Thread(
+        target=_watch_nsm_process, args=(d, nsm, proc), name=f"nsm-{nsm.name}", daemon=True
+    ).start()
 
 
 def _wait_nsm_up(d: Daemon, nsm: NSM, connects: int, timeout: float = 10.0) -> None:
@@ -52,11 +67,15 @@ def _wait_nsm_up(d: Daemon, nsm: NSM, connects: int, timeout: float = 10.0) -> N
             return
         proc = d.nsm_procs.get(nsm.name)
         if proc is not None and proc.poll() is not None and connects <= 1:
-            raise NSMError(f"NSM {nsm.name!r}: its process exited with status "
-                           f"{proc.returncode} before it connected (see the daemon's log)")
+            raise NSMError(
+                f"NSM {nsm.name!r}: its process exited with status "
+                f"{proc.returncode} before it connected (see the daemon's log)"
+            )
         time.sleep(0.02)
-    raise NSMError(f"NSM {nsm.name!r}: its process did not connect to the engine within "
-                   f"{timeout:.0f} s (see the daemon's log)")
+    raise NSMError(
+        f"NSM {nsm.name!r}: its process did not connect to the engine within "
+        f"{timeout:.0f} s (see the daemon's log)"
+    )
 
 
 def _watch_nsm_process(d: Daemon, nsm: NSM, proc: subprocess.Popen[bytes]) -> None:
@@ -68,8 +87,14 @@ def _watch_nsm_process(d: Daemon, nsm: NSM, proc: subprocess.Popen[bytes]) -> No
         return
     # A process that dies at once (within 2 s) waits 1 s before the next try: not a loop.
     delay = 0.05 if time.monotonic() - started > 2 else 1.0
-    log_event("nsm_process_exited", logging.WARNING, nsm=nsm.name, pid=proc.pid, status=status,
-              action=f"restarting in {delay:g} s")
+    log_event(
+        "nsm_process_exited",
+        logging.WARNING,
+        nsm=nsm.name,
+        pid=proc.pid,
+        status=status,
+        action=f"restarting in {delay:g} s",
+    )
     if d.stop_event.wait(delay):
         return
     with d.lock:
@@ -107,8 +132,9 @@ def register_nsm(d: Daemon, nsm: NSM) -> None:
         try:
             d.engine_client.nsm_set(nsm.name, nsm.config.bandwidth)
         except EngineError as e:
-            raise NSMError(f"NSM {nsm.name!r}: cannot set bandwidth "
-                           f"{format_rate(nsm.config.bandwidth)}: {e}") from None
+            raise NSMError(
+                f"NSM {nsm.name!r}: cannot set bandwidth {format_rate(nsm.config.bandwidth)}: {e}"
+            ) from None
 
 
 def start_engine(d: Daemon) -> None:
@@ -126,18 +152,24 @@ def start_engine(d: Daemon) -> None:
     # The engine logs to stderr, which is the daemon's log (relayed as JSON if asked).
     # Its own session gives it its own autogroup, whose weight we can set without
     # touching the shell the daemon was started from.
-    d.engine = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
-                                stderr=subprocess.PIPE if relay else None)
+    d.engine = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, start_new_session=True, stderr=subprocess.PIPE if relay else None
+    )
     engine = d.engine
     if nice:
         try:
             netns.set_autogroup_nice(engine.pid, nice)
         except OSError as e:
-            log.warning("cannot set the engine's autogroup nice to %d (%s); it competes "
-                        "with tenant programs at equal weight", nice, e)
+            log.warning(
+                "cannot set the engine's autogroup nice to %d (%s); it competes "
+                "with tenant programs at equal weight",
+                nice,
+                e,
+            )
     if relay and engine.stderr is not None:
-        threading.Thread(target=engine_log_relay, args=(engine.stderr,), name="engine-log",
-                         daemon=True).start()
+        threading.Thread(
+            target=engine_log_relay, args=(engine.stderr,), name="engine-log", daemon=True
+        ).start()
     # Recorded so that `netkernel down` can stop an engine orphaned by a killed daemon.
     ENGINE_PID_FILE.write_text(f"{engine.pid}\n")
     wait_ready(ADMIN_SOCKET, lambda: engine.poll() is None)

@@ -41,9 +41,12 @@ def _check_runnable(path: str, rec: dict[str, Any], granted: Sequence[Path]) -> 
     if why is None and not sandbox.allows(os.stat(path), base, 0o1):
         why = f"{path} (mode {stat.S_IMODE(os.stat(path).st_mode):04o}) is not executable by others"
     if why:
-        raise _LaunchError(f"{path}: the tenant's users cannot run it: {why}. Tenants see the "
-                           "host's files as an unprivileged user does; install the program "
-                           "where others may run it", 126)
+        raise _LaunchError(
+            f"{path}: the tenant's users cannot run it: {why}. Tenants see the "
+            "host's files as an unprivileged user does; install the program "
+            "where others may run it",
+            126,
+        )
 
 
 def run(rec: dict[str, Any], argv: list[str], rw: Sequence[Path] = (), ro: Sequence[Path] = ()) -> int:

@@ -42,8 +42,10 @@ def abi_version() -> int | None:
 
 # -- rates --------------------------------------------------------------------------------------
 
-def _rate(samples: dict[str, tuple[float, int, int]], name: str, now: float,
-          tx: int, rx: int) -> tuple[float, float] | None:
+
+def _rate(
+    samples: dict[str, tuple[float, int, int]], name: str, now: float, tx: int, rx: int
+) -> tuple[float, float] | None:
     prev = samples.get(name)
     samples[name] = (now, tx, rx)
     if prev is None or now <= prev[0]:
@@ -73,11 +75,20 @@ class Rates:
             refused = (s.refused_sockets, s.refused_memory)
             before = self._refused.get(s.name, refused)
             self._refused[s.name] = refused
-            for reason, count, prev, limit in (("max_sockets", refused[0], before[0], s.max_sockets),
-                                               ("max_memory", refused[1], before[1], s.max_memory)):
+            for reason, count, prev, limit in (
+                ("max_sockets", refused[0], before[0], s.max_sockets),
+                ("max_memory", refused[1], before[1], s.max_memory),
+            ):
                 if count > prev:
-                    log_event("sockets_refused", logging.WARNING, tenant=s.name, nsm=s.nsm, reason=reason,
-                              limit=limit, count=count - prev)
+                    log_event(
+                        "sockets_refused",
+                        logging.WARNING,
+                        tenant=s.name,
+                        nsm=s.nsm,
+                        reason=reason,
+                        limit=limit,
+                        count=count - prev,
+                    )
         for n in stats.nsms:
             rate = _rate(self._nsm_samples, n.name, now, n.tx_bytes, n.rx_bytes)
             if rate is not None:
@@ -102,15 +113,20 @@ def sample_loop(d: Daemon) -> None:
 
 # -- API replies --------------------------------------------------------------------------------
 
+
 def _nsm_summary(d: Daemon, nsm: NSM) -> dict[str, Any]:
     c = d.config
     # An external NSM's namespace holds no address of its own: its stack holds the tenants'.
-    return {"name": nsm.name, "kind": nsm.config.kind, "netns": nsm.netns,
-            "ipv4": None if nsm.external else str(c.nsm_ipv4(nsm.index)),
-            "ipv6": None if nsm.external else str(c.nsm_ipv6(nsm.index)),
-            "congestion_control": nsm.config.congestion_control,
-            "bandwidth": nsm.config.bandwidth,
-            "tenants": sum(1 for t in list(d.tenants.values()) if t.nsm == nsm.name)}
+    return {
+        "name": nsm.name,
+        "kind": nsm.config.kind,
+        "netns": nsm.netns,
+        "ipv4": None if nsm.external else str(c.nsm_ipv4(nsm.index)),
+        "ipv6": None if nsm.external else str(c.nsm_ipv6(nsm.index)),
+        "congestion_control": nsm.config.congestion_control,
+        "bandwidth": nsm.config.bandwidth,
+        "tenants": sum(1 for t in list(d.tenants.values()) if t.nsm == nsm.name),
+    }
 
 
 def status(d: Daemon) -> dict[str, Any]:
@@ -126,9 +142,11 @@ def status(d: Daemon) -> dict[str, Any]:
         "abi_version": abi_version(),
         # How tenants are held (threat-model.md): controllers their cgroups have, and
         # the ones this host lacks (their limits are then not enforced).
-        "sandbox": {"cgroups": {c: ("v2" if p.v2 else "v1") for c, p in d.cgroups.places.items()},
-                    "cgroups_missing": d.cgroups.missing(),
-                    "firewall": f"nft inet {guard.table_name(BRIDGE)}"},
+        "sandbox": {
+            "cgroups": {c: ("v2" if p.v2 else "v1") for c, p in d.cgroups.places.items()},
+            "cgroups_missing": d.cgroups.missing(),
+            "firewall": f"nft inet {guard.table_name(BRIDGE)}",
+        },
     }
 
 
@@ -139,24 +157,27 @@ def nsm_list(d: Daemon) -> list[dict[str, Any]]:
     for nsm in list(d.nsms.values()):
         s = stats.nsm(nsm.name) if stats else None
         rates = d.rates.nsms.get(nsm.name)
-        out.append({
-            **_nsm_summary(d, nsm),
-            # What the namespace really runs, not only what was asked.
-            "congestion_control": None if nsm.external else
-            netns.sysctl_get("net.ipv4.tcp_congestion_control", nsm.netns),
-            "sysctl": dict(nsm.config.sysctls),
-            "tenants": sorted(t.name for t in tenants if t.nsm == nsm.name),
-            "draining": sorted(t.name for t in tenants if nsm.name in t.draining),
-            "sockets": s.sockets if s else None,
-            "tx_bytes": s.tx_bytes if s else None,
-            "rx_bytes": s.rx_bytes if s else None,
-            "tx_bps": round(rates[0]) if rates else None,
-            "rx_bps": round(rates[1]) if rates else None,
-            # An external NSM: its process (restarted by the daemon when it dies).
-            "pid": d.nsm_procs[nsm.name].pid if nsm.name in d.nsm_procs else None,
-            "up": bool(s.up) if s else None,
-            "restarts": max(s.connects - 1, 0) if s and nsm.external else 0,
-        })
+        out.append(
+            {
+                **_nsm_summary(d, nsm),
+                # What the namespace really runs, not only what was asked.
+                "congestion_control": None
+                if nsm.external
+                else netns.sysctl_get("net.ipv4.tcp_congestion_control", nsm.netns),
+                "sysctl": dict(nsm.config.sysctls),
+                "tenants": sorted(t.name for t in tenants if t.nsm == nsm.name),
+                "draining": sorted(t.name for t in tenants if nsm.name in t.draining),
+                "sockets": s.sockets if s else None,
+                "tx_bytes": s.tx_bytes if s else None,
+                "rx_bytes": s.rx_bytes if s else None,
+                "tx_bps": round(rates[0]) if rates else None,
+                "rx_bps": round(rates[1]) if rates else None,
+                # An external NSM: its process (restarted by the daemon when it dies).
+                "pid": d.nsm_procs[nsm.name].pid if nsm.name in d.nsm_procs else None,
+                "up": bool(s.up) if s else None,
+                "restarts": max(s.connects - 1, 0) if s and nsm.external else 0,
+            }
+        )
     return out
 
 
@@ -166,40 +187,46 @@ def ps(d: Daemon) -> list[dict[str, Any]]:
     for t in sorted(list(d.tenants.values()), key=lambda t: t.name):
         s = stats.tenant(t.name) if stats else None
         rates = d.rates.tenants.get(t.name)
-        out.append({
-            "name": t.name, "nsm": t.nsm, "id": t.id, "ipv4": t.ipv4, "ipv6": t.ipv6,
-            "netns": t.netns,
-            "pids": sandbox.programs(t.name, netns.pids_in_netns(t.netns)),
-            "uid_base": t.uid_base, "uid_count": sandbox.TENANT_UID_COUNT,
-            "sockets": s.sockets if s else None,
-            "memory": s.memory if s else None,
-            "tx_bytes": s.tx_bytes if s else None,
-            "rx_bytes": s.rx_bytes if s else None,
-            "tx_bps": round(rates[0]) if rates else None,
-            "rx_bps": round(rates[1]) if rates else None,
-            "refused_sockets": s.refused_sockets if s else None,
-            "refused_memory": s.refused_memory if s else None,
-            "engine_seconds": s.engine_ns / 1e9 if s else None,
-            "engine_skips": s.engine_skips if s else None,
-            "fds": s.fds if s else None,
-            "fd_limit": s.fd_limit if s else None,
-            "dns_relayed": s.dns_relayed if s else None,
-            "dns_dropped": s.dns_dropped if s else None,
-            "region_bytes": s.region_bytes if s else None,
-            "throttle_wakes": s.throttle_wakes if s else None,
-            "throttle_late_seconds": s.throttle_late_ns / 1e9 if s else None,
-            "rate_late_credit_bytes": s.rate_late_credit if s else None,
-            "policy": asdict(t.policy),
-            "draining": list(t.draining),
-        })
+        out.append(
+            {
+                "name": t.name,
+                "nsm": t.nsm,
+                "id": t.id,
+                "ipv4": t.ipv4,
+                "ipv6": t.ipv6,
+                "netns": t.netns,
+                "pids": sandbox.programs(t.name, netns.pids_in_netns(t.netns)),
+                "uid_base": t.uid_base,
+                "uid_count": sandbox.TENANT_UID_COUNT,
+                "sockets": s.sockets if s else None,
+                "memory": s.memory if s else None,
+                "tx_bytes": s.tx_bytes if s else None,
+                "rx_bytes": s.rx_bytes if s else None,
+                "tx_bps": round(rates[0]) if rates else None,
+                "rx_bps": round(rates[1]) if rates else None,
+                "refused_sockets": s.refused_sockets if s else None,
+                "refused_memory": s.refused_memory if s else None,
+                "engine_seconds": s.engine_ns / 1e9 if s else None,
+                "engine_skips": s.engine_skips if s else None,
+                "fds": s.fds if s else None,
+                "fd_limit": s.fd_limit if s else None,
+                "dns_relayed": s.dns_relayed if s else None,
+                "dns_dropped": s.dns_dropped if s else None,
+                "region_bytes": s.region_bytes if s else None,
+                "throttle_wakes": s.throttle_wakes if s else None,
+                "throttle_late_seconds": s.throttle_late_ns / 1e9 if s else None,
+                "rate_late_credit_bytes": s.rate_late_credit if s else None,
+                "policy": asdict(t.policy),
+                "draining": list(t.draining),
+            }
+        )
     return out
 
 
 def conns(d: Daemon, tenant: str | None) -> list[dict[str, Any]]:
     if tenant is not None:
         d.get_tenant(tenant)
-    return [asdict(c) for c in d.engine_client.conns(tenant)
-            if tenant is None or c.tenant == tenant]
+    return [asdict(c) for c in d.engine_client.conns(tenant) if tenant is None or c.tenant == tenant]
 
 
 def metrics_snapshot(d: Daemon) -> Snapshot:
@@ -210,9 +237,13 @@ def metrics_snapshot(d: Daemon) -> Snapshot:
     tenants = list(d.tenants.values())
     return Snapshot(
         up=stats is not None,
-        tenants=tuple(TenantSample(t.name, t.nsm, t.policy, stats.tenant(t.name) if stats else None)
-                      for t in tenants),
-        nsms=tuple(NSMSample(n.name, sum(1 for t in tenants if t.nsm == n.name),
-                             stats.nsm(n.name) if stats else None)
-                   for n in list(d.nsms.values())),
+        tenants=tuple(
+            TenantSample(t.name, t.nsm, t.policy, stats.tenant(t.name) if stats else None) for t in tenants
+        ),
+        nsms=tuple(
+            NSMSample(
+                n.name, sum(1 for t in tenants if t.nsm == n.name), stats.nsm(n.name) if stats else None
+            )
+            for n in list(d.nsms.values())
+        ),
     )

@@ -58,8 +58,9 @@ def log_tail(n: int = 40) -> str:
     return "\n".join(lines[-n:])
 
 
-def describe(proc: subprocess.CompletedProcess[Any] | subprocess.Popen[Any], out: Any = None,
-             err: Any = None) -> str:
+def describe(
+    proc: subprocess.CompletedProcess[Any] | subprocess.Popen[Any], out: Any = None, err: Any = None
+) -> str:
     """Everything useful about a finished process, plus the engine log tail."""
     args = proc.args if isinstance(proc.args, str) else " ".join(map(str, proc.args))
     if isinstance(proc, subprocess.CompletedProcess):
@@ -68,12 +69,13 @@ def describe(proc: subprocess.CompletedProcess[Any] | subprocess.Popen[Any], out
         out = out.decode(errors="replace")
     if isinstance(err, bytes):
         err = err.decode(errors="replace")
-    return (f"\n$ {args}\nexit {proc.returncode}\n--- stdout\n{(out or '')[-4000:]}\n"
-            f"--- stderr\n{(err or '')[-4000:]}\n--- /var/log/netkernel.log (tail)\n{log_tail()}\n")
+    return (
+        f"\n$ {args}\nexit {proc.returncode}\n--- stdout\n{(out or '')[-4000:]}\n"
+        f"--- stderr\n{(err or '')[-4000:]}\n--- /var/log/netkernel.log (tail)\n{log_tail()}\n"
+    )
 
 
-def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
-         timeout: float = 10) -> tuple[Any, Any]:
+def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> tuple[Any, Any]:
     """Stop a background process politely, then firmly; return (stdout, stderr)."""
     if proc.poll() is None:
         try:
@@ -117,8 +119,10 @@ def wait_line(proc: subprocess.Popen[Any], pattern: str, timeout: float = 20) ->
     finally:
         sel.close()
     out, err = stop(proc)
-    raise AssertionError(f"no line matching {pattern!r} within {timeout}s; stdout so far:\n"
-                         f"{buf.decode(errors='replace')}" + describe(proc, out, err))
+    raise AssertionError(
+        f"no line matching {pattern!r} within {timeout}s; stdout so far:\n"
+        f"{buf.decode(errors='replace')}" + describe(proc, out, err)
+    )
 
 
 def retry(fn: Callable[[], bool], timeout: float = 10, interval: float = 0.2) -> bool:
@@ -151,8 +155,9 @@ def tenant_wait_port(tenant: Any, host: str, port: int, timeout: float = 15) -> 
     assert proc.returncode == 0, f"{host}:{port} not accepting in tenant {tenant.name}" + describe(proc)
 
 
-def run_checked(runner: Any, cmd: Sequence[str], timeout: float = 120,
-                **kw: Any) -> subprocess.CompletedProcess[str]:
+def run_checked(
+    runner: Any, cmd: Sequence[str], timeout: float = 120, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     """runner.run(cmd) with captured text output; assert exit 0 with a full description."""
     proc = runner.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
     assert proc.returncode == 0, describe(proc)
@@ -169,5 +174,6 @@ def wait_tenant_idle(daemon: Any, name: str, timeout: float = 15) -> None:
         info = daemon.tenant_info(name)
         return info["sockets"] == 0 and not info["pids"]
 
-    assert retry(idle, timeout=timeout, interval=0.25), \
+    assert retry(idle, timeout=timeout, interval=0.25), (
         f"tenant {name} not idle after {timeout}s: {info}\n{log_tail()}"
+    )

@@ -17,8 +17,12 @@ MESSAGES = "400"
 
 
 def _server(runner, host: str) -> subprocess.Popen[str]:
-    return runner.popen([PY, "-u", str(PROGS / "echo_server.py"), host, str(PORT)],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return runner.popen(
+        [PY, "-u", str(PROGS / "echo_server.py"), host, str(PORT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _check_client(proc: subprocess.CompletedProcess[str]) -> None:
@@ -44,8 +48,9 @@ def test_echo_client_in_tenant(family, tenant, peer_ns) -> None:
     server = _server(peer, addr)
     try:
         wait_line(server, r"^READY")
-        proc = run_checked(t, [PY, str(PROGS / "echo_client.py"), addr, str(PORT), CONNS, MESSAGES, "1"],
-                           timeout=180)
+        proc = run_checked(
+            t, [PY, str(PROGS / "echo_client.py"), addr, str(PORT), CONNS, MESSAGES, "1"], timeout=180
+        )
         _check_client(proc)
         conns, nbytes = _server_stats(server)
         assert conns == int(CONNS)
@@ -64,8 +69,9 @@ def test_echo_server_in_tenant(family, nk_daemon, tenant, peer_ns) -> None:
     try:
         wait_line(server, r"^READY")
         wait_port(peer, addr, PORT, timeout=20)  # one empty connection
-        proc = run_checked(peer, [PY, str(PROGS / "echo_client.py"), addr, str(PORT), CONNS, MESSAGES, "2"],
-                           timeout=180)
+        proc = run_checked(
+            peer, [PY, str(PROGS / "echo_client.py"), addr, str(PORT), CONNS, MESSAGES, "2"], timeout=180
+        )
         _check_client(proc)
         conns, nbytes = _server_stats(server)
         assert conns == int(CONNS) + 1
@@ -82,8 +88,9 @@ def test_echo_both_in_tenants(tenant) -> None:
     server = _server(a, "0.0.0.0")
     try:
         wait_line(server, r"^READY")
-        proc = run_checked(b, [PY, str(PROGS / "echo_client.py"), a.ipv4, str(PORT), CONNS, MESSAGES, "3"],
-                           timeout=180)
+        proc = run_checked(
+            b, [PY, str(PROGS / "echo_client.py"), a.ipv4, str(PORT), CONNS, MESSAGES, "3"], timeout=180
+        )
         _check_client(proc)
         conns, _ = _server_stats(server)
         assert conns == int(CONNS)

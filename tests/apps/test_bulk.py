@@ -29,17 +29,24 @@ def test_bulk_1gib(direction, tenant_role, family, nk_daemon, tenant, peer_ns) -
     t = tenant(uname("bulk"))
     tenant_sends = direction == "tenant-to-peer"
     listener, connector = (t, peer) if tenant_role == "listen" else (peer, t)
-    listen_addr = (t if tenant_role == "listen" else peer)
+    listen_addr = t if tenant_role == "listen" else peer
     addr = listen_addr.ipv4 if family == "ipv4" else listen_addr.ipv6
     listener_sends = tenant_sends == (tenant_role == "listen")
     l_dir, c_dir = ("send", "recv") if listener_sends else ("recv", "send")
 
-    server = listener.popen([PY, "-u", str(PROGS / "bulk.py"), "listen", addr, str(PORT), l_dir, str(SIZE)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = listener.popen(
+        [PY, "-u", str(PROGS / "bulk.py"), "listen", addr, str(PORT), l_dir, str(SIZE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_line(server, r"^READY")
-        client = connector.run([PY, str(PROGS / "bulk.py"), "connect", addr, str(PORT), c_dir, str(SIZE)],
-                               capture_output=True, text=True, timeout=TIMEOUT)
+        client = connector.run(
+            [PY, str(PROGS / "bulk.py"), "connect", addr, str(PORT), c_dir, str(SIZE)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
         assert client.returncode == 0, describe(client)
         out, err = server.communicate(timeout=60)
         assert server.returncode == 0, describe(server, out, err)
@@ -57,12 +64,19 @@ def test_bulk_1gib_tenant_to_tenant(family, nk_daemon, tenant) -> None:
     a = tenant(uname("bulka"))
     b = tenant(uname("bulkb"))
     addr = a.ipv4 if family == "ipv4" else a.ipv6
-    server = a.popen([PY, "-u", str(PROGS / "bulk.py"), "listen", addr, str(PORT), "recv", str(SIZE)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = a.popen(
+        [PY, "-u", str(PROGS / "bulk.py"), "listen", addr, str(PORT), "recv", str(SIZE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_line(server, r"^READY")
-        client = b.run([PY, str(PROGS / "bulk.py"), "connect", addr, str(PORT), "send", str(SIZE)],
-                       capture_output=True, text=True, timeout=TIMEOUT)
+        client = b.run(
+            [PY, str(PROGS / "bulk.py"), "connect", addr, str(PORT), "send", str(SIZE)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
         assert client.returncode == 0, describe(client)
         out, err = server.communicate(timeout=60)
         assert server.returncode == 0, describe(server, out, err)
@@ -135,12 +149,19 @@ def test_close_with_unsent_bytes_on_many_sockets(nk_daemon, tenant, peer_ns) -> 
     peer = peer_ns()
     t = tenant(uname("closer"))
     n, size = 40, 1 << 21
-    sink = peer.popen([PY, "-u", "-c", SLOW_SINK, peer.ipv4, str(PORT), str(n)],
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sink = peer.popen(
+        [PY, "-u", "-c", SLOW_SINK, peer.ipv4, str(PORT), str(n)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_line(sink, r"^READY")
-        sender = t.run([PY, "-c", CLOSER, peer.ipv4, str(PORT), str(n), str(size)],
-                       capture_output=True, text=True, timeout=120)
+        sender = t.run(
+            [PY, "-c", CLOSER, peer.ipv4, str(PORT), str(n), str(size)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert sender.returncode == 0 and "SENT" in sender.stdout, describe(sender)
         out, err = sink.communicate(timeout=120)
         assert sink.returncode == 0, describe(sink, out, err)

@@ -61,8 +61,10 @@ def test_family_specific_lookup_with_ai_addrconfig(family, tenant) -> None:
     proc = a.run(["getent", db, f"{b.name}.tenant.netkernel"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.split()[:1] == [addr], describe(proc)
     fam = "socket.AF_INET" if family == "ipv4" else "socket.AF_INET6"
-    code = (f"import socket; print(socket.getaddrinfo({b.name + '.tenant.netkernel'!r}, 80, {fam}, "
-            "socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)[0][4][0])")
+    code = (
+        f"import socket; print(socket.getaddrinfo({b.name + '.tenant.netkernel'!r}, 80, {fam}, "
+        "socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)[0][4][0])"
+    )
     proc = a.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == addr, describe(proc)
 
@@ -73,14 +75,29 @@ def test_connect_by_tenant_name(tenant, nk_tmpdir) -> None:
     b = tenant(uname("dnsb"))
     (nk_tmpdir / "hello.txt").write_text("hello by name\n")
     nk_tmpdir.chmod(0o755)
-    server = b.popen([PY, "-m", "http.server", "8080", "--bind", "::", "--directory", str(nk_tmpdir)],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = b.popen(
+        [PY, "-m", "http.server", "8080", "--bind", "::", "--directory", str(nk_tmpdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         from apputil import tenant_wait_port
+
         tenant_wait_port(a, b.ipv4, 8080)
         for flag in ("-4", "-6"):
-            proc = run_checked(a, ["curl", "-sS", "--fail", flag, "--max-time", "30",
-                                   f"http://{b.name}.tenant.netkernel:8080/hello.txt"], timeout=60)
+            proc = run_checked(
+                a,
+                [
+                    "curl",
+                    "-sS",
+                    "--fail",
+                    flag,
+                    "--max-time",
+                    "30",
+                    f"http://{b.name}.tenant.netkernel:8080/hello.txt",
+                ],
+                timeout=60,
+            )
             assert proc.stdout == "hello by name\n", describe(proc)
     finally:
         stop(server)
@@ -89,12 +106,25 @@ def test_connect_by_tenant_name(tenant, nk_tmpdir) -> None:
 @pytest.fixture
 def dnsmasq_peer(peer_ns, nk_tmpdir):
     peer = peer_ns()
-    proc = peer.popen(["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--user=root",
-                       "--pid-file=", f"--listen-address={peer.ipv4}", f"--listen-address={peer.ipv6}",
-                       "--bind-interfaces", "--log-facility=-",
-                       f"--host-record=svc.peer.test,{peer.ipv4},{peer.ipv6}",
-                       "--address=/wild.peer.test/198.19.250.250"],
-                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = peer.popen(
+        [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--user=root",
+            "--pid-file=",
+            f"--listen-address={peer.ipv4}",
+            f"--listen-address={peer.ipv6}",
+            "--bind-interfaces",
+            "--log-facility=-",
+            f"--host-record=svc.peer.test,{peer.ipv4},{peer.ipv6}",
+            "--address=/wild.peer.test/198.19.250.250",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_port(peer, peer.ipv4, 53, timeout=20)
         yield peer
@@ -121,28 +151,35 @@ def test_config_dns_hosts(nk_daemon, tenant, peer_ns, nk_tmpdir) -> None:
     """Restart the daemon with `[dns] hosts` naming a peer; a tenant resolves it with
     getaddrinfo and fetches from it by name. The default daemon is restored afterwards."""
     conf = nk_tmpdir / "netkernel.toml"
-    conf.write_text('[dns]\nhosts = { "peerhost.example" = "198.19.240.1", '
-                    '"peerhost6.example" = "fd6e:6b00::ff:f0" }\n')
+    conf.write_text(
+        '[dns]\nhosts = { "peerhost.example" = "198.19.240.1", "peerhost6.example" = "fd6e:6b00::ff:f0" }\n'
+    )
     nk("down", check=True)
     try:
         nk("up", "--config", str(conf), check=True)
         peer = peer_ns()
         # Give this peer the addresses the config names (in the reserved peer range).
-        for cmd in (["ip", "-n", peer.name, "addr", "add", "198.19.240.1/15", "dev", "eth0"],
-                    ["ip", "-n", peer.name, "addr", "add", "fd6e:6b00::ff:f0/64", "dev", "eth0", "nodad"]):
+        for cmd in (
+            ["ip", "-n", peer.name, "addr", "add", "198.19.240.1/15", "dev", "eth0"],
+            ["ip", "-n", peer.name, "addr", "add", "fd6e:6b00::ff:f0/64", "dev", "eth0", "nodad"],
+        ):
             subprocess.run(cmd, check=True, capture_output=True)
         (nk_tmpdir / "hi.txt").write_text("hi from peerhost\n")
         nk_tmpdir.chmod(0o755)
-        server = peer.popen([PY, "-m", "http.server", "8081", "--bind", "::", "--directory", str(nk_tmpdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = peer.popen(
+            [PY, "-m", "http.server", "8081", "--bind", "::", "--directory", str(nk_tmpdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             wait_port(peer, "198.19.240.1", 8081, timeout=20)
             t = tenant(uname("dnscfg"))
             assert gai(t, "peerhost.example") == {("A", "198.19.240.1")}
             assert gai(t, "peerhost6.example") == {("AAAA", "fd6e:6b00::ff:f0")}
             for name in ("peerhost.example", "peerhost6.example"):
-                proc = run_checked(t, ["curl", "-sS", "--fail", "--max-time", "30",
-                                       f"http://{name}:8081/hi.txt"], timeout=60)
+                proc = run_checked(
+                    t, ["curl", "-sS", "--fail", "--max-time", "30", f"http://{name}:8081/hi.txt"], timeout=60
+                )
                 assert proc.stdout == "hi from peerhost\n", describe(proc)
         finally:
             stop(server)

@@ -27,8 +27,11 @@ def www(nk_tmpdir: Path) -> tuple[Path, str]:
 
 
 def _http_server(runner, bind: str, directory: Path) -> subprocess.Popen[bytes]:
-    return runner.popen([PY, "-m", "http.server", str(PORT), "--bind", bind, "--directory", str(directory)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return runner.popen(
+        [PY, "-m", "http.server", str(PORT), "--bind", bind, "--directory", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _peer_addr(peer, family: str) -> str:
@@ -54,9 +57,18 @@ def test_curl_in_tenant_from_peer_http_server(family, tenant, peer_ns, www, nk_t
         assert out.stat().st_size == SIZE, describe(proc)
         assert sha256_file(out) == digest, describe(proc)
         # A small one, twice on one connection (keep-alive is HTTP/1.0 here: two connections).
-        proc = run_checked(t, ["curl", "-sS", "--fail", "--max-time", "30",
-                               f"http://{url_host(addr)}:{PORT}/hello.txt",
-                               f"http://{url_host(addr)}:{PORT}/hello.txt"])
+        proc = run_checked(
+            t,
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "--max-time",
+                "30",
+                f"http://{url_host(addr)}:{PORT}/hello.txt",
+                f"http://{url_host(addr)}:{PORT}/hello.txt",
+            ],
+        )
         assert proc.stdout == "hello from http.server\n" * 2, describe(proc)
     finally:
         stop(server)
@@ -78,8 +90,10 @@ def test_http_server_in_tenant_curl_from_peer(family, tenant, peer_ns, www, nk_t
         assert sha256_file(out) == digest, describe(proc)
         # Several sequential small requests: each one is a new connection to the listener.
         for _ in range(5):
-            proc = run_checked(peer, ["curl", "-sS", "--fail", "--max-time", "30",
-                                      f"http://{url_host(addr)}:{PORT}/hello.txt"])
+            proc = run_checked(
+                peer,
+                ["curl", "-sS", "--fail", "--max-time", "30", f"http://{url_host(addr)}:{PORT}/hello.txt"],
+            )
             assert proc.stdout == "hello from http.server\n", describe(proc)
         assert server.poll() is None, describe(server, *stop(server))
     finally:
@@ -120,8 +134,15 @@ def test_parallel_downloads_from_tenant(tenant, peer_ns, www, nk_tmpdir) -> None
     server = _http_server(t, "0.0.0.0", directory)
     try:
         wait_port(peer, t.ipv4, PORT, timeout=20)
-        procs = [peer.popen(_curl(nk_tmpdir / f"par{i}.bin", f"http://{t.ipv4}:{PORT}/blob.bin"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(8)]
+        procs = [
+            peer.popen(
+                _curl(nk_tmpdir / f"par{i}.bin", f"http://{t.ipv4}:{PORT}/blob.bin"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(8)
+        ]
         for i, p in enumerate(procs):
             out, err = p.communicate(timeout=120)
             assert p.returncode == 0, describe(p, out, err)

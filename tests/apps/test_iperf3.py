@@ -22,14 +22,21 @@ MODES = {
 
 def _server(runner, bind: str) -> subprocess.Popen[str]:
     # -1: serve one test then exit
-    return runner.popen(["iperf3", "-s", "-1", "-p", str(PORT), "-B", bind, "--json"],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return runner.popen(
+        ["iperf3", "-s", "-1", "-p", str(PORT), "-B", bind, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _client(runner, host: str, extra: list[str]) -> subprocess.CompletedProcess[str]:
-    return runner.run(["iperf3", "-c", host, "-p", str(PORT), "-t", "2", "--json",
-                       "--connect-timeout", "10000", *extra],
-                      capture_output=True, text=True, timeout=90)
+    return runner.run(
+        ["iperf3", "-c", host, "-p", str(PORT), "-t", "2", "--json", "--connect-timeout", "10000", *extra],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
 
 
 def _check_report(text: str, udp: bool, what: str, client: bool = True) -> dict:
@@ -48,8 +55,9 @@ def _check_report(text: str, udp: bool, what: str, client: bool = True) -> dict:
     return rep
 
 
-def _run(server_side, client_side, server_bind: str, target: str, mode: str,
-         client_addr: str | None = None) -> None:
+def _run(
+    server_side, client_side, server_bind: str, target: str, mode: str, client_addr: str | None = None
+) -> None:
     extra = MODES[mode]
     udp = "-u" in extra
     server = _server(server_side, server_bind)

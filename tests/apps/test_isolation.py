@@ -30,8 +30,11 @@ def peer_with_server(peer_ns):
     peer = peer_ns()
     servers = []
     for addr in (peer.ipv4, peer.ipv6):
-        s = peer.popen([PY, "-u", str(PROGS / "echo_server.py"), addr, str(PORT)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        s = peer.popen(
+            [PY, "-u", str(PROGS / "echo_server.py"), addr, str(PORT)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         wait_line(s, r"^READY")
         servers.append(s)
     yield peer
@@ -50,11 +53,13 @@ def test_without_guestlib_no_network(family, tenant, peer_with_server) -> None:
     assert probe(t, addr, PORT, no_preload=True) == "ERR ENETUNREACH"
     # UDP too: sendto from a plain socket, outside NetKernel.
     fam = "socket.AF_INET" if family == "ipv4" else "socket.AF_INET6"
-    code = ("import socket,errno\n"
-            f"s=socket.socket({fam},socket.SOCK_DGRAM)\n"
-            "try:\n"
-            f"    s.sendto(b'x',({addr!r},{PORT})); print('SENT')\n"
-            "except OSError as e: print('ERR', errno.errorcode[e.errno])\n")
+    code = (
+        "import socket,errno\n"
+        f"s=socket.socket({fam},socket.SOCK_DGRAM)\n"
+        "try:\n"
+        f"    s.sendto(b'x',({addr!r},{PORT})); print('SENT')\n"
+        "except OSError as e: print('ERR', errno.errorcode[e.errno])\n"
+    )
     proc = run_checked(t, ["env", "-u", "LD_PRELOAD", PY, "-c", code], timeout=30)
     assert proc.stdout.strip() == "ERR ENETUNREACH", describe(proc)
 
@@ -68,16 +73,20 @@ def test_raw_socket_cannot_reach_peer(family, tenant, peer_with_server) -> None:
     # refusing the raw socket outright is also isolation. Never an answer from the peer.
     for no_preload in (False, True):
         result = probe(t, addr, 0, kind="raw", no_preload=no_preload)
-        assert result in ("ERR ENETUNREACH", "ERR EPERM", "ERR EACCES", "ERR EAFNOSUPPORT"), \
+        assert result in ("ERR ENETUNREACH", "ERR EPERM", "ERR EACCES", "ERR EAFNOSUPPORT"), (
             f"raw socket (no_preload={no_preload}): {result}"
+        )
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_tenant_loopback_is_private(host, tenant, nk_daemon) -> None:
     a = tenant(uname("isoa"))
     b = tenant(uname("isob"))
-    server = a.popen([PY, "-u", str(PROGS / "echo_server.py"), host, str(PORT)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = a.popen(
+        [PY, "-u", str(PROGS / "echo_server.py"), host, str(PORT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_line(server, r"^READY")
         # Control: reachable from inside A.
@@ -86,16 +95,24 @@ def test_tenant_loopback_is_private(host, tenant, nk_daemon) -> None:
         assert probe(b, host, PORT) == "ERR ECONNREFUSED"
         # ...nor from the NSM namespace's loopback.
         nsm_ns = f"nk-nsm-{nk_daemon.tenant_info(a.name)['nsm']}"
-        proc = subprocess.run(["ip", "netns", "exec", nsm_ns, PY, str(PROGS / "connect_probe.py"), host,
-                               str(PORT)], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["ip", "netns", "exec", nsm_ns, PY, str(PROGS / "connect_probe.py"), host, str(PORT)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert proc.stdout.strip() == "ERR ECONNREFUSED", describe(proc)
         # ...nor from the root namespace's.
-        proc = subprocess.run([PY, str(PROGS / "connect_probe.py"), host, str(PORT)],
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [PY, str(PROGS / "connect_probe.py"), host, str(PORT)], capture_output=True, text=True, timeout=30
+        )
         assert proc.stdout.strip() == "ERR ECONNREFUSED", describe(proc)
         # And B can have its own server on the same loopback port.
-        server_b = b.popen([PY, "-u", str(PROGS / "echo_server.py"), host, str(PORT)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        server_b = b.popen(
+            [PY, "-u", str(PROGS / "echo_server.py"), host, str(PORT)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             wait_line(server_b, r"^READY")
             assert probe(b, host, PORT) == "CONNECTED"
@@ -114,8 +131,11 @@ def test_wildcard_listener_loopback_stays_in_tenant(tenant, peer_ns) -> None:
     peer = peer_ns()
     a = tenant(uname("isoa"))
     b = tenant(uname("isob"))
-    server = a.popen([PY, "-u", str(PROGS / "echo_server.py"), "0.0.0.0", str(PORT)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = a.popen(
+        [PY, "-u", str(PROGS / "echo_server.py"), "0.0.0.0", str(PORT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_line(server, r"^READY")
         wait_port(peer, a.ipv4, PORT, timeout=20)

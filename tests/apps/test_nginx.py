@@ -158,9 +158,25 @@ def test_nginx_reload_while_serving(nginx_in_tenant, nk_tmpdir) -> None:
     base = f"http://{t.ipv4}"
     assert fetch(peer, f"{base}/version", nk_tmpdir / "v").strip() == "v1"
     # Load with fresh connections while the master re-reads its configuration.
-    load = peer.popen(["wrk", "-t", "2", "-c", "16", "-d", "4s", "--timeout", "5s",
-                       "-H", "Connection: close", f"{base}/1k.bin"],
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    load = peer.popen(
+        [
+            "wrk",
+            "-t",
+            "2",
+            "-c",
+            "16",
+            "-d",
+            "4s",
+            "--timeout",
+            "5s",
+            "-H",
+            "Connection: close",
+            f"{base}/1k.bin",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(1.5)
         ng.write_conf("v2")
@@ -200,9 +216,19 @@ def test_wrk_in_tenant_against_nginx_in_peer(conn, family, tenant, peer_ns, nk_t
         check_wrk(wrk(t, f"http://{url_host(addr)}/1m.bin", *extra, conns=8), ng)
         # curl keeps one HTTP/1.1 connection for several URLs.
         url = f"http://{url_host(addr)}/1m.bin"
-        proc = run_checked(t, ["curl", "-sS", "--fail", "-v", "--max-time", "60",
-                               *(x for _ in range(10) for x in ("-o", str(nk_tmpdir / "c.bin"), url))],
-                           timeout=90)
+        proc = run_checked(
+            t,
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "-v",
+                "--max-time",
+                "60",
+                *(x for _ in range(10) for x in ("-o", str(nk_tmpdir / "c.bin"), url)),
+            ],
+            timeout=90,
+        )
         assert proc.stderr.count("Re-using existing connection") >= 9, describe(proc)
         assert sha256_file(nk_tmpdir / "c.bin") == ng.sha_1m
     finally:
@@ -299,8 +325,19 @@ def test_aborted_downloads(nginx_in_tenant, nk_daemon, peer_ns, tenant, nk_tmpdi
         for host in (other.ipv4, other.ipv6) * 5:
             _abort(c, host)
         wait_tenant_idle(nk_daemon, c.name)
-        proc = run_checked(c, ["curl", "-sS", "--fail", "--max-time", "30", "-o", str(mine / "ok.bin"),
-                               f"http://{other.ipv4}/1m.bin"])
+        proc = run_checked(
+            c,
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "--max-time",
+                "30",
+                "-o",
+                str(mine / "ok.bin"),
+                f"http://{other.ipv4}/1m.bin",
+            ],
+        )
         assert sha256_file(mine / "ok.bin") == ng2.sha_1m, describe(proc)
     finally:
         ng2.stop()

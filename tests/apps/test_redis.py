@@ -15,10 +15,28 @@ PORT = 6379
 
 
 def _redis_server(runner, workdir: Path, bind: str) -> subprocess.Popen[str]:
-    return runner.popen(["redis-server", "--port", str(PORT), "--save", "", "--appendonly", "no",
-                         "--bind", *bind.split(), "--protected-mode", "no", "--dir", str(workdir),
-                         "--logfile", ""],
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return runner.popen(
+        [
+            "redis-server",
+            "--port",
+            str(PORT),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--bind",
+            *bind.split(),
+            "--protected-mode",
+            "no",
+            "--dir",
+            str(workdir),
+            "--logfile",
+            "",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _check_benchmark(proc: subprocess.CompletedProcess[str]) -> None:
@@ -43,13 +61,35 @@ def test_redis_server_in_tenant_benchmark_from_peer(family, tenant, peer_ns, nk_
     server = _redis_server(t, nk_tmpdir, "0.0.0.0 ::")
     try:
         wait_port(peer, addr, PORT, timeout=20)
-        proc = peer.run(["redis-benchmark", "-h", addr, "-p", str(PORT), "-t", "set,get",
-                         "-n", "20000", "-q"], capture_output=True, text=True, timeout=180)
+        proc = peer.run(
+            ["redis-benchmark", "-h", addr, "-p", str(PORT), "-t", "set,get", "-n", "20000", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         _check_benchmark(proc)
         # Pipelined, 50 clients: the server sees bursts of many commands per read.
-        proc = peer.run(["redis-benchmark", "-h", addr, "-p", str(PORT), "-t", "set,get",
-                         "-n", "20000", "-P", "16", "-c", "50", "-q"], capture_output=True, text=True,
-                        timeout=180)
+        proc = peer.run(
+            [
+                "redis-benchmark",
+                "-h",
+                addr,
+                "-p",
+                str(PORT),
+                "-t",
+                "set,get",
+                "-n",
+                "20000",
+                "-P",
+                "16",
+                "-c",
+                "50",
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         _check_benchmark(proc)
         proc = run_checked(peer, ["redis-cli", "-h", addr, "-p", str(PORT), "DBSIZE"], timeout=30)
         assert int(proc.stdout.strip()) >= 1, describe(proc)
@@ -100,8 +140,24 @@ def test_redis_benchmark_in_tenant(family, tenant, peer_ns, nk_tmpdir) -> None:
     try:
         wait_port(peer, addr, PORT, timeout=20)
         for extra in ([], ["-P", "16"]):
-            proc = t.run(["redis-benchmark", "-h", addr, "-p", str(PORT), "-t", "set,get,lpush,lpop",
-                          "-n", "20000", "-q", *extra], capture_output=True, text=True, timeout=180)
+            proc = t.run(
+                [
+                    "redis-benchmark",
+                    "-h",
+                    addr,
+                    "-p",
+                    str(PORT),
+                    "-t",
+                    "set,get,lpush,lpop",
+                    "-n",
+                    "20000",
+                    "-q",
+                    *extra,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
             _check_benchmark(proc)
     finally:
         stop(server)

@@ -57,20 +57,26 @@ def test_short_connections_to_a_peer(family, nk_daemon, tenant, peer_ns, crr) ->
     peer = peer_ns()
     t = tenant(uname("crr"))
     addr = peer.ipv4 if family == "ipv4" else peer.ipv6
-    server = peer.popen([str(crr), "server", addr, str(PORT)], stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE)
+    server = peer.popen([str(crr), "server", addr, str(PORT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_line(server, r"^READY")
-    client = t.run([str(crr), "client", addr, str(PORT), str(SECONDS), str(THREADS)],
-                   capture_output=True, text=True, timeout=SECONDS + 60)
+    client = t.run(
+        [str(crr), "client", addr, str(PORT), str(SECONDS), str(THREADS)],
+        capture_output=True,
+        text=True,
+        timeout=SECONDS + 60,
+    )
     _check(client, server)
 
 
 def test_short_connections_tenant_to_tenant(nk_daemon, tenant, crr) -> None:
     a = tenant(uname("crra"))
     b = tenant(uname("crrb"))
-    server = a.popen([str(crr), "server", a.ipv4, str(PORT)], stdout=subprocess.PIPE,
-                     stderr=subprocess.PIPE)
+    server = a.popen([str(crr), "server", a.ipv4, str(PORT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_line(server, r"^READY")
-    client = b.run([str(crr), "client", a.ipv4, str(PORT), str(SECONDS), str(THREADS)],
-                   capture_output=True, text=True, timeout=SECONDS + 60)
+    client = b.run(
+        [str(crr), "client", a.ipv4, str(PORT), str(SECONDS), str(THREADS)],
+        capture_output=True,
+        text=True,
+        timeout=SECONDS + 60,
+    )
     _check(client, server)

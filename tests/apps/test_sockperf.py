@@ -35,8 +35,11 @@ def _check(proc: subprocess.CompletedProcess[str]) -> None:
     m = re.search(r"ReceivedMessages=(\d+)", out)
     assert m and int(m[1]) > 0, describe(proc)
     assert re.search(r"percentile 50\.000 =\s*[0-9.]+", out), describe(proc)
-    m = re.search(r"# dropped messages = (\d+); # duplicated messages = (\d+); "
-                  r"# out-of-order messages = (\d+)", out)
+    m = re.search(
+        r"# dropped messages = (\d+); # duplicated messages = (\d+); "
+        r"# out-of-order messages = (\d+)",
+        out,
+    )
     assert m, describe(proc)
     if "--tcp" in proc.args:  # TCP never drops, duplicates or reorders
         assert m.groups() == ("0", "0", "0"), describe(proc)

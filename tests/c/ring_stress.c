@@ -27,12 +27,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#define RING_SIZE (64u * 1024u)
-#define DATA_OFF 4096u
-#define REC_MAGIC 0x4e4b5245u /* "NKRE" */
-#define END_MAGIC 0x4e4b454eu /* "NKEN" */
+#define RING_SIZE   (64u * 1024u)
+#define DATA_OFF    4096u
+#define REC_MAGIC   0x4e4b5245u /* "NKRE" */
+#define END_MAGIC   0x4e4b454eu /* "NKEN" */
 #define MAX_PAYLOAD 4000u
-#define STALL_SEC 10.0
+#define STALL_SEC   10.0
 
 struct rec_hdr {
   uint32_t magic;
@@ -44,7 +44,7 @@ struct rec_hdr {
 _Static_assert(sizeof(struct rec_hdr) == 24, "rec_hdr size");
 
 struct shared {
-  struct nk_slot slot; /* tx_head / tx_tail as the ABI places them */
+  struct nk_slot slot;        /* tx_head / tx_tail as the ABI places them */
   NK_ATOMIC(uint32_t) failed; /* either side sets it to stop the other */
 };
 _Static_assert(sizeof(struct shared) <= DATA_OFF, "header fits before the data");
@@ -181,7 +181,8 @@ static int pull(struct side *s, uint8_t *p, uint32_t len, uint32_t *rng) {
       n = piece < fill ? piece : fill;
       if (n) {
         struct iovec iov[2];
-        int cnt = nk_ring_iov(&s->ring, atomic_load_explicit(s->ring.tail, memory_order_relaxed), n, iov);
+        int cnt =
+            nk_ring_iov(&s->ring, atomic_load_explicit(s->ring.tail, memory_order_relaxed), n, iov);
         uint32_t k = 0;
         for (int i = 0; i < cnt; i++) {
           memcpy(p + k, iov[i].iov_base, iov[i].iov_len);

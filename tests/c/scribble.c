@@ -70,8 +70,8 @@ int main(int argc, char **argv) {
     struct cmsghdr a;
   } cm;
   struct iovec iov = {.iov_base = &rep, .iov_len = sizeof(rep)};
-  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                      .msg_controllen = sizeof(cm.buf)};
+  struct msghdr mh = {
+      .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
   if (recvmsg(ctl, &mh, 0) != sizeof(rep) || !CMSG_FIRSTHDR(&mh)) {
     fprintf(stderr, "scribble: register failed\n");
     return 1;
@@ -110,7 +110,8 @@ int main(int argc, char **argv) {
           }
           break;
         case 3: /* doorbells for every slot, and a wake-up */
-          for (uint32_t w = 0; w < NK_DOORBELL_WORDS(rg->nslots); w++) atomic_store(&rg->doorbell[w], ~0ull);
+          for (uint32_t w = 0; w < NK_DOORBELL_WORDS(rg->nslots); w++)
+            atomic_store(&rg->doorbell[w], ~0ull);
           atomic_store(&rg->doorbell_summary, ~0ull);
           {
             uint64_t one = 1;

@@ -29,8 +29,19 @@ SANITIZE = ["-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefi
 # Engine objects are instrumented for coverage and the sanitizers, but get libFuzzer's main only
 # at the link.
 SANITIZE_OBJ = ["-fsanitize=fuzzer-no-link,address,undefined", "-fno-sanitize-recover=undefined"]
-CFLAGS = ["-std=gnu11", "-g", "-O1", "-fno-omit-frame-pointer", "-Wall", "-Wextra", "-D_GNU_SOURCE",
-          f"-I{REPO / 'include'}", f"-I{REPO / 'csrc' / 'engine'}", f"-I{HERE}", "-pthread"]
+CFLAGS = [
+    "-std=gnu11",
+    "-g",
+    "-O1",
+    "-fno-omit-frame-pointer",
+    "-Wall",
+    "-Wextra",
+    "-D_GNU_SOURCE",
+    f"-I{REPO / 'include'}",
+    f"-I{REPO / 'csrc' / 'engine'}",
+    f"-I{HERE}",
+    "-pthread",
+]
 
 
 class BuildError(Exception):
@@ -38,8 +49,11 @@ class BuildError(Exception):
 
 
 def find_clang() -> str | None:
-    names = [os.environ["CLANG"]] if os.environ.get("CLANG") else \
-        ["clang", *(f"clang-{v}" for v in range(19, 13, -1))]
+    names = (
+        [os.environ["CLANG"]]
+        if os.environ.get("CLANG")
+        else ["clang", *(f"clang-{v}" for v in range(19, 13, -1))]
+    )
     for name in names:
         path = shutil.which(name)
         if path:
@@ -54,9 +68,11 @@ def unsupported_reason(clang: str | None = None) -> str | None:
         return "no clang (install clang and libclang-rt-dev, e.g. clang-14 libclang-rt-14-dev)"
     with tempfile.TemporaryDirectory(prefix="nk-fuzz-probe-") as d:
         src = Path(d) / "probe.c"
-        src.write_text("#include <stdint.h>\n#include <stddef.h>\n"
-                       "int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n) { (void)d; (void)n; "
-                       "return 0; }\n")
+        src.write_text(
+            "#include <stdint.h>\n#include <stddef.h>\n"
+            "int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n) { (void)d; (void)n; "
+            "return 0; }\n"
+        )
         exe = Path(d) / "probe"
         proc = subprocess.run([clang, *SANITIZE, "-o", str(exe), str(src)], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -82,8 +98,14 @@ def _digest(paths: list[Path], flags: list[str]) -> str:
 
 
 def _headers() -> list[Path]:
-    return sorted([*(REPO / "include").rglob("*.h"), *(REPO / "csrc" / "engine").glob("*.h"),
-                   REPO / "csrc" / "engine" / "main.c", *HERE.glob("*.h")])
+    return sorted(
+        [
+            *(REPO / "include").rglob("*.h"),
+            *(REPO / "csrc" / "engine").glob("*.h"),
+            REPO / "csrc" / "engine" / "main.c",
+            *HERE.glob("*.h"),
+        ]
+    )
 
 
 def _run(cmd: list[str]) -> None:
@@ -94,8 +116,9 @@ def _run(cmd: list[str]) -> None:
         sys.stderr.write(proc.stderr)
 
 
-def build(names: list[str] | tuple[str, ...] = HARNESSES, out: Path | None = None,
-          clang: str | None = None) -> dict[str, Path]:
+def build(
+    names: list[str] | tuple[str, ...] = HARNESSES, out: Path | None = None, clang: str | None = None
+) -> dict[str, Path]:
     """Build the named harnesses into out (default: a directory under the system's temp dir);
     returns name -> executable. Objects and executables are reused while no source changed."""
     clang = clang or find_clang()

@@ -28,11 +28,11 @@
 void nk_control_forget_tenant(struct nk_tenant *t); /* control.c, for admin.c */
 
 enum {
-  ACT_REQ,       /* a request; see send_req for its fields */
-  ACT_TICK,      /* n: rounds of the engine's loop, then read the replies */
-  ACT_RECONNECT, /* a new control connection (the old one is closed) */
+  ACT_REQ,         /* a request; see send_req for its fields */
+  ACT_TICK,        /* n: rounds of the engine's loop, then read the replies */
+  ACT_RECONNECT,   /* a new control connection (the old one is closed) */
   ACT_CLOSE_GUEST, /* which: the application closes a socket's proxy end */
-  ACT_HANGUP,    /* how: shutdown of the control connection */
+  ACT_HANGUP,      /* how: shutdown of the control connection */
   ACT_COUNT
 };
 
@@ -92,8 +92,8 @@ static void read_replies(void) {
       struct cmsghdr align;
     } cm;
     struct iovec iov = {.iov_base = &rep, .iov_len = sizeof(rep)};
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                        .msg_controllen = sizeof(cm.buf)};
+    struct msghdr mh = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
     ssize_t n = recvmsg(client, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (n < 0 && errno == EAGAIN) return;
     for (struct cmsghdr *c = n > 0 ? CMSG_FIRSTHDR(&mh) : NULL; c; c = CMSG_NXTHDR(&mh, c)) {
@@ -147,7 +147,8 @@ static int make_fd(int kind, int *guest) {
     case 1: { /* a listening SEQPACKET socket: its EPOLLIN would never be consumed */
       fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
       struct sockaddr_un un = {.sun_family = AF_UNIX};
-      if (fd >= 0 && (bind(fd, (struct sockaddr *)&un, sizeof(sa_family_t)) < 0 || listen(fd, 1) < 0)) {
+      if (fd >= 0 &&
+          (bind(fd, (struct sockaddr *)&un, sizeof(sa_family_t)) < 0 || listen(fd, 1) < 0)) {
         close(fd);
         return -1;
       }
@@ -192,7 +193,9 @@ static int make_fd(int kind, int *guest) {
         memset(&cm, 0, sizeof(cm));
         char b = 'x';
         struct iovec iov = {.iov_base = &b, .iov_len = 1};
-        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+        struct msghdr mh = {.msg_iov = &iov,
+                            .msg_iovlen = 1,
+                            .msg_control = cm.buf,
                             .msg_controllen = sizeof(cm.buf)};
         struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
         c->cmsg_level = SOL_SOCKET;
@@ -222,23 +225,49 @@ static int make_fd(int kind, int *guest) {
 static const struct {
   int level, name;
 } opts[] = {
-    {SOL_SOCKET, SO_REUSEADDR}, {SOL_SOCKET, SO_KEEPALIVE}, {SOL_SOCKET, SO_SNDBUF},
-    {SOL_SOCKET, SO_RCVBUF}, {SOL_SOCKET, SO_LINGER}, {SOL_SOCKET, SO_MARK},
-    {SOL_SOCKET, SO_PRIORITY}, {SOL_SOCKET, SO_BINDTODEVICE}, {SOL_SOCKET, SO_RCVTIMEO_NEW},
-    {SOL_SOCKET, SO_ATTACH_FILTER}, {SOL_SOCKET, SO_ERROR}, {SOL_SOCKET, SO_TYPE},
-    {SOL_SOCKET, SO_SNDBUFFORCE}, {SOL_SOCKET, SO_ZEROCOPY}, {SOL_SOCKET, SO_TXTIME},
-    {IPPROTO_TCP, TCP_NODELAY}, {IPPROTO_TCP, TCP_MAXSEG}, {IPPROTO_TCP, TCP_CONGESTION},
-    {IPPROTO_TCP, TCP_ULP}, {IPPROTO_TCP, TCP_MD5SIG}, {IPPROTO_TCP, TCP_REPAIR},
-    {IPPROTO_TCP, TCP_ZEROCOPY_RECEIVE}, {IPPROTO_TCP, TCP_INFO}, {IPPROTO_TCP, TCP_FASTOPEN},
-    {IPPROTO_IP, IP_TOS}, {IPPROTO_IP, IP_OPTIONS}, {IPPROTO_IP, IP_ADD_MEMBERSHIP},
-    {IPPROTO_IP, IP_FREEBIND}, {IPPROTO_IP, IP_TRANSPARENT}, {IPPROTO_IP, MCAST_JOIN_GROUP},
-    {IPPROTO_IPV6, IPV6_V6ONLY}, {IPPROTO_IPV6, IPV6_JOIN_GROUP}, {IPPROTO_IPV6, IPV6_HOPOPTS},
-    {IPPROTO_IPV6, IPV6_RTHDR}, {IPPROTO_UDP, UDP_SEGMENT}, {IPPROTO_UDP, UDP_CORK},
-    {SOL_IP, IP_PKTINFO}, {-1, 0}, {1000, 1000},
+    {SOL_SOCKET, SO_REUSEADDR},
+    {SOL_SOCKET, SO_KEEPALIVE},
+    {SOL_SOCKET, SO_SNDBUF},
+    {SOL_SOCKET, SO_RCVBUF},
+    {SOL_SOCKET, SO_LINGER},
+    {SOL_SOCKET, SO_MARK},
+    {SOL_SOCKET, SO_PRIORITY},
+    {SOL_SOCKET, SO_BINDTODEVICE},
+    {SOL_SOCKET, SO_RCVTIMEO_NEW},
+    {SOL_SOCKET, SO_ATTACH_FILTER},
+    {SOL_SOCKET, SO_ERROR},
+    {SOL_SOCKET, SO_TYPE},
+    {SOL_SOCKET, SO_SNDBUFFORCE},
+    {SOL_SOCKET, SO_ZEROCOPY},
+    {SOL_SOCKET, SO_TXTIME},
+    {IPPROTO_TCP, TCP_NODELAY},
+    {IPPROTO_TCP, TCP_MAXSEG},
+    {IPPROTO_TCP, TCP_CONGESTION},
+    {IPPROTO_TCP, TCP_ULP},
+    {IPPROTO_TCP, TCP_MD5SIG},
+    {IPPROTO_TCP, TCP_REPAIR},
+    {IPPROTO_TCP, TCP_ZEROCOPY_RECEIVE},
+    {IPPROTO_TCP, TCP_INFO},
+    {IPPROTO_TCP, TCP_FASTOPEN},
+    {IPPROTO_IP, IP_TOS},
+    {IPPROTO_IP, IP_OPTIONS},
+    {IPPROTO_IP, IP_ADD_MEMBERSHIP},
+    {IPPROTO_IP, IP_FREEBIND},
+    {IPPROTO_IP, IP_TRANSPARENT},
+    {IPPROTO_IP, MCAST_JOIN_GROUP},
+    {IPPROTO_IPV6, IPV6_V6ONLY},
+    {IPPROTO_IPV6, IPV6_JOIN_GROUP},
+    {IPPROTO_IPV6, IPV6_HOPOPTS},
+    {IPPROTO_IPV6, IPV6_RTHDR},
+    {IPPROTO_UDP, UDP_SEGMENT},
+    {IPPROTO_UDP, UDP_CORK},
+    {SOL_IP, IP_PKTINFO},
+    {-1, 0},
+    {1000, 1000},
 };
 
-static const char *const addrs[] = {NK_FUZZ_NSM_V4, NK_FUZZ_NSM_V6, "127.0.0.1", "::1",
-                                    NK_FUZZ_TENANT_V4, NK_FUZZ_TENANT_V6, "0.0.0.0", "::",
+static const char *const addrs[] = {NK_FUZZ_NSM_V4,     NK_FUZZ_NSM_V6,     "127.0.0.1", "::1",
+                                    NK_FUZZ_TENANT_V4,  NK_FUZZ_TENANT_V6,  "0.0.0.0",   "::",
                                     "::ffff:127.0.0.1", "::ffff:10.77.0.2", "10.77.0.3", "fe80::1"};
 
 static int32_t pick_i32(struct nk_fuzz_in *in, const int32_t *table, size_t n) {
@@ -248,12 +277,21 @@ static int32_t pick_i32(struct nk_fuzz_in *in, const int32_t *table, size_t n) {
 }
 
 static void send_req(struct nk_fuzz_in *in) {
-  static const uint32_t ops[] = {NK_OP_REGISTER, NK_OP_SOCKET, NK_OP_BIND, NK_OP_LISTEN,
-                                 NK_OP_CONNECT, NK_OP_SHUTDOWN, NK_OP_SETSOCKOPT,
-                                 NK_OP_GETSOCKOPT, NK_OP_LINGER_CLOSE, 0, 10, 0xffffffffu};
+  static const uint32_t ops[] = {NK_OP_REGISTER,
+                                 NK_OP_SOCKET,
+                                 NK_OP_BIND,
+                                 NK_OP_LISTEN,
+                                 NK_OP_CONNECT,
+                                 NK_OP_SHUTDOWN,
+                                 NK_OP_SETSOCKOPT,
+                                 NK_OP_GETSOCKOPT,
+                                 NK_OP_LINGER_CLOSE,
+                                 0,
+                                 10,
+                                 0xffffffffu};
   static const int32_t domains[] = {AF_INET, AF_INET6, AF_UNIX, 0, -1, AF_PACKET, AF_NETLINK};
-  static const int32_t types[] = {SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, SOCK_SEQPACKET,
-                                  SOCK_STREAM | SOCK_NONBLOCK, 0, -1};
+  static const int32_t types[] = {
+      SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, SOCK_SEQPACKET, SOCK_STREAM | SOCK_NONBLOCK, 0, -1};
   static const int32_t smalls[] = {0, 1, 2, 3, -1, 4, 128, 4096, INT32_MAX, INT32_MIN, 65535};
   static const uint32_t lens[] = {4, 0, 1, 8, 16, 24, 64, 65, 255, 256, 257, 0xffffffffu};
   struct nk_req req;
@@ -344,9 +382,15 @@ static void send_req(struct nk_fuzz_in *in) {
   uint8_t shape = in_u8(in);
   size_t len = sizeof(req);
   switch (shape % 16) { /* mostly whole requests */
-    case 13: len = sizeof(req) - 1 - in_u8(in) % 64; break;
-    case 14: len = in_u8(in) & 1; break;
-    case 15: len = sizeof(req) + 1; break;
+    case 13:
+      len = sizeof(req) - 1 - in_u8(in) % 64;
+      break;
+    case 14:
+      len = in_u8(in) & 1;
+      break;
+    case 15:
+      len = sizeof(req) + 1;
+      break;
   }
   static uint8_t buf[sizeof(struct nk_req) + 1];
   memcpy(buf, &req, sizeof(req));
@@ -436,7 +480,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   struct nk_fuzz_in in = {data, size};
   nk_fuzz_fd_baseline();
   nkeep = nknown = 0;
-  int r = nk_tenant_add("fuzz", nk_fuzz_ns_tenant_path, "nsm", NK_FUZZ_TENANT_V4, NK_FUZZ_TENANT_V6, &T);
+  int r = nk_tenant_add("fuzz", nk_fuzz_ns_tenant_path, "nsm", NK_FUZZ_TENANT_V4, NK_FUZZ_TENANT_V6,
+                        &T);
   if (r < 0) nk_fuzz_die("tenant: %s", strerror(-r));
   ctl_connect();
   NK_FUZZ_CHECK(T->ctls == 1, "the control connection was not accepted for the tenant");

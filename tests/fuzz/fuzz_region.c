@@ -17,28 +17,28 @@
  */
 #include "nk_fuzz.h"
 
-#define NSLOTS 72 /* two doorbell words, the second partly beyond the slots */
-#define RING 4096u
-#define PORT_TCP 7000
-#define PORT_UDP 7001
+#define NSLOTS        72 /* two doorbell words, the second partly beyond the slots */
+#define RING          4096u
+#define PORT_TCP      7000
+#define PORT_UDP      7001
 #define PORT_LOOP_TCP 7002
 #define PORT_LOOP_UDP 7003
 
 enum {
-  OP_W32,       /* slot, word, mode, value: a 32-bit store into a slot header */
-  OP_WHDR,      /* word, u64: a store into the region header (summary, doorbells, ...) */
-  OP_RING,      /* slot, tx/rx, offset u16, len u8, bytes: into a ring's data */
-  OP_TX_STREAM, /* slot, n u16, honest: the guest sends n bytes */
-  OP_TX_DGRAM,  /* slot, len u16, destination, flags: a datagram record as GuestLib writes it */
-  OP_RX_READ,   /* slot, n u16, flags: the guest reads, takes back READY records, looks again */
-  OP_BELL,      /* slot: doorbell bit and summary, the eventfd when the engine sleeps */
-  OP_GUEST,     /* slot, what: blocker, garbage, a message with a descriptor, close, drain */
-  OP_PEER,      /* peer, what, n u16: the network end sends, shuts down, resets */
+  OP_W32,        /* slot, word, mode, value: a 32-bit store into a slot header */
+  OP_WHDR,       /* word, u64: a store into the region header (summary, doorbells, ...) */
+  OP_RING,       /* slot, tx/rx, offset u16, len u8, bytes: into a ring's data */
+  OP_TX_STREAM,  /* slot, n u16, honest: the guest sends n bytes */
+  OP_TX_DGRAM,   /* slot, len u16, destination, flags: a datagram record as GuestLib writes it */
+  OP_RX_READ,    /* slot, n u16, flags: the guest reads, takes back READY records, looks again */
+  OP_BELL,       /* slot: doorbell bit and summary, the eventfd when the engine sleeps */
+  OP_GUEST,      /* slot, what: blocker, garbage, a message with a descriptor, close, drain */
+  OP_PEER,       /* peer, what, n u16: the network end sends, shuts down, resets */
   OP_PEER_DGRAM, /* target, len u16: a datagram to one of the tenant's UDP sockets */
-  OP_CALL,      /* slot, what, arg: shutdown, connect, bind, listen as the control path */
-  OP_POLICY,    /* what, value: rates, link bandwidth, limits, weight, the shm switch */
-  OP_TICK,      /* n: rounds of the engine's loop */
-  OP_SLEEP,     /* the engine's sleep path, zombie sweep and trim */
+  OP_CALL,       /* slot, what, arg: shutdown, connect, bind, listen as the control path */
+  OP_POLICY,     /* what, value: rates, link bandwidth, limits, weight, the shm switch */
+  OP_TICK,       /* n: rounds of the engine's loop */
+  OP_SLEEP,      /* the engine's sleep path, zombie sweep and trim */
   OP_CONNECT_IN, /* where: a client connects to the tenant's listener (NSM or loopback) */
   OP_COUNT
 };
@@ -46,7 +46,7 @@ enum {
 static int srv_tcp = -1, srv_udp = -1, loop_tcp = -1, loop_udp = -1; /* the harness's servers */
 static struct nk_nsm *nsm;
 static struct nk_tenant *T;
-static int gfd[NSLOTS];  /* guest end of each slot's proxy, as the application holds it */
+static int gfd[NSLOTS]; /* guest end of each slot's proxy, as the application holds it */
 #define NPEERS 16
 static int peer[NPEERS]; /* the network's end of the tenant's connections */
 static int npeers;
@@ -115,7 +115,8 @@ static void setup(void) {
   nk_fuzz_drain_server(srv_udp, false);
   nk_fuzz_drain_server(loop_udp, false);
   nk_nsm_set_bandwidth(nsm, 0);
-  int r = nk_tenant_add("fuzz", nk_fuzz_ns_tenant_path, "nsm", NK_FUZZ_TENANT_V4, NK_FUZZ_TENANT_V6, &T);
+  int r = nk_tenant_add("fuzz", nk_fuzz_ns_tenant_path, "nsm", NK_FUZZ_TENANT_V4, NK_FUZZ_TENANT_V6,
+                        &T);
   if (r < 0) nk_fuzz_die("tenant: %s", strerror(-r));
   int inprog;
 
@@ -135,7 +136,8 @@ static void setup(void) {
   struct nk_addr d6 = nk_fuzz_addr(NK_FUZZ_NSM_V6, PORT_UDP);
   if (u && nk_sock_connect(u, &d6, &inprog) == 0) udp6_port = u->local.port;
   connect_to(guest_socket(AF_INET, SOCK_STREAM), "127.0.0.1", PORT_LOOP_TCP);
-  if (listen_port) connect_to(guest_socket(AF_INET, SOCK_STREAM), NK_FUZZ_TENANT_V4, ntohs(listen_port));
+  if (listen_port)
+    connect_to(guest_socket(AF_INET, SOCK_STREAM), NK_FUZZ_TENANT_V4, ntohs(listen_port));
   guest_socket(AF_INET6, SOCK_STREAM);
   guest_socket(AF_INET, SOCK_DGRAM);
   u = guest_socket(AF_INET6, SOCK_DGRAM);
@@ -164,9 +166,10 @@ static void teardown(void) {
   nk_fuzz_drain_server(srv_tcp, true);
   nk_fuzz_drain_server(loop_tcp, true);
   NK_FUZZ_CHECK(nk_fuzz_only_neighbour_left() && !engine.graveyard && engine.nzombies == 0 &&
-                (!engine.active_tenants || engine.active_tenants == nk_fuzz_nbr.t),
+                    (!engine.active_tenants || engine.active_tenants == nk_fuzz_nbr.t),
                 "engine: state left after the tenant was deleted");
-  NK_FUZZ_CHECK(!engine.throttled || (engine.throttled->t == nk_fuzz_nbr.t && !engine.throttled->next_throttled),
+  NK_FUZZ_CHECK(!engine.throttled ||
+                    (engine.throttled->t == nk_fuzz_nbr.t && !engine.throttled->next_throttled),
                 "engine: a deleted tenant's socket is still throttled");
 }
 
@@ -184,8 +187,8 @@ static void guest_drain(uint32_t i) {
       struct cmsghdr align;
     } cm;
     struct iovec iov = {.iov_base = &msg, .iov_len = sizeof(msg)};
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                        .msg_controllen = sizeof(cm.buf)};
+    struct msghdr mh = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
     ssize_t n = recvmsg(gfd[i], &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (n <= 0) return;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
@@ -194,7 +197,8 @@ static void guest_drain(uint32_t i) {
       for (int j = 0; j < nfd; j++) {
         int fd;
         memcpy(&fd, CMSG_DATA(c) + (size_t)j * sizeof(int), sizeof(int));
-        if (n == sizeof(msg) && msg.type == NK_MSG_NEWCONN && msg.slot < NSLOTS && gfd[msg.slot] < 0) {
+        if (n == sizeof(msg) && msg.type == NK_MSG_NEWCONN && msg.slot < NSLOTS &&
+            gfd[msg.slot] < 0) {
           fcntl(fd, F_SETFL, O_NONBLOCK);
           gfd[msg.slot] = fd;
         } else {
@@ -206,20 +210,49 @@ static void guest_drain(uint32_t i) {
 }
 
 static uint32_t interesting32(uint8_t k, uint32_t cur) {
-  static const uint32_t v[] = {0, 1, 7, 8, 31, 32, 33, RING - 1, RING, RING + 1, 2 * RING,
-                               0x7fffffff, 0x80000000, 0xfffffff0, 0xffffffff, NK_DGRAM_MAX,
-                               NK_DGRAM_MAX + 1, NK_BLOCKER_SIZE};
+  static const uint32_t v[] = {0,
+                               1,
+                               7,
+                               8,
+                               31,
+                               32,
+                               33,
+                               RING - 1,
+                               RING,
+                               RING + 1,
+                               2 * RING,
+                               0x7fffffff,
+                               0x80000000,
+                               0xfffffff0,
+                               0xffffffff,
+                               NK_DGRAM_MAX,
+                               NK_DGRAM_MAX + 1,
+                               NK_BLOCKER_SIZE};
   if (k & 0x80) return cur + v[k % (sizeof(v) / sizeof(v[0]))];
   return v[k % (sizeof(v) / sizeof(v[0]))];
 }
 
 /* Words of struct nk_slot the engine reads or writes, so that stores land there often. */
-static const uint8_t slot_words[] = {
-    32 /* tx_head */, 48 /* tx_tail */, 64 /* rx_head */, 80 /* rx_tail */, 96 /* rx_eof */,
-    97 /* rx_err */, 98 /* so_error */, 99 /* tx_closed */, 100 /* rx_stalled */,
-    101 /* ready_sent */, 112 /* rx_ack */, 113 /* kick */, 116 /* async_connect */,
-    120 /* nonblock */, 121 /* rx_seen */, 0, 2 /* gen */, 3 /* kind */, 4 /* state */,
-    5 /* family */};
+static const uint8_t slot_words[] = {32 /* tx_head */,
+                                     48 /* tx_tail */,
+                                     64 /* rx_head */,
+                                     80 /* rx_tail */,
+                                     96 /* rx_eof */,
+                                     97 /* rx_err */,
+                                     98 /* so_error */,
+                                     99 /* tx_closed */,
+                                     100 /* rx_stalled */,
+                                     101 /* ready_sent */,
+                                     112 /* rx_ack */,
+                                     113 /* kick */,
+                                     116 /* async_connect */,
+                                     120 /* nonblock */,
+                                     121 /* rx_seen */,
+                                     0,
+                                     2 /* gen */,
+                                     3 /* kind */,
+                                     4 /* state */,
+                                     5 /* family */};
 
 static void op_w32(struct nk_fuzz_in *in) {
   uint32_t i = pick_slot(in);
@@ -282,9 +315,10 @@ static void op_tx_stream(struct nk_fuzz_in *in) {
   doorbell(i);
 }
 
-static const char *const dsts[] = {NK_FUZZ_NSM_V4, NK_FUZZ_NSM_V6, "127.0.0.1", "::1",
-                                   NK_FUZZ_TENANT_V4, NK_FUZZ_TENANT_V6, "::ffff:10.77.0.1",
-                                   "::ffff:127.0.0.1", "0.0.0.0", "::", "224.0.0.1", "ff02::1"};
+static const char *const dsts[] = {
+    NK_FUZZ_NSM_V4,    NK_FUZZ_NSM_V6,     "127.0.0.1",        "::1",     NK_FUZZ_TENANT_V4,
+    NK_FUZZ_TENANT_V6, "::ffff:10.77.0.1", "::ffff:127.0.0.1", "0.0.0.0", "::",
+    "224.0.0.1",       "ff02::1"};
 
 static void op_tx_dgram(struct nk_fuzz_in *in) {
   uint32_t i = pick_slot(in);
@@ -359,8 +393,11 @@ static void op_guest(struct nk_fuzz_in *in) {
         struct cmsghdr align;
       } cm;
       memset(&cm, 0, sizeof(cm));
-      struct iovec iov = {.iov_base = (void *)blocker, .iov_len = in_u8(in) & 1 ? sizeof(blocker) : 1};
-      struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+      struct iovec iov = {.iov_base = (void *)blocker,
+                          .iov_len = in_u8(in) & 1 ? sizeof(blocker) : 1};
+      struct msghdr mh = {.msg_iov = &iov,
+                          .msg_iovlen = 1,
+                          .msg_control = cm.buf,
                           .msg_controllen = sizeof(cm.buf)};
       struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
       c->cmsg_level = SOL_SOCKET;
@@ -499,18 +536,42 @@ static void op_connect_in(struct nk_fuzz_in *in) {
 static void run(struct nk_fuzz_in *in) {
   for (int ops = 0; in->n && ops < 512; ops++) {
     switch (in_u8(in) % OP_COUNT) {
-      case OP_W32: op_w32(in); break;
-      case OP_WHDR: op_whdr(in); break;
-      case OP_RING: op_ring(in); break;
-      case OP_TX_STREAM: op_tx_stream(in); break;
-      case OP_TX_DGRAM: op_tx_dgram(in); break;
-      case OP_RX_READ: op_rx_read(in); break;
-      case OP_BELL: doorbell(pick_slot(in)); break;
-      case OP_GUEST: op_guest(in); break;
-      case OP_PEER: op_peer(in); break;
-      case OP_PEER_DGRAM: op_peer_dgram(in); break;
-      case OP_CALL: op_call(in); break;
-      case OP_POLICY: op_policy(in); break;
+      case OP_W32:
+        op_w32(in);
+        break;
+      case OP_WHDR:
+        op_whdr(in);
+        break;
+      case OP_RING:
+        op_ring(in);
+        break;
+      case OP_TX_STREAM:
+        op_tx_stream(in);
+        break;
+      case OP_TX_DGRAM:
+        op_tx_dgram(in);
+        break;
+      case OP_RX_READ:
+        op_rx_read(in);
+        break;
+      case OP_BELL:
+        doorbell(pick_slot(in));
+        break;
+      case OP_GUEST:
+        op_guest(in);
+        break;
+      case OP_PEER:
+        op_peer(in);
+        break;
+      case OP_PEER_DGRAM:
+        op_peer_dgram(in);
+        break;
+      case OP_CALL:
+        op_call(in);
+        break;
+      case OP_POLICY:
+        op_policy(in);
+        break;
       case OP_TICK: {
         int n = in_u8(in) % 4 + 1;
         for (int k = 0; k < n; k++) {
@@ -519,8 +580,12 @@ static void run(struct nk_fuzz_in *in) {
         }
         break;
       }
-      case OP_SLEEP: nk_fuzz_sleep_cycle(); break;
-      case OP_CONNECT_IN: op_connect_in(in); break;
+      case OP_SLEEP:
+        nk_fuzz_sleep_cycle();
+        break;
+      case OP_CONNECT_IN:
+        op_connect_in(in);
+        break;
     }
   }
   /* Whatever the input left pending: the loop must come to rest, not crash. */
@@ -548,7 +613,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   srv_udp = nk_fuzz_socket_in(nk_fuzz_ns_nsm, AF_INET6, SOCK_DGRAM, "::", PORT_UDP);
   loop_tcp = nk_fuzz_socket_in(nk_fuzz_ns_tenant, AF_INET6, SOCK_STREAM, "::", PORT_LOOP_TCP);
   loop_udp = nk_fuzz_socket_in(nk_fuzz_ns_tenant, AF_INET6, SOCK_DGRAM, "::", PORT_LOOP_UDP);
-  if (listen(srv_tcp, 1024) < 0 || listen(loop_tcp, 1024) < 0) nk_fuzz_die("listen: %s", strerror(errno));
+  if (listen(srv_tcp, 1024) < 0 || listen(loop_tcp, 1024) < 0)
+    nk_fuzz_die("listen: %s", strerror(errno));
   nk_fuzz_neighbour_init("nsm");
   /* One input's worth first: whatever the engine opens once and keeps (diag.c's netlink
    * socket for the engine's namespace) is then open before every input. */

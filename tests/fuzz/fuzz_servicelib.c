@@ -44,8 +44,8 @@ enum {
   ACT_COUNT
 };
 
-#define NSLOTS 32
-#define RING 4096u
+#define NSLOTS      32
+#define RING        4096u
 #define ACCEPT_BASE 60001u /* ids the harness gives accepted connections; SOCKET's are below */
 
 static struct nk_nsm *nsm;
@@ -140,8 +140,8 @@ static void drain_ctl(void) {
       struct cmsghdr align;
     } cm;
     struct iovec iov = {.iov_base = &m, .iov_len = sizeof(m)};
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                        .msg_controllen = sizeof(cm.buf)};
+    struct msghdr mh = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
     ssize_t n = recvmsg(cfd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (n <= 0) return;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
@@ -168,8 +168,8 @@ static void tick(void) {
     struct nk_esock *es = T->socks[i];
     if (!es || !es->ext.attached || es->dead) continue;
     uint32_t tail = atomic_load(es->tx.tail), head = atomic_load(es->rx.head);
-    NK_FUZZ_CHECK(es->ext.tx_off - tail <= es->tx.size, "slot %u: %u bytes offered to the NSM",
-                  i, es->ext.tx_off - tail);
+    NK_FUZZ_CHECK(es->ext.tx_off - tail <= es->tx.size, "slot %u: %u bytes offered to the NSM", i,
+                  es->ext.tx_off - tail);
     NK_FUZZ_CHECK(es->ext.rx_credit - head <= es->rx.size, "slot %u: %u bytes of credit", i,
                   es->ext.rx_credit - head);
   }
@@ -200,8 +200,8 @@ static void nsm_connect(void) {
     struct cmsghdr align;
   } cm;
   struct iovec iov = {.iov_base = &hello, .iov_len = sizeof(hello)};
-  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                      .msg_controllen = sizeof(cm.buf)};
+  struct msghdr mh = {
+      .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
   ssize_t n = recvmsg(cfd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
   struct cmsghdr *c = n == sizeof(hello) ? CMSG_FIRSTHDR(&mh) : NULL;
   if (!c || c->cmsg_len != CMSG_LEN(sizeof(fds)) || hello.op != NK_SLC_HELLO)
@@ -254,7 +254,8 @@ static void setup(void) {
   nids = 0;
   next_accept = 0;
   nsm_connect();
-  int r = nk_tenant_add("fuzz", nk_fuzz_ns_tenant_path, "ext", NK_FUZZ_TENANT_V4, NK_FUZZ_TENANT_V6, &T);
+  int r = nk_tenant_add("fuzz", nk_fuzz_ns_tenant_path, "ext", NK_FUZZ_TENANT_V4, NK_FUZZ_TENANT_V6,
+                        &T);
   if (r < 0) nk_fuzz_die("tenant: %s", strerror(-r));
   drain_ctl();
   connected(AF_INET, NK_FUZZ_NSM_V4, 80, false);
@@ -308,12 +309,18 @@ static uint32_t pick_id(struct nk_fuzz_in *in) {
   uint8_t k = in_u8(in);
   if (k < 0xe0 && nids) return ids[k % nids];
   switch (k & 7) {
-    case 0: return NK_SL_MAX_SOCKS;
-    case 1: return NK_SL_MAX_SOCKS - 1;
-    case 2: return 0;
-    case 3: return UINT32_MAX;
-    case 4: return ACCEPT_BASE + next_accept;
-    default: return in_u32(in);
+    case 0:
+      return NK_SL_MAX_SOCKS;
+    case 1:
+      return NK_SL_MAX_SOCKS - 1;
+    case 2:
+      return 0;
+    case 3:
+      return UINT32_MAX;
+    case 4:
+      return ACCEPT_BASE + next_accept;
+    default:
+      return in_u32(in);
   }
 }
 
@@ -327,8 +334,13 @@ static struct nk_esock *by_id(uint32_t id) {
 }
 
 static struct nk_addr pick_addr(struct nk_fuzz_in *in) {
-  static const char *const a[] = {NK_FUZZ_NSM_V4, NK_FUZZ_NSM_V6, NK_FUZZ_TENANT_V4,
-                                  NK_FUZZ_TENANT_V6, "127.0.0.1", "::ffff:10.77.0.1", "::"};
+  static const char *const a[] = {NK_FUZZ_NSM_V4,
+                                  NK_FUZZ_NSM_V6,
+                                  NK_FUZZ_TENANT_V4,
+                                  NK_FUZZ_TENANT_V6,
+                                  "127.0.0.1",
+                                  "::ffff:10.77.0.1",
+                                  "::"};
   uint8_t k = in_u8(in);
   struct nk_addr r = {0};
   if (k >= 0xf0) in_bytes(in, &r, sizeof(r));
@@ -337,17 +349,21 @@ static struct nk_addr pick_addr(struct nk_fuzz_in *in) {
 }
 
 static void act_event(struct nk_fuzz_in *in) {
-  static const uint16_t ops[] = {NK_SLE_CONNECTED, NK_SLE_ACCEPTED, NK_SLE_SENT, NK_SLE_RECVD,
-                                 NK_SLE_FIN, NK_SLE_ERROR, NK_SLE_FREED, NK_SLE_DGRAM,
-                                 NK_SLR_DONE, 0, NK_SLQ_SEND, 72};
-  static const int32_t args[] = {0, ECONNRESET, ECONNREFUSED, ETIMEDOUT, -1, 4095, 4096,
-                                 INT32_MAX, INT32_MIN, EFAULT};
+  static const uint16_t ops[] = {NK_SLE_CONNECTED, NK_SLE_ACCEPTED,
+                                 NK_SLE_SENT,      NK_SLE_RECVD,
+                                 NK_SLE_FIN,       NK_SLE_ERROR,
+                                 NK_SLE_FREED,     NK_SLE_DGRAM,
+                                 NK_SLR_DONE,      0,
+                                 NK_SLQ_SEND,      72};
+  static const int32_t args[] = {0,    ECONNRESET, ECONNREFUSED, ETIMEDOUT, -1,
+                                 4095, 4096,       INT32_MAX,    INT32_MIN, EFAULT};
   uint8_t o = in_u8(in);
   struct nk_nqe e = {.op = o >= 0xf0 ? in_u16(in) : ops[o % (sizeof(ops) / sizeof(ops[0]))]};
   e.sock = pick_id(in);
   uint8_t a = in_u8(in);
-  e.arg = a >= 0xf0 ? (int32_t)in_u32(in) : a >= 0xc0 && nids ? (int32_t)ids[a % nids]
-                                                              : args[a % (sizeof(args) / sizeof(args[0]))];
+  e.arg = a >= 0xf0           ? (int32_t)in_u32(in)
+          : a >= 0xc0 && nids ? (int32_t)ids[a % nids]
+                              : args[a % (sizeof(args) / sizeof(args[0]))];
   /* Byte counts: exactly the credit the engine gave, one more, a little, or anything. */
   struct nk_esock *es = by_id(e.sock);
   uint8_t l = in_u8(in);
@@ -355,11 +371,20 @@ static void act_event(struct nk_fuzz_in *in) {
   if (es && e.op == NK_SLE_SENT) credit = es->ext.tx_off - atomic_load(es->tx.tail);
   if (es && e.op == NK_SLE_RECVD) credit = es->ext.rx_credit - atomic_load(es->rx.head);
   switch (l % 5) {
-    case 0: e.len = credit; break;
-    case 1: e.len = credit + 1; break;
-    case 2: e.len = l >> 3; break;
-    case 3: e.len = credit / 2; break;
-    default: e.len = in_u32(in);
+    case 0:
+      e.len = credit;
+      break;
+    case 1:
+      e.len = credit + 1;
+      break;
+    case 2:
+      e.len = l >> 3;
+      break;
+    case 3:
+      e.len = credit / 2;
+      break;
+    default:
+      e.len = in_u32(in);
   }
   e.off = in_u8(in) & 1 ? in_u64(in) : 0;
   e.addr = pick_addr(in);
@@ -423,7 +448,8 @@ static void act_answer(struct nk_fuzz_in *in) {
     }
     nk_sl_push(&sh->evt, &e);
     if ((how & 2) && e.op != NK_SLE_FREED) { /* and then the peer's FIN, or a reset */
-      struct nk_nqe f = {.op = how & 4 ? NK_SLE_ERROR : NK_SLE_FIN, .sock = q.sock, .arg = ECONNRESET};
+      struct nk_nqe f = {
+          .op = how & 4 ? NK_SLE_ERROR : NK_SLE_FIN, .sock = q.sock, .arg = ECONNRESET};
       nk_sl_push(&sh->evt, &f);
     }
   }
@@ -432,18 +458,25 @@ static void act_answer(struct nk_fuzz_in *in) {
 static void act_index(struct nk_fuzz_in *in) {
   uint8_t which = in_u8(in), mode = in_u8(in);
   if (!sh) return;
-  _Atomic uint32_t *idx[] = {&sh->evt.head.v, &sh->evt.tail.v, &sh->rep.head.v, &sh->rep.tail.v,
-                             &sh->req.tail.v, &sh->req.head.v, &sh->req.sleeping.v,
-                             &sh->evt.sleeping.v, &sh->dg_in.head.v, &sh->dg_in.tail.v,
-                             &sh->dg_out.tail.v, &sh->dg_out.head.v};
+  _Atomic uint32_t *idx[] = {&sh->evt.head.v,     &sh->evt.tail.v,     &sh->rep.head.v,
+                             &sh->rep.tail.v,     &sh->req.tail.v,     &sh->req.head.v,
+                             &sh->req.sleeping.v, &sh->evt.sleeping.v, &sh->dg_in.head.v,
+                             &sh->dg_in.tail.v,   &sh->dg_out.tail.v,  &sh->dg_out.head.v};
   _Atomic uint32_t *p = idx[which % (sizeof(idx) / sizeof(idx[0]))];
   req_moved |= p == &sh->req.tail.v || p == &sh->req.head.v;
   uint32_t v = atomic_load(p);
   switch (mode % 4) {
-    case 0: v += (uint32_t)(int32_t)(int16_t)in_u16(in); break;
-    case 1: v += NK_SL_QUEUE_LEN; break;
-    case 2: v -= 1; break;
-    default: v = in_u32(in);
+    case 0:
+      v += (uint32_t)(int32_t)(int16_t)in_u16(in);
+      break;
+    case 1:
+      v += NK_SL_QUEUE_LEN;
+      break;
+    case 2:
+      v -= 1;
+      break;
+    default:
+      v = in_u32(in);
   }
   atomic_store(p, v);
   if (mode & 0x80) { /* and garbage in the element the engine reads next */
@@ -505,7 +538,8 @@ static void act_tenant(struct nk_fuzz_in *in) {
         uint8_t *d = T->rings + (uint64_t)i * 2u * T->ring_size;
         for (uint32_t k = 0; k < sizeof(h); k++) d[(head + k) % RING] = ((uint8_t *)&h)[k];
         uint32_t need = (uint32_t)NK_DGRAM_SPACE(h.len);
-        if (head - tail <= RING && RING - (head - tail) >= need) atomic_store(&s->tx_head.v, head + need);
+        if (head - tail <= RING && RING - (head - tail) >= need)
+          atomic_store(&s->tx_head.v, head + need);
       }
   }
   doorbell(i);
@@ -562,7 +596,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   if (r < 0) nk_fuzz_die("nsm: %s", strerror(-r));
   nsm = nk_nsm_find("ext");
   /* The neighbour is on a kernel NSM of its own: what the external NSM does must not reach it. */
-  if ((r = nk_nsm_add("kernel", nk_fuzz_ns_nsm_path, "kernel")) < 0) nk_fuzz_die("nsm: %s", strerror(-r));
+  if ((r = nk_nsm_add("kernel", nk_fuzz_ns_nsm_path, "kernel")) < 0)
+    nk_fuzz_die("nsm: %s", strerror(-r));
   nk_fuzz_neighbour_init("kernel");
   /* One input's worth first: what the engine opens once is then open before every input. */
   setup();
@@ -576,12 +611,24 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   setup();
   for (int ops = 0; in.n && ops < 512; ops++) {
     switch (in_u8(&in) % ACT_COUNT) {
-      case ACT_EVENT: act_event(&in); break;
-      case ACT_ACCEPT: act_accept(&in); break;
-      case ACT_DGRAM: act_dgram(&in); break;
-      case ACT_ANSWER: act_answer(&in); break;
-      case ACT_INDEX: act_index(&in); break;
-      case ACT_REPLY: act_reply(&in); break;
+      case ACT_EVENT:
+        act_event(&in);
+        break;
+      case ACT_ACCEPT:
+        act_accept(&in);
+        break;
+      case ACT_DGRAM:
+        act_dgram(&in);
+        break;
+      case ACT_ANSWER:
+        act_answer(&in);
+        break;
+      case ACT_INDEX:
+        act_index(&in);
+        break;
+      case ACT_REPLY:
+        act_reply(&in);
+        break;
       case ACT_TICK: {
         int n = in_u8(&in) % 3 + 1;
         for (int k = 0; k < n; k++) tick();
@@ -593,8 +640,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
           (void)!write(engine_bell, &one, sizeof(one));
         }
         break;
-      case ACT_TENANT: act_tenant(&in); break;
-      case ACT_CALL: act_call(&in); break;
+      case ACT_TENANT:
+        act_tenant(&in);
+        break;
+      case ACT_CALL:
+        act_call(&in);
+        break;
       case ACT_HANGUP:
         if (in_u8(&in) & 1) {
           del_tenant_first = true;

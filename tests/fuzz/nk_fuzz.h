@@ -21,19 +21,19 @@
 
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
 #include <net/if.h>
 #include <sched.h>
 #include <stdarg.h>
-#include <linux/netlink.h>
-#include <linux/rtnetlink.h>
 #include <sys/ioctl.h>
 
 #define main nk_engine_main
 #include "main.c"
 #undef main
 
-#define NK_FUZZ_NSM_V4 "10.77.0.1" /* the harness's server on the NSM's lo */
-#define NK_FUZZ_NSM_V6 "fd77::1"
+#define NK_FUZZ_NSM_V4    "10.77.0.1" /* the harness's server on the NSM's lo */
+#define NK_FUZZ_NSM_V6    "fd77::1"
 #define NK_FUZZ_TENANT_V4 "10.77.0.2" /* the tenant's addresses, also on the NSM's lo */
 #define NK_FUZZ_TENANT_V6 "fd77::2"
 
@@ -56,8 +56,8 @@ __attribute__((format(printf, 1, 2), noreturn)) static void nk_fuzz_die(const ch
   abort();
 }
 
-#define NK_FUZZ_CHECK(cond, ...)        \
-  do {                                  \
+#define NK_FUZZ_CHECK(cond, ...)           \
+  do {                                     \
     if (!(cond)) nk_fuzz_die(__VA_ARGS__); \
   } while (0)
 
@@ -267,8 +267,8 @@ static void nk_fuzz_check_tenant(struct nk_tenant *t) {
     struct nk_esock *es = t->socks[i];
     if (!es) continue;
     n++;
-    NK_FUZZ_CHECK(es->slot == i && es->t == t && !es->freed, "slot %u: socket %p is not its own",
-                  i, (void *)es);
+    NK_FUZZ_CHECK(es->slot == i && es->t == t && !es->freed, "slot %u: socket %p is not its own", i,
+                  (void *)es);
     NK_FUZZ_CHECK(es->ep_count >= 0 && es->ep_count <= NK_MAX_EP, "slot %u: %d endpoints", i,
                   es->ep_count);
   }
@@ -298,7 +298,8 @@ static void nk_fuzz_check_engine(void) {
   }
   NK_FUZZ_CHECK(fds == engine.fds_taken, "engine: %llu descriptors taken, tenants hold %llu",
                 (unsigned long long)engine.fds_taken, (unsigned long long)fds);
-  NK_FUZZ_CHECK(zombies == engine.nzombies, "engine: nzombies %u, zombie sockets %u", engine.nzombies, zombies);
+  NK_FUZZ_CHECK(zombies == engine.nzombies, "engine: nzombies %u, zombie sockets %u",
+                engine.nzombies, zombies);
   uint32_t throttled = 0;
   for (struct nk_esock *es = engine.throttled; es; es = es->next_throttled)
     NK_FUZZ_CHECK(++throttled <= 1u << 20 && es->throttled && !es->freed, "throttled list broken");
@@ -402,7 +403,8 @@ static inline int nk_fuzz_socket_in(int ns, int family, int type, const char *ip
     struct nk_addr a = nk_fuzz_addr(ip, port);
     struct sockaddr_storage ss;
     socklen_t l = nk_addr_to_sa(&a, &ss);
-    if (bind(fd, (struct sockaddr *)&ss, l) < 0) nk_fuzz_die("bind %s:%u: %s", ip, port, strerror(errno));
+    if (bind(fd, (struct sockaddr *)&ss, l) < 0)
+      nk_fuzz_die("bind %s:%u: %s", ip, port, strerror(errno));
   }
   return fd;
 }
@@ -460,10 +462,10 @@ static struct nk_esock *nk_fuzz_guest_socket(struct nk_tenant *t, int ns, int fa
  * still serves that tenant ahead of everyone, or a state that wedges shared machinery (the
  * NSM's link, the throttled list, the active-tenant ring), fails here. */
 
-#define NK_FUZZ_NEIGHBOUR_V4 "10.77.0.3"
-#define NK_FUZZ_NEIGHBOUR_V6 "fd77::3"
+#define NK_FUZZ_NEIGHBOUR_V4   "10.77.0.3"
+#define NK_FUZZ_NEIGHBOUR_V6   "fd77::3"
 #define NK_FUZZ_NEIGHBOUR_PORT 7100
-#define NK_FUZZ_PING_ROUNDS 16
+#define NK_FUZZ_PING_ROUNDS    16
 
 static struct {
   struct nk_tenant *t;
@@ -485,8 +487,7 @@ static void nk_fuzz_ring_bell(struct nk_tenant *t, uint32_t i) {
 /* READY records on the neighbour's proxy end, taken back as GuestLib does. */
 static void nk_fuzz_neighbour_drain(void) {
   char buf[256];
-  while (recv(nk_fuzz_nbr.guest, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
-  }
+  while (recv(nk_fuzz_nbr.guest, buf, sizeof(buf), MSG_DONTWAIT) > 0) {}
   struct nk_slot *s = &nk_fuzz_nbr.t->slots[nk_fuzz_nbr.slot];
   atomic_store(&s->rx_ack, atomic_load(&s->ready_sent));
   atomic_fetch_add(&s->rx_seen, 1);
@@ -507,14 +508,15 @@ static void nk_fuzz_neighbour_init(const char *nsm_name) {
                                          NK_FUZZ_NEIGHBOUR_PORT);
   if (listen(nk_fuzz_nbr.server, 4) < 0) nk_fuzz_die("listen: %s", strerror(errno));
   /* socket() and connect() as GuestLib and the control path make them. */
-  struct nk_esock *es = nk_fuzz_guest_socket(nk_fuzz_nbr.t, ns, AF_INET, SOCK_STREAM,
-                                             &nk_fuzz_nbr.guest);
+  struct nk_esock *es =
+      nk_fuzz_guest_socket(nk_fuzz_nbr.t, ns, AF_INET, SOCK_STREAM, &nk_fuzz_nbr.guest);
   close(ns); /* the engine holds the namespace now */
   if (!es) nk_fuzz_die("neighbour socket: no slot");
   nk_fuzz_nbr.slot = es->slot;
   struct nk_addr a = nk_fuzz_addr(NK_FUZZ_NSM_V4, NK_FUZZ_NEIGHBOUR_PORT);
   int inprog;
-  if ((r = nk_sock_connect(es, &a, &inprog)) < 0) nk_fuzz_die("neighbour connect: %s", strerror(-r));
+  if ((r = nk_sock_connect(es, &a, &inprog)) < 0)
+    nk_fuzz_die("neighbour connect: %s", strerror(-r));
   for (int i = 0; i < 100 && nk_fuzz_nbr.peer < 0; i++) {
     nk_fuzz_tick();
     nk_fuzz_nbr.peer = accept4(nk_fuzz_nbr.server, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -547,15 +549,19 @@ static void nk_fuzz_neighbour_ping(const char *what) {
     }
     uint32_t rh = atomic_load(&s->rx_head.v), rt = atomic_load(&s->rx_tail.v);
     if (!in && rh != rt) {
-      NK_FUZZ_CHECK(rh - rt == 1 && rx[rt % size] == seq, "neighbour: received %u bytes, first %u, "
-                    "its peer sent one, %u", rh - rt, rx[rt % size], seq);
+      NK_FUZZ_CHECK(rh - rt == 1 && rx[rt % size] == seq,
+                    "neighbour: received %u bytes, first %u, "
+                    "its peer sent one, %u",
+                    rh - rt, rx[rt % size], seq);
       atomic_store(&s->rx_tail.v, rt + 1);
       in = true;
     }
     nk_fuzz_neighbour_drain();
   }
-  NK_FUZZ_CHECK(out && in, "stall %s: the neighbour tenant's ping was not %s within %d rounds of "
-                "the loop", what, out ? "answered" : "sent", NK_FUZZ_PING_ROUNDS);
+  NK_FUZZ_CHECK(out && in,
+                "stall %s: the neighbour tenant's ping was not %s within %d rounds of "
+                "the loop",
+                what, out ? "answered" : "sent", NK_FUZZ_PING_ROUNDS);
 }
 
 /* Only the neighbour is left, holding just its own socket (each harness's teardown check). */

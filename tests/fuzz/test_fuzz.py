@@ -58,15 +58,25 @@ def test_fuzz(harnesses: dict[str, Path], name: str, tmp_path: Path) -> None:
     assert seeds.is_dir() and any(seeds.iterdir()), f"no committed corpus in {seeds}"
     work = tmp_path / "corpus"  # new entries go to the first directory given
     work.mkdir()
-    cmd = [str(harnesses[name]), f"-max_total_time={SECONDS}", f"-timeout={TIMEOUT_S}",
-           "-rss_limit_mb=2048", "-close_fd_mask=2", "-print_final_stats=1",
-           f"-artifact_prefix={tmp_path}/", str(work), str(seeds)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SECONDS + 300,
-                          stdin=subprocess.DEVNULL)
+    cmd = [
+        str(harnesses[name]),
+        f"-max_total_time={SECONDS}",
+        f"-timeout={TIMEOUT_S}",
+        "-rss_limit_mb=2048",
+        "-close_fd_mask=2",
+        "-print_final_stats=1",
+        f"-artifact_prefix={tmp_path}/",
+        str(work),
+        str(seeds),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=SECONDS + 300, stdin=subprocess.DEVNULL
+    )
     artifacts = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
     print(f"{name}: {final_stats(proc.stderr)}")
     assert proc.returncode == 0, (
         f"{name} exited {proc.returncode}; artifacts in {tmp_path}: {artifacts}\n"
         f"reproduce: {harnesses[name]} -close_fd_mask=2 {tmp_path}/<artifact>\n"
-        f"{proc.stderr[-6000:]}")
+        f"{proc.stderr[-6000:]}"
+    )
     assert "DONE" in proc.stderr, proc.stderr[-3000:]

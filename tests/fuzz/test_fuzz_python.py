@@ -33,24 +33,102 @@ from netkernel import api, config  # noqa: E402
 from netkernel.errors import ConfigError, DaemonError  # noqa: E402
 
 EXAMPLES = int(os.environ.get("NETKERNEL_FUZZ_EXAMPLES", "300"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 
 # ---- values ----
 
 NOTABLE_STRINGS = [
-    "", " ", "0", "1", "-1", "7", " 7 ", "4294967296", "200Mbit", "1.5Gbit", "500M", "10kbit/s",
-    "0.0001k", "512MiB", "2GiB", "64K", "3TB", "1.5 G", "9" * 400, "9" * 400 + "Mbit", "9" * 400 + "GiB",
-    "1e9", "on", "off", "yes", "true", "kernel", "lwip", "cubic", "reno", "bbr", "nosuchcc",
-    "text", "json", "/", "/tmp", "/nonexistent", "relative/path", "/" + "a" * 300, "/a\x00b",
-    "/run/netkernel/daemon.sock", "/" + "d/" * 60, "127.0.0.1:9464", "[::1]:0", "localhost:70000",
-    "[fe80::1%eth0]:80", "host:port", "198.18.0.0/15", "fd6e:6b00::/64", "10.0.0.0/33", "::/200",
-    "198.18.0.1/15", "10.0.0.0/24", "web", "a", "Web", "a" * 40, "x\ny", "root", "nogroup", "a\x00b",
-    "net.ipv4.tcp_wmem", "net.core.somaxconn", "4096 16384 4194304", "\u00b2", "\u0663",
+    "",
+    " ",
+    "0",
+    "1",
+    "-1",
+    "7",
+    " 7 ",
+    "4294967296",
+    "200Mbit",
+    "1.5Gbit",
+    "500M",
+    "10kbit/s",
+    "0.0001k",
+    "512MiB",
+    "2GiB",
+    "64K",
+    "3TB",
+    "1.5 G",
+    "9" * 400,
+    "9" * 400 + "Mbit",
+    "9" * 400 + "GiB",
+    "1e9",
+    "on",
+    "off",
+    "yes",
+    "true",
+    "kernel",
+    "lwip",
+    "cubic",
+    "reno",
+    "bbr",
+    "nosuchcc",
+    "text",
+    "json",
+    "/",
+    "/tmp",
+    "/nonexistent",
+    "relative/path",
+    "/" + "a" * 300,
+    "/a\x00b",
+    "/run/netkernel/daemon.sock",
+    "/" + "d/" * 60,
+    "127.0.0.1:9464",
+    "[::1]:0",
+    "localhost:70000",
+    "[fe80::1%eth0]:80",
+    "host:port",
+    "198.18.0.0/15",
+    "fd6e:6b00::/64",
+    "10.0.0.0/33",
+    "::/200",
+    "198.18.0.1/15",
+    "10.0.0.0/24",
+    "web",
+    "a",
+    "Web",
+    "a" * 40,
+    "x\ny",
+    "root",
+    "nogroup",
+    "a\x00b",
+    "net.ipv4.tcp_wmem",
+    "net.core.somaxconn",
+    "4096 16384 4194304",
+    "\u00b2",
+    "\u0663",
 ]
-NOTABLE_INTS = [0, 1, -1, 2, 19, 20, -20, -21, 255, 256, 1000, 65535, 65536, 2**31, 2**32, 2**63 - 1,
-                -(2**63)]
+NOTABLE_INTS = [
+    0,
+    1,
+    -1,
+    2,
+    19,
+    20,
+    -20,
+    -21,
+    255,
+    256,
+    1000,
+    65535,
+    65536,
+    2**31,
+    2**32,
+    2**63 - 1,
+    -(2**63),
+]
 
 
 def scalars() -> st.SearchStrategy[Any]:
@@ -62,13 +140,20 @@ def scalars() -> st.SearchStrategy[Any]:
         st.integers(min_value=-(2**63), max_value=2**63 - 1),
         st.floats(),
         st.booleans(),
-        st.datetimes(), st.dates(), st.times(),
+        st.datetimes(),
+        st.dates(),
+        st.times(),
     )
 
 
 def values() -> st.SearchStrategy[Any]:
-    return st.recursive(SCALARS, lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=8)
+    return st.recursive(
+        SCALARS,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=8,
+    )
 
 
 # Built once: hypothesis validates every strategy object it is given, which costs more than the
@@ -77,9 +162,18 @@ SCALARS = scalars()
 VALUES = values()
 
 
-SYSCTLS = ["net.core.somaxconn", "net.ipv4.tcp_wmem", "net.ipv4.ip_nonlocal_bind",
-           "net.ipv4.conf.eth0.forwarding", "net.ipv4.tcp_congestion_control", "kernel.pid_max", "net..x",
-           "net.nosuch", "net." + "a" * 300, "net.ipv4." + "b/" * 10]
+SYSCTLS = [
+    "net.core.somaxconn",
+    "net.ipv4.tcp_wmem",
+    "net.ipv4.ip_nonlocal_bind",
+    "net.ipv4.conf.eth0.forwarding",
+    "net.ipv4.tcp_congestion_control",
+    "kernel.pid_max",
+    "net..x",
+    "net.nosuch",
+    "net." + "a" * 300,
+    "net.ipv4." + "b/" * 10,
+]
 NAMES = ["kernel", "lwip1", "web", "db", "a", "Kernel", "1abc", "x" * 12, "web", "-", ""]
 KEYS = {
     "daemon": ("api_socket", "api_group", "metrics_listen", "log_format", "engine_nice"),
@@ -97,8 +191,11 @@ def table(section: str) -> st.SearchStrategy[dict[str, Any]]:
         "kind": st.sampled_from(["kernel", "lwip", "dpdk"]) | SCALARS,
         "sysctl": st.dictionaries(st.sampled_from(SYSCTLS) | st.text(max_size=10), SCALARS, max_size=3)
         | VALUES,
-        "rw": st.lists(st.sampled_from(["/tmp", "/", "/nonexistent", "/" + "a" * 300, "/a\x00b", "tmp"])
-                       | SCALARS, max_size=3) | VALUES,
+        "rw": st.lists(
+            st.sampled_from(["/tmp", "/", "/nonexistent", "/" + "a" * 300, "/a\x00b", "tmp"]) | SCALARS,
+            max_size=3,
+        )
+        | VALUES,
     }
     special["ro"] = special["rw"]
     known = (st.tuples(st.just(k), special.get(k, VALUES)) for k in KEYS[section])
@@ -198,15 +295,16 @@ def config_files(draw: st.DrawFn) -> bytes:
             at = draw(st.integers(0, len(text) - 1))
             what = draw(st.integers(0, 2))
             if what == 0:
-                text = text[:at] + draw(st.sampled_from('[]{}="\'#.,\n\\ ')) + text[at + 1:]
+                text = text[:at] + draw(st.sampled_from("[]{}=\"'#.,\n\\ ")) + text[at + 1 :]
             elif what == 1:
-                text = text[:at] + text[at + draw(st.integers(1, 20)):]
+                text = text[:at] + text[at + draw(st.integers(1, 20)) :]
             else:
-                text = text[:at] + text[at:at + 30] + text[at:]
+                text = text[:at] + text[at : at + 30] + text[at:]
     return text.encode()
 
 
 # ---- the properties ----
+
 
 def _config_must_fail_cleanly(fn: Any, arg: Any) -> None:
     try:
@@ -214,8 +312,10 @@ def _config_must_fail_cleanly(fn: Any, arg: Any) -> None:
     except ConfigError as e:
         assert str(e).strip(), f"ConfigError without a message for {arg!r}"
     except Exception as e:  # the bug this test is about
-        raise AssertionError(f"{type(e).__name__} escaped {fn.__name__}() instead of ConfigError: "
-                             f"{e!s:.300}\ninput: {arg!r:.2000}") from e
+        raise AssertionError(
+            f"{type(e).__name__} escaped {fn.__name__}() instead of ConfigError: "
+            f"{e!s:.300}\ninput: {arg!r:.2000}"
+        ) from e
     else:
         assert isinstance(result, config.Config)
 
@@ -236,7 +336,7 @@ def test_parse_config(doc: dict[str, Any]) -> None:
 @FUZZ
 @given(config_files())
 @example(b"a = " + b"[" * 5000 + b"]" * 5000)  # RecursionError from tomllib
-@example(b"[defaults]\nrate_rx = \"" + b"9" * 400 + b"\"\n")
+@example(b'[defaults]\nrate_rx = "' + b"9" * 400 + b'"\n')
 def test_load_config(data: bytes) -> None:
     with tempfile.TemporaryDirectory(prefix="nk-fuzz-config-") as d:
         path = Path(d) / "netkernel.toml"
@@ -256,10 +356,16 @@ FIELDS = sorted({name for op in api.OPS.values() for name in (*op.required, *op.
 
 def json_values() -> st.SearchStrategy[Any]:
     return st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
-        | st.sampled_from(NOTABLE_STRINGS) | st.sampled_from(NOTABLE_INTS),
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats()
+        | st.text(max_size=20)
+        | st.sampled_from(NOTABLE_STRINGS)
+        | st.sampled_from(NOTABLE_INTS),
         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-        max_leaves=10)
+        max_leaves=10,
+    )
 
 
 def requests() -> st.SearchStrategy[Any]:
@@ -267,9 +373,13 @@ def requests() -> st.SearchStrategy[Any]:
         lambda v, op, fields: {"v": v, "op": op, **fields},
         st.sampled_from([1, 1.0, True, 0, 2, "1", None]) | json_values(),
         st.sampled_from(sorted(api.OPS)) | json_values(),
-        st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_values(), max_size=5))
-    partial = shaped.flatmap(lambda r: st.sets(st.sampled_from(sorted(r))).map(
-        lambda drop: {k: v for k, v in r.items() if k not in drop}))
+        st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_values(), max_size=5),
+    )
+    partial = shaped.flatmap(
+        lambda r: st.sets(st.sampled_from(sorted(r))).map(
+            lambda drop: {k: v for k, v in r.items() if k not in drop}
+        )
+    )
     return st.one_of(shaped, partial, json_values())
 
 
@@ -341,5 +451,6 @@ def test_request_handler(data: bytes) -> None:
         assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool), reply
         if not reply["ok"]:
             assert isinstance(reply.get("error"), str) and reply["error"].strip(), reply
-            assert not reply["error"].startswith("internal error"), \
+            assert not reply["error"].startswith("internal error"), (
                 f"a request line made the daemon fail inside: {reply['error']}\ninput: {data!r:.2000}"
+            )

@@ -75,8 +75,9 @@ def nsm_bytes(name: str) -> int:
     return int(n["tx_bytes"] or 0) + int(n["rx_bytes"] or 0)
 
 
-def test_nginx_on_lwip_served_to_wrk(lwip: str, on_lwip: Tenant, peer_ns: Callable[[], Peer],
-                                     nk_tmpdir: Path) -> None:
+def test_nginx_on_lwip_served_to_wrk(
+    lwip: str, on_lwip: Tenant, peer_ns: Callable[[], Peer], nk_tmpdir: Path
+) -> None:
     """nginx (master + 2 workers), unmodified, on lwIP: wrk from a peer namespace over IPv4 and
     IPv6, keep-alive and Connection: close, 1 KiB and 1 MiB, without a single error."""
     peer, t = peer_ns(), on_lwip
@@ -92,8 +93,9 @@ def test_nginx_on_lwip_served_to_wrk(lwip: str, on_lwip: Tenant, peer_ns: Callab
             for extra in ([], ["-H", "Connection: close"]):
                 counts.append(check_wrk(wrk(peer, f"{url}/1k.bin", *extra), ng))
             counts.append(check_wrk(wrk(peer, f"{url}/1m.bin", conns=8), ng))
-        got = run_checked(peer, ["sh", "-c", f"curl -sS --fail http://{t.ipv4}/1m.bin | sha256sum"],
-                          timeout=60).stdout.split()[0]
+        got = run_checked(
+            peer, ["sh", "-c", f"curl -sS --fail http://{t.ipv4}/1m.bin | sha256sum"], timeout=60
+        ).stdout.split()[0]
         assert got == ng.sha_1m
         print(f"wrk requests (v4 keep-alive, close, 1 MiB, then v6): {counts}")
     finally:
@@ -119,8 +121,9 @@ print(hashlib.sha256(data).hexdigest(), len(data))
 """
 
 
-def test_clients_on_lwip_against_native_servers(on_lwip: Tenant, peer_ns: Callable[[], Peer],
-                                                nk_tmpdir: Path) -> None:
+def test_clients_on_lwip_against_native_servers(
+    on_lwip: Tenant, peer_ns: Callable[[], Peer], nk_tmpdir: Path
+) -> None:
     """curl and Python's urllib in an lwIP tenant fetch from servers in a peer namespace (the
     Linux stack), IPv4 and IPv6; a name resolves through NetKernel's resolver too."""
     peer, t = peer_ns(), on_lwip
@@ -131,14 +134,19 @@ def test_clients_on_lwip_against_native_servers(on_lwip: Tenant, peer_ns: Callab
     servers = []
     try:
         for addr, port in ((peer.ipv4, PORT), (peer.ipv6, PORT + 1)):
-            srv = peer.popen([PY, "-u", "-c", NATIVE_HTTP, addr, str(port), str(www)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            srv = peer.popen(
+                [PY, "-u", "-c", NATIVE_HTTP, addr, str(port), str(www)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             servers.append(srv)
             wait_line(srv, r"^READY")
         for addr, port in ((peer.ipv4, PORT), (peer.ipv6, PORT + 1)):
             url = f"http://{url_host(addr)}:{port}/f.bin"
-            got = run_checked(t, ["sh", "-c", f"curl -sS --fail --max-time 30 {url} | sha256sum"],
-                              timeout=60).stdout.split()[0]
+            got = run_checked(
+                t, ["sh", "-c", f"curl -sS --fail --max-time 30 {url} | sha256sum"], timeout=60
+            ).stdout.split()[0]
             assert got == sha, url
             out = run_checked(t, [PY, "-c", URLLIB, url], timeout=60).stdout.split()
             assert out == [sha, str(3 * MIB + 17)], url
@@ -157,21 +165,30 @@ def test_bulk_256mib_sha256(direction: str, on_lwip: Tenant, peer_ns: Callable[[
     peer, t = peer_ns(), on_lwip
     size = 256 * MIB
     peer_dir, tenant_dir = ("recv", "send") if direction == "tenant-sends" else ("send", "recv")
-    server = peer.popen([PY, "-u", str(PROGS / "bulk.py"), "listen", peer.ipv4, str(PORT),
-                         peer_dir, str(size)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = peer.popen(
+        [PY, "-u", str(PROGS / "bulk.py"), "listen", peer.ipv4, str(PORT), peer_dir, str(size)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_line(server, r"^READY")
         t0 = time.monotonic()
-        client = t.run([PY, str(PROGS / "bulk.py"), "connect", peer.ipv4, str(PORT), tenant_dir,
-                        str(size)], capture_output=True, text=True, timeout=300)
+        client = t.run(
+            [PY, str(PROGS / "bulk.py"), "connect", peer.ipv4, str(PORT), tenant_dir, str(size)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         seconds = time.monotonic() - t0
         assert client.returncode == 0, describe(client)
         out, err = server.communicate(timeout=60)
         assert server.returncode == 0, describe(server, out, err)
     finally:
         stop(server)
-    done = [re.search(r"^DONE ([0-9a-f]{64}) (\d+)$", text, re.M)
-            for text in (out.decode(errors="replace"), client.stdout)]
+    done = [
+        re.search(r"^DONE ([0-9a-f]{64}) (\d+)$", text, re.M)
+        for text in (out.decode(errors="replace"), client.stdout)
+    ]
     assert all(done), describe(client) + describe(server, out, err)
     assert done[0][1] == done[1][1] and int(done[0][2]) == int(done[1][2]) == size
     print(f"{direction}: 256 MiB in {seconds:.2f} s ({size * 8 / seconds / 1e9:.2f} Gbit/s)")
@@ -179,19 +196,27 @@ def test_bulk_256mib_sha256(direction: str, on_lwip: Tenant, peer_ns: Callable[[
 
 def held_connection(peer: Peer, t: Tenant) -> subprocess.Popen[str]:
     """A keep-alive connection from the peer to nginx in t, open until stdin closes."""
-    code = ("import socket,sys\n"
-            f"s=socket.create_connection(({t.ipv4!r},80))\n"
-            "s.sendall(b'GET /1k.bin HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
-            "print('OPEN', s.getsockname()[1], flush=True)\n"
-            "sys.stdin.read()\n")
-    p = peer.popen([PY, "-u", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                   stderr=subprocess.PIPE, text=True)
+    code = (
+        "import socket,sys\n"
+        f"s=socket.create_connection(({t.ipv4!r},80))\n"
+        "s.sendall(b'GET /1k.bin HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
+        "print('OPEN', s.getsockname()[1], flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    p = peer.popen(
+        [PY, "-u", "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_line(p, r"^OPEN")
     return p
 
 
-def test_nginx_moves_between_kernel_and_lwip(lwip: str, tenant: Callable[..., Tenant],
-                                             peer_ns: Callable[[], Peer], nk_tmpdir: Path) -> None:
+def test_nginx_moves_between_kernel_and_lwip(
+    lwip: str, tenant: Callable[..., Tenant], peer_ns: Callable[[], Peer], nk_tmpdir: Path
+) -> None:
     """The same nginx, with the same config, moves from the kernel NSM to lwIP and back: a
     download running across each move finishes intact, wrk sees no error, and connections
     opened after a move use the new NSM."""
@@ -206,9 +231,12 @@ def test_nginx_moves_between_kernel_and_lwip(lwip: str, tenant: Callable[..., Te
         check_wrk(wrk(peer, f"http://{t.ipv4}/1k.bin"), ng)
         for target in (lwip, kernel):
             # 64 MiB at 16 MB/s: about 4 s, so the move happens in the middle of it.
-            download = peer.popen(["sh", "-c", f"curl -sS --fail --limit-rate 16M http://{t.ipv4}/big.bin"
-                                   " | sha256sum"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
+            download = peer.popen(
+                ["sh", "-c", f"curl -sS --fail --limit-rate 16M http://{t.ipv4}/big.bin | sha256sum"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             time.sleep(0.7)
             proc = nk("tenant", "move", t.name, "--nsm", target)
             assert proc.returncode == 0, describe(proc)
@@ -264,15 +292,23 @@ def test_udp_on_lwip(on_lwip: Tenant, peer_ns: Callable[[], Peer]) -> None:
     procs = []
     try:
         for addr, port in ((peer.ipv4, PORT + 10), (peer.ipv6, PORT + 11)):
-            p = peer.popen([PY, "-u", "-c", UDP, "echo", addr, str(port)], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+            p = peer.popen(
+                [PY, "-u", "-c", UDP, "echo", addr, str(port)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             procs.append(p)
             wait_line(p, r"^READY")
             for mode in ("sendto", "connected"):
                 out = run_checked(t, [PY, "-c", UDP, mode, addr, str(port)], timeout=60).stdout
                 assert out.startswith("OK "), out
-        srv = t.popen([PY, "-u", "-c", UDP, "echo", "0.0.0.0", str(PORT + 12)],
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        srv = t.popen(
+            [PY, "-u", "-c", UDP, "echo", "0.0.0.0", str(PORT + 12)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         procs.append(srv)
         wait_line(srv, r"^READY")
         out = run_checked(peer, [PY, "-c", UDP, "sendto", t.ipv4, str(PORT + 12)], timeout=60).stdout
@@ -319,30 +355,49 @@ while True:
 """
 
 
-def test_lwip_killed_mid_transfer(lwip: str, on_lwip: Tenant, tenant: Callable[..., Tenant],
-                                  peer_ns: Callable[[], Peer]) -> None:
+def test_lwip_killed_mid_transfer(
+    lwip: str, on_lwip: Tenant, tenant: Callable[..., Tenant], peer_ns: Callable[[], Peer]
+) -> None:
     """kill -9 of the lwIP process: the tenant's transfer fails at once with Linux's errors
     (no hang), the daemon restarts the NSM, the tenant's listener is back and new connections
     work both ways; a tenant on the kernel NSM finishes its checksummed transfer meanwhile."""
     peer, t = peer_ns(), on_lwip
     bystander = tenant(uname("kb"))
-    sink = peer.popen([PY, "-u", "-c", SINK, peer.ipv4, str(PORT)], stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE, text=True)
+    sink = peer.popen(
+        [PY, "-u", "-c", SINK, peer.ipv4, str(PORT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_line(sink, r"^READY")
-    echo = t.popen([PY, "-u", "-c", ECHO_SERVER, "0.0.0.0", str(PORT + 2)], stdout=subprocess.PIPE,
-                   stderr=subprocess.PIPE, text=True)
+    echo = t.popen(
+        [PY, "-u", "-c", ECHO_SERVER, "0.0.0.0", str(PORT + 2)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_line(echo, r"^READY")
     wait_port(peer, t.ipv4, PORT + 2)
     size = 192 * MIB
-    bulk_srv = peer.popen([PY, "-u", str(PROGS / "bulk.py"), "listen", peer.ipv4, str(PORT + 1),
-                           "recv", str(size)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    source = t.popen([PY, "-u", "-c", SOURCE, peer.ipv4, str(PORT)], stdout=subprocess.PIPE,
-                     stderr=subprocess.PIPE, text=True)
+    bulk_srv = peer.popen(
+        [PY, "-u", str(PROGS / "bulk.py"), "listen", peer.ipv4, str(PORT + 1), "recv", str(size)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    source = t.popen(
+        [PY, "-u", "-c", SOURCE, peer.ipv4, str(PORT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_line(bulk_srv, r"^READY")
-        bulk = bystander.popen([PY, str(PROGS / "bulk.py"), "connect", peer.ipv4, str(PORT + 1),
-                                "send", str(size)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+        bulk = bystander.popen(
+            [PY, str(PROGS / "bulk.py"), "connect", peer.ipv4, str(PORT + 1), "send", str(size)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         wait_line(source, r"^SENDING")
         time.sleep(1.0)
         before = nsm_list()[lwip]
@@ -354,19 +409,24 @@ def test_lwip_killed_mid_transfer(lwip: str, on_lwip: Tenant, tenant: Callable[.
         failed_after = time.monotonic() - t_kill
         assert re.search(r"ERROR (ConnectionResetError|BrokenPipeError) ", line), line
         # The daemon brings a new process up; the engine gives it the tenant and the listener.
-        assert retry(lambda: (n := nsm_list()[lwip])["up"] and n["pid"] != pid
-                     and n["restarts"] >= 1, timeout=15), nsm_list()[lwip]
+        assert retry(
+            lambda: (n := nsm_list()[lwip])["up"] and n["pid"] != pid and n["restarts"] >= 1, timeout=15
+        ), nsm_list()[lwip]
         wait_port(peer, t.ipv4, PORT + 2, timeout=15)
-        probe = ("import socket,sys\n"
-                 f"s=socket.create_connection(({t.ipv4!r},{PORT + 2}))\n"
-                 "s.sendall(b'ping'); print(s.recv(100).decode())\n")
+        probe = (
+            "import socket,sys\n"
+            f"s=socket.create_connection(({t.ipv4!r},{PORT + 2}))\n"
+            "s.sendall(b'ping'); print(s.recv(100).decode())\n"
+        )
         assert run_checked(peer, [PY, "-c", probe]).stdout.strip() == "ping"
         tenant_wait_port(t, peer.ipv4, PORT)  # and out of the tenant, through the new process
         out, err = bulk.communicate(timeout=120)
         assert bulk.returncode == 0, describe(bulk, out, err)
         srv_out, srv_err = bulk_srv.communicate(timeout=60)
-        sums = [re.search(r"^DONE ([0-9a-f]{64}) (\d+)$", text, re.M)
-                for text in (out, srv_out.decode(errors="replace"))]
+        sums = [
+            re.search(r"^DONE ([0-9a-f]{64}) (\d+)$", text, re.M)
+            for text in (out, srv_out.decode(errors="replace"))
+        ]
         assert all(sums) and sums[0][1] == sums[1][1], describe(bulk, out, err)
         print(f"the sender failed {failed_after * 1000:.0f} ms after the kill: {line}")
     finally:

@@ -9,9 +9,7 @@
 
 #include "engine.h"
 
-static int refused(struct nk_esock *es, int k) {
-  return (int)(intptr_t)es->ep[k].nsm->priv;
-}
+static int refused(struct nk_esock *es, int k) { return (int)(intptr_t)es->ep[k].nsm->priv; }
 
 static int refuse_open(struct nk_esock *es, int k) {
   es->ep[k].fd = -1;
@@ -39,8 +37,8 @@ static int refuse_connect(struct nk_esock *es, const struct nk_addr *dst) {
 
 static void refuse_transmit(struct nk_esock *es) { (void)es; }
 
-static int refuse_send_dgram(struct nk_esock *es, int k, const struct nk_addr *dst,
-                             uint32_t pos, uint32_t len) {
+static int refuse_send_dgram(struct nk_esock *es, int k, const struct nk_addr *dst, uint32_t pos,
+                             uint32_t len) {
   (void)dst, (void)pos, (void)len;
   return -refused(es, k);
 }

@@ -45,9 +45,23 @@ class Engine:
     def run(self, code: str) -> subprocess.CompletedProcess[str]:
         """Python code in the tenant, with GuestLib preloaded: its sockets are the engine's."""
         guest = config.libdir() / "libnetkernel.so"
-        return subprocess.run(["ip", "netns", "exec", TENANT_NS, "env", f"LD_PRELOAD={guest}",
-                               f"NETKERNEL_SOCKET={self.tmp / 'engine.sock'}", sys.executable,
-                               "-c", code], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                TENANT_NS,
+                "env",
+                f"LD_PRELOAD={guest}",
+                f"NETKERNEL_SOCKET={self.tmp / 'engine.sock'}",
+                sys.executable,
+                "-c",
+                code,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +72,25 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         pytest.skip("GuestLib is not built (pip install .)")
     tmp = tmp_path_factory.mktemp("fourth-nsm")
     binary = tmp / "netkernel-engine-refuse"
-    subprocess.run([compiler(), "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE",
-                    f"-I{REPO / 'include'}", f"-I{REPO / 'csrc' / 'engine'}", "-o", str(binary),
-                    *engine_sources(), str(REPO / "tests" / "nsm" / "refuse_nsm.c"), "-lpthread"],
-                   check=True)
+    subprocess.run(
+        [
+            compiler(),
+            "-O1",
+            "-g",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-D_GNU_SOURCE",
+            f"-I{REPO / 'include'}",
+            f"-I{REPO / 'csrc' / 'engine'}",
+            "-o",
+            str(binary),
+            *engine_sources(),
+            str(REPO / "tests" / "nsm" / "refuse_nsm.c"),
+            "-lpthread",
+        ],
+        check=True,
+    )
     teardown_namespaces()
     for ns in (NSM_NS, TENANT_NS):
         subprocess.run(["ip", "netns", "add", ns], check=True)

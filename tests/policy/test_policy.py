@@ -67,8 +67,12 @@ def received_mbit(result: dict[str, Any]) -> float:
 def iperf3_server(peer: Peer, port: int, count: int = 1) -> list[subprocess.Popen[Any]]:
     """count iperf3 servers on port, port+1, ... (not one-shot: the readiness probe is a
     connection too); the peer fixture stops them."""
-    procs = [peer.popen(["iperf3", "-s", "-p", str(port + i)], stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL) for i in range(count)]
+    procs = [
+        peer.popen(
+            ["iperf3", "-s", "-p", str(port + i)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for i in range(count)
+    ]
     for i in range(count):
         wait_port(peer, peer.ipv4, port + i)
     return procs
@@ -77,8 +81,10 @@ def iperf3_server(peer: Peer, port: int, count: int = 1) -> list[subprocess.Pope
 def run_parallel(*jobs: tuple[Tenant | Peer, list[str]], timeout: float = 60) -> list[dict[str, Any]]:
     """Start several iperf3 clients at once (each in its tenant or namespace); their JSON
     results."""
-    procs = [t.popen(["iperf3", "-J", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                     text=True) for t, args in jobs]
+    procs = [
+        t.popen(["iperf3", "-J", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for t, args in jobs
+    ]
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=timeout)
@@ -94,22 +100,31 @@ def conns(tenant: str) -> list[dict[str, Any]]:
 # -- congestion control per NSM ------------------------------------------------------------------
 
 
-def test_each_nsm_runs_its_own_congestion_control(nsm: Callable[..., str],
-                                                  tenant: Callable[..., Tenant],
-                                                  peer_ns: Callable[[], Peer]) -> None:
+def test_each_nsm_runs_its_own_congestion_control(
+    nsm: Callable[..., str], tenant: Callable[..., Tenant], peer_ns: Callable[[], Peer]
+) -> None:
     peer = peer_ns()
-    chosen = {nsm("cr", "--congestion-control", "reno"): "reno",
-              nsm("cb", "--congestion-control", "bbr"): "bbr"}
+    chosen = {
+        nsm("cr", "--congestion-control", "reno"): "reno",
+        nsm("cb", "--congestion-control", "bbr"): "bbr",
+    }
     port = 5301
     for name, ca in chosen.items():
         t = tenant(uname("cc"), name)
         iperf3_server(peer, port)
-        client = t.popen(["iperf3", "-c", peer.ipv4, "-p", str(port), "-t", "3"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = t.popen(
+            ["iperf3", "-c", peer.ipv4, "-p", str(port), "-t", "3"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(1.5)
         # The NSM's own view, read inside its namespace by the kernel's ss.
-        ss = subprocess.run(["ip", "netns", "exec", nsm_netns(name), "ss", "-tin", "dst", peer.ipv4],
-                            capture_output=True, text=True, check=True).stdout
+        ss = subprocess.run(
+            ["ip", "netns", "exec", nsm_netns(name), "ss", "-tin", "dst", peer.ipv4],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         seen = set(re.findall(r"^\s+(reno|bbr|cubic)\b", ss, re.M))
         # And the engine's, from TCP_INFO on the same sockets.
         engine_view = {c.get("ca") for c in conns(t.name) if c.get("proto") == "tcp"}
@@ -138,8 +153,9 @@ def stream_seconds(proc: subprocess.Popen[str], out: list[tuple[float, float]]) 
             out.append((time.monotonic(), float(m.group(2)) * scale))
 
 
-def test_rate_limit_holds_and_leaves_neighbours_alone(tenant: Callable[..., Tenant],
-                                                      peer_ns: Callable[[], Peer]) -> None:
+def test_rate_limit_holds_and_leaves_neighbours_alone(
+    tenant: Callable[..., Tenant], peer_ns: Callable[[], Peer]
+) -> None:
     peer = peer_ns()
     limited, free = tenant(uname("lim")), tenant(uname("free"))
     nk("tenant", "set", limited.name, "--rate-tx", "200Mbit", "--rate-rx", "200Mbit", check=True)
@@ -151,8 +167,12 @@ def test_rate_limit_holds_and_leaves_neighbours_alone(tenant: Callable[..., Tena
     # so twice); one stream, alternately alone and beside, does not.
     iperf3_server(peer, 5401, count=3)
     seconds: list[tuple[float, float]] = []
-    stream = free.popen(["iperf3", "--forceflush", "-c", peer.ipv4, "-p", "5401", "-t", "90"],
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stream = free.popen(
+        ["iperf3", "--forceflush", "-c", peer.ipv4, "-p", "5401", "-t", "90"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     reader = threading.Thread(target=stream_seconds, args=(stream, seconds), daemon=True)
     reader.start()
     busy: list[tuple[float, float]] = []  # when the limited tenant ran (monotonic)
@@ -162,9 +182,24 @@ def test_rate_limit_holds_and_leaves_neighbours_alone(tenant: Callable[..., Tena
     for direction in (up, down, up, down):
         began = time.monotonic()
         reverse = ["-R"] if direction is down else []
-        direction.append(received_mbit(iperf3_json(
-            limited, ["-c", peer.ipv4, "-p", "5402" if direction is up else "5403", "-t", "4",
-                      "-O", "1", *reverse])))
+        direction.append(
+            received_mbit(
+                iperf3_json(
+                    limited,
+                    [
+                        "-c",
+                        peer.ipv4,
+                        "-p",
+                        "5402" if direction is up else "5403",
+                        "-t",
+                        "4",
+                        "-O",
+                        "1",
+                        *reverse,
+                    ],
+                )
+            )
+        )
         busy.append((began, time.monotonic()))
         time.sleep(3)
     stream.kill()
@@ -184,21 +219,26 @@ def test_rate_limit_holds_and_leaves_neighbours_alone(tenant: Callable[..., Tena
     print("seconds alone", [round(x) for x in alone_s], "beside", [round(x) for x in beside_s])
     assert len(alone_s) >= 8 and len(beside_s) >= 8, f"stream: {seconds}, limited: {busy}"
     alone, beside = sum(alone_s) / len(alone_s), sum(beside_s) / len(beside_s)
-    print(f"limited egress {up[0]:.1f} and {up[1]:.1f} Mbit/s, ingress {down[0]:.1f} and "
-          f"{down[1]:.1f}; unlimited tenant alone {alone:.0f} Mbit/s ({len(alone_s)} s), beside "
-          f"the limited one {beside:.0f} Mbit/s ({len(beside_s)} s): {beside / alone:.2f}")
+    print(
+        f"limited egress {up[0]:.1f} and {up[1]:.1f} Mbit/s, ingress {down[0]:.1f} and "
+        f"{down[1]:.1f}; unlimited tenant alone {alone:.0f} Mbit/s ({len(alone_s)} s), beside "
+        f"the limited one {beside:.0f} Mbit/s ({len(beside_s)} s): {beside / alone:.2f}"
+    )
     assert all(180 <= x <= 220 for x in up + down)
     assert beside >= 0.75 * alone, "the unlimited tenant was slowed"
     ps = {t["name"]: t for t in json.loads(nk("ps", "--json", check=True).stdout)["tenants"]}
     lim = ps[limited.name]
-    print(f"limited tenant: {lim['throttle_wakes']} throttled wakes, "
-          f"{lim['throttle_late_seconds']:.3f} s late in total, "
-          f"{lim['rate_late_credit_bytes'] / 1e6:.1f} MB of rate tokens kept over them")
+    print(
+        f"limited tenant: {lim['throttle_wakes']} throttled wakes, "
+        f"{lim['throttle_late_seconds']:.3f} s late in total, "
+        f"{lim['rate_late_credit_bytes'] / 1e6:.1f} MB of rate tokens kept over them"
+    )
     assert lim["tx_bytes"] > 0
 
 
-def test_rate_limit_holds_when_the_engine_is_late(nk_daemon: Daemon, tenant: Callable[..., Tenant],
-                                                  peer_ns: Callable[[], Peer]) -> None:
+def test_rate_limit_holds_when_the_engine_is_late(
+    nk_daemon: Daemon, tenant: Callable[..., Tenant], peer_ns: Callable[[], Peer]
+) -> None:
     """A rate-limited tenant's sockets wait for tokens; when the engine wakes them late (busy
     with a flood, or off the CPU), the tokens that accrued meanwhile are still the tenant's.
     The engine is stopped for 20 ms of every 60 ms: a token bucket capped at its 2 ms burst
@@ -223,17 +263,20 @@ def test_rate_limit_holds_when_the_engine_is_late(nk_daemon: Daemon, tenant: Cal
     stopper = threading.Thread(target=hiccups, daemon=True)
     stopper.start()
     try:
-        got = [received_mbit(iperf3_json(t, ["-c", peer.ipv4, "-p", "5411", "-t", "5", "-O", "1",
-                                             *extra]))
-               for extra in ([], ["-R"])]
+        got = [
+            received_mbit(iperf3_json(t, ["-c", peer.ipv4, "-p", "5411", "-t", "5", "-O", "1", *extra]))
+            for extra in ([], ["-R"])
+        ]
     finally:
         done.set()
         stopper.join(timeout=5)
         os.kill(engine, signal.SIGCONT)
     lim = {x["name"]: x for x in json.loads(nk("ps", "--json", check=True).stdout)["tenants"]}[t.name]
-    print(f"egress {got[0]:.1f}, ingress {got[1]:.1f} Mbit/s of 100 with the engine stopped a "
-          f"third of the time; {lim['throttle_late_seconds']:.2f} s late over "
-          f"{lim['throttle_wakes']} wakes, {lim['rate_late_credit_bytes'] / 1e6:.1f} MB kept")
+    print(
+        f"egress {got[0]:.1f}, ingress {got[1]:.1f} Mbit/s of 100 with the engine stopped a "
+        f"third of the time; {lim['throttle_late_seconds']:.2f} s late over "
+        f"{lim['throttle_wakes']} wakes, {lim['rate_late_credit_bytes'] / 1e6:.1f} MB kept"
+    )
     assert all(92 <= x <= 105 for x in got), got
     assert lim["rate_late_credit_bytes"] > 0
 
@@ -246,21 +289,43 @@ BOTTLENECK = "500mbit"
 
 def add_bottleneck(nsm_name: str) -> None:
     """A 500 Mbit/s link out of the NSM namespace (tbf on its eth0)."""
-    subprocess.run(["ip", "netns", "exec", nsm_netns(nsm_name), "tc", "qdisc", "add", "dev", "eth0",
-                    "root", "tbf", "rate", BOTTLENECK, "burst", "256kb", "latency", "20ms"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            nsm_netns(nsm_name),
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "eth0",
+            "root",
+            "tbf",
+            "rate",
+            BOTTLENECK,
+            "burst",
+            "256kb",
+            "latency",
+            "20ms",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 def share(one: Tenant | Peer, eight: Tenant | Peer, peer: Peer, port: int) -> tuple[float, float]:
     iperf3_server(peer, port, count=2)
-    a, b = run_parallel((one, ["-c", peer.ipv4, "-p", str(port), "-t", "8", "-O", "2"]),
-                        (eight, ["-c", peer.ipv4, "-p", str(port + 1), "-t", "8", "-O", "2", "-P", "8"]))
+    a, b = run_parallel(
+        (one, ["-c", peer.ipv4, "-p", str(port), "-t", "8", "-O", "2"]),
+        (eight, ["-c", peer.ipv4, "-p", str(port + 1), "-t", "8", "-O", "2", "-P", "8"]),
+    )
     return received_mbit(a), received_mbit(b)
 
 
-def test_bottleneck_is_shared_by_tenant_not_by_flow(nsm: Callable[..., str],
-                                                    tenant: Callable[..., Tenant],
-                                                    peer_ns: Callable[[], Peer]) -> None:
+def test_bottleneck_is_shared_by_tenant_not_by_flow(
+    nsm: Callable[..., str], tenant: Callable[..., Tenant], peer_ns: Callable[[], Peer]
+) -> None:
     peer = peer_ns()
     fair = nsm("fa", "--bandwidth", "500Mbit")
     add_bottleneck(fair)
@@ -282,9 +347,11 @@ def test_bottleneck_is_shared_by_tenant_not_by_flow(nsm: Callable[..., str],
     a1, b1 = share(a, b, peer, 5503)
     nk("tenant", "set", a.name, "--weight", "2", check=True)
     a2, b2 = share(a, b, peer, 5505)
-    print(f"kernel only: 1 flow {a0:.0f} vs 8 flows {b0:.0f} Mbit/s, ratio {a0 / b0:.2f}\n"
-          f"NetKernel, equal weights: {a1:.0f} vs {b1:.0f}, ratio {a1 / b1:.2f}\n"
-          f"NetKernel, weights 2:1: {a2:.0f} vs {b2:.0f}, ratio {a2 / b2:.2f}")
+    print(
+        f"kernel only: 1 flow {a0:.0f} vs 8 flows {b0:.0f} Mbit/s, ratio {a0 / b0:.2f}\n"
+        f"NetKernel, equal weights: {a1:.0f} vs {b1:.0f}, ratio {a1 / b1:.2f}\n"
+        f"NetKernel, weights 2:1: {a2:.0f} vs {b2:.0f}, ratio {a2 / b2:.2f}"
+    )
     assert a0 / b0 < 0.8, "the bottleneck did not make the kernel unfair: the test proves nothing"
     assert 0.8 <= a1 / b1 <= 1.25
     assert 1.6 <= a2 / b2 <= 2.5
@@ -314,15 +381,19 @@ SINK = program("sink.py")
 
 def rr_rate(t: Tenant, peer: Peer, seconds: int = 6) -> float:
     """Round trips per second of one 64-byte request/response stream (sockperf ping-pong)."""
-    proc = t.run(["sockperf", "ping-pong", "--tcp", "-i", peer.ipv4, "-p", "11111", "-m", "64",
-                  "-t", str(seconds)], capture_output=True, text=True)
+    proc = t.run(
+        ["sockperf", "ping-pong", "--tcp", "-i", peer.ipv4, "-p", "11111", "-m", "64", "-t", str(seconds)],
+        capture_output=True,
+        text=True,
+    )
     m = re.search(r"Latency is ([\d.]+) usec", proc.stdout + proc.stderr)
     assert m, f"sockperf: {proc.stdout[-1500:]}{proc.stderr[-1500:]}"
     return 1e6 / float(m.group(1))
 
 
-def test_noisy_tenant_is_held_to_its_share_of_the_engine(tenant: Callable[..., Tenant],
-                                                         peer_ns: Callable[[], Peer]) -> None:
+def test_noisy_tenant_is_held_to_its_share_of_the_engine(
+    tenant: Callable[..., Tenant], peer_ns: Callable[[], Peer]
+) -> None:
     """A tenant flooding the engine (200 connections, 16-byte writes) beside a quiet one with
     a request/response stream: the engine makes the flooder sit out rounds once it is over
     its weighted share of engine time, never the quiet one, and the quiet one keeps being
@@ -331,19 +402,27 @@ def test_noisy_tenant_is_held_to_its_share_of_the_engine(tenant: Callable[..., T
     peer = peer_ns()
     quiet, noisy = tenant(uname("quiet")), tenant(uname("noisy"))
     nk("tenant", "set", quiet.name, "--weight", "9", check=True)
-    peer.popen(["sockperf", "server", "--tcp", "-i", peer.ipv4, "-p", "11111"],
-               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peer.popen(
+        ["sockperf", "server", "--tcp", "-i", peer.ipv4, "-p", "11111"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # The sink stands for another machine: it must not take the quiet tenant's CPU either.
-    sink = peer.popen(["nice", "-n", "19", TENANT_PY, "-c", SINK, peer.ipv4, "7000"],
-                      stdout=subprocess.PIPE, text=True, start_new_session=True)
+    sink = peer.popen(
+        ["nice", "-n", "19", TENANT_PY, "-c", SINK, peer.ipv4, "7000"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     lowest_priority(sink.pid)
     assert sink.stdout and sink.stdout.readline().strip() == "READY"
     wait_port(peer, peer.ipv4, 11111)
     alone = rr_rate(quiet, peer)
     # The flooder's program runs at the lowest CPU priority: what is looked at is the engine,
     # not the CPU scheduler of a two-core machine.
-    flood = noisy.popen(["nice", "-n", "19", TENANT_PY, "-c", NOISY, peer.ipv4, "7000", "14"],
-                        start_new_session=True)
+    flood = noisy.popen(
+        ["nice", "-n", "19", TENANT_PY, "-c", NOISY, peer.ipv4, "7000", "14"], start_new_session=True
+    )
     lowest_priority(flood.pid)
     # A tenant's processes are in its own cgroup, where nice and the autogroup weigh only
     # against each other: the cgroup's weight is what sets them against the quiet tenant.
@@ -356,10 +435,12 @@ def test_noisy_tenant_is_held_to_its_share_of_the_engine(tenant: Callable[..., T
     flooded = after[noisy.name]["tx_bytes"]
     engine = {n: after[n]["engine_seconds"] - before[n]["engine_seconds"] for n in (quiet.name, noisy.name)}
     skips = {n: after[n]["engine_skips"] - before[n]["engine_skips"] for n in (quiet.name, noisy.name)}
-    print(f"quiet tenant (weight 9): {alone:.0f} round trips/s alone, {beside:.0f} beside the "
-          f"flood ({beside / alone:.2f}); engine time while both ran: quiet "
-          f"{engine[quiet.name]:.2f} s, noisy {engine[noisy.name]:.2f} s; rounds sat out: "
-          f"quiet {skips[quiet.name]}, noisy {skips[noisy.name]}; noisy sent {flooded / 1e6:.0f} MB")
+    print(
+        f"quiet tenant (weight 9): {alone:.0f} round trips/s alone, {beside:.0f} beside the "
+        f"flood ({beside / alone:.2f}); engine time while both ran: quiet "
+        f"{engine[quiet.name]:.2f} s, noisy {engine[noisy.name]:.2f} s; rounds sat out: "
+        f"quiet {skips[quiet.name]}, noisy {skips[noisy.name]}; noisy sent {flooded / 1e6:.0f} MB"
+    )
     assert flooded > 50e6, "the noisy tenant did not flood"
     assert skips[noisy.name] > 0 and skips[quiet.name] == 0, skips
     assert engine[quiet.name] > 0
@@ -369,25 +450,39 @@ def test_noisy_tenant_is_held_to_its_share_of_the_engine(tenant: Callable[..., T
 # -- tenant move -------------------------------------------------------------------------------
 
 
-def test_move_keeps_live_connections_and_moves_new_ones(nsm: Callable[..., str],
-                                                        tenant: Callable[..., Tenant],
-                                                        peer_ns: Callable[[], Peer]) -> None:
+def test_move_keeps_live_connections_and_moves_new_ones(
+    nsm: Callable[..., str], tenant: Callable[..., Tenant], peer_ns: Callable[[], Peer]
+) -> None:
     peer = peer_ns()
     first, second = nsm("mva"), nsm("mvb")
     t = tenant(uname("mover"), first)
     # A listener in the tenant (it must follow the move) and a slow, checksummed download.
-    server = t.popen([TENANT_PY, "-m", "http.server", "8080", "--bind", "::"],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = t.popen(
+        [TENANT_PY, "-m", "http.server", "8080", "--bind", "::"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     nk("tenant", "set", t.name, "--rate-rx", "400Mbit", check=True)
     size = 200 * 1000 * 1000  # ~4 s at 400 Mbit/s
-    src = peer.popen([TENANT_PY, str(PROGS / "bulk.py"), "listen", peer.ipv4, "7100", "send", str(size)],
-                     stdout=subprocess.PIPE, text=True)
+    src = peer.popen(
+        [TENANT_PY, str(PROGS / "bulk.py"), "listen", peer.ipv4, "7100", "send", str(size)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert src.stdout and src.stdout.readline().strip() == "READY"
     iperf3_server(peer, 5601)
-    stream = t.popen(["iperf3", "-J", "-c", peer.ipv4, "-p", "5601", "-t", "6"],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    dst = t.popen([TENANT_PY, str(PROGS / "bulk.py"), "connect", peer.ipv4, "7100", "recv", "0"],
-                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stream = t.popen(
+        ["iperf3", "-J", "-c", peer.ipv4, "-p", "5601", "-t", "6"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    dst = t.popen(
+        [TENANT_PY, str(PROGS / "bulk.py"), "connect", peer.ipv4, "7100", "recv", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_port(peer, t.ipv4, 8080)
     time.sleep(1.5)
     nk("tenant", "move", t.name, "--nsm", second, check=True)
@@ -400,20 +495,28 @@ def test_move_keeps_live_connections_and_moves_new_ones(nsm: Callable[..., str],
     got_out, got_err = dst.communicate(timeout=60)
     src_out, _ = src.communicate(timeout=60)
     assert src_out.split()[:3] == got_out.split()[:3], f"download: {src_out} vs {got_out} {got_err}"
-    print(f"iperf3 across the move: {got / 1e9:.2f} GB received of {sent / 1e9:.2f} GB sent; "
-          f"download {got_out.strip()}")
+    print(
+        f"iperf3 across the move: {got / 1e9:.2f} GB received of {sent / 1e9:.2f} GB sent; "
+        f"download {got_out.strip()}"
+    )
     assert got > 0 and abs(sent - got) / sent < 0.02
 
     # New connections, in and out, land on the new NSM.
-    fetch = peer.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"http://{t.ipv4}:8080/"],
-                     capture_output=True, text=True)
+    fetch = peer.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"http://{t.ipv4}:8080/"],
+        capture_output=True,
+        text=True,
+    )
     assert fetch.stdout == "200", fetch.stderr
     iperf3_server(peer, 5602)
     late = t.popen(["iperf3", "-c", peer.ipv4, "-p", "5602", "-t", "3"], stdout=subprocess.DEVNULL)
     time.sleep(1.5)
     views = [c for c in conns(t.name) if c.get("peer", "").endswith(":5602")]
-    ss_new = subprocess.run(["ip", "netns", "exec", nsm_netns(second), "ss", "-tn", "dst", peer.ipv4],
-                            capture_output=True, text=True).stdout
+    ss_new = subprocess.run(
+        ["ip", "netns", "exec", nsm_netns(second), "ss", "-tn", "dst", peer.ipv4],
+        capture_output=True,
+        text=True,
+    ).stdout
     late.wait(timeout=30)
     assert views and {c["nsm"] for c in views} == {second}, views
     assert ":5602" in ss_new
@@ -443,8 +546,7 @@ def test_socket_and_memory_limits_give_linux_errnos(tenant: Callable[..., Tenant
     out = t.run([TENANT_PY, "-c", OPEN_UNTIL_FAIL], capture_output=True, text=True).stdout.split()
     assert out == ["4", "ENOBUFS"]
     log = LOG.read_text(errors="replace")
-    assert re.search(rf"event=socket_refused tenant={t.name} reason=max_sockets limit=10 errno=EMFILE",
-                     log)
+    assert re.search(rf"event=socket_refused tenant={t.name} reason=max_sockets limit=10 errno=EMFILE", log)
     ps = {x["name"]: x for x in json.loads(nk("ps", "--json", check=True).stdout)["tenants"]}
     assert ps[t.name]["refused_sockets"] >= 1
 
@@ -487,8 +589,9 @@ reader.join()
 """
 
 
-def test_conns_agree_with_the_peers_view(tenant: Callable[..., Tenant], peer_ns: Callable[[], Peer],
-                                         nsm: Callable[..., str]) -> None:
+def test_conns_agree_with_the_peers_view(
+    tenant: Callable[..., Tenant], peer_ns: Callable[[], Peer], nsm: Callable[..., str]
+) -> None:
     """RTT and bytes from `netkernel conns` (the NSM's TCP_INFO, the engine's counters) against
     what the remote host's kernel says about the same connection. A 100 Mbit/s bottleneck each
     way, with data both ways, makes the round trip milliseconds of queueing, which both ends
@@ -500,11 +603,30 @@ def test_conns_agree_with_the_peers_view(tenant: Callable[..., Tenant], peer_ns:
     n = nsm("vis", "--sysctl", rmem)
     subprocess.run(["ip", "netns", "exec", peer.name, "sysctl", "-qw", rmem], check=True)
     for ns in (nsm_netns(n), peer.name):
-        subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
-                        "rate", "100mbit", "burst", "64kb", "latency", "20ms"], check=True)
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "eth0",
+                "root",
+                "tbf",
+                "rate",
+                "100mbit",
+                "burst",
+                "64kb",
+                "latency",
+                "20ms",
+            ],
+            check=True,
+        )
     t = tenant(uname("vis"), n)
-    server = peer.popen([TENANT_PY, "-c", DUPLEX, "listen", "5701", "11"],
-                        stdout=subprocess.PIPE, text=True)
+    server = peer.popen([TENANT_PY, "-c", DUPLEX, "listen", "5701", "11"], stdout=subprocess.PIPE, text=True)
     assert server.stdout and server.stdout.readline().strip() == "READY"
     client = t.popen([TENANT_PY, "-c", DUPLEX, peer.ipv4, "5701", "11"])
     time.sleep(3)
@@ -520,8 +642,10 @@ def test_conns_agree_with_the_peers_view(tenant: Callable[..., Tenant], peer_ns:
         time.sleep(0.2)
     assert client.wait(timeout=30) == 0 and server.wait(timeout=30) == 0
     rtt, peer_rtt = sum(ours_rtt) / len(ours_rtt), sum(theirs_rtt) / len(theirs_rtt)
-    print(f"conns: rtt {rtt:.0f} µs, tx {c['tx_bytes']} B; peer: rtt {peer_rtt:.0f} µs, "
-          f"received {theirs['bytes_received']:.0f} B")
+    print(
+        f"conns: rtt {rtt:.0f} µs, tx {c['tx_bytes']} B; peer: rtt {peer_rtt:.0f} µs, "
+        f"received {theirs['bytes_received']:.0f} B"
+    )
     # Bytes: the engine counts what it handed to the NSM socket; the peer what it received.
     # Taken a few ms apart at 100 Mbit/s, and the NSM socket still holds unsent bytes.
     assert c["tx_bytes"] > 10e6

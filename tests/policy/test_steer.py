@@ -53,10 +53,20 @@ class Plan:
 
 T4, T6 = "198.51.100.50", "2001:db8:5::50"
 PLANS = {
-    4: Plan(socket.AF_INET, 24, "198.51.100.1", "198.51.100.2", "198.51.100.100", "198.51.100.254",
-            T4, T4, T6),
-    6: Plan(socket.AF_INET6, 64, "2001:db8:5::1", "2001:db8:5::2", "2001:db8:5::100",
-            "2001:db8:5::254", T6, T4, T6),
+    4: Plan(
+        socket.AF_INET, 24, "198.51.100.1", "198.51.100.2", "198.51.100.100", "198.51.100.254", T4, T4, T6
+    ),
+    6: Plan(
+        socket.AF_INET6,
+        64,
+        "2001:db8:5::1",
+        "2001:db8:5::2",
+        "2001:db8:5::100",
+        "2001:db8:5::254",
+        T6,
+        T4,
+        T6,
+    ),
 }
 
 TOTAL = 8 << 20
@@ -109,6 +119,7 @@ class Fabric:
 
     def sock(self, ns: str | None) -> socket.socket:
         """A TCP socket living in namespace ``ns`` (None: the host), usable from any thread."""
+
         def make() -> socket.socket:
             return socket.socket(self.plan.family, socket.SOCK_STREAM)
 

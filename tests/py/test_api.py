@@ -56,23 +56,31 @@ def raw_request(path: Path, line: bytes) -> dict[str, Any]:
     return result
 
 
-@pytest.mark.parametrize(("request_line", "error"), [
-    (b"hello", "bad request: not JSON"),
-    (b"[1, 2]", "bad request: expected a JSON object"),
-    (b'{"op": "status"}', 'missing "v" (the protocol version; this daemon speaks 1)'),
-    (b'{"v": 2, "op": "status"}', "unsupported protocol version 2: this daemon speaks 1"),
-    (b'{"v": 1}', 'missing "op"'),
-    (b'{"v": 1, "op": "explode"}', "unknown op 'explode' (known: status, ps, conns,"),
-    (b'{"v": 1, "op": "tenant-set"}', "op 'tenant-set' needs field 'name' (a string)"),
-    (b'{"v": 1, "op": "tenant-move", "name": "web"}', "op 'tenant-move' needs field 'nsm'"),
-    (b'{"v": 1, "op": "tenant-set", "name": 3}', "field 'name' must be a string, not 3"),
-    (b'{"v": 1, "op": "tenant-set", "name": "w", "weight": true}',
-     "field 'weight' must be a number or a string, not true"),
-    (b'{"v": 1, "op": "tenant-set", "name": "w", "rate": 5}',
-     "op 'tenant-set': unknown field(s) 'rate' (known: name, rate_tx, rate_rx, weight"),
-])
-def test_bad_requests_get_actionable_errors(server: tuple[Path, api.ApiServer], request_line: bytes,
-                                            error: str) -> None:
+@pytest.mark.parametrize(
+    ("request_line", "error"),
+    [
+        (b"hello", "bad request: not JSON"),
+        (b"[1, 2]", "bad request: expected a JSON object"),
+        (b'{"op": "status"}', 'missing "v" (the protocol version; this daemon speaks 1)'),
+        (b'{"v": 2, "op": "status"}', "unsupported protocol version 2: this daemon speaks 1"),
+        (b'{"v": 1}', 'missing "op"'),
+        (b'{"v": 1, "op": "explode"}', "unknown op 'explode' (known: status, ps, conns,"),
+        (b'{"v": 1, "op": "tenant-set"}', "op 'tenant-set' needs field 'name' (a string)"),
+        (b'{"v": 1, "op": "tenant-move", "name": "web"}', "op 'tenant-move' needs field 'nsm'"),
+        (b'{"v": 1, "op": "tenant-set", "name": 3}', "field 'name' must be a string, not 3"),
+        (
+            b'{"v": 1, "op": "tenant-set", "name": "w", "weight": true}',
+            "field 'weight' must be a number or a string, not true",
+        ),
+        (
+            b'{"v": 1, "op": "tenant-set", "name": "w", "rate": 5}',
+            "op 'tenant-set': unknown field(s) 'rate' (known: name, rate_tx, rate_rx, weight",
+        ),
+    ],
+)
+def test_bad_requests_get_actionable_errors(
+    server: tuple[Path, api.ApiServer], request_line: bytes, error: str
+) -> None:
     path, _ = server
     reply = raw_request(path, request_line)
     assert reply["ok"] is False
@@ -108,9 +116,12 @@ def test_api_group_gets_0660(tmp_path: Path) -> None:
     assert not path.parent.exists()
 
 
-def test_cli_finds_socket_from_option_then_env(server: tuple[Path, api.ApiServer], tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_finds_socket_from_option_then_env(
+    server: tuple[Path, api.ApiServer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     path, srv = server
     monkeypatch.setattr(srv, "handlers", {**srv.handlers, "ps": lambda req: {"tenants": []}})
     monkeypatch.setattr(api, "socket_override", None)
@@ -125,8 +136,8 @@ def test_cli_finds_socket_from_option_then_env(server: tuple[Path, api.ApiServer
 
 
 def test_cli_bad_input_is_a_usage_error_before_any_request(
-        server: tuple[Path, api.ApiServer], monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    server: tuple[Path, api.ApiServer], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, srv = server
     seen: list[str] = []
 
@@ -137,8 +148,10 @@ def test_cli_bad_input_is_a_usage_error_before_any_request(
     monkeypatch.setattr(srv, "handlers", {op: record for op in api.OPS})
     monkeypatch.setenv("NETKERNEL_API_SOCKET", str(path))
     cases = [
-        (["tenant", "set", "web", "--rate-tx", "20 0Mbit"],
-         "argument --rate-tx: '20 0Mbit' is not a rate; use e.g. 200Mbit, 1.5Gbit"),
+        (
+            ["tenant", "set", "web", "--rate-tx", "20 0Mbit"],
+            "argument --rate-tx: '20 0Mbit' is not a rate; use e.g. 200Mbit, 1.5Gbit",
+        ),
         (["tenant", "set", "web"], "nothing to change"),
         (["tenant", "set", "web", "--rate", "1G", "--rate-rx", "2G"], "--rate sets both directions"),
         (["tenant", "create", "web", "--weight", "0"], "argument --weight: 0 is not a valid weight"),
@@ -158,13 +171,20 @@ def test_cli_bad_input_is_a_usage_error_before_any_request(
     assert seen == []
 
 
-def test_top_prints_one_json_object_per_refresh(server: tuple[Path, api.ApiServer],
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_top_prints_one_json_object_per_refresh(
+    server: tuple[Path, api.ApiServer], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, srv = server
-    tenant = {"name": "web", "nsm": "kernel", "sockets": 2, "tx_bytes": 10, "rx_bytes": 20,
-              "tx_bps": 8e6, "rx_bps": 0, "policy": {"rate_tx": 0, "rate_rx": 0, "weight": 1,
-                                                     "max_sockets": 1024, "max_memory": 0}}
+    tenant = {
+        "name": "web",
+        "nsm": "kernel",
+        "sockets": 2,
+        "tx_bytes": 10,
+        "rx_bytes": 20,
+        "tx_bps": 8e6,
+        "rx_bps": 0,
+        "policy": {"rate_tx": 0, "rate_rx": 0, "weight": 1, "max_sockets": 1024, "max_memory": 0},
+    }
     monkeypatch.setattr(srv, "handlers", {**srv.handlers, "ps": lambda req: {"tenants": [tenant]}})
     monkeypatch.setenv("NETKERNEL_API_SOCKET", str(path))
     assert cli.main(["top", "--json", "--iterations", "3", "--interval", "0.01"]) == 0
@@ -177,9 +197,9 @@ def test_top_prints_one_json_object_per_refresh(server: tuple[Path, api.ApiServe
     assert out.count("NAME") == 2 and "8Mbit/s" in out
 
 
-def test_daemon_error_text_reaches_the_cli(server: tuple[Path, api.ApiServer],
-                                           monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_daemon_error_text_reaches_the_cli(
+    server: tuple[Path, api.ApiServer], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, srv = server
 
     def refuse(req: dict[str, Any]) -> dict[str, Any]:
@@ -188,11 +208,13 @@ def test_daemon_error_text_reaches_the_cli(server: tuple[Path, api.ApiServer],
     monkeypatch.setattr(srv, "handlers", {**srv.handlers, "nsm-remove": refuse})
     monkeypatch.setenv("NETKERNEL_API_SOCKET", str(path))
     assert cli.main(["nsm", "remove", "alt"]) == 1
-    assert capsys.readouterr().err.strip() == \
-        "netkernel: NSM 'alt' still serves tenant(s) db; move them first"
+    assert (
+        capsys.readouterr().err.strip() == "netkernel: NSM 'alt' still serves tenant(s) db; move them first"
+    )
 
 
 # -- metrics ---------------------------------------------------------------------------------
+
 
 def _tenant_stats(name: str, nsm: str, **values: int) -> TenantStats:
     zeros = {f.name: 0 for f in fields(TenantStats) if f.name not in ("name", "nsm")}
@@ -203,26 +225,58 @@ def _snapshot() -> Snapshot:
     return Snapshot(
         up=True,
         tenants=(
-            TenantSample("web", "kernel", Policy(rate_tx=200_000_000, weight=2),
-                         _tenant_stats("web", "kernel", sockets=3, tx_bytes=1000, rx_bytes=2000,
-                                       memory=6 << 20, rate_tx=200_000_000, rate_rx=0, weight=2,
-                                       refused_sockets=4, refused_memory=1)),
+            TenantSample(
+                "web",
+                "kernel",
+                Policy(rate_tx=200_000_000, weight=2),
+                _tenant_stats(
+                    "web",
+                    "kernel",
+                    sockets=3,
+                    tx_bytes=1000,
+                    rx_bytes=2000,
+                    memory=6 << 20,
+                    rate_tx=200_000_000,
+                    rate_rx=0,
+                    weight=2,
+                    refused_sockets=4,
+                    refused_memory=1,
+                ),
+            ),
             # An engine that did not report this tenant: policy gauges only, no fake zeros.
             TenantSample("db", "alt", Policy(weight=5), None),
         ),
-        nsms=(NSMSample("kernel", 1, NSMStats("kernel", tenants=1, sockets=3, tx_bytes=1000, rx_bytes=2000,
-                                              bandwidth=0, up=1, connects=0)),
-              NSMSample("alt", 1, None)),
+        nsms=(
+            NSMSample(
+                "kernel",
+                1,
+                NSMStats(
+                    "kernel",
+                    tenants=1,
+                    sockets=3,
+                    tx_bytes=1000,
+                    rx_bytes=2000,
+                    bandwidth=0,
+                    up=1,
+                    connects=0,
+                ),
+            ),
+            NSMSample("alt", 1, None),
+        ),
     )
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_metrics_parse_with_prometheus_parser() -> None:
     from prometheus_client.registry import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NetKernelCollector(_snapshot))
     samples = _samples(generate_latest(registry).decode())
@@ -272,14 +326,16 @@ def test_metrics_server_serves_fresh_snapshots() -> None:
 
 # -- structured logs ---------------------------------------------------------------------------
 
+
 def _capture(fmt: str) -> str:
     out = io.StringIO()
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
         daemon_log.configure_logging("info", fmt, stream=out)
-        daemon_log.log_event("tenant_created", tenant="web", nsm="kernel", rate_tx=200_000_000, note="a b",
-                             skipped=None)
+        daemon_log.log_event(
+            "tenant_created", tenant="web", nsm="kernel", rate_tx=200_000_000, note="a b", skipped=None
+        )
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
@@ -289,9 +345,16 @@ def _capture(fmt: str) -> str:
 def test_log_event_text_and_json() -> None:
     text = _capture("text")
     assert text.rstrip().endswith(
-        'netkernel.daemon: event=tenant_created tenant=web nsm=kernel rate_tx=200000000 note="a b"')
+        'netkernel.daemon: event=tenant_created tenant=web nsm=kernel rate_tx=200000000 note="a b"'
+    )
     doc = json.loads(_capture("json"))
     assert {k: doc[k] for k in ("event", "tenant", "nsm", "rate_tx", "note", "level", "logger")} == {
-        "event": "tenant_created", "tenant": "web", "nsm": "kernel", "rate_tx": 200_000_000,
-        "note": "a b", "level": "info", "logger": "netkernel.daemon"}
+        "event": "tenant_created",
+        "tenant": "web",
+        "nsm": "kernel",
+        "rate_tx": 200_000_000,
+        "note": "a b",
+        "level": "info",
+        "logger": "netkernel.daemon",
+    }
     assert "skipped" not in doc

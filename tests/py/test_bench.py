@@ -264,28 +264,28 @@ REDIS_CSV = """\
 """
 
 REDIS_QUIET = (
-    ' \r'
-    'GET: rps=0.0 (overall: 0.0) avg_msec=-nan (overall: -nan)\r'
-    '                                                          \r'
-    'GET: rps=56000.0 (overall: 55776.9) avg_msec=0.376 (overall: 0.376)\r'
-    '                                                                    \r'
-    'GET: rps=55348.0 (overall: 55562.9) avg_msec=0.386 (overall: 0.381)\r'
-    '                                                                    \r'
-    'GET: rps=48043.8 (overall: 53053.2) avg_msec=0.441 (overall: 0.399)\r'
-    '                                                                    \r'
-    'GET: rps=36460.0 (overall: 48913.2) avg_msec=0.572 (overall: 0.431)\r'
-    '                                                                    \r'
-    'GET: rps=37589.6 (overall: 46644.9) avg_msec=0.566 (overall: 0.453)\r'
-    '                                                                    \r'
-    'GET: rps=37466.1 (overall: 45113.0) avg_msec=0.564 (overall: 0.468)\r'
-    '                                                                    \r'
-    'GET: rps=37640.0 (overall: 44047.9) avg_msec=0.544 (overall: 0.478)\r'
-    '                                                                    \r'
-    'GET: rps=37868.0 (overall: 43276.9) avg_msec=0.566 (overall: 0.487)\r'
-    '                                                                    \r'
-    'GET: rps=37916.3 (overall: 42680.3) avg_msec=0.552 (overall: 0.494)\r'
-    '                                                                    \r'
-    'GET: 42444.82 requests per second, p50=0.431 msec\n\n'
+    " \r"
+    "GET: rps=0.0 (overall: 0.0) avg_msec=-nan (overall: -nan)\r"
+    "                                                          \r"
+    "GET: rps=56000.0 (overall: 55776.9) avg_msec=0.376 (overall: 0.376)\r"
+    "                                                                    \r"
+    "GET: rps=55348.0 (overall: 55562.9) avg_msec=0.386 (overall: 0.381)\r"
+    "                                                                    \r"
+    "GET: rps=48043.8 (overall: 53053.2) avg_msec=0.441 (overall: 0.399)\r"
+    "                                                                    \r"
+    "GET: rps=36460.0 (overall: 48913.2) avg_msec=0.572 (overall: 0.431)\r"
+    "                                                                    \r"
+    "GET: rps=37589.6 (overall: 46644.9) avg_msec=0.566 (overall: 0.453)\r"
+    "                                                                    \r"
+    "GET: rps=37466.1 (overall: 45113.0) avg_msec=0.564 (overall: 0.468)\r"
+    "                                                                    \r"
+    "GET: rps=37640.0 (overall: 44047.9) avg_msec=0.544 (overall: 0.478)\r"
+    "                                                                    \r"
+    "GET: rps=37868.0 (overall: 43276.9) avg_msec=0.566 (overall: 0.487)\r"
+    "                                                                    \r"
+    "GET: rps=37916.3 (overall: 42680.3) avg_msec=0.552 (overall: 0.494)\r"
+    "                                                                    \r"
+    "GET: 42444.82 requests per second, p50=0.431 msec\n\n"
 )
 
 REDIS_REFUSED = """\
@@ -295,6 +295,7 @@ WARNING: Could not fetch server CONFIG
 
 
 # -- parsers ---------------------------------------------------------------------------------
+
 
 def test_parse_iperf3() -> None:
     r = parse_iperf3(IPERF3_JSON)
@@ -364,6 +365,7 @@ def test_parse_redis_benchmark_error() -> None:
 
 # -- table, floors, options (no daemon) --------------------------------------------------------
 
+
 def test_floors() -> None:
     assert Floor(">=", 0.7).met(0.7) and not Floor(">=", 0.7).met(0.69)
     assert Floor("<=", 1.6).met(1.6) and not Floor("<=", 1.6).met(1.61)
@@ -395,8 +397,10 @@ def _report() -> Report:
     ng = MetricResult(by_name["nginx_close_rps"])
     ng.samples = {"native": [10000.0], "netkernel": [6000.0]}
     lat.extra = {"netkernel_engine_cpu_percent": 97.6}
-    ng.extra = {"native_socket_errors": {"connect": 0, "read": 0, "write": 0, "timeout": 0},
-                "netkernel_socket_errors": {"connect": 0, "read": 7, "write": 0, "timeout": 0}}
+    ng.extra = {
+        "native_socket_errors": {"connect": 0, "read": 0, "write": 0, "timeout": 0},
+        "netkernel_socket_errors": {"connect": 0, "read": 7, "write": 0, "timeout": 0},
+    }
     bad = MetricResult(by_name["redis_get_rps"], error="redis-server (netkernel) exited")
     idle = IdleResult(percent=0.4, engine=0.3, daemon=0.1, tenant=0.0)
     return Report([tput, lat, ng, bad], idle, {"cpus": 2}, {"duration": 10, "repetitions": 3})
@@ -405,8 +409,12 @@ def _report() -> Report:
 def test_report_json_shape() -> None:
     d = _report().as_json()
     r0 = d["results"][0]
-    assert (r0["metric"], r0["unit"], r0["native"], r0["netkernel"]) == \
-        ("iperf3_tcp_gbps", "Gbit/s", 21.0, 10.0)  # medians
+    assert (r0["metric"], r0["unit"], r0["native"], r0["netkernel"]) == (
+        "iperf3_tcp_gbps",
+        "Gbit/s",
+        21.0,
+        10.0,
+    )  # medians
     assert r0["ratio"] == pytest.approx(10 / 21) and r0["meets_floor"] is False
     assert d["results"][1]["ratio"] == pytest.approx(1.5) and d["results"][1]["meets_floor"] is True
     assert d["results"][2]["netkernel_socket_errors"]["read"] == 7
@@ -421,7 +429,7 @@ def test_render_table() -> None:
     text = bench.render_table(_report())
     lines = text.splitlines()
     assert lines[0].split() == ["metric", "unit", "native", "netkernel", "ratio", "floor", "meets", "floor"]
-    table = lines[2:lines.index("")]
+    table = lines[2 : lines.index("")]
     assert len(table) == 5
     rows = {ln.split()[0]: ln for ln in table}
     assert rows["iperf3_tcp_gbps"].split()[2:5] == ["21.00", "10.00", "0.48"]
@@ -449,8 +457,7 @@ def test_noisy_floor_is_on_the_netkernel_figure() -> None:
     res.samples["netkernel"] = [0.42, 0.4, 0.46]
     assert res.as_json()["meets_floor"] is False
     report = Report([res], None, {}, {"duration": 5, "repetitions": 3})
-    row = next(ln for ln in bench.render_table(report).splitlines()
-               if ln.startswith("noisy_neighbour_kept"))
+    row = next(ln for ln in bench.render_table(report).splitlines() if ln.startswith("noisy_neighbour_kept"))
     assert row.split()[2:5] == ["3.20", "0.42", "0.13"] and "netkernel >= 0.8" in row
     assert row.rstrip().endswith("NO")
 
@@ -475,8 +482,10 @@ def test_cli_missing_programs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     monkeypatch.setattr(shutil, "which", lambda p: None if p in ("wrk", "redis-benchmark") else real(p))
     assert cli.main(["bench", "--quick"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == ("netkernel: bench needs wrk, redis-benchmark, not found in PATH; "
-                   "install with: apt-get install redis-tools wrk")
+    assert err == (
+        "netkernel: bench needs wrk, redis-benchmark, not found in PATH; "
+        "install with: apt-get install redis-tools wrk"
+    )
     # Only what the chosen metrics need is required.
     monkeypatch.setattr(bench.command, "run_bench", lambda opts: (_ for _ in ()).throw(SystemExit(7)))
     with pytest.raises(SystemExit):
@@ -492,9 +501,16 @@ def test_cli_not_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFix
 def _suite_report() -> Report:
     by_name = {m.name: m for m in METRICS}
     tput = MetricResult(by_name["iperf3_tcp_gbps"])
-    tput.samples.update({"native": [20.0, 22.0, 21.0], "netkernel": [16.0, 15.0, 17.0],
-                         "pasta": [2.5, 2.6, 2.4], "slirp4netns": [12.0, 11.0, 13.0],
-                         "slirp4netns-1500": [0.5, 0.6, 0.4], "netkernel-lwip": [2.9, 3.0, 2.8]})
+    tput.samples.update(
+        {
+            "native": [20.0, 22.0, 21.0],
+            "netkernel": [16.0, 15.0, 17.0],
+            "pasta": [2.5, 2.6, 2.4],
+            "slirp4netns": [12.0, 11.0, 13.0],
+            "slirp4netns-1500": [0.5, 0.6, 0.4],
+            "netkernel-lwip": [2.9, 3.0, 2.8],
+        }
+    )
     tput.extra.update({"native_cpu_cores": 1.2, "netkernel_cpu_cores": 1.6, "pasta_cpu_cores": 1.0})
     lat = MetricResult(by_name["tcp_rr_p50_us"])
     lat.samples.update({"native": [30.0], "netkernel": [45.0], "pasta": [40.0]})
@@ -550,7 +566,8 @@ def test_a_failed_user_mode_run_is_recorded_and_the_workload_goes_on(tmp_path: P
         assert res.as_json()["slirp4netns_failed_runs"] == res.peer_errors["slirp4netns"]
         report = Report([res], None, {}, {"duration": 1, "repetitions": 1})
         assert report.errors == [] and report.peer_failures == [
-            "redis_get_rps slirp4netns: 1 run(s) failed: redis-benchmark: Connection reset by peer"]
+            "redis_get_rps slirp4netns: 1 run(s) failed: redis-benchmark: Connection reset by peer"
+        ]
         assert "| redis_get_rps | req/s | 50,000 | 40,000 ×0.80 | FAILED |" in bench.render_markdown(report)
         assert bench.render_table(report).splitlines()[2].split()[-1] == "FAILED"
         with pytest.raises(bench.BenchError):  # NetKernel's own failures fail the workload
@@ -562,15 +579,15 @@ def test_a_failed_user_mode_run_is_recorded_and_the_workload_goes_on(tmp_path: P
 
 def test_select_configs() -> None:
     assert [c.name for c in bench.select_configs(None)] == list(bench.CONFIG_NAMES)
-    assert [c.name for c in bench.select_configs("slirp4netns")] == \
-        ["native", "netkernel", "slirp4netns"]
+    assert [c.name for c in bench.select_configs("slirp4netns")] == ["native", "netkernel", "slirp4netns"]
     assert [c.name for c in bench.select_configs("none")] == ["native", "netkernel"]
     with pytest.raises(bench.BenchError, match="unknown configuration docker"):
         bench.select_configs("pasta,docker")
 
 
-def test_cli_out_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_out_without_matplotlib(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import builtins
 
     real_import = builtins.__import__
@@ -590,8 +607,13 @@ def test_cli_out_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 def test_write_outputs(tmp_path: Path) -> None:
     paths = bench.write_outputs(_suite_report(), tmp_path / "out")
     names = sorted(p.relative_to(tmp_path / "out").as_posix() for p in paths)
-    assert names == ["charts/iperf3_tcp_gbps.png", "charts/redis_set_rps.png",
-                     "charts/tcp_rr_p50_us.png", "results.json", "results.md"]
+    assert names == [
+        "charts/iperf3_tcp_gbps.png",
+        "charts/redis_set_rps.png",
+        "charts/tcp_rr_p50_us.png",
+        "results.json",
+        "results.md",
+    ]
     assert (tmp_path / "out/charts/iperf3_tcp_gbps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "out/results.json").read_text())["entries"]
 
@@ -630,6 +652,7 @@ def test_machine_idle_time_leaves_out_a_busy_core() -> None:
 
 # -- end to end (root, the session daemon) -------------------------------------------------
 
+
 def _leftovers() -> list[str]:
     ns = [n for n in netns.netns_list() if n.startswith("nkb-")]
     links = [ln for ln in netns.link_names() if ln.startswith("nkb-")]
@@ -637,8 +660,7 @@ def _leftovers() -> list[str]:
 
 
 def _bench(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(NETKERNEL + ["bench", *args], capture_output=True, text=True,
-                          timeout=1200, **kw)
+    return subprocess.run(NETKERNEL + ["bench", *args], capture_output=True, text=True, timeout=1200, **kw)
 
 
 @requires_root
@@ -727,10 +749,13 @@ def test_bench_failed_run_is_an_error(nk_daemon: Daemon, tmp_path: Path) -> None
 @requires_root
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_bench_interrupted_cleans_up(how: str, nk_daemon: Daemon) -> None:
-    proc = subprocess.Popen(NETKERNEL + ["bench", "--quick", "--duration", "5",
-                                         "--only", "nginx_keepalive_rps,redis_get_rps"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        NETKERNEL + ["bench", "--quick", "--duration", "5", "--only", "nginx_keepalive_rps,redis_get_rps"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     assert proc.stderr is not None
     seen = []
     try:
@@ -754,4 +779,3 @@ def test_bench_interrupted_cleans_up(how: str, nk_daemon: Daemon) -> None:
     assert _leftovers() == [], err
     assert "nkbench" not in [t["name"] for t in nk_daemon.ps()], err
     assert not [p for p in netns.pids_in_netns("nk-t-nkbench")], err
-

@@ -44,6 +44,7 @@ def link_names() -> list[str]:
 
 # -- no daemon needed -----------------------------------------------------------------------
 
+
 def test_not_root_message(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 65534)
     assert cli.main(["up"]) == 1
@@ -63,20 +64,24 @@ def test_not_root_message_real_user() -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_daemon_not_running(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_daemon_not_running(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("NETKERNEL_API_SOCKET", str(tmp_path / "nothing.sock"))
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert cli.main(["run", "--tenant", "x", "--", "true"]) == 1
-    assert capsys.readouterr().err.strip() == \
-        "netkernel: the daemon is not running (start it with: netkernel up)"
+    assert (
+        capsys.readouterr().err.strip()
+        == "netkernel: the daemon is not running (start it with: netkernel up)"
+    )
     assert cli.main(["status"]) == cli.EXIT_NOT_RUNNING
     assert cli.main(["status", "--json"]) == cli.EXIT_NOT_RUNNING
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"running": False}
 
 
-def test_command_not_found_before_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_not_found_before_daemon(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Checked before talking to the daemon: exit 127 even when it is not running.
     monkeypatch.setenv("NETKERNEL_API_SOCKET", str(tmp_path / "nothing.sock"))
     monkeypatch.setattr(os, "geteuid", lambda: 0)
@@ -112,12 +117,15 @@ def test_tenant_env_prepends_guestlib() -> None:
 
 # -- DNS responder --------------------------------------------------------------------------
 
+
 def test_dns_responder(tmp_path: Path) -> None:
     hosts = dns.HostsFile(tmp_path / "hosts")
     (tmp_path / "hosts").write_text("127.0.0.1 localhost\n198.19.3.1 Peer.Example peer # c\n")
     import ipaddress
-    table = {"web.tenant.netkernel": [ipaddress.ip_address("198.18.1.1"),
-                                      ipaddress.ip_address("fd6e:6b00::1:1")]}
+
+    table = {
+        "web.tenant.netkernel": [ipaddress.ip_address("198.18.1.1"), ipaddress.ip_address("fd6e:6b00::1:1")]
+    }
 
     def resolve(name: str) -> dns.Addrs | None:
         return table.get(name) or hosts.lookup(name)
@@ -132,12 +140,15 @@ def test_dns_responder(tmp_path: Path) -> None:
         return c.recv(512)
 
     try:
-        assert dns.parse_answers(ask(dns.make_query("web.tenant.netkernel", dns.QTYPE_A))) \
-            == (0, ["198.18.1.1"])
-        assert dns.parse_answers(ask(dns.make_query("WEB.tenant.netkernel.", dns.QTYPE_AAAA))) \
-            == (0, ["fd6e:6b00::1:1"])
-        assert dns.parse_answers(ask(dns.make_query("peer.example", dns.QTYPE_A))) \
-            == (0, ["198.19.3.1"])
+        assert dns.parse_answers(ask(dns.make_query("web.tenant.netkernel", dns.QTYPE_A))) == (
+            0,
+            ["198.18.1.1"],
+        )
+        assert dns.parse_answers(ask(dns.make_query("WEB.tenant.netkernel.", dns.QTYPE_AAAA))) == (
+            0,
+            ["fd6e:6b00::1:1"],
+        )
+        assert dns.parse_answers(ask(dns.make_query("peer.example", dns.QTYPE_A))) == (0, ["198.19.3.1"])
         # Known name, no AAAA: NOERROR with no answer (NODATA), not NXDOMAIN.
         assert dns.parse_answers(ask(dns.make_query("peer", dns.QTYPE_AAAA))) == (0, [])
         reply = ask(dns.make_query("nope.example", dns.QTYPE_A, qid=0xBEEF))
@@ -154,11 +165,13 @@ def test_dns_responder(tmp_path: Path) -> None:
 # -- engine admin client against a fake admin server -----------------------------------------
 
 # Stats lines as the engine writes them (csrc/engine/admin.c), every key there.
-TENANT_LINE = ("tenant web id=1 nsm=kernel sockets=3 tx_bytes=100 rx_bytes=200 memory=6291456 "
-               "rate_tx=200000000 rate_rx=0 weight=2 max_sockets=100 max_memory=0 refused_sockets=1 "
-               "refused_memory=0 slots=1024 engine_ns=5000 engine_skips=0 shm=1 fds=4 fd_limit=512 ctls=1 "
-               "dns_relayed=2 dns_dropped=0 region_bytes=65536 region_trimmed=0 throttle_wakes=0 "
-               "throttle_late_ns=0 rate_late_credit=0")
+TENANT_LINE = (
+    "tenant web id=1 nsm=kernel sockets=3 tx_bytes=100 rx_bytes=200 memory=6291456 "
+    "rate_tx=200000000 rate_rx=0 weight=2 max_sockets=100 max_memory=0 refused_sockets=1 "
+    "refused_memory=0 slots=1024 engine_ns=5000 engine_skips=0 shm=1 fds=4 fd_limit=512 ctls=1 "
+    "dns_relayed=2 dns_dropped=0 region_bytes=65536 region_trimmed=0 throttle_wakes=0 "
+    "throttle_late_ns=0 rate_late_credit=0"
+)
 NSM_LINE = "nsm kernel type=kernel tenants=1 sockets=3 tx_bytes=100 rx_bytes=200 bandwidth=0 up=1 connects=0"
 
 
@@ -166,11 +179,11 @@ class _FakeAdmin(socketserver.StreamRequestHandler):
     replies = {
         "stats": f"{TENANT_LINE}\n{NSM_LINE}\nok\n",
         "conns": "conn tenant=web slot=4 kind=stream state=connected nsm=kernel proto=tcp "
-                 "local=198.18.1.1:80 peer=198.19.1.1:5555 tx_bytes=7 rx_bytes=9 tx_queued=0 rx_queued=0 "
-                 "tcp_state=established rtt_us=120 rttvar_us=30 cwnd=10 retrans=0 total_retrans=2 "
-                 "delivery_rate=125000 pacing_rate=250000 ca=cubic\n"
-                 "conn tenant=web slot=5 kind=dgram state=bound nsm=kernel proto=udp "
-                 "local=198.18.1.1:53 peer=0.0.0.0:0 tx_bytes=0 rx_bytes=0 future_key=x\nok\n",
+        "local=198.18.1.1:80 peer=198.19.1.1:5555 tx_bytes=7 rx_bytes=9 tx_queued=0 rx_queued=0 "
+        "tcp_state=established rtt_us=120 rttvar_us=30 cwnd=10 retrans=0 total_retrans=2 "
+        "delivery_rate=125000 pacing_rate=250000 ca=cubic\n"
+        "conn tenant=web slot=5 kind=dgram state=bound nsm=kernel proto=udp "
+        "local=198.18.1.1:53 peer=0.0.0.0:0 tx_bytes=0 rx_bytes=0 future_key=x\nok\n",
         "conns db": "ok\n",
         "tenant-add web /run/netns/nk-t-web kernel 198.18.1.1 fd6e:6b00::1:1": "ok 7\n",
         "tenant-del ghost": "err ENOENT no such tenant\n",
@@ -200,23 +213,50 @@ def test_engine_client_parsing(fake_admin: Path) -> None:
     try:
         # Many requests on one connection.
         c.nsm_add("kernel", "/run/netns/nk-nsm-kernel")
-        assert c.tenant_add("web", "/run/netns/nk-t-web", "kernel", "198.18.1.1",
-                            "fd6e:6b00::1:1") == 7
+        assert c.tenant_add("web", "/run/netns/nk-t-web", "kernel", "198.18.1.1", "fd6e:6b00::1:1") == 7
         stats = c.stats()
         (web,) = stats.tenants
-        assert (web.name, web.id, web.sockets, web.tx_bytes, web.rx_bytes, web.memory) == \
-            ("web", 1, 3, 100, 200, 6 << 20)
-        assert (web.rate_tx, web.rate_rx, web.weight, web.max_sockets, web.refused_sockets) == \
-            (200_000_000, 0, 2, 100, 1)
+        assert (web.name, web.id, web.sockets, web.tx_bytes, web.rx_bytes, web.memory) == (
+            "web",
+            1,
+            3,
+            100,
+            200,
+            6 << 20,
+        )
+        assert (web.rate_tx, web.rate_rx, web.weight, web.max_sockets, web.refused_sockets) == (
+            200_000_000,
+            0,
+            2,
+            100,
+            1,
+        )
         assert (web.engine_ns, web.fd_limit, web.region_bytes) == (5000, 512, 65536)
         kernel = stats.nsm("kernel")
-        assert kernel is not None and (kernel.tenants, kernel.sockets, kernel.bandwidth, kernel.up) == \
-            (1, 3, 0, 1)
+        assert kernel is not None and (kernel.tenants, kernel.sockets, kernel.bandwidth, kernel.up) == (
+            1,
+            3,
+            0,
+            1,
+        )
         tcp, udp = c.conns()
-        assert (tcp.tenant, tcp.slot, tcp.kind, tcp.state, tcp.nsm, tcp.proto, tcp.local, tcp.peer) == \
-            ("web", 4, "stream", "connected", "kernel", "tcp", "198.18.1.1:80", "198.19.1.1:5555")
-        assert (tcp.rtt_us, tcp.cwnd, tcp.total_retrans, tcp.delivery_rate, tcp.ca) == \
-            (120, 10, 2, 125000, "cubic")
+        assert (tcp.tenant, tcp.slot, tcp.kind, tcp.state, tcp.nsm, tcp.proto, tcp.local, tcp.peer) == (
+            "web",
+            4,
+            "stream",
+            "connected",
+            "kernel",
+            "tcp",
+            "198.18.1.1:80",
+            "198.19.1.1:5555",
+        )
+        assert (tcp.rtt_us, tcp.cwnd, tcp.total_retrans, tcp.delivery_rate, tcp.ca) == (
+            120,
+            10,
+            2,
+            125000,
+            "cubic",
+        )
         assert (udp.proto, udp.rtt_us, udp.ca) == ("udp", None, None)
         assert c.conns("db") == []
         with pytest.raises(EngineError) as e:
@@ -237,13 +277,22 @@ def test_engine_client_parsing(fake_admin: Path) -> None:
 def test_parse_ignores_unknown_lines() -> None:
     stats = parse_stats(["future thing", TENANT_LINE + " x=y", NSM_LINE])
     assert stats.tenants[0].rx_bytes == 200 and stats.nsms[0].connects == 0
-    assert parse_conns(["conn tenant=a slot=1 kind=dgram state=OPEN local=x:1 peer=y:2 "
-                        "tx_bytes=0 rx_bytes=0 rtt_us=5"])[0].kind == "dgram"
+    assert (
+        parse_conns(
+            ["conn tenant=a slot=1 kind=dgram state=OPEN local=x:1 peer=y:2 tx_bytes=0 rx_bytes=0 rtt_us=5"]
+        )[0].kind
+        == "dgram"
+    )
 
 
-@pytest.mark.parametrize("line", [TENANT_LINE.replace(" engine_ns=5000", ""),
-                                  TENANT_LINE.replace("engine_ns=5000", "engine_ns=x"),
-                                  NSM_LINE.replace(" connects=0", "")])
+@pytest.mark.parametrize(
+    "line",
+    [
+        TENANT_LINE.replace(" engine_ns=5000", ""),
+        TENANT_LINE.replace("engine_ns=5000", "engine_ns=x"),
+        NSM_LINE.replace(" connects=0", ""),
+    ],
+)
 def test_parse_refuses_stats_of_another_engine_build(line: str) -> None:
     # The engine ships with the package: a key it lacks is a mismatch to say, not a gap.
     key = "engine_ns" if line.startswith("tenant") else "connects"
@@ -252,6 +301,7 @@ def test_parse_refuses_stats_of_another_engine_build(line: str) -> None:
 
 
 # -- with the daemon ---------------------------------------------------------------------------
+
 
 def test_up_twice_says_already_running(nk_daemon: Daemon) -> None:
     proc = nk("up")
@@ -292,16 +342,22 @@ def test_bad_config_is_clear(nk_daemon: Daemon, tmp_path: Path) -> None:
 
 def test_tenant_netns_has_only_lo_and_nsm_has_its_addresses(nk_daemon: Daemon, tenant) -> None:  # type: ignore[no-untyped-def]
     t = tenant("t-lo")
-    out = subprocess.run(["ip", "-n", f"nk-t-{t.name}", "-o", "link"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", f"nk-t-{t.name}", "-o", "link"], capture_output=True, text=True, check=True
+    ).stdout
     assert [line.split(":")[1].strip() for line in out.splitlines()] == ["lo"]
     assert "state UNKNOWN" in out or "LOWER_UP" in out  # lo is up
-    addrs = subprocess.run(["ip", "-n", "nk-nsm-kernel", "-o", "addr", "show", "dev", "eth0"],
-                           capture_output=True, text=True, check=True).stdout
+    addrs = subprocess.run(
+        ["ip", "-n", "nk-nsm-kernel", "-o", "addr", "show", "dev", "eth0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"{t.ipv4}/32" in addrs and f"{t.ipv6}/128" in addrs
     # No route off the machine from the NSM.
-    routes = subprocess.run(["ip", "-n", "nk-nsm-kernel", "route", "show", "default"],
-                            capture_output=True, text=True).stdout
+    routes = subprocess.run(
+        ["ip", "-n", "nk-nsm-kernel", "route", "show", "default"], capture_output=True, text=True
+    ).stdout
     assert routes.strip() == ""
 
 
@@ -310,6 +366,7 @@ def test_ps_json_shape(nk_daemon: Daemon, tenant) -> None:  # type: ignore[no-un
     proc = subprocess.Popen(NETKERNEL + ["run", "--tenant", "t-ps", "--", "sleep", "30"])
     try:
         import time
+
         deadline = time.monotonic() + 10
         while True:
             info = nk_daemon.tenant_info("t-ps")
@@ -319,11 +376,31 @@ def test_ps_json_shape(nk_daemon: Daemon, tenant) -> None:  # type: ignore[no-un
         doc = json.loads(nk("ps", "--json", check=True).stdout)
         assert set(doc) == {"tenants"}
         info = next(x for x in doc["tenants"] if x["name"] == "t-ps")
-        assert {"name", "nsm", "ipv4", "ipv6", "pids", "sockets", "memory", "tx_bytes", "rx_bytes",
-                "tx_bps", "rx_bps", "policy", "draining"} <= set(info)
-        assert info["policy"] == {"rate_tx": 0, "rate_rx": 0, "weight": 1, "max_sockets": 1024,
-                                  "max_memory": 0, "shm": True, "max_process_memory": 4 << 30,
-                                  "max_processes": 4096}
+        assert {
+            "name",
+            "nsm",
+            "ipv4",
+            "ipv6",
+            "pids",
+            "sockets",
+            "memory",
+            "tx_bytes",
+            "rx_bytes",
+            "tx_bps",
+            "rx_bps",
+            "policy",
+            "draining",
+        } <= set(info)
+        assert info["policy"] == {
+            "rate_tx": 0,
+            "rate_rx": 0,
+            "weight": 1,
+            "max_sockets": 1024,
+            "max_memory": 0,
+            "shm": True,
+            "max_process_memory": 4 << 30,
+            "max_processes": 4096,
+        }
         assert info["nsm"] == "kernel" and info["ipv4"] == t.ipv4 and info["ipv6"] == t.ipv6
         assert info["ipv4"].startswith("198.18.1.") and info["ipv6"].startswith("fd6e:6b00::1:")
         assert len(info["pids"]) == 1
@@ -348,9 +425,11 @@ def test_run_exit_status(nk_daemon: Daemon, tenant) -> None:  # type: ignore[no-
 
 def fabric() -> tuple[list[str], list[str], bool]:
     """What a daemon leaves on the host: our namespaces, our links, its API socket."""
-    return ([n for n in netns_names() if n.startswith("nk-")],
-            [n for n in link_names() if n == "nk0" or n.startswith("nkn-")],
-            Path("/run/netkernel/daemon.sock").exists())
+    return (
+        [n for n in netns_names() if n.startswith("nk-")],
+        [n for n in link_names() if n == "nk0" or n.startswith("nkn-")],
+        Path("/run/netkernel/daemon.sock").exists(),
+    )
 
 
 NOTHING: tuple[list[str], list[str], bool] = ([], [], False)
@@ -389,15 +468,19 @@ def nk_json(*args: str) -> dict[str, Any]:
 
 
 def ns_sysctl(ns: str, key: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", key], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "sysctl", "-n", key], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def check_bad_configs_change_nothing(tmp_path: Path) -> None:
@@ -405,13 +488,21 @@ def check_bad_configs_change_nothing(tmp_path: Path) -> None:
     leaves no namespace, link or daemon behind."""
     bad = tmp_path / "bad.toml"
     for text, start, words in [
-        ("[[nsm]]\nname = \"kernel\"\ncongestion_control = \"vegas\"\n",
-         f"netkernel: config file {bad}, line 3: nsm[0].congestion_control: 'vegas' is not offered",
-         ["reno", "bbr"]),
-        ("[[tenant]]\nname = \"web\"\nrate_tx = \"20 0Mbit\"\n",
-         f"netkernel: config file {bad}, line 3: tenant[0].rate_tx: '20 0Mbit' is not a rate", ["200Mbit"]),
-        ("[daemon]\napi_group = \"nk-no-such-group\"\n",
-         f"netkernel: config file {bad}, line 2: daemon.api_group: no group 'nk-no-such-group'", []),
+        (
+            '[[nsm]]\nname = "kernel"\ncongestion_control = "vegas"\n',
+            f"netkernel: config file {bad}, line 3: nsm[0].congestion_control: 'vegas' is not offered",
+            ["reno", "bbr"],
+        ),
+        (
+            '[[tenant]]\nname = "web"\nrate_tx = "20 0Mbit"\n',
+            f"netkernel: config file {bad}, line 3: tenant[0].rate_tx: '20 0Mbit' is not a rate",
+            ["200Mbit"],
+        ),
+        (
+            '[daemon]\napi_group = "nk-no-such-group"\n',
+            f"netkernel: config file {bad}, line 2: daemon.api_group: no group 'nk-no-such-group'",
+            [],
+        ),
         ("[[nsm]]\nname = 3 4\n", f"netkernel: config file {bad}: invalid TOML", ["line 2"]),
     ]:
         bad.write_text(text)
@@ -443,8 +534,10 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
         nk_daemon.up("--config", str(cfg))
 
         status = nk_json("status")
-        assert [(n["name"], n["congestion_control"], n["bandwidth"]) for n in status["nsms"]] == \
-            [("kernel", "reno", 0), ("alt", "bbr", 500_000_000)]
+        assert [(n["name"], n["congestion_control"], n["bandwidth"]) for n in status["nsms"]] == [
+            ("kernel", "reno", 0),
+            ("alt", "bbr", 500_000_000),
+        ]
         assert status["metrics"] == "http://127.0.0.1:19464/metrics"
         assert ns_sysctl("nk-nsm-kernel", "net.ipv4.tcp_congestion_control") == "reno"
         assert ns_sysctl("nk-nsm-alt", "net.ipv4.tcp_congestion_control") == "bbr"
@@ -454,17 +547,27 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
 
         (cfg_tenant,) = nk_json("ps")["tenants"]
         assert (cfg_tenant["name"], cfg_tenant["nsm"]) == ("t-cfg", "alt")
-        assert cfg_tenant["policy"] == {"rate_tx": 200_000_000, "rate_rx": 0, "weight": 2,
-                                        "max_sockets": 64, "max_memory": 512 << 20, "shm": False,
-                                        "max_process_memory": 4 << 30, "max_processes": 4096}
+        assert cfg_tenant["policy"] == {
+            "rate_tx": 200_000_000,
+            "rate_rx": 0,
+            "weight": 2,
+            "max_sockets": 64,
+            "max_memory": 512 << 20,
+            "shm": False,
+            "max_process_memory": 4 << 30,
+            "max_processes": 4096,
+        }
 
         # Policy at creation ([defaults] below the options) and live changes.
         proc = nk("tenant", "create", "t-op", "--rate", "100Mbit", check=True)
         assert "tenant t-op created: nsm kernel" in proc.stdout
         proc = nk("tenant", "set", "t-op", "--weight", "5", "--max-sockets", "5000", check=True)
-        assert proc.stdout.strip() == ("tenant t-op: rate_tx=100Mbit rate_rx=100Mbit weight=5 "
-                                       "max_sockets=1024 max_memory=unlimited shm=on "
-                                       "max_process_memory=4GiB max_processes=4096")
+        assert proc.stdout.strip() == (
+            "tenant t-op: rate_tx=100Mbit rate_rx=100Mbit weight=5 "
+            "max_sockets=1024 max_memory=unlimited shm=on "
+            "max_process_memory=4GiB max_processes=4096"
+        )
+
         # Bad input: a clear error and nothing changes.
         def tenants() -> dict[str, tuple[str, dict[str, int]]]:
             return {t["name"]: (t["nsm"], t["policy"]) for t in nk_json("ps")["tenants"]}
@@ -474,8 +577,11 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
             (["tenant", "set", "t-op", "--rate-tx", "20 0Mbit"], 2, "'20 0Mbit' is not a rate"),
             (["tenant", "set", "nosuch", "--weight", "2"], 1, "no tenant named 'nosuch'"),
             (["tenant", "create", "t-op", "--nsm", "alt"], 1, "move it with: netkernel tenant move t-op"),
-            (["tenant", "create", "t-x", "--nsm", "nosuch"], 1,
-             "unknown NSM 'nosuch' (configured: kernel, alt)"),
+            (
+                ["tenant", "create", "t-x", "--nsm", "nosuch"],
+                1,
+                "unknown NSM 'nosuch' (configured: kernel, alt)",
+            ),
             (["tenant", "move", "t-op", "--nsm", "nosuch"], 1, "unknown NSM 'nosuch'"),
             (["nsm", "remove", "kernel"], 1, "NSM 'kernel' still serves tenant(s) t-op"),
             (["nsm", "add", "alt"], 1, "NSM 'alt' exists already"),
@@ -488,8 +594,16 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
         assert not {"nk-t-t-x", "nk-nsm-bad"} & set(netns_names())
 
         # An NSM at run time, a tenant moved onto it, the emptied NSM removed.
-        nk("nsm", "add", "third", "--congestion-control", "cubic", "--sysctl", "net.core.somaxconn=128",
-           check=True)
+        nk(
+            "nsm",
+            "add",
+            "third",
+            "--congestion-control",
+            "cubic",
+            "--sysctl",
+            "net.core.somaxconn=128",
+            check=True,
+        )
         assert ns_sysctl("nk-nsm-third", "net.ipv4.tcp_congestion_control") == "cubic"
         assert ns_sysctl("nk-nsm-third", "net.core.somaxconn") == "128"
         third = next(n for n in nk_json("nsm", "list")["nsms"] if n["name"] == "third")
@@ -498,8 +612,12 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
         assert "tenant t-op moved to NSM third" in proc.stdout
         t_op = next(t for t in nk_json("ps")["tenants"] if t["name"] == "t-op")
         assert t_op["nsm"] == "third"
-        addrs = subprocess.run(["ip", "-n", "nk-nsm-third", "-o", "addr", "show", "dev", "eth0"],
-                               capture_output=True, text=True, check=True).stdout
+        addrs = subprocess.run(
+            ["ip", "-n", "nk-nsm-third", "-o", "addr", "show", "dev", "eth0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert f"{t_op['ipv4']}/32" in addrs and f"{t_op['ipv6']}/128" in addrs
         # No connection was open on the old NSM: the drain check frees it within a round or two.
         deadline = time.monotonic() + 15
@@ -519,14 +637,18 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
         assert before_scrape[("netkernel_up", ())] == 1
         assert before_scrape[("netkernel_tenant_weight", labels)] == 5
         assert before_scrape[("netkernel_tenant_rate_limit_tx_bps", labels)] == 100_000_000
-        proc = subprocess.run(NETKERNEL + ["run", "--tenant", "t-op", "--", TENANT_PY, "-c",
-                                           SOURCE.format(host=peer.ipv4)], capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run(
+            NETKERNEL + ["run", "--tenant", "t-op", "--", TENANT_PY, "-c", SOURCE.format(host=peer.ipv4)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         assert sink.communicate(timeout=30)[0].strip() == str(1 << 20)
         after = scrape(port)
-        assert after[("netkernel_tenant_tx_bytes_total", labels)] >= \
-            before_scrape.get(("netkernel_tenant_tx_bytes_total", labels), 0) + (1 << 20)
+        assert after[("netkernel_tenant_tx_bytes_total", labels)] >= before_scrape.get(
+            ("netkernel_tenant_tx_bytes_total", labels), 0
+        ) + (1 << 20)
         assert after[("netkernel_nsm_tx_bytes_total", (("nsm", "third"),))] >= 1 << 20
 
         doc = nk_json("conns", "--tenant", "t-op")
@@ -539,8 +661,12 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
             f.seek(log_offset)
             records = [json.loads(line) for line in f.read().decode().splitlines() if line.startswith("{")]
         events = {(r.get("event"), r.get("tenant")) for r in records}
-        assert {("tenant_created", "t-cfg"), ("tenant_policy_set", "t-op"), ("tenant_moved", "t-op"),
-                ("tenant_drained", "t-op")} <= events
+        assert {
+            ("tenant_created", "t-cfg"),
+            ("tenant_policy_set", "t-op"),
+            ("tenant_moved", "t-op"),
+            ("tenant_drained", "t-op"),
+        } <= events
         assert any(r["logger"] == "netkernel.engine" and r.get("event") == "policy_set" for r in records)
 
         proc = nk("down", check=True)

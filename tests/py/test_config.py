@@ -89,8 +89,9 @@ def test_full_config(tmp_path: Path) -> None:
     web, db = c.tenants
     # A tenant's policy is the [defaults] with its own keys on top.
     assert web.nsm == "fast"
-    assert web.policy == Policy(rate_tx=200_000_000, rate_rx=0, weight=2, max_sockets=100,
-                                max_memory=512 << 20)
+    assert web.policy == Policy(
+        rate_tx=200_000_000, rate_rx=0, weight=2, max_sockets=100, max_memory=512 << 20
+    )
     assert db.nsm == "kernel" and db.policy == c.defaults
     assert c.dns_hosts == (("db.example", "198.19.1.1"),)
 
@@ -108,46 +109,66 @@ def test_default_config_is_the_no_file_path(tmp_path: Path) -> None:
 
 # (config text, line, key path, words the reason must contain)
 BAD = [
-    ("[[nsm]]\nname = \"kernel\"\n[[nsm]]\nname = \"b\"\ncongestion_control = \"vegas\"\n",
-     5, "nsm[1].congestion_control", ["'vegas'", "reno", "bbr", "cubic"]),
-    ("[daemon]\nlog_format = \"xml\"\n", 2, "daemon.log_format", ["'xml'", "\"json\""]),
-    ("[daemon]\n\nmetrics_listen = \"localhost\"\n", 3, "daemon.metrics_listen", ["host:port"]),
-    ("[daemon]\nmetrics_listen = \"127.0.0.1:99999\"\n", 2, "daemon.metrics_listen", ["1-65535"]),
-    ("[daemon]\napi_socket = \"relative.sock\"\n", 2, "daemon.api_socket", ["absolute"]),
+    (
+        '[[nsm]]\nname = "kernel"\n[[nsm]]\nname = "b"\ncongestion_control = "vegas"\n',
+        5,
+        "nsm[1].congestion_control",
+        ["'vegas'", "reno", "bbr", "cubic"],
+    ),
+    ('[daemon]\nlog_format = "xml"\n', 2, "daemon.log_format", ["'xml'", '"json"']),
+    ('[daemon]\n\nmetrics_listen = "localhost"\n', 3, "daemon.metrics_listen", ["host:port"]),
+    ('[daemon]\nmetrics_listen = "127.0.0.1:99999"\n', 2, "daemon.metrics_listen", ["1-65535"]),
+    ('[daemon]\napi_socket = "relative.sock"\n', 2, "daemon.api_socket", ["absolute"]),
     ("[daemon]\nengine_nice = -30\n", 2, "daemon.engine_nice", ["-30", "-20 to 19"]),
     ("[daemon]\nengine_nice = true\n", 2, "daemon.engine_nice", ["True", "-20 to 19"]),
-    ("[daemon]\napi_group = \"no-such-group-nk\"\n", 2, "daemon.api_group",
-     ["groupadd no-such-group-nk", "root-only"]),
-    ("[defaults]\nrate_tx = \"20 0Mbit\"\n", 2, "defaults.rate_tx", ["not a rate", "200Mbit"]),
+    (
+        '[daemon]\napi_group = "no-such-group-nk"\n',
+        2,
+        "daemon.api_group",
+        ["groupadd no-such-group-nk", "root-only"],
+    ),
+    ('[defaults]\nrate_tx = "20 0Mbit"\n', 2, "defaults.rate_tx", ["not a rate", "200Mbit"]),
     ("[defaults]\nweight = 0\n", 2, "defaults.weight", ["1 to 1000"]),
     ("[defaults]\nmax_sockets = 70000\n", 2, "defaults.max_sockets", ["0 to 65536"]),
-    ("[defaults]\nmax_memory = \"lots\"\n", 2, "defaults.max_memory", ["not a size", "512MiB"]),
+    ('[defaults]\nmax_memory = "lots"\n', 2, "defaults.max_memory", ["not a size", "512MiB"]),
     ("[defaults]\nburst = 3\n", 2, "defaults.burst", ["unknown key", "rate_tx"]),
-    ("[[nsm]]\nname = \"k\"\nbandwidth = \"fast\"\n", 3, "nsm[0].bandwidth", ["not a rate"]),
-    ("[[nsm]]\nname = \"k\"\n[nsm.sysctl]\n\"net.core.nope\" = 1\n", 4, 'nsm[0].sysctl."net.core.nope"',
-     ["no sysctl"]),
-    ("[[nsm]]\nname = \"k\"\n[nsm.sysctl]\n\"kernel.panic\" = 1\n", 4, 'nsm[0].sysctl."kernel.panic"',
-     ["net.*"]),
-    ("[[nsm]]\nname = \"k\"\nsysctl = { \"net.ipv4.tcp_congestion_control\" = \"bbr\" }\n", 3,
-     'nsm[0].sysctl."net.ipv4.tcp_congestion_control"', ["congestion_control ="]),
-    ("[[nsm]]\nname = \"k\"\ncolour = \"red\"\n", 3, "nsm[0].colour", ["unknown key", "congestion_control"]),
-    ("[[nsm]]\nname = \"Kernel!\"\n", 2, "nsm[0].name", ["invalid NSM name"]),
-    ("[[nsm]]\nname = \"q\"\nkind = \"quic\"\n", 3, "nsm[0].kind", ["unknown kind 'quic'", "lwip"]),
-    ("[[nsm]]\nname = \"lw\"\nkind = \"lwip\"\ncongestion_control = \"reno\"\n", 3, "nsm[0].kind",
-     ["lwip NSM has no congestion_control", "kind = \"kernel\""]),
-    ("[[nsm]]\nname = \"a\"\n[[nsm]]\nname = \"a\"\n", 4, "nsm[1].name", ["twice"]),
-    ("[[tenant]]\nname = \"web\"\nnsm = \"nope\"\n", 3, "tenant[0].nsm", ["no NSM named 'nope'", "kernel"]),
-    ("[[tenant]]\nname = \"web\"\n\nrate_rx = \"1 Gbyte\"\n", 4, "tenant[0].rate_rx", ["not a rate"]),
-    ("[[tenant]]\nname = \"Web Server\"\n", 2, "tenant[0].name", ["invalid tenant name"]),
-    ("[network]\nipv4_subnet = \"198.18.0.0/24\"\n", 2, "network.ipv4_subnet", ["too small"]),
-    ("[dns]\nhosts = { \"a.example\" = \"nowhere\" }\n", 2, 'dns.hosts."a.example"', ["not an IP address"]),
+    ('[[nsm]]\nname = "k"\nbandwidth = "fast"\n', 3, "nsm[0].bandwidth", ["not a rate"]),
+    (
+        '[[nsm]]\nname = "k"\n[nsm.sysctl]\n"net.core.nope" = 1\n',
+        4,
+        'nsm[0].sysctl."net.core.nope"',
+        ["no sysctl"],
+    ),
+    ('[[nsm]]\nname = "k"\n[nsm.sysctl]\n"kernel.panic" = 1\n', 4, 'nsm[0].sysctl."kernel.panic"', ["net.*"]),
+    (
+        '[[nsm]]\nname = "k"\nsysctl = { "net.ipv4.tcp_congestion_control" = "bbr" }\n',
+        3,
+        'nsm[0].sysctl."net.ipv4.tcp_congestion_control"',
+        ["congestion_control ="],
+    ),
+    ('[[nsm]]\nname = "k"\ncolour = "red"\n', 3, "nsm[0].colour", ["unknown key", "congestion_control"]),
+    ('[[nsm]]\nname = "Kernel!"\n', 2, "nsm[0].name", ["invalid NSM name"]),
+    ('[[nsm]]\nname = "q"\nkind = "quic"\n', 3, "nsm[0].kind", ["unknown kind 'quic'", "lwip"]),
+    (
+        '[[nsm]]\nname = "lw"\nkind = "lwip"\ncongestion_control = "reno"\n',
+        3,
+        "nsm[0].kind",
+        ["lwip NSM has no congestion_control", 'kind = "kernel"'],
+    ),
+    ('[[nsm]]\nname = "a"\n[[nsm]]\nname = "a"\n', 4, "nsm[1].name", ["twice"]),
+    ('[[tenant]]\nname = "web"\nnsm = "nope"\n', 3, "tenant[0].nsm", ["no NSM named 'nope'", "kernel"]),
+    ('[[tenant]]\nname = "web"\n\nrate_rx = "1 Gbyte"\n', 4, "tenant[0].rate_rx", ["not a rate"]),
+    ('[[tenant]]\nname = "Web Server"\n', 2, "tenant[0].name", ["invalid tenant name"]),
+    ('[network]\nipv4_subnet = "198.18.0.0/24"\n', 2, "network.ipv4_subnet", ["too small"]),
+    ('[dns]\nhosts = { "a.example" = "nowhere" }\n', 2, 'dns.hosts."a.example"', ["not an IP address"]),
     ("[oops]\n", 1, "oops", ["unknown section", "daemon"]),
 ]
 
 
 @pytest.mark.parametrize(("text", "line", "key", "words"), BAD, ids=[b[2] for b in BAD])
-def test_bad_config_names_file_line_key_and_reason(tmp_path: Path, text: str, line: int, key: str,
-                                                   words: list[str]) -> None:
+def test_bad_config_names_file_line_key_and_reason(
+    tmp_path: Path, text: str, line: int, key: str, words: list[str]
+) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
         load_config(path)
@@ -158,8 +179,13 @@ def test_bad_config_names_file_line_key_and_reason(tmp_path: Path, text: str, li
 
 
 def test_an_lwip_nsm_is_configuration_only(tmp_path: Path) -> None:
-    c = load_config(write(tmp_path, '[[nsm]]\nname = "kernel"\n[[nsm]]\nname = "lw"\nkind = "lwip"\n'
-                                    'bandwidth = "1Gbit"\n[[tenant]]\nname = "web"\nnsm = "lw"\n'))
+    c = load_config(
+        write(
+            tmp_path,
+            '[[nsm]]\nname = "kernel"\n[[nsm]]\nname = "lw"\nkind = "lwip"\n'
+            'bandwidth = "1Gbit"\n[[tenant]]\nname = "web"\nnsm = "lw"\n',
+        )
+    )
     assert [(n.name, n.kind) for n in c.nsms] == [("kernel", "kernel"), ("lw", "lwip")]
     assert c.nsms[1].bandwidth == 1_000_000_000 and c.tenants[0].nsm == "lw"
 
@@ -208,8 +234,9 @@ def test_sizes() -> None:
 def test_policy_changes_and_caps() -> None:
     p = policy_with(Policy(), {"rate_tx": "200Mbit", "weight": "3", "max_memory": "512MiB"})
     assert p == Policy(rate_tx=200_000_000, weight=3, max_memory=512 << 20)
-    assert p.engine_args() == (f"rate_tx=200000000 rate_rx=0 weight=3 max_sockets={config.ENGINE_SLOTS} "
-                               "max_memory=536870912 shm=1")
+    assert p.engine_args() == (
+        f"rate_tx=200000000 rate_rx=0 weight=3 max_sockets={config.ENGINE_SLOTS} max_memory=536870912 shm=1"
+    )
     # More sockets than the engine's slots could never open: capped there.
     assert policy_with(Policy(), {"max_sockets": 5000}).max_sockets == config.ENGINE_SLOTS
     # 0: no limit but the slots, as 0 means unlimited for rates and memory.

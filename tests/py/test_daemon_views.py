@@ -28,22 +28,30 @@ NAME = "zz-split"
 
 def _stats(tx: int, refused: int) -> str:
     """A stats reply with every key the engine writes; those not given are 0."""
-    given = {"id": 258, "nsm": "zzlw", "sockets": 3, "tx_bytes": tx, "max_sockets": 5,
-             "refused_sockets": refused}
+    given = {
+        "id": 258,
+        "nsm": "zzlw",
+        "sockets": 3,
+        "tx_bytes": tx,
+        "max_sockets": 5,
+        "refused_sockets": refused,
+    }
     tenant = " ".join(f"{f.name}={given.get(f.name, 0)}" for f in fields(TenantStats) if f.name != "name")
-    return (f"tenant {NAME} {tenant}\n"
-            "nsm zzlw type=lwip tenants=1 sockets=3 tx_bytes=0 rx_bytes=0 bandwidth=0 up=1 connects=3\nok\n")
+    return (
+        f"tenant {NAME} {tenant}\n"
+        "nsm zzlw type=lwip tenants=1 sockets=3 tx_bytes=0 rx_bytes=0 bandwidth=0 up=1 connects=3\nok\n"
+    )
 
 
 class _FakeEngine(socketserver.StreamRequestHandler):
     replies = {
         "stats": _stats(1000, 0),
         f"conns {NAME}": f"conn tenant={NAME} kind=stream nsm=zzlw proto=tcp local=198.18.1.1:80 "
-                         "peer=198.19.1.1:5555\n"
-                         f"conn tenant={NAME} kind=stream nsm=other proto=tcp local=198.18.1.1:81 "
-                         "peer=198.19.1.1:5556\n"
-                         f"conn tenant={NAME} kind=dgram nsm=zzlw proto=udp local=198.18.1.1:53 "
-                         "peer=0.0.0.0:0\nok\n",
+        "peer=198.19.1.1:5555\n"
+        f"conn tenant={NAME} kind=stream nsm=other proto=tcp local=198.18.1.1:81 "
+        "peer=198.19.1.1:5556\n"
+        f"conn tenant={NAME} kind=dgram nsm=zzlw proto=udp local=198.18.1.1:53 "
+        "peer=0.0.0.0:0\nok\n",
     }
 
     def handle(self) -> None:
@@ -102,8 +110,13 @@ def test_rates_and_refused_sockets(daemon: Daemon, monkeypatch: pytest.MonkeyPat
     assert handlers.api_handlers(daemon)["ps"]({})["tenants"][0]["tx_bps"] == 8000
     (event,) = [json.loads(line) for line in out.getvalue().splitlines()]
     assert {k: event[k] for k in ("event", "tenant", "reason", "limit", "count", "logger")} == {
-        "event": "sockets_refused", "tenant": NAME, "reason": "max_sockets", "limit": 5, "count": 2,
-        "logger": "netkernel.daemon"}
+        "event": "sockets_refused",
+        "tenant": NAME,
+        "reason": "max_sockets",
+        "limit": 5,
+        "count": 2,
+        "logger": "netkernel.daemon",
+    }
     daemon.rates.forget(NAME)
     assert NAME not in daemon.rates.tenants
 

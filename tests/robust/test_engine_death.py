@@ -41,15 +41,21 @@ except OSError as e:
 def test_engine_killed_mid_transfer(nk_daemon: Any, tenant: Any, peer_ns: Any) -> None:
     t = tenant("orphan")
     peer = peer_ns()
-    sink = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", "7201"], stdout=subprocess.PIPE,
-                      text=True)
-    idle = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", "7202"], stdout=subprocess.PIPE,
-                      text=True)
+    sink = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", "7201"], stdout=subprocess.PIPE, text=True)
+    idle = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", "7202"], stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
-    src = t.popen([TENANT_PY, str(SOURCE), peer.ipv4, "7201", "100000"],
-                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    waiter = t.popen([TENANT_PY, "-c", BLOCKED_RECV, peer.ipv4, "7202"],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    src = t.popen(
+        [TENANT_PY, str(SOURCE), peer.ipv4, "7201", "100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    waiter = t.popen(
+        [TENANT_PY, "-c", BLOCKED_RECV, peer.ipv4, "7202"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert waiter.stdout is not None
     assert waiter.stdout.readline().strip() == "connected"
     time.sleep(1.5)

@@ -31,11 +31,14 @@ def engine_alive() -> bool:
 
 def transfer(src_tenant: Any, peer: Any, size_mb: int, port: int) -> None:
     """size_mb from a tenant to a sink in the peer namespace; sha256 checked on both ends."""
-    sink = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", str(port)],
-                      stdout=subprocess.PIPE, text=True)
+    sink = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", str(port)], stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
-    src = src_tenant.run([TENANT_PY, str(SOURCE), peer.ipv4, str(port), str(size_mb)],
-                         capture_output=True, text=True, timeout=120)
+    src = src_tenant.run(
+        [TENANT_PY, str(SOURCE), peer.ipv4, str(port), str(size_mb)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert src.returncode == 0, src.stderr
     out, _ = sink.communicate(timeout=60)
     assert out.split()[0] == src.stdout.split()[0], (out, src.stdout)
@@ -45,8 +48,7 @@ def test_garbage_in_shared_memory(tenant: Any, peer_ns: Any, tmp_path: Path) -> 
     exe = build_c(Path(__file__).resolve().parent.parent / "c" / "scribble.c", tmp_path)
     bad, good = tenant("hostile"), tenant("bystander")
     peer = peer_ns()
-    echo = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", "7001", "--forever"],
-                      stdout=subprocess.DEVNULL)
+    echo = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", "7001", "--forever"], stdout=subprocess.DEVNULL)
     time.sleep(0.5)
     # The scribbler may wedge its own sockets (that is its business): bound it in time.
     hostile = bad.popen([str(exe), peer.ipv4, "7001", "8"], stdout=subprocess.PIPE, text=True)
@@ -67,14 +69,16 @@ def test_garbage_in_shared_memory(tenant: Any, peer_ns: Any, tmp_path: Path) -> 
 def test_kill9_mid_transfer(tenant: Any, peer_ns: Any) -> None:
     victim, other = tenant("victim"), tenant("other")
     peer = peer_ns()
-    sink = peer.popen([TENANT_PY, str(SINK), "0.0.0.0", "7101"], stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE, text=True)
+    sink = peer.popen(
+        [TENANT_PY, str(SINK), "0.0.0.0", "7101"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(0.5)
     src = victim.popen([TENANT_PY, str(SOURCE), peer.ipv4, "7101", "100000"])
     time.sleep(2)  # mid-transfer
     # Kill the program itself (the child of `netkernel run`), not the launcher.
-    pids = subprocess.run(["pgrep", "-f", f"{SOURCE} {peer.ipv4} 7101"], capture_output=True,
-                          text=True).stdout.split()
+    pids = subprocess.run(
+        ["pgrep", "-f", f"{SOURCE} {peer.ipv4} 7101"], capture_output=True, text=True
+    ).stdout.split()
     assert pids
     for pid in pids:
         subprocess.run(["kill", "-9", pid])
@@ -90,6 +94,7 @@ def test_kill9_mid_transfer(tenant: Any, peer_ns: Any) -> None:
 def test_privileged_socket_options_refused(tenant: Any) -> None:
     t = tenant("opts")
     for host in (t.ipv4, t.ipv6):
-        r = t.run([TENANT_PY, str(HERE / "progs" / "options.py"), host], capture_output=True,
-                  text=True, timeout=60)
+        r = t.run(
+            [TENANT_PY, str(HERE / "progs" / "options.py"), host], capture_output=True, text=True, timeout=60
+        )
         assert r.returncode == 0 and r.stdout.strip() == "OK", r.stdout + r.stderr

@@ -59,8 +59,12 @@ socket.send_fds(socket.socket(fileno=int(sys.argv[2])), [b"x"], [s.fileno()])
 def connect_in_netns(netns: str, path: str) -> socket.socket:
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with mine, theirs:
-        subprocess.run(["ip", "netns", "exec", netns, PY, "-c", CONNECT_IN_NETNS, path,
-                        str(theirs.fileno())], pass_fds=(theirs.fileno(),), check=True, timeout=30)
+        subprocess.run(
+            ["ip", "netns", "exec", netns, PY, "-c", CONNECT_IN_NETNS, path, str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            check=True,
+            timeout=30,
+        )
         _, fds, _, _ = socket.recv_fds(mine, 1, 1)
     return socket.socket(fileno=fds[0])
 
@@ -95,11 +99,36 @@ class FakeNSM:
         struct.pack_into("<I", self.mem, q + 64, tail + 1)
         return e
 
-    def push(self, q: int, op: int, tag: int = 0, sock: int = 0, arg: int = 0, length: int = 0,
-             off: int = 0, family: int = 0) -> None:
+    def push(
+        self,
+        q: int,
+        op: int,
+        tag: int = 0,
+        sock: int = 0,
+        arg: int = 0,
+        length: int = 0,
+        off: int = 0,
+        family: int = 0,
+    ) -> None:
         head = self._index(q, 0)
-        NQE.pack_into(self.mem, q + 192 + (head % QUEUE_LEN) * NQE.size, op, 0, tag, sock, arg, length,
-                      0, off, family, 0, 0, b"\0" * 16, 0, 0)
+        NQE.pack_into(
+            self.mem,
+            q + 192 + (head % QUEUE_LEN) * NQE.size,
+            op,
+            0,
+            tag,
+            sock,
+            arg,
+            length,
+            0,
+            off,
+            family,
+            0,
+            0,
+            b"\0" * 16,
+            0,
+            0,
+        )
         struct.pack_into("<I", self.mem, q, head + 1)
         os.write(self.engine_bell, (1).to_bytes(8, "little"))
 
@@ -184,9 +213,9 @@ def fake_nsm(nk_daemon: Daemon, tenant: Callable[..., Tenant]) -> Iterator[tuple
         engine.nsm_del(name)
 
 
-def test_engine_drops_an_nsm_that_writes_garbage(fake_nsm: tuple[str, Tenant, EngineClient],
-                                                 tenant: Callable[..., Tenant],
-                                                 peer_ns: Callable[[], Peer]) -> None:
+def test_engine_drops_an_nsm_that_writes_garbage(
+    fake_nsm: tuple[str, Tenant, EngineClient], tenant: Callable[..., Tenant], peer_ns: Callable[[], Peer]
+) -> None:
     path, t, engine = fake_nsm
     peer = peer_ns()
     bystander = tenant(uname("by"))
@@ -205,8 +234,12 @@ def test_engine_drops_an_nsm_that_writes_garbage(fake_nsm: tuple[str, Tenant, En
         for reason, events in GARBAGE:
             fake = FakeNSM(path)
             try:
-                app = t.popen([PY, "-u", "-c", CONNECT, peer.ipv4], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+                app = t.popen(
+                    [PY, "-u", "-c", CONNECT, peer.ipv4],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
                 serve_until_connect(fake)
                 for ev in events:
                     fake.push(EVT, **ev)
@@ -214,13 +247,17 @@ def test_engine_drops_an_nsm_that_writes_garbage(fake_nsm: tuple[str, Tenant, En
                 out, err = app.communicate(timeout=20)
                 # Connecting when the NSM went: refused, as Linux refuses; once connected
                 # (sent_len / recvd_len post CONNECTED first): reset.
-                assert ("ERROR ConnectionRefusedError" in out or "ERROR ConnectionResetError" in out
-                        or ("CONNECTED" in out and "EOF" in out)), (reason, describe(app, out, err))
+                assert (
+                    "ERROR ConnectionRefusedError" in out
+                    or "ERROR ConnectionResetError" in out
+                    or ("CONNECTED" in out and "EOF" in out)
+                ), (reason, describe(app, out, err))
                 assert any(n.name == "fakensm" and not n.up for n in engine.stats().nsms), reason
             finally:
                 fake.close()
-        log = subprocess.run(["tail", "-n", "400", "/var/log/netkernel.log"], capture_output=True,
-                             text=True).stdout
+        log = subprocess.run(
+            ["tail", "-n", "400", "/var/log/netkernel.log"], capture_output=True, text=True
+        ).stdout
         for reason, _ in GARBAGE:
             assert f"reason={reason}" in log, reason
     finally:
@@ -229,8 +266,9 @@ def test_engine_drops_an_nsm_that_writes_garbage(fake_nsm: tuple[str, Tenant, En
     assert engine.stats().tenant(bystander.name) is not None  # the engine is alive
 
 
-def test_reply_flood_does_not_hold_the_engine(fake_nsm: tuple[str, Tenant, EngineClient],
-                                             tenant: Callable[..., Tenant]) -> None:
+def test_reply_flood_does_not_hold_the_engine(
+    fake_nsm: tuple[str, Tenant, EngineClient], tenant: Callable[..., Tenant]
+) -> None:
     """The engine waits for the NSM's reply to a few calls (socket, bind, connect). An NSM that
     sets its reply queue's head far ahead (a queue 2^31 entries long, none of them the answer)
     must not keep the engine popping: after a queue's worth it is a protocol error, the NSM is
@@ -239,8 +277,9 @@ def test_reply_flood_does_not_hold_the_engine(fake_nsm: tuple[str, Tenant, Engin
     other = tenant(uname("nb"))
     fake = FakeNSM(path)
     try:
-        app = t.popen([PY, "-u", "-c", CONNECT, "198.19.0.1"], stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE, text=True)
+        app = t.popen(
+            [PY, "-u", "-c", CONNECT, "198.19.0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for e in fake.requests(timeout=15):
             if e[0] == SLQ_SOCKET:
                 tail = fake._index(REP, 1)
@@ -248,8 +287,12 @@ def test_reply_flood_does_not_hold_the_engine(fake_nsm: tuple[str, Tenant, Engin
                 os.write(fake.engine_bell, (1).to_bytes(8, "little"))
                 break
         t0 = time.monotonic()
-        r = other.run([PY, "-c", "import socket; socket.socket().bind(('127.0.0.1', 0)); print('ok')"],
-                      capture_output=True, text=True, timeout=60)
+        r = other.run(
+            [PY, "-c", "import socket; socket.socket().bind(('127.0.0.1', 0)); print('ok')"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         took = time.monotonic() - t0
         assert r.returncode == 0, r.stderr
         assert took < 5, f"a neighbour waited {took:.1f} s behind the flooding NSM"
@@ -258,6 +301,7 @@ def test_reply_flood_does_not_hold_the_engine(fake_nsm: tuple[str, Tenant, Engin
         assert "ERROR" in out, describe(app, out, err)
     finally:
         fake.close()
-    log = subprocess.run(["tail", "-n", "200", "/var/log/netkernel.log"], capture_output=True,
-                         text=True).stdout
+    log = subprocess.run(
+        ["tail", "-n", "200", "/var/log/netkernel.log"], capture_output=True, text=True
+    ).stdout
     assert "reason=reply_flood" in log

@@ -72,11 +72,15 @@ def test_tenant_root_is_an_unprivileged_host_uid(tenant: Any) -> None:
 
 def test_host_filesystem_is_read_only(tenant: Any) -> None:
     t = tenant("rofs")
-    out = run_py(t, TRY + """
+    out = run_py(
+        t,
+        TRY
+        + """
 for path in ("/etc/cron.d/netkernel-test", "/proc/sys/kernel/core_pattern", "/usr/bin/x", "/tmp/x"):
     print(path, attempt(lambda: open(path, "w")))
 print("/sys", attempt(lambda: open("/sys/kernel/mm/transparent_hugepage/enabled", "w")))
-""")
+""",
+    )
     lines = dict(line.rsplit(" ", 1) for line in out.splitlines())
     assert lines["/etc/cron.d/netkernel-test"] == "EROFS", out
     assert lines["/proc/sys/kernel/core_pattern"] in ("EROFS", "EACCES"), out
@@ -110,8 +114,12 @@ def test_other_tenants_files_are_not_writable(tenant: Any, nk_tmpdir: Path) -> N
     run_py(a, f"open('{nk_tmpdir}/a.txt', 'w').write('from a')")
     assert (nk_tmpdir / "a.txt").read_text() == "from a"
     assert (nk_tmpdir / "a.txt").stat().st_uid == a.uid_base
-    out = run_py(b, TRY + f"""
-print(attempt(lambda: open('{nk_tmpdir}/a.txt', 'a')), attempt(lambda: open('{nk_tmpdir}/b.txt', 'w')))""")
+    out = run_py(
+        b,
+        TRY
+        + f"""
+print(attempt(lambda: open('{nk_tmpdir}/a.txt', 'a')), attempt(lambda: open('{nk_tmpdir}/b.txt', 'w')))""",
+    )
     assert out.split()[0] in ("EACCES", "EROFS") and out.split()[1] in ("EACCES", "EROFS"), out
     # Granting it to tenant b as well is refused: it is not b's to write.
     r = nk("run", "--tenant", b.name, "--rw", str(nk_tmpdir), "--", "true")
@@ -139,6 +147,7 @@ def test_host_uids_belong_to_the_tenant_name_for_good(tenant: Any, nk_tmpdir: Pa
 
 def test_uid_ranges_are_recorded_and_a_damaged_record_is_refused(tmp_path: Path) -> None:
     from netkernel import sandbox
+
     path = tmp_path / "uid-ranges.json"
     a, b = sandbox.uid_slot("a", path), sandbox.uid_slot("b", path)
     assert a != b and sandbox.uid_slot("a", path) == a
@@ -149,10 +158,13 @@ def test_uid_ranges_are_recorded_and_a_damaged_record_is_refused(tmp_path: Path)
     assert path.read_text() == "{not json"  # nothing lost
 
 
-SIGNALS = TRY + """
+SIGNALS = (
+    TRY
+    + """
 for pid in map(int, sys.argv[1:]):
     print(attempt(lambda: os.kill(pid, 0)))
 """
+)
 
 
 def test_signals_to_the_engine_daemon_and_other_tenants_fail(tenant: Any) -> None:
@@ -173,7 +185,10 @@ def test_signals_to_the_engine_daemon_and_other_tenants_fail(tenant: Any) -> Non
 
 def test_no_new_privileges_and_seccomp(tenant: Any) -> None:
     t = tenant("seccomp")
-    out = run_py(t, TRY + """
+    out = run_py(
+        t,
+        TRY
+        + """
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(status["NoNewPrivs"].strip(), status["Seccomp"].strip())
 import ctypes
@@ -181,7 +196,8 @@ libc = ctypes.CDLL(None, use_errno=True)
 print("unshare_user", libc.unshare(0x10000000), ctypes.get_errno())
 print("vsock", attempt(lambda: socket.socket(40, socket.SOCK_STREAM)))
 print("mount", libc.mount(b"none", b"/var/tmp", b"tmpfs", 0, None), ctypes.get_errno())
-""")
+""",
+    )
     lines = out.splitlines()
     assert lines[0] == "1 2", out  # no_new_privs; a seccomp filter
     assert lines[1] == "unshare_user -1 1", out  # EPERM
@@ -195,7 +211,9 @@ def test_every_process_a_tenant_sees_is_as_confined_as_itself(tenant: Any) -> No
     show the tenant's own files and be under the same seccomp filter, or they are a way out
     (the host's /run and its sockets, unfiltered system calls injected by ptrace)."""
     t = tenant("holderview")
-    out = run_py(t, """import os
+    out = run_py(
+        t,
+        """import os
 for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
     try:
         run = sorted(os.listdir(f"/proc/{pid}/root/run"))
@@ -203,7 +221,8 @@ for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
     except OSError:
         continue
     print(pid, status["Seccomp"].strip(), status["NoNewPrivs"].strip(), ",".join(run))
-""")
+""",
+    )
     rows = [line.split(" ", 3) for line in out.splitlines()]
     assert len(rows) >= 3, out  # the holder's init, what it keeps up, and this program
     for pid, seccomp, nnp, run in rows:
@@ -214,16 +233,18 @@ for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
 def test_processes_join_the_tenants_cgroup_beneath_the_daemons(tenant: Any) -> None:
     t = tenant("cgjoin")
     from netkernel import cgroups
+
     daemon_pid = int(PID_FILE.read_text())
     places = cgroups.discover(daemon_pid)
     assert places, "no cgroup controller on this host"
     p = t.popen(["sleep", "10"])
     try:
         time.sleep(1)
-        pids = [x for x in json.loads(nk("ps", "--json", check=True).stdout)["tenants"]
-                if x["name"] == t.name][0]["pids"]
+        pids = [
+            x for x in json.loads(nk("ps", "--json", check=True).stdout)["tenants"] if x["name"] == t.name
+        ][0]["pids"]
         for controller, place in places.items():
-            want = (place.path.rstrip("/") + f"/netkernel.{t.name}")
+            want = place.path.rstrip("/") + f"/netkernel.{t.name}"
             for pid in pids:
                 mine = cgroups.discover(pid)[controller].path
                 assert mine == want, (controller, pid, mine, want)
@@ -298,9 +319,19 @@ def test_a_grant_through_a_link_the_tenant_made_is_refused(tenant: Any, nk_tmpdi
         t = tenant("grantlink")
         (nk_tmpdir / "uploads").mkdir()
         t.grant(nk_tmpdir)
-        run_py(t, f"import os; os.rmdir('{nk_tmpdir}/uploads'); os.symlink('{open_dir}', '{nk_tmpdir}/uploads')")
-        r = nk("run", "--tenant", t.name, "--rw", str(nk_tmpdir / "uploads"), "--",
-               "touch", str(nk_tmpdir / "uploads" / "planted"))
+        run_py(
+            t, f"import os; os.rmdir('{nk_tmpdir}/uploads'); os.symlink('{open_dir}', '{nk_tmpdir}/uploads')"
+        )
+        r = nk(
+            "run",
+            "--tenant",
+            t.name,
+            "--rw",
+            str(nk_tmpdir / "uploads"),
+            "--",
+            "touch",
+            str(nk_tmpdir / "uploads" / "planted"),
+        )
         assert r.returncode == 126 and "symbolic link" in r.stderr, (r.returncode, r.stderr)
         assert not (open_dir / "planted").exists()
         # A link the operator made (in a directory the tenant cannot write) is followed.
@@ -308,8 +339,16 @@ def test_a_grant_through_a_link_the_tenant_made_is_refused(tenant: Any, nk_tmpdi
         try:
             mine.chmod(0o755)
             (mine / "data").symlink_to(nk_tmpdir)
-            r = nk("run", "--tenant", t.name, "--rw", str(mine / "data"), "--",
-                   "touch", str(mine / "data" / "ok"))
+            r = nk(
+                "run",
+                "--tenant",
+                t.name,
+                "--rw",
+                str(mine / "data"),
+                "--",
+                "touch",
+                str(mine / "data" / "ok"),
+            )
             assert r.returncode == 0, r.stderr
             assert (nk_tmpdir / "ok").exists()
         finally:

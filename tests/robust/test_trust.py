@@ -66,8 +66,7 @@ class Neighbour:
 
     def __init__(self, tenant: Any, peer: Any, port: int) -> None:
         self.t, self.peer, self.port = tenant, peer, port
-        self.echo = peer.popen([PY, str(ECHO), "0.0.0.0", str(port)], stdout=subprocess.PIPE,
-                               text=True)
+        self.echo = peer.popen([PY, str(ECHO), "0.0.0.0", str(port)], stdout=subprocess.PIPE, text=True)
         assert self.echo.stdout is not None
         assert self.echo.stdout.readline().startswith("READY"), "echo server did not start"
 
@@ -75,8 +74,12 @@ class Neighbour:
     def watching(self, seconds: float) -> Iterator[dict[str, Any]]:
         """Runs the pinger for `seconds` around the body; the dict gets its figures after."""
         result: dict[str, Any] = {}
-        p = self.t.popen([PY, str(PROGS / "pinger.py"), self.peer.ipv4, str(self.port), str(seconds)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = self.t.popen(
+            [PY, str(PROGS / "pinger.py"), self.peer.ipv4, str(self.port), str(seconds)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(0.5)
         try:
             yield result
@@ -131,8 +134,9 @@ def test_listening_socket_as_proxy_fd(tenant: Any, hostile: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["proxy", "extra", "onproxy", "passcred", "reenable"])
-def test_lingering_socket_passed_to_the_engine(mode: str, tenant: Any, hostile: Path,
-                                               neighbour: Neighbour) -> None:
+def test_lingering_socket_passed_to_the_engine(
+    mode: str, tenant: Any, hostile: Path, neighbour: Neighbour
+) -> None:
     """The last reference to a socket whose close() lingers 60 s, handed to the engine as a
     proxy fd, as an fd too many, or inside a record on a proxy fd (passcred: a full record on
     a proxy end asked to receive credentials and a pidfd too, which crowd out descriptors the
@@ -249,8 +253,12 @@ def test_engine_fds_are_accounted_per_tenant(tenant: Any, hostile: Path, neighbo
     assert got.get("ctl_err") == "EMFILE" and got.get("sock_err") == "EMFILE", out
     neighbour.assert_unharmed(r)
     # Once it is gone, its fds are given back: the tenant itself works again.
-    r2 = t.run([PY, "-c", "import socket; socket.socket().bind(('0.0.0.0', 0)); print('ok')"],
-               capture_output=True, text=True, timeout=30)
+    r2 = t.run(
+        [PY, "-c", "import socket; socket.socket().bind(('0.0.0.0', 0)); print('ok')"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r2.stdout.strip() == "ok", r2.stderr
 
 
@@ -267,19 +275,27 @@ def test_zero_length_datagrams_both_ways(family: str, tenant: Any, peer_ns: Any)
     t, peer = tenant(f"zero{family[-1]}"), peer_ns()
     addr = t.ipv4 if family == "ipv4" else t.ipv6
     paddr = peer.ipv4 if family == "ipv4" else peer.ipv6
-    server = t.popen([PY, str(PROGS / "udp_zero.py"), "serve", "::" if family == "ipv6" else "0.0.0.0",
-                      "7501"], stdout=subprocess.PIPE, text=True)
+    server = t.popen(
+        [PY, str(PROGS / "udp_zero.py"), "serve", "::" if family == "ipv6" else "0.0.0.0", "7501"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert server.stdout is not None and server.stdout.readline().strip() == "READY"
-    r = peer.run([PY, str(PROGS / "udp_zero.py"), "client", addr, "7501"], capture_output=True,
-                 text=True, timeout=30)
+    r = peer.run(
+        [PY, str(PROGS / "udp_zero.py"), "client", addr, "7501"], capture_output=True, text=True, timeout=30
+    )
     assert r.stdout.split() == ["got=0", "got=3"], r.stdout + r.stderr
     server.wait(timeout=10)
     # The other way round: the tenant sends, the peer echoes.
-    echo = peer.popen([PY, str(PROGS / "udp_zero.py"), "serve", "::" if family == "ipv6" else "0.0.0.0",
-                       "7502"], stdout=subprocess.PIPE, text=True)
+    echo = peer.popen(
+        [PY, str(PROGS / "udp_zero.py"), "serve", "::" if family == "ipv6" else "0.0.0.0", "7502"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert echo.stdout is not None and echo.stdout.readline().strip() == "READY"
-    r = t.run([PY, str(PROGS / "udp_zero.py"), "client", paddr, "7502"], capture_output=True,
-              text=True, timeout=30)
+    r = t.run(
+        [PY, str(PROGS / "udp_zero.py"), "client", paddr, "7502"], capture_output=True, text=True, timeout=30
+    )
     assert r.stdout.split() == ["got=0", "got=3"], r.stdout + r.stderr
     echo.wait(timeout=10)
 
@@ -304,18 +320,33 @@ def test_pending_connections_respect_the_backlog(tenant: Any, peer_ns: Any) -> N
     """Connections nobody accepts wait in the kernel's queues, as in Linux: the engine holds
     no more of them than the listener's backlog (each would take a slot and fds)."""
     t, peer = tenant("backlog"), peer_ns()
-    server = t.popen([PY, "-c", "import socket,time,sys\n"
-                      "s=socket.socket(); s.bind(('0.0.0.0', 7701)); s.listen(16)\n"
-                      "print('READY', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    server = t.popen(
+        [
+            PY,
+            "-c",
+            "import socket,time,sys\n"
+            "s=socket.socket(); s.bind(('0.0.0.0', 7701)); s.listen(16)\n"
+            "print('READY', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert server.stdout is not None and server.stdout.readline().strip() == "READY"
-    clients = peer.popen([PY, "-c", "import socket,time\n"
-                          "cs=[socket.socket() for _ in range(60)]\n"
-                          f"for c in cs: c.setblocking(False); c.connect_ex(('{t.ipv4}', 7701))\n"
-                          "time.sleep(20)"])
+    clients = peer.popen(
+        [
+            PY,
+            "-c",
+            "import socket,time\n"
+            "cs=[socket.socket() for _ in range(60)]\n"
+            f"for c in cs: c.setblocking(False); c.connect_ex(('{t.ipv4}', 7701))\n"
+            "time.sleep(20)",
+        ]
+    )
     try:
         time.sleep(4)
-        sockets = next(x for x in json.loads(nk("ps", "--json", check=True).stdout)["tenants"]
-                       if x["name"] == t.name)["sockets"]
+        sockets = next(
+            x for x in json.loads(nk("ps", "--json", check=True).stdout)["tenants"] if x["name"] == t.name
+        )["sockets"]
     finally:
         clients.kill()
         server.kill()
@@ -382,15 +413,31 @@ def test_privileged_options_answered_as_for_an_unprivileged_process(family: str,
     as nobody."""
     t = tenant(f"privopt{family[-1]}")
     host = "127.0.0.1" if family == "ipv4" else "::1"
-    native = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-                             "/usr/bin/python3", str(PROGS / "privopts.py"), host],
-                            capture_output=True, text=True, timeout=30)
+    native = subprocess.run(
+        [
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            str(PROGS / "privopts.py"),
+            host,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert native.returncode == 0, native.stderr
     expected = parse_kv(native.stdout)
     assert expected["SO_MARK"] == "EPERM"  # the probe really ran unprivileged
     addr = t.ipv4 if family == "ipv4" else t.ipv6
-    got = parse_kv(t.run([PY, str(PROGS / "privopts.py"), addr], capture_output=True, text=True,
-                         timeout=30, check=True).stdout)
+    got = parse_kv(
+        t.run(
+            [PY, str(PROGS / "privopts.py"), addr], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    )
     assert got == expected
 
 
@@ -400,16 +447,25 @@ def test_option_checks_stay_out_of_the_host_namespace(tenant: Any) -> None:
     on an interface only the host has, it must fail as in the tenant's own view (ENODEV)."""
     t = tenant("mcast")
     host_only = {int(p.read_text()) for p in Path("/sys/class/net").glob("*/ifindex")}
-    nsm_ifs = subprocess.run(["ip", "-n", "nk-nsm-kernel", "-j", "link"], capture_output=True, text=True,
-                             check=True).stdout
+    nsm_ifs = subprocess.run(
+        ["ip", "-n", "nk-nsm-kernel", "-j", "link"], capture_output=True, text=True, check=True
+    ).stdout
     host_only -= {link["ifindex"] for link in json.loads(nsm_ifs)}
     index = max(host_only)
-    r = t.run([PY, "-c", "import socket,struct,errno\n"
-               "s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-               f"m=struct.pack('4s4si', socket.inet_aton('239.1.2.3'), bytes(4), {index})\n"
-               "try:\n s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, m); print('joined')\n"
-               "except OSError as e: print(errno.errorcode[e.errno])"],
-              capture_output=True, text=True, timeout=30)
+    r = t.run(
+        [
+            PY,
+            "-c",
+            "import socket,struct,errno\n"
+            "s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"m=struct.pack('4s4si', socket.inet_aton('239.1.2.3'), bytes(4), {index})\n"
+            "try:\n s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, m); print('joined')\n"
+            "except OSError as e: print(errno.errorcode[e.errno])",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.stdout.strip() == "ENODEV", r.stdout + r.stderr
 
 
@@ -432,12 +488,17 @@ def test_daemon_api_refuses_a_tenant(tenant: Any) -> None:
     only the host: a process in a tenant's namespace, even one running as root there, is
     refused by its credentials and namespace, whatever the socket file's mode lets through."""
     from netkernel.config import DAEMON_SOCKET
+
     t = tenant("askapi")
     # As a tenant program runs, and as a root process merely placed in its namespace.
     r = t.run([PY, "-c", ASK_DAEMON, str(DAEMON_SOCKET)], capture_output=True, text=True, timeout=30)
     inside = r.stdout.strip() + r.stderr.strip()
-    r = subprocess.run(["ip", "netns", "exec", t.netns, PY, "-c", ASK_DAEMON, str(DAEMON_SOCKET)],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["ip", "netns", "exec", t.netns, PY, "-c", ASK_DAEMON, str(DAEMON_SOCKET)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     raw = r.stdout.strip() + r.stderr.strip()
     for out in (inside, raw):
         assert out.startswith("unreachable") or out.startswith("reply False"), out
@@ -461,6 +522,7 @@ def test_external_nsm_socket_refuses_a_tenant(tenant: Any, tmp_path: Path) -> No
     serves. Only root in the NSM's own namespace may: not a root process in a tenant's."""
     from netkernel.config import ADMIN_SOCKET
     from netkernel.engine import EngineClient
+
     t = tenant("asknsm")
     ns = "nk-nsm-trust"
     path = f"/run/netkernel/nsm-trust-{os.getpid()}.sock"
@@ -468,12 +530,17 @@ def test_external_nsm_socket_refuses_a_tenant(tenant: Any, tmp_path: Path) -> No
     engine = EngineClient(ADMIN_SOCKET)
     try:
         engine.nsm_add("trust", f"/run/netns/{ns}", path)
-        out = subprocess.run(["ip", "netns", "exec", t.netns, PY, "-c", ASK_NSM, path],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
+        out = subprocess.run(
+            ["ip", "netns", "exec", t.netns, PY, "-c", ASK_NSM, path],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
         assert out in ("closed", "unreachable Permission denied") or out.startswith("unreachable"), out
         # Root in the NSM's namespace is what the daemon runs it as: that one is served.
-        ok = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", ASK_NSM, path],
-                            capture_output=True, text=True, timeout=30).stdout.strip()
+        ok = subprocess.run(
+            ["ip", "netns", "exec", ns, PY, "-c", ASK_NSM, path], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
         assert ok == "hello", ok
     finally:
         engine.nsm_del("trust")
@@ -486,6 +553,7 @@ def test_host_services_on_the_bridge_are_unreachable(tenant: Any, nk_daemon: Any
     the fabric (its NSM sits on the bridge, which holds a host address). DNS, which NetKernel
     serves there, still works."""
     from netkernel.config import Config
+
     bridge = str(Config().bridge_ipv4)
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -493,14 +561,26 @@ def test_host_services_on_the_bridge_are_unreachable(tenant: Any, nk_daemon: Any
     srv.listen(8)
     t = tenant("tohost")
     try:
-        r = t.run([PY, "-c", "import socket,sys\n"
-                   "s=socket.socket(); s.settimeout(3)\n"
-                   f"try: s.connect(('{bridge}', 7801)); print('connected')\n"
-                   "except OSError as e: print(type(e).__name__)"],
-                  capture_output=True, text=True, timeout=30)
+        r = t.run(
+            [
+                PY,
+                "-c",
+                "import socket,sys\n"
+                "s=socket.socket(); s.settimeout(3)\n"
+                f"try: s.connect(('{bridge}', 7801)); print('connected')\n"
+                "except OSError as e: print(type(e).__name__)",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.stdout.strip() in ("TimeoutError", "ConnectionRefusedError"), r.stdout + r.stderr
-        r = t.run([PY, "-c", "import socket; print(socket.getaddrinfo('askapi.tenant.netkernel', 80)[0][0])"],
-                  capture_output=True, text=True, timeout=30)
+        r = t.run(
+            [PY, "-c", "import socket; print(socket.getaddrinfo('askapi.tenant.netkernel', 80)[0][0])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode != 0 or r.stdout.strip(), r.stderr  # the resolver answered (name or NXDOMAIN)
     finally:
         srv.close()

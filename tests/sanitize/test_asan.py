@@ -54,13 +54,29 @@ def teardown_fabric() -> None:
 def build_sanitized(out: Path) -> tuple[Path, Path]:
     inc = [f"-I{REPO / 'include'}", "-D_GNU_SOURCE"]
     engine = out / "netkernel-engine-asan"
-    subprocess.run([compiler(), *SAN, *inc, f"-I{REPO / 'csrc' / 'engine'}", "-o", str(engine),
-                    *engine_sources()], check=True)
+    subprocess.run(
+        [compiler(), *SAN, *inc, f"-I{REPO / 'csrc' / 'engine'}", "-o", str(engine), *engine_sources()],
+        check=True,
+    )
     guest = out / "libnetkernel-asan.so"
     gsrcs = sorted(map(str, (REPO / "csrc" / "guest").glob("*.c")))
-    subprocess.run([compiler(), *SAN, *inc, f"-I{REPO / 'csrc' / 'guest'}", "-shared", "-fPIC",
-                    "-fvisibility=hidden", "-o", str(guest), *gsrcs, "-ldl", "-lpthread"],
-                   check=True)
+    subprocess.run(
+        [
+            compiler(),
+            *SAN,
+            *inc,
+            f"-I{REPO / 'csrc' / 'guest'}",
+            "-shared",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-o",
+            str(guest),
+            *gsrcs,
+            "-ldl",
+            "-lpthread",
+        ],
+        check=True,
+    )
     return engine, guest
 
 
@@ -68,10 +84,15 @@ class Fabric:
     def __init__(self, tmp: Path, guest: Path) -> None:
         self.tmp = tmp
         self.ctl = tmp / "engine.sock"
-        asan = subprocess.run([compiler(), "-print-file-name=libasan.so"], capture_output=True,
-                              text=True).stdout.strip()
-        self.env = ["env", f"LD_PRELOAD={asan}:{guest}", f"NETKERNEL_SOCKET={self.ctl}",
-                    "ASAN_OPTIONS=detect_leaks=0"]
+        asan = subprocess.run(
+            [compiler(), "-print-file-name=libasan.so"], capture_output=True, text=True
+        ).stdout.strip()
+        self.env = [
+            "env",
+            f"LD_PRELOAD={asan}:{guest}",
+            f"NETKERNEL_SOCKET={self.ctl}",
+            "ASAN_OPTIONS=detect_leaks=0",
+        ]
 
     def wrapper(self) -> list[str]:
         return ["ip", "netns", "exec", TEN, *self.env]
@@ -100,8 +121,11 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
     sh("ip", "netns", "add", TEN)
     sh("ip", "-n", TEN, "link", "set", "lo", "up")
     log = open(tmp / "engine.log", "w")
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1",
-               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+    env = dict(
+        os.environ,
+        ASAN_OPTIONS="detect_leaks=0:halt_on_error=1",
+        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+    )
     proc = start_engine(engine, tmp, log, env)
     try:
         assert engine_admin(tmp / "admin.sock", f"nsm-add kernel /run/netns/{NSM}").startswith("ok")
@@ -121,8 +145,9 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
 
 @pytest.mark.parametrize("host", ["127.0.0.1", V4, "::1", V6])
 @pytest.mark.parametrize("name", [p for p in PROGRAMS if p not in KNOWN_GAPS])
-def test_probe_sanitized(fabric: Fabric, name: str, host: str,
-                         tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_probe_sanitized(
+    fabric: Fabric, name: str, host: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     exe = build_program(name, tmp_path_factory.getbasetemp() / "asan-progs")
     proc = run_program(exe, host, wrapper=fabric.wrapper())
     assert "AddressSanitizer" not in proc.stderr and "runtime error:" not in proc.stderr, proc.stderr
@@ -137,8 +162,11 @@ def test_scribble_sanitized(fabric: Fabric, tmp_path: Path) -> None:
     srv.listen(64)
     port = srv.getsockname()[1]
     try:
-        p = subprocess.Popen([*fabric.wrapper(), str(exe), "198.51.100.1", str(port), "4"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [*fabric.wrapper(), str(exe), "198.51.100.1", str(port), "4"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             p.wait(timeout=20)
         except subprocess.TimeoutExpired:

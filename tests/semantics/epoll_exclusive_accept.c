@@ -7,7 +7,7 @@
 #include "sem.h"
 
 #define WORKERS 3
-#define CONNS 150
+#define CONNS   150
 
 static void worker(int l, int report) {
   int ep = (int)SYS(epoll_create1(0));

@@ -7,9 +7,9 @@
 
 #include "sem.h"
 
-#define TOTAL (1u << 20)
+#define TOTAL       (1u << 20)
 #define SYNC_ROUNDS 8
-#define SYNC_CHUNK 20000u
+#define SYNC_CHUNK  20000u
 
 int main(int argc, char **argv) {
   sem_init("epollet_read_until_eagain", argc, argv);
@@ -62,7 +62,8 @@ int main(int argc, char **argv) {
     for (;;) { /* read until EAGAIN */
       ssize_t r = read(s, buf, sizeof buf);
       if (r < 0) {
-        CHECK(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR, "read: %s", strerror(errno));
+        CHECK(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR, "read: %s",
+              strerror(errno));
         if (errno == EINTR) continue;
         break;
       }

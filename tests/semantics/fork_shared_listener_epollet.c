@@ -31,8 +31,8 @@ static void worker(int lfd, int ctl, int report) {
       for (;;) { /* edge-triggered: drain until EAGAIN */
         int c = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
         if (c < 0) {
-          CHECK(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR,
-                "accept4: %s", strerror(errno));
+          CHECK(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR, "accept4: %s",
+                strerror(errno));
           if (errno == EINTR) continue;
           break;
         }

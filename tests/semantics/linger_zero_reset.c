@@ -21,7 +21,8 @@ int main(int argc, char **argv) {
   SYS(setsockopt(srv, SOL_SOCKET, SO_LINGER, &lg, sizeof lg));
   socklen_t gl = sizeof got;
   SYS(getsockopt(srv, SOL_SOCKET, SO_LINGER, &got, &gl));
-  CHECK(got.l_onoff && got.l_linger == 0, "SO_LINGER read back {%d, %d}", got.l_onoff, got.l_linger);
+  CHECK(got.l_onoff && got.l_linger == 0, "SO_LINGER read back {%d, %d}", got.l_onoff,
+        got.l_linger);
   SYS(close(srv));
   expect_reset(cli);
   close(cli);

@@ -61,8 +61,10 @@ static void expect_eintr(int ep, int restart) {
   int n = epoll_wait(ep, &ev, 1, 5000);
   int e = errno;
   double dt = sem_now() - t0;
-  CHECK(n == -1 && e == EINTR, "epoll_wait (SA_RESTART %s) returned %d errno %s after %.2fs, "
-        "expected EINTR", restart ? "on" : "off", n, strerror(e), dt);
+  CHECK(n == -1 && e == EINTR,
+        "epoll_wait (SA_RESTART %s) returned %d errno %s after %.2fs, "
+        "expected EINTR",
+        restart ? "on" : "off", n, strerror(e), dt);
   EXPECT_EQ(got_sig, 1);
   sem_wait_child(pid);
 }

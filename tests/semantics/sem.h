@@ -39,7 +39,8 @@ static const char *sem_name = "?";
 static struct sockaddr_storage sem_addr; /* HOST with PORT (0 = pick) */
 static int sem_family;
 
-static inline void sem_fail(int line, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
+static inline void sem_fail(int line, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3), noreturn));
 static inline void sem_fail(int line, const char *fmt, ...) {
   va_list ap;
   printf("FAIL %s (pid %d, line %d): ", sem_name, (int)getpid(), line);
@@ -52,38 +53,39 @@ static inline void sem_fail(int line, const char *fmt, ...) {
 }
 
 /* CHECK(cond, fmt, ...): fail with a message when cond is false. */
-#define CHECK(cond, ...)                                                                       \
-  do {                                                                                         \
-    if (!(cond)) sem_fail(__LINE__, __VA_ARGS__);                                              \
+#define CHECK(cond, ...)                          \
+  do {                                            \
+    if (!(cond)) sem_fail(__LINE__, __VA_ARGS__); \
   } while (0)
 
 /* SYS(call): the call must not return -1; on failure print it with errno. */
-#define SYS(call)                                                                              \
-  ({                                                                                           \
-    errno = 0;                                                                                 \
-    long sem__r = (long)(call);                                                                \
-    if (sem__r == -1) sem_fail(__LINE__, "%s failed: %s (errno %d)", #call, strerror(errno), errno); \
-    sem__r;                                                                                    \
+#define SYS(call)                                                                    \
+  ({                                                                                 \
+    errno = 0;                                                                       \
+    long sem__r = (long)(call);                                                      \
+    if (sem__r == -1)                                                                \
+      sem_fail(__LINE__, "%s failed: %s (errno %d)", #call, strerror(errno), errno); \
+    sem__r;                                                                          \
   })
 
 /* EXPECT_EQ(a, b): both are integers; print both on mismatch. */
-#define EXPECT_EQ(a, b)                                                                        \
-  do {                                                                                         \
-    long long sem__a = (long long)(a), sem__b = (long long)(b);                                \
-    if (sem__a != sem__b)                                                                      \
-      sem_fail(__LINE__, "%s == %s: got %lld, expected %lld", #a, #b, sem__a, sem__b);         \
+#define EXPECT_EQ(a, b)                                                                \
+  do {                                                                                 \
+    long long sem__a = (long long)(a), sem__b = (long long)(b);                        \
+    if (sem__a != sem__b)                                                              \
+      sem_fail(__LINE__, "%s == %s: got %lld, expected %lld", #a, #b, sem__a, sem__b); \
   } while (0)
 
 /* EXPECT_ERR(call, err): the call must fail with -1 and errno err. */
-#define EXPECT_ERR(call, err)                                                                  \
-  do {                                                                                         \
-    errno = 0;                                                                                 \
-    long sem__r = (long)(call);                                                                \
-    int sem__e = errno;                                                                        \
-    if (sem__r != -1 || sem__e != (err))                                                       \
+#define EXPECT_ERR(call, err)                                                                   \
+  do {                                                                                          \
+    errno = 0;                                                                                  \
+    long sem__r = (long)(call);                                                                 \
+    int sem__e = errno;                                                                         \
+    if (sem__r != -1 || sem__e != (err))                                                        \
       sem_fail(__LINE__, "%s: got %ld errno %s (%d), expected -1 errno %s (%d)", #call, sem__r, \
-               sem__r == -1 ? strerror(sem__e) : "-", sem__r == -1 ? sem__e : 0,               \
-               strerror(err), err);                                                            \
+               sem__r == -1 ? strerror(sem__e) : "-", sem__r == -1 ? sem__e : 0, strerror(err), \
+               err);                                                                            \
   } while (0)
 
 static inline void sem_on_alarm(int sig) {
@@ -158,10 +160,8 @@ static inline uint16_t sem_port(const struct sockaddr_storage *a) {
 }
 
 static inline void sem_set_port(struct sockaddr_storage *a, uint16_t port) {
-  if (a->ss_family == AF_INET)
-    ((struct sockaddr_in *)a)->sin_port = htons(port);
-  else
-    ((struct sockaddr_in6 *)a)->sin6_port = htons(port);
+  if (a->ss_family == AF_INET) ((struct sockaddr_in *)a)->sin_port = htons(port);
+  else ((struct sockaddr_in6 *)a)->sin6_port = htons(port);
 }
 
 /* Same family, address and port (IPv6 scope ignored). */

@@ -7,7 +7,7 @@
 #include "sem.h"
 
 #define FILE_SIZE (4u << 20)
-#define FIRST (1u << 20)
+#define FIRST     (1u << 20)
 
 int main(int argc, char **argv) {
   sem_init("sendfile_socket", argc, argv);

@@ -14,8 +14,7 @@ int main(int argc, char **argv) {
   bogus.ss_family = (sa_family_t)sem_family;
   if (sem_family == AF_INET)
     inet_pton(AF_INET, "192.0.2.1", &((struct sockaddr_in *)&bogus)->sin_addr);
-  else
-    inet_pton(AF_INET6, "2001:db8::1", &((struct sockaddr_in6 *)&bogus)->sin6_addr);
+  else inet_pton(AF_INET6, "2001:db8::1", &((struct sockaddr_in6 *)&bogus)->sin6_addr);
   sem_set_port(&bogus, 9);
 
   char buf[32];
@@ -31,7 +30,8 @@ int main(int argc, char **argv) {
 
   /* sendmsg with msg_name set. */
   struct iovec iov = {.iov_base = "msg-name", .iov_len = 8};
-  struct msghdr mh = {.msg_name = &bogus, .msg_namelen = sem_len(&bogus), .msg_iov = &iov, .msg_iovlen = 1};
+  struct msghdr mh = {
+      .msg_name = &bogus, .msg_namelen = sem_len(&bogus), .msg_iov = &iov, .msg_iovlen = 1};
   EXPECT_EQ(sendmsg(cli, &mh, 0), 8);
   sem_read_all(srv, buf, 8);
   CHECK(!memcmp(buf, "msg-name", 8), "data differs");

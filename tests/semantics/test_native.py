@@ -35,8 +35,9 @@ def build_program(name: str, out_dir: Path) -> Path:
     return build_c(SEM_DIR / f"{name}.c", out_dir)
 
 
-def run_program(exe: Path, host: str, wrapper: Sequence[str] = (), port: int = 0,
-                timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+def run_program(
+    exe: Path, host: str, wrapper: Sequence[str] = (), port: int = 0, timeout: float = TIMEOUT
+) -> subprocess.CompletedProcess[str]:
     """Run one probe program against host (port 0: it picks), optionally under a wrapper
     command, and assert the Linux behaviour: exit 0 and "OK <name>" on stdout."""
     # build_c names executables <stem>-<flags hash>

@@ -56,8 +56,9 @@ def exes(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 
 @pytest.mark.parametrize("addr", ADDRS)
 @pytest.mark.parametrize("name", PROGRAMS)
-def test_in_tenant(name: str, addr: str, sem_tenants: Any, exes: Callable[[str], Path],
-                   request: pytest.FixtureRequest) -> None:
+def test_in_tenant(
+    name: str, addr: str, sem_tenants: Any, exes: Callable[[str], Path], request: pytest.FixtureRequest
+) -> None:
     if name in KNOWN_GAPS:
         request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[name]))
     t = sem_tenants[1] if addr.endswith("-nsm") else sem_tenants[0]

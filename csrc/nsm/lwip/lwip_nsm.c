@@ -33,9 +33,11 @@
 #include <unistd.h>
 
 #include "lwip/etharp.h"
+#include "lwip/ethip6.h"
 #include "lwip/inet_chksum.h"
 #include "lwip/init.h"
 #include "lwip/ip.h"
+#include "lwip/nd6.h"
 #include "lwip/netif.h"
 #include "lwip/pbuf.h"
 #include "lwip/priv/tcp_priv.h"
@@ -43,13 +45,11 @@
 #include "lwip/tcpip.h"
 #include "lwip/udp.h"
 #include "netif/ethernet.h"
-#include "lwip/ethip6.h"
-#include "lwip/nd6.h"
 
 #include "netkernel/servicelib.h"
 
 #define RX_BATCH 64
-#define SPIN_NS 50000ull
+#define SPIN_NS  50000ull
 
 static struct nk_sl *sl;
 static int tapfd = -1;
@@ -158,7 +158,8 @@ static bool gso_add(struct pbuf *p) {
   seq = lwip_ntohl(seq);
   bool same = gso_segs && seq == gso_next_seq && gso_last == gso_mss && len <= gso_mss &&
               !memcmp(gso_frame, h, 12) && !memcmp(gso_frame + 26, h + 26, 12) && /* IPs, ports */
-              !memcmp(gso_frame + 42, h + 42, 4) && !memcmp(gso_frame + 48, h + 48, 2) && /* ack, wnd */
+              !memcmp(gso_frame + 42, h + 42, 4) &&
+              !memcmp(gso_frame + 48, h + 48, 2) && /* ack, wnd */
               !(gso_frame[47] & 0x01) && gso_len + len <= 14 + 20 + 20 + 44 * 1460;
   if (!same) {
     gso_flush();
@@ -181,7 +182,7 @@ static bool gso_add(struct pbuf *p) {
 static err_t tap_output(struct netif *n, struct pbuf *p) {
   (void)n;
   if (in_loop && gso_add(p)) return ERR_OK;
-  if (in_loop) gso_flush(); /* keep the order of this flow's frames */
+  if (in_loop) gso_flush();                /* keep the order of this flow's frames */
   static const struct virtio_net_hdr none; /* no GSO, checksums complete */
   struct iovec iov[17] = {{.iov_base = (void *)&none, .iov_len = sizeof(none)}};
   int cnt = 1;
@@ -204,8 +205,8 @@ static err_t tnetif_init(struct netif *n) {
   n->mtu = 1500;
   n->hwaddr_len = 6;
   /* Locally administered, unique per NSM and tenant. */
-  uint8_t mac[6] = {0x02, 0x4e, 0x4b, (uint8_t)nsm_index, (uint8_t)(tn->t->id >> 8),
-                    (uint8_t)tn->t->id};
+  uint8_t mac[6] = {
+      0x02, 0x4e, 0x4b, (uint8_t)nsm_index, (uint8_t)(tn->t->id >> 8), (uint8_t)tn->t->id};
   memcpy(n->hwaddr, mac, 6);
   n->flags = NETIF_FLAG_BROADCAST | NETIF_FLAG_ETHARP | NETIF_FLAG_ETHERNET | NETIF_FLAG_MLD6;
   return ERR_OK;
@@ -397,24 +398,42 @@ static struct conn *conn_new(struct nk_sl_tenant *t, int family) {
 
 static int lwip_errno(err_t e) {
   switch (e) {
-    case ERR_OK: return 0;
-    case ERR_MEM: return ENOBUFS;
-    case ERR_BUF: return ENOBUFS;
-    case ERR_TIMEOUT: return ETIMEDOUT;
-    case ERR_RTE: return ENETUNREACH;
-    case ERR_INPROGRESS: return EINPROGRESS;
-    case ERR_VAL: return EINVAL;
-    case ERR_WOULDBLOCK: return EWOULDBLOCK;
-    case ERR_USE: return EADDRINUSE;
-    case ERR_ALREADY: return EALREADY;
-    case ERR_ISCONN: return EISCONN;
-    case ERR_CONN: return ENOTCONN;
-    case ERR_IF: return ENETDOWN;
-    case ERR_ABRT: return ECONNABORTED;
-    case ERR_RST: return ECONNRESET;
-    case ERR_CLSD: return ENOTCONN;
-    case ERR_ARG: return EINVAL;
-    default: return EIO;
+    case ERR_OK:
+      return 0;
+    case ERR_MEM:
+      return ENOBUFS;
+    case ERR_BUF:
+      return ENOBUFS;
+    case ERR_TIMEOUT:
+      return ETIMEDOUT;
+    case ERR_RTE:
+      return ENETUNREACH;
+    case ERR_INPROGRESS:
+      return EINPROGRESS;
+    case ERR_VAL:
+      return EINVAL;
+    case ERR_WOULDBLOCK:
+      return EWOULDBLOCK;
+    case ERR_USE:
+      return EADDRINUSE;
+    case ERR_ALREADY:
+      return EALREADY;
+    case ERR_ISCONN:
+      return EISCONN;
+    case ERR_CONN:
+      return ENOTCONN;
+    case ERR_IF:
+      return ENETDOWN;
+    case ERR_ABRT:
+      return ECONNABORTED;
+    case ERR_RST:
+      return ECONNRESET;
+    case ERR_CLSD:
+      return ENOTCONN;
+    case ERR_ARG:
+      return EINVAL;
+    default:
+      return EIO;
   }
 }
 
@@ -587,7 +606,8 @@ static void tenant_del(void *ctx, struct nk_sl_tenant *t) {
 
 static uint8_t dgram_buf[65536];
 
-static void on_udp(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_addr_t *addr, u16_t port) {
+static void on_udp(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_addr_t *addr,
+                   u16_t port) {
   (void)pcb;
   struct conn *c = arg;
   struct nk_addr src;
@@ -626,12 +646,12 @@ static bool tenant_owns(const struct nk_sl_tenant *t, const struct nk_addr *a) {
 
 /* The options lwIP has; the values are Linux's. (TCP_* numbers from <netinet/tcp.h>, which
  * cannot be included next to lwIP's headers.) */
-#define LINUX_IPPROTO_TCP 6
-#define LINUX_TCP_NODELAY 1
-#define LINUX_TCP_KEEPIDLE 4
+#define LINUX_IPPROTO_TCP   6
+#define LINUX_TCP_NODELAY   1
+#define LINUX_TCP_KEEPIDLE  4
 #define LINUX_TCP_KEEPINTVL 5
-#define LINUX_TCP_KEEPCNT 6
-#define LINUX_TCP_CORK 3
+#define LINUX_TCP_KEEPCNT   6
+#define LINUX_TCP_CORK      3
 static void setopt(struct conn *c, int level, int name, int v) {
   if (level == LINUX_IPPROTO_TCP && name == LINUX_TCP_CORK && !v) {
     /* Uncorking pushes what is queued at once, Nagle or not (nginx corks around sendfile
@@ -667,7 +687,8 @@ static void request(void *ctx, const struct nk_nqe *e) {
       if (fam != AF_INET && fam != AF_INET6) return nk_sl_reply(sl, e, 0, -EAFNOSUPPORT, NULL);
       if (e->arg2 == SOCK_DGRAM) {
         struct conn *n = conn_new(t, fam);
-        struct udp_pcb *u = n ? udp_new_ip_type(fam == AF_INET ? IPADDR_TYPE_V4 : IPADDR_TYPE_V6) : NULL;
+        struct udp_pcb *u =
+            n ? udp_new_ip_type(fam == AF_INET ? IPADDR_TYPE_V4 : IPADDR_TYPE_V6) : NULL;
         if (!u) {
           if (n) conns[n->id] = NULL;
           free(n);
@@ -680,7 +701,8 @@ static void request(void *ctx, const struct nk_nqe *e) {
       }
       if (e->arg2 != SOCK_STREAM) return nk_sl_reply(sl, e, 0, -EPROTONOSUPPORT, NULL);
       struct conn *n = conn_new(t, fam);
-      struct tcp_pcb *pcb = n ? tcp_new_ip_type(fam == AF_INET ? IPADDR_TYPE_V4 : IPADDR_TYPE_V6) : NULL;
+      struct tcp_pcb *pcb =
+          n ? tcp_new_ip_type(fam == AF_INET ? IPADDR_TYPE_V4 : IPADDR_TYPE_V6) : NULL;
       if (!pcb) {
         if (n) conns[n->id] = NULL;
         free(n);
@@ -723,7 +745,8 @@ static void request(void *ctx, const struct nk_nqe *e) {
       ip_addr_t ip;
       to_ip(&e->addr, &ip);
       if (c->upcb) /* a datagram socket: only its peer's datagrams from now on */
-        return nk_sl_reply(sl, e, e->sock, -lwip_errno(udp_connect(c->upcb, &ip, lwip_ntohs(e->addr.port))), NULL);
+        return nk_sl_reply(sl, e, e->sock,
+                           -lwip_errno(udp_connect(c->upcb, &ip, lwip_ntohs(e->addr.port))), NULL);
       c->connecting = true;
       err_t r = tcp_connect(c->pcb, &ip, lwip_ntohs(e->addr.port), on_connected);
       if (r != ERR_OK) c->connecting = false;
@@ -804,21 +827,31 @@ static void usage(void) {
 
 int main(int argc, char **argv) {
   const char *engine = NULL, *tap = NULL;
-  static const struct option opts[] = {{"engine", required_argument, 0, 'e'},
-                                       {"tap", required_argument, 0, 't'},
-                                       {"index", required_argument, 0, 'i'},
-                                       {"prefix4", required_argument, 0, '4'},
-                                       {"prefix6", required_argument, 0, '6'},
-                                       {0, 0, 0, 0}};
+  static const struct option opts[] = {
+      {"engine", required_argument, 0, 'e'},  {"tap", required_argument, 0, 't'},
+      {"index", required_argument, 0, 'i'},   {"prefix4", required_argument, 0, '4'},
+      {"prefix6", required_argument, 0, '6'}, {0, 0, 0, 0}};
   int o;
   while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
     switch (o) {
-      case 'e': engine = optarg; break;
-      case 't': tap = optarg; break;
-      case 'i': nsm_index = atoi(optarg) & 0xff; break;
-      case '4': prefix4 = atoi(optarg); break;
-      case '6': prefix6 = atoi(optarg); break;
-      default: usage(); return 2;
+      case 'e':
+        engine = optarg;
+        break;
+      case 't':
+        tap = optarg;
+        break;
+      case 'i':
+        nsm_index = atoi(optarg) & 0xff;
+        break;
+      case '4':
+        prefix4 = atoi(optarg);
+        break;
+      case '6':
+        prefix6 = atoi(optarg);
+        break;
+      default:
+        usage();
+        return 2;
     }
   }
   if (!engine || !tap || prefix4 < 0 || prefix4 > 32) {

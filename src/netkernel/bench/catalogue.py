@@ -36,19 +36,44 @@ class Configuration:
 
 CONFIGS: tuple[Configuration, ...] = (
     Configuration("native", "the kernel stack in the sandbox's own namespace, a veth to the bridge"),
-    Configuration("netkernel", "a NetKernel tenant: GuestLib, shared-memory rings, the engine, "
-                  "the kernel NSM"),
-    Configuration("pasta", "pasta (passt) serving the sandbox's tap, MTU 65520, its sockets "
-                  "in nkb-pasta-h", ("pasta",), 65520, "nkb-pasta", "nkb-pasta-h", "198.19.251.2",
-                  "fd6e:6b00::ff:f2"),
-    Configuration("slirp4netns", "slirp4netns, MTU 65520, its sockets in nkb-slirp-h",
-                  ("slirp4netns",), 65520, "nkb-slirp", "nkb-slirp-h", "198.19.251.3",
-                  "fd6e:6b00::ff:f3"),
-    Configuration("slirp4netns-1500", "slirp4netns, MTU 1500, its sockets in nkb-slirp15-h",
-                  ("slirp4netns",), 1500, "nkb-slirp15", "nkb-slirp15-h", "198.19.251.4",
-                  "fd6e:6b00::ff:f4"),
-    Configuration("netkernel-lwip", "a NetKernel tenant on the lwIP NSM (netkernel-lwip: lwIP "
-                  "in a process of its own, on a TAP device), the same programs unmodified"),
+    Configuration(
+        "netkernel", "a NetKernel tenant: GuestLib, shared-memory rings, the engine, the kernel NSM"
+    ),
+    Configuration(
+        "pasta",
+        "pasta (passt) serving the sandbox's tap, MTU 65520, its sockets in nkb-pasta-h",
+        ("pasta",),
+        65520,
+        "nkb-pasta",
+        "nkb-pasta-h",
+        "198.19.251.2",
+        "fd6e:6b00::ff:f2",
+    ),
+    Configuration(
+        "slirp4netns",
+        "slirp4netns, MTU 65520, its sockets in nkb-slirp-h",
+        ("slirp4netns",),
+        65520,
+        "nkb-slirp",
+        "nkb-slirp-h",
+        "198.19.251.3",
+        "fd6e:6b00::ff:f3",
+    ),
+    Configuration(
+        "slirp4netns-1500",
+        "slirp4netns, MTU 1500, its sockets in nkb-slirp15-h",
+        ("slirp4netns",),
+        1500,
+        "nkb-slirp15",
+        "nkb-slirp15-h",
+        "198.19.251.4",
+        "fd6e:6b00::ff:f4",
+    ),
+    Configuration(
+        "netkernel-lwip",
+        "a NetKernel tenant on the lwIP NSM (netkernel-lwip: lwIP "
+        "in a process of its own, on a TAP device), the same programs unmodified",
+    ),
 )
 CONFIG_NAMES = tuple(c.name for c in CONFIGS)
 # What NetKernel is compared with beyond native: the single-stream and latency floors.
@@ -101,58 +126,163 @@ class Metric:
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("iperf3_tcp_gbps", "Gbit/s", ("iperf3",), Floor(">=", 0.7),
-           "iperf3 TCP throughput, one stream, client on the measured side"),
-    Metric("iperf3_tcp_p4_gbps", "Gbit/s", ("iperf3",), None,
-           "iperf3 TCP throughput, 4 streams, client on the measured side sends"),
-    Metric("iperf3_tcp_rx_gbps", "Gbit/s", ("iperf3",), None,
-           "iperf3 TCP throughput, one stream, the measured side receives (-R)"),
-    Metric("iperf3_tcp_rx_p4_gbps", "Gbit/s", ("iperf3",), None,
-           "iperf3 TCP throughput, 4 streams, the measured side receives (-R)"),
-    Metric("tcp_rr_p50_us", "us", ("sockperf",), Floor("<=", 1.6),
-           "sockperf TCP ping-pong p50 latency, 64-byte messages"),
-    Metric("tcp_crr_rps", "req/s", (), None,
-           "connection rate: connect, 64-byte request and answer, close; 8 threads "
-           "(netkernel-crr client on the measured side, server in the peer)"),
-    Metric("nginx_keepalive_rps", "req/s", ("nginx", "wrk"), Floor(">=", 0.7),
-           "nginx 1 KiB file, wrk keep-alive, 32 connections"),
-    Metric("nginx_close_rps", "req/s", ("nginx", "wrk"), Floor(">=", 0.5),
-           "nginx 1 KiB file, wrk with Connection: close, 32 connections"),
-    Metric("nginx_1m_keepalive_rps", "req/s", ("nginx", "wrk"), None,
-           "nginx 1 MiB file, wrk keep-alive, 32 connections"),
-    Metric("nginx_1m_close_rps", "req/s", ("nginx", "wrk"), None,
-           "nginx 1 MiB file, wrk with Connection: close, 32 connections"),
-    Metric("redis_get_rps", "req/s", ("redis-server", "redis-benchmark"), Floor(">=", 0.7),
-           "redis-server GET, redis-benchmark 32 clients"),
-    Metric("redis_set_rps", "req/s", ("redis-server", "redis-benchmark"), None,
-           "redis-server SET, redis-benchmark 32 clients"),
-    *(Metric(f"mux{n}_gbps", "Gbit/s", ("iperf3",), None,
-             f"aggregate iperf3 throughput of {n} sandbox(es) at once, one stream each: "
-             f"{n} tenant(s) on one engine thread vs {n} native namespace(s)", configs=SIDES)
-      for n in (1, 4, 16)),
-    Metric("noisy_neighbour_kept", "kept", ("sockperf",), Floor(">=", 0.8, of="netkernel"),
-           "share of a quiet sockperf ping-pong's rate kept beside a noisy neighbour "
-           "(200 connections, 16-byte writes)", configs=SIDES),
+    Metric(
+        "iperf3_tcp_gbps",
+        "Gbit/s",
+        ("iperf3",),
+        Floor(">=", 0.7),
+        "iperf3 TCP throughput, one stream, client on the measured side",
+    ),
+    Metric(
+        "iperf3_tcp_p4_gbps",
+        "Gbit/s",
+        ("iperf3",),
+        None,
+        "iperf3 TCP throughput, 4 streams, client on the measured side sends",
+    ),
+    Metric(
+        "iperf3_tcp_rx_gbps",
+        "Gbit/s",
+        ("iperf3",),
+        None,
+        "iperf3 TCP throughput, one stream, the measured side receives (-R)",
+    ),
+    Metric(
+        "iperf3_tcp_rx_p4_gbps",
+        "Gbit/s",
+        ("iperf3",),
+        None,
+        "iperf3 TCP throughput, 4 streams, the measured side receives (-R)",
+    ),
+    Metric(
+        "tcp_rr_p50_us",
+        "us",
+        ("sockperf",),
+        Floor("<=", 1.6),
+        "sockperf TCP ping-pong p50 latency, 64-byte messages",
+    ),
+    Metric(
+        "tcp_crr_rps",
+        "req/s",
+        (),
+        None,
+        "connection rate: connect, 64-byte request and answer, close; 8 threads "
+        "(netkernel-crr client on the measured side, server in the peer)",
+    ),
+    Metric(
+        "nginx_keepalive_rps",
+        "req/s",
+        ("nginx", "wrk"),
+        Floor(">=", 0.7),
+        "nginx 1 KiB file, wrk keep-alive, 32 connections",
+    ),
+    Metric(
+        "nginx_close_rps",
+        "req/s",
+        ("nginx", "wrk"),
+        Floor(">=", 0.5),
+        "nginx 1 KiB file, wrk with Connection: close, 32 connections",
+    ),
+    Metric(
+        "nginx_1m_keepalive_rps",
+        "req/s",
+        ("nginx", "wrk"),
+        None,
+        "nginx 1 MiB file, wrk keep-alive, 32 connections",
+    ),
+    Metric(
+        "nginx_1m_close_rps",
+        "req/s",
+        ("nginx", "wrk"),
+        None,
+        "nginx 1 MiB file, wrk with Connection: close, 32 connections",
+    ),
+    Metric(
+        "redis_get_rps",
+        "req/s",
+        ("redis-server", "redis-benchmark"),
+        Floor(">=", 0.7),
+        "redis-server GET, redis-benchmark 32 clients",
+    ),
+    Metric(
+        "redis_set_rps",
+        "req/s",
+        ("redis-server", "redis-benchmark"),
+        None,
+        "redis-server SET, redis-benchmark 32 clients",
+    ),
+    *(
+        Metric(
+            f"mux{n}_gbps",
+            "Gbit/s",
+            ("iperf3",),
+            None,
+            f"aggregate iperf3 throughput of {n} sandbox(es) at once, one stream each: "
+            f"{n} tenant(s) on one engine thread vs {n} native namespace(s)",
+            configs=SIDES,
+        )
+        for n in (1, 4, 16)
+    ),
+    Metric(
+        "noisy_neighbour_kept",
+        "kept",
+        ("sockperf",),
+        Floor(">=", 0.8, of="netkernel"),
+        "share of a quiet sockperf ping-pong's rate kept beside a noisy neighbour "
+        "(200 connections, 16-byte writes)",
+        configs=SIDES,
+    ),
     # Colocated: client and server on one host. native = both in one namespace over loopback
     # TCP; netkernel = client in one tenant, server in another, over the shared-memory path.
-    Metric("colo_iperf3_gbps", "Gbit/s", ("iperf3",), Floor(">=", 1.5),
-           "colocated iperf3, one stream: tenant to tenant over shared memory vs loopback TCP "
-           "in one namespace", configs=SIDES),
-    Metric("colo_tcp_rr_p50_us", "us", ("sockperf",), Floor("<=", 0.8),
-           "colocated sockperf ping-pong p50, 64-byte messages: tenant to tenant vs loopback",
-           configs=SIDES),
-    Metric("colo_nginx_keepalive_rps", "req/s", ("nginx", "wrk"), Floor(">=", 1.0),
-           "colocated nginx 1 KiB, wrk keep-alive, 32 connections: tenant to tenant vs loopback",
-           configs=SIDES),
-    Metric("colo_tcp_crr_rps", "req/s", (), None,
-           "colocated connection rate (connect, 64-byte request and answer, close; 8 threads): "
-           "tenant to tenant vs loopback", configs=SIDES),
-    Metric("colo_redis_get_rps", "req/s", ("redis-server", "redis-benchmark"), None,
-           "colocated redis-server GET, redis-benchmark 32 clients: tenant to tenant vs loopback",
-           configs=SIDES),
-    Metric("idle_cpu_percent", "%", (), IDLE_FLOOR,
-           "engine + daemon CPU over 5 s with the tenant idle, percent of one core",
-           configs=("netkernel",)),
+    Metric(
+        "colo_iperf3_gbps",
+        "Gbit/s",
+        ("iperf3",),
+        Floor(">=", 1.5),
+        "colocated iperf3, one stream: tenant to tenant over shared memory vs loopback TCP in one namespace",
+        configs=SIDES,
+    ),
+    Metric(
+        "colo_tcp_rr_p50_us",
+        "us",
+        ("sockperf",),
+        Floor("<=", 0.8),
+        "colocated sockperf ping-pong p50, 64-byte messages: tenant to tenant vs loopback",
+        configs=SIDES,
+    ),
+    Metric(
+        "colo_nginx_keepalive_rps",
+        "req/s",
+        ("nginx", "wrk"),
+        Floor(">=", 1.0),
+        "colocated nginx 1 KiB, wrk keep-alive, 32 connections: tenant to tenant vs loopback",
+        configs=SIDES,
+    ),
+    Metric(
+        "colo_tcp_crr_rps",
+        "req/s",
+        (),
+        None,
+        "colocated connection rate (connect, 64-byte request and answer, close; 8 threads): "
+        "tenant to tenant vs loopback",
+        configs=SIDES,
+    ),
+    Metric(
+        "colo_redis_get_rps",
+        "req/s",
+        ("redis-server", "redis-benchmark"),
+        None,
+        "colocated redis-server GET, redis-benchmark 32 clients: tenant to tenant vs loopback",
+        configs=SIDES,
+    ),
+    Metric(
+        "idle_cpu_percent",
+        "%",
+        (),
+        IDLE_FLOOR,
+        "engine + daemon CPU over 5 s with the tenant idle, percent of one core",
+        configs=("netkernel",),
+    ),
 )
 METRIC_NAMES = tuple(m.name for m in METRICS)
 IDLE = "idle_cpu_percent"
@@ -168,8 +298,9 @@ def select_metrics(only: str | None) -> list[Metric]:
     wanted = [w.strip() for w in only.split(",") if w.strip()]
     unknown = [w for w in wanted if w not in METRIC_NAMES]
     if unknown or not wanted:
-        raise BenchError(f"--only: unknown metric {', '.join(unknown) or '(none)'} "
-                         f"(known: {', '.join(METRIC_NAMES)})")
+        raise BenchError(
+            f"--only: unknown metric {', '.join(unknown) or '(none)'} (known: {', '.join(METRIC_NAMES)})"
+        )
     return [m for m in METRICS if m.name in wanted]
 
 
@@ -182,9 +313,11 @@ def select_configs(only: str | None) -> list[Configuration]:
         wanted = []
     unknown = [w for w in wanted if w not in OTHERS and w not in SIDES]
     if unknown or (not wanted and only.strip() != "none"):
-        raise BenchError(f"--configs: unknown configuration {', '.join(unknown) or '(none)'} "
-                         f"(known: {', '.join(OTHERS)}; native and netkernel are always measured; "
-                         "'none' for no others)")
+        raise BenchError(
+            f"--configs: unknown configuration {', '.join(unknown) or '(none)'} "
+            f"(known: {', '.join(OTHERS)}; native and netkernel are always measured; "
+            "'none' for no others)"
+        )
     return [c for c in CONFIGS if c.name in SIDES or c.name in wanted]
 
 
@@ -201,4 +334,3 @@ class Options:
 def configs_of(m: Metric, configs: Sequence[Configuration]) -> list[Configuration]:
     """The chosen configurations that metric m is measured in, in bench order."""
     return [c for c in configs if m.configs is None or c.name in m.configs]
-

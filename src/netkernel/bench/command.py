@@ -31,8 +31,9 @@ class Interrupted(BaseException):
 
 
 @contextmanager
-def _signals(handler: Callable[[int, FrameType | None], None] | int,
-             sigs: Sequence[signal.Signals]) -> Iterator[None]:
+def _signals(
+    handler: Callable[[int, FrameType | None], None] | int, sigs: Sequence[signal.Signals]
+) -> Iterator[None]:
     """sigs handled by handler (or SIG_IGN) meanwhile, their old handlers back after."""
     old = {s: signal.signal(s, handler) for s in sigs}
     try:
@@ -82,16 +83,22 @@ def run_bench(opts: Options, progress: TextIO | None = None) -> Report:
 def main(args: Any, stdout: IO[str] | None = None) -> int:
     """The `netkernel bench` command (args from cli.build_parser())."""
     out = stdout or sys.stdout
-    duration = args.duration if args.duration is not None else (
-        QUICK_DURATION if args.quick else DEFAULT_DURATION)
+    duration = (
+        args.duration if args.duration is not None else (QUICK_DURATION if args.quick else DEFAULT_DURATION)
+    )
     if duration < 1:
         raise BenchError("--duration must be at least 1 second")
-    reps = args.repetitions if args.repetitions is not None else (
-        1 if args.quick else DEFAULT_REPETITIONS)
+    reps = args.repetitions if args.repetitions is not None else (1 if args.quick else DEFAULT_REPETITIONS)
     if reps < 1:
         raise BenchError("--repetitions must be at least 1")
-    opts = Options(duration=duration, repetitions=reps, metrics=select_metrics(args.only),
-                   quick=args.quick, configs=select_configs(args.configs), out=args.out)
+    opts = Options(
+        duration=duration,
+        repetitions=reps,
+        metrics=select_metrics(args.only),
+        quick=args.quick,
+        configs=select_configs(args.configs),
+        out=args.out,
+    )
     if opts.out is not None:
         check_out_dir(opts.out)
     try:

@@ -80,7 +80,8 @@ class WrkResult:
     requests_per_sec: float
     requests: int
     socket_errors: dict[str, int] = field(
-        default_factory=lambda: {"connect": 0, "read": 0, "write": 0, "timeout": 0})
+        default_factory=lambda: {"connect": 0, "read": 0, "write": 0, "timeout": 0}
+    )
     non_2xx_3xx: int = 0
 
     @property
@@ -97,8 +98,9 @@ def parse_wrk(text: str) -> WrkResult:
     res = WrkResult(float(rps[1]), int(n[1]) if n else 0)
     se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     if se:
-        res.socket_errors = dict(zip(("connect", "read", "write", "timeout"),
-                                     map(int, se.groups()), strict=True))
+        res.socket_errors = dict(
+            zip(("connect", "read", "write", "timeout"), map(int, se.groups()), strict=True)
+        )
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     if bad:
         res.non_2xx_3xx = int(bad[1])
@@ -132,4 +134,3 @@ def ratio(native: float | None, netkernel: float | None) -> float | None:
     if native is None or netkernel is None or native == 0:
         return None
     return netkernel / native
-

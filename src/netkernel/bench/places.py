@@ -115,21 +115,32 @@ class Fabric:
         print(f"bench: {msg}", file=self.out, flush=True)
 
     # -- processes ---------------------------------------------------------------------------
-    def run(self, place: Place, cmd: Sequence[str], timeout: float, what: str,
-            ok_codes: Sequence[int] = (0,)) -> str:
+    def run(
+        self, place: Place, cmd: Sequence[str], timeout: float, what: str, ok_codes: Sequence[int] = (0,)
+    ) -> str:
         """Run to completion; return stdout+stderr; BenchError on timeout or a bad status."""
         argv = place.argv(cmd, self.tmp)
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, timeout=timeout, cwd=self.tmp)
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                cwd=self.tmp,
+            )
         except subprocess.TimeoutExpired as e:
             out = (e.output or b"").decode(errors="replace")
-            raise BenchError(f"{what}: `{' '.join(cmd)}` ({place.name}) did not finish within "
-                             f"{timeout:.0f}s\n{tail(out)}" + self._log_hint(place)) from None
+            raise BenchError(
+                f"{what}: `{' '.join(cmd)}` ({place.name}) did not finish within "
+                f"{timeout:.0f}s\n{tail(out)}" + self._log_hint(place)
+            ) from None
         out = proc.stdout.decode(errors="replace")
         if proc.returncode not in ok_codes:
-            raise BenchError(f"{what}: `{' '.join(cmd)}` ({place.name}) exited with status "
-                             f"{proc.returncode}\n{tail(out)}" + self._log_hint(place))
+            raise BenchError(
+                f"{what}: `{' '.join(cmd)}` ({place.name}) exited with status "
+                f"{proc.returncode}\n{tail(out)}" + self._log_hint(place)
+            )
         return out
 
     def _log_hint(self, place: Place) -> str:
@@ -139,8 +150,14 @@ class Fabric:
         log = open(self.tmp / log_name, "wb")  # the child keeps its own copy
         try:
             # Own session: a Ctrl-C on the terminal reaches us, and we stop servers in order.
-            p = subprocess.Popen(place.argv(cmd, self.tmp), stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=subprocess.STDOUT, cwd=self.tmp, start_new_session=True)
+            p = subprocess.Popen(
+                place.argv(cmd, self.tmp),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.tmp,
+                start_new_session=True,
+            )
         finally:
             log.close()
         self.procs.append(p)
@@ -166,11 +183,20 @@ class Fabric:
             return ""
 
     def _died(self, p: subprocess.Popen[bytes], place: Place, what: str, log_name: str) -> BenchError:
-        return BenchError(f"{what} ({place.name}) exited with status {p.returncode} while starting:\n"
-                          f"{tail(self.log_text(log_name))}" + self._log_hint(place))
+        return BenchError(
+            f"{what} ({place.name}) exited with status {p.returncode} while starting:\n"
+            f"{tail(self.log_text(log_name))}" + self._log_hint(place)
+        )
 
-    def _until(self, ready: Callable[[], bool], p: subprocess.Popen[bytes], place: Place, what: str,
-               log_name: str, timeout: float) -> bool:
+    def _until(
+        self,
+        ready: Callable[[], bool],
+        p: subprocess.Popen[bytes],
+        place: Place,
+        what: str,
+        log_name: str,
+        timeout: float,
+    ) -> bool:
         """Poll ready() every 0.1 s while p starts: True once it holds, False after timeout;
         an error with the end of p's log if p exits first."""
         deadline = time.monotonic() + timeout
@@ -182,40 +208,60 @@ class Fabric:
             time.sleep(0.1)
         return False
 
-    def wait_listening(self, ns: str, port: int, p: subprocess.Popen[bytes], place: Place,
-                       what: str, log_name: str, timeout: float = 20) -> None:
+    def wait_listening(
+        self,
+        ns: str,
+        port: int,
+        p: subprocess.Popen[bytes],
+        place: Place,
+        what: str,
+        log_name: str,
+        timeout: float = 20,
+    ) -> None:
         """A server in one of our namespaces: wait for its listening socket (no probe
         connection, which iperf3 would count as a test)."""
 
         def listening() -> bool:
-            r = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"],
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                ["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True
+            )
             return bool(r.stdout.strip())
 
         if not self._until(listening, p, place, what, log_name, timeout):
-            raise BenchError(f"{what} ({place.name}) not listening on port {port} after {timeout:.0f}s:\n"
-                             f"{tail(self.log_text(log_name))}")
+            raise BenchError(
+                f"{what} ({place.name}) not listening on port {port} after {timeout:.0f}s:\n"
+                f"{tail(self.log_text(log_name))}"
+            )
 
-    def wait_accepting(self, addr: str, port: int, p: subprocess.Popen[bytes], place: Place,
-                       what: str, log_name: str, timeout: float = 20) -> None:
+    def wait_accepting(
+        self,
+        addr: str,
+        port: int,
+        p: subprocess.Popen[bytes],
+        place: Place,
+        what: str,
+        log_name: str,
+        timeout: float = 20,
+    ) -> None:
         """Poll from the peer namespace until addr:port accepts (the path the load takes)."""
         if place.name in PEERS and place.netns:
             # pasta and slirp4netns accept on the host side before they try the sandbox.
             self.wait_listening(place.netns, port, p, place, what, log_name, timeout)
-        if not self._until(lambda: netns.tcp_accepts(PEER_NS, addr, port), p, place, what, log_name,
-                           timeout):
-            raise BenchError(f"{what} ({place.name}) not accepting on {addr}:{port} after "
-                             f"{timeout:.0f}s:\n{tail(self.log_text(log_name))}" + self._log_hint(place))
+        if not self._until(lambda: netns.tcp_accepts(PEER_NS, addr, port), p, place, what, log_name, timeout):
+            raise BenchError(
+                f"{what} ({place.name}) not accepting on {addr}:{port} after "
+                f"{timeout:.0f}s:\n{tail(self.log_text(log_name))}" + self._log_hint(place)
+            )
 
     # -- setup and teardown ----------------------------------------------------------------
     def setup(self) -> None:
         self.status = api.ping() or {}
         if not self.status:
-            self.say("the daemon is not running: starting it (built-in config); "
-                     "it is stopped at the end")
+            self.say("the daemon is not running: starting it (built-in config); it is stopped at the end")
             self.started_daemon = True  # even if `up` is interrupted half-way: `down` cleans up
-            r = subprocess.run([sys.executable, "-m", "netkernel", "up"], capture_output=True,
-                               text=True, timeout=120)
+            r = subprocess.run(
+                [sys.executable, "-m", "netkernel", "up"], capture_output=True, text=True, timeout=120
+            )
             if r.returncode != 0:
                 raise BenchError(f"`netkernel up` failed ({r.returncode}):\n{r.stdout}{r.stderr}")
             self.status = api.ping() or {}
@@ -227,9 +273,11 @@ class Fabric:
         if nsms:
             nsm_v4 = ipaddress.ip_address(str(nsms[0]["ipv4"]).split("/")[0])
             if nsm_v4 not in FABRIC_V4:
-                raise BenchError(f"the daemon's subnet is not the default {FABRIC_V4} (NSM "
-                                 f"{nsms[0]['name']} has {nsm_v4}); the bench needs the default "
-                                 "[network] addresses for its peer namespaces")
+                raise BenchError(
+                    f"the daemon's subnet is not the default {FABRIC_V4} (NSM "
+                    f"{nsms[0]['name']} has {nsm_v4}); the bench needs the default "
+                    "[network] addresses for its peer namespaces"
+                )
         if self.status.get("engine_pid"):
             self.engine_pid = int(self.status["engine_pid"])
         self._remove_leftovers()
@@ -249,15 +297,19 @@ class Fabric:
         self.tenant = Place("netkernel", str(t["ipv4"]), tenant=TENANT)
         self.tenant_netns = str(t["netns"])
         self.places = {"native": self.native, "netkernel": self.tenant}
-        self.say(f"peer {PEER_NS} {PEER_V4}, native {NATIVE_NS} {NATIVE_V4}, tenant {TENANT} "
-                 f"{t['ipv4']} (NSM {t['nsm']}); all on bridge {BRIDGE}")
+        self.say(
+            f"peer {PEER_NS} {PEER_V4}, native {NATIVE_NS} {NATIVE_V4}, tenant {TENANT} "
+            f"{t['ipv4']} (NSM {t['nsm']}); all on bridge {BRIDGE}"
+        )
         if any(c.name == LWIP for c in self.opts.configs):
             self.places[LWIP] = self._setup_lwip()
         for c in self.opts.configs:
             if c.host_ns is not None:
                 self.places[c.name] = self._setup_usermode(c)
-                self.say(f"{c.name}: sandbox {c.netns} behind {c.name} in {c.host_ns} "
-                         f"{c.host_v4}, MTU {c.mtu}; started afresh for each run")
+                self.say(
+                    f"{c.name}: sandbox {c.netns} behind {c.name} in {c.host_ns} "
+                    f"{c.host_v4}, MTU {c.mtu}; started afresh for each run"
+                )
 
     def _setup_lwip(self) -> Place:
         """An lwIP NSM of our own and a tenant on it."""
@@ -286,8 +338,7 @@ class Fabric:
         self._del_namespaces([n for n in gone if n in self.made_ns])
         self.made_ns = [n for n in self.made_ns if n not in gone]
         if whole:
-            subprocess.run(["ip", "-n", PEER_NS, "neigh", "flush", "to", c.host_v4],
-                           capture_output=True)
+            subprocess.run(["ip", "-n", PEER_NS, "neigh", "flush", "to", c.host_v4], capture_output=True)
         self.places[c.name] = self._setup_usermode(c, fresh=whole)
         return self.places[c.name]
 
@@ -306,18 +357,55 @@ class Fabric:
         log = f"{c.name}.log"
         if c.name == "pasta":
             # As root pasta would switch to nobody, who may not join our namespace.
-            p = self.spawn(host, ["pasta", "--runas", "0", "-f", "-q", "--config-net", "-4",
-                                  "-m", str(c.mtu), "-i", "eth0", "-g", PASTA_GW,
-                                  "-t", ",".join(map(str, USERMODE_PORTS)), "-u", "none",
-                                  "-T", "none", "-U", "none", "--netns", sandbox], log)
+            p = self.spawn(
+                host,
+                [
+                    "pasta",
+                    "--runas",
+                    "0",
+                    "-f",
+                    "-q",
+                    "--config-net",
+                    "-4",
+                    "-m",
+                    str(c.mtu),
+                    "-i",
+                    "eth0",
+                    "-g",
+                    PASTA_GW,
+                    "-t",
+                    ",".join(map(str, USERMODE_PORTS)),
+                    "-u",
+                    "none",
+                    "-T",
+                    "none",
+                    "-U",
+                    "none",
+                    "--netns",
+                    sandbox,
+                ],
+                log,
+            )
             place = Place(c.name, c.host_v4, netns=sandbox)
             self._wait_sandbox(sandbox, c.host_v4, p, place, log)
         else:
             api_sock = self.tmp / f"{c.name}.sock"
             api_sock.unlink(missing_ok=True)
-            p = self.spawn(host, ["slirp4netns", "--configure", f"--mtu={c.mtu}",
-                                  "--disable-host-loopback", "--api-socket", str(api_sock),
-                                  "--netns-type=path", f"/run/netns/{sandbox}", "tap0"], log)
+            p = self.spawn(
+                host,
+                [
+                    "slirp4netns",
+                    "--configure",
+                    f"--mtu={c.mtu}",
+                    "--disable-host-loopback",
+                    "--api-socket",
+                    str(api_sock),
+                    "--netns-type=path",
+                    f"/run/netns/{sandbox}",
+                    "tap0",
+                ],
+                log,
+            )
             place = Place(c.name, c.host_v4, netns=sandbox, listen=SLIRP_GUEST_V4)
             self._wait_sandbox(sandbox, SLIRP_GUEST_V4, p, place, log)
             deadline = time.monotonic() + 10
@@ -328,20 +416,26 @@ class Fabric:
         self.usermode[c.name] = p
         return place
 
-    def _wait_sandbox(self, sandbox: str, addr: str, p: subprocess.Popen[bytes], place: Place,
-                      log: str, timeout: float = 20) -> None:
+    def _wait_sandbox(
+        self, sandbox: str, addr: str, p: subprocess.Popen[bytes], place: Place, log: str, timeout: float = 20
+    ) -> None:
         def configured() -> bool:
-            r = subprocess.run(["ip", "-n", sandbox, "-4", "-o", "addr", "show"],
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                ["ip", "-n", sandbox, "-4", "-o", "addr", "show"], capture_output=True, text=True
+            )
             return f" {addr}/" in r.stdout
 
         if not self._until(configured, p, place, place.name, log, timeout):
-            raise BenchError(f"{place.name}: the sandbox has no address {addr} after {timeout:.0f}s:\n"
-                             f"{tail(self.log_text(log))}")
+            raise BenchError(
+                f"{place.name}: the sandbox has no address {addr} after {timeout:.0f}s:\n"
+                f"{tail(self.log_text(log))}"
+            )
 
     def _slirp_forward(self, api_sock: Path, host_addr: str, port: int, place: Place) -> None:
-        req = {"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_addr": host_addr,
-                                                        "host_port": port, "guest_port": port}}
+        req = {
+            "execute": "add_hostfwd",
+            "arguments": {"proto": "tcp", "host_addr": host_addr, "host_port": port, "guest_port": port},
+        }
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(5)
@@ -362,8 +456,7 @@ class Fabric:
         # run keeps its MAC, so the NSMs' neighbour caches (reachable for ~30 s) stay right.
         # (A new random one made back-to-back runs' connects time out while they re-probe.)
         mac = "02:4e:62:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(v4).packed[1:])
-        netns.ip("link", "add", ns, "type", "veth", "peer", "name", "eth0", "address", mac,
-                 "netns", ns)
+        netns.ip("link", "add", ns, "type", "veth", "peer", "name", "eth0", "address", mac, "netns", ns)
         netns.ip("link", "set", ns, "master", BRIDGE, "up")
         netns.sysctl("net.ipv6.conf.eth0.accept_dad", "0", netns=ns)
         netns.addr_add("eth0", f"{v4}/{PREFIX_V4}", netns=ns)
@@ -409,8 +502,12 @@ class Fabric:
                 self.stop(p, timeout=5)
             except Exception as e:  # keep cleaning
                 problems.append(f"stopping pid {p.pid}: {e}")
-        tenants = [(self.made_tenant, TENANT), (self.made_noisy_tenant, NOISY_TENANT),
-                   (self.colo_server is not None, COLO_TENANT), (self.made_lwip, LWIP_TENANT)]
+        tenants = [
+            (self.made_tenant, TENANT),
+            (self.made_noisy_tenant, NOISY_TENANT),
+            (self.colo_server is not None, COLO_TENANT),
+            (self.made_lwip, LWIP_TENANT),
+        ]
         tenants += [(True, name) for name in self.mux_tenants]
         for made, name in tenants:
             if not made:
@@ -436,8 +533,9 @@ class Fabric:
         if left:
             problems.append(f"namespaces still present: {', '.join(left)}")
         if self.started_daemon:
-            r = subprocess.run([sys.executable, "-m", "netkernel", "down"], capture_output=True,
-                               text=True, timeout=120)
+            r = subprocess.run(
+                [sys.executable, "-m", "netkernel", "down"], capture_output=True, text=True, timeout=120
+            )
             if r.returncode != 0:
                 problems.append(f"`netkernel down` failed: {r.stdout}{r.stderr}")
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -449,15 +547,20 @@ class Fabric:
         have = len(self.mux_tenants)
         for i in range(have, n):
             ns = f"{MUX_NS}{i}"
-            self._attach_ns(ns, f"198.19.254.{i + 1}", f"fd6e:6b00::ff:{0xe0 + i:x}")
+            self._attach_ns(ns, f"198.19.254.{i + 1}", f"fd6e:6b00::ff:{0xE0 + i:x}")
             name = f"{MUX_TENANT}{i}"
             self.mux_tenants.append(name)  # first: an interrupted create may still have happened
             api.call("tenant-create", name=name)
         t = {x.get("name"): x for x in api.call("ps").get("tenants", [])}
-        return {"native": [Place("native", f"198.19.254.{i + 1}", netns=f"{MUX_NS}{i}")
-                           for i in range(n)],
-                "netkernel": [Place("netkernel", str(t[f"{MUX_TENANT}{i}"]["ipv4"]).split("/")[0],
-                                    tenant=f"{MUX_TENANT}{i}") for i in range(n)]}
+        return {
+            "native": [Place("native", f"198.19.254.{i + 1}", netns=f"{MUX_NS}{i}") for i in range(n)],
+            "netkernel": [
+                Place(
+                    "netkernel", str(t[f"{MUX_TENANT}{i}"]["ipv4"]).split("/")[0], tenant=f"{MUX_TENANT}{i}"
+                )
+                for i in range(n)
+            ],
+        }
 
     def _colo(self, side: Place) -> tuple[Place, Place, str]:
         """(client, server, the address the client dials) for one side: native is one
@@ -477,5 +580,6 @@ class Fabric:
             self._attach_ns(NOISY_NS, NOISY_V4, NOISY_V6)
         self.made_noisy_tenant = True
         t = api.call("tenant-create", name=NOISY_TENANT)["tenant"]
-        return Place("native", NOISY_V4, netns=NOISY_NS), Place("netkernel", str(t["ipv4"]),
-                                                              tenant=NOISY_TENANT)
+        return Place("native", NOISY_V4, netns=NOISY_NS), Place(
+            "netkernel", str(t["ipv4"]), tenant=NOISY_TENANT
+        )

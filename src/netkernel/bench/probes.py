@@ -43,8 +43,9 @@ def missing_programs(metrics: Sequence[Metric], configs: Sequence[Configuration]
 
 def missing_message(missing: Sequence[str]) -> str:
     pkgs = sorted({PACKAGES.get(p, p) for p in missing})
-    return (f"bench needs {', '.join(missing)}, not found in PATH; "
-            f"install with: apt-get install {' '.join(pkgs)}")
+    return (
+        f"bench needs {', '.join(missing)}, not found in PATH; install with: apt-get install {' '.join(pkgs)}"
+    )
 
 
 def machine_idle_seconds() -> tuple[float, int]:
@@ -75,8 +76,9 @@ def proc_cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
 
 
-def cpu_percent(pids: Sequence[int], seconds: float,
-                sleep: Callable[[float], None] = time.sleep) -> dict[int, float]:
+def cpu_percent(
+    pids: Sequence[int], seconds: float, sleep: Callable[[float], None] = time.sleep
+) -> dict[int, float]:
     """Percent of one core each pid used over ``seconds`` (0 for a pid that vanished)."""
     hz = os.sysconf("SC_CLK_TCK")
 
@@ -127,8 +129,7 @@ def machine_info() -> dict[str, Any]:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        info["tcp_congestion_control"] = \
-            Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+        info["tcp_congestion_control"] = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     except OSError:
         pass
     return info
@@ -191,4 +192,3 @@ def lowest_tenant_priority(tenant: str) -> None:
             (d / "cpu.shares").write_text("15")
     except OSError:
         pass  # no cpu controller for it: nice is all there is
-

@@ -68,10 +68,15 @@ class MetricResult:
         for c, xs in self.samples.items():
             if not xs:
                 continue
-            out[c] = {"value": median(xs), "min": min(xs), "max": max(xs), "samples": xs,
-                      "ratio_to_native": ratio(self.native, median(xs)),
-                      "cpu_cores": self.extra.get(f"{c}_cpu_cores"),
-                      "cpu_per_unit": self.cpu_per_unit(c)}
+            out[c] = {
+                "value": median(xs),
+                "min": min(xs),
+                "max": max(xs),
+                "samples": xs,
+                "ratio_to_native": ratio(self.native, median(xs)),
+                "cpu_cores": self.extra.get(f"{c}_cpu_cores"),
+                "cpu_per_unit": self.cpu_per_unit(c),
+            }
         return out
 
     def as_json(self) -> dict[str, Any]:
@@ -108,9 +113,12 @@ class IdleResult:
     def as_json(self) -> dict[str, Any]:
         floor = IDLE_FLOOR
         return {
-            "percent": self.percent, "engine_percent": self.engine,
-            "daemon_percent": self.daemon, "tenant_processes_percent": self.tenant,
-            "seconds": self.seconds, "floor": floor.as_json(),
+            "percent": self.percent,
+            "engine_percent": self.engine,
+            "daemon_percent": self.daemon,
+            "tenant_processes_percent": self.tenant,
+            "seconds": self.seconds,
+            "floor": floor.as_json(),
             "meets_floor": floor.met(self.percent),
             **({"error": self.error} if self.error else {}),
         }
@@ -125,8 +133,11 @@ class Report:
 
     @property
     def peer_failures(self) -> list[str]:
-        return [f"{r.metric.name} {c}: {len(errs)} run(s) failed: {errs[0].splitlines()[0]}"
-                for r in self.results for c, errs in r.peer_errors.items()]
+        return [
+            f"{r.metric.name} {c}: {len(errs)} run(s) failed: {errs[0].splitlines()[0]}"
+            for r in self.results
+            for c, errs in r.peer_errors.items()
+        ]
 
     @property
     def errors(self) -> list[str]:
@@ -139,8 +150,7 @@ class Report:
         entries = []
         for r in self.results:
             for c, d in r.configurations().items():
-                entries.append({"metric": r.metric.name, "configuration": c, "unit": r.metric.unit,
-                                **d})
+                entries.append({"metric": r.metric.name, "configuration": c, "unit": r.metric.unit, **d})
         return {
             "results": [r.as_json() for r in self.results],
             "entries": entries,
@@ -167,18 +177,30 @@ def peer_floors(results: Sequence[MetricResult]) -> list[dict[str, Any]]:
             x = ratio(r.value(peer), r.netkernel)
             if x is None:
                 continue
-            out.append({"metric": r.metric.name, "peer": peer, "netkernel_over_peer": x,
-                        "floor": f"netkernel / {peer} {want[0]} {want[1]:g}",
-                        "met": Floor(want[0], want[1]).met(x)})
+            out.append(
+                {
+                    "metric": r.metric.name,
+                    "peer": peer,
+                    "netkernel_over_peer": x,
+                    "floor": f"netkernel / {peer} {want[0]} {want[1]:g}",
+                    "met": Floor(want[0], want[1]).met(x),
+                }
+            )
     for r in results:
         if r.metric.name != "mux16_gbps":
             continue
         # 16 tenants on one engine against 16 namespaces: CPU for the same throughput.
         x = ratio(r.cpu_per_unit("native"), r.cpu_per_unit("netkernel"))
         if x is not None:
-            out.append({"metric": r.metric.name, "peer": "native", "netkernel_over_peer": x,
-                        "floor": "CPU per Gbit/s, 16 tenants / 16 native namespaces <= 1",
-                        "met": Floor("<=", 1.0).met(x)})
+            out.append(
+                {
+                    "metric": r.metric.name,
+                    "peer": "native",
+                    "netkernel_over_peer": x,
+                    "floor": "CPU per Gbit/s, 16 tenants / 16 native namespaces <= 1",
+                    "met": Floor("<=", 1.0).met(x),
+                }
+            )
     return out
 
 
@@ -211,31 +233,52 @@ def render_table(report: Report) -> str:
     for r in report.results:
         m = r.metric
         rt = r.ratio
-        rows.append([m.name, m.unit, _fmt(r.native, m.unit), _fmt(r.netkernel, m.unit),
-                     "-" if rt is None else f"{rt:.2f}", str(m.floor or "-"),
-                     verdict(r.meets_floor, r.error)]
-                    + ["FAILED" if not r.samples.get(c) and c in r.peer_errors
-                       else _fmt(r.value(c), m.unit) for c in others])
+        rows.append(
+            [
+                m.name,
+                m.unit,
+                _fmt(r.native, m.unit),
+                _fmt(r.netkernel, m.unit),
+                "-" if rt is None else f"{rt:.2f}",
+                str(m.floor or "-"),
+                verdict(r.meets_floor, r.error),
+            ]
+            + [
+                "FAILED" if not r.samples.get(c) and c in r.peer_errors else _fmt(r.value(c), m.unit)
+                for c in others
+            ]
+        )
     if report.idle is not None:
         floor = IDLE_FLOOR
-        rows.append([IDLE, "%", "-", _fmt(report.idle.percent, "%"), "-", str(floor),
-                     verdict(floor.met(report.idle.percent), report.idle.error)]
-                    + ["-" for _ in others])
+        rows.append(
+            [
+                IDLE,
+                "%",
+                "-",
+                _fmt(report.idle.percent, "%"),
+                "-",
+                str(floor),
+                verdict(floor.met(report.idle.percent), report.idle.error),
+            ]
+            + ["-" for _ in others]
+        )
     cells = [headers] + rows
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
-        parts = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        parts = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  ".join(parts).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     s = report.settings
-    notes = [f"median of {s['repetitions']} run(s) per configuration, {s['duration']} s each, "
-             "configurations interleaved; ratio = netkernel / native"]
+    notes = [
+        f"median of {s['repetitions']} run(s) per configuration, {s['duration']} s each, "
+        "configurations interleaved; ratio = netkernel / native"
+    ]
     notes += [f"failed run (not counted): {e}" for e in report.peer_failures]
     for f in peer_floors(report.results):
-        notes.append(f"{f['floor']}: {f['netkernel_over_peer']:.2f} "
-                     f"({'met' if f['met'] else 'NOT met'})")
+        notes.append(f"{f['floor']}: {f['netkernel_over_peer']:.2f} ({'met' if f['met'] else 'NOT met'})")
     for r in report.results:
         for side in CONFIG_NAMES:
             errs = r.extra.get(f"{side}_socket_errors")
@@ -244,29 +287,39 @@ def render_table(report: Report) -> str:
                 total = sum(errs.values())
                 bad = r.extra.get(f"{side}_non_2xx_3xx", 0)
                 detail = ", ".join(f"{k} {v}" for k, v in errs.items())
-                notes.append(f"{r.metric.name} {side}: socket errors {total}"
-                             + (f" ({detail})" if total else "")
-                             + (f", non-2xx/3xx responses {bad}" if bad else ""))
-    engine = [f"{r.metric.name} {r.extra['netkernel_engine_cpu_percent']:.0f} %" for r in report.results
-              if r.extra.get("netkernel_engine_cpu_percent") is not None]
+                notes.append(
+                    f"{r.metric.name} {side}: socket errors {total}"
+                    + (f" ({detail})" if total else "")
+                    + (f", non-2xx/3xx responses {bad}" if bad else "")
+                )
+    engine = [
+        f"{r.metric.name} {r.extra['netkernel_engine_cpu_percent']:.0f} %"
+        for r in report.results
+        if r.extra.get("netkernel_engine_cpu_percent") is not None
+    ]
     if engine:
         notes.append("engine CPU during the NetKernel runs (of one core): " + ", ".join(engine))
     if report.idle is not None and report.idle.percent is not None:
         i = report.idle
-        notes.append(f"idle: engine {i.engine:.2f} % + daemon {i.daemon:.2f} % of one core over "
-                     f"{i.seconds:.0f} s (tenant processes: {i.tenant:.2f} %)")
+        notes.append(
+            f"idle: engine {i.engine:.2f} % + daemon {i.daemon:.2f} % of one core over "
+            f"{i.seconds:.0f} s (tenant processes: {i.tenant:.2f} %)"
+        )
     return "\n".join(lines + [""] + notes)
 
 
 def render_markdown(report: Report) -> str:
     """The full table: per metric and configuration the median with min-max, the ratio to
     native, and the CPU it took (machine-wide, load generator included)."""
-    configs = [c for c in CONFIG_NAMES
-               if any(r.samples.get(c) or c in r.peer_errors for r in report.results)]
+    configs = [c for c in CONFIG_NAMES if any(r.samples.get(c) or c in r.peer_errors for r in report.results)]
     s = report.settings
-    out = ["# netkernel bench", "",
-           f"Median of {s.get('repetitions')} run(s) of {s.get('duration')} s per configuration "
-           "(min–max in brackets), configurations interleaved; ×N is the ratio to native.", ""]
+    out = [
+        "# netkernel bench",
+        "",
+        f"Median of {s.get('repetitions')} run(s) of {s.get('duration')} s per configuration "
+        "(min–max in brackets), configurations interleaved; ×N is the ratio to native.",
+        "",
+    ]
     out.append("| metric | unit | " + " | ".join(configs) + " | floor (NetKernel) |")
     out.append("|---|---|" + "---:|" * len(configs) + "---|")
     for r in report.results:
@@ -285,29 +338,37 @@ def render_markdown(report: Report) -> str:
                 cell += f" ×{rt:.2f}"
             cells.append(cell)
         verdict = "" if r.meets_floor is None else (" met" if r.meets_floor else " NOT met")
-        out.append(f"| {m.name} | {m.unit} | " + " | ".join(cells)
-                   + f" | {m.floor or '–'}{verdict} |")
+        out.append(f"| {m.name} | {m.unit} | " + " | ".join(cells) + f" | {m.floor or '–'}{verdict} |")
     if report.idle is not None and report.idle.percent is not None:
-        out += ["", f"Idle: engine + daemon {report.idle.percent:.2f} % of one core "
-                f"(floor {IDLE_FLOOR})."]
+        out += ["", f"Idle: engine + daemon {report.idle.percent:.2f} % of one core (floor {IDLE_FLOOR})."]
     cpu_rows = [r for r in report.results if any(r.cpu_per_unit(c) is not None for c in configs)]
     if cpu_rows:
-        out += ["", "## CPU", "",
-                "Busy cores of the whole machine during each run (/proc/stat: the configuration, "
-                "its helpers and the load generator in the peer, which is the same for all) per "
-                "Gbit/s, or core-seconds per 1000 requests. Lower is better.", "",
-                "| metric | per | " + " | ".join(configs) + " |",
-                "|---|---|" + "---:|" * len(configs)]
+        out += [
+            "",
+            "## CPU",
+            "",
+            "Busy cores of the whole machine during each run (/proc/stat: the configuration, "
+            "its helpers and the load generator in the peer, which is the same for all) per "
+            "Gbit/s, or core-seconds per 1000 requests. Lower is better.",
+            "",
+            "| metric | per | " + " | ".join(configs) + " |",
+            "|---|---|" + "---:|" * len(configs),
+        ]
         for r in cpu_rows:
             per = "Gbit/s" if r.metric.unit == "Gbit/s" else "1k req"
             vals = [r.cpu_per_unit(c) for c in configs]
-            out.append(f"| {r.metric.name} | {per} | "
-                       + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
+            out.append(
+                f"| {r.metric.name} | {per} | "
+                + " | ".join("–" if v is None else f"{v:.3f}" for v in vals)
+                + " |"
+            )
     floors = peer_floors(report.results)
     if floors:
         out += ["", "## NetKernel against the user-mode stacks", ""]
-        out += [f"- {f['floor']}: {f['netkernel_over_peer']:.2f} — "
-                f"{'met' if f['met'] else 'NOT met'}" for f in floors]
+        out += [
+            f"- {f['floor']}: {f['netkernel_over_peer']:.2f} — {'met' if f['met'] else 'NOT met'}"
+            for f in floors
+        ]
     if report.peer_failures:
         out += ["", "## Failed runs of the user-mode stacks", ""]
         out += [f"- {e}" for e in report.peer_failures]
@@ -321,9 +382,11 @@ def check_out_dir(out: Path) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise BenchError("--out writes PNG charts with matplotlib, which is not installed; "
-                         "install it with: pip install matplotlib (or pip install "
-                         "'netkernel[bench]')") from None
+        raise BenchError(
+            "--out writes PNG charts with matplotlib, which is not installed; "
+            "install it with: pip install matplotlib (or pip install "
+            "'netkernel[bench]')"
+        ) from None
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -335,6 +398,7 @@ def check_out_dir(out: Path) -> None:
 def write_outputs(report: Report, out: Path) -> list[Path]:
     """results.md, results.json and one chart per metric (median bars, min-max whiskers)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -352,8 +416,7 @@ def write_outputs(report: Report, out: Path) -> list[Path]:
         lo = [m - min(r.samples[c]) for m, c in zip(meds, names, strict=True)]
         hi = [max(r.samples[c]) - m for m, c in zip(meds, names, strict=True)]
         fig, ax = plt.subplots(figsize=(7, 3.6))
-        colors = ["#777777" if c == "native" else "#1f77b4" if c == "netkernel" else "#ff7f0e"
-                  for c in names]
+        colors = ["#777777" if c == "native" else "#1f77b4" if c == "netkernel" else "#ff7f0e" for c in names]
         ax.bar(names, meds, yerr=[lo, hi], capsize=4, color=colors)
         ax.set_ylabel(r.metric.unit)
         ax.set_title(f"{r.metric.name}: {r.metric.what}", fontsize=8)
@@ -364,4 +427,3 @@ def write_outputs(report: Report, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
-

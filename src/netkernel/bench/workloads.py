@@ -89,6 +89,7 @@ def url_host(addr: str) -> str:
 
 # -- command lines: the same programs, the same options, wherever they run -----------------
 
+
 def iperf3_client(addr: str, port: int, seconds: int) -> list[str]:
     return ["iperf3", "-c", addr, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "5000"]
 
@@ -104,19 +105,47 @@ def sockperf_ping_pong(addr: str, port: int, seconds: int) -> list[str]:
 
 def wrk(url: str, seconds: int, close: bool = False) -> list[str]:
     """WRK_CONNECTIONS connections, kept alive or closed after each response."""
-    return ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{seconds}s",
-            *(["-H", "Connection: close"] if close else []), url]
+    return [
+        "wrk",
+        "-t1",
+        f"-c{WRK_CONNECTIONS}",
+        f"-d{seconds}s",
+        *(["-H", "Connection: close"] if close else []),
+        url,
+    ]
 
 
 def redis_server(port: int, bind: str | None = None) -> list[str]:
     """Nothing saved; protected mode off, which would refuse clients from other hosts."""
-    return ["redis-server", "--save", "", "--appendonly", "no", "--protected-mode", "no",
-            *(["--bind", bind] if bind else []), "--port", str(port)]
+    return [
+        "redis-server",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        *(["--bind", bind] if bind else []),
+        "--port",
+        str(port),
+    ]
 
 
 def redis_benchmark(addr: str, port: int, test: str, requests: int) -> list[str]:
-    return ["redis-benchmark", "-h", addr, "-p", str(port), "-t", test, "-n", str(requests),
-            "-c", str(REDIS_CLIENTS), "--csv"]
+    return [
+        "redis-benchmark",
+        "-h",
+        addr,
+        "-p",
+        str(port),
+        "-t",
+        test,
+        "-n",
+        str(requests),
+        "-c",
+        str(REDIS_CLIENTS),
+        "--csv",
+    ]
 
 
 class Bench(Fabric):
@@ -202,8 +231,10 @@ class Bench(Fabric):
     def progress(self, m: Metric, place: Place, rep: int, text: str) -> None:
         self.step += 1
         width = len(str(self.total_steps))
-        self.say(f"[{self.step:>{width}}/{self.total_steps}] {m.name:<22} {place.name:<16} "
-                 f"run {rep + 1}/{self.opts.repetitions}: {text}")
+        self.say(
+            f"[{self.step:>{width}}/{self.total_steps}] {m.name:<22} {place.name:<16} "
+            f"run {rep + 1}/{self.opts.repetitions}: {text}"
+        )
 
     def measure(self, m: Metric) -> MetricResult:
         res = MetricResult(m)
@@ -261,19 +292,29 @@ class Bench(Fabric):
         except ParseError as e:
             raise BenchError(f"{e} ({where})" + self._log_hint(place)) from None
 
-    def _parse_against(self, parse: Callable[[str], T], out: str, server: subprocess.Popen[bytes],
-                       place: Place, what: str, log: str) -> T:
+    def _parse_against(
+        self,
+        parse: Callable[[str], T],
+        out: str,
+        server: subprocess.Popen[bytes],
+        place: Place,
+        what: str,
+        log: str,
+    ) -> T:
         """The load generator's figure, from a run against a server of ours in place; an
         error if the figure is missing or the server died during the run."""
         value = self._parsed(parse, out, place, f"against {what} in {place.name}")
         if server.poll() is not None:
-            raise BenchError(f"{what} ({place.name}) died during the run:\n"
-                             f"{tail(self.log_text(log))}" + self._log_hint(place))
+            raise BenchError(
+                f"{what} ({place.name}) died during the run:\n"
+                f"{tail(self.log_text(log))}" + self._log_hint(place)
+            )
         return value
 
     @contextmanager
-    def _peer_server(self, cmd: Sequence[str], port: int, what: str,
-                     sig: int = signal.SIGTERM) -> Iterator[subprocess.Popen[bytes]]:
+    def _peer_server(
+        self, cmd: Sequence[str], port: int, what: str, sig: int = signal.SIGTERM
+    ) -> Iterator[subprocess.Popen[bytes]]:
         """A server in the peer that all runs of a workload use: listening before the first,
         stopped with sig after the last."""
         log = f"{what}-peer.log"
@@ -285,8 +326,9 @@ class Bench(Fabric):
             self.stop(p, sig)
 
     @contextmanager
-    def _run_server(self, place: Place, cmd: Sequence[str], port: int, what: str,
-                    log: str) -> Iterator[subprocess.Popen[bytes]]:
+    def _run_server(
+        self, place: Place, cmd: Sequence[str], port: int, what: str, log: str
+    ) -> Iterator[subprocess.Popen[bytes]]:
         """A server for one run in place, accepting the peer's connections; stopped after."""
         p = self.spawn(place, cmd, log)
         try:
@@ -314,8 +356,9 @@ class Bench(Fabric):
             retrans[place.name] += r["retransmits"]
             return r["gbps"], f"{r['gbps']:.2f} Gbit/s"
 
-        with self._peer_server(["iperf3", "-s", "-p", str(IPERF3_PORT), "-B", PEER_V4],
-                               IPERF3_PORT, "iperf3-server") as server:
+        with self._peer_server(
+            ["iperf3", "-s", "-p", str(IPERF3_PORT), "-B", PEER_V4], IPERF3_PORT, "iperf3-server"
+        ) as server:
             self.repeat(res, run)
         for c in configs_of(res.metric, self.opts.configs):
             res.extra[f"{c.name}_retransmits"] = int(retrans[c.name])
@@ -326,15 +369,17 @@ class Bench(Fabric):
 
         def run(place: Place) -> tuple[float, str]:
             with self.engine_load(place):
-                out = self.run(place, sockperf_ping_pong(PEER_V4, SOCKPERF_PORT, d), d + 60,
-                               "sockperf ping-pong")
+                out = self.run(
+                    place, sockperf_ping_pong(PEER_V4, SOCKPERF_PORT, d), d + 60, "sockperf ping-pong"
+                )
             r = self._parsed(parse_sockperf, out, place, place.name)
             if "p99_us" in r:
                 p99[place.name].append(r["p99_us"])
             return r["p50_us"], f"p50 {r['p50_us']:.1f} us"
 
-        with self._peer_server(sockperf_server(PEER_V4, SOCKPERF_PORT), SOCKPERF_PORT,
-                               "sockperf-server", signal.SIGINT):
+        with self._peer_server(
+            sockperf_server(PEER_V4, SOCKPERF_PORT), SOCKPERF_PORT, "sockperf-server", signal.SIGINT
+        ):
             self.repeat(res, run)
         for c in configs_of(res.metric, self.opts.configs):
             res.extra[f"{c.name}_p99_us"] = median(p99[c.name])
@@ -344,8 +389,10 @@ class Bench(Fabric):
         a directory only root enters)."""
         prog = libdir() / "netkernel-crr"
         if not os.access(prog, os.X_OK):
-            raise BenchError(f"{prog} not found (reinstall with `pip install .`, or set "
-                             "NETKERNEL_LIBDIR to a build directory)")
+            raise BenchError(
+                f"{prog} not found (reinstall with `pip install .`, or set "
+                "NETKERNEL_LIBDIR to a build directory)"
+            )
         copy = self.tmp / "netkernel-crr"
         if not copy.exists():
             shutil.copy(prog, copy)
@@ -358,8 +405,9 @@ class Bench(Fabric):
         about which call)."""
         got = parse_crr(out)
         if not got:
-            raise BenchError(f"netkernel-crr: no 'connections/s' ({where}):\n{tail(out)}"
-                             + self._log_hint(place))
+            raise BenchError(
+                f"netkernel-crr: no 'connections/s' ({where}):\n{tail(out)}" + self._log_hint(place)
+            )
         rate, n_err = got
         side = place.name
         res.extra[f"{side}_connection_errors"] = res.extra.get(f"{side}_connection_errors", 0) + n_err
@@ -375,15 +423,20 @@ class Bench(Fabric):
 
         def run(place: Place) -> tuple[float, str]:
             with self.engine_load(place):
-                out = self.run(place, [str(prog), "client", PEER_V4, str(CRR_PORT), str(d),
-                                       str(CRR_THREADS)], d + 60, "netkernel-crr client")
+                out = self.run(
+                    place,
+                    [str(prog), "client", PEER_V4, str(CRR_PORT), str(d), str(CRR_THREADS)],
+                    d + 60,
+                    "netkernel-crr client",
+                )
             rate = self._crr_rate(res, out, place, place.name)
             if server.poll() is not None:
                 raise self._died(server, self.peer, "netkernel-crr server", "crr-server-peer.log")
             return rate, f"{rate:,.0f} connections/s"
 
-        with self._peer_server([str(prog), "server", PEER_V4, str(CRR_PORT)], CRR_PORT,
-                               "crr-server") as server:
+        with self._peer_server(
+            [str(prog), "server", PEER_V4, str(CRR_PORT)], CRR_PORT, "crr-server"
+        ) as server:
             self.repeat(res, run)
 
     def _nginx_files(self) -> None:
@@ -416,7 +469,8 @@ class Bench(Fabric):
         self._nginx_files()
         d = self.opts.duration
         errors: dict[str, dict[str, int]] = {
-            s: {"connect": 0, "read": 0, "write": 0, "timeout": 0} for s in CONFIG_NAMES}
+            s: {"connect": 0, "read": 0, "write": 0, "timeout": 0} for s in CONFIG_NAMES
+        }
         non2xx = {s: 0 for s in CONFIG_NAMES}
         error_log_lines: dict[str, list[str]] = {s: [] for s in CONFIG_NAMES}
 
@@ -426,14 +480,16 @@ class Bench(Fabric):
             with self._run_server(place, cmd, HTTP_PORT, "nginx", log) as server:
                 url = f"http://{url_host(place.addr)}:{HTTP_PORT}/{path}"
                 with self.engine_load(place):
-                    out = self.run(self.peer, wrk(url, d, close), d + 60,
-                                   f"wrk against nginx ({place.name})")
+                    out = self.run(self.peer, wrk(url, d, close), d + 60, f"wrk against nginx ({place.name})")
                 r = self._parse_against(parse_wrk, out, server, place, "nginx", log)
             for k, v in r.socket_errors.items():
                 errors[place.name][k] += v
             non2xx[place.name] += r.non_2xx_3xx
-            bad = [ln for ln in errlog.read_text(errors="replace").splitlines()
-                   if re.search(r"\[(error|crit|alert|emerg)\]", ln)]
+            bad = [
+                ln
+                for ln in errlog.read_text(errors="replace").splitlines()
+                if re.search(r"\[(error|crit|alert|emerg)\]", ln)
+            ]
             error_log_lines[place.name] += bad
             note = ""
             if r.total_socket_errors or r.non_2xx_3xx:
@@ -451,15 +507,18 @@ class Bench(Fabric):
     def m_redis(self, res: MetricResult, test: str) -> None:
         def run(place: Place) -> tuple[float, str]:
             log = f"redis-{place.name}.log"
-            with self._run_server(place, redis_server(REDIS_PORT), REDIS_PORT, "redis-server",
-                                  log) as server:
+            with self._run_server(place, redis_server(REDIS_PORT), REDIS_PORT, "redis-server", log) as server:
                 # Its connection loop never gives up, hence the timeout (and the wait above).
                 with self.engine_load(place):
-                    out = self.run(self.peer, redis_benchmark(place.addr, REDIS_PORT, test,
-                                                              self.redis_requests),
-                                   300, f"redis-benchmark against redis-server ({place.name})")
-                rps = self._parse_against(lambda o: parse_redis_benchmark(o, test.upper()),
-                                          out, server, place, "redis-server", log)
+                    out = self.run(
+                        self.peer,
+                        redis_benchmark(place.addr, REDIS_PORT, test, self.redis_requests),
+                        300,
+                        f"redis-benchmark against redis-server ({place.name})",
+                    )
+                rps = self._parse_against(
+                    lambda o: parse_redis_benchmark(o, test.upper()), out, server, place, "redis-server", log
+                )
             return rps, f"{rps:,.0f} req/s"
 
         self.repeat(res, run)
@@ -475,26 +534,36 @@ class Bench(Fabric):
             with self.engine_load(side):
                 for i, place in enumerate(places[side.name]):
                     log = f"mux-{side.name}-{i}.json"
-                    clients.append((self.spawn(place, iperf3_client(PEER_V4, MUX_PORT + i, d), log),
-                                    log, place))
+                    clients.append(
+                        (self.spawn(place, iperf3_client(PEER_V4, MUX_PORT + i, d), log), log, place)
+                    )
                 for p, _, place in clients:
                     try:
                         p.wait(timeout=d + 60)
                     except subprocess.TimeoutExpired:
-                        raise BenchError(f"iperf3 client ({place.name} {place.addr}) did "
-                                         f"not finish within {d + 60}s") from None
+                        raise BenchError(
+                            f"iperf3 client ({place.name} {place.addr}) did not finish within {d + 60}s"
+                        ) from None
             total = 0.0
             for p, log, place in clients:
                 self.procs.remove(p)
-                total += self._parsed(parse_iperf3, self.log_text(log), place,
-                                      f"{place.name} {place.addr}, exit status {p.returncode}")["gbps"]
+                total += self._parsed(
+                    parse_iperf3,
+                    self.log_text(log),
+                    place,
+                    f"{place.name} {place.addr}, exit status {p.returncode}",
+                )["gbps"]
             return total, f"{total:.2f} Gbit/s from {n} at once"
 
         with ExitStack() as servers:
             for i in range(n):
-                servers.enter_context(self._peer_server(
-                    ["iperf3", "-s", "-p", str(MUX_PORT + i), "-B", PEER_V4], MUX_PORT + i,
-                    f"iperf3-server-{i}"))
+                servers.enter_context(
+                    self._peer_server(
+                        ["iperf3", "-s", "-p", str(MUX_PORT + i), "-B", PEER_V4],
+                        MUX_PORT + i,
+                        f"iperf3-server-{i}",
+                    )
+                )
             self.repeat(res, run)
 
     # -- colocated: both ends on this host -------------------------------------------------
@@ -503,8 +572,9 @@ class Bench(Fabric):
         return f"{what}-{server.tenant or 'native'}.log"
 
     @contextmanager
-    def _colo_server(self, server: Place, cmd: Sequence[str], port: int, what: str,
-                     sig: int = signal.SIGTERM) -> Iterator[subprocess.Popen[bytes]]:
+    def _colo_server(
+        self, server: Place, cmd: Sequence[str], port: int, what: str, sig: int = signal.SIGTERM
+    ) -> Iterator[subprocess.Popen[bytes]]:
         """A server for a colocated run, waited for without a probe connection (iperf3 would
         count one as its test): ss in the namespace, or the engine's listener list; stopped
         with sig after the run."""
@@ -514,21 +584,27 @@ class Bench(Fabric):
             if server.tenant is None:
                 self.wait_listening(NATIVE_NS, port, p, server, what, log)
             elif not self._until(lambda: self._tenant_listens(port), p, server, what, log, 20):
-                raise BenchError(f"{what} (tenant {COLO_TENANT}) not listening on port {port} after "
-                                 f"20s:\n{tail(self.log_text(log))}")
+                raise BenchError(
+                    f"{what} (tenant {COLO_TENANT}) not listening on port {port} after "
+                    f"20s:\n{tail(self.log_text(log))}"
+                )
             yield p
         finally:
             self.stop(p, sig)
 
     @staticmethod
     def _tenant_listens(port: int) -> bool:
-        return any(c.get("kind") == "listener" and str(c.get("local", "")).endswith(f":{port}")
-                   for c in api.call("conns", tenant=COLO_TENANT)["conns"])
+        return any(
+            c.get("kind") == "listener" and str(c.get("local", "")).endswith(f":{port}")
+            for c in api.call("conns", tenant=COLO_TENANT)["conns"]
+        )
 
     @staticmethod
     def _nsm_bytes() -> int:
-        return sum(int(n.get("tx_bytes") or 0) + int(n.get("rx_bytes") or 0)
-                   for n in api.call("nsm-list").get("nsms", []))
+        return sum(
+            int(n.get("tx_bytes") or 0) + int(n.get("rx_bytes") or 0)
+            for n in api.call("nsm-list").get("nsms", [])
+        )
 
     @contextmanager
     def _colo_load(self, res: MetricResult, side: Place) -> Iterator[None]:
@@ -538,18 +614,25 @@ class Bench(Fabric):
         with self.engine_load(side):
             yield
         if side.tenant is not None:
-            res.extra["netkernel_nsm_bytes"] = res.extra.get("netkernel_nsm_bytes", 0) + \
-                self._nsm_bytes() - before
+            res.extra["netkernel_nsm_bytes"] = (
+                res.extra.get("netkernel_nsm_bytes", 0) + self._nsm_bytes() - before
+            )
 
     def m_colo_iperf3(self, res: MetricResult) -> None:
         d = self.opts.duration
 
         def run(side: Place) -> tuple[float, str]:
             client, server, addr = self._colo(side)
-            with self._colo_server(server, ["iperf3", "-s", "-1", "-p", str(COLO_PORT), "-B", addr],
-                                   COLO_PORT, "colo-iperf3-server"), self._colo_load(res, side):
-                out = self.run(client, iperf3_client(addr, COLO_PORT, d), d + 60,
-                               "iperf3 client (colocated)")
+            with (
+                self._colo_server(
+                    server,
+                    ["iperf3", "-s", "-1", "-p", str(COLO_PORT), "-B", addr],
+                    COLO_PORT,
+                    "colo-iperf3-server",
+                ),
+                self._colo_load(res, side),
+            ):
+                out = self.run(client, iperf3_client(addr, COLO_PORT, d), d + 60, "iperf3 client (colocated)")
             gbps = self._parsed(parse_iperf3, out, side, f"{side.name}, colocated")["gbps"]
             return gbps, f"{gbps:.2f} Gbit/s"
 
@@ -561,10 +644,15 @@ class Bench(Fabric):
 
         def run(side: Place) -> tuple[float, str]:
             client, server, addr = self._colo(side)
-            with self._colo_server(server, sockperf_server(addr, port), port, "colo-sockperf-server",
-                                   signal.SIGINT), self._colo_load(res, side):
-                out = self.run(client, sockperf_ping_pong(addr, port, d), d + 60,
-                               "sockperf ping-pong (colocated)")
+            with (
+                self._colo_server(
+                    server, sockperf_server(addr, port), port, "colo-sockperf-server", signal.SIGINT
+                ),
+                self._colo_load(res, side),
+            ):
+                out = self.run(
+                    client, sockperf_ping_pong(addr, port, d), d + 60, "sockperf ping-pong (colocated)"
+                )
             p50 = self._parsed(parse_sockperf, out, side, f"{side.name}, colocated")["p50_us"]
             return p50, f"p50 {p50:.1f} us"
 
@@ -580,13 +668,20 @@ class Bench(Fabric):
             cmd, _ = self._nginx(f"colo-{side.name}", f"{url_host(addr)}:{port}")
             with self._colo_server(server, cmd, port, "colo-nginx") as srv:
                 with self._colo_load(res, side):
-                    out = self.run(client, wrk(f"http://{url_host(addr)}:{port}/1k.bin", d), d + 60,
-                                   "wrk against nginx (colocated)")
-                r = self._parse_against(parse_wrk, out, srv, server, "nginx",
-                                        self._colo_log(server, "colo-nginx"))
+                    out = self.run(
+                        client,
+                        wrk(f"http://{url_host(addr)}:{port}/1k.bin", d),
+                        d + 60,
+                        "wrk against nginx (colocated)",
+                    )
+                r = self._parse_against(
+                    parse_wrk, out, srv, server, "nginx", self._colo_log(server, "colo-nginx")
+                )
             if r.total_socket_errors or r.non_2xx_3xx:
-                raise BenchError(f"wrk against nginx ({side.name}, colocated): socket errors "
-                                 f"{r.socket_errors}, non-2xx/3xx {r.non_2xx_3xx}")
+                raise BenchError(
+                    f"wrk against nginx ({side.name}, colocated): socket errors "
+                    f"{r.socket_errors}, non-2xx/3xx {r.non_2xx_3xx}"
+                )
             return r.requests_per_sec, f"{r.requests_per_sec:,.0f} req/s"
 
         self.repeat(res, run)
@@ -598,10 +693,16 @@ class Bench(Fabric):
 
         def run(side: Place) -> tuple[float, str]:
             client, server, addr = self._colo(side)
-            with self._colo_server(server, [str(prog), "server", addr, str(port)], port,
-                                   "colo-crr-server"), self._colo_load(res, side):
-                out = self.run(client, [str(prog), "client", addr, str(port), str(d),
-                                        str(CRR_THREADS)], d + 60, "netkernel-crr client (colocated)")
+            with (
+                self._colo_server(server, [str(prog), "server", addr, str(port)], port, "colo-crr-server"),
+                self._colo_load(res, side),
+            ):
+                out = self.run(
+                    client,
+                    [str(prog), "client", addr, str(port), str(d), str(CRR_THREADS)],
+                    d + 60,
+                    "netkernel-crr client (colocated)",
+                )
             rate = self._crr_rate(res, out, side, f"{side.name}, colocated")
             return rate, f"{rate:,.0f} connections/s"
 
@@ -614,10 +715,20 @@ class Bench(Fabric):
             client, server, addr = self._colo(side)
             with self._colo_server(server, redis_server(port, addr), port, "colo-redis") as srv:
                 with self._colo_load(res, side):
-                    out = self.run(client, redis_benchmark(addr, port, "get", self.redis_requests),
-                                   300, "redis-benchmark (colocated)")
-                rps = self._parse_against(lambda o: parse_redis_benchmark(o, "GET"), out, srv,
-                                          server, "redis-server", self._colo_log(server, "colo-redis"))
+                    out = self.run(
+                        client,
+                        redis_benchmark(addr, port, "get", self.redis_requests),
+                        300,
+                        "redis-benchmark (colocated)",
+                    )
+                rps = self._parse_against(
+                    lambda o: parse_redis_benchmark(o, "GET"),
+                    out,
+                    srv,
+                    server,
+                    "redis-server",
+                    self._colo_log(server, "colo-redis"),
+                )
             return rps, f"{rps:,.0f} req/s"
 
         self.repeat(res, run)
@@ -637,8 +748,7 @@ class Bench(Fabric):
         noisy_native, noisy_nk = self._noisy_places()
 
         def rate(place: Place) -> float:
-            out = self.run(place, sockperf_ping_pong(PEER_V4, SOCKPERF_PORT, d), d + 60,
-                           "sockperf ping-pong")
+            out = self.run(place, sockperf_ping_pong(PEER_V4, SOCKPERF_PORT, d), d + 60, "sockperf ping-pong")
             r = self._parsed(parse_sockperf, out, place, place.name)
             if not r.get("avg_us"):
                 raise BenchError(f"sockperf: no 'avg-latency' figure ({place.name})\n{tail(out)}")
@@ -648,8 +758,11 @@ class Bench(Fabric):
             """NOISY_PAIRS alone/beside pairs against a flood from noisy: the summed rates
             and, for a flood from a tenant, where the engine's time went while it ran."""
             log = f"flood-{noisy.name}.log"
-            flood = self.spawn(noisy, ["nice", "-n", "19", PYTHON, "-c", program("flood.py"),
-                                       PEER_V4, str(SINK_PORT), "3600"], log)
+            flood = self.spawn(
+                noisy,
+                ["nice", "-n", "19", PYTHON, "-c", program("flood.py"), PEER_V4, str(SINK_PORT), "3600"],
+                log,
+            )
             lowest_priority(flood.pid)
             if noisy.tenant:
                 lowest_tenant_priority(noisy.tenant)
@@ -680,8 +793,11 @@ class Bench(Fabric):
 
         alone: dict[str, list[float]] = {s: [] for s in SIDES}
         beside: dict[str, list[float]] = {s: [] for s in SIDES}
-        split: dict[str, list[float]] = {"quiet_engine_seconds": [], "noisy_engine_seconds": [],
-                                          "noisy_rounds_sat_out": []}
+        split: dict[str, list[float]] = {
+            "quiet_engine_seconds": [],
+            "noisy_engine_seconds": [],
+            "noisy_rounds_sat_out": [],
+        }
         outside: list[float] = []
 
         def run(place: Place) -> tuple[float, str]:
@@ -690,8 +806,10 @@ class Bench(Fabric):
                 split[k].append(round(v, 3))
             alone[place.name].append(round(a / NOISY_PAIRS))
             beside[place.name].append(round(b / NOISY_PAIRS))
-            text = (f"{a / NOISY_PAIRS:,.0f} round trips/s alone, {b / NOISY_PAIRS:,.0f} "
-                    f"beside the flood ({NOISY_PAIRS} pairs): kept {b / a:.2f}")
+            text = (
+                f"{a / NOISY_PAIRS:,.0f} round trips/s alone, {b / NOISY_PAIRS:,.0f} "
+                f"beside the flood ({NOISY_PAIRS} pairs): kept {b / a:.2f}"
+            )
             if place.tenant:
                 # The control: the same flood from the native namespace, which never
                 # enters NetKernel. What the tenant loses to it is the machine's share
@@ -701,11 +819,13 @@ class Bench(Fabric):
                 text += f"; beside a flood outside NetKernel: kept {b2 / a2:.2f}"
             return b / a, text
 
-        with self._peer_server(["nice", "-n", "19", PYTHON, "-c", program("sink.py"), PEER_V4,
-                                str(SINK_PORT)], SINK_PORT, "sink") as sink:
+        with self._peer_server(
+            ["nice", "-n", "19", PYTHON, "-c", program("sink.py"), PEER_V4, str(SINK_PORT)], SINK_PORT, "sink"
+        ) as sink:
             lowest_priority(sink.pid)
-            with self._peer_server(sockperf_server(PEER_V4, SOCKPERF_PORT), SOCKPERF_PORT,
-                                   "sockperf-server", signal.SIGINT):
+            with self._peer_server(
+                sockperf_server(PEER_V4, SOCKPERF_PORT), SOCKPERF_PORT, "sockperf-server", signal.SIGINT
+            ):
                 self.repeat(res, run)
         for side in SIDES:
             res.extra[f"{side}_alone_rt_per_s"] = alone[side]
@@ -718,9 +838,11 @@ class Bench(Fabric):
     def _engine_split() -> dict[str, float]:
         ps = {t.get("name"): t for t in api.call("ps").get("tenants", [])}
         q, n = ps.get(TENANT, {}), ps.get(NOISY_TENANT, {})
-        return {"quiet_engine_seconds": float(q.get("engine_seconds") or 0.0),
-                "noisy_engine_seconds": float(n.get("engine_seconds") or 0.0),
-                "noisy_rounds_sat_out": float(n.get("engine_skips") or 0)}
+        return {
+            "quiet_engine_seconds": float(q.get("engine_seconds") or 0.0),
+            "noisy_engine_seconds": float(n.get("engine_seconds") or 0.0),
+            "noisy_rounds_sat_out": float(n.get("engine_skips") or 0),
+        }
 
     def m_idle(self) -> IdleResult:
         assert self.tenant is not None
@@ -731,8 +853,7 @@ class Bench(Fabric):
                 raise BenchError("the daemon is not running any more")
             daemon_pid, engine_pid = int(status["pid"]), int(status["engine_pid"])
             listener = [PYTHON, "-c", program("idle.py"), self.tenant.addr, str(IDLE_PORT)]
-            with self._run_server(self.tenant, listener, IDLE_PORT, "idle listener",
-                                  "idle-netkernel.log"):
+            with self._run_server(self.tenant, listener, IDLE_PORT, "idle listener", "idle-netkernel.log"):
                 addr = self.tenant.addr
 
                 def connect() -> socket.socket:
@@ -743,17 +864,21 @@ class Bench(Fabric):
                     time.sleep(IDLE_SETTLE)  # let the engine's post-work polling wind down
                     tenant_pids = netns.pids_in_netns(self.tenant_netns)
                     pids = [engine_pid, daemon_pid, *tenant_pids]
-                    self.say(f"{IDLE}: measuring engine (pid {engine_pid}) and daemon (pid "
-                             f"{daemon_pid}) for {IDLE_SECONDS:.0f} s; tenant idle with a "
-                             "listener and one open connection")
+                    self.say(
+                        f"{IDLE}: measuring engine (pid {engine_pid}) and daemon (pid "
+                        f"{daemon_pid}) for {IDLE_SECONDS:.0f} s; tenant idle with a "
+                        "listener and one open connection"
+                    )
                     pct = cpu_percent(pids, IDLE_SECONDS)
                 finally:
                     held.close()
             res.engine, res.daemon = pct[engine_pid], pct[daemon_pid]
             res.tenant = sum(pct[p] for p in tenant_pids)
             res.percent = res.engine + res.daemon
-            self.say(f"{IDLE}: {res.percent:.2f} % (engine {res.engine:.2f} %, "
-                     f"daemon {res.daemon:.2f} %, tenant processes {res.tenant:.2f} %)")
+            self.say(
+                f"{IDLE}: {res.percent:.2f} % (engine {res.engine:.2f} %, "
+                f"daemon {res.daemon:.2f} %, tenant processes {res.tenant:.2f} %)"
+            )
         except (BenchError, OSError, KeyError, ValueError, TypeError) as e:
             res.error = str(e)
             self.say(f"{IDLE}: FAILED: {e}")
@@ -773,13 +898,18 @@ class Bench(Fabric):
         programs = sorted({p for m in self.opts.metrics for p in m.programs})
         programs += sorted({p for c in self.opts.configs for p in c.programs})
         machine["programs"] = program_versions(programs)
-        settings = {"duration": self.opts.duration, "repetitions": self.opts.repetitions,
-                    "quick": self.opts.quick, "wrk_connections": WRK_CONNECTIONS,
-                    "configurations": {c.name: c.what for c in self.opts.configs},
-                    "redis_requests": self.redis_requests, "redis_clients": REDIS_CLIENTS,
-                    "idle_seconds": IDLE_SECONDS,
-                    "daemon_started_by_bench": self.started_daemon,
-                    "peer": f"{PEER_NS} {PEER_V4}", "native": f"{NATIVE_NS} {NATIVE_V4}",
-                    "tenant": f"{TENANT} {self.tenant.addr if self.tenant else '-'}"}
+        settings = {
+            "duration": self.opts.duration,
+            "repetitions": self.opts.repetitions,
+            "quick": self.opts.quick,
+            "wrk_connections": WRK_CONNECTIONS,
+            "configurations": {c.name: c.what for c in self.opts.configs},
+            "redis_requests": self.redis_requests,
+            "redis_clients": REDIS_CLIENTS,
+            "idle_seconds": IDLE_SECONDS,
+            "daemon_started_by_bench": self.started_daemon,
+            "peer": f"{PEER_NS} {PEER_V4}",
+            "native": f"{NATIVE_NS} {NATIVE_V4}",
+            "tenant": f"{TENANT} {self.tenant.addr if self.tenant else '-'}",
+        }
         return Report(results, idle, machine, settings)
-

@@ -27,7 +27,7 @@ def send(sock: socket.socket, size: int) -> tuple[str, int]:
     sent, k = 0, 0
     while sent < size:
         off = (k * 4099) % BLOCK
-        chunk = doubled[off:off + min(BLOCK, size - sent)]
+        chunk = doubled[off : off + min(BLOCK, size - sent)]
         sock.sendall(chunk)
         h.update(chunk)
         sent += len(chunk)

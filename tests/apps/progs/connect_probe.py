@@ -24,7 +24,7 @@ def main() -> None:
             # ICMP echo request (checksum left to the kernel for v6; computed for v4)
             body = bytes([8 if family == socket.AF_INET else 128, 0, 0, 0, 0x12, 0x34, 0, 1]) + b"nk"
             if family == socket.AF_INET:
-                total = sum(int.from_bytes(body[i:i + 2], "big") for i in range(0, len(body), 2))
+                total = sum(int.from_bytes(body[i : i + 2], "big") for i in range(0, len(body), 2))
                 while total >> 16:
                     total = (total & 0xFFFF) + (total >> 16)
                 csum = ~total & 0xFFFF

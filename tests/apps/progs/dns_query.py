@@ -59,9 +59,9 @@ def main() -> int:
         off = skip_name(msg, off) + 4
     for _ in range(an):
         off = skip_name(msg, off)
-        rtype, _, _, rdlen = struct.unpack("!HHIH", msg[off:off + 10])
+        rtype, _, _, rdlen = struct.unpack("!HHIH", msg[off : off + 10])
         off += 10
-        rdata = msg[off:off + rdlen]
+        rdata = msg[off : off + rdlen]
         off += rdlen
         if rtype == 1:
             print("A", ipaddress.IPv4Address(rdata))

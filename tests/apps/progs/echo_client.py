@@ -38,9 +38,10 @@ async def one(host: str, port: int, idx: int, messages: int, seed: int) -> bool:
             data = await asyncio.wait_for(reader.read(65536), 60)
             if not data:
                 break
-            if first_bad < 0 and data != expected[got:got + len(data)]:
-                first_bad = got + next(i for i in range(len(data))
-                                       if got + i >= len(expected) or data[i] != expected[got + i])
+            if first_bad < 0 and data != expected[got : got + len(data)]:
+                first_bad = got + next(
+                    i for i in range(len(data)) if got + i >= len(expected) or data[i] != expected[got + i]
+                )
             h.update(data)
             got += len(data)
         return h.hexdigest(), got, first_bad

@@ -86,8 +86,8 @@ static int ctl_req_ex(int ctl, struct nk_req *req, const int *fds, int nfds, boo
     char buf[CMSG_SPACE(sizeof(int) * 4)];
     struct cmsghdr align;
   } rcm;
-  struct msghdr rh = {.msg_iov = &riov, .msg_iovlen = 1, .msg_control = rcm.buf,
-                      .msg_controllen = sizeof(rcm.buf)};
+  struct msghdr rh = {
+      .msg_iov = &riov, .msg_iovlen = 1, .msg_control = rcm.buf, .msg_controllen = sizeof(rcm.buf)};
   if (recvmsg(ctl, &rh, MSG_CMSG_CLOEXEC) != sizeof(r)) return -EIO;
   int n = 0;
   for (struct cmsghdr *c = CMSG_FIRSTHDR(&rh); c; c = CMSG_NXTHDR(&rh, c)) {
@@ -227,8 +227,7 @@ static int lingering_socket(void) {
   /* Fill the receiver's window and our send buffer: the FIN then waits behind unacked data. */
   static char junk[65536];
   for (int k = 0; k < 20; k++) {
-    while (syscall(SYS_sendto, c, junk, sizeof(junk), MSG_DONTWAIT, NULL, 0) > 0) {
-    }
+    while (syscall(SYS_sendto, c, junk, sizeof(junk), MSG_DONTWAIT, NULL, 0) > 0) {}
     usleep(10000);
   }
   struct linger lg = {1, 60};
@@ -245,7 +244,9 @@ static int send_fds(int fd, const int *fds, int n) {
   memset(&cm, 0, sizeof(cm));
   static char blocker[NK_BLOCKER_SIZE];
   struct iovec iov = {.iov_base = blocker, .iov_len = sizeof(blocker)};
-  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+  struct msghdr mh = {.msg_iov = &iov,
+                      .msg_iovlen = 1,
+                      .msg_control = cm.buf,
                       .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n)};
   struct cmsghdr *h = CMSG_FIRSTHDR(&mh);
   h->cmsg_level = SOL_SOCKET;
@@ -336,7 +337,8 @@ static int do_dgramflood(int secs) {
   int u = socket(AF_INET, SOCK_DGRAM, 0);
   struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
   socklen_t al = sizeof(a);
-  if (bind(u, (struct sockaddr *)&a, sizeof(a)) < 0 || getsockname(u, (struct sockaddr *)&a, &al) < 0)
+  if (bind(u, (struct sockaddr *)&a, sizeof(a)) < 0 ||
+      getsockname(u, (struct sockaddr *)&a, &al) < 0)
     return 1;
   sendto(u, "x", 1, 0, (struct sockaddr *)&a, al);
   struct region R;
@@ -390,7 +392,8 @@ static void *feed(void *arg) {
   return NULL;
 }
 
-static int resolve(const char *host, const char *port, struct sockaddr_storage *ss, socklen_t *len) {
+static int resolve(const char *host, const char *port, struct sockaddr_storage *ss,
+                   socklen_t *len) {
   struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST}, *ai;
   if (getaddrinfo(host, port, &hints, &ai)) return -1;
   memcpy(ss, ai->ai_addr, ai->ai_addrlen);
@@ -413,8 +416,8 @@ static int do_shmflood(const char *host, const char *port, int secs) {
   if (a < 0) return 1;
   struct region R;
   if (reg(&R) < 0) return 1;
-  struct feeder f = {.R = &R, .tx_slot = slot_of_fd(&R, c), .rx_slot = slot_of_fd(&R, a),
-                     .end = now_s() + secs};
+  struct feeder f = {
+      .R = &R, .tx_slot = slot_of_fd(&R, c), .rx_slot = slot_of_fd(&R, a), .end = now_s() + secs};
   if (f.tx_slot < 0 || f.rx_slot < 0) return 1;
   pthread_t th;
   pthread_create(&th, NULL, feed, &f);
@@ -532,8 +535,8 @@ static int do_dnsflood(int secs) {
   struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(53)};
   inet_pton(AF_INET, "127.0.0.53", &a.sin_addr);
   /* A query for "flood.invalid" A, with a changing id. */
-  unsigned char q[] = {0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 5, 'f', 'l', 'o', 'o', 'd',
-                       7, 'i', 'n', 'v', 'a', 'l', 'i', 'd', 0, 0, 1, 0, 1};
+  unsigned char q[] = {0,   0,   1, 0,   0,   1,   0,   0,   0,   0,   0, 0, 5, 'f', 'l', 'o',
+                       'o', 'd', 7, 'i', 'n', 'v', 'a', 'l', 'i', 'd', 0, 0, 1, 0,   1};
   double end = now_s() + secs;
   unsigned long n = 0;
   char buf[512];
@@ -541,8 +544,7 @@ static int do_dnsflood(int secs) {
     q[0] = (unsigned char)(n >> 8);
     q[1] = (unsigned char)n;
     if (sendto(u, q, sizeof(q), MSG_DONTWAIT, (struct sockaddr *)&a, sizeof(a)) > 0) n++;
-    while (recv(u, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
-    }
+    while (recv(u, buf, sizeof(buf), MSG_DONTWAIT) > 0) {}
   }
   printf("queries=%lu\n", n);
   return 0;
@@ -561,8 +563,9 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "lie") && argc == 5) return do_lie(argv[2], argv[3], atoi(argv[4]));
   if (!strcmp(cmd, "tamper") && argc == 3) return do_tamper(atoi(argv[2]));
   if (!strcmp(cmd, "dnsflood") && argc == 3) return do_dnsflood(atoi(argv[2]));
-  fprintf(stderr, "usage: hostile seal|listenproxy S|linger MODE S|dgramflood S|"
-                  "shmflood HOST PORT S|fdflood S|ctlhold N S|lie HOST PORT S|tamper S|"
-                  "dnsflood S\n");
+  fprintf(stderr,
+          "usage: hostile seal|listenproxy S|linger MODE S|dgramflood S|"
+          "shmflood HOST PORT S|fdflood S|ctlhold N S|lie HOST PORT S|tamper S|"
+          "dnsflood S\n");
   return 2;
 }

@@ -1,6 +1,7 @@
 """Socket options in a tenant: the ordinary ones work; the ones that need privileges the
 tenant does not have, or that would reach into the engine (filters, devices, marks,
 transparent binds, congestion control), are refused. Prints OK or what differed."""
+
 import errno
 import socket
 import struct
@@ -39,7 +40,11 @@ expect_err(socket.SOL_SOCKET, socket.SO_MARK, 42, (errno.EPERM,))
 expect_err(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0", (errno.EPERM,))
 expect_err(socket.SOL_IP, 19, 1, (errno.EPERM,))  # IP_TRANSPARENT
 # SO_ATTACH_FILTER (26): its value holds a pointer, which would point into the engine
-expect_err(socket.SOL_SOCKET, 26, struct.pack("HL", 1, 0xdeadbeef),
-           (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EPERM, errno.EFAULT))
+expect_err(
+    socket.SOL_SOCKET,
+    26,
+    struct.pack("HL", 1, 0xDEADBEEF),
+    (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EPERM, errno.EFAULT),
+)
 expect_err(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno", (errno.EPERM,))
 print("OK" if not bad else "\n".join(bad))

@@ -4,6 +4,7 @@ pinger.py HOST PORT SECONDS: ping-pong one byte with an echo server at HOST:PORT
 connection, and open a fresh connection (connect, one round, close) every 0.2 s, for SECONDS.
 Prints "rounds=N max_ms=X connects=M connect_max_ms=Y errors=E": a stalled engine shows as a
 round or a connect that took seconds (or never finished: each has a 10 s timeout)."""
+
 import socket
 import sys
 import time
@@ -55,5 +56,8 @@ while time.monotonic() < end:
         max_connect = max(max_connect, time.monotonic() - t0)
         next_connect = time.monotonic() + 0.2
     time.sleep(0.001)
-print(f"rounds={rounds} max_ms={max_rtt * 1000:.1f} connects={connects} "
-      f"connect_max_ms={max_connect * 1000:.1f} errors={errors}", flush=True)
+print(
+    f"rounds={rounds} max_ms={max_rtt * 1000:.1f} connects={connects} "
+    f"connect_max_ms={max_connect * 1000:.1f} errors={errors}",
+    flush=True,
+)

@@ -1,6 +1,7 @@
 """Socket options whose answer depends on privilege: prints "NAME=OK" or "NAME=ERRNO" for
 each, on a socket of HOST's family. Run as an unprivileged user natively, it pins what Linux
 answers a process without capabilities; run in a tenant, NetKernel must answer the same."""
+
 import errno
 import socket
 import sys

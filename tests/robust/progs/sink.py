@@ -1,5 +1,6 @@
 """Accept on HOST:PORT, read one connection to EOF, print the sha256 of what arrived and the
 byte count (or the error that ended it). With --forever: keep accepting and discarding."""
+
 import hashlib
 import socket
 import sys

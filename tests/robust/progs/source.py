@@ -1,4 +1,5 @@
 """Send SIZE_MB of deterministic pseudo-random bytes to HOST:PORT; print their sha256."""
+
 import hashlib
 import socket
 import sys

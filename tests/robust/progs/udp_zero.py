@@ -2,6 +2,7 @@
 
 serve: print READY, echo two datagrams back to their senders, exit. client: send b"" and
 b"abc", print "got=N" for each echo (in order), exit; 5 s timeout each."""
+
 import socket
 import sys
 

@@ -64,6 +64,7 @@ def connect(addr: str, port: int) -> socket.socket:
 
 # -- scenarios: (server, client) ----------------------------------------------------------------
 
+
 def halfclose_server(ls: socket.socket) -> None:
     c, _ = ls.accept()
     n, digest = recv_all(c)  # until the client's FIN
@@ -179,12 +180,20 @@ def nonblock_client(addr: str, port: int) -> None:
     ep = select.epoll()
     ep.register(s.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
     ev = ep.poll(5)
-    out("epoll on data: IN", bool(ev and ev[0][1] & select.EPOLLIN),
-        "RDHUP", bool(ev and ev[0][1] & select.EPOLLRDHUP))
+    out(
+        "epoll on data: IN",
+        bool(ev and ev[0][1] & select.EPOLLIN),
+        "RDHUP",
+        bool(ev and ev[0][1] & select.EPOLLRDHUP),
+    )
     out("recv:", attempt(lambda: s.recv(10)))
     ev = ep.poll(5)
-    out("epoll on fin: IN", bool(ev and ev[0][1] & select.EPOLLIN),
-        "RDHUP", bool(ev and ev[0][1] & select.EPOLLRDHUP))
+    out(
+        "epoll on fin: IN",
+        bool(ev and ev[0][1] & select.EPOLLIN),
+        "RDHUP",
+        bool(ev and ev[0][1] & select.EPOLLRDHUP),
+    )
     out("recv at eof:", attempt(lambda: s.recv(10)))
 
 
@@ -204,7 +213,7 @@ def slow_client(addr: str, port: int) -> None:
     t0 = time.monotonic()
     while True:
         try:
-            sent += s.send(data[sent:sent + 65536])
+            sent += s.send(data[sent : sent + 65536])
         except BlockingIOError:
             break
     out("sender stopped with EAGAIN, receiver not reading:", time.monotonic() - t0 < 1.0)
@@ -250,8 +259,17 @@ def backlog_client(addr: str, port: int) -> None:
     out("each echoed its own byte:", echoed == len(socks))
 
 
-SCENARIOS = ("halfclose", "reset", "resetsend", "unread", "peerclosed", "names", "nonblock", "slow",
-             "backlog")
+SCENARIOS = (
+    "halfclose",
+    "reset",
+    "resetsend",
+    "unread",
+    "peerclosed",
+    "names",
+    "nonblock",
+    "slow",
+    "backlog",
+)
 
 
 def main() -> None:
