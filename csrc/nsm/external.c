@@ -358,13 +358,29 @@ static struct nk_ext *ready(struct nk_esock *es) {
   return x;
 }
 
+/* What policy grants of `avail` bytes in direction dir, posted to the NSM as one `op` request
+ * (SEND: bytes to take from the transmit ring; RECV: room to fill in the receive ring) and
+ * charged. Returns the bytes posted; 0 when policy granted none (it wakes the socket when
+ * tokens are due) or the queue to the NSM is full (the socket tries again next round). */
+static uint32_t offer(struct nk_ext *x, struct nk_esock *es, int dir, uint32_t op, uint32_t avail) {
+  struct nk_nsm *m = es->ep[0].nsm;
+  uint64_t g = nk_policy_grant(es, m, dir, avail, avail < NK_QUANTUM ? avail : NK_QUANTUM);
+  if (!g) return 0;
+  struct nk_nqe q = {.op = op, .sock = es->ep[0].id, .len = (uint32_t)g};
+  if (!post(x, &q)) {
+    nk_sock_activate(es);
+    return 0;
+  }
+  nk_policy_charge(es, m, dir, g);
+  return (uint32_t)g;
+}
+
 /* Offer the transmit ring's new bytes. The NSM reads them in the tenant's ring, never its
  * indices: the order comes by way of the engine, C0 (the guest's bytes, here) then K1 (the
  * SEND nqe, which the NSM pops with K2 before it reads them). */
 static void ext_transmit(struct nk_esock *es) {
   struct nk_ext *x = ready(es);
   if (!x) return;
-  struct nk_nsm *m = es->ep[0].nsm;
   int64_t fill = nk_ring_fill_checked(&es->tx);
   uint32_t tail = atomic_load_explicit(es->tx.tail, memory_order_relaxed);
   uint32_t offered = es->ext.tx_off - tail;
@@ -373,16 +389,7 @@ static void ext_transmit(struct nk_esock *es) {
     return;
   }
   uint32_t fresh = (uint32_t)fill - offered;
-  if (fresh) {
-    uint64_t g = nk_policy_grant(es, m, NK_TX, fresh, fresh < NK_QUANTUM ? fresh : NK_QUANTUM);
-    struct nk_nqe q = {.op = NK_SLQ_SEND, .sock = es->ep[0].id, .len = (uint32_t)g};
-    if (g && post(x, &q)) {
-      es->ext.tx_off += (uint32_t)g;
-      nk_policy_charge(es, m, NK_TX, g);
-    } else if (g) {
-      nk_sock_activate(es);
-    }
-  }
+  if (fresh) es->ext.tx_off += offer(x, es, NK_TX, NK_SLQ_SEND, fresh);
   if (fill == 0 && es->shut_wr_pending) {
     struct nk_nqe q = {.op = NK_SLQ_SHUTDOWN, .sock = es->ep[0].id};
     if (post(x, &q)) es->shut_wr_pending = false;
@@ -395,7 +402,6 @@ static void ext_transmit(struct nk_esock *es) {
 static void ext_receive(struct nk_esock *es) {
   struct nk_ext *x = ready(es);
   if (!x) return;
-  struct nk_nsm *m = es->ep[0].nsm;
   struct nk_slot *s = nk_sock_slot(es);
   if (es->ext.fin || atomic_load(&s->rx_eof)) return;
   int64_t rfill = nk_ring_fill_checked(&es->rx);
@@ -413,14 +419,7 @@ static void ext_receive(struct nk_esock *es) {
   }
   atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed); /* S1 withdrawn */
   if (room == 0 || (room < es->rx.size / 4 && outstanding > 0)) return;
-  uint64_t g = nk_policy_grant(es, m, NK_RX, room, room < NK_QUANTUM ? room : NK_QUANTUM);
-  struct nk_nqe q = {.op = NK_SLQ_RECV, .sock = es->ep[0].id, .len = (uint32_t)g};
-  if (g && post(x, &q)) {
-    es->ext.rx_credit += (uint32_t)g;
-    nk_policy_charge(es, m, NK_RX, g);
-  } else if (g) {
-    nk_sock_activate(es);
-  }
+  es->ext.rx_credit += offer(x, es, NK_RX, NK_SLQ_RECV, room);
 }
 
 /* A connection the engine could not take (admission limit, full accept queue): reset it. */
