@@ -148,11 +148,13 @@ static void conn_line(struct nk_admin *a, struct nk_tenant *t, uint32_t i, struc
   nk_addr_fmt(&es->peer, p, sizeof(p));
   struct nk_nsm *m = nk_sock_nsm(es);
   if (es->type == SOCK_STREAM && es->ep_count && es->kind != NK_KIND_LISTENER &&
-      es->ep[0].ops->tcp_info) {
+      es->ep[0].ops->getopt) {
     struct tcp_info ti;
     char ca[16] = "";
+    socklen_t tl = sizeof(ti), cl = sizeof(ca) - 1;
     memset(&ti, 0, sizeof(ti));
-    if (es->ep[0].ops->tcp_info(es, &ti, ca, sizeof(ca)) == 0) {
+    if (es->ep[0].ops->getopt(es, 0, IPPROTO_TCP, TCP_INFO, &ti, &tl) == 0) {
+      es->ep[0].ops->getopt(es, 0, IPPROTO_TCP, TCP_CONGESTION, ca, &cl);
       snprintf(tcp, sizeof(tcp),
                " tcp_state=%s rtt_us=%u rttvar_us=%u cwnd=%u ssthresh=%u mss=%u retrans=%u"
                " total_retrans=%u lost=%u unacked=%u delivery_rate=%llu pacing_rate=%llu"

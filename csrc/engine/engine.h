@@ -69,7 +69,6 @@ struct nk_bucket {
 struct nk_nsm;
 struct nk_tenant;
 struct nk_esock;
-struct tcp_info;
 
 /* What the engine asks of a stack for one endpoint (a socket of that stack) of a NetKernel
  * socket. The per-socket code in csrc/engine/ (readiness mirror, rings, policy, accounting)
@@ -110,8 +109,10 @@ struct nk_ep_ops {
   void (*close)(struct nk_esock *es, int k, bool rst);
   /* Endpoint k (new, renamed, or a listener pausing) wants these events. */
   void (*watch)(struct nk_esock *es, int k, uint32_t events);
-  /* The stack's TCP state of endpoint 0, for `conns` (NULL or -errno: none). */
-  int (*tcp_info)(struct nk_esock *es, struct tcp_info *ti, char *ca, size_t calen);
+  /* getsockopt() on endpoint k as its stack sees it (TCP_INFO for `conns`, say): 0 or -errno.
+   * NULL: the stack cannot be asked; the engine answers from a scratch socket given the
+   * options the application set. */
+  int (*getopt)(struct nk_esock *es, int k, int level, int name, void *val, socklen_t *len);
 };
 
 /* A kind of NSM. Each csrc/nsm/ file defines one and registers it (NK_NSM_TYPE); the operator

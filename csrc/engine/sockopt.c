@@ -316,18 +316,16 @@ int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_
     *len = sizeof(v);
     return 0;
   }
-  int fd = -1; /* a kernel socket of its own, the NSM's rather than the loopback's */
+  int ask = -1; /* an endpoint whose stack can answer, the NSM's rather than the loopback's */
   for (int k = 0; k < es->ep_count; k++)
-    if (es->ep[k].fd >= 0 && (!es->ep[k].loop || fd < 0)) fd = es->ep[k].fd;
-  bool scratch = fd < 0;
-  if (scratch) {
-    fd = scratch_socket(es);
-    if (fd < 0) return fd;
-    for (int i = 0; i < es->nopts; i++)
-      nk_setsockopt_unprivileged(fd, es->opts[i].level, es->opts[i].name, es->opts[i].val,
-                                 es->opts[i].len);
-  }
+    if (es->ep[k].ops->getopt && (!es->ep[k].loop || ask < 0)) ask = k;
+  if (ask >= 0) return es->ep[ask].ops->getopt(es, ask, level, name, val, len);
+  int fd = scratch_socket(es);
+  if (fd < 0) return fd;
+  for (int i = 0; i < es->nopts; i++)
+    nk_setsockopt_unprivileged(fd, es->opts[i].level, es->opts[i].name, es->opts[i].val,
+                               es->opts[i].len);
   int r = getsockopt(fd, level, name, val, len) < 0 ? -errno : 0;
-  if (scratch) close(fd);
+  close(fd);
   return r;
 }

@@ -167,11 +167,9 @@ static void watch_out(struct nk_esock *es, bool on) {
   nk_epoll_mod(fd_of(es, 0), on ? NK_EP_DATA_EVENTS : EVENTS_NO_OUT, &es->ep[0].h);
 }
 
-static int kernel_tcp_info(struct nk_esock *es, struct tcp_info *ti, char *ca, size_t calen) {
-  socklen_t tl = sizeof(*ti), cl = (socklen_t)calen - 1;
-  if (getsockopt(fd_of(es, 0), IPPROTO_TCP, TCP_INFO, ti, &tl) < 0) return -errno;
-  getsockopt(fd_of(es, 0), IPPROTO_TCP, TCP_CONGESTION, ca, &cl);
-  return 0;
+static int kernel_getopt(struct nk_esock *es, int k, int level, int name, void *val,
+                         socklen_t *len) {
+  return getsockopt(fd_of(es, k), level, name, val, len) < 0 ? -errno : 0;
 }
 
 /* ---- stream data ---- */
@@ -390,7 +388,7 @@ const struct nk_ep_ops nk_kernel_ep_ops = {
     .finish = nk_sock_finish_stream,
     .close = kernel_close,
     .watch = kernel_watch,
-    .tcp_info = kernel_tcp_info,
+    .getopt = kernel_getopt,
 };
 
 static struct nk_nsm_type kernel_type = {
