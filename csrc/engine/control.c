@@ -171,7 +171,8 @@ static void accept_ctl(void) {
 
 static void reply(struct nk_ctl *c, struct nk_rep *rep, const int *fds, int nfds) {
   /* The guest waits for this reply; a full socket means a broken guest: drop it. */
-  if (nk_send_fds(c->fd, rep, sizeof(*rep), fds, nfds, MSG_DONTWAIT | MSG_NOSIGNAL) != sizeof(*rep))
+  if (nk_send_with_fds(sendmsg, c->fd, rep, sizeof(*rep), fds, nfds, MSG_DONTWAIT | MSG_NOSIGNAL) !=
+      sizeof(*rep))
     ctl_close(c);
 }
 

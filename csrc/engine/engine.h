@@ -23,6 +23,7 @@
 
 #include "netkernel/abi.h"
 #include "netkernel/addr.h"
+#include "netkernel/fdpass.h"
 #include "netkernel/ring.h"
 
 extern int nk_debug;
@@ -361,8 +362,6 @@ void nk_close_later(int fd);
 bool nk_fd_refuse_rights(int fd);
 ssize_t nk_recv_untrusted(int fd, void *buf, size_t len, int flags);
 int nk_fds_from_cmsg(struct msghdr *mh, int *out, int want);
-#define NK_SEND_FDS_MAX 3 /* the most the engine itself sends in one message */
-ssize_t nk_send_fds(int fd, const void *buf, size_t len, const int *fds, int nfds, int flags);
 int nk_accept_or_drop(int lfd, struct sockaddr *sa, socklen_t *len, bool *dropped);
 uint64_t nk_tenant_fd_limit(const struct nk_tenant *t);
 int nk_fds_take(struct nk_tenant *t, uint32_t n);

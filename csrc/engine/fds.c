@@ -165,57 +165,21 @@ ssize_t nk_recv_untrusted(int fd, void *buf, size_t len, int flags) {
   return n;
 }
 
-/* Sends one message of len bytes on fd with nfds descriptors (at most NK_SEND_FDS_MAX)
- * attached. Returns what sendmsg() does. */
-ssize_t nk_send_fds(int fd, const void *buf, size_t len, const int *fds, int nfds, int flags) {
-  union {
-    char buf[CMSG_SPACE(sizeof(int) * NK_SEND_FDS_MAX)];
-    struct cmsghdr align;
-  } cm;
-  memset(&cm, 0, sizeof(cm));
-  struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
-  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
-  if (nfds > NK_SEND_FDS_MAX) {
-    errno = EINVAL;
-    return -1;
-  }
-  if (nfds > 0) {
-    mh.msg_control = cm.buf;
-    mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
-    struct cmsghdr *h = CMSG_FIRSTHDR(&mh);
-    h->cmsg_level = SOL_SOCKET;
-    h->cmsg_type = SCM_RIGHTS;
-    h->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-    memcpy(CMSG_DATA(h), fds, sizeof(int) * (size_t)nfds);
-  }
-  return sendmsg(fd, &mh, flags);
-}
-
 /* The descriptors of a received message: the first `want` go to out[] (the rest of out[] is
- * -1), every other one to the closer. Returns how many there were. */
+ * -1), every other one to the closer; a pidfd a peer had the kernel add (SO_PASSPIDFD) is
+ * closed. Returns how many SCM_RIGHTS descriptors there were. */
 int nk_fds_from_cmsg(struct msghdr *mh, int *out, int want) {
-  int got = 0, total = 0;
-  for (int i = 0; i < want; i++) out[i] = -1;
   if (mh->msg_flags & MSG_CTRUNC)
     NK_LOG(1, "a message's control data did not all fit: the kernel closed what did not");
   for (struct cmsghdr *h = CMSG_FIRSTHDR(mh); h; h = CMSG_NXTHDR(mh, h)) {
-    if (h->cmsg_level != SOL_SOCKET) continue;
-    if (h->cmsg_type == SCM_PIDFD && h->cmsg_len >= CMSG_LEN(sizeof(int))) {
-      int pidfd; /* a peer asked for with SO_PASSPIDFD: a descriptor too, closing it is quick */
+    if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_PIDFD &&
+        h->cmsg_len >= CMSG_LEN(sizeof(int))) {
+      int pidfd; /* a descriptor too, but closing it is quick */
       memcpy(&pidfd, CMSG_DATA(h), sizeof(int));
       close(pidfd);
-      continue;
-    }
-    if (h->cmsg_type != SCM_RIGHTS) continue;
-    int k = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-    for (int j = 0; j < k; j++, total++) {
-      int fd;
-      memcpy(&fd, CMSG_DATA(h) + (size_t)j * sizeof(int), sizeof(int));
-      if (got < want) out[got++] = fd;
-      else nk_close_later(fd);
     }
   }
-  return total;
+  return nk_take_fds(mh, out, want, nk_close_later);
 }
 
 /* ---- the budget ---- */

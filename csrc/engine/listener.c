@@ -24,7 +24,8 @@ void nk_sock_calibrate(void) {
   if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pv) == 0) {
     struct nk_newconn msg = {.type = NK_MSG_NEWCONN};
     int q = 0;
-    if (nk_send_fds(sv[0], &msg, sizeof(msg), &pv[1], 1, MSG_DONTWAIT) == sizeof(msg) &&
+    if (nk_send_with_fds(sendmsg, sv[0], &msg, sizeof(msg), &pv[1], 1, MSG_DONTWAIT) ==
+            sizeof(msg) &&
         ioctl(sv[0], SIOCOUTQ, &q) == 0 && q > 0)
       engine.record_size = (uint32_t)q;
     close(pv[0]);
@@ -50,8 +51,8 @@ static void proxy_fit_backlog(struct nk_esock *l, int backlog) {
 }
 
 static bool deliver_conn(struct nk_esock *l, int gfd, struct nk_newconn *msg) {
-  return nk_send_fds(l->proxy, msg, sizeof(*msg), &gfd, 1, MSG_DONTWAIT | MSG_NOSIGNAL) ==
-         sizeof(*msg);
+  return nk_send_with_fds(sendmsg, l->proxy, msg, sizeof(*msg), &gfd, 1,
+                          MSG_DONTWAIT | MSG_NOSIGNAL) == sizeof(*msg);
 }
 
 /* Is listener l's queue of connections its application has not accepted yet full? Then a new

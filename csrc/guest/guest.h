@@ -23,6 +23,7 @@
 
 #include "netkernel/abi.h"
 #include "netkernel/addr.h"
+#include "netkernel/fdpass.h"
 #include "netkernel/ring.h"
 
 #define NK_EXPORT __attribute__((visibility("default")))
@@ -65,6 +66,8 @@ struct nk_libc {
   int (*setsockopt)(int, int, int, const void *, socklen_t);
 };
 extern struct nk_libc nk_libc;
+/* For nk_take_fds(): descriptors a message brought that nobody wants. */
+static inline void nk_libc_close(int fd) { nk_libc.close(fd); }
 void nk_libc_init(void);
 
 /* Process state. */

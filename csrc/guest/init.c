@@ -96,44 +96,26 @@ static int ctl_call_fds(struct nk_req *req, int send_fd, struct nk_rep *rep, int
     if (fd < 0) return fd;
     t_ctl = fd;
   }
-  union {
-    char buf[CMSG_SPACE(sizeof(int) * 2)];
-    struct cmsghdr align;
-  } cm;
-  struct iovec iov = {.iov_base = req, .iov_len = sizeof(*req)};
-  struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
-  if (send_fd >= 0) {
-    memset(&cm, 0, sizeof(cm));
-    mh.msg_control = cm.buf;
-    mh.msg_controllen = CMSG_SPACE(sizeof(int));
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &send_fd, sizeof(int));
-  }
   ssize_t n;
-  do n = nk_libc.sendmsg(t_ctl, &mh, MSG_NOSIGNAL);
+  do
+    n = nk_send_with_fds(nk_libc.sendmsg, t_ctl, req, sizeof(*req), &send_fd, send_fd >= 0,
+                         MSG_NOSIGNAL);
   while (n < 0 && errno == EINTR);
   if (n < 0) goto dead;
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * NK_FDPASS_MAX)];
+    struct cmsghdr align;
+  } cm;
   struct iovec riov = {.iov_base = rep, .iov_len = sizeof(*rep)};
   struct msghdr rh = {
       .msg_iov = &riov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
   do n = nk_libc.recvmsg(t_ctl, &rh, MSG_CMSG_CLOEXEC);
   while (n < 0 && errno == EINTR);
-  if (n != (ssize_t)sizeof(*rep)) goto dead;
-  int got = 0;
-  for (struct cmsghdr *c = CMSG_FIRSTHDR(&rh); c; c = CMSG_NXTHDR(&rh, c)) {
-    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-    int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-    for (int i = 0; i < k; i++) {
-      int fd;
-      memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-      if (got < nfds) fds[got++] = fd;
-      else nk_libc.close(fd);
-    }
+  if (n != (ssize_t)sizeof(*rep)) {
+    if (n >= 0) nk_take_fds(&rh, NULL, 0, nk_libc_close);
+    goto dead;
   }
-  for (int i = got; i < nfds; i++) fds[i] = -1;
+  nk_take_fds(&rh, fds, nfds, nk_libc_close);
   return 0;
 dead:
   /* The engine went away: this is an error for the caller, never a hang. */

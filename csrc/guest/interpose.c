@@ -123,17 +123,7 @@ NK_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
   if (s >= 0) return ret(nk_recvmsg(fd, s, msg, flags));
   ssize_t r = nk_libc.recvmsg(fd, msg, flags);
   /* Descriptors received over AF_UNIX land on numbers we may have seen before. */
-  if (r >= 0 && msg->msg_controllen) {
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
-      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-      int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-      for (int i = 0; i < k; i++) {
-        int nfd;
-        memcpy(&nfd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-        nk_fd_forget(nfd);
-      }
-    }
-  }
+  if (r >= 0 && msg->msg_controllen) nk_take_fds(msg, NULL, 0, nk_fd_forget);
   return r;
 }
 

@@ -284,10 +284,8 @@ int nk_accept4(int fd, int slot, struct sockaddr *sa, socklen_t *len, int flags)
     ssize_t n = nk_libc.recvmsg(fd, &mh, (flags & SOCK_CLOEXEC) ? MSG_CMSG_CLOEXEC : 0);
     if (n < 0) return -errno;
     if (n == 0) return -ECONNABORTED; /* engine end gone */
-    int nfd = -1;
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-      memcpy(&nfd, CMSG_DATA(c), sizeof(int));
+    int nfd;
+    nk_take_fds(&mh, &nfd, 1, nk_libc_close);
     if (n != sizeof(nc) || nc.type != NK_MSG_NEWCONN || nc.slot >= nk_g.nslots) {
       if (nfd >= 0) nk_libc.close(nfd);
       continue;

@@ -550,8 +550,10 @@ static void ext_set_sleeping(struct nk_nsm *m, bool v) {
 /* ---- tenants ---- */
 
 static int send_ctl(int fd, const struct nk_sl_ctl *m, const int *fds, int nfds) {
-  return nk_send_fds(fd, m, sizeof(*m), fds, nfds, MSG_NOSIGNAL) == (ssize_t)sizeof(*m) ? 0
-                                                                                        : -errno;
+  return nk_send_with_fds(sendmsg, fd, m, sizeof(*m), fds, nfds, MSG_NOSIGNAL) ==
+                 (ssize_t)sizeof(*m)
+             ? 0
+             : -errno;
 }
 
 /* Only the NSMs serving a tenant (it is assigned there, or has sockets there) map its region. */

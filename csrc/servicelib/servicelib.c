@@ -11,6 +11,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "netkernel/fdpass.h"
 #include "netkernel/servicelib.h"
 
 #define MAX_TENANTS 1024
@@ -25,6 +26,8 @@ struct nk_sl {
   struct nk_sl_tenant *tenants[MAX_TENANTS];
 };
 
+static void close_fd(int fd) { close(fd); }
+
 static int recv_ctl(int fd, struct nk_sl_ctl *m, int *fds, int maxfds, int *nfds) {
   union {
     char buf[CMSG_SPACE(4 * sizeof(int))];
@@ -36,16 +39,8 @@ static int recv_ctl(int fd, struct nk_sl_ctl *m, int *fds, int maxfds, int *nfds
   ssize_t n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
   *nfds = 0;
   if (n <= 0) return n == 0 ? 0 : -errno;
-  for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-    int cnt = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-    for (int i = 0; i < cnt; i++) {
-      int f;
-      memcpy(&f, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-      if (*nfds < maxfds) fds[(*nfds)++] = f;
-      else close(f);
-    }
-  }
+  int total = nk_take_fds(&mh, fds, maxfds, close_fd);
+  *nfds = total < maxfds ? total : maxfds;
   return n == (ssize_t)sizeof(*m) ? 1 : -EPROTO;
 }
 
