@@ -285,7 +285,7 @@ static void command(struct nk_admin *a, char *line) {
       uint32_t tenants = 0, socks = 0;
       for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
         tenants += t->nsm == m;
-        for (uint32_t i = 0; i < t->nslots; i++)
+        for (uint32_t i = 0; i < t->hwm; i++)
           if (t->socks[i] && nk_sock_nsm(t->socks[i]) == m) socks++;
       }
       out(a,
@@ -300,7 +300,7 @@ static void command(struct nk_admin *a, char *line) {
   if (!strcmp(cmd, "conns") && argc <= 2) {
     for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
       if (argc == 2 && strcmp(argv[1], t->name)) continue;
-      for (uint32_t i = 0; i < t->nslots; i++)
+      for (uint32_t i = 0; i < t->hwm; i++)
         if (t->socks[i]) conn_line(a, t, i, t->socks[i]);
     }
     return out(a, "ok");

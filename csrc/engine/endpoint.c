@@ -31,8 +31,8 @@ void nk_sock_count(struct nk_esock *es, int dir, uint64_t n) {
  * one socket it has, every endpoint gets them. */
 void nk_ep_replay_opts(struct nk_esock *es, int k) {
   const struct nk_ep_ops *ops = es->ep[k].ops;
-  for (int i = 0; i < es->nopts && ops->setopt; i++) {
-    const struct nk_opt *o = &es->opts[i];
+  for (int i = 0; es->opts && i < es->opts->n && ops->setopt; i++) {
+    const struct nk_opt *o = &es->opts->o[i];
     ops->setopt(es, k, o->level, o->name, o->val, o->len);
   }
 }
@@ -51,6 +51,13 @@ static const struct nk_ep_ops *ops_for(struct nk_nsm *m) {
 int nk_ep_open(struct nk_esock *es, int family, struct nk_nsm *m) {
   if (es->ep_count >= NK_MAX_EP) return -EMFILE;
   int k = es->ep_count;
+  /* The first endpoint's descriptor came with the socket (NK_SOCK_FDS); more are taken as
+   * they open and kept until the socket is freed. */
+  if (k + 1 > (int)es->ep_fds + 1) {
+    int r = nk_fds_take(es->t, 1);
+    if (r < 0) return r;
+    es->ep_fds++;
+  }
   nk_ep_set(es, k,
             &(struct nk_endpoint){.ops = ops_for(m),
                                   .nsm = m,

@@ -171,8 +171,11 @@ struct nk_tenant {
   struct nk_handle h_doorbell, h_dns, h_dns_up;
   struct nk_esock **socks;
   uint32_t nsocks;
-  uint32_t *free_stack; /* free slots, most recently freed on top: reuse warm ring pages */
+  uint32_t *free_stack; /* freed slots, most recently freed on top: reuse warm ring pages */
   uint32_t nfree;
+  uint32_t cold; /* free_stack[0, cold) have had their ring pages given back */
+  uint32_t hwm;  /* slots from here up were never used (and nothing in the region is committed
+                 * for them): loops over sockets stop here */
   uint64_t tx_bytes, rx_bytes;
   /* Operator policy (tenant-set). Rates in bytes/s, 0 = unlimited; limits 0 = none. */
   uint64_t rate[2];
@@ -202,7 +205,8 @@ struct nk_tenant {
    * (+1, so that 0 means "not served"): services that all moved less than NK_SERVICE_BYTES
    * mark a tenant doing request-sized work, which keeps the others' services short. */
   uint64_t win_start_ns, win_max, prev_win_max;
-  uint32_t throttled_socks; /* its sockets waiting for rate or link tokens */
+  uint32_t throttled_socks;           /* its sockets waiting for rate or link tokens */
+  struct nk_esock *refused_listeners; /* told accept_err: looked at again when a socket goes */
   /* Throttled sockets woken, per direction; how late past their tokens' due time in total;
    * and the rate tokens kept for it over those late wakes (policy.c, late_wake). */
   uint64_t throttle_wakes[2], throttle_late_ns[2], rate_late_credit[2];
@@ -232,6 +236,14 @@ struct nk_opt {
   socklen_t len;
   uint8_t val[64];
 };
+/* The options an application set on a socket, kept to replay on endpoints opened later. A
+ * listener's set is shared by the connections it accepts (refs) until one of them sets an
+ * option of its own: most sockets set none, and an accepted one costs no copy. */
+struct nk_optset {
+  uint32_t refs;
+  int n;
+  struct nk_opt o[NK_MAX_OPTS];
+};
 
 /* One socket of a stack that a NetKernel socket uses: a listener has one per address family
  * and stack (and its loopback), a connection one. */
@@ -259,6 +271,7 @@ struct nk_esock {
   struct nk_handle h_proxy;
   struct nk_endpoint ep[NK_MAX_EP];
   int ep_count;
+  uint32_t ep_fds; /* descriptors taken for endpoints beyond the first (nk_ep_open) */
   /* Endpoints closed whose stack may still touch the socket's rings (an external NSM until
    * it reports FREED): the slot stays reserved while any are. */
   uint32_t ep_held;
@@ -271,6 +284,7 @@ struct nk_esock {
   bool proxy_in_tenant_ns; /* the guest made the socketpair (in its namespace) */
   bool zombie;             /* engine end closed to show POLLHUP; freed when the guest end is gone */
   uint64_t guest_ino;      /* inode of the guest end, from sock_diag (zombies only) */
+  struct nk_esock *next_zombie, **prev_zombie; /* engine.zombies */
   bool blocker_held;
   bool shut_wr_pending;
   bool closing; /* the guest closed its last reference: flush, then free */
@@ -282,6 +296,8 @@ struct nk_esock {
   struct linger linger; /* as the application set it (SO_LINGER is not passed on) */
   bool bound;
   bool pending_listen_out; /* listener waits for room on its proxy end */
+  bool accept_refused;     /* listener: its tenant is at a limit (nk_sock_may_accept) */
+  struct nk_esock *next_refused;
   int backlog;
   int pending_fd; /* accepted connection waiting for delivery */
   struct nk_newconn pending_msg;
@@ -292,8 +308,7 @@ struct nk_esock {
   /* The addresses the operator sees (conns) and the guest is told: engine-private, copied
    * into the slot for the guest, never read back from there. */
   struct nk_addr local, peer;
-  struct nk_opt opts[NK_MAX_OPTS];
-  int nopts;
+  struct nk_optset *opts; /* NULL: none set */
   uint64_t tx_bytes, rx_bytes;
   struct nk_ring tx, rx;
   struct nk_esock *next_active;
@@ -333,12 +348,16 @@ struct nk_engine {
   struct nk_addr dns_upstream;
   uint64_t spin_ns;
   uint32_t nzombies;
+  struct nk_esock *zombies; /* swept for guest ends gone: a list, not a scan of all slots */
   uint64_t next_sweep_ns;
   /* Most bytes one service of a socket moves each way: unbounded while one tenant has the
    * engine, NK_SERVICE_BYTES while several contend (see run_active). */
   uint64_t service_bytes;
-  uint64_t fd_limit;  /* RLIMIT_NOFILE, raised to the hard limit (fds.c) */
-  uint64_t fds_taken; /* descriptors held for tenants */
+  uint64_t fd_limit;      /* RLIMIT_NOFILE, raised to the hard limit (fds.c) */
+  uint64_t fds_taken;     /* descriptors held for tenants */
+  uint64_t fd_headroom;   /* what tenants may hold in all (fds.c) */
+  uint64_t fd_reserve;    /* kept for each tenant */
+  uint64_t fds_committed; /* the sum over tenants of the larger of fds and fd_reserve */
   int spare_fd;
   uint32_t record_size; /* kernel memory one NEWCONN record takes on a proxy (listener.c) */
   uint64_t next_trim_ns;
@@ -354,16 +373,19 @@ extern struct nk_engine engine;
 #define NK_UNTRUSTED_CMSG_SPACE                                                     \
   (CMSG_SPACE(sizeof(int) * NK_MAX_PASSED_FDS) + CMSG_SPACE(sizeof(struct ucred)) + \
    CMSG_SPACE(sizeof(int)) + CMSG_SPACE(4096))
-#define NK_SOCK_FDS         4   /* a socket's share: proxy end + dual-stack wildcard bind */
-#define NK_CTL_FDS          256 /* control connections a tenant may have besides its sockets */
-#define NK_CTL_REFUSED_HELD 8   /* refused ones held for their answer at once, per tenant */
+#define NK_SOCK_FDS          2   /* a socket's: its proxy end and one endpoint (more: ep_fds) */
+#define NK_TENANT_FD_RESERVE 512 /* kept for each tenant however busy the others are */
+#define NK_CTL_FDS           256 /* control connections a tenant may have besides its sockets */
+#define NK_CTL_REFUSED_HELD  8   /* refused ones held for their answer at once, per tenant */
 int nk_fds_init(void);
+void nk_fds_recount(void); /* tenants or NSMs came or went */
 void nk_close_later(int fd);
 bool nk_fd_refuse_rights(int fd);
 ssize_t nk_recv_untrusted(int fd, void *buf, size_t len, int flags);
 int nk_fds_from_cmsg(struct msghdr *mh, int *out, int want);
 int nk_accept_or_drop(int lfd, struct sockaddr *sa, socklen_t *len, bool *dropped);
 uint64_t nk_tenant_fd_limit(const struct nk_tenant *t);
+int nk_fds_may_take(const struct nk_tenant *t, uint32_t n);
 int nk_fds_take(struct nk_tenant *t, uint32_t n);
 void nk_fds_give(struct nk_tenant *t, uint32_t n);
 
@@ -426,6 +448,7 @@ void nk_sock_proxy_shutdown(struct nk_esock *es);
 void nk_sock_hang_up(struct nk_esock *es);
 void nk_sock_close_proxy(struct nk_esock *es);
 void nk_sock_sweep_zombies(void);
+void nk_sock_unzombie(struct nk_esock *es); /* off engine.zombies */
 void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev);
 bool nk_sock_rx_stall(struct nk_esock *es, uint32_t need); /* true: still short of room */
 void nk_sock_set_local(struct nk_esock *es, const struct nk_addr *a);
@@ -445,6 +468,9 @@ void nk_sock_calibrate(void);
 int nk_sock_listen(struct nk_esock *es, int backlog);
 void nk_listener_service(struct nk_esock *l);
 bool nk_sock_accept_queue_full(struct nk_esock *l);
+bool nk_sock_may_accept(struct nk_esock *l); /* before taking a connection off a stack */
+void nk_sock_accept_retry(struct nk_tenant *t);
+void nk_sock_accept_forget(struct nk_esock *l); /* off the tenant's refused listeners */
 /* A connection a stack accepted for listener l (endpoint e, a template), as accept() makes it
  * in l's tenant and delivers it; local NULL: the tenant's address and l's port. NULL when the
  * tenant is at its limits or l's queue is full: the stack refuses it with a reset. */
@@ -465,6 +491,8 @@ void nk_sock_relisten(struct nk_esock *es, int k); /* endpoint k's stack came ba
 int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len);
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len);
 int nk_setsockopt_unprivileged(int fd, int level, int name, const void *val, socklen_t len);
+void nk_opts_share(struct nk_esock *to, const struct nk_esock *from); /* accept: inherited */
+void nk_opts_drop(struct nk_esock *es);
 
 /* csrc/nsm/kernel.c */
 int nk_in_netns(int netns_fd, int domain, int type); /* socket() inside a namespace */
@@ -492,6 +520,7 @@ void nk_policy_charge(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t n
 void nk_policy_unthrottle(struct nk_esock *es);
 void nk_policy_wake_due(uint64_t now);
 int nk_tenant_admit(struct nk_tenant *t);
+int nk_tenant_admissible(struct nk_tenant *t); /* the same check, nothing taken */
 bool nk_policy_dgram(struct nk_esock *es, struct nk_nsm *m, int dir, uint32_t len);
 void nk_policy_charge_dgram(struct nk_esock *es, struct nk_nsm *m, int dir, uint32_t len);
 void nk_tenant_set_rate(struct nk_tenant *t, int dir, uint64_t bits_per_s);
@@ -499,7 +528,8 @@ void nk_nsm_set_bandwidth(struct nk_nsm *m, uint64_t bits_per_s);
 uint64_t nk_tenant_memory(const struct nk_tenant *t);
 
 /* tenant.c: the ring pages of free slots a tenant filled, taken back over max_memory */
-void nk_tenant_trim_all(void);
+bool nk_tenant_trim_due(void);
+bool nk_tenant_trim_all(void); /* true: more to do soon */
 uint64_t nk_tenant_region_bytes(const struct nk_tenant *t);
 
 /* control.c, admin.c */
@@ -513,6 +543,7 @@ void nk_admin_event(struct nk_handle *h, uint32_t ev);
 uint64_t nk_diag_peer_of_fd(struct nk_tenant *t, int fd);
 int nk_diag_exists(struct nk_tenant *t, uint64_t ino);
 void nk_sock_sweep_zombies(void);
+void nk_sock_unzombie(struct nk_esock *es); /* off engine.zombies */
 
 /* dns.c */
 int nk_dns_open(struct nk_tenant *t);

@@ -14,11 +14,12 @@
  * is closed its close is made abortive (SO_LINGER 0) and a UNIX socket is emptied of the
  * descriptors queued on it, which get the same treatment.
  *
- * Budget: the engine raises its descriptor limit to the hard limit at start. Each tenant may
- * hold at most its share: NK_SOCK_FDS per socket (the proxy end and up to three kernel sockets
- * of a dual-stack wildcard bind) plus one per control connection, within max_sockets and
- * never more than half of what the engine has; beyond that it gets EMFILE, as a process gets
- * at its descriptor limit. When the engine itself runs short, ENFILE, as at the system's.
+ * Budget: the engine raises its descriptor limit to the hard limit at start. A tenant takes
+ * what its sockets hold (the proxy end, and each endpoint's kernel socket) and one per control
+ * connection. It may take all the engine has but a reserve kept for each other tenant
+ * (NK_TENANT_FD_RESERVE, less when there are many), within what max_sockets allows; beyond
+ * that it gets EMFILE, as a process gets at its descriptor limit. When the engine itself runs
+ * short, ENFILE, as at the system's.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -196,6 +197,7 @@ int nk_fds_init(void) {
   } else {
     engine.fd_limit = 1024;
   }
+  nk_fds_recount();
   /* One descriptor kept spare: a listener whose accept() fails for lack of descriptors stays
    * readable, and the engine would spin on it; with the spare it takes the connection off the
    * queue and refuses it. */
@@ -234,34 +236,66 @@ int nk_accept_or_drop(int lfd, struct sockaddr *sa, socklen_t *len, bool *droppe
 }
 
 /* Descriptors the engine can hand out to tenants: its limit less what it needs for itself
- * (listeners, epoll, each tenant's doorbell, DNS and sock_diag sockets, each NSM's). */
-static uint64_t headroom(void) {
-  uint64_t own = 128;
-  for (struct nk_tenant *t = engine.tenants; t; t = t->next) own += 4;
+ * (listeners, epoll, each tenant's doorbell, DNS and sock_diag sockets, each NSM's), and the
+ * part of them kept for each tenant however busy the others are. Recomputed when tenants or
+ * NSMs come and go, so that taking a descriptor stays O(1). */
+void nk_fds_recount(void) {
+  uint64_t own = 128, tenants = 0;
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next) own += 4, tenants++;
   for (struct nk_nsm *m = engine.nsms; m; m = m->next) own += 8;
-  return engine.fd_limit > own ? engine.fd_limit - own : 0;
+  engine.fd_headroom = engine.fd_limit > own ? engine.fd_limit - own : 0;
+  /* At most half of the headroom is kept back in all, whatever the number of tenants. */
+  uint64_t reserve = NK_TENANT_FD_RESERVE;
+  if (tenants && reserve > engine.fd_headroom / (2 * tenants))
+    reserve = engine.fd_headroom / (2 * tenants);
+  engine.fd_reserve = reserve;
+  engine.fds_committed = 0;
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next)
+    engine.fds_committed += t->fds > reserve ? t->fds : reserve;
 }
 
+static uint64_t committed(uint32_t fds) {
+  return fds > engine.fd_reserve ? fds : engine.fd_reserve;
+}
+
+/* What max_sockets allows t: each socket's proxy end and endpoints, and its control
+ * connections; unlimited without max_sockets. */
+static uint64_t tenant_cap(const struct nk_tenant *t) {
+  return t->max_sockets ? (uint64_t)t->max_sockets * (NK_MAX_EP + 1) + NK_CTL_FDS : UINT64_MAX;
+}
+
+/* The most descriptors t could hold now: its cap, and what the others' reserves leave. */
 uint64_t nk_tenant_fd_limit(const struct nk_tenant *t) {
-  uint64_t socks = t->max_sockets ? t->max_sockets : t->nslots;
-  uint64_t mine = socks * NK_SOCK_FDS + NK_CTL_FDS;
-  uint64_t half = headroom() / 2;
-  return mine < half ? mine : half;
+  uint64_t others = engine.fds_committed - committed(t->fds);
+  uint64_t free = engine.fd_headroom > others ? engine.fd_headroom - others : 0;
+  uint64_t cap = tenant_cap(t);
+  return cap < free ? cap : free;
 }
 
-/* Take n descriptors of t's budget: 0, -EMFILE (t's share is used up) or -ENFILE (the
- * engine's). */
-int nk_fds_take(struct nk_tenant *t, uint32_t n) {
-  if (t->fds + n > nk_tenant_fd_limit(t)) return -EMFILE;
+/* May t take n descriptors of its budget? 0, -EMFILE (t's share is used up: its cap, or
+ * what the other tenants' reserves leave) or -ENFILE (the engine's). */
+int nk_fds_may_take(const struct nk_tenant *t, uint32_t n) {
+  if (t->fds + (uint64_t)n > tenant_cap(t)) return -EMFILE;
   /* What the closer has yet to close is not given out again: if it falls behind, tenants
    * get ENFILE before the engine itself runs out. */
-  if (engine.fds_taken + atomic_load(&closer_pending) + n > headroom()) return -ENFILE;
+  uint64_t pending = atomic_load(&closer_pending);
+  if (engine.fds_taken + pending + n > engine.fd_headroom) return -ENFILE;
+  uint64_t after = engine.fds_committed - committed(t->fds) + committed(t->fds + n);
+  return after + pending > engine.fd_headroom ? -EMFILE : 0;
+}
+
+int nk_fds_take(struct nk_tenant *t, uint32_t n) {
+  int r = nk_fds_may_take(t, n);
+  if (r < 0) return r;
+  engine.fds_committed += committed(t->fds + n) - committed(t->fds);
   t->fds += n;
   engine.fds_taken += n;
   return 0;
 }
 
 void nk_fds_give(struct nk_tenant *t, uint32_t n) {
+  engine.fds_committed -= committed(t->fds);
   t->fds -= n;
+  engine.fds_committed += committed(t->fds);
   engine.fds_taken -= n;
 }

@@ -2,6 +2,7 @@
  * the listener's tenant (a fresh proxy pair) and delivered to the application's accept() as a
  * NEWCONN record carrying the guest end.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <linux/sockios.h>
 #include <string.h>
@@ -89,6 +90,54 @@ static bool deliver(struct nk_esock *l, struct nk_esock *es, int gfd) {
   return true;
 }
 
+void nk_sock_accept_forget(struct nk_esock *l) {
+  for (struct nk_esock **p = &l->t->refused_listeners; *p; p = &(*p)->next_refused)
+    if (*p == l) {
+      *p = l->next_refused;
+      break;
+    }
+  l->accept_refused = false;
+}
+
+/* May listener l take one more connection off its stack's queue? Linux's accept() fails with
+ * EMFILE at the descriptor limit and leaves the connection queued: the same here. When the
+ * tenant may not open another socket, the connections stay in the stack's accept queue, the
+ * slot's accept_err says why and a READY record makes the listener readable, so that accept()
+ * reports it. GuestLib rings the doorbell when it does, and freeing any of the tenant's
+ * sockets looks again (nk_sock_accept_retry). */
+bool nk_sock_may_accept(struct nk_esock *l) {
+  struct nk_slot *s = slot_of(l);
+  int r = nk_tenant_admissible(l->t);
+  if (r == 0) {
+    if (l->accept_refused) {
+      nk_sock_accept_forget(l);
+      atomic_store(&s->accept_err, 0);
+      listen_watch(l, true);
+    }
+    return true;
+  }
+  if (!l->accept_refused) {
+    l->accept_refused = true;
+    l->next_refused = l->t->refused_listeners;
+    l->t->refused_listeners = l;
+    listen_watch(l, false); /* the queue stays in the stack, as Linux's stays in the kernel */
+    NK_EVENT("accept_refused", "tenant=%s port=%u errno=%s sockets=%u", l->t->name,
+             ntohs(l->bind_addr.port), strerrorname_np(-r), l->t->nsocks);
+  }
+  atomic_store(&s->accept_err, -r);
+  int q = 0;
+  char rec = NK_MSG_READY;
+  /* One record at a time: the next once accept() has taken this one. */
+  if (l->proxy >= 0 && ioctl(l->proxy, SIOCOUTQ, &q) == 0 && q == 0)
+    send(l->proxy, &rec, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+  return false;
+}
+
+/* A socket of t went: its listeners refused for a limit may take connections again. */
+void nk_sock_accept_retry(struct nk_tenant *t) {
+  for (struct nk_esock *l = t->refused_listeners; l; l = l->next_refused) nk_sock_activate(l);
+}
+
 /* A new connection's engine side in listener l's tenant, as accept() makes it: a fresh proxy
  * pair (the guest end, to deliver, in *gfd), the listener's options inherited as in Linux.
  * NULL with nothing left open when the tenant is at its limits. */
@@ -106,8 +155,7 @@ static struct nk_esock *accepted_end(struct nk_esock *l, int *gfd) {
     return NULL;
   }
   es->proxy_rights_refused = nk_fd_refuse_rights(sv[0]);
-  memcpy(es->opts, l->opts, sizeof(es->opts));
-  es->nopts = l->nopts;
+  nk_opts_share(es, l);
   es->linger = l->linger;
   es->linger0 = l->linger0;
   es->state = NK_ST_CONNECTED;

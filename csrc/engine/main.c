@@ -99,13 +99,6 @@ static bool scan_all(void) {
 #define NK_GRANULE_NS   10000000ull
 #define NK_CPU_BURST_NS 50000.0
 
-/* Tenants with max_memory have their regions checked once a second (tenant.c: trim). */
-static bool trim_due(void) {
-  for (struct nk_tenant *t = engine.tenants; t; t = t->next)
-    if (t->max_memory) return true;
-  return false;
-}
-
 static void queue_tenant(struct nk_tenant *t) {
   t->in_active = true;
   t->next_active = NULL;
@@ -332,7 +325,7 @@ int main(int argc, char **argv) {
           int64_t due = engine.next_wake_ns > now ? (int64_t)(engine.next_wake_ns - now) : 0;
           if (timeout_ns < 0 || due < timeout_ns) timeout_ns = due;
         }
-        if (trim_due()) {
+        if (nk_tenant_trim_due()) {
           int64_t due = engine.next_trim_ns > now ? (int64_t)(engine.next_trim_ns - now) : 0;
           if (timeout_ns < 0 || due < timeout_ns) timeout_ns = due;
         }
@@ -343,9 +336,11 @@ int main(int argc, char **argv) {
       nk_sock_sweep_zombies();
       engine.next_sweep_ns = nk_now_ns() + 100000000ull;
     }
-    if (trim_due() && nk_now_ns() >= engine.next_trim_ns) {
-      nk_tenant_trim_all();
-      engine.next_trim_ns = nk_now_ns() + 1000000000ull;
+    /* Regions of tenants with max_memory are checked once a second, and free slots beyond
+     * the warm ones give their pages back (tenant.c: trim, cool). */
+    if (nk_tenant_trim_due() && nk_now_ns() >= engine.next_trim_ns) {
+      bool more = nk_tenant_trim_all();
+      engine.next_trim_ns = nk_now_ns() + (more ? 100000000ull : 1000000000ull);
     }
     struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
     int n = epoll_pwait2(engine.epoll_fd, evs, 256, timeout_ns < 0 ? NULL : &ts, NULL);

@@ -224,15 +224,20 @@ static int refuse(struct nk_tenant *t, int err, const char *reason, uint64_t lim
  * for the socket limit and the tenant's share of the engine's descriptors (as for a process's
  * descriptor limit), ENFILE for the engine's own (as for the system's), ENOBUFS for memory.
  * On 0 the socket's descriptors are taken from the budget; nk_esock_free gives them back. */
-int nk_tenant_admit(struct nk_tenant *t) {
+static int admit(struct nk_tenant *t, bool take) {
   if (t->max_sockets && t->nsocks >= t->max_sockets)
     return refuse(t, EMFILE, "max_sockets", t->max_sockets, &t->refused_sockets);
   if (t->max_memory && nk_tenant_memory(t) + 2ull * t->ring_size > t->max_memory)
     return refuse(t, ENOBUFS, "max_memory", t->max_memory, &t->refused_memory);
-  if (t->nfree == 0) return refuse(t, EMFILE, "slots", t->nslots, &t->refused_sockets);
-  int r = nk_fds_take(t, NK_SOCK_FDS);
+  if (t->nfree == 0 && t->hwm >= t->nslots)
+    return refuse(t, EMFILE, "slots", t->nslots, &t->refused_sockets);
+  int r = take ? nk_fds_take(t, NK_SOCK_FDS) : nk_fds_may_take(t, NK_SOCK_FDS);
   if (r == -EMFILE)
     return refuse(t, EMFILE, "engine_fds", nk_tenant_fd_limit(t), &t->refused_sockets);
   if (r < 0) return refuse(t, ENFILE, "engine_fds_total", engine.fd_limit, &t->refused_sockets);
   return 0;
 }
+
+int nk_tenant_admit(struct nk_tenant *t) { return admit(t, true); }
+
+int nk_tenant_admissible(struct nk_tenant *t) { return admit(t, false); }

@@ -101,18 +101,29 @@ void nk_sock_hang_up(struct nk_esock *es) {
   es->guest_ino = ino;
   es->zombie = true;
   engine.nzombies++;
+  es->next_zombie = engine.zombies;
+  if (engine.zombies) engine.zombies->prev_zombie = &es->next_zombie;
+  es->prev_zombie = &engine.zombies;
+  engine.zombies = es;
+}
+
+void nk_sock_unzombie(struct nk_esock *es) {
+  if (!es->prev_zombie) return;
+  *es->prev_zombie = es->next_zombie;
+  if (es->next_zombie) es->next_zombie->prev_zombie = es->prev_zombie;
+  es->prev_zombie = NULL;
+  engine.nzombies--;
 }
 
 void nk_sock_sweep_zombies(void) {
-  for (struct nk_tenant *t = engine.tenants; t; t = t->next)
-    for (uint32_t i = 0; i < t->nslots; i++) {
-      struct nk_esock *es = t->socks[i];
-      if (!es || !es->zombie || es->closing) continue;
-      if (nk_diag_exists(es->proxy_in_tenant_ns ? t : NULL, es->guest_ino) == 0) {
-        es->closing = true;
-        nk_sock_activate(es);
-      }
+  for (struct nk_esock *es = engine.zombies, *next; es; es = next) {
+    next = es->next_zombie;
+    if (es->closing) continue;
+    if (nk_diag_exists(es->proxy_in_tenant_ns ? es->t : NULL, es->guest_ino) == 0) {
+      es->closing = true;
+      nk_sock_activate(es);
     }
+  }
 }
 
 /* Queue a READY record when there is something to read and none is outstanding.

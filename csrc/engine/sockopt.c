@@ -25,6 +25,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <netinet/udp.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 
@@ -228,17 +229,37 @@ static int scratch_socket(struct nk_esock *es) {
   return nk_in_netns(m->type->kernel_sockets ? m->netns_fd : es->t->netns_fd, es->family, es->type);
 }
 
+void nk_opts_share(struct nk_esock *to, const struct nk_esock *from) {
+  to->opts = from->opts;
+  if (to->opts) to->opts->refs++;
+}
+
+void nk_opts_drop(struct nk_esock *es) {
+  if (es->opts && --es->opts->refs == 0) free(es->opts);
+  es->opts = NULL;
+}
+
 static void remember_opt(struct nk_esock *es, int level, int name, const void *val, socklen_t len) {
-  if (len > sizeof(es->opts[0].val)) return;
-  int i;
-  for (i = 0; i < es->nopts; i++)
-    if (es->opts[i].level == level && es->opts[i].name == name) break;
-  if (i == es->nopts) {
-    if (es->nopts == NK_MAX_OPTS) return;
-    es->nopts++;
+  if (len > sizeof(es->opts->o[0].val)) return;
+  struct nk_optset *set = es->opts;
+  if (!set || set->refs > 1) { /* none yet, or shared with the listener: a copy of its own */
+    set = malloc(sizeof(*set));
+    if (!set) return;
+    if (es->opts) memcpy(set, es->opts, sizeof(*set));
+    else set->n = 0;
+    set->refs = 1;
+    nk_opts_drop(es);
+    es->opts = set;
   }
-  es->opts[i] = (struct nk_opt){.level = level, .name = name, .len = len};
-  memcpy(es->opts[i].val, val, len);
+  int i;
+  for (i = 0; i < set->n; i++)
+    if (set->o[i].level == level && set->o[i].name == name) break;
+  if (i == set->n) {
+    if (set->n == NK_MAX_OPTS) return;
+    set->n++;
+  }
+  set->o[i] = (struct nk_opt){.level = level, .name = name, .len = len};
+  memcpy(set->o[i].val, val, len);
 }
 
 static void log_refused(struct nk_esock *es, int level, int name, int err) {
@@ -322,9 +343,10 @@ int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_
   if (ask >= 0) return es->ep[ask].ops->getopt(es, ask, level, name, val, len);
   int fd = scratch_socket(es);
   if (fd < 0) return fd;
-  for (int i = 0; i < es->nopts; i++)
-    nk_setsockopt_unprivileged(fd, es->opts[i].level, es->opts[i].name, es->opts[i].val,
-                               es->opts[i].len);
+  for (int i = 0; es->opts && i < es->opts->n; i++) {
+    const struct nk_opt *o = &es->opts->o[i];
+    nk_setsockopt_unprivileged(fd, o->level, o->name, o->val, o->len);
+  }
   int r = getsockopt(fd, level, name, val, len) < 0 ? -errno : 0;
   close(fd);
   return r;

@@ -18,6 +18,10 @@
 #include "engine.h"
 
 #define NK_TRIM_BYTES (16u * 1024u)
+/* Free slots kept with their pages, for the next sockets to reuse warm; the rest are given
+ * back to the kernel by the next trim pass (within a second), at most NK_COOL_BATCH at once. */
+#define NK_WARM_SLOTS 256u
+#define NK_COOL_BATCH 1024u
 
 struct nk_nsm *nk_nsm_find(const char *name) {
   for (struct nk_nsm *n = engine.nsms; n; n = n->next)
@@ -61,6 +65,7 @@ int nk_nsm_add(const char *name, const char *netns_path, const char *type) {
   }
   n->next = engine.nsms;
   engine.nsms = n;
+  nk_fds_recount();
   NK_INFO("nsm %s (%s) added: %s", name, kind->type, netns_path);
   return 0;
 }
@@ -69,7 +74,7 @@ int nk_nsm_add(const char *name, const char *netns_path, const char *type) {
 int nk_nsm_del(struct nk_nsm *m) {
   for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
     if (t->nsm == m) return -EBUSY;
-    for (uint32_t i = 0; i < t->nslots; i++) {
+    for (uint32_t i = 0; i < t->hwm; i++) {
       struct nk_esock *es = t->socks[i];
       if (!es) continue;
       for (int k = 0; k < es->ep_count; k++)
@@ -81,6 +86,7 @@ int nk_nsm_del(struct nk_nsm *m) {
       *p = m->next;
       break;
     }
+  nk_fds_recount();
   if (m->type->fini) m->type->fini(m);
   close(m->netns_fd);
   NK_INFO("nsm %s removed", m->name);
@@ -98,7 +104,7 @@ int nk_tenant_move(struct nk_tenant *t, struct nk_nsm *to) {
   int r = nk_dns_reopen_upstream(t);
   if (r < 0) NK_INFO("tenant %s: DNS relay not moved: %s", t->name, strerror(-r));
   int listeners = 0, failed = 0;
-  for (uint32_t i = 0; i < t->nslots; i++) {
+  for (uint32_t i = 0; i < t->hwm; i++) {
     struct nk_esock *es = t->socks[i];
     if (!es || es->kind != NK_KIND_LISTENER || es->dead || es->closing) continue;
     r = nk_sock_listen_on(es, to);
@@ -116,7 +122,7 @@ int nk_tenant_move(struct nk_tenant *t, struct nk_nsm *to) {
 }
 
 int nk_tenant_move_done(struct nk_tenant *t) {
-  for (uint32_t i = 0; i < t->nslots; i++) {
+  for (uint32_t i = 0; i < t->hwm; i++) {
     struct nk_esock *es = t->socks[i];
     if (es && es->kind == NK_KIND_LISTENER && !es->dead) nk_sock_drop_listeners_off(es, t->nsm);
   }
@@ -153,19 +159,16 @@ static int region_create(struct nk_tenant *t) {
   uint64_t size = rings_off + (uint64_t)nslots * 2u * ring;
   char nm[80];
   snprintf(nm, sizeof(nm), "netkernel-%s", t->name);
-  /* Huge pages when the host has them reserved, else normal pages; both are sparse. Sealed
-   * against shrinking and growing before anyone else sees it: a tenant (or an external NSM)
-   * that could truncate it would make the engine's next access a SIGBUS. */
-  int fd = memfd_create(nm, MFD_CLOEXEC | MFD_HUGETLB | MFD_ALLOW_SEALING);
-  if (fd < 0 || ftruncate(fd, (off_t)size) < 0) {
-    if (fd >= 0) close(fd);
-    fd = memfd_create(nm, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (fd < 0) return -errno;
-    if (ftruncate(fd, (off_t)size) < 0) {
-      int e = errno;
-      close(fd);
-      return -e;
-    }
+  /* Normal pages, not huge ones: the region is sparse and commits what sockets touch, and a
+   * huge page would commit 2 MiB for the first byte of a ring. Sealed against shrinking and
+   * growing before anyone else sees it: a tenant (or an external NSM) that could truncate it
+   * would make the engine's next access a SIGBUS. */
+  int fd = memfd_create(nm, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) return -errno;
+  if (ftruncate(fd, (off_t)size) < 0) {
+    int e = errno;
+    close(fd);
+    return -e;
   }
   if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
     int e = errno;
@@ -234,8 +237,7 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
     r = -ENOMEM;
     goto fail_socks;
   }
-  for (uint32_t i = 0; i < t->nslots; i++) t->free_stack[i] = t->nslots - 1 - i;
-  t->nfree = t->nslots;
+  t->nfree = 0; /* slots come from hwm until some are freed */
   t->doorbell_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (t->doorbell_fd < 0) {
     r = -errno;
@@ -246,6 +248,7 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
   if (nk_dns_open(t) < 0) NK_INFO("tenant %s: no DNS stub (lo down?)", name);
   t->next = engine.tenants;
   engine.tenants = t;
+  nk_fds_recount();
   NK_INFO("tenant %s (id %u) on nsm %s: %s %s", name, t->id, nsm->name, v4, v6);
   if (nsm->type->tenant_on) nsm->type->tenant_on(nsm, t);
   *out = t;
@@ -263,10 +266,9 @@ fail_free:
 }
 
 int nk_tenant_del(struct nk_tenant *t) {
-  for (uint32_t i = 0; i < t->nslots; i++)
+  for (uint32_t i = 0; i < t->hwm; i++)
     if (t->socks[i]) nk_esock_free(t->socks[i]);
-  engine.fds_taken -= t->fds; /* its control connections are closed by the caller */
-  t->fds = 0;
+  nk_fds_give(t, t->fds); /* its control connections are closed by the caller */
   for (struct nk_nsm *m = engine.nsms; m; m = m->next)
     if (m->type->tenant_gone) m->type->tenant_gone(m, t);
   nk_dns_close(t);
@@ -283,6 +285,7 @@ int nk_tenant_del(struct nk_tenant *t) {
       *p = t->next;
       break;
     }
+  nk_fds_recount();
   /* Processes of the tenant may still map the region; the memfd lives until they unmap. */
   munmap(t->base, t->size);
   close(t->memfd);
@@ -308,7 +311,14 @@ struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int 
     errno = ENOBUFS;
     return NULL;
   }
-  uint32_t i = t->free_stack[--t->nfree];
+  uint32_t i;
+  if (t->nfree) {
+    i = t->free_stack[--t->nfree];
+    if (t->cold > t->nfree) t->cold = t->nfree;
+  } else {
+    i = t->hwm++; /* nk_tenant_admit checked there is one */
+    atomic_store_explicit(&t->rg->slots_hwm, t->hwm, memory_order_release);
+  }
   struct nk_slot *s = &t->slots[i];
   es->t = t;
   es->slot = i;
@@ -347,14 +357,16 @@ struct nk_esock *nk_esock_get(struct nk_tenant *t, uint32_t slot, uint32_t gen) 
 void nk_esock_free(struct nk_esock *es) {
   struct nk_tenant *t = es->t;
   nk_shm_listener_del(es);
+  if (es->accept_refused) nk_sock_accept_forget(es);
   nk_ep_close_all(es, true); /* freed while connected (tenant deleted): the peer is reset */
   if (es->ep_held) /* the stacks still holding closed endpoints must not name it any more */
     for (struct nk_nsm *m = engine.nsms; m; m = m->next)
       if (m->type->forget) m->type->forget(m, es);
-  if (es->zombie) engine.nzombies--;
+  nk_sock_unzombie(es);
   if (es->pending_fd >= 0) close(es->pending_fd);
+  nk_opts_drop(es);
   nk_sock_close_proxy(es);
-  nk_fds_give(t, NK_SOCK_FDS);
+  nk_fds_give(t, NK_SOCK_FDS + es->ep_fds);
   /* Unlink from the active and throttled lists. */
   struct nk_esock *prev = NULL;
   for (struct nk_esock *x = t->active_head; x; prev = x, x = x->next_active)
@@ -380,6 +392,7 @@ void nk_esock_free(struct nk_esock *es) {
   t->socks[es->slot] = NULL;
   t->free_stack[t->nfree++] = es->slot;
   t->nsocks--;
+  if (t->refused_listeners) nk_sock_accept_retry(t);
   /* Events for this socket may still sit in the current epoll batch: free it afterwards. */
   es->freed = true;
   es->active = true; /* never queue it again */
@@ -414,24 +427,53 @@ uint64_t nk_tenant_region_bytes(const struct nk_tenant *t) {
  * may, the free slots' ring pages are given back (what the tenant wrote there is lost: it was
  * never a socket's). Checked once a second, only for tenants with max_memory. */
 static void trim(struct nk_tenant *t) {
-  uint64_t allowed = (uint64_t)(t->rings - t->base) + nk_tenant_memory(t);
+  /* The header and the slots used so far, page-aligned; then the rings. */
+  uint64_t slots_end = (uint64_t)((uint8_t *)t->slots - t->base) +
+                       (((uint64_t)t->hwm * sizeof(struct nk_slot) + 4095) & ~4095ull);
+  uint64_t allowed = slots_end + nk_tenant_memory(t);
   if (allowed < t->max_memory) allowed = t->max_memory;
   uint64_t held = nk_tenant_region_bytes(t);
   if (held <= allowed) return;
   uint64_t ring2 = 2ull * t->ring_size, base = (uint64_t)(t->rings - t->base);
-  for (uint32_t i = 0; i < t->nslots; i++)
-    if (!t->socks[i])
-      fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(base + i * ring2),
-                (off_t)ring2);
+  for (uint32_t j = 0; j < t->nfree; j++)
+    fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+              (off_t)(base + t->free_stack[j] * ring2), (off_t)ring2);
+  /* Slots never used, and their rings: one range each. */
+  fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)slots_end,
+            (off_t)(base - slots_end));
+  fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(base + t->hwm * ring2),
+            (off_t)(t->size - base - t->hwm * ring2));
   uint64_t after = nk_tenant_region_bytes(t);
   t->region_trimmed += held > after ? held - after : 0;
   NK_EVENT("region_trimmed", "tenant=%s held=%llu allowed=%llu after=%llu", t->name,
            (unsigned long long)held, (unsigned long long)allowed, (unsigned long long)after);
 }
 
-void nk_tenant_trim_all(void) {
+/* Free slots beyond the warm ones at the top of the stack: their pages go back. */
+static bool cool(struct nk_tenant *t) {
+  if (t->nfree <= t->cold + NK_WARM_SLOTS) return false;
+  uint32_t end = t->nfree - NK_WARM_SLOTS, n = 0;
+  uint64_t ring2 = 2ull * t->ring_size, base = (uint64_t)(t->rings - t->base);
+  for (; t->cold < end && n < NK_COOL_BATCH; t->cold++, n++)
+    fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+              (off_t)(base + t->free_stack[t->cold] * ring2), (off_t)ring2);
+  return t->cold < end;
+}
+
+bool nk_tenant_trim_due(void) {
   for (struct nk_tenant *t = engine.tenants; t; t = t->next)
-    if (t->max_memory && !t->dead) trim(t);
+    if (t->max_memory || t->nfree > t->cold + NK_WARM_SLOTS) return true;
+  return false;
+}
+
+bool nk_tenant_trim_all(void) {
+  bool more = false;
+  for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
+    if (t->dead) continue;
+    more |= cool(t);
+    if (t->max_memory) trim(t);
+  }
+  return more;
 }
 
 /* Collects the doorbell bits guests set; returns true if any socket was activated.
@@ -442,20 +484,26 @@ void nk_tenant_trim_all(void) {
 bool nk_tenant_scan_doorbells(struct nk_tenant *t) {
   struct nk_region *rg = t->rg;
   if (!atomic_load_explicit(&rg->doorbell_summary, memory_order_relaxed)) return false;
-  atomic_exchange(&rg->doorbell_summary, 0);
   bool any = false;
-  for (uint32_t w = 0; w < t->words; w++) {
-    uint64_t bits = atomic_load_explicit(&rg->doorbell[w], memory_order_relaxed);
-    if (!bits) continue;
-    bits = atomic_exchange(&rg->doorbell[w], 0);
-    while (bits) {
-      uint32_t b = (uint32_t)__builtin_ctzll(bits);
-      bits &= bits - 1;
-      uint32_t slot = w * 64 + b;
-      /* Bits for slots that are not allocated are tenant garbage: ignore them. */
-      if (slot < t->nslots && t->socks[slot]) {
-        nk_sock_activate(t->socks[slot]);
-        any = true;
+  uint64_t summary = atomic_exchange(&rg->doorbell_summary, 0);
+  while (summary) {
+    uint32_t first = (uint32_t)__builtin_ctzll(summary);
+    summary &= summary - 1;
+    /* Only the words this summary bit stands for (in a region with a few hundred thousand
+     * slots, ~30 words; with up to 4,096 slots, one). */
+    for (uint32_t w = first; w < t->words && w < (t->hwm + 63) / 64; w += 64) {
+      uint64_t bits = atomic_load_explicit(&rg->doorbell[w], memory_order_relaxed);
+      if (!bits) continue;
+      bits = atomic_exchange(&rg->doorbell[w], 0);
+      while (bits) {
+        uint32_t b = (uint32_t)__builtin_ctzll(bits);
+        bits &= bits - 1;
+        uint32_t slot = w * 64 + b;
+        /* Bits for slots that are not allocated are tenant garbage: ignore them. */
+        if (slot < t->hwm && t->socks[slot]) {
+          nk_sock_activate(t->socks[slot]);
+          any = true;
+        }
       }
     }
   }

@@ -26,7 +26,10 @@ __attribute__((constructor(101))) static void fdmap_init(void) {
 }
 
 static int lookup_inode(uint64_t ino) {
-  for (uint32_t i = 0; i < nk_g.nslots; i++)
+  /* Only the slots ever used: reading the rest would fault their pages in. */
+  uint32_t hwm = atomic_load_explicit(&nk_g.region->slots_hwm, memory_order_acquire);
+  if (hwm > nk_g.nslots) hwm = nk_g.nslots;
+  for (uint32_t i = 0; i < hwm; i++)
     if (nk_g.slots[i].inode == ino && nk_g.slots[i].kind != NK_KIND_FREE) return (int)i;
   return -1;
 }

@@ -286,6 +286,16 @@ int nk_accept4(int fd, int slot, struct sockaddr *sa, socklen_t *len, int flags)
     if (n == 0) return -ECONNABORTED; /* engine end gone */
     int nfd;
     nk_take_fds(&mh, &nfd, 1, nk_libc_close);
+    if (n == 1 && nfd < 0 && *(char *)&nc == NK_MSG_READY) {
+      /* The tenant is at a limit and connections wait in the stack: Linux's accept() reports
+       * EMFILE then. The doorbell has the engine look again. */
+      int err = atomic_load(&s->accept_err);
+      if (err > 0 && err < 4096) {
+        kick(slot);
+        return -err;
+      }
+      continue;
+    }
     if (n != sizeof(nc) || nc.type != NK_MSG_NEWCONN || nc.slot >= nk_g.nslots) {
       if (nfd >= 0) nk_libc.close(nfd);
       continue;

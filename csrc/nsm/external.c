@@ -660,13 +660,13 @@ static void ext_up(struct nk_ext *x, int cfd) {
   for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
     if (t->dead) continue;
     bool on = t->nsm == x->m;
-    for (uint32_t i = 0; i < t->nslots && !on; i++) {
+    for (uint32_t i = 0; i < t->hwm && !on; i++) {
       struct nk_esock *es = t->socks[i];
       for (int k = 0; es && k < es->ep_count; k++) on |= es->ep[k].nsm == x->m;
     }
     if (!on) continue;
     ext_tenant_on(x->m, t);
-    for (uint32_t i = 0; i < t->nslots; i++) {
+    for (uint32_t i = 0; i < t->hwm; i++) {
       struct nk_esock *es = t->socks[i];
       if (!es || es->kind != NK_KIND_LISTENER) continue;
       for (int k = 0; k < es->ep_count; k++)

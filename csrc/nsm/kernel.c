@@ -93,7 +93,7 @@ static int kernel_listen(struct nk_esock *es, int k, int backlog) {
 
 static void kernel_accept(struct nk_esock *l, int k, int *budget) {
   struct nk_endpoint *le = &l->ep[k];
-  while (!nk_sock_accept_queue_full(l)) {
+  while (!nk_sock_accept_queue_full(l) && nk_sock_may_accept(l)) {
     if (*budget == 0) { /* the rest in a later round */
       nk_sock_activate(l);
       *budget = -1;

@@ -39,10 +39,13 @@
 #define NK_ABI_VERSION  1
 #define NK_CACHELINE    64
 
-#define NK_DEFAULT_RING_SIZE      (1024u * 1024u) /* bytes per direction per socket */
-#define NK_DEFAULT_SLOTS          1024u           /* sockets per tenant region */
+#define NK_DEFAULT_RING_SIZE (1024u * 1024u) /* bytes per direction per socket */
+/* Sockets per tenant region. The slot array and the rings are reserved for all of them but
+ * committed only where used (the memfd is sparse): the table costs address space, not memory,
+ * and the tenant's policy (max_sockets, max_memory) is what bounds it. */
+#define NK_DEFAULT_SLOTS          131072u
 #define NK_DOORBELL_WORDS(nslots) (((nslots) + 63u) / 64u)
-#define NK_MAX_SLOTS              65536u
+#define NK_MAX_SLOTS              (1u << 20)
 
 /* Socket kinds stored in nk_slot.kind. */
 #define NK_KIND_FREE     0
@@ -109,7 +112,10 @@ struct nk_slot {
   NK_ATOMIC(uint32_t) tx_closed;  /* sending no longer possible: errno (EPIPE...) */
   NK_ATOMIC(uint32_t) rx_stalled; /* engine stopped reading the NSM: kick it when draining */
   NK_ATOMIC(uint32_t) ready_sent; /* ready records sent by the engine (counter) */
-  uint32_t reserved2[10];
+  /* A listener whose tenant may not open one more socket: the errno accept() reports (EMFILE
+   * or ENOBUFS) while its connections wait in the stack, 0 otherwise. */
+  NK_ATOMIC(int32_t) accept_err;
+  uint32_t reserved2[9];
   /* line 7: guest side */
   NK_ATOMIC(uint32_t) rx_ack; /* ready records consumed by the guest (counter) */
   NK_ATOMIC(uint32_t) kick;   /* set with the doorbell bit (which is what the engine acts on) */
@@ -141,6 +147,7 @@ NK_PIN_OFFSET(nk_slot, so_error, 6 * NK_CACHELINE + 8);
 NK_PIN_OFFSET(nk_slot, tx_closed, 6 * NK_CACHELINE + 12);
 NK_PIN_OFFSET(nk_slot, rx_stalled, 6 * NK_CACHELINE + 16);
 NK_PIN_OFFSET(nk_slot, ready_sent, 6 * NK_CACHELINE + 20);
+NK_PIN_OFFSET(nk_slot, accept_err, 6 * NK_CACHELINE + 24);
 NK_PIN_OFFSET(nk_slot, rx_ack, 7 * NK_CACHELINE);
 NK_PIN_OFFSET(nk_slot, kick, 7 * NK_CACHELINE + 4);
 NK_PIN_OFFSET(nk_slot, tx_lock, 7 * NK_CACHELINE + 8);
@@ -164,12 +171,16 @@ struct nk_region {
   uint64_t slots_off;
   uint64_t rings_off;
   uint32_t tenant_id;
-  uint32_t reserved0[5];
+  /* Slots at and above this were never handed out (engine-written, only grows): a guest
+   * looking for a slot scans below it instead of faulting in the whole slot array. */
+  NK_ATOMIC(uint32_t) slots_hwm;
+  uint32_t reserved0[4];
   /* line 1: the engine says whether it sleeps; guests ring the eventfd only then (the first
    * to see it set clears it, so one write wakes it) */
   NK_ATOMIC(uint32_t) engine_sleeping;
   uint32_t reserved1[15];
-  /* line 2: summary word, then the per-slot doorbell bits (guest sets, engine clears) */
+  /* line 2: summary word, then the per-slot doorbell bits (guest sets, engine clears). Summary
+   * bit b stands for the words w with w % 64 == b, so the engine reads only those. */
   NK_ATOMIC(uint64_t) doorbell_summary;
   uint64_t reserved2[7];
   NK_ATOMIC(uint64_t) doorbell[]; /* NK_DOORBELL_WORDS(nslots) words */
@@ -183,6 +194,7 @@ NK_PIN_OFFSET(nk_region, size, 16);
 NK_PIN_OFFSET(nk_region, slots_off, 24);
 NK_PIN_OFFSET(nk_region, rings_off, 32);
 NK_PIN_OFFSET(nk_region, tenant_id, 40);
+NK_PIN_OFFSET(nk_region, slots_hwm, 44);
 NK_PIN_OFFSET(nk_region, engine_sleeping, NK_CACHELINE);
 NK_PIN_OFFSET(nk_region, doorbell_summary, 2 * NK_CACHELINE);
 NK_PIN_OFFSET(nk_region, doorbell, 3 * NK_CACHELINE);
@@ -203,7 +215,9 @@ NK_PIN_OFFSET(nk_dgram, addr, 8);
 /* ---- Messages on the proxy fd (AF_UNIX SOCK_SEQPACKET, guest end <-> engine end) ---- */
 
 /* engine -> guest: "this socket has something to read" (1 byte), or a new connection on a
- * listener (struct nk_newconn with the new proxy fd attached as SCM_RIGHTS). */
+ * listener (struct nk_newconn with the new proxy fd attached as SCM_RIGHTS). On a listener a
+ * READY record means "look at accept_err": accept() reports it, and rings the doorbell so
+ * that the engine looks again once it is consumed. */
 #define NK_MSG_READY   'R'
 #define NK_MSG_NEWCONN 'N'
 struct nk_newconn {
