@@ -420,6 +420,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     nsms = ", ".join(n["name"] for n in status.get("nsms", []))
     extra = f", API {cfg.api_socket}" if cfg.api_socket != config.DAEMON_SOCKET else ""
     print(f"netkernel: up (daemon pid {proc.pid}, NSMs: {nsms}{extra}; log: {LOG_FILE})")
+    if status.get("connections"):
+        print(f"connections: {status['connections']['summary']}")
     return 0
 
 
@@ -507,6 +509,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     if status.get("metrics"):
         print(f"metrics: {status['metrics']}")
+    if status.get("connections"):
+        print(f"connections: {status['connections']['summary']}")
     sb = status.get("sandbox")
     if sb:
         held = ", ".join(f"{c} ({v})" for c, v in sb["cgroups"].items()) or "none"

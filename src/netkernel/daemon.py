@@ -83,6 +83,7 @@ class Daemon:
         self.nsms: dict[str, NSM] = {}  # in creation order: the first is the default
         self.tenants: dict[str, Tenant] = {}
         self.engine: subprocess.Popen[bytes] | None = None
+        self.fd_limit: supervise.FdLimit | None = None  # set as the engine starts
         self.engine_client = EngineClient(ADMIN_SOCKET)
         self.dns: DNSServer | None = None
         self.api: ApiServer | None = None

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import netns
@@ -137,8 +140,62 @@ def register_nsm(d: Daemon, nsm: NSM) -> None:
             ) from None
 
 
+# The engine holds two descriptors per connection (its end of the proxy fd, the NSM's socket)
+# and keeps some for itself (engine.h: its listeners, epoll, per tenant and per NSM).
+ENGINE_FDS_PER_CONNECTION = 2
+ENGINE_OWN_FDS = 256
+
+
+@dataclass(frozen=True)
+class FdLimit:
+    """The descriptor limit the engine runs with, and what it means for connections."""
+
+    limit: int
+    wanted: int  # what the daemon asked for (fs.nr_open)
+    raised: bool  # the hard limit could be raised to it
+
+    @property
+    def connections(self) -> int:
+        return max(0, (self.limit - ENGINE_OWN_FDS) // ENGINE_FDS_PER_CONNECTION)
+
+    def describe(self) -> str:
+        text = f"about {self.connections:,} connections (engine descriptor limit {self.limit:,})"
+        if not self.raised:
+            text += (
+                f"; the host's hard limit could not be raised to {self.wanted:,} "
+                "(needs CAP_SYS_RESOURCE: run under systemd with LimitNOFILE=, or raise "
+                "`ulimit -Hn` before `netkernel up`)"
+            )
+        return text
+
+
+def raise_fd_limit() -> FdLimit:
+    """Raise RLIMIT_NOFILE of the daemon, and so of the engine it starts, to fs.nr_open where
+    the host allows it, else the soft limit to the hard one."""
+    try:
+        wanted = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        wanted = 1 << 20
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = hard == resource.RLIM_INFINITY or hard >= wanted
+    if not raised:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            raised = True
+        except (OSError, ValueError):
+            pass
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    limit = wanted if soft == resource.RLIM_INFINITY else soft
+    return FdLimit(limit=limit, wanted=wanted, raised=raised)
+
+
 def start_engine(d: Daemon) -> None:
     binary = engine_binary()
+    d.fd_limit = raise_fd_limit()
+    log.info("host limits allow %s", d.fd_limit.describe())
     for path in (ENGINE_SOCKET, ADMIN_SOCKET):
         path.unlink(missing_ok=True)
     cmd = [str(binary), "--control", str(ENGINE_SOCKET), "--admin", str(ADMIN_SOCKET)]

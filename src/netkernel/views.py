@@ -140,6 +140,15 @@ def status(d: Daemon) -> dict[str, Any]:
         "api_socket": str(d.config.api_socket),
         "metrics": f"http://{d.metrics.address}/metrics" if d.metrics else None,
         "abi_version": abi_version(),
+        # What the host's descriptor limits allow the engine (supervise.raise_fd_limit).
+        "connections": {
+            "fd_limit": d.fd_limit.limit,
+            "max": d.fd_limit.connections,
+            "limit_raised": d.fd_limit.raised,
+            "summary": d.fd_limit.describe(),
+        }
+        if d.fd_limit
+        else None,
         # How tenants are held (threat-model.md): controllers their cgroups have, and
         # the ones this host lacks (their limits are then not enforced).
         "sandbox": {

@@ -24,7 +24,7 @@ import pytest
 from conftest import NETKERNEL, TENANT_PY, Daemon, nk, requires_root, wait_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from netkernel import cli, dns
+from netkernel import cli, config, dns
 from netkernel.config import LOG_FILE as LOG
 from netkernel.config import Config
 from netkernel.engine import EngineClient, parse_conns, parse_stats
@@ -395,7 +395,7 @@ def test_ps_json_shape(nk_daemon: Daemon, tenant) -> None:  # type: ignore[no-un
             "rate_tx": 0,
             "rate_rx": 0,
             "weight": 1,
-            "max_sockets": 1024,
+            "max_sockets": config.ENGINE_SLOTS,
             "max_memory": 0,
             "shm": True,
             "max_process_memory": 4 << 30,
@@ -564,7 +564,7 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
         proc = nk("tenant", "set", "t-op", "--weight", "5", "--max-sockets", "5000", check=True)
         assert proc.stdout.strip() == (
             "tenant t-op: rate_tx=100Mbit rate_rx=100Mbit weight=5 "
-            "max_sockets=1024 max_memory=unlimited shm=on "
+            "max_sockets=5000 max_memory=unlimited shm=on "
             "max_process_memory=4GiB max_processes=4096"
         )
 

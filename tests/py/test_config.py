@@ -129,7 +129,7 @@ BAD = [
     ),
     ('[defaults]\nrate_tx = "20 0Mbit"\n', 2, "defaults.rate_tx", ["not a rate", "200Mbit"]),
     ("[defaults]\nweight = 0\n", 2, "defaults.weight", ["1 to 1000"]),
-    ("[defaults]\nmax_sockets = 70000\n", 2, "defaults.max_sockets", ["0 to 65536"]),
+    ("[defaults]\nmax_sockets = 2000000\n", 2, "defaults.max_sockets", ["0 to 1048576"]),
     ('[defaults]\nmax_memory = "lots"\n', 2, "defaults.max_memory", ["not a size", "512MiB"]),
     ("[defaults]\nburst = 3\n", 2, "defaults.burst", ["unknown key", "rate_tx"]),
     ('[[nsm]]\nname = "k"\nbandwidth = "fast"\n', 3, "nsm[0].bandwidth", ["not a rate"]),
@@ -238,7 +238,8 @@ def test_policy_changes_and_caps() -> None:
         f"rate_tx=200000000 rate_rx=0 weight=3 max_sockets={config.ENGINE_SLOTS} max_memory=536870912 shm=1"
     )
     # More sockets than the engine's slots could never open: capped there.
-    assert policy_with(Policy(), {"max_sockets": 5000}).max_sockets == config.ENGINE_SLOTS
+    assert policy_with(Policy(), {"max_sockets": 5000}).max_sockets == 5000
+    assert policy_with(Policy(), {"max_sockets": 200_000}).max_sockets == config.ENGINE_SLOTS
     # 0: no limit but the slots, as 0 means unlimited for rates and memory.
     assert policy_with(Policy(), {"max_sockets": 0}).max_sockets == 0
     with pytest.raises(ValueError, match=r"^weight: 1001 is not a valid weight; use a whole number from 1 "):
