@@ -116,7 +116,8 @@ bool nk_sock_may_accept(struct nk_esock *l) {
     }
     return true;
   }
-  if (!l->accept_refused) {
+  bool first = !l->accept_refused;
+  if (first) {
     l->accept_refused = true;
     l->next_refused = l->t->refused_listeners;
     l->t->refused_listeners = l;
@@ -127,8 +128,10 @@ bool nk_sock_may_accept(struct nk_esock *l) {
   atomic_store(&s->accept_err, -r);
   int q = 0;
   char rec = NK_MSG_READY;
-  /* One record at a time: the next once accept() has taken this one. */
-  if (l->proxy >= 0 && ioctl(l->proxy, SIOCOUTQ, &q) == 0 && q == 0)
+  /* One record at a time: the next once accept() has taken this one (it rings the doorbell,
+   * which brings the engine back here). The first goes even behind connections not yet taken:
+   * once the guest has taken them its accept() must not wait for a record never sent. */
+  if (l->proxy >= 0 && (first || (ioctl(l->proxy, SIOCOUTQ, &q) == 0 && q == 0)))
     send(l->proxy, &rec, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
   return false;
 }
