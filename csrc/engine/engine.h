@@ -542,8 +542,6 @@ void nk_admin_event(struct nk_handle *h, uint32_t ev);
 /* diag.c */
 uint64_t nk_diag_peer_of_fd(struct nk_tenant *t, int fd);
 int nk_diag_exists(struct nk_tenant *t, uint64_t ino);
-void nk_sock_sweep_zombies(void);
-void nk_sock_unzombie(struct nk_esock *es); /* off engine.zombies */
 
 /* dns.c */
 int nk_dns_open(struct nk_tenant *t);

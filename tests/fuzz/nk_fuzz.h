@@ -260,13 +260,18 @@ static inline void nk_fuzz_sleep_cycle(void) {
 /* ---- engine invariants (engine-private state only: the tenant may write the region) ---- */
 
 static void nk_fuzz_check_tenant(struct nk_tenant *t) {
-  NK_FUZZ_CHECK(t->nsocks + t->nfree == t->nslots, "tenant %s: %u sockets + %u free != %u slots",
-                t->name, t->nsocks, t->nfree, t->nslots);
+  /* Slots below the high-water mark are in use or on the free stack; none above is. */
+  NK_FUZZ_CHECK(t->hwm <= t->nslots && t->nsocks + t->nfree == t->hwm && t->cold <= t->nfree,
+                "tenant %s: %u sockets + %u free (%u cold) != %u used slots of %u", t->name,
+                t->nsocks, t->nfree, t->cold, t->hwm, t->nslots);
   uint32_t n = 0;
+  uint64_t sock_fds = 0;
   for (uint32_t i = 0; i < t->nslots; i++) {
     struct nk_esock *es = t->socks[i];
     if (!es) continue;
+    NK_FUZZ_CHECK(i < t->hwm, "slot %u in use above the high-water mark %u", i, t->hwm);
     n++;
+    sock_fds += NK_SOCK_FDS + es->ep_fds;
     NK_FUZZ_CHECK(es->slot == i && es->t == t && !es->freed, "slot %u: socket %p is not its own", i,
                   (void *)es);
     NK_FUZZ_CHECK(es->ep_count >= 0 && es->ep_count <= NK_MAX_EP, "slot %u: %d endpoints", i,
@@ -283,9 +288,9 @@ static void nk_fuzz_check_tenant(struct nk_tenant *t) {
     last = es;
   }
   NK_FUZZ_CHECK(last == t->active_tail, "tenant %s: active tail is not the list's last", t->name);
-  NK_FUZZ_CHECK(t->fds >= t->nsocks * NK_SOCK_FDS && t->fds <= t->nsocks * NK_SOCK_FDS + t->ctls,
-                "tenant %s: %u descriptors taken for %u sockets and %u control connections",
-                t->name, t->fds, t->nsocks, t->ctls);
+  NK_FUZZ_CHECK(t->fds >= sock_fds && t->fds <= sock_fds + t->ctls,
+                "tenant %s: %u descriptors taken for %u sockets (%llu) and %u control connections",
+                t->name, t->fds, t->nsocks, (unsigned long long)sock_fds, t->ctls);
 }
 
 static void nk_fuzz_check_engine(void) {
@@ -300,6 +305,12 @@ static void nk_fuzz_check_engine(void) {
                 (unsigned long long)engine.fds_taken, (unsigned long long)fds);
   NK_FUZZ_CHECK(zombies == engine.nzombies, "engine: nzombies %u, zombie sockets %u",
                 engine.nzombies, zombies);
+  uint32_t listed = 0;
+  for (struct nk_esock **p = &engine.zombies; *p; p = &(*p)->next_zombie) {
+    NK_FUZZ_CHECK(++listed <= zombies && (*p)->zombie && !(*p)->freed && (*p)->prev_zombie == p,
+                  "zombie list broken at its entry %u", listed);
+  }
+  NK_FUZZ_CHECK(listed == zombies, "engine: %u zombies listed of %u", listed, zombies);
   uint32_t throttled = 0;
   for (struct nk_esock *es = engine.throttled; es; es = es->next_throttled)
     NK_FUZZ_CHECK(++throttled <= 1u << 20 && es->throttled && !es->freed, "throttled list broken");
