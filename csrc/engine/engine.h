@@ -173,8 +173,9 @@ struct nk_tenant {
   uint32_t nsocks;
   uint32_t *free_stack; /* freed slots, most recently freed on top: reuse warm ring pages */
   uint32_t nfree;
-  uint32_t cold; /* free_stack[0, cold) have had their ring pages given back */
-  uint32_t hwm;  /* slots from here up were never used (and nothing in the region is committed
+  uint32_t cold;      /* free_stack[0, cold) have had their ring pages given back */
+  uint32_t trim_next; /* where trim() goes on in free_stack: it punches a batch per pass */
+  uint32_t hwm;       /* slots from here up were never used (and nothing in the region is committed
                  * for them): loops over sockets stop here */
   uint64_t tx_bytes, rx_bytes;
   /* Operator policy (tenant-set). Rates in bytes/s, 0 = unlimited; limits 0 = none. */

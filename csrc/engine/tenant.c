@@ -435,14 +435,21 @@ static void trim(struct nk_tenant *t) {
   uint64_t held = nk_tenant_region_bytes(t);
   if (held <= allowed) return;
   uint64_t ring2 = 2ull * t->ring_size, base = (uint64_t)(t->rings - t->base);
-  for (uint32_t j = 0; j < t->nfree; j++)
-    fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-              (off_t)(base + t->free_stack[j] * ring2), (off_t)ring2);
   /* Slots never used, and their rings: one range each. */
   fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)slots_end,
             (off_t)(base - slots_end));
   fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(base + t->hwm * ring2),
             (off_t)(t->size - base - t->hwm * ring2));
+  /* Then the free slots' rings, cold ones too (the tenant may have written there again): a
+   * batch per pass, going round the stack from where the last pass stopped. A tenant that
+   * keeps writing into free rings costs the engine at most a batch of punches a second, not
+   * one per free slot (which could be 100,000). */
+  uint32_t n = t->nfree < NK_COOL_BATCH ? t->nfree : NK_COOL_BATCH;
+  for (uint32_t k = 0; k < n; k++, t->trim_next++) {
+    if (t->trim_next >= t->nfree) t->trim_next = 0;
+    fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+              (off_t)(base + t->free_stack[t->trim_next] * ring2), (off_t)ring2);
+  }
   uint64_t after = nk_tenant_region_bytes(t);
   t->region_trimmed += held > after ? held - after : 0;
   NK_EVENT("region_trimmed", "tenant=%s held=%llu allowed=%llu after=%llu", t->name,
