@@ -385,6 +385,11 @@ def test_floors() -> None:
         "colo_iperf3_gbps": (">=", 1.5, "ratio"),
         "colo_tcp_rr_p50_us": ("<=", 0.8, "ratio"),
         "colo_nginx_keepalive_rps": (">=", 1.0, "ratio"),
+        # Connections at scale (issue 16): as many held as natively, NetKernel's own memory
+        # per idle connection and the CPU with them idle.
+        "held_connections": (">=", 1.0, "ratio"),
+        "held_memory_kib": ("<=", 32.0, "netkernel"),
+        "held_idle_cpu_percent": ("<", 0.5, "netkernel"),
     }
 
 
@@ -621,7 +626,7 @@ def test_write_outputs(tmp_path: Path) -> None:
 def test_programs_ship_in_the_package() -> None:
     """The programs the workloads run (and the policy tests share) are files of the package,
     in the wheel too: every file under src/netkernel is."""
-    for name in ("idle.py", "flood.py", "sink.py"):
+    for name in ("idle.py", "flood.py", "sink.py", "hold_server.py", "hold_client.py"):
         compile(bench.program(name), name, "exec")
     assert "listen {listen};" in bench.program("nginx.conf")
 
@@ -677,6 +682,12 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
     assert names == [m for m in bench.METRIC_NAMES if m != bench.IDLE], where
     configs = {m.name: m.configs or bench.CONFIG_NAMES for m in bench.METRICS}
     for r in rep["results"]:
+        if r["metric"] == "held_idle_cpu_percent":  # NetKernel's alone, and may be 0.00 %
+            assert r["native"] is None and r["netkernel"] >= 0 and len(r["netkernel_samples"]) == 1, (
+                r,
+                where,
+            )
+            continue
         for key in ("native", "netkernel", "ratio"):
             assert isinstance(r[key], float) and r[key] > 0, (r, where)
         assert len(r["native_samples"]) == len(r["netkernel_samples"]) == 1, r
@@ -697,6 +708,10 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
         if r["metric"].startswith("colo_"):
             # Tenant to tenant on one host: the bytes went over shared memory, not an NSM.
             assert r["netkernel_nsm_bytes"] < 1 << 20, r
+        if r["metric"] == "held_connections":
+            # Every connection opened, answered twice and closed on both sides (quick: 2,000).
+            assert r["native"] == r["netkernel"] == 2000, r
+            assert r["netkernel_region_kib_per_conn"][0] > 0, r
         if r["metric"].endswith("crr_rps"):
             assert r["native_connection_errors"] == r["netkernel_connection_errors"] == 0, r
     for r in rep["results"]:
@@ -710,7 +725,7 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
     # One progress line per measurement on stderr (a failed user-mode run's too): each workload
     # once in each of its configurations.
     runs = sum(len(configs[n]) for n in names)
-    assert runs == 12 * 6 + 9 * 2
+    assert runs == 12 * 6 + 12 * 2 + 1
     assert proc.stderr.count("run 1/1:") == runs, where
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text())["entries"] == rep["entries"]

@@ -3,7 +3,8 @@ in peer namespaces, as a web server or a cache with many clients does.
 
 This machine's hard descriptor limit (20,000 per process, and root lacks CAP_SYS_RESOURCE to
 raise it) bounds one engine process near 10,000 connections (two descriptors each), so the
-test holds 9,000 (HELD). The figures beside native are `netkernel bench --workloads held`.
+test holds 9,000 (HELD). The figures beside native are the bench's held_* metrics
+(`netkernel bench --only held_connections,held_open_seconds,held_memory_kib,held_idle_cpu_percent`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "apps"))
 from apputil import PY, log_tail, stop  # noqa: E402
 from conftest import nk  # noqa: E402
 
-PROGS = Path(__file__).resolve().parent / "progs"
+from netkernel.bench import program  # the bench's held-connections server and client
+
 HELD = 9000
 CLIENTS = 3  # processes, one per peer namespace, each with ADDRS source addresses
 ADDRS = 3
@@ -66,7 +68,7 @@ def test_thousands_of_connections_held(tenant: Any, peer_ns: Any) -> None:
     t = tenant("held")
     peers = [peer_ns() for _ in range(CLIENTS)]
     server = t.popen(
-        [PY, str(PROGS / "hold_server.py"), str(PORT), str(HELD)],
+        [PY, "-c", program("hold_server.py"), str(PORT), str(HELD)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -81,7 +83,7 @@ def test_thousands_of_connections_held(tenant: Any, peer_ns: Any) -> None:
         srcs = ",".join(add_sources(p))
         clients.append(
             p.popen(
-                [PY, str(PROGS / "hold_client.py"), t.ipv4, str(PORT), str(per), srcs, str(i * per)],
+                [PY, "-c", program("hold_client.py"), t.ipv4, str(PORT), str(per), srcs, str(i * per)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,

@@ -275,6 +275,43 @@ METRICS: tuple[Metric, ...] = (
         "colocated redis-server GET, redis-benchmark 32 clients: tenant to tenant vs loopback",
         configs=SIDES,
     ),
+    # Connections held (issue 16): an epoll server on the measured side holds HELD idle
+    # connections from a client in the peer. One run gives all four figures.
+    Metric(
+        "held_connections",
+        "conns",
+        (),
+        Floor(">=", 1.0),
+        "concurrent TCP connections an epoll server on the measured side holds from a client "
+        "in the peer (each speaks as it opens and again once all are open; then all close)",
+        configs=SIDES,
+    ),
+    Metric(
+        "held_open_seconds",
+        "s",
+        (),
+        None,
+        "time to open the held connections and have each answered once (256 connects in flight)",
+        configs=SIDES,
+    ),
+    Metric(
+        "held_memory_kib",
+        "KiB/conn",
+        (),
+        Floor("<=", 32.0, of="netkernel"),
+        "memory per idle held connection: native, the kernel's slab growth per socket; "
+        "netkernel, NetKernel's own (all the tenant region holds + engine private memory growth)",
+        configs=SIDES,
+    ),
+    Metric(
+        "held_idle_cpu_percent",
+        "%",
+        (),
+        Floor("<", 0.5, of="netkernel"),
+        "engine + daemon CPU over 5 s while the connections are held and idle, percent of one "
+        "core (the machine's, natively too, is in the JSON: machine_idle_cpu_percent)",
+        configs=("netkernel",),
+    ),
     Metric(
         "idle_cpu_percent",
         "%",

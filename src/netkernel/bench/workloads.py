@@ -54,10 +54,12 @@ from .places import (
 )
 from .probes import (
     cpu_percent,
+    kernel_slab_bytes,
     lowest_priority,
     lowest_tenant_priority,
     machine_idle_seconds,
     machine_info,
+    private_bytes,
     proc_cpu_ticks,
     program_versions,
 )
@@ -75,6 +77,20 @@ HTTP_PORT = 80
 REDIS_PORT = 6379
 IDLE_PORT = 7000
 SINK_PORT = 7001
+# The held connections' server: HELD_PORT + the run's number, so that no run's connections
+# meet the TIME_WAIT sockets an earlier run left in the peer.
+HELD_PORT = 7700
+HELD = 9000  # this machine's hard limit of 20,000 fds bounds one engine near 10,000
+HELD_QUICK = 2000
+# The held_* metrics, each with its progress line (formatted with the run's figures).
+HELD_FIGURES = {
+    "held_connections": "{held_connections:,.0f} held",
+    "held_open_seconds": "opened in {held_open_seconds:.2f} s",
+    "held_memory_kib": "{held_memory_kib:.1f} KiB/conn (tenant region {region_kib_per_conn:.1f}, "
+    "engine {engine_kib_per_conn:.1f}; kernel slab {kernel_slab_kib_per_conn:.1f} per connection)",
+    "held_idle_cpu_percent": "engine + daemon {held_idle_cpu_percent:.2f} % of a core while idle "
+    "(the machine {machine_idle_cpu_percent:.2f} %)",
+}
 
 IDLE_SETTLE = 1.0
 WRK_CONNECTIONS = 32
@@ -161,6 +177,9 @@ class Bench(Fabric):
         self._cpu: dict[str, list[float]] = {}  # machine-wide cores busy, per configuration
         self.step = 0
         self.total_steps = self._steps_through(None)
+        # The held-connections runs, by (configuration, sample number): one run gives the
+        # figures of all the held_* metrics.
+        self._held_runs: dict[tuple[str, int], dict[str, float]] = {}
 
     # -- measurements -----------------------------------------------------------------------
     def sides(self, rep: int, m: Metric) -> Iterator[Place]:
@@ -260,6 +279,7 @@ class Bench(Fabric):
             "colo_nginx_keepalive_rps": self.m_colo_nginx,
             "colo_tcp_crr_rps": self.m_colo_crr,
             "colo_redis_get_rps": self.m_colo_redis,
+            **{name: self.m_held for name in HELD_FIGURES},
         }
         try:
             fn[m.name](res)
@@ -842,6 +862,123 @@ class Bench(Fabric):
             "quiet_engine_seconds": float(q.get("engine_seconds") or 0.0),
             "noisy_engine_seconds": float(n.get("engine_seconds") or 0.0),
             "noisy_rounds_sat_out": float(n.get("engine_skips") or 0),
+        }
+
+    def m_held(self, res: MetricResult) -> None:
+        """The held_* metrics: each run's figures come from one held-connections run on that
+        side, made by whichever of these metrics comes first."""
+        name = res.metric.name
+
+        def run(place: Place) -> tuple[float, str]:
+            key = (place.name, len(res.samples[place.name]))
+            if key not in self._held_runs:
+                self._held_runs[key] = self._hold(place, HELD_PORT + len(self._held_runs))
+            r = self._held_runs[key]
+            for k, v in r.items():
+                if k not in HELD_FIGURES:  # the parts of a figure, kept per configuration
+                    res.extra.setdefault(f"{place.name}_{k}", []).append(round(v, 3))
+            self._cpu.setdefault(place.name, []).append(r["open_cpu_cores"])
+            if r["open_engine_cpu_percent"] >= 0:
+                self._engine_cpu.append(r["open_engine_cpu_percent"])
+            return r[name], HELD_FIGURES[name].format(**r)
+
+        self.repeat(res, run)
+
+    def _hold(self, place: Place, port: int) -> dict[str, float]:
+        """One run: the server (in place) holds n connections from one client in the peer.
+        Memory is measured once all are open and answered, CPU while they are idle; then each
+        speaks again, all close, and both ends must report every connection answered."""
+        n = HELD_QUICK if self.opts.quick else HELD
+        log = f"held-{place.name}-{port}.log"
+        server = self.spawn(place, [PYTHON, "-c", program("hold_server.py"), str(port), str(n)], log)
+        client: subprocess.Popen[bytes] | None = None
+        try:
+            # Its READY line, not a probe connection: the server counts every connection.
+            if not self._until(lambda: "READY" in self.log_text(log), server, place, "hold server", log, 20):
+                raise BenchError(
+                    f"hold server ({place.name}) not ready after 20s:\n{tail(self.log_text(log))}"
+                )
+            status = api.ping() or {}
+            engine = int(status["engine_pid"]) if place.tenant else None
+            watched = [engine, int(status["pid"])] if engine else []
+
+            def netkernel_bytes() -> tuple[int, int]:
+                """The tenant region's committed bytes and the engine's private memory."""
+                if engine is None:
+                    return 0, 0
+                ps = {t.get("name"): t for t in api.call("ps").get("tenants", [])}
+                return int(ps[place.tenant]["region_bytes"] or 0), private_bytes(engine)
+
+            slab0, (_, engine0) = kernel_slab_bytes(), netkernel_bytes()
+            t0 = time.monotonic()
+            with self.engine_load(place):
+                client = subprocess.Popen(
+                    self.peer.argv(
+                        [PYTHON, "-c", program("hold_client.py"), place.addr, str(port), str(n), PEER_V4]
+                    ),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.tmp,
+                    start_new_session=True,
+                )
+                self.procs.append(client)
+                assert client.stdin is not None and client.stdout is not None
+                opened = client.stdout.readline().decode(errors="replace").split()
+            if opened[:2] != ["OPEN", str(n)]:
+                out = " ".join(opened) + client.stdout.read().decode(errors="replace")
+                raise BenchError(
+                    f"hold client against {place.name}: {tail(out)}\nserver: {tail(self.log_text(log))}"
+                    + self._log_hint(place)
+                )
+            open_seconds = float(opened[2]) if len(opened) > 2 else time.monotonic() - t0
+            # engine_load's figures, kept with the run's: each held_* metric reports them.
+            open_cores = self._cpu[place.name].pop()
+            open_engine = self._engine_cpu.pop() if engine and self._engine_cpu else -1.0
+            time.sleep(IDLE_SETTLE)
+            slab1, (region1, engine1) = kernel_slab_bytes(), netkernel_bytes()
+            (idle0, cpus), t1 = machine_idle_seconds(), time.monotonic()
+            pct = cpu_percent(watched, IDLE_SECONDS) if watched else {}
+            if not watched:
+                time.sleep(IDLE_SECONDS)
+            idle1, _ = machine_idle_seconds()
+            elapsed = max(time.monotonic() - t1, 1e-6)
+            idle_pct = max(0.0, cpus - (idle1 - idle0) / elapsed) * 100.0
+            client.stdin.write(b"go\n")
+            client.stdin.flush()
+            out = client.communicate(timeout=300)[0].decode(errors="replace")
+            server.wait(timeout=120)
+            summary = self.log_text(log)
+            if client.returncode != 0 or f"DONE {n}" not in out or server.returncode != 0:
+                raise BenchError(
+                    f"held connections ({place.name}): client exit {client.returncode}: {tail(out)}\n"
+                    f"server exit {server.returncode}: {tail(summary)}" + self._log_hint(place)
+                )
+            if f"accepted={n} answered={2 * n} errors=0" not in summary:
+                raise BenchError(f"held connections ({place.name}): the server says {tail(summary)}")
+        except (OSError, KeyError, ValueError, subprocess.TimeoutExpired) as e:
+            raise BenchError(f"held connections ({place.name}): {e}" + self._log_hint(place)) from None
+        finally:
+            for p in (client, server):
+                if p is not None:
+                    self.stop(p)
+        slab = max(0, slab1 - slab0) / 1024 / n
+        # All the region holds, not its growth: a run right after another finds the last
+        # run's rings still warm (they cool within seconds), and its growth would be nil.
+        region = region1 / 1024 / n
+        private = max(0, engine1 - engine0) / 1024 / n
+        return {
+            "held_connections": float(n),
+            "held_open_seconds": open_seconds,
+            # Native: both ends are sockets of this kernel, hence per socket; NetKernel: its own.
+            "held_memory_kib": region + private if engine else slab / 2,
+            "held_idle_cpu_percent": sum(pct.values()),
+            "kernel_slab_kib_per_conn": slab,
+            "region_kib_per_conn": region,
+            "engine_kib_per_conn": private,
+            "machine_idle_cpu_percent": idle_pct,
+            "open_cpu_cores": open_cores,
+            "open_engine_cpu_percent": open_engine,
         }
 
     def m_idle(self) -> IdleResult:
