@@ -177,18 +177,17 @@ static void reply(struct nk_ctl *c, struct nk_rep *rep, const int *fds, int nfds
 }
 
 /* One end of a connected AF_UNIX SOCK_SEQPACKET pair, as GuestLib makes: not a listening
- * socket (its EPOLLIN would never be consumed: a busy loop) nor an unconnected one. */
+ * socket (its EPOLLIN would never be consumed: a busy loop) nor an unconnected one. Two
+ * calls, made for every socket a tenant opens: the type, then the peer, which only a
+ * connected socket has and whose family is the socket's own. */
 static bool proxy_fd_ok(int fd) {
   int v;
   socklen_t l = sizeof(v);
-  if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &l) < 0 || v != AF_UNIX) return false;
-  l = sizeof(v);
   if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &l) < 0 || v != SOCK_SEQPACKET) return false;
-  l = sizeof(v);
-  if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &l) < 0 || v != 0) return false;
   struct sockaddr_storage ss;
   l = sizeof(ss);
-  return getpeername(fd, (struct sockaddr *)&ss, &l) == 0;
+  return getpeername(fd, (struct sockaddr *)&ss, &l) == 0 && l >= sizeof(sa_family_t) &&
+         ss.ss_family == AF_UNIX;
 }
 
 static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {

@@ -492,6 +492,7 @@ void nk_sock_relisten(struct nk_esock *es, int k); /* endpoint k's stack came ba
 int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len);
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len);
 int nk_setsockopt_unprivileged(int fd, int level, int name, const void *val, socklen_t len);
+void nk_sockopt_init(void); /* opens the sockets plain options are checked on */
 void nk_opts_share(struct nk_esock *to, const struct nk_esock *from); /* accept: inherited */
 void nk_opts_drop(struct nk_esock *es);
 

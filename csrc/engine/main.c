@@ -274,6 +274,7 @@ int main(int argc, char **argv) {
   struct stat st;
   fstat(engine.self_netns, &st);
   engine.self_netns_ino = st.st_ino;
+  nk_sockopt_init();
   signal(SIGPIPE, SIG_IGN);
   sigset_t mask;
   sigemptyset(&mask);

@@ -201,9 +201,50 @@ static int rule_for(int level, int name) {
   return -1;
 }
 
+/* Options the kernel checks against their value alone: no capability test, no effect beyond
+ * the socket, the same verdict whatever a new socket went through before. Programs set them
+ * on nearly every connection (TCP_NODELAY, SO_REUSEADDR, SO_KEEPALIVE), so they skip the
+ * capability dance and the scratch socket: 9 system calls fewer each (measured with
+ * netkernel-crr: ~73 engine calls per connection before). */
+static bool plain_option(int level, int name) {
+  switch (level) {
+    case SOL_SOCKET:
+      return name == SO_REUSEADDR || name == SO_REUSEPORT || name == SO_KEEPALIVE ||
+             name == SO_SNDBUF || name == SO_RCVBUF || name == SO_OOBINLINE || name == SO_BROADCAST;
+    case IPPROTO_TCP:
+      return name == TCP_NODELAY || name == TCP_CORK || name == TCP_KEEPIDLE ||
+             name == TCP_KEEPINTVL || name == TCP_KEEPCNT || name == TCP_QUICKACK ||
+             name == TCP_USER_TIMEOUT || name == TCP_DEFER_ACCEPT || name == TCP_NOTSENT_LOWAT ||
+             name == TCP_SYNCNT || name == TCP_LINGER2 || name == TCP_MAXSEG;
+    case IPPROTO_IP:
+      return name == IP_TOS || name == IP_TTL;
+    case IPPROTO_IPV6:
+      return name == IPV6_UNICAST_HOPS || name == IPV6_TCLASS;
+  }
+  return false;
+}
+
+/* Where a plain option is checked for a socket with no kernel socket yet: one socket per
+ * family and type, kept, in the engine's own namespace (a plain option reaches nothing past
+ * the socket, so the namespace does not matter, and no setns() is needed). */
+static int check_fds[2][2] = {{-1, -1}, {-1, -1}};
+
+static int plain_check_socket(int family, int type) {
+  int *fd = &check_fds[family == AF_INET6][type == SOCK_DGRAM];
+  if (*fd < 0) *fd = socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  return *fd;
+}
+
+void nk_sockopt_init(void) {
+  for (int f = 0; f < 2; f++)
+    for (int t = 0; t < 2; t++)
+      plain_check_socket(f ? AF_INET6 : AF_INET, t ? SOCK_DGRAM : SOCK_STREAM);
+}
+
 /* setsockopt() as a process with no capabilities would do it: the effective set is emptied for
  * the call and restored after (the permitted set keeps them). */
 int nk_setsockopt_unprivileged(int fd, int level, int name, const void *val, socklen_t len) {
+  if (plain_option(level, name)) return setsockopt(fd, level, name, val, len) < 0 ? -errno : 0;
   struct __user_cap_header_struct h = {.version = _LINUX_CAPABILITY_VERSION_3};
   struct __user_cap_data_struct saved[2], none[2];
   bool dropped = syscall(SYS_capget, &h, saved) == 0;
@@ -308,10 +349,11 @@ int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, so
   }
   if (!verdict) {
     /* Check against a scratch socket so the application sees Linux's verdict now. */
-    int fd = scratch_socket(es);
+    bool plain = plain_option(level, name);
+    int fd = plain ? plain_check_socket(es->family, es->type) : scratch_socket(es);
     if (fd >= 0) {
       err = nk_setsockopt_unprivileged(fd, level, name, val, len);
-      close(fd);
+      if (!plain) close(fd);
     }
   }
   if (err) log_refused(es, level, name, -err);

@@ -225,6 +225,7 @@ static void nk_fuzz_engine_init(void) {
   int r = nk_fds_init();
   if (r < 0) nk_fuzz_die("closer thread: %s", strerror(-r));
   nk_sock_calibrate();
+  nk_sockopt_init(); /* kept open for good, like diag.c's socket below */
   /* diag.c opens its engine-namespace netlink socket on first use and keeps it: open it now,
    * so that it is part of the baseline rather than a leak of the first input that needs it. */
   int sv[2];
