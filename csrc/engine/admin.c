@@ -268,7 +268,8 @@ static void command(struct nk_admin *a, char *line) {
           " rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu"
           " refused_sockets=%llu refused_memory=%llu slots=%u engine_ns=%llu engine_skips=%llu shm=%d"
           " fds=%u fd_limit=%llu ctls=%u dns_relayed=%llu dns_dropped=%llu region_bytes=%llu"
-          " region_trimmed=%llu throttle_wakes=%llu throttle_late_ns=%llu rate_late_credit=%llu",
+          " region_trimmed=%llu rings_shrunk=%llu throttle_wakes=%llu throttle_late_ns=%llu"
+          " rate_late_credit=%llu",
           t->name, t->id, t->nsm->name, t->nsocks, (unsigned long long)t->tx_bytes,
           (unsigned long long)t->rx_bytes, (unsigned long long)nk_tenant_memory(t),
           (unsigned long long)t->rate[NK_TX] * 8, (unsigned long long)t->rate[NK_RX] * 8, t->weight,
@@ -277,7 +278,7 @@ static void command(struct nk_admin *a, char *line) {
           (unsigned long long)t->cpu_skips, t->shm, t->fds,
           (unsigned long long)nk_tenant_fd_limit(t), t->ctls, (unsigned long long)t->dns_relayed,
           (unsigned long long)t->dns_dropped, (unsigned long long)nk_tenant_region_bytes(t),
-          (unsigned long long)t->region_trimmed,
+          (unsigned long long)t->region_trimmed, (unsigned long long)t->rings_shrunk,
           (unsigned long long)(t->throttle_wakes[NK_TX] + t->throttle_wakes[NK_RX]),
           (unsigned long long)(t->throttle_late_ns[NK_TX] + t->throttle_late_ns[NK_RX]),
           (unsigned long long)(t->rate_late_credit[NK_TX] + t->rate_late_credit[NK_RX]));

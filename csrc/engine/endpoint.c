@@ -25,6 +25,8 @@ void nk_sock_count(struct nk_esock *es, int dir, uint64_t n) {
     es->rx_bytes += n;
     es->t->rx_bytes += n;
   }
+  if (!es->on_bulk && es->tx_bytes + es->rx_bytes - es->bytes_at_shrink > NK_TRIM_BYTES)
+    nk_tenant_bulk_add(es);
 }
 
 /* The options the application set before endpoint k existed: as Linux applies them to the

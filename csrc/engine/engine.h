@@ -178,6 +178,8 @@ struct nk_tenant {
   uint32_t hwm;       /* slots from here up were never used (and nothing in the region is committed
                  * for them): loops over sockets stop here */
   uint64_t tx_bytes, rx_bytes;
+  struct nk_esock *bulk; /* sockets whose rings moved bulk data since last given back */
+  uint64_t rings_shrunk; /* rings given back while their sockets stayed open */
   /* Operator policy (tenant-set). Rates in bytes/s, 0 = unlimited; limits 0 = none. */
   uint64_t rate[2];
   uint32_t weight;
@@ -312,6 +314,12 @@ struct nk_esock {
   struct nk_optset *opts; /* NULL: none set */
   uint64_t tx_bytes, rx_bytes;
   struct nk_ring tx, rx;
+  /* Rings that moved bulk data give their pages back once the connection is quiet
+   * (tenant.c: shrink): on its tenant's bulk list from NK_TRIM_BYTES moved until then. */
+  bool on_bulk;
+  uint64_t bytes_at_shrink; /* tx_bytes + rx_bytes when its rings were last given back */
+  uint64_t bytes_at_check;  /* ... at the last pass that looked at it */
+  struct nk_esock *next_bulk, **prev_bulk;
   struct nk_esock *next_active;
   bool throttled;   /* waiting for tokens: on engine.throttled until throttle_until */
   int throttle_dir; /* NK_TX / NK_RX: which direction's tokens */
@@ -530,7 +538,11 @@ void nk_nsm_set_bandwidth(struct nk_nsm *m, uint64_t bits_per_s);
 uint64_t nk_tenant_memory(const struct nk_tenant *t);
 
 /* tenant.c: the ring pages of free slots a tenant filled, taken back over max_memory */
+/* A socket that moved more than this has touched more ring pages than a short connection:
+ * they are given back when it closes, or once it is quiet. */
+#define NK_TRIM_BYTES (16u * 1024u)
 bool nk_tenant_trim_due(void);
+void nk_tenant_bulk_add(struct nk_esock *es);
 bool nk_tenant_trim_all(void); /* true: more to do soon */
 uint64_t nk_tenant_region_bytes(const struct nk_tenant *t);
 

@@ -17,7 +17,6 @@
 
 #include "engine.h"
 
-#define NK_TRIM_BYTES (16u * 1024u)
 /* Free slots kept with their pages, for the next sockets to reuse warm; the rest are given
  * back to the kernel by the next trim pass (within a second), at most NK_COOL_BATCH at once. */
 #define NK_WARM_SLOTS 256u
@@ -347,6 +346,23 @@ struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int 
   return es;
 }
 
+void nk_tenant_bulk_add(struct nk_esock *es) {
+  struct nk_tenant *t = es->t;
+  es->on_bulk = true;
+  es->bytes_at_check = es->tx_bytes + es->rx_bytes;
+  es->next_bulk = t->bulk;
+  if (t->bulk) t->bulk->prev_bulk = &es->next_bulk;
+  es->prev_bulk = &t->bulk;
+  t->bulk = es;
+}
+
+static void bulk_del(struct nk_esock *es) {
+  if (!es->on_bulk) return;
+  *es->prev_bulk = es->next_bulk;
+  if (es->next_bulk) es->next_bulk->prev_bulk = es->prev_bulk;
+  es->on_bulk = false;
+}
+
 struct nk_esock *nk_esock_get(struct nk_tenant *t, uint32_t slot, uint32_t gen) {
   if (slot >= t->nslots) return NULL;
   struct nk_esock *es = t->socks[slot];
@@ -363,6 +379,7 @@ void nk_esock_free(struct nk_esock *es) {
     for (struct nk_nsm *m = engine.nsms; m; m = m->next)
       if (m->type->forget) m->type->forget(m, es);
   nk_sock_unzombie(es);
+  bulk_del(es);
   if (es->pending_fd >= 0) close(es->pending_fd);
   nk_opts_drop(es);
   nk_sock_close_proxy(es);
@@ -456,6 +473,51 @@ static void trim(struct nk_tenant *t) {
            (unsigned long long)held, (unsigned long long)allowed, (unsigned long long)after);
 }
 
+static void punch_ring(struct nk_tenant *t, const struct nk_ring *r) {
+  fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(r->data - t->base),
+            (off_t)r->size);
+}
+
+/* An open socket whose rings moved bulk data, then nothing for a whole pass (one to two
+ * seconds), gives their pages back, as TCP gives back buffer memory a quiet connection no
+ * longer needs; the next bytes fault in fresh pages. Only empty rings: their pages hold
+ * nothing. The engine alone writes the receive ring. The guest writes the transmit ring only
+ * under the slot's tx_lock (every GuestLib sender takes it), so the engine takes that lock
+ * around the punch, with a try, never a wait: a guest that holds it (or wrote garbage in it)
+ * keeps its pages (a ring that holds bytes keeps them too, until it has moved more). An
+ * external NSM writes rings itself: its sockets keep theirs. */
+static void shrink(struct nk_esock *es) {
+  struct nk_tenant *t = es->t;
+  if (es->ext.attached || es->ep_held || es->closing) return;
+  if (nk_ring_fill_checked(&es->rx) == 0) punch_ring(t, &es->rx);
+  _Atomic uint32_t *lock = &t->slots[es->slot].tx_lock;
+  uint32_t unlocked = 0;
+  if (atomic_compare_exchange_strong_explicit(lock, &unlocked, 1, memory_order_acquire,
+                                              memory_order_relaxed)) {
+    if (nk_ring_fill_checked(&es->tx) == 0) punch_ring(t, &es->tx);
+    atomic_store_explicit(lock, 0, memory_order_release);
+  }
+  t->rings_shrunk++;
+}
+
+/* The bulk list: sockets that moved data since the last pass stay for the next; quiet ones
+ * give their rings back and leave it (to join again after NK_TRIM_BYTES more). A pass costs
+ * one look per socket that moved bulk data lately, none per idle one, and an engine with no
+ * traffic is on no timer for it: the list empties within two passes. */
+static void shrink_quiet(struct nk_tenant *t) {
+  for (struct nk_esock *es = t->bulk, *next; es; es = next) {
+    next = es->next_bulk;
+    uint64_t moved = es->tx_bytes + es->rx_bytes;
+    if (moved != es->bytes_at_check) {
+      es->bytes_at_check = moved;
+      continue;
+    }
+    shrink(es);
+    bulk_del(es);
+    es->bytes_at_shrink = moved;
+  }
+}
+
 /* Free slots beyond the warm ones at the top of the stack: their pages go back. */
 static bool cool(struct nk_tenant *t) {
   if (t->nfree <= t->cold + NK_WARM_SLOTS) return false;
@@ -469,7 +531,7 @@ static bool cool(struct nk_tenant *t) {
 
 bool nk_tenant_trim_due(void) {
   for (struct nk_tenant *t = engine.tenants; t; t = t->next)
-    if (t->max_memory || t->nfree > t->cold + NK_WARM_SLOTS) return true;
+    if (t->max_memory || t->nfree > t->cold + NK_WARM_SLOTS || t->bulk) return true;
   return false;
 }
 
@@ -478,6 +540,7 @@ bool nk_tenant_trim_all(void) {
   for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
     if (t->dead) continue;
     more |= cool(t);
+    shrink_quiet(t);
     if (t->max_memory) trim(t);
   }
   return more;

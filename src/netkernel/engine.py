@@ -53,6 +53,7 @@ class TenantStats:
     dns_dropped: int  # queries over its DNS rate, dropped
     region_bytes: int  # memory its shared region holds
     region_trimmed: int  # bytes of free slots' rings taken back (max_memory)
+    rings_shrunk: int  # open sockets whose rings gave their pages back once quiet
     throttle_wakes: int  # its sockets woken after waiting for rate/link tokens
     throttle_late_ns: int  # how late past their due time, in total
     rate_late_credit: int  # rate tokens kept for it over late wakes (bytes)

@@ -222,6 +222,7 @@ def ps(d: Daemon) -> list[dict[str, Any]]:
                 "dns_relayed": s.dns_relayed if s else None,
                 "dns_dropped": s.dns_dropped if s else None,
                 "region_bytes": s.region_bytes if s else None,
+                "rings_shrunk": s.rings_shrunk if s else None,
                 "throttle_wakes": s.throttle_wakes if s else None,
                 "throttle_late_seconds": s.throttle_late_ns / 1e9 if s else None,
                 "rate_late_credit_bytes": s.rate_late_credit if s else None,

@@ -169,7 +169,8 @@ TENANT_LINE = (
     "tenant web id=1 nsm=kernel sockets=3 tx_bytes=100 rx_bytes=200 memory=6291456 "
     "rate_tx=200000000 rate_rx=0 weight=2 max_sockets=100 max_memory=0 refused_sockets=1 "
     "refused_memory=0 slots=1024 engine_ns=5000 engine_skips=0 shm=1 fds=4 fd_limit=512 ctls=1 "
-    "dns_relayed=2 dns_dropped=0 region_bytes=65536 region_trimmed=0 throttle_wakes=0 "
+    "dns_relayed=2 dns_dropped=0 region_bytes=65536 region_trimmed=0 rings_shrunk=0 "
+    "throttle_wakes=0 "
     "throttle_late_ns=0 rate_late_credit=0"
 )
 NSM_LINE = "nsm kernel type=kernel tenants=1 sockets=3 tx_bytes=100 rx_bytes=200 bandwidth=0 up=1 connects=0"
