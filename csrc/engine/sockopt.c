@@ -204,8 +204,8 @@ static int rule_for(int level, int name) {
 /* Options the kernel checks against their value alone: no capability test, no effect beyond
  * the socket, the same verdict whatever a new socket went through before. Programs set them
  * on nearly every connection (TCP_NODELAY, SO_REUSEADDR, SO_KEEPALIVE), so they skip the
- * capability dance and the scratch socket: 9 system calls fewer each (measured with
- * netkernel-crr: ~73 engine calls per connection before). */
+ * capability dance and the scratch socket: up to 10 system calls fewer each (with
+ * netkernel-crr, strace -c counted 68.6 engine calls per connection before, 56 after). */
 static bool plain_option(int level, int name) {
   switch (level) {
     case SOL_SOCKET:
