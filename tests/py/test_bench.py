@@ -725,7 +725,7 @@ def test_bench_quick_end_to_end(nk_daemon: Daemon, tmp_path: Path) -> None:
     # One progress line per measurement on stderr (a failed user-mode run's too): each workload
     # once in each of its configurations.
     runs = sum(len(configs[n]) for n in names)
-    assert runs == 12 * 6 + 12 * 2 + 1
+    assert runs == 12 * 6 + 13 * 2 + 1
     assert proc.stderr.count("run 1/1:") == runs, where
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text())["entries"] == rep["entries"]

@@ -205,6 +205,14 @@ METRICS: tuple[Metric, ...] = (
         "redis-server GET, redis-benchmark 32 clients",
     ),
     Metric(
+        "redis_get_5k_rps",
+        "req/s",
+        ("redis-server", "redis-benchmark"),
+        None,
+        "redis-server GET, redis-benchmark 5,000 clients (each a connection held open)",
+        configs=SIDES,
+    ),
+    Metric(
         "redis_set_rps",
         "req/s",
         ("redis-server", "redis-benchmark"),

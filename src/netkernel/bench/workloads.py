@@ -96,6 +96,7 @@ IDLE_SETTLE = 1.0
 WRK_CONNECTIONS = 32
 REDIS_REQUESTS = 100_000
 REDIS_CLIENTS = 32
+REDIS_MANY_CLIENTS = 5000  # a cache with thousands of clients (issue 16)
 NOISY_PAIRS = 3  # alone/beside pairs per noisy-neighbour sample (see m_noisy)
 
 
@@ -147,7 +148,9 @@ def redis_server(port: int, bind: str | None = None) -> list[str]:
     ]
 
 
-def redis_benchmark(addr: str, port: int, test: str, requests: int) -> list[str]:
+def redis_benchmark(
+    addr: str, port: int, test: str, requests: int, clients: int = REDIS_CLIENTS
+) -> list[str]:
     return [
         "redis-benchmark",
         "-h",
@@ -159,7 +162,7 @@ def redis_benchmark(addr: str, port: int, test: str, requests: int) -> list[str]
         "-n",
         str(requests),
         "-c",
-        str(REDIS_CLIENTS),
+        str(clients),
         "--csv",
     ]
 
@@ -272,6 +275,7 @@ class Bench(Fabric):
             "nginx_1m_close_rps": lambda r: self.m_nginx(r, close=True, path="1m.bin"),
             "redis_get_rps": lambda r: self.m_redis(r, "get"),
             "redis_set_rps": lambda r: self.m_redis(r, "set"),
+            "redis_get_5k_rps": lambda r: self.m_redis(r, "get", REDIS_MANY_CLIENTS),
             "noisy_neighbour_kept": self.m_noisy,
             **{f"mux{n}_gbps": functools.partial(self.m_mux, n=n) for n in (1, 4, 16)},
             "colo_iperf3_gbps": self.m_colo_iperf3,
@@ -524,7 +528,7 @@ class Bench(Fabric):
             res.extra[f"{s}_nginx_error_log"] = error_log_lines[s][:5]
             res.extra[f"{s}_nginx_error_log_lines"] = len(error_log_lines[s])
 
-    def m_redis(self, res: MetricResult, test: str) -> None:
+    def m_redis(self, res: MetricResult, test: str, clients: int = REDIS_CLIENTS) -> None:
         def run(place: Place) -> tuple[float, str]:
             log = f"redis-{place.name}.log"
             with self._run_server(place, redis_server(REDIS_PORT), REDIS_PORT, "redis-server", log) as server:
@@ -532,7 +536,7 @@ class Bench(Fabric):
                 with self.engine_load(place):
                     out = self.run(
                         self.peer,
-                        redis_benchmark(place.addr, REDIS_PORT, test, self.redis_requests),
+                        redis_benchmark(place.addr, REDIS_PORT, test, self.redis_requests, clients),
                         300,
                         f"redis-benchmark against redis-server ({place.name})",
                     )
