@@ -10,7 +10,6 @@ test holds 9,000 (HELD). The figures beside native are the bench's held_* metric
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from apputil import PY, log_tail, stop  # noqa: E402
 from conftest import nk  # noqa: E402
 
 from netkernel.bench import program  # the bench's held-connections server and client
+from netkernel.bench.probes import private_bytes
 
 HELD = 9000
 CLIENTS = 3  # processes, one per peer namespace, each with ADDRS source addresses
@@ -35,10 +35,9 @@ def tenant_stats(name: str) -> dict[str, Any]:
 
 
 def engine_private() -> int:
-    """The engine's private resident memory (its mapping of tenant regions is counted there)."""
-    pid = json.loads(nk("status", "--json", check=True).stdout)["engine_pid"]
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"RssAnon:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore[union-attr]
+    """The engine's private resident memory (the bench's probe: its mapping of tenant regions
+    is shared memory, not counted)."""
+    return private_bytes(json.loads(nk("status", "--json", check=True).stdout)["engine_pid"])
 
 
 def add_sources(peer: Any) -> list[str]:
