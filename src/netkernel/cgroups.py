@@ -255,3 +255,20 @@ def join(paths: dict[str, str], pid: int | None = None) -> None:
                 f"cannot join the tenant's {c} cgroup {d}: {e.strerror} "
                 "(is the daemon running? `netkernel status`)"
             ) from None
+
+
+def oom_kills(paths: dict[str, str]) -> int | None:
+    """How many of the cgroup's processes the kernel's OOM killer has killed (its memory
+    limit reached), or None where the kernel does not count them."""
+    d = paths.get("memory")
+    if not d:
+        return None
+    for name in ("memory.events", "memory.oom_control"):  # v2, v1
+        try:
+            for line in Path(d, name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None

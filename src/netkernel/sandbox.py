@@ -47,6 +47,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -308,6 +309,14 @@ def programs(name: str, pids: list[int]) -> list[int]:
             continue
         out.append(pid)
     return out
+
+
+def _running(pid: int) -> bool:
+    """Not gone and not a zombie (dead, its parent yet to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return False
 
 
 def _parent(pid: int) -> int:
@@ -659,6 +668,7 @@ def run(rec: dict[str, Any], argv: Sequence[str], rw: Sequence[Path] = (), ro: S
         for n in fds:
             os.close(n)
         os.close(info_w)
+    ooms = cgroups.oom_kills(rec.get("cgroups") or {})
     child: list[int] = []
     previous = {
         sig: signal.signal(sig, lambda s, _f: _forward(child or [proc.pid], s)) for sig in FORWARDED_SIGNALS
@@ -676,7 +686,32 @@ def run(rec: dict[str, Any], argv: Sequence[str], rw: Sequence[Path] = (), ro: S
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     # bubblewrap exits with its program's status (128+N after signal N); killed itself: -N.
-    return 128 - status if status < 0 else status
+    status = 128 - status if status < 0 else status
+    if status == 128 + signal.SIGKILL:
+        print(f"netkernel: {argv[0]}: killed (SIGKILL) {_why_killed(rec, ooms)}", file=sys.stderr)
+    return status
+
+
+def _why_killed(rec: dict[str, Any], ooms_before: int | None) -> str:
+    """What most likely sent a tenant's program SIGKILL, for the one who ran it."""
+    ooms = cgroups.oom_kills(rec.get("cgroups") or {})
+    if ooms is not None and ooms_before is not None and ooms > ooms_before:
+        return (
+            "by the kernel's OOM killer, at the tenant's memory limit (max_process_memory; "
+            "`netkernel tenant set NAME --max-process-memory SIZE`)"
+        )
+    # The namespace's init SIGKILLs the rest as it exits, and is a zombie only once they are
+    # all gone: a moment after our program.
+    held = _holder_record(rec["name"])
+    deadline = time.monotonic() + 0.5
+    while held is not None and _running(held[0]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if held is None or not _running(held[0]):
+        return (
+            "with the tenant's sandbox, which ended (its pid namespace's init died, "
+            "or all its processes were killed)"
+        )
+    return "by a signal from outside NetKernel's limits (kill -9, or a parent that died)"
 
 
 def _restore_signals_and_enter(rec: dict[str, Any], holder_pid: int) -> None:

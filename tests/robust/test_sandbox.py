@@ -230,6 +230,31 @@ for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
         assert run.split(",") == ["netkernel"], f"pid {pid} shows another /run: {out}"
 
 
+def test_a_tenant_that_kills_its_namespaces_holder_hurts_only_itself(tenant: Any) -> None:
+    """The holder is in the tenant's pid namespace, so its programs may kill it: that ends
+    the namespace and SIGKILLs all of them. `netkernel run` says so (a program that dies of
+    SIGKILL with no word is hard to chase), a neighbour's programs live on, and the tenant's
+    next program gets a new holder."""
+    t, other = tenant("holderkill"), tenant("holdernb")
+    victim = t.popen(["sleep", "60"], stderr=subprocess.PIPE, text=True)
+    neighbour = other.popen(["sleep", "60"])
+    try:
+        time.sleep(1)
+        # The holder's init is pid 1; what it keeps up is its child, `sleep infinity`.
+        kill = "import os; os.kill(int(open('/proc/1/task/1/children').read().split()[0]), 9)"
+        r = t.run([PY, "-c", kill], capture_output=True, text=True, timeout=60)
+        assert r.returncode in (0, 137), r  # the killer itself may go down with the namespace
+        _, err = victim.communicate(timeout=30)
+        assert victim.returncode == 137, (victim.returncode, err)
+        assert "sandbox, which ended" in err, err
+        assert neighbour.poll() is None, "a neighbour's program died with another tenant's holder"
+        assert run_py(t, "print('again')").strip() == "again"
+    finally:
+        for p in (victim, neighbour):
+            p.kill()
+            p.wait()
+
+
 def test_processes_join_the_tenants_cgroup_beneath_the_daemons(tenant: Any) -> None:
     t = tenant("cgjoin")
     from netkernel import cgroups
@@ -299,12 +324,14 @@ def test_cgroup_holds_a_runaway_tenant(attack: str, tenant: Any, peer_ns: Any) -
         born, failed = map(int, out.split())
         assert born <= 100 and failed > 0, out
     else:
-        p = bad.popen([PY, "-c", HOG], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        p = bad.popen([PY, "-c", HOG], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         th.start()
-        out, _ = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=120)
         got = [int(x) for x in out.split()]
         assert p.returncode in (137, -9), (p.returncode, got[-3:])  # the OOM killer's SIGKILL
         assert got and got[-1] <= 256, got[-3:]
+        # `netkernel run` says who killed it, and which limit to raise.
+        assert "OOM killer" in err and "max-process-memory" in err, err
     th.join(timeout=180)
     assert not th.is_alive() and not errors, errors
     nk("tenant", "delete", bad.name, check=True)  # its processes (the bomb's children) go too
