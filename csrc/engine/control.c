@@ -15,6 +15,7 @@
 #include <sys/un.h>
 
 #include "engine.h"
+#include "netkernel/preopt.h"
 
 struct nk_ctl {
   int fd;
@@ -190,6 +191,24 @@ static bool proxy_fd_ok(int fd) {
          ss.ss_family == AF_UNIX;
 }
 
+/* The options GuestLib recorded in the slot while the socket had no kernel socket (abi.h
+ * NK_PREOPT_*), applied as setsockopt() requests would be, in their place. O2: taken before a
+ * request and again after it, once the request has stored the socket's new state; pairs with
+ * O1 in GuestLib (one recorded while a bind or connect was on its way is seen here or taken
+ * back there). A tenant can only set options on its own sockets this way, as it could with
+ * setsockopt(); bits that name no option are dropped. */
+static void take_preopts(struct nk_esock *es) {
+  struct nk_slot *s = nk_sock_slot(es);
+  if (es->kind == NK_KIND_DGRAM || !atomic_load(&s->preopts)) return;
+  uint32_t p = atomic_exchange(&s->preopts, 0);
+  for (int i = 0; i < NK_PREOPT_COUNT; i++) {
+    if (!(p & (1u << i))) continue;
+    int v = (p >> (NK_PREOPT_VALUE + i)) & 1;
+    (void)nk_sock_setopt(es, nk_preopts[i].level, nk_preopts[i].name, &v,
+                         sizeof(v)); /* logs a refusal */
+  }
+}
+
 static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
   struct nk_rep rep;
   memset(&rep, 0, sizeof(rep));
@@ -229,7 +248,7 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
         rfd = -1; /* owned by the socket now */
         /* The tenant made this pair and may keep a copy of our end, on which it can allow
          * descriptors again and queue them: its close goes to the closer all the same. */
-        (void)nk_fd_refuse_rights(es->proxy);
+        (void)nk_fd_refuse_rights(es->proxy, false);
         es->proxy_rights_refused = false;
         es->proxy_in_tenant_ns = true;
         nk_epoll_add(es->proxy, EPOLLIN, &es->h_proxy);
@@ -249,6 +268,7 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
     return;
   }
   uint32_t optlen = req->optlen > NK_OPT_MAX ? NK_OPT_MAX : req->optlen;
+  take_preopts(es);
   switch (req->op) {
     case NK_OP_BIND:
       rep.err = nk_sock_bind(es, &req->addr);
@@ -277,6 +297,7 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
     default:
       rep.err = -EOPNOTSUPP;
   }
+  take_preopts(es);
   reply(c, &rep, NULL, 0);
 }
 

@@ -389,7 +389,7 @@ extern struct nk_engine engine;
 int nk_fds_init(void);
 void nk_fds_recount(void); /* tenants or NSMs came or went */
 void nk_close_later(int fd);
-bool nk_fd_refuse_rights(int fd);
+bool nk_fd_refuse_rights(int fd, bool fresh);
 ssize_t nk_recv_untrusted(int fd, void *buf, size_t len, int flags);
 int nk_fds_from_cmsg(struct msghdr *mh, int *out, int want);
 int nk_accept_or_drop(int lfd, struct sockaddr *sa, socklen_t *len, bool *dropped);

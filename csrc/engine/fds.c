@@ -135,17 +135,16 @@ void nk_close_later(int fd) {
   }
 }
 
-/* A proxy end refuses descriptors from now on, where the kernel can (true then). Whatever was
- * queued on it before it reached the engine is read and dropped: a fresh socket has nothing
- * queued but what a hostile tenant put there. */
-bool nk_fd_refuse_rights(int fd) {
+/* A proxy end refuses descriptors from now on, where the kernel can (true then). One the
+ * tenant made (`fresh` false) may come with messages queued and with SO_PASSCRED,
+ * SO_PASSPIDFD or SO_PASSSEC set: what is queued is read and dropped; the options are left,
+ * since a tenant that kept a copy of this end could set them again at any time, and every
+ * read from a proxy leaves room for the credentials, pidfd and label they add (fds.c, top).
+ * One the engine has just made and not handed out has neither. */
+bool nk_fd_refuse_rights(int fd, bool fresh) {
   int off = 0;
   bool refused = setsockopt(fd, SOL_SOCKET, SO_PASSRIGHTS, &off, sizeof(off)) == 0;
-  /* Nor credentials, pidfds or labels along with what is read (a tenant that keeps a copy
-   * of this end may set them again: reads leave room for them anyway). */
-  setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &off, sizeof(off));
-  setsockopt(fd, SOL_SOCKET, SO_PASSPIDFD, &off, sizeof(off));
-  setsockopt(fd, SOL_SOCKET, SO_PASSSEC, &off, sizeof(off));
+  if (fresh) return refused;
   char buf[NK_BLOCKER_SIZE];
   for (int i = 0; i < 64 && nk_recv_untrusted(fd, buf, sizeof(buf), MSG_DONTWAIT) >= 0; i++) {}
   return refused;

@@ -157,7 +157,7 @@ static struct nk_esock *accepted_end(struct nk_esock *l, int *gfd) {
     close(sv[1]);
     return NULL;
   }
-  es->proxy_rights_refused = nk_fd_refuse_rights(sv[0]);
+  es->proxy_rights_refused = nk_fd_refuse_rights(sv[0], true);
   nk_opts_share(es, l);
   es->linger = l->linger;
   es->linger0 = l->linger0;

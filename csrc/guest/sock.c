@@ -26,6 +26,7 @@
 #include <time.h>
 
 #include "guest.h"
+#include "netkernel/preopt.h"
 
 struct nk_slot *nk_slot_at(int slot) {
   return &nk_g.slots[slot];
@@ -740,6 +741,28 @@ static uint32_t tv_ms(const void *val, socklen_t len) {
   return ms > UINT32_MAX ? UINT32_MAX : (uint32_t)ms;
 }
 
+/* An option for a stream socket that has no kernel socket yet goes into the slot, for the
+ * engine to take with the socket's next request (its bind, connect or listen): no round trip.
+ * O1: record it, then look at the state again; pairs with O2 in the engine (state stored,
+ * then preopts taken). If a request moved the socket on meanwhile, either the engine saw the
+ * record or the record is taken back here and sent the usual way. */
+static bool defer_option(struct nk_slot *s, int level, int name, const void *val, socklen_t len) {
+  int i = nk_preopt_index(level, name);
+  if (i < 0 || len < sizeof(int) || s->kind != NK_KIND_STREAM ||
+      atomic_load(&s->state) != NK_ST_NEW)
+    return false;
+  uint32_t bit = 1u << i, value = (opt_int(val, len) ? bit : 0) << NK_PREOPT_VALUE;
+  uint32_t cur = atomic_load(&s->preopts), want;
+  do want = (cur & ~(bit << NK_PREOPT_VALUE)) | bit | value;
+  while (!atomic_compare_exchange_weak(&s->preopts, &cur, want));
+  if (atomic_load(&s->state) == NK_ST_NEW) return true;
+  uint32_t mine = bit | (bit << NK_PREOPT_VALUE);
+  cur = want;
+  while ((cur & mine) == (want & mine))
+    if (atomic_compare_exchange_weak(&s->preopts, &cur, cur & ~mine)) return false; /* taken back */
+  return true; /* the engine took it (it clears the whole word) */
+}
+
 int nk_setsockopt(int fd, int slot, int level, int name, const void *val, socklen_t len) {
   struct nk_slot *s = nk_slot_at(slot);
   if (!val && len) return -EFAULT;
@@ -756,6 +779,7 @@ int nk_setsockopt(int fd, int slot, int level, int name, const void *val, sockle
     s->rcvlowat = (uint32_t)opt_int(val, len);
     return 0;
   }
+  if (defer_option(s, level, name, val, len)) return 0;
   if (len > NK_OPT_MAX) return -EINVAL;
   struct nk_req req = {.op = NK_OP_SETSOCKOPT,
                        .slot = (uint32_t)slot,

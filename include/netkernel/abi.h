@@ -36,7 +36,7 @@
 #define NK_PIN_OFFSET(s, f, off) NK_STATIC_ASSERT(offsetof(struct s, f) == (off), #s "." #f)
 
 #define NK_REGION_MAGIC 0x4e4b5247u /* "NKRG" */
-#define NK_ABI_VERSION  1
+#define NK_ABI_VERSION  2
 #define NK_CACHELINE    64
 
 #define NK_DEFAULT_RING_SIZE (1024u * 1024u) /* bytes per direction per socket */
@@ -46,6 +46,19 @@
 #define NK_DEFAULT_SLOTS          131072u
 #define NK_DOORBELL_WORDS(nslots) (((nslots) + 63u) / 64u)
 #define NK_MAX_SLOTS              (1u << 20)
+
+/* Boolean options that a stream socket is given before it has a kernel socket (before its
+ * bind, connect or listen), as most clients set TCP_NODELAY and servers SO_REUSEADDR: GuestLib
+ * records them in nk_slot.preopts instead of asking the engine (a round trip fewer per
+ * connection), and the engine takes them before it acts on any request for the socket. Bit i:
+ * option i was given; bit NK_PREOPT_VALUE + i: its value was non-zero. netkernel/preopt.h maps
+ * them to their levels and names. */
+#define NK_PREOPT_REUSEADDR 0
+#define NK_PREOPT_REUSEPORT 1
+#define NK_PREOPT_KEEPALIVE 2
+#define NK_PREOPT_NODELAY   3
+#define NK_PREOPT_COUNT     4
+#define NK_PREOPT_VALUE     16
 
 /* Socket kinds stored in nk_slot.kind. */
 #define NK_KIND_FREE     0
@@ -85,9 +98,10 @@ NK_PIN_OFFSET(nk_index, v, 0);
 /* Per-socket header in the region. The engine writes lines 0, 1 and 6 (identity, state,
  * addresses, the end flags, rx_stalled, ready_sent) and the indices it owns, rx_head and
  * tx_tail. The guest writes tx_head, rx_tail and line 7 (rx_ack, rx_seen, kick, the locks,
- * async_connect and the options it mirrors). Three fields have a second writer: the guest
- * clears rx_err and so_error when it reports them (Linux's one pending error), and the engine
- * clears kick when it serves the socket. docs/abi.md lists the memory-order pairs. */
+ * async_connect, the options it mirrors and preopts). Four fields have a second writer: the
+ * guest clears rx_err and so_error when it reports them (Linux's one pending error), and the
+ * engine clears kick when it serves the socket and preopts when it takes them. docs/abi.md
+ * lists the memory-order pairs. */
 struct nk_slot {
   /* line 0: identity (engine) */
   uint64_t inode; /* inode of the guest end of the proxy fd; 0 when free */
@@ -127,7 +141,9 @@ struct nk_slot {
   uint32_t rcvlowat;
   NK_ATOMIC(uint32_t) nonblock; /* O_NONBLOCK of the proxy fd's file description, mirrored */
   NK_ATOMIC(uint32_t) rx_seen;  /* bumped each time the guest looks at the receive ring */
-  uint32_t reserved3[6];
+  NK_ATOMIC(uint32_t)
+  preopts; /* options given before the socket had a kernel socket (NK_PREOPT_*) */
+  uint32_t reserved3[5];
 };
 NK_PIN_SIZE(nk_slot, 8 * NK_CACHELINE);
 NK_PIN_OFFSET(nk_slot, inode, 0);
@@ -158,6 +174,7 @@ NK_PIN_OFFSET(nk_slot, sndtimeo_ms, 7 * NK_CACHELINE + 24);
 NK_PIN_OFFSET(nk_slot, rcvlowat, 7 * NK_CACHELINE + 28);
 NK_PIN_OFFSET(nk_slot, nonblock, 7 * NK_CACHELINE + 32);
 NK_PIN_OFFSET(nk_slot, rx_seen, 7 * NK_CACHELINE + 36);
+NK_PIN_OFFSET(nk_slot, preopts, 7 * NK_CACHELINE + 40);
 
 /* Region header, at offset 0 of the tenant's memfd. The slot array follows at slots_off,
  * the rings at rings_off: slot i owns 2*ring_size bytes at rings_off + i*2*ring_size

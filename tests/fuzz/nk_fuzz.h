@@ -457,7 +457,7 @@ static struct nk_esock *nk_fuzz_guest_socket(struct nk_tenant *t, int ns, int fa
     close(sv[1]);
     return NULL;
   }
-  es->proxy_rights_refused = nk_fd_refuse_rights(es->proxy);
+  es->proxy_rights_refused = nk_fd_refuse_rights(es->proxy, false);
   es->proxy_in_tenant_ns = true;
   nk_epoll_add(es->proxy, EPOLLIN, &es->h_proxy);
   *guest = sv[0];
