@@ -105,6 +105,7 @@ int nk_sock_connect(struct nk_esock *es, const struct nk_addr *req, int *in_prog
   if (dst.family == AF_INET && es->family == AF_INET6 && es->v6only) return -ENETUNREACH;
   if (es->kind == NK_KIND_STREAM && es->state == NK_ST_CONNECTED) return -EISCONN;
   if (es->kind == NK_KIND_STREAM) {
+    nk_sock_size_rings(es);
     /* A listener of a tenant on this host (or of this one) takes it over shared memory. */
     int r = nk_shm_connect(es, &dst);
     if (r < 0) return r;

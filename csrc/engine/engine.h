@@ -167,6 +167,7 @@ struct nk_tenant {
   struct nk_slot *slots;
   uint8_t *rings;
   uint32_t nslots, ring_size, words;
+  uint64_t ring_bytes; /* the open sockets' rings, at their sizes: what max_memory counts */
   int doorbell_fd;
   struct nk_handle h_doorbell, h_dns, h_dns_up;
   struct nk_esock **socks;
@@ -296,7 +297,8 @@ struct nk_esock {
   bool freed; /* on the graveyard: events still queued for it are ignored */
   bool v6only;
   bool linger0;
-  struct linger linger; /* as the application set it (SO_LINGER is not passed on) */
+  struct linger linger;    /* as the application set it (SO_LINGER is not passed on) */
+  uint32_t sndbuf, rcvbuf; /* SO_SNDBUF / SO_RCVBUF as the program set them, 0 = not set */
   bool bound;
   bool pending_listen_out; /* listener waits for room on its proxy end */
   bool accept_refused;     /* listener: its tenant is at a limit (nk_sock_may_accept) */
@@ -416,6 +418,7 @@ struct nk_tenant *nk_tenant_by_ino(uint64_t ino);
 int nk_tenant_add(const char *name, const char *netns_path, const char *nsm, const char *v4,
                   const char *v6, struct nk_tenant **out);
 int nk_tenant_del(struct nk_tenant *t);
+void nk_sock_size_rings(struct nk_esock *es);
 struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int type,
                                 uint64_t inode);
 struct nk_esock *nk_esock_get(struct nk_tenant *t, uint32_t slot, uint32_t gen);

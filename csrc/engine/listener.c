@@ -159,6 +159,9 @@ static struct nk_esock *accepted_end(struct nk_esock *l, int *gfd) {
   }
   es->proxy_rights_refused = nk_fd_refuse_rights(sv[0], true);
   nk_opts_share(es, l);
+  es->sndbuf = l->sndbuf; /* inherited, as the kernel's accepted socket inherits them */
+  es->rcvbuf = l->rcvbuf;
+  nk_sock_size_rings(es);
   es->linger = l->linger;
   es->linger0 = l->linger0;
   es->state = NK_ST_CONNECTED;
@@ -239,6 +242,7 @@ int nk_sock_listen(struct nk_esock *es, int backlog) {
   proxy_fit_backlog(es, backlog);
   es->kind = NK_KIND_LISTENER;
   es->state = NK_ST_LISTEN;
+  nk_sock_size_rings(es);
   struct nk_slot *s = slot_of(es);
   s->kind = NK_KIND_LISTENER;
   atomic_store(&s->state, NK_ST_LISTEN);

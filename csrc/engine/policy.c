@@ -201,10 +201,9 @@ void nk_policy_unthrottle(struct nk_esock *es) {
   es->t->throttled_socks--;
 }
 
-/* Committed shared memory: each socket owns a transmit and a receive ring. */
-uint64_t nk_tenant_memory(const struct nk_tenant *t) {
-  return (uint64_t)t->nsocks * 2u * t->ring_size;
-}
+/* Shared memory the tenant's sockets may commit: each owns a transmit and a receive ring, of
+ * the tenant's ring size unless SO_SNDBUF / SO_RCVBUF made them smaller. */
+uint64_t nk_tenant_memory(const struct nk_tenant *t) { return t->ring_bytes; }
 
 static int refuse(struct nk_tenant *t, int err, const char *reason, uint64_t limit,
                   uint64_t *counter) {

@@ -356,9 +356,19 @@ int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, so
       if (!plain) close(fd);
     }
   }
-  if (err) log_refused(es, level, name, -err);
-  else remember_opt(es, level, name, val, len);
-  return err;
+  if (err) {
+    log_refused(es, level, name, -err);
+    return err;
+  }
+  remember_opt(es, level, name, val, len);
+  if (level == SOL_SOCKET && len >= sizeof(int)) { /* for the rings' sizes (tenant.c) */
+    int v;
+    memcpy(&v, val, sizeof(v));
+    uint32_t size = v < 0 ? 0 : (uint32_t)v;
+    if (name == SO_SNDBUF || name == SO_SNDBUFFORCE) es->sndbuf = size;
+    if (name == SO_RCVBUF || name == SO_RCVBUFFORCE) es->rcvbuf = size;
+  }
+  return 0;
 }
 
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len) {

@@ -343,7 +343,42 @@ struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int 
   es->h_proxy = (struct nk_handle){NK_H_PROXY, 0, es};
   t->socks[i] = es;
   t->nsocks++;
+  t->ring_bytes += 2ull * t->ring_size;
   return es;
+}
+
+/* A buffer size as Linux takes it from SO_SNDBUF / SO_RCVBUF, for a ring: the next power of
+ * two, a page at least, the tenant's ring size at most; 0 (not set): the ring size. */
+static uint32_t ring_for(uint32_t want, uint32_t max) {
+  if (want == 0 || want >= max) return max;
+  uint32_t size = 4096;
+  while (size < want) size <<= 1;
+  return size;
+}
+
+/* A stream socket's rings sized from the SO_SNDBUF / SO_RCVBUF its program set before the
+ * connection, as Linux sizes its buffers from them (DESIGN §B): a program that asks for small
+ * buffers gets the back-pressure it asked for, and the tenant's max_memory counts the smaller
+ * rings. Called at connect() and accept, while no byte has moved; not on an external NSM,
+ * which is told one size for both rings. The guest sees the sizes in the slot, written
+ * before the state that lets bytes move (T1). A listener moves no bytes: called at listen(),
+ * its rings take a page each. */
+void nk_sock_size_rings(struct nk_esock *es) {
+  struct nk_tenant *t = es->t;
+  bool listener = es->kind == NK_KIND_LISTENER;
+  if (!es->sndbuf && !es->rcvbuf && !listener) return;
+  if (t->nsm && !t->nsm->type->kernel_sockets) return;
+  if (nk_ring_fill_checked(&es->tx) != 0 || nk_ring_fill_checked(&es->rx) != 0) return;
+  uint32_t tx = ring_for(listener ? 1 : es->sndbuf, t->ring_size);
+  uint32_t rx = ring_for(listener ? 1 : es->rcvbuf, t->ring_size);
+  struct nk_slot *s = &t->slots[es->slot];
+  uint8_t *ring = t->rings + (uint64_t)es->slot * 2u * t->ring_size;
+  t->ring_bytes -= (uint64_t)es->tx.size + es->rx.size;
+  nk_ring_init(&es->tx, ring, tx, &s->tx_head, &s->tx_tail);
+  nk_ring_init(&es->rx, ring + t->ring_size, rx, &s->rx_head, &s->rx_tail);
+  t->ring_bytes += (uint64_t)tx + rx;
+  s->tx_size = tx == t->ring_size ? 0 : tx;
+  s->rx_size = rx == t->ring_size ? 0 : rx;
 }
 
 void nk_tenant_bulk_add(struct nk_esock *es) {
@@ -409,6 +444,7 @@ void nk_esock_free(struct nk_esock *es) {
   t->socks[es->slot] = NULL;
   t->free_stack[t->nfree++] = es->slot;
   t->nsocks--;
+  t->ring_bytes -= (uint64_t)es->tx.size + es->rx.size;
   if (t->refused_listeners) nk_sock_accept_retry(t);
   /* Events for this socket may still sit in the current epoll batch: free it afterwards. */
   es->freed = true;

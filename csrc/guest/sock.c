@@ -32,11 +32,18 @@ struct nk_slot *nk_slot_at(int slot) {
   return &nk_g.slots[slot];
 }
 
+/* A ring's size as the engine set it in the slot (abi.h: 0 is the region's ring size). The
+ * engine sets a stream socket's before the state that lets bytes move: callers look at the
+ * state first. Checked all the same, so that a scribbled slot keeps its rings in place. */
+static uint32_t ring_size(uint32_t size) {
+  return size && size <= nk_g.ring_size && !(size & (size - 1)) ? size : nk_g.ring_size;
+}
+
 void nk_slot_rings(int slot, struct nk_ring *tx, struct nk_ring *rx) {
   struct nk_slot *s = nk_slot_at(slot);
   uint8_t *base = nk_g.rings + (uint64_t)slot * 2u * nk_g.ring_size;
-  if (tx) nk_ring_init(tx, base, nk_g.ring_size, &s->tx_head, &s->tx_tail);
-  if (rx) nk_ring_init(rx, base + nk_g.ring_size, nk_g.ring_size, &s->rx_head, &s->rx_tail);
+  if (tx) nk_ring_init(tx, base, ring_size(s->tx_size), &s->tx_head, &s->tx_tail);
+  if (rx) nk_ring_init(rx, base + nk_g.ring_size, ring_size(s->rx_size), &s->rx_head, &s->rx_tail);
 }
 
 /* ---- small helpers ---- */
@@ -423,7 +430,6 @@ static ssize_t stream_send(int fd, int slot, const struct iovec *iov, size_t iov
   size_t total = iov_total(iov, iovcnt), done = 0, vi = 0, voff = 0;
   bool nonblock = is_nonblock(fd, flags);
   struct nk_ring tx;
-  nk_slot_rings(slot, &tx, NULL);
   for (;;) {
     uint32_t closed = atomic_load(&s->tx_closed);
     if (closed) {
@@ -445,6 +451,7 @@ static ssize_t stream_send(int fd, int slot, const struct iovec *iov, size_t iov
       return done ? (ssize_t)done : epipe(flags);
     }
     if (done == total) return (ssize_t)done;
+    nk_slot_rings(slot, &tx, NULL); /* after the state: a connect may have sized the ring */
     lock(&s->tx_lock);
     uint32_t space = nk_ring_space(&tx);
     uint32_t n = total - done < space ? (uint32_t)(total - done) : space;
@@ -477,7 +484,6 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
   bool nonblock = is_nonblock(fd, flags);
   bool peek = flags & MSG_PEEK, waitall = (flags & MSG_WAITALL) && !peek, hup = false;
   struct nk_ring rx;
-  nk_slot_rings(slot, NULL, &rx);
   uint32_t st = atomic_load(&s->state);
   while (st == NK_ST_CONNECTING) { /* Linux waits for the handshake, or says EAGAIN */
     if (nonblock) return -EAGAIN;
@@ -488,6 +494,7 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
   }
   if (st != NK_ST_CONNECTED && st != NK_ST_CLOSED) return -ENOTCONN;
   if (total == 0) return 0;
+  nk_slot_rings(slot, NULL, &rx); /* after the state: a connect may have sized the ring */
   for (;;) {
     lock(&s->rx_lock);
     seen(s);
@@ -659,7 +666,6 @@ ssize_t nk_sendfile(int out_fd, int slot, int in_fd, off_t *offset, size_t count
   if (s->kind != NK_KIND_STREAM) return -EINVAL;
   bool nonblock = is_nonblock(out_fd, 0);
   struct nk_ring tx;
-  nk_slot_rings(slot, &tx, NULL);
   off_t pos = offset ? *offset : 0;
   size_t done = 0;
   while (done < count) {
@@ -668,6 +674,7 @@ ssize_t nk_sendfile(int out_fd, int slot, int in_fd, off_t *offset, size_t count
       if (done) break;
       return epipe(0);
     }
+    nk_slot_rings(slot, &tx, NULL); /* after the state (see stream_send) */
     lock(&s->tx_lock);
     uint32_t space = nk_ring_space(&tx);
     uint32_t want = count - done < space ? (uint32_t)(count - done) : space;

@@ -109,7 +109,10 @@ struct nk_slot {
   uint32_t kind;  /* NK_KIND_* */
   NK_ATOMIC(uint32_t) state;
   uint32_t family; /* AF_INET / AF_INET6 as the application created it */
-  uint32_t reserved0[10];
+  /* The rings' sizes when not the region's ring_size (0): a stream socket's, from the
+   * SO_SNDBUF / SO_RCVBUF its program set, written before the state that lets bytes move. */
+  uint32_t tx_size, rx_size;
+  uint32_t reserved0[8];
   /* line 1: addresses (engine) */
   struct nk_addr local;
   struct nk_addr peer;
@@ -151,6 +154,8 @@ NK_PIN_OFFSET(nk_slot, gen, 8);
 NK_PIN_OFFSET(nk_slot, kind, 12);
 NK_PIN_OFFSET(nk_slot, state, 16);
 NK_PIN_OFFSET(nk_slot, family, 20);
+NK_PIN_OFFSET(nk_slot, tx_size, 24);
+NK_PIN_OFFSET(nk_slot, rx_size, 28);
 NK_PIN_OFFSET(nk_slot, local, NK_CACHELINE);
 NK_PIN_OFFSET(nk_slot, peer, NK_CACHELINE + 24);
 NK_PIN_OFFSET(nk_slot, tx_head, 2 * NK_CACHELINE);

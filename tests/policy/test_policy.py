@@ -551,6 +551,42 @@ def test_socket_and_memory_limits_give_linux_errnos(tenant: Callable[..., Tenant
     assert ps[t.name]["refused_sockets"] >= 1
 
 
+SMALL_CONNECTIONS = """
+import errno, socket
+l = socket.socket()
+for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # the accepted sockets inherit them
+    l.setsockopt(socket.SOL_SOCKET, opt, 16384)
+l.bind(("127.0.0.1", 0))
+l.listen(512)
+held = []
+try:
+    while True:
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        c.connect(l.getsockname())
+        a, _ = l.accept()
+        held += [c, a]
+        c.sendall(b"x" * 10000)  # the rings are in use
+        assert a.recv(10000, socket.MSG_WAITALL) == b"x" * 10000
+except OSError as e:
+    print(len(held) // 2, errno.errorcode[e.errno])
+"""
+
+
+def test_max_memory_counts_rings_sized_by_the_programs_buffers(tenant: Callable[..., Tenant]) -> None:
+    """SO_SNDBUF and SO_RCVBUF set before a connection size its rings (16 KiB each here, not
+    1 MiB), and max_memory counts them at that size (a listener's at a page each: it moves no
+    bytes). 8 MiB, room for four sockets with default rings, holds 96 such connections, both
+    ends in the tenant: a new socket is admitted with room for default rings (2 MiB), and each
+    connection then holds 4 × 16 KiB."""
+    t = tenant(uname("small"))
+    nk("tenant", "set", t.name, "--max-memory", "8MiB", check=True)
+    out = t.run([TENANT_PY, "-c", SMALL_CONNECTIONS], capture_output=True, text=True)
+    held, err = out.stdout.split()
+    assert err == "ENOBUFS" and int(held) >= 90, out
+
+
 # -- visibility --------------------------------------------------------------------------------
 
 
