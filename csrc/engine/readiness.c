@@ -163,10 +163,12 @@ static bool writable_now(struct nk_esock *es) {
  * shutdown both ways shows the guest end its hang-up (POLLHUP) now, as the close would. */
 void nk_sock_close_proxy(struct nk_esock *es) {
   if (es->proxy < 0) return;
-  nk_epoll_del(es->proxy);
   if (es->proxy_rights_refused) {
+    /* An end the engine made and never shared: the close takes it out of the epoll set. */
     close(es->proxy);
   } else {
+    /* The tenant may hold a copy of this end, which would keep it in the set. */
+    nk_epoll_del(es->proxy);
     shutdown(es->proxy, SHUT_RDWR);
     nk_close_later(es->proxy);
   }

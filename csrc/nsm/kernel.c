@@ -150,8 +150,7 @@ static void kernel_close(struct nk_esock *es, int k, bool rst) {
     struct linger l = {1, 0};
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
   }
-  nk_epoll_del(fd);
-  close(fd);
+  close(fd); /* the engine's only descriptor of it: the close takes it out of the epoll set */
 }
 
 static void kernel_watch(struct nk_esock *es, int k, uint32_t events) {
