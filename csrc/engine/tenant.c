@@ -379,6 +379,14 @@ void nk_sock_size_rings(struct nk_esock *es) {
   t->ring_bytes += (uint64_t)tx + rx;
   s->tx_size = tx == t->ring_size ? 0 : tx;
   s->rx_size = rx == t->ring_size ? 0 : rx;
+  /* What a warm slot's last socket left past the new ends is no ring's now: given back, or
+   * it would count against max_memory's trim (tenant.c trim()) for as long as this socket. */
+  off_t at = (off_t)(ring - t->base);
+  if (tx < t->ring_size)
+    fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, at + tx, t->ring_size - tx);
+  if (rx < t->ring_size)
+    fallocate(t->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, at + t->ring_size + rx,
+              t->ring_size - rx);
 }
 
 void nk_tenant_bulk_add(struct nk_esock *es) {
