@@ -651,6 +651,7 @@ def run(rec: dict[str, Any], argv: Sequence[str], rw: Sequence[Path] = (), ro: S
             os.close(g.fd)
         raise
     fds += [g.fd for g in grants]
+    ooms = cgroups.oom_kills(rec.get("cgroups") or {})  # to tell an OOM kill from others
     info_r, info_w = os.pipe2(os.O_CLOEXEC)
     cmd[1:1] = ["--info-fd", str(info_w)]
     own_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
@@ -668,7 +669,6 @@ def run(rec: dict[str, Any], argv: Sequence[str], rw: Sequence[Path] = (), ro: S
         for n in fds:
             os.close(n)
         os.close(info_w)
-    ooms = cgroups.oom_kills(rec.get("cgroups") or {})
     child: list[int] = []
     previous = {
         sig: signal.signal(sig, lambda s, _f: _forward(child or [proc.pid], s)) for sig in FORWARDED_SIGNALS
