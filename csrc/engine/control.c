@@ -204,8 +204,7 @@ static void take_preopts(struct nk_esock *es) {
   for (int i = 0; i < NK_PREOPT_COUNT; i++) {
     if (!(p & (1u << i))) continue;
     int v = (p >> (NK_PREOPT_VALUE + i)) & 1;
-    (void)nk_sock_setopt(es, nk_preopts[i].level, nk_preopts[i].name, &v,
-                         sizeof(v)); /* logs a refusal */
+    (void)nk_sock_setopt_known(es, nk_preopts[i].level, nk_preopts[i].name, v); /* logs a refusal */
   }
 }
 

@@ -391,6 +391,7 @@ extern struct nk_engine engine;
 int nk_fds_init(void);
 void nk_fds_recount(void); /* tenants or NSMs came or went */
 void nk_close_later(int fd);
+void nk_close_later_proxy(int fd); /* a proxy end the tenant made, checked when it came */
 bool nk_fd_refuse_rights(int fd, bool fresh);
 ssize_t nk_recv_untrusted(int fd, void *buf, size_t len, int flags);
 int nk_fds_from_cmsg(struct msghdr *mh, int *out, int want);
@@ -501,6 +502,7 @@ void nk_sock_relisten(struct nk_esock *es, int k); /* endpoint k's stack came ba
 
 /* sockopt.c: the options a tenant may set, checked as the kernel checks an unprivileged process */
 int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, socklen_t len);
+int nk_sock_setopt_known(struct nk_esock *es, int level, int name, int v);
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len);
 int nk_setsockopt_unprivileged(int fd, int level, int name, const void *val, socklen_t len);
 void nk_sockopt_init(void); /* opens the sockets plain options are checked on */

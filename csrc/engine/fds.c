@@ -53,6 +53,8 @@ static bool closer_up;
  * it or on connections waiting in its accept queue (released by the close, they would be
  * closed here as they are: each is queued to the closer instead). The budget bounds the work
  * one descriptor costs; what is left after it is released by the close. */
+static void drain(int fd, bool stream);
+
 static void defuse(int fd) {
   struct linger l = {1, 0};
   if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l)) < 0) return; /* not a socket */
@@ -73,11 +75,23 @@ static void defuse(int fd) {
     }
     return;
   }
-  /* Read until nothing is queued. A read of 0 is the end of a stream; on a SEQPACKET or
-   * datagram socket it is also an empty message (with descriptors, maybe), which the kernel
-   * does not tell apart from the end: a run of them is taken for the end. */
   len = sizeof(v);
-  bool stream = getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &len) == 0 && v == SOCK_STREAM;
+  drain(fd, getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &len) == 0 && v == SOCK_STREAM);
+}
+
+/* A proxy end a tenant made, as the engine checked it when it came (control.c proxy_fd_ok):
+ * a connected AF_UNIX SOCK_SEQPACKET socket, which can neither linger nor listen, so only
+ * what the tenant may have queued on it since is left to take. */
+static void defuse_proxy(int fd) {
+  int off = 0;
+  setsockopt(fd, SOL_SOCKET, SO_PASSRIGHTS, &off, sizeof(off));
+  drain(fd, false);
+}
+
+/* Read until nothing is queued. A read of 0 is the end of a stream; on a SEQPACKET or
+ * datagram socket it is also an empty message (with descriptors, maybe), which the kernel
+ * does not tell apart from the end: a run of them is taken for the end. */
+static void drain(int fd, bool stream) {
   static char buf[65536]; /* the closer's own: one thread */
   for (int i = 0, empty = 0; i < 4096 && empty < 8; i++) {
     ssize_t n = nk_recv_untrusted(fd, buf, sizeof(buf), MSG_DONTWAIT);
@@ -88,23 +102,28 @@ static void defuse(int fd) {
 
 /* Descriptors queued to the closer or being closed: still the engine's until closed. */
 static _Atomic uint64_t closer_pending;
+/* A queue entry: the descriptor, with this bit for a proxy end (nk_close_later_proxy).
+ * Descriptors stay below it: the kernel's most (fs.nr_open) is 2^20 by default. */
+#define CLOSE_PROXY (1 << 30)
 
 static void *closer_main(void *arg) {
   (void)arg;
   for (;;) {
     pthread_mutex_lock(&closer_mu);
     while (closer_head == closer_n) pthread_cond_wait(&closer_cv, &closer_mu);
-    int fd = closer_q[closer_head++];
+    int entry = closer_q[closer_head++];
     if (closer_head == closer_n) closer_head = closer_n = 0;
     pthread_mutex_unlock(&closer_mu);
-    defuse(fd);
+    int fd = entry & ~CLOSE_PROXY;
+    if (entry & CLOSE_PROXY) defuse_proxy(fd);
+    else defuse(fd);
     close(fd);
     atomic_fetch_sub(&closer_pending, 1);
   }
   return NULL;
 }
 
-void nk_close_later(int fd) {
+static void close_later(int fd, int flags) {
   if (fd < 0) return;
   pthread_mutex_lock(&closer_mu);
   if (closer_up && closer_n == closer_cap && closer_head > 0) {
@@ -123,7 +142,7 @@ void nk_close_later(int fd) {
   bool queued = closer_up && closer_n < closer_cap;
   if (queued) {
     atomic_fetch_add(&closer_pending, 1);
-    closer_q[closer_n++] = fd;
+    closer_q[closer_n++] = fd | flags;
     pthread_cond_signal(&closer_cv);
   }
   pthread_mutex_unlock(&closer_mu);
@@ -134,6 +153,10 @@ void nk_close_later(int fd) {
     close(fd);
   }
 }
+
+void nk_close_later(int fd) { close_later(fd, 0); }
+
+void nk_close_later_proxy(int fd) { close_later(fd, CLOSE_PROXY); }
 
 /* A proxy end refuses descriptors from now on, where the kernel can (true then). One the
  * tenant made (`fresh` false) may come with messages queued and with SO_PASSCRED,

@@ -170,7 +170,7 @@ void nk_sock_close_proxy(struct nk_esock *es) {
     /* The tenant may hold a copy of this end, which would keep it in the set. */
     nk_epoll_del(es->proxy);
     shutdown(es->proxy, SHUT_RDWR);
-    nk_close_later(es->proxy);
+    nk_close_later_proxy(es->proxy);
   }
   es->proxy = -1;
 }

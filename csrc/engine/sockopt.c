@@ -371,6 +371,15 @@ int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, so
   return 0;
 }
 
+/* An option GuestLib recorded in the socket's slot (control.c take_preopts): one Linux takes
+ * with any int value (netkernel/preopt.h), so a socket with no kernel socket yet only
+ * remembers it, for its endpoints to take when they open; no check is needed. */
+int nk_sock_setopt_known(struct nk_esock *es, int level, int name, int v) {
+  if (es->ep_count) return nk_sock_setopt(es, level, name, &v, sizeof(v));
+  remember_opt(es, level, name, &v, sizeof(v));
+  return 0;
+}
+
 int nk_sock_getopt(struct nk_esock *es, int level, int name, void *val, socklen_t *len) {
   if (level == IPPROTO_TCP && name == TCP_ZEROCOPY_RECEIVE) return -EOPNOTSUPP; /* addresses */
   if (level == SOL_SOCKET && name == SO_LINGER) {
