@@ -192,7 +192,7 @@ static bool proxy_fd_ok(int fd) {
 }
 
 /* The options GuestLib recorded in the slot while the socket had no kernel socket (abi.h
- * NK_PREOPT_*), applied as setsockopt() requests would be, in their place. O2: taken before a
+ * NK_PREOPT_*), applied in place of the setsockopt() requests they stand for. O2: taken before a
  * request and again after it, once the request has stored the socket's new state; pairs with
  * O1 in GuestLib (one recorded while a bind or connect was on its way is seen here or taken
  * back there). A tenant can only set options on its own sockets this way, as it could with
@@ -204,7 +204,7 @@ static void take_preopts(struct nk_esock *es) {
   for (int i = 0; i < NK_PREOPT_COUNT; i++) {
     if (!(p & (1u << i))) continue;
     int v = (p >> (NK_PREOPT_VALUE + i)) & 1;
-    (void)nk_sock_setopt_known(es, nk_preopts[i].level, nk_preopts[i].name, v); /* logs a refusal */
+    (void)nk_sock_setopt_known(es, nk_preopts[i].level, nk_preopts[i].name, v);
   }
 }
 

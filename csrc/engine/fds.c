@@ -48,13 +48,23 @@ static int *closer_q; /* first in, first out: closer_q[closer_head .. closer_n) 
 static size_t closer_head, closer_n, closer_cap;
 static bool closer_up;
 
+/* Read until nothing is queued. A read of 0 is the end of a stream; on a SEQPACKET or
+ * datagram socket it is also an empty message (with descriptors, maybe), which the kernel
+ * does not tell apart from the end: a run of them is taken for the end. */
+static void drain(int fd, bool stream) {
+  static char buf[65536]; /* the closer's own: one thread */
+  for (int i = 0, empty = 0; i < 4096 && empty < 8; i++) {
+    ssize_t n = nk_recv_untrusted(fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n < 0 || (n == 0 && stream)) break;
+    empty = n == 0 ? empty + 1 : 0;
+  }
+}
+
 /* What a close of fd could wait for, taken away first: a socket's linger (the close sends a
  * reset instead of waiting for unsent data) and, for a UNIX socket, the descriptors queued on
  * it or on connections waiting in its accept queue (released by the close, they would be
  * closed here as they are: each is queued to the closer instead). The budget bounds the work
  * one descriptor costs; what is left after it is released by the close. */
-static void drain(int fd, bool stream);
-
 static void defuse(int fd) {
   struct linger l = {1, 0};
   if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l)) < 0) return; /* not a socket */
@@ -86,18 +96,6 @@ static void defuse_proxy(int fd) {
   int off = 0;
   setsockopt(fd, SOL_SOCKET, SO_PASSRIGHTS, &off, sizeof(off));
   drain(fd, false);
-}
-
-/* Read until nothing is queued. A read of 0 is the end of a stream; on a SEQPACKET or
- * datagram socket it is also an empty message (with descriptors, maybe), which the kernel
- * does not tell apart from the end: a run of them is taken for the end. */
-static void drain(int fd, bool stream) {
-  static char buf[65536]; /* the closer's own: one thread */
-  for (int i = 0, empty = 0; i < 4096 && empty < 8; i++) {
-    ssize_t n = nk_recv_untrusted(fd, buf, sizeof(buf), MSG_DONTWAIT);
-    if (n < 0 || (n == 0 && stream)) break;
-    empty = n == 0 ? empty + 1 : 0;
-  }
 }
 
 /* Descriptors queued to the closer or being closed: still the engine's until closed. */
