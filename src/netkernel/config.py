@@ -59,6 +59,9 @@ NSM_KINDS = ("kernel", "lwip")
 TENANT_OFFSET_V4 = 256
 TENANT_OFFSET_V6 = 0x1_0000
 MAX_TENANTS = 250
+# The port of each tenant's relay (relay.py) on its loopback: outside the ephemeral range
+# (32768-60999), so never one the kernel picks for a program.
+RELAY_PORT = 61001
 # NSM index i takes host 2+i, which must stay below the first tenant (host 257).
 MAX_NSMS = 250
 LOG_FORMATS = ("text", "json")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable
 
-from . import cgroups, guard, netns, sandbox, steer
+from . import cgroups, guard, netns, relay, sandbox, steer
 from .config import (
     ADMIN_SOCKET,
     BRIDGE,
@@ -167,6 +167,7 @@ def create_tenant(t: Tenant, nsm: NSM, tenant_cgroups: cgroups.Cgroups) -> None:
     # see, whether the namespace has an IPv4 / IPv6 address before it looks a name up.
     for cidr in t.cidrs:
         netns.addr_add("lo", cidr, netns=t.netns)
+    relay.setup(t)  # programs GuestLib does not reach: through its relay
     add_tenant_addresses(t, nsm)
     tdir = TENANTS_DIR / t.name
     tdir.mkdir(mode=0o755, parents=True, exist_ok=True)

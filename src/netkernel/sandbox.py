@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cgroups
-from .config import ENGINE_SOCKET, RUN_DIR, STATE_DIR, TENANTS_DIR, libdir
+from .config import ENGINE_SOCKET, RELAY_PORT, RUN_DIR, STATE_DIR, TENANTS_DIR, libdir
 from .errors import InstallError, NetKernelError
 
 TENANT_UID_BASE = 1_000_000_000
@@ -80,6 +80,9 @@ CAPABILITIES = (
 # the same path inside the sandbox, under its private /run.
 GUESTLIB_HOST_DIR = RUN_DIR / "lib"
 GUESTLIB_DIR = str(GUESTLIB_HOST_DIR)
+# The relay (relay.py) is the holder's program: it lives as long as the tenant's namespaces.
+RELAY_NAME = "netkernel-relay"
+RELAY_LOG = "/run/netkernel/relay.log"  # in the tenant's private /run
 CLONE_NEWNET = 0x40000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUTS = 0x04000000
@@ -268,8 +271,8 @@ def holder(rec: dict[str, Any]) -> int:
         start = _start_time(pid)
         if start is None:
             raise SandboxError(f"tenant {rec['name']}: its namespaces' holder died at once")
-        # The holder's processes (bubblewrap outside, its init, the program that keeps it
-        # up), which are NetKernel's, not the tenant's programs: `ps` leaves them out.
+        # The holder's processes (bubblewrap outside, its init, the relay that keeps it up),
+        # which are NetKernel's, not the tenant's programs: `ps` leaves them out.
         own = [_parent(pid), pid, *_children(pid)]
         pidfile.write_text(f"{pid} {start} {' '.join(map(str, own))}\n")
         return pid
@@ -301,6 +304,12 @@ def programs(name: str, pids: list[int]) -> list[int]:
     out = []
     for pid in pids:
         if pid in own:
+            continue
+        try:  # the relay's worker, a child of the holder's program (not of its init)
+            parent = _parent(pid)
+            if rec and parent in own and parent != rec[0]:
+                continue
+        except (OSError, ValueError, IndexError):
             continue
         try:
             if pidns is not None and os.stat(f"/proc/{pid}/ns/pid").st_ino != pidns:
@@ -363,9 +372,13 @@ def _start_holder(rec: dict[str, Any]) -> int:
         "ALL",
         "--seccomp",
         str(filt),
+        *[a for k, v in tenant_env({}, rec["name"]).items() for a in ("--setenv", k, v)],
         "--",
-        "sleep",
-        "infinity",
+        f"{GUESTLIB_DIR}/{RELAY_NAME}",
+        "--port",
+        str(RELAY_PORT),
+        "--log",
+        RELAY_LOG,
     ]
     try:
         proc = subprocess.Popen(
@@ -399,15 +412,24 @@ def _start_holder(rec: dict[str, Any]) -> int:
         os.close(block_w)
     assert proc.stderr is not None
     proc.stderr.close()
-    # Ready when the namespaces are mapped and sleep runs in them.
+    # Ready when the namespaces are mapped and the relay listens in them.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if _children(pid):
+        if _children(pid) and _relay_listens(pid):
             return pid
         if _start_time(pid) is None:
             break
         time.sleep(0.005)
     raise SandboxError(f"tenant {rec['name']}: its sandbox did not come up{_userns_hint()}")
+
+
+def _relay_listens(pid: int) -> bool:
+    try:
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    want = f":{RELAY_PORT:04X}"
+    return any(f[1].endswith(want) and f[3] == "0A" for f in (ln.split() for ln in lines) if len(f) > 3)
 
 
 def _userns_hint() -> str:
@@ -615,13 +637,15 @@ def command(
 
 
 def install_guestlib() -> None:
-    """GuestLib where every tenant can read it: the package may live under a directory only
-    root may enter (a pyenv under /root), and bubblewrap opens it as the tenant's root."""
+    """GuestLib and the relay where every tenant can read them: the package may live under a
+    directory only root may enter (a pyenv under /root), and bubblewrap opens them as the
+    tenant's root."""
     GUESTLIB_HOST_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    tmp = GUESTLIB_HOST_DIR / ".libnetkernel.so.new"
-    shutil.copyfile(libdir() / "libnetkernel.so", tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, GUESTLIB_HOST_DIR / "libnetkernel.so")
+    for name, mode in (("libnetkernel.so", 0o644), (RELAY_NAME, 0o755)):
+        tmp = GUESTLIB_HOST_DIR / f".{name}.new"
+        shutil.copyfile(libdir() / name, tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, GUESTLIB_HOST_DIR / name)
 
 
 def tenant_env(env: dict[str, str], name: str) -> dict[str, str]:

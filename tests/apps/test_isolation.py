@@ -1,6 +1,8 @@
 """Isolation: a tenant has no path around NetKernel (decision E in DESIGN.md).
 
-- a process without GuestLib (env -u LD_PRELOAD) gets ENETUNREACH, as in any lo-only netns;
+- a process without GuestLib (env -u LD_PRELOAD, as a static or Go program is) still reaches
+  peers only through NetKernel: its TCP connections go through the tenant's relay, leave from
+  the tenant's address, and show in `netkernel conns`; its UDP goes nowhere;
 - a raw socket cannot reach the peer;
 - tenant loopback is private: a server on 127.0.0.1 / ::1 in tenant A is reachable from A but
   refused from tenant B and from the NSM namespace's loopback.
@@ -8,11 +10,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
 from apputil import PROGS, PY, describe, run_checked, stop, uname, wait_line
-from conftest import wait_port
+from conftest import nk, wait_port
 
 PORT = 7171
 
@@ -43,25 +46,75 @@ def peer_with_server(peer_ns):
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_without_guestlib_no_network(family, tenant, peer_with_server) -> None:
-    peer = peer_with_server
+def test_without_guestlib_only_through_netkernel(family, tenant, peer_ns, nk_daemon) -> None:
+    peer = peer_ns()
     t = tenant(uname("iso"))
     addr = peer.ipv4 if family == "ipv4" else peer.ipv6
-    # Control: through NetKernel the peer is reachable.
-    assert probe(t, addr, PORT) == "CONNECTED"
-    # Without GuestLib the tenant's namespace has nowhere to send anything.
-    assert probe(t, addr, PORT, no_preload=True) == "ERR ENETUNREACH"
-    # UDP too: sendto from a plain socket, outside NetKernel.
-    fam = "socket.AF_INET" if family == "ipv4" else "socket.AF_INET6"
-    code = (
-        "import socket,errno\n"
-        f"s=socket.socket({fam},socket.SOCK_DGRAM)\n"
-        "try:\n"
-        f"    s.sendto(b'x',({addr!r},{PORT})); print('SENT')\n"
-        "except OSError as e: print('ERR', errno.errorcode[e.errno])\n"
+    mine = t.ipv4 if family == "ipv4" else t.ipv6
+    fam = "AF_INET" if family == "ipv4" else "AF_INET6"
+    # The peer says who connected and holds the connection until told, so that the engine's
+    # view of it can be looked at meanwhile.
+    server = peer.popen(
+        [
+            PY,
+            "-u",
+            "-c",
+            "import socket,sys\n"
+            f"l=socket.create_server(({addr!r},{PORT}),family=socket.{fam})\n"
+            "print('READY',flush=True)\n"
+            "c,p=l.accept(); print('FROM',p[0],flush=True); c.recv(1); c.close()\n",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    proc = run_checked(t, ["env", "-u", "LD_PRELOAD", PY, "-c", code], timeout=30)
-    assert proc.stdout.strip() == "ERR ENETUNREACH", describe(proc)
+    wait_line(server, r"^READY")
+    code = (
+        "import socket,sys\n"
+        f"s=socket.create_connection(({addr!r},{PORT}),timeout=10)\n"
+        "print('LOCAL',s.getsockname()[0],flush=True); sys.stdin.readline(); s.sendall(b'x')\n"
+    )
+    client = t.popen(
+        ["env", "-u", "LD_PRELOAD", PY, "-u", "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_line(client, r"^LOCAL").split()[1] == mine
+        assert wait_line(server, r"^FROM").split()[1] == mine
+        conns = json.loads(nk("conns", "--json", check=True).stdout)["conns"]
+        assert any(
+            c["tenant"] == t.name and addr in (c["peer"] or "") and (c["peer"] or "").endswith(f":{PORT}")
+            for c in conns
+        ), conns
+        client.stdin.write(b"\n")
+        client.stdin.flush()
+        assert client.wait(timeout=30) == 0, describe(client)
+    finally:
+        stop(client)
+        stop(server)
+    # UDP has no relay yet: a plain socket's datagram never reaches the peer (the namespace
+    # delivers it to itself).
+    receiver = peer.popen(
+        [
+            PY,
+            "-u",
+            "-c",
+            f"import socket\ns=socket.socket(socket.{fam},socket.SOCK_DGRAM)\n"
+            f"s.bind(({addr!r},{PORT})); s.settimeout(3)\n"
+            "print('READY',flush=True)\n"
+            "try:\n    print('GOT',s.recvfrom(100))\nexcept TimeoutError: print('NOTHING')\n",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    wait_line(receiver, r"^READY")
+    code = (
+        f"import socket\ns=socket.socket(socket.{fam},socket.SOCK_DGRAM)\ns.sendto(b'x',({addr!r},{PORT}))\n"
+    )
+    run_checked(t, ["env", "-u", "LD_PRELOAD", PY, "-c", code], timeout=30)
+    out, _ = receiver.communicate(timeout=30)
+    assert out.decode().strip().splitlines()[-1] == "NOTHING", out
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])

@@ -1,0 +1,666 @@
+/* netkernel-relay: NetKernel's network for the programs of a tenant that GuestLib does not
+ * reach — statically linked programs (busybox, musl builds), Go programs, anything that makes
+ * its own system calls (DESIGN §H: "a static program in a namespace tenant gets its sockets
+ * from NetKernel or not at all").
+ *
+ * Such a program's socket() makes a kernel socket in the tenant's namespace, which has only
+ * `lo`. The daemon sets that namespace up so that every TCP connection such a socket makes to
+ * an address that is not the tenant's own is redirected (nftables, `redirect`) to this relay's
+ * listener on the tenant's loopback; the relay — itself a process of the tenant, in its
+ * sandbox, with GuestLib preloaded — reads the original destination (SO_ORIGINAL_DST) and
+ * connects there through NetKernel like any tenant program, then relays the bytes both ways.
+ * The other way round, it watches the namespace's TCP listeners (sock_diag) and listens on
+ * the same address and port through NetKernel; what it accepts there it connects, from the
+ * client's own address and port (IP_FREEBIND), to the program's listener, so the program
+ * sees its real peer.
+ *
+ * So everything the engine knows of these connections comes through GuestLib, with the
+ * engine's checks, the tenant's policy (rate limits, max_sockets) and its NSM, and the program
+ * keeps the kernel's socket semantics (blocking or not, epoll, SO_ERROR, shutdown, options)
+ * for its own end. What differs from a program GuestLib reaches is written down in
+ * docs/architecture.md: two more copies and a loopback hop per byte, and a connect() that
+ * succeeds before the peer answers (a refused one shows as a reset).
+ *
+ * One process, one thread, edge-triggered epoll; a supervising parent restarts it if it dies.
+ * It is part of the tenant: the tenant can kill it or feed it garbage, and hurts only itself.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ifaddrs.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <linux/sock_diag.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SO_ORIGINAL_DST      80 /* linux/netfilter_ipv4.h */
+#define IP6T_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv6/ip6_tables.h */
+
+#define BUF_SIZE        (256 * 1024)
+#define SCAN_MS         200 /* how often the namespace's listeners are looked at */
+#define MAX_MIRRORS     1024
+#define DEFAULT_PORT    61001 /* outside the ephemeral range: never a program's own port */
+#define MIRROR_BACKLOG  4096
+#define RESTART_DELAY_S 1
+
+static FILE *logf;
+
+static void say(const char *fmt, ...) {
+  if (!logf) return;
+  va_list ap;
+  va_start(ap, fmt);
+  fprintf(logf, "netkernel-relay: ");
+  vfprintf(logf, fmt, ap);
+  fprintf(logf, "\n");
+  va_end(ap);
+  fflush(logf);
+}
+
+/* Kernel sockets (in the tenant's namespace) are made with the raw system call: GuestLib's
+ * socket() would make them NetKernel's. Everything else GuestLib passes through for
+ * descriptors it does not own. */
+static int kernel_socket(int family, int type) {
+  return (int)syscall(SYS_socket, family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+}
+
+static int nk_socket(int family) {
+  return socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+}
+
+static socklen_t sa_len(const struct sockaddr_storage *ss) {
+  return ss->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+}
+
+static void sa_str(const struct sockaddr_storage *ss, char *out, size_t n) {
+  char a[INET6_ADDRSTRLEN] = "?";
+  int port = 0;
+  if (ss->ss_family == AF_INET6) {
+    const struct sockaddr_in6 *s6 = (const void *)ss;
+    inet_ntop(AF_INET6, &s6->sin6_addr, a, sizeof(a));
+    port = ntohs(s6->sin6_port);
+    snprintf(out, n, "[%s]:%d", a, port);
+  } else {
+    const struct sockaddr_in *s4 = (const void *)ss;
+    inet_ntop(AF_INET, &s4->sin_addr, a, sizeof(a));
+    port = ntohs(s4->sin_port);
+    snprintf(out, n, "%s:%d", a, port);
+  }
+}
+
+static void nodelay(int fd) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+/* Closing with a reset: what the side that was not reset sees of the side that was. */
+static void close_reset(int fd) {
+  struct linger l = {1, 0};
+  setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+  close(fd);
+}
+
+/* -- a relayed connection ------------------------------------------------------------------ */
+
+/* Tags in epoll data tell what woke us; a connection's two ends point at their struct end. */
+enum kind { K_OUT_LISTENER, K_MIRROR, K_END };
+
+struct pipe_buf {
+  char *data;
+  size_t off, len;
+};
+
+struct conn;
+struct end {
+  enum kind kind; /* K_END */
+  struct conn *c;
+  int fd;
+  bool eof;     /* read 0 from it: nothing more will come */
+  bool shut_wr; /* we shut down its writing side */
+};
+
+struct conn {
+  struct end a, b; /* a: the program's kernel socket; b: NetKernel's */
+  struct end *connecting;
+  struct pipe_buf a2b, b2a;
+  bool dead;
+  struct conn *next_dead;
+};
+
+static int ep;
+/* Closed connections, freed once the events of the current epoll batch are handled (a later
+ * event in the batch may be for the other end of one). */
+static struct conn *graveyard;
+
+static void conn_close(struct conn *c, bool reset) {
+  if (c->dead) return;
+  for (struct end *e = &c->a; e; e = e == &c->a ? &c->b : NULL) {
+    if (reset) close_reset(e->fd);
+    else close(e->fd);
+  }
+  c->dead = true;
+  c->next_dead = graveyard;
+  graveyard = c;
+}
+
+static void bury(void) {
+  while (graveyard) {
+    struct conn *c = graveyard;
+    graveyard = c->next_dead;
+    free(c->a2b.data);
+    free(c->b2a.data);
+    free(c);
+  }
+}
+
+static struct conn *conn_new(int a, int b) {
+  struct conn *c = calloc(1, sizeof(*c));
+  if (!c) return NULL;
+  c->a2b.data = malloc(BUF_SIZE);
+  c->b2a.data = malloc(BUF_SIZE);
+  if (!c->a2b.data || !c->b2a.data) {
+    free(c->a2b.data);
+    free(c->b2a.data);
+    free(c);
+    return NULL;
+  }
+  c->a = (struct end){K_END, c, a, false, false};
+  c->b = (struct end){K_END, c, b, false, false};
+  return c;
+}
+
+static bool watch(struct end *e) {
+  struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = e};
+  return epoll_ctl(ep, EPOLL_CTL_ADD, e->fd, &ev) == 0;
+}
+
+/* Moves what can be moved from `from` to `to` through `p`. Returns -1 when either end failed
+ * (the connection is to be reset), 1 if anything moved, 0 otherwise. */
+static int move(struct end *from, struct end *to, struct pipe_buf *p) {
+  int moved = 0;
+  for (;;) {
+    if (p->len > 0) {
+      ssize_t n = send(to->fd, p->data + p->off, p->len, MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return moved;
+        if (errno == EINTR) continue;
+        return -1;
+      }
+      p->off += (size_t)n;
+      p->len -= (size_t)n;
+      moved = 1;
+      if (p->len > 0) continue;
+      p->off = 0;
+    }
+    if (from->eof) break;
+    ssize_t n = recv(from->fd, p->data, BUF_SIZE, MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return moved;
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    if (n == 0) {
+      from->eof = true;
+      break;
+    }
+    p->len = (size_t)n;
+    moved = 1;
+  }
+  /* The source ended and all it sent is delivered: pass the end of stream on. */
+  if (from->eof && p->len == 0 && !to->shut_wr) {
+    to->shut_wr = true;
+    if (shutdown(to->fd, SHUT_WR) < 0 && errno != ENOTCONN) return -1;
+  }
+  return moved;
+}
+
+static void pump(struct conn *c) {
+  if (c->dead) return;
+  if (c->connecting) {
+    int err = 0;
+    socklen_t l = sizeof(err);
+    if (getsockopt(c->connecting->fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0) err = errno;
+    if (err == 0) {
+      /* Still on its way (we were woken by the other end)? Connected shows as a peer. */
+      struct sockaddr_storage ss;
+      socklen_t sl = sizeof(ss);
+      if (getpeername(c->connecting->fd, (struct sockaddr *)&ss, &sl) < 0) {
+        if (errno == ENOTCONN) return;
+        err = errno;
+      }
+    }
+    if (err) {
+      conn_close(c, true);
+      return;
+    }
+    c->connecting = NULL;
+  }
+  int r1, r2;
+  do {
+    r1 = move(&c->a, &c->b, &c->a2b);
+    r2 = r1 < 0 ? -1 : move(&c->b, &c->a, &c->b2a);
+  } while (r1 > 0 || r2 > 0);
+  if (r1 < 0 || r2 < 0) {
+    conn_close(c, true);
+    return;
+  }
+  if (c->a.shut_wr && c->b.shut_wr) conn_close(c, false);
+}
+
+/* Starts relaying between the accepted `a` and `b`, whose nonblocking connect() is under way
+ * when `b_connecting` (or `a`'s, when `a_connecting`). */
+static void relay(int a, int b, bool a_connecting, bool b_connecting) {
+  struct conn *c = conn_new(a, b);
+  if (!c) {
+    close_reset(a);
+    close_reset(b);
+    return;
+  }
+  c->connecting = a_connecting ? &c->a : b_connecting ? &c->b : NULL;
+  if (!watch(&c->a) || !watch(&c->b)) {
+    say("epoll: %s", strerror(errno));
+    conn_close(c, true);
+    return;
+  }
+  pump(c);
+}
+
+/* -- out: programs' connections to the world ---------------------------------------------- */
+
+struct tag {
+  enum kind kind;
+};
+static struct tag out_tag = {K_OUT_LISTENER};
+
+static int listen_kernel(int family, const char *addr, int port) {
+  int fd = kernel_socket(family, SOCK_STREAM);
+  if (fd < 0) return -1;
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  struct sockaddr_storage ss = {0};
+  if (family == AF_INET6) {
+    struct sockaddr_in6 *s6 = (void *)&ss;
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    s6->sin6_family = AF_INET6;
+    s6->sin6_port = htons(port);
+    inet_pton(AF_INET6, addr, &s6->sin6_addr);
+  } else {
+    struct sockaddr_in *s4 = (void *)&ss;
+    s4->sin_family = AF_INET;
+    s4->sin_port = htons(port);
+    inet_pton(AF_INET, addr, &s4->sin_addr);
+  }
+  if (bind(fd, (struct sockaddr *)&ss, sa_len(&ss)) < 0 || listen(fd, MIRROR_BACKLOG) < 0) {
+    say("listen on %s port %d: %s", addr, port, strerror(errno));
+    close(fd);
+    return -1;
+  }
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &out_tag};
+  epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+  return fd;
+}
+
+static void accept_out(int lfd) {
+  for (;;) {
+    int a = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (a < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) say("accept: %s", strerror(errno));
+      return;
+    }
+    struct sockaddr_storage me = {0}, dst = {0};
+    socklen_t ml = sizeof(me), dl = sizeof(dst);
+    getsockname(a, (struct sockaddr *)&me, &ml);
+    int r = me.ss_family == AF_INET6 ? getsockopt(a, SOL_IPV6, IP6T_SO_ORIGINAL_DST, &dst, &dl)
+                                     : getsockopt(a, SOL_IP, SO_ORIGINAL_DST, &dst, &dl);
+    if (r < 0) { /* a program that connected to the relay itself: nowhere to go */
+      close_reset(a);
+      continue;
+    }
+    nodelay(a);
+    int b = nk_socket(dst.ss_family);
+    if (b < 0) { /* EMFILE at max_sockets, ENOBUFS at max_memory: the program sees a reset */
+      char d[80];
+      sa_str(&dst, d, sizeof(d));
+      say("connection to %s refused by NetKernel: %s", d, strerror(errno));
+      close_reset(a);
+      continue;
+    }
+    nodelay(b);
+    if (connect(b, (struct sockaddr *)&dst, sa_len(&dst)) < 0 && errno != EINPROGRESS) {
+      close_reset(a);
+      close(b);
+      continue;
+    }
+    relay(a, b, false, true);
+  }
+}
+
+/* -- in: the world's connections to programs' listeners ----------------------------------- */
+
+/* A listener of a program (family, address, port, v6only), mirrored on NetKernel. The mirror
+ * listens on the tenant's own addresses, not on wildcards: a wildcard bind through NetKernel
+ * also listens on the tenant's loopback — this namespace's kernel — where the program itself
+ * is. So 0.0.0.0 maps to the tenant's IPv4 address, [::] to its IPv6 one (and its IPv4 one
+ * unless v6only). */
+struct mirror;
+struct mirror_fd {
+  enum kind kind; /* K_MIRROR */
+  int fd;
+};
+struct mirror {
+  int family;
+  uint8_t addr[16];
+  uint16_t port; /* host order */
+  bool v6only;
+  bool seen; /* in the last scan */
+  struct mirror_fd fds[2];
+};
+static struct mirror *mirrors[MAX_MIRRORS];
+static unsigned n_mirrors;
+static struct sockaddr_storage tenant4, tenant6; /* family 0: none */
+
+static bool is_loopback(int family, const uint8_t *a) {
+  if (family == AF_INET) return a[0] == 127;
+  static const uint8_t lo6[16] = {[15] = 1};
+  static const uint8_t mapped[12] = {[10] = 0xff, [11] = 0xff};
+  return !memcmp(a, lo6, 16) || (!memcmp(a, mapped, 12) && a[12] == 127);
+}
+
+static bool is_any(int family, const uint8_t *a) {
+  static const uint8_t zero[16];
+  return !memcmp(a, zero, family == AF_INET6 ? 16 : 4);
+}
+
+/* The tenant's own addresses: those on `lo` that are not loopback. */
+static void find_tenant_addresses(void) {
+  struct ifaddrs *ifa = NULL;
+  if (getifaddrs(&ifa) < 0) return;
+  for (struct ifaddrs *i = ifa; i; i = i->ifa_next) {
+    if (!i->ifa_addr) continue;
+    int fam = i->ifa_addr->sa_family;
+    if (fam == AF_INET && !tenant4.ss_family) {
+      struct sockaddr_in *s4 = (void *)i->ifa_addr;
+      if (!is_loopback(AF_INET, (uint8_t *)&s4->sin_addr)) memcpy(&tenant4, s4, sizeof(*s4));
+    } else if (fam == AF_INET6 && !tenant6.ss_family) {
+      struct sockaddr_in6 *s6 = (void *)i->ifa_addr;
+      if (!is_loopback(AF_INET6, s6->sin6_addr.s6_addr) && !IN6_IS_ADDR_LINKLOCAL(&s6->sin6_addr))
+        memcpy(&tenant6, s6, sizeof(*s6));
+    }
+  }
+  freeifaddrs(ifa);
+}
+
+static void set_port(struct sockaddr_storage *ss, uint16_t port) {
+  if (ss->ss_family == AF_INET6) ((struct sockaddr_in6 *)ss)->sin6_port = htons(port);
+  else ((struct sockaddr_in *)ss)->sin_port = htons(port);
+}
+
+/* Listens through NetKernel on `ss`; returns the descriptor or -1 (said in the log). */
+static int mirror_listen(struct sockaddr_storage *ss, struct mirror_fd *mf) {
+  char s[80];
+  sa_str(ss, s, sizeof(s));
+  int fd = nk_socket(ss->ss_family);
+  int one = 1;
+  if (fd >= 0) {
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (ss->ss_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+  }
+  if (fd < 0 || bind(fd, (struct sockaddr *)ss, sa_len(ss)) < 0 || listen(fd, MIRROR_BACKLOG) < 0) {
+    say("cannot listen on %s through NetKernel for a program's listener: %s", s, strerror(errno));
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  mf->fd = fd;
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = mf};
+  epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+  say("listening on %s for a program's listener", s);
+  return fd;
+}
+
+/* A failure to listen is said once and the mirror kept (without that descriptor), so that
+ * it is not retried every scan: it is when the program's listener goes and comes back. */
+static void mirror_open(int family, const uint8_t *addr, uint16_t port, bool v6only) {
+  if (n_mirrors == MAX_MIRRORS) return;
+  struct mirror *m = calloc(1, sizeof(*m));
+  if (!m) return;
+  *m = (struct mirror){family, {0}, port, v6only, true, {{K_MIRROR, -1}, {K_MIRROR, -1}}};
+  memcpy(m->addr, addr, family == AF_INET6 ? 16 : 4);
+  struct sockaddr_storage want[2] = {0};
+  int n = 0;
+  if (is_any(family, addr)) {
+    if (family == AF_INET6 && tenant6.ss_family) want[n++] = tenant6;
+    if ((family == AF_INET || !v6only) && tenant4.ss_family) want[n++] = tenant4;
+  } else if (family == AF_INET6) {
+    struct sockaddr_in6 *s6 = (void *)&want[n++];
+    s6->sin6_family = AF_INET6;
+    memcpy(&s6->sin6_addr, addr, 16);
+    /* A v4-mapped address is the IPv4 one. */
+    if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
+      struct sockaddr_in *s4 = (void *)&want[n - 1];
+      uint8_t a4[4];
+      memcpy(a4, addr + 12, 4);
+      memset(&want[n - 1], 0, sizeof(want[0]));
+      s4->sin_family = AF_INET;
+      memcpy(&s4->sin_addr, a4, 4);
+    }
+  } else {
+    struct sockaddr_in *s4 = (void *)&want[n++];
+    s4->sin_family = AF_INET;
+    memcpy(&s4->sin_addr, addr, 4);
+  }
+  for (int i = 0; i < n; i++) {
+    set_port(&want[i], port);
+    mirror_listen(&want[i], &m->fds[i]);
+  }
+  mirrors[n_mirrors++] = m;
+}
+
+static void mirror_close(struct mirror *m) {
+  for (int i = 0; i < 2; i++)
+    if (m->fds[i].fd >= 0) close(m->fds[i].fd);
+  free(m);
+}
+
+static void accept_in(struct mirror_fd *m) {
+  for (;;) {
+    struct sockaddr_storage peer = {0}, me = {0};
+    socklen_t pl = sizeof(peer), ml = sizeof(me);
+    int b = accept4(m->fd, (struct sockaddr *)&peer, &pl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (b < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) say("accept: %s", strerror(errno));
+      return;
+    }
+    nodelay(b);
+    getsockname(b, (struct sockaddr *)&me, &ml);
+    int a = kernel_socket(peer.ss_family, SOCK_STREAM);
+    if (a < 0) {
+      close_reset(b);
+      continue;
+    }
+    /* From the client's own address and port, so that the program sees its real peer: the
+     * namespace routes every address to `lo`, and IP_FREEBIND lets us bind one we do not
+     * hold. If that port is taken here, any port of the client's address will do. */
+    int one = 1;
+    if (peer.ss_family == AF_INET6) setsockopt(a, IPPROTO_IPV6, IPV6_FREEBIND, &one, sizeof(one));
+    else setsockopt(a, IPPROTO_IP, IP_FREEBIND, &one, sizeof(one));
+    setsockopt(a, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(a, (struct sockaddr *)&peer, sa_len(&peer)) < 0) {
+      if (peer.ss_family == AF_INET6) ((struct sockaddr_in6 *)&peer)->sin6_port = 0;
+      else ((struct sockaddr_in *)&peer)->sin_port = 0;
+      bind(a, (struct sockaddr *)&peer, sa_len(&peer));
+    }
+    nodelay(a);
+    if (connect(a, (struct sockaddr *)&me, sa_len(&me)) < 0 && errno != EINPROGRESS) {
+      close(a);
+      close_reset(b);
+      continue;
+    }
+    relay(a, b, true, false);
+  }
+}
+
+static int diag_fd = -1;
+
+/* One sock_diag dump of `family`'s TCP listeners; marks the mirrors still wanted. */
+static void scan_family(int family, int skip_port) {
+  struct {
+    struct nlmsghdr nh;
+    struct inet_diag_req_v2 r;
+  } req = {
+      .nh = {.nlmsg_len = sizeof(req),
+             .nlmsg_type = SOCK_DIAG_BY_FAMILY,
+             .nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP},
+      .r = {.sdiag_family = (uint8_t)family,
+            .sdiag_protocol = IPPROTO_TCP,
+            .idiag_states = 1u << 10 /* TCP_LISTEN */},
+  };
+  if (send(diag_fd, &req, sizeof(req), 0) < 0) return;
+  static char buf[32768] __attribute__((aligned(8)));
+  for (;;) {
+    ssize_t n = recv(diag_fd, buf, sizeof(buf), 0);
+    if (n <= 0) return;
+    for (struct nlmsghdr *h = (void *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+      if (h->nlmsg_type == NLMSG_DONE || h->nlmsg_type == NLMSG_ERROR) return;
+      if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY) continue;
+      if (h->nlmsg_len < NLMSG_LENGTH(sizeof(struct inet_diag_msg))) continue;
+      struct inet_diag_msg *d = NLMSG_DATA(h);
+      uint8_t addr[16] = {0};
+      memcpy(addr, d->id.idiag_src, family == AF_INET6 ? 16 : 4);
+      uint16_t port = ntohs(d->id.idiag_sport);
+      if (is_loopback(family, addr) || port == skip_port) continue;
+      bool v6only = false;
+      int alen = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*d)));
+      for (struct rtattr *at = (void *)(d + 1); RTA_OK(at, alen); at = RTA_NEXT(at, alen))
+        if (at->rta_type == INET_DIAG_SKV6ONLY && RTA_PAYLOAD(at) >= 1)
+          v6only = *(uint8_t *)RTA_DATA(at) != 0;
+      bool found = false;
+      for (unsigned i = 0; i < n_mirrors; i++) {
+        struct mirror *m = mirrors[i];
+        if (m->family == family && m->port == port && m->v6only == v6only &&
+            !memcmp(m->addr, addr, family == AF_INET6 ? 16 : 4)) {
+          m->seen = found = true;
+          break;
+        }
+      }
+      if (!found) mirror_open(family, addr, port, v6only);
+    }
+  }
+}
+
+static void scan(int skip_port) {
+  if (diag_fd < 0) {
+    diag_fd = (int)syscall(SYS_socket, AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (diag_fd < 0) return;
+  }
+  for (unsigned i = 0; i < n_mirrors; i++) mirrors[i]->seen = false;
+  scan_family(AF_INET, skip_port);
+  scan_family(AF_INET6, skip_port);
+  /* A program's listener that is gone: its mirror goes too (connections already accepted
+   * stay). */
+  for (unsigned i = 0; i < n_mirrors;) {
+    struct mirror *m = mirrors[i];
+    if (m->seen) {
+      i++;
+      continue;
+    }
+    mirror_close(m);
+    mirrors[i] = mirrors[--n_mirrors];
+  }
+}
+
+/* -- main ------------------------------------------------------------------------------------ */
+
+static long now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int serve(int port) {
+  ep = epoll_create1(EPOLL_CLOEXEC);
+  if (ep < 0) return 1;
+  int l4 = listen_kernel(AF_INET, "127.0.0.1", port);
+  int l6 = listen_kernel(AF_INET6, "::1", port);
+  if (l4 < 0 && l6 < 0) return 1;
+  find_tenant_addresses();
+  say("relaying on port %d", port);
+  long next_scan = 0;
+  struct epoll_event evs[64];
+  for (;;) {
+    long now = now_ms();
+    if (now >= next_scan) {
+      scan(port);
+      next_scan = now + SCAN_MS;
+    }
+    int n = epoll_wait(ep, evs, 64, (int)(next_scan - now));
+    for (int i = 0; i < n; i++) {
+      enum kind k = *(enum kind *)evs[i].data.ptr;
+      if (k == K_OUT_LISTENER) {
+        accept_out(l4);
+        accept_out(l6);
+      } else if (k == K_MIRROR) {
+        accept_in(evs[i].data.ptr);
+      } else {
+        struct end *e = evs[i].data.ptr;
+        pump(e->c);
+      }
+    }
+    bury();
+  }
+}
+
+int main(int argc, char **argv) {
+  int port = DEFAULT_PORT;
+  const char *log_path = NULL;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--log") && i + 1 < argc) log_path = argv[++i];
+    else {
+      fprintf(stderr, "usage: netkernel-relay [--port N] [--log FILE]\n");
+      return 2;
+    }
+  }
+  if (port <= 0 || port > 65535) {
+    fprintf(stderr, "netkernel-relay: --port must be 1..65535\n");
+    return 2;
+  }
+  if (log_path) logf = fopen(log_path, "ae");
+  signal(SIGPIPE, SIG_IGN);
+  /* The parent only restarts the relay if it dies; it makes no sockets. */
+  for (;;) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      /* The parent is what keeps the tenant's namespaces up (the holder's init waits for
+       * all its children): if it is killed, the worker goes too and the namespaces end. */
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() == 1) _exit(1);
+      _exit(serve(port));
+    }
+    if (pid < 0) {
+      sleep(RESTART_DELAY_S);
+      continue;
+    }
+    int st;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
+    say("relay exited (%s %d); restarting", WIFSIGNALED(st) ? "signal" : "status",
+        WIFSIGNALED(st) ? WTERMSIG(st) : WEXITSTATUS(st));
+    sleep(RESTART_DELAY_S);
+  }
+}
