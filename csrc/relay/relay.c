@@ -49,6 +49,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "relay.h"
+
 #define SO_ORIGINAL_DST      80 /* linux/netfilter_ipv4.h */
 #define IP6T_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv6/ip6_tables.h */
 
@@ -61,7 +63,7 @@
 
 static FILE *logf;
 
-static void say(const char *fmt, ...) {
+void say(const char *fmt, ...) {
   if (!logf) return;
   va_list ap;
   va_start(ap, fmt);
@@ -75,7 +77,7 @@ static void say(const char *fmt, ...) {
 /* Kernel sockets (in the tenant's namespace) are made with the raw system call: GuestLib's
  * socket() would make them NetKernel's. Everything else GuestLib passes through for
  * descriptors it does not own. */
-static int kernel_socket(int family, int type) {
+int kernel_socket(int family, int type) {
   return (int)syscall(SYS_socket, family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 }
 
@@ -83,11 +85,11 @@ static int nk_socket(int family) {
   return socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 }
 
-static socklen_t sa_len(const struct sockaddr_storage *ss) {
+socklen_t sa_len(const struct sockaddr_storage *ss) {
   return ss->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
 }
 
-static void sa_str(const struct sockaddr_storage *ss, char *out, size_t n) {
+void sa_str(const struct sockaddr_storage *ss, char *out, size_t n) {
   char a[INET6_ADDRSTRLEN] = "?";
   int port = 0;
   if (ss->ss_family == AF_INET6) {
@@ -117,9 +119,6 @@ static void close_reset(int fd) {
 
 /* -- a relayed connection ------------------------------------------------------------------ */
 
-/* Tags in epoll data tell what woke us; a connection's two ends point at their struct end. */
-enum kind { K_OUT_LISTENER, K_MIRROR, K_END };
-
 struct pipe_buf {
   char *data;
   size_t off, len;
@@ -142,7 +141,7 @@ struct conn {
   struct conn *next_dead;
 };
 
-static int ep;
+int ep;
 /* Closed connections, freed once the events of the current epoll batch are handled (a later
  * event in the batch may be for the other end of one). */
 static struct conn *graveyard;
@@ -373,16 +372,16 @@ struct mirror {
 };
 static struct mirror *mirrors[MAX_MIRRORS];
 static unsigned n_mirrors;
-static struct sockaddr_storage tenant4, tenant6; /* family 0: none */
+struct sockaddr_storage tenant4, tenant6;
 
-static bool is_loopback(int family, const uint8_t *a) {
+bool is_loopback(int family, const uint8_t *a) {
   if (family == AF_INET) return a[0] == 127;
   static const uint8_t lo6[16] = {[15] = 1};
   static const uint8_t mapped[12] = {[10] = 0xff, [11] = 0xff};
   return !memcmp(a, lo6, 16) || (!memcmp(a, mapped, 12) && a[12] == 127);
 }
 
-static bool is_any(int family, const uint8_t *a) {
+bool is_any(int family, const uint8_t *a) {
   static const uint8_t zero[16];
   return !memcmp(a, zero, family == AF_INET6 ? 16 : 4);
 }
@@ -406,7 +405,7 @@ static void find_tenant_addresses(void) {
   freeifaddrs(ifa);
 }
 
-static void set_port(struct sockaddr_storage *ss, uint16_t port) {
+void set_port(struct sockaddr_storage *ss, uint16_t port) {
   if (ss->ss_family == AF_INET6) ((struct sockaddr_in6 *)ss)->sin6_port = htons(port);
   else ((struct sockaddr_in *)ss)->sin_port = htons(port);
 }
@@ -516,10 +515,19 @@ static void accept_in(struct mirror_fd *m) {
   }
 }
 
+long now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static int diag_fd = -1;
 
-/* One sock_diag dump of `family`'s TCP listeners; marks the mirrors still wanted. */
-static void scan_family(int family, int skip_port) {
+/* One sock_diag dump of `family`'s TCP listeners (UDP: unconnected sockets), each passed to
+ * `found` with its address, port and v6only. */
+static void scan_family(int family, int protocol,
+                        void (*found)(int family, const uint8_t *addr, uint16_t port,
+                                      bool v6only)) {
   struct {
     struct nlmsghdr nh;
     struct inet_diag_req_v2 r;
@@ -528,8 +536,9 @@ static void scan_family(int family, int skip_port) {
              .nlmsg_type = SOCK_DIAG_BY_FAMILY,
              .nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP},
       .r = {.sdiag_family = (uint8_t)family,
-            .sdiag_protocol = IPPROTO_TCP,
-            .idiag_states = 1u << 10 /* TCP_LISTEN */},
+            .sdiag_protocol = (uint8_t)protocol,
+            .idiag_states = protocol == IPPROTO_UDP ? 1u << 7 /* TCP_CLOSE */
+                                                    : 1u << 10 /* TCP_LISTEN */},
   };
   if (send(diag_fd, &req, sizeof(req), 0) < 0) return;
   static char buf[32768] __attribute__((aligned(8)));
@@ -544,34 +553,48 @@ static void scan_family(int family, int skip_port) {
       uint8_t addr[16] = {0};
       memcpy(addr, d->id.idiag_src, family == AF_INET6 ? 16 : 4);
       uint16_t port = ntohs(d->id.idiag_sport);
-      if (is_loopback(family, addr) || port == skip_port) continue;
+      if (is_loopback(family, addr) || port == 0) continue;
       bool v6only = false;
       int alen = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*d)));
       for (struct rtattr *at = (void *)(d + 1); RTA_OK(at, alen); at = RTA_NEXT(at, alen))
         if (at->rta_type == INET_DIAG_SKV6ONLY && RTA_PAYLOAD(at) >= 1)
           v6only = *(uint8_t *)RTA_DATA(at) != 0;
-      bool found = false;
-      for (unsigned i = 0; i < n_mirrors; i++) {
-        struct mirror *m = mirrors[i];
-        if (m->family == family && m->port == port && m->v6only == v6only &&
-            !memcmp(m->addr, addr, family == AF_INET6 ? 16 : 4)) {
-          m->seen = found = true;
-          break;
-        }
-      }
-      if (!found) mirror_open(family, addr, port, v6only);
+      /* Only the tenant's own addresses and wildcards: the relay's own sockets are bound to
+       * loopback or to peers' addresses. */
+      bool own = is_any(family, addr) ||
+                 (family == AF_INET && tenant4.ss_family &&
+                  !memcmp(addr, &((struct sockaddr_in *)&tenant4)->sin_addr, 4)) ||
+                 (family == AF_INET6 && tenant6.ss_family &&
+                  !memcmp(addr, &((struct sockaddr_in6 *)&tenant6)->sin6_addr, 16));
+      if (own) found(family, addr, port, v6only);
     }
   }
 }
 
-static void scan(int skip_port) {
+static void tcp_listener_found(int family, const uint8_t *addr, uint16_t port, bool v6only) {
+  for (unsigned i = 0; i < n_mirrors; i++) {
+    struct mirror *m = mirrors[i];
+    if (m->family == family && m->port == port && m->v6only == v6only &&
+        !memcmp(m->addr, addr, family == AF_INET6 ? 16 : 4)) {
+      m->seen = true;
+      return;
+    }
+  }
+  mirror_open(family, addr, port, v6only);
+}
+
+static void scan(void) {
   if (diag_fd < 0) {
     diag_fd = (int)syscall(SYS_socket, AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
     if (diag_fd < 0) return;
   }
   for (unsigned i = 0; i < n_mirrors; i++) mirrors[i]->seen = false;
-  scan_family(AF_INET, skip_port);
-  scan_family(AF_INET6, skip_port);
+  scan_family(AF_INET, IPPROTO_TCP, tcp_listener_found);
+  scan_family(AF_INET6, IPPROTO_TCP, tcp_listener_found);
+  udp_scan_begin();
+  scan_family(AF_INET, IPPROTO_UDP, udp_socket_found);
+  scan_family(AF_INET6, IPPROTO_UDP, udp_socket_found);
+  udp_scan_end(now_ms());
   /* A program's listener that is gone: its mirror goes too (connections already accepted
    * stay). */
   for (unsigned i = 0; i < n_mirrors;) {
@@ -587,26 +610,21 @@ static void scan(int skip_port) {
 
 /* -- main ------------------------------------------------------------------------------------ */
 
-static long now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int serve(int port) {
+static int serve(int port, int udp4, int udp6) {
   ep = epoll_create1(EPOLL_CLOEXEC);
   if (ep < 0) return 1;
   int l4 = listen_kernel(AF_INET, "127.0.0.1", port);
   int l6 = listen_kernel(AF_INET6, "::1", port);
   if (l4 < 0 && l6 < 0) return 1;
   find_tenant_addresses();
+  udp_init(udp4, udp6);
   say("relaying on port %d", port);
   long next_scan = 0;
   struct epoll_event evs[64];
   for (;;) {
     long now = now_ms();
     if (now >= next_scan) {
-      scan(port);
+      scan();
       next_scan = now + SCAN_MS;
     }
     int n = epoll_wait(ep, evs, 64, (int)(next_scan - now));
@@ -617,23 +635,29 @@ static int serve(int port) {
         accept_out(l6);
       } else if (k == K_MIRROR) {
         accept_in(evs[i].data.ptr);
+      } else if (k != K_END) {
+        udp_event(evs[i].data.ptr);
       } else {
         struct end *e = evs[i].data.ptr;
         pump(e->c);
       }
     }
     bury();
+    udp_bury();
   }
 }
 
 int main(int argc, char **argv) {
-  int port = DEFAULT_PORT;
+  int port = DEFAULT_PORT, udp4 = -1, udp6 = -1;
   const char *log_path = NULL;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--log") && i + 1 < argc) log_path = argv[++i];
+    else if (!strcmp(argv[i], "--udp4-fd") && i + 1 < argc) udp4 = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--udp6-fd") && i + 1 < argc) udp6 = atoi(argv[++i]);
     else {
-      fprintf(stderr, "usage: netkernel-relay [--port N] [--log FILE]\n");
+      fprintf(stderr,
+              "usage: netkernel-relay [--port N] [--log FILE] [--udp4-fd FD] [--udp6-fd FD]\n");
       return 2;
     }
   }
@@ -651,7 +675,7 @@ int main(int argc, char **argv) {
        * all its children): if it is killed, the worker goes too and the namespaces end. */
       prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (getppid() == 1) _exit(1);
-      _exit(serve(port));
+      _exit(serve(port, udp4, udp6));
     }
     if (pid < 0) {
       sleep(RESTART_DELAY_S);

@@ -11,7 +11,10 @@ programs off, since the namespace still has nothing but ``lo``):
   leaves the namespace;
 - an nftables table that redirects each new TCP connection to an address other than loopback
   or the tenant's own to the relay's port on loopback (conntrack NAT; the relay reads the
-  original destination with SO_ORIGINAL_DST). The connections tracked are capped per tenant,
+  original destination with SO_ORIGINAL_DST), and each such UDP datagram to the relay's
+  transparent UDP sockets (TPROXY, with IP_ORIGDSTADDR), which are made here, as root, since
+  IP_TRANSPARENT needs a privilege the relay does not have (``transparent_udp_sockets``,
+  passed to it when the holder starts). The connections tracked are capped per tenant,
   so that one tenant cannot fill the host's conntrack table (``nf_conntrack_max``, shared by
   all namespaces); pure loopback traffic is not tracked at all;
 - ``ip_unprivileged_port_start=0``: a static server may listen on port 80 of its own
@@ -20,6 +23,7 @@ programs off, since the namespace still has nothing but ``lo``):
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from typing import TYPE_CHECKING
 
@@ -47,6 +51,11 @@ def ruleset(ipv4: str, ipv6: str) -> str:
     type filter hook output priority filter; policy accept;
     ct state new ct count over {CONNTRACK_LIMIT} meta l4proto tcp reject with tcp reset
     ct state new ct count over {CONNTRACK_LIMIT} reject
+  }}
+  chain udp_pre {{
+    type filter hook prerouting priority mangle; policy accept;
+    iif "lo" meta l4proto udp ip daddr != {{ 127.0.0.0/8, {ipv4} }} tproxy ip to 127.0.0.1:{RELAY_PORT}
+    iif "lo" meta l4proto udp ip6 daddr != {{ ::1, {ipv6} }} tproxy ip6 to [::1]:{RELAY_PORT}
   }}
   chain nat_out {{
     type nat hook output priority -100; policy accept;
@@ -77,3 +86,29 @@ def setup(t: Tenant) -> None:
             f"tenant {t.name!r}: cannot set up the redirection for programs GuestLib does not "
             f"reach (nftables with conntrack NAT in its namespace): {proc.stderr.strip()}"
         )
+
+
+IP_TRANSPARENT = 19
+IP_RECVORIGDSTADDR = 20
+IPV6_RECVORIGDSTADDR = 74
+IPV6_TRANSPARENT = 75
+
+
+def transparent_udp_sockets() -> tuple[socket.socket, socket.socket]:
+    """The relay's TPROXY targets, in the calling thread's network namespace (the caller
+    enters the tenant's): UDP on 127.0.0.1 and [::1], port RELAY_PORT."""
+    s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        s4.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        s4.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+        s4.bind(("127.0.0.1", RELAY_PORT))
+        s6.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        s6.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+        s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s6.bind(("::1", RELAY_PORT))
+    except OSError:
+        s4.close()
+        s6.close()
+        raise
+    return s4, s6

@@ -48,13 +48,14 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from . import cgroups
+from . import cgroups, relay
 from .config import ENGINE_SOCKET, RELAY_PORT, RUN_DIR, STATE_DIR, TENANTS_DIR, libdir
 from .errors import InstallError, NetKernelError
 
@@ -88,6 +89,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUTS = 0x04000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
 class SandboxError(NetKernelError):
@@ -349,6 +351,11 @@ def _start_holder(rec: dict[str, Any]) -> int:
         filt = os.open(seccomp_filter(), os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise SandboxError(f"tenant {rec['name']}: cannot open {e.filename}: {e.strerror}") from None
+    try:
+        udp = _in_netns(rec["netns_path"], relay.transparent_udp_sockets)
+    except OSError as e:
+        os.close(filt)
+        raise SandboxError(f"tenant {rec['name']}: cannot make the relay's UDP sockets: {e}") from None
     block_r, block_w = os.pipe2(os.O_CLOEXEC)
     info_r, info_w = os.pipe2(os.O_CLOEXEC)
     cmd = [
@@ -379,11 +386,15 @@ def _start_holder(rec: dict[str, Any]) -> int:
         str(RELAY_PORT),
         "--log",
         RELAY_LOG,
+        "--udp4-fd",
+        str(udp[0].fileno()),
+        "--udp6-fd",
+        str(udp[1].fileno()),
     ]
     try:
         proc = subprocess.Popen(
             cmd,
-            pass_fds=(block_r, info_w, filt),
+            pass_fds=(block_r, info_w, filt, udp[0].fileno(), udp[1].fileno()),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -396,6 +407,8 @@ def _start_holder(rec: dict[str, Any]) -> int:
         os.close(block_r)
         os.close(info_w)
         os.close(filt)
+        for sock in udp:
+            sock.close()
     try:
         try:
             info = _read_info(info_r)
@@ -430,6 +443,27 @@ def _relay_listens(pid: int) -> bool:
         return False
     want = f":{RELAY_PORT:04X}"
     return any(f[1].endswith(want) and f[3] == "0A" for f in (ln.split() for ln in lines) if len(f) > 3)
+
+
+def _in_netns(path: str, fn: Callable[[], T]) -> T:
+    """``fn()`` run in a thread that entered the network namespace at ``path`` (setns moves
+    only the calling thread; sockets stay in the namespace they were made in)."""
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            _setns_path(path, CLONE_NEWNET)
+            out.append(fn())
+        except BaseException as e:
+            err.append(e)
+
+    th = threading.Thread(target=target, name="netns")
+    th.start()
+    th.join()
+    if err:
+        raise err[0]
+    return out[0]
 
 
 def _userns_hint() -> str:

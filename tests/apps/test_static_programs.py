@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def static_bin() -> Iterator[Path]:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed (apt-get install {pkg}); .ci/run installs it")
     subprocess.run(
-        ["musl-gcc", "-static", "-O2", "-o", str(d / "tcp"), str(HERE / "tcp.c")],
+        ["musl-gcc", "-static", "-O2", "-o", str(d / "net"), str(HERE / "net.c")],
         check=True,
         capture_output=True,
     )
@@ -49,7 +50,7 @@ def static_bin() -> Iterator[Path]:
         capture_output=True,
         env=env,
     )
-    for exe in ("tcp", "nkgo"):
+    for exe in ("net", "nkgo"):
         out = subprocess.run(["file", "-b", str(d / exe)], capture_output=True, text=True).stdout
         assert "statically linked" in out, f"{exe}: {out}"
     yield d
@@ -65,7 +66,7 @@ def test_busybox_is_static() -> None:
 def test_musl_static_tcp_both_ways(family, static_bin, tenant, peer_ns) -> None:
     t, peer = tenant(uname("smusl")), peer_ns()
     paddr, taddr = (peer.ipv4, t.ipv4) if family == "ipv4" else (peer.ipv6, t.ipv6)
-    tcp = str(static_bin / "tcp")
+    tcp = str(static_bin / "net")
     # The tenant's program connects out to the peer's server...
     server = peer.popen([tcp, "server", "7301"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -85,15 +86,39 @@ def test_musl_static_tcp_both_ways(family, static_bin, tenant, peer_ns) -> None:
         stop(server)
 
 
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_musl_static_udp_both_ways(family, static_bin, tenant, peer_ns) -> None:
+    t, peer = tenant(uname("smuslu")), peer_ns()
+    paddr, taddr = (peer.ipv4, t.ipv4) if family == "ipv4" else (peer.ipv6, t.ipv6)
+    net = str(static_bin / "net")
+    server = peer.popen(
+        [net, "udp-server", "7304"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_line(server, r"^READY")
+        proc = run_checked(t, [net, "udp-client", paddr, "7304", "300"], timeout=120)
+        assert proc.stdout.split() == ["OK", "300"], describe(proc)
+    finally:
+        stop(server)
+    server = t.popen([net, "udp-server", "7305"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_line(server, r"^READY")
+        time.sleep(0.5)  # the relay finds a new UDP socket within 200 ms
+        proc = peer.run([net, "udp-client", taddr, "7305", "300"], capture_output=True, text=True)
+        assert proc.stdout.split() == ["OK", "300"], describe(proc)
+    finally:
+        stop(server)
+
+
 def test_a_preloaded_program_that_execs_a_static_one(static_bin, tenant, peer_ns) -> None:
     """GuestLib is in the first program and gone after execve: the static one still connects,
     through the relay."""
     t, peer = tenant(uname("sexec")), peer_ns()
-    tcp = str(static_bin / "tcp")
+    tcp = str(static_bin / "net")
     server = peer.popen([tcp, "server", "7303"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_line(server, r"^READY")
-        code = f"import os; os.execv({tcp!r}, ['tcp', 'client', {peer.ipv4!r}, '7303', str(1 << 20)])"
+        code = f"import os; os.execv({tcp!r}, ['net', 'client', {peer.ipv4!r}, '7303', str(1 << 20)])"
         proc = run_checked(t, [PY, "-c", code])
         assert proc.stdout.split() == ["OK", t.ipv4, str(1 << 20)], describe(proc)
     finally:
@@ -251,6 +276,31 @@ def test_go_echo_1000_concurrent_connections(static_bin, tenant, peer_ns) -> Non
             [nkgo, "echoclient", f"{t.ipv4}:7333", "1000", "16384"], capture_output=True, text=True
         )
         assert proc.returncode == 0 and proc.stdout.split()[:2] == ["OK", "1000"], describe(proc)
+    finally:
+        stop(server)
+
+
+def test_go_udp_both_ways(static_bin, tenant, peer_ns) -> None:
+    t, peer = tenant(uname("sgoudp")), peer_ns()
+    nkgo = str(static_bin / "nkgo")
+    for paddr, taddr in ((peer.ipv4, t.ipv4), (f"[{peer.ipv6}]", f"[{t.ipv6}]")):
+        server = peer.popen(
+            [nkgo, "udpserve", f"{paddr}:7336"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            wait_line(server, r"^READY")
+            proc = run_checked(t, [nkgo, "udpclient", f"{paddr}:7336", "200"], timeout=120)
+            assert proc.stdout.split()[:2] == ["OK", "200"], describe(proc)
+            assert proc.stdout.split()[2].startswith(f"{taddr}:"), describe(proc)  # the tenant's own
+        finally:
+            stop(server)
+    server = t.popen([nkgo, "udpserve", ":7337"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_line(server, r"^READY")
+        time.sleep(0.5)
+        for taddr in (t.ipv4, f"[{t.ipv6}]"):
+            proc = peer.run([nkgo, "udpclient", f"{taddr}:7337", "200"], capture_output=True, text=True)
+            assert proc.stdout.split()[:2] == ["OK", "200"], describe(proc)
     finally:
         stop(server)
 

@@ -8,6 +8,9 @@
 //	nkgo echoserve ADDR            TCP echo server; prints "READY"
 //	nkgo echoclient ADDR N BYTES   N concurrent connections, each sends BYTES and checks
 //	                               the echo; prints "OK <N> <local address of the first>"
+//	nkgo udpserve ADDR             UDP echo; prints "READY"
+//	nkgo udpclient ADDR N          N datagrams, each echoed before the next (resent if lost);
+//	                               prints "OK <N> <local address>"
 package main
 
 import (
@@ -21,6 +24,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"time"
 )
 
 func fail(f string, a ...any) {
@@ -111,6 +115,42 @@ func main() {
 			fail("%v", err)
 		}
 		fmt.Printf("OK %d %s\n", n, <-first)
+	case "udpserve":
+		c, err := net.ListenPacket("udp", os.Args[2])
+		if err != nil {
+			fail("listen: %v", err)
+		}
+		fmt.Println("READY")
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := c.ReadFrom(buf)
+			if err != nil {
+				fail("read: %v", err)
+			}
+			c.WriteTo(buf[:n], from)
+		}
+	case "udpclient":
+		n, _ := strconv.Atoi(os.Args[3])
+		c, err := net.Dial("udp", os.Args[2])
+		if err != nil {
+			fail("dial: %v", err)
+		}
+		buf := make([]byte, 65536)
+		for i := 0; i < n; i++ {
+			want := blob(1+(i*1237)%9000, int64(i))
+			for tries := 0; ; tries++ {
+				if tries == 5 {
+					fail("datagram %d: no answer", i)
+				}
+				c.Write(want)
+				c.SetReadDeadline(time.Now().Add(time.Second))
+				k, err := c.Read(buf)
+				if err == nil && bytes.Equal(buf[:k], want) {
+					break
+				}
+			}
+		}
+		fmt.Printf("OK %d %s\n", n, c.LocalAddr())
 	default:
 		fail("unknown command %q", os.Args[1])
 	}
