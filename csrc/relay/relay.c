@@ -131,6 +131,10 @@ struct end {
   int fd;
   bool eof;     /* read 0 from it: nothing more will come */
   bool shut_wr; /* we shut down its writing side */
+  /* Edge-triggered readiness, cached: may have data (cleared by EAGAIN, or by a short read
+   * when no hangup was signalled: the next arrival is a new edge), may take data (cleared by
+   * EAGAIN or a short write), a hangup was signalled (read on to the end). */
+  bool rd, wr, hup;
 };
 
 struct conn {
@@ -178,8 +182,8 @@ static struct conn *conn_new(int a, int b) {
     free(c);
     return NULL;
   }
-  c->a = (struct end){K_END, c, a, false, false};
-  c->b = (struct end){K_END, c, b, false, false};
+  c->a = (struct end){K_END, c, a, false, false, true, true, false};
+  c->b = (struct end){K_END, c, b, false, false, true, true, false};
   return c;
 }
 
@@ -194,29 +198,36 @@ static int move(struct end *from, struct end *to, struct pipe_buf *p) {
   int moved = 0;
   for (;;) {
     if (p->len > 0) {
+      if (!to->wr) break;
       ssize_t n = send(to->fd, p->data + p->off, p->len, MSG_NOSIGNAL | MSG_DONTWAIT);
       if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return moved;
         if (errno == EINTR) continue;
-        return -1;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+        to->wr = false;
+        break;
       }
       p->off += (size_t)n;
       p->len -= (size_t)n;
       moved = 1;
-      if (p->len > 0) continue;
+      if (p->len > 0) {
+        to->wr = false;
+        break;
+      }
       p->off = 0;
     }
-    if (from->eof) break;
+    if (from->eof || !from->rd) break;
     ssize_t n = recv(from->fd, p->data, BUF_SIZE, MSG_DONTWAIT);
     if (n < 0) {
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return moved;
       if (errno == EINTR) continue;
-      return -1;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+      from->rd = false;
+      break;
     }
     if (n == 0) {
       from->eof = true;
       break;
     }
+    if ((size_t)n < BUF_SIZE && !from->hup) from->rd = false;
     p->len = (size_t)n;
     moved = 1;
   }
@@ -228,14 +239,22 @@ static int move(struct end *from, struct end *to, struct pipe_buf *p) {
   return moved;
 }
 
-static void pump(struct conn *c) {
+/* Work on `c` after `events` on its end `e` (NULL, 0: just made). */
+static void pump(struct conn *c, struct end *e, uint32_t events) {
   if (c->dead) return;
+  if (e) {
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) e->rd = true;
+    if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) e->hup = true;
+    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) e->wr = true;
+  }
   if (c->connecting) {
+    /* Until the connect ends, only its end's events matter. */
+    if (e && e != c->connecting) return;
     int err = 0;
     socklen_t l = sizeof(err);
     if (getsockopt(c->connecting->fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0) err = errno;
-    if (err == 0) {
-      /* Still on its way (we were woken by the other end)? Connected shows as a peer. */
+    if (err == 0 && !(events & EPOLLOUT)) {
+      /* Not told it is writable: connected shows as a peer. */
       struct sockaddr_storage ss;
       socklen_t sl = sizeof(ss);
       if (getpeername(c->connecting->fd, (struct sockaddr *)&ss, &sl) < 0) {
@@ -276,15 +295,16 @@ static void relay(int a, int b, bool a_connecting, bool b_connecting) {
     conn_close(c, true);
     return;
   }
-  pump(c);
+  pump(c, NULL, 0);
 }
 
 /* -- out: programs' connections to the world ---------------------------------------------- */
 
-struct tag {
-  enum kind kind;
-};
-static struct tag out_tag = {K_OUT_LISTENER};
+/* The listeners that redirected connections arrive at, one per family. */
+static struct out_listener {
+  enum kind kind; /* K_OUT_LISTENER */
+  int fd, family;
+} out4 = {K_OUT_LISTENER, -1, AF_INET}, out6 = {K_OUT_LISTENER, -1, AF_INET6};
 
 static int listen_kernel(int family, const char *addr, int port) {
   int fd = kernel_socket(family, SOCK_STREAM);
@@ -309,12 +329,12 @@ static int listen_kernel(int family, const char *addr, int port) {
     close(fd);
     return -1;
   }
-  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &out_tag};
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = family == AF_INET6 ? &out6 : &out4};
   epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
   return fd;
 }
 
-static void accept_out(int lfd) {
+static void accept_out(int lfd, int family) {
   for (;;) {
     int a = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (a < 0) {
@@ -322,11 +342,10 @@ static void accept_out(int lfd) {
       if (errno != EAGAIN && errno != EWOULDBLOCK) say("accept: %s", strerror(errno));
       return;
     }
-    struct sockaddr_storage me = {0}, dst = {0};
-    socklen_t ml = sizeof(me), dl = sizeof(dst);
-    getsockname(a, (struct sockaddr *)&me, &ml);
-    int r = me.ss_family == AF_INET6 ? getsockopt(a, SOL_IPV6, IP6T_SO_ORIGINAL_DST, &dst, &dl)
-                                     : getsockopt(a, SOL_IP, SO_ORIGINAL_DST, &dst, &dl);
+    struct sockaddr_storage dst = {0};
+    socklen_t dl = sizeof(dst);
+    int r = family == AF_INET6 ? getsockopt(a, SOL_IPV6, IP6T_SO_ORIGINAL_DST, &dst, &dl)
+                               : getsockopt(a, SOL_IP, SO_ORIGINAL_DST, &dst, &dl);
     if (r < 0) { /* a program that connected to the relay itself: nowhere to go */
       close_reset(a);
       continue;
@@ -360,7 +379,10 @@ static void accept_out(int lfd) {
 struct mirror;
 struct mirror_fd {
   enum kind kind; /* K_MIRROR */
-  int fd;
+  int fd;         /* -1: not listening (yet), retried every scan */
+  bool wanted;    /* this address is one the mirror listens on */
+  bool said;      /* its failure is in the log */
+  struct sockaddr_storage addr;
 };
 struct mirror {
   int family;
@@ -410,8 +432,11 @@ void set_port(struct sockaddr_storage *ss, uint16_t port) {
   else ((struct sockaddr_in *)ss)->sin_port = htons(port);
 }
 
-/* Listens through NetKernel on `ss`; returns the descriptor or -1 (said in the log). */
-static int mirror_listen(struct sockaddr_storage *ss, struct mirror_fd *mf) {
+/* Listens through NetKernel on mf's address; returns the descriptor or -1 (said in the log
+ * the first time: a listener the engine still holds, say of a program that just went, makes
+ * it fail for a moment, and it is tried again at every scan). */
+static int mirror_listen(struct mirror_fd *mf) {
+  struct sockaddr_storage *ss = &mf->addr;
   char s[80];
   sa_str(ss, s, sizeof(s));
   int fd = nk_socket(ss->ss_family);
@@ -421,7 +446,10 @@ static int mirror_listen(struct sockaddr_storage *ss, struct mirror_fd *mf) {
     if (ss->ss_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
   }
   if (fd < 0 || bind(fd, (struct sockaddr *)ss, sa_len(ss)) < 0 || listen(fd, MIRROR_BACKLOG) < 0) {
-    say("cannot listen on %s through NetKernel for a program's listener: %s", s, strerror(errno));
+    if (!mf->said)
+      say("cannot listen on %s through NetKernel for a program's listener (trying again): %s", s,
+          strerror(errno));
+    mf->said = true;
     if (fd >= 0) close(fd);
     return -1;
   }
@@ -432,13 +460,15 @@ static int mirror_listen(struct sockaddr_storage *ss, struct mirror_fd *mf) {
   return fd;
 }
 
-/* A failure to listen is said once and the mirror kept (without that descriptor), so that
- * it is not retried every scan: it is when the program's listener goes and comes back. */
 static void mirror_open(int family, const uint8_t *addr, uint16_t port, bool v6only) {
   if (n_mirrors == MAX_MIRRORS) return;
   struct mirror *m = calloc(1, sizeof(*m));
   if (!m) return;
-  *m = (struct mirror){family, {0}, port, v6only, true, {{K_MIRROR, -1}, {K_MIRROR, -1}}};
+  m->family = family;
+  m->port = port;
+  m->v6only = v6only;
+  m->seen = true;
+  for (int i = 0; i < 2; i++) m->fds[i] = (struct mirror_fd){.kind = K_MIRROR, .fd = -1};
   memcpy(m->addr, addr, family == AF_INET6 ? 16 : 4);
   struct sockaddr_storage want[2] = {0};
   int n = 0;
@@ -465,7 +495,9 @@ static void mirror_open(int family, const uint8_t *addr, uint16_t port, bool v6o
   }
   for (int i = 0; i < n; i++) {
     set_port(&want[i], port);
-    mirror_listen(&want[i], &m->fds[i]);
+    m->fds[i].addr = want[i];
+    m->fds[i].wanted = true;
+    mirror_listen(&m->fds[i]);
   }
   mirrors[n_mirrors++] = m;
 }
@@ -577,6 +609,8 @@ static void tcp_listener_found(int family, const uint8_t *addr, uint16_t port, b
     if (m->family == family && m->port == port && m->v6only == v6only &&
         !memcmp(m->addr, addr, family == AF_INET6 ? 16 : 4)) {
       m->seen = true;
+      for (int k = 0; k < 2; k++)
+        if (m->fds[k].wanted && m->fds[k].fd < 0) mirror_listen(&m->fds[k]);
       return;
     }
   }
@@ -613,9 +647,9 @@ static void scan(void) {
 static int serve(int port, int udp4, int udp6) {
   ep = epoll_create1(EPOLL_CLOEXEC);
   if (ep < 0) return 1;
-  int l4 = listen_kernel(AF_INET, "127.0.0.1", port);
-  int l6 = listen_kernel(AF_INET6, "::1", port);
-  if (l4 < 0 && l6 < 0) return 1;
+  out4.fd = listen_kernel(AF_INET, "127.0.0.1", port);
+  out6.fd = listen_kernel(AF_INET6, "::1", port);
+  if (out4.fd < 0 && out6.fd < 0) return 1;
   find_tenant_addresses();
   udp_init(udp4, udp6);
   say("relaying on port %d", port);
@@ -631,15 +665,15 @@ static int serve(int port, int udp4, int udp6) {
     for (int i = 0; i < n; i++) {
       enum kind k = *(enum kind *)evs[i].data.ptr;
       if (k == K_OUT_LISTENER) {
-        accept_out(l4);
-        accept_out(l6);
+        struct out_listener *l = evs[i].data.ptr;
+        accept_out(l->fd, l->family);
       } else if (k == K_MIRROR) {
         accept_in(evs[i].data.ptr);
       } else if (k != K_END) {
         udp_event(evs[i].data.ptr);
       } else {
         struct end *e = evs[i].data.ptr;
-        pump(e->c);
+        pump(e->c, e, evs[i].events);
       }
     }
     bury();

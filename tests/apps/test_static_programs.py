@@ -362,3 +362,37 @@ def test_policy_applies_to_static_programs(static_bin, nk_daemon, tenant, peer_n
         stop(server)
     info = json.loads(nk("ps", "--json", check=True).stdout)
     assert any(x["name"] == t.name for x in info["tenants"])
+
+
+def test_a_static_listener_takes_a_port_netkernel_frees(static_bin, tenant, peer_ns) -> None:
+    """A static server whose port is held through NetKernel (here by a preloaded program on
+    the tenant's address) is reachable as soon as that one goes: the relay keeps trying."""
+    t, peer = tenant(uname("sretry")), peer_ns()
+    net = str(static_bin / "net")
+    holder = t.popen(
+        [
+            PY,
+            "-u",
+            "-c",
+            f"import socket,time\ns=socket.create_server(({t.ipv4!r},7361))\n"
+            "print('READY',flush=True)\ntime.sleep(3)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    server = None
+    try:
+        wait_line(holder, r"^READY")
+        server = t.popen([net, "server", "7361"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_line(server, r"^READY")
+        assert holder.wait(timeout=30) == 0, describe(holder)
+        wait_port(peer, t.ipv4, 7361, timeout=20)
+        proc = peer.run([net, "client", t.ipv4, "7361", str(MiB)], capture_output=True, text=True)
+        assert proc.stdout.split() == ["OK", peer.ipv4, str(MiB)], describe(proc)
+        log = run_checked(t, ["cat", "/run/netkernel/relay.log"]).stdout
+        assert f"cannot listen on {t.ipv4}:7361 through NetKernel" in log, log  # it was taken
+    finally:
+        stop(holder)
+        if server is not None:
+            stop(server)

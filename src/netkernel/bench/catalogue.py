@@ -70,6 +70,11 @@ CONFIGS: tuple[Configuration, ...] = (
         "fd6e:6b00::ff:f4",
     ),
     Configuration(
+        "netkernel-static",
+        "the NetKernel tenant, its programs run without GuestLib, as a static or Go program "
+        "runs: their kernel sockets carried through NetKernel by the tenant's relay",
+    ),
+    Configuration(
         "netkernel-lwip",
         "a NetKernel tenant on the lwIP NSM (netkernel-lwip: lwIP "
         "in a process of its own, on a TAP device), the same programs unmodified",
@@ -79,8 +84,9 @@ CONFIG_NAMES = tuple(c.name for c in CONFIGS)
 # What NetKernel is compared with beyond native: the single-stream and latency floors.
 PEERS = ("pasta", "slirp4netns", "slirp4netns-1500")
 LWIP = "netkernel-lwip"
+STATIC = "netkernel-static"
 # Measured beside native and netkernel when chosen (all by default).
-OTHERS = (*PEERS, LWIP)
+OTHERS = (*PEERS, STATIC, LWIP)
 
 
 @dataclass(frozen=True)

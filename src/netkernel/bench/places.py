@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from .. import api, netns
 from ..config import BRIDGE, LOG_FILE, lwip_binary
 from ..errors import NetKernelError
-from .catalogue import CONFIGS, LWIP, PEERS, BenchError, Configuration, Options
+from .catalogue import CONFIGS, LWIP, PEERS, STATIC, BenchError, Configuration, Options
 from .parse import tail
 
 TENANT = "nkbench"
@@ -57,13 +57,26 @@ class Place:
     netns: str | None = None
     tenant: str | None = None
     listen: str | None = None  # the address its servers bind, when not addr (slirp4netns)
+    guestlib: bool = True  # False: the tenant's program runs without it (the relay's path)
 
     def argv(self, cmd: Sequence[str], scratch: Path | None = None) -> list[str]:
         if self.tenant is not None:
             # The host's files are read-only in a tenant: the bench's scratch directory is
             # granted (nginx writes its pid, logs and temp files there).
             grant = ["--rw", str(scratch)] if scratch is not None else []
-            return [sys.executable, "-m", "netkernel", "run", "--tenant", self.tenant, *grant, "--", *cmd]
+            bare = [] if self.guestlib else ["env", "-u", "LD_PRELOAD"]
+            return [
+                sys.executable,
+                "-m",
+                "netkernel",
+                "run",
+                "--tenant",
+                self.tenant,
+                *grant,
+                "--",
+                *bare,
+                *cmd,
+            ]
         assert self.netns is not None
         return ["ip", "netns", "exec", self.netns, *cmd]
 
@@ -301,6 +314,8 @@ class Fabric:
             f"peer {PEER_NS} {PEER_V4}, native {NATIVE_NS} {NATIVE_V4}, tenant {TENANT} "
             f"{t['ipv4']} (NSM {t['nsm']}); all on bridge {BRIDGE}"
         )
+        if any(c.name == STATIC for c in self.opts.configs):
+            self.places[STATIC] = Place(STATIC, self.tenant.addr, tenant=TENANT, guestlib=False)
         if any(c.name == LWIP for c in self.opts.configs):
             self.places[LWIP] = self._setup_lwip()
         for c in self.opts.configs:
