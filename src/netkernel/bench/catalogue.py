@@ -204,6 +204,14 @@ METRICS: tuple[Metric, ...] = (
         "nginx 1 MiB file, wrk with Connection: close, 32 connections",
     ),
     Metric(
+        "go_http_rps",
+        "req/s",
+        ("go", "wrk"),
+        Floor(">=", 0.7),
+        "a Go net/http server (static, CGO_ENABLED=0: in a tenant through its relay) "
+        "serving 1 KiB, wrk keep-alive, 32 connections",
+    ),
+    Metric(
         "redis_get_rps",
         "req/s",
         ("redis-server", "redis-benchmark"),

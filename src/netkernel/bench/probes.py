@@ -23,6 +23,7 @@ PACKAGES = {
     "sockperf": "sockperf",
     "nginx": "nginx",
     "wrk": "wrk",
+    "go": "golang-go",
     "redis-server": "redis-server",
     "redis-benchmark": "redis-tools",
     "pasta": "passt",
@@ -158,6 +159,7 @@ def program_versions(programs: Sequence[str]) -> dict[str, str]:
         "sockperf": ["sockperf", "--version"],
         "nginx": ["nginx", "-v"],
         "wrk": ["wrk", "-v"],
+        "go": ["go", "version"],
         "redis-server": ["redis-server", "--version"],
         "slirp4netns": ["slirp4netns", "--version"],
         "pasta": ["dpkg-query", "-W", "-f", "passt ${Version}", "passt"],  # no --version

@@ -273,6 +273,7 @@ class Bench(Fabric):
             "nginx_close_rps": lambda r: self.m_nginx(r, close=True),
             "nginx_1m_keepalive_rps": lambda r: self.m_nginx(r, close=False, path="1m.bin"),
             "nginx_1m_close_rps": lambda r: self.m_nginx(r, close=True, path="1m.bin"),
+            "go_http_rps": self.m_go_http,
             "redis_get_rps": lambda r: self.m_redis(r, "get"),
             "redis_set_rps": lambda r: self.m_redis(r, "set"),
             "redis_get_5k_rps": lambda r: self.m_redis(r, "get", REDIS_MANY_CLIENTS),
@@ -527,6 +528,50 @@ class Bench(Fabric):
             res.extra[f"{s}_non_2xx_3xx"] = non2xx[s]
             res.extra[f"{s}_nginx_error_log"] = error_log_lines[s][:5]
             res.extra[f"{s}_nginx_error_log_lines"] = len(error_log_lines[s])
+
+    def _go_http(self) -> Path:
+        """The Go server, built once per run where tenants may run it."""
+        exe = self.tmp / "gohttp"
+        if not exe.exists():
+            env = dict(
+                os.environ,
+                CGO_ENABLED="0",
+                GO111MODULE="off",
+                GOCACHE=str(self.tmp / ".gocache"),
+                GOPATH=str(self.tmp / ".gopath"),
+            )
+            src = self.tmp / "gohttp.go"
+            src.write_text(program("gohttp.go"))
+            r = subprocess.run(
+                ["go", "build", "-o", str(exe), str(src)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=600,
+            )
+            if r.returncode != 0:
+                raise BenchError(f"go build of the bench's Go server failed:\n{r.stdout}{r.stderr}")
+            exe.chmod(0o755)
+        return exe
+
+    def m_go_http(self, res: MetricResult) -> None:
+        exe = self._go_http()
+        d = self.opts.duration
+
+        def run(place: Place) -> tuple[float, str]:
+            log = f"gohttp-{place.name}.log"
+            listen = f"{url_host(place.listen or place.addr)}:{HTTP_PORT}"
+            with self._run_server(place, [str(exe), listen], HTTP_PORT, "Go server", log) as server:
+                url = f"http://{url_host(place.addr)}:{HTTP_PORT}/1k.bin"
+                with self.engine_load(place):
+                    out = self.run(
+                        self.peer, wrk(url, d, False), d + 60, f"wrk against the Go server ({place.name})"
+                    )
+                r = self._parse_against(parse_wrk, out, server, place, "Go server", log)
+            note = f" (socket errors {r.total_socket_errors})" if r.total_socket_errors else ""
+            return r.requests_per_sec, f"{r.requests_per_sec:,.0f} req/s{note}"
+
+        self.repeat(res, run)
 
     def m_redis(self, res: MetricResult, test: str, clients: int = REDIS_CLIENTS) -> None:
         def run(place: Place) -> tuple[float, str]:
