@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from apputil import PY, describe, make_random_file, run_checked, stop, uname, url_host, wait_line
+from apputil import PROGS, PY, describe, make_random_file, run_checked, stop, uname, url_host, wait_line
 from conftest import nk, wait_port
 
 HERE = Path(__file__).parent / "progs" / "static"
@@ -396,3 +396,48 @@ def test_a_static_listener_takes_a_port_netkernel_frees(static_bin, tenant, peer
         stop(holder)
         if server is not None:
             stop(server)
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1])))
+print("READY", flush=True)
+while True:
+    d, a = s.recvfrom(65536)
+    s.sendto(d, a)
+"""
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_socket_behaviour_matches_native(family, tenant, peer_ns) -> None:
+    """The same probe natively (in a second peer namespace) and in a tenant without GuestLib:
+    the same lines, but for its own address and a refused connect (a documented difference:
+    the relay accepts before it knows; docs/architecture.md)."""
+    t, peer, native = tenant(uname("ssem")), peer_ns(), peer_ns()
+    host = peer.ipv4 if family == "ipv4" else peer.ipv6
+    servers = [
+        peer.popen([PY, "-u", str(PROGS / "echo_server.py"), host, "7371"], stdout=subprocess.PIPE),
+        peer.popen([PY, "-u", "-c", UDP_ECHO, "7372"], stdout=subprocess.PIPE),
+    ]
+    try:
+        for s in servers:
+            wait_line(s, r"^READY")
+        probe = [PY, str(PROGS / "socket_probe.py"), host, "7371", "7379", "7372"]
+        want = native.run(probe, capture_output=True, text=True)
+        got = t.run(["env", "-u", "LD_PRELOAD", *probe], capture_output=True, text=True, timeout=120)
+        assert want.returncode == 0, describe(want)
+        assert got.returncode == 0, describe(got)
+        mine = t.ipv4 if family == "ipv4" else t.ipv6
+        theirs = native.ipv4 if family == "ipv4" else native.ipv6
+        w, g = want.stdout.splitlines(), got.stdout.splitlines()
+        assert [ln for ln in g if ln.startswith("own")] == [f"own {mine}", f"own udp {mine}"], got.stdout
+        assert [ln for ln in w if ln.startswith("own")] == [f"own {theirs}", f"own udp {theirs}"], want.stdout
+        same = [ln for ln in w if not ln.startswith(("own", "closed port"))]
+        assert [ln for ln in g if not ln.startswith(("own", "closed port"))] == same, got.stdout
+        assert w[-1] == "closed port: ECONNREFUSED", want.stdout
+        assert g[-1] in ("closed port: ECONNREFUSED", "closed port: connected, then ECONNRESET"), got.stdout
+    finally:
+        for s in servers:
+            stop(s)
