@@ -25,6 +25,7 @@
  * It is part of the tenant: the tenant can kill it or feed it garbage, and hurts only itself.
  */
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ifaddrs.h>
@@ -555,6 +556,64 @@ long now_ms(void) {
 
 static int diag_fd = -1;
 
+/* Sockets NetKernel made in the namespace — the engine's loopback half of a preloaded
+ * program's socket, the launcher's TPROXY sockets — belong to root, whom the tenant's user
+ * namespace does not map: sock_diag shows them with the overflow uid. They are not a
+ * program's to mirror (the engine already listens for a preloaded one). A program's own
+ * socket made as its uid 65534 (nobody) looks the same: it is told apart by a process of the
+ * tenant holding it (preloaded programs are not dumpable, so theirs are not looked into).
+ * Answers are kept for the sockets seen in the last scans. */
+#define OVERFLOW_UID 65534u
+#define HELD_CACHE   256
+static struct {
+  uint32_t ino;
+  bool held;
+  long seen;
+} held_cache[HELD_CACHE];
+static long scan_gen;
+
+static bool inode_in_proc(uint32_t ino) {
+  char want[32];
+  snprintf(want, sizeof(want), "socket:[%u]", ino);
+  DIR *proc = opendir("/proc");
+  if (!proc) return false;
+  bool found = false;
+  for (struct dirent *p; !found && (p = readdir(proc));) {
+    if (p->d_name[0] < '1' || p->d_name[0] > '9') continue;
+    char path[300];
+    snprintf(path, sizeof(path), "/proc/%s/fd", p->d_name);
+    DIR *fds = opendir(path);
+    if (!fds) continue;
+    for (struct dirent *f; !found && (f = readdir(fds));) {
+      char link[600], target[64];
+      if (f->d_name[0] == '.') continue;
+      snprintf(link, sizeof(link), "%s/%s", path, f->d_name);
+      ssize_t n = readlink(link, target, sizeof(target) - 1);
+      if (n > 0) {
+        target[n] = 0;
+        found = !strcmp(target, want);
+      }
+    }
+    closedir(fds);
+  }
+  closedir(proc);
+  return found;
+}
+
+static bool held_by_a_program(uint32_t ino) {
+  int free_slot = -1;
+  for (int i = 0; i < HELD_CACHE; i++) {
+    if (held_cache[i].ino == ino && held_cache[i].seen >= scan_gen - 1) {
+      held_cache[i].seen = scan_gen;
+      return held_cache[i].held;
+    }
+    if (free_slot < 0 && (!held_cache[i].ino || held_cache[i].seen < scan_gen - 1)) free_slot = i;
+  }
+  bool held = inode_in_proc(ino);
+  if (free_slot >= 0) held_cache[free_slot] = (typeof(held_cache[0])){ino, held, scan_gen};
+  return held;
+}
+
 /* One sock_diag dump of `family`'s TCP listeners (UDP: unconnected sockets), each passed to
  * `found` with its address, port and v6only. */
 static void scan_family(int family, int protocol,
@@ -598,7 +657,8 @@ static void scan_family(int family, int protocol,
                   !memcmp(addr, &((struct sockaddr_in *)&tenant4)->sin_addr, 4)) ||
                  (family == AF_INET6 && tenant6.ss_family &&
                   !memcmp(addr, &((struct sockaddr_in6 *)&tenant6)->sin6_addr, 16));
-      if (own) found(family, addr, port, v6only);
+      if (own && (d->idiag_uid != OVERFLOW_UID || held_by_a_program(d->idiag_inode)))
+        found(family, addr, port, v6only);
     }
   }
 }
@@ -623,6 +683,7 @@ static void scan(void) {
     if (diag_fd < 0) return;
   }
   for (unsigned i = 0; i < n_mirrors; i++) mirrors[i]->seen = false;
+  scan_gen++;
   scan_family(AF_INET, IPPROTO_TCP, tcp_listener_found);
   scan_family(AF_INET6, IPPROTO_TCP, tcp_listener_found);
   udp_scan_begin();

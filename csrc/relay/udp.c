@@ -84,6 +84,26 @@ static const struct sockaddr_storage *own_address(int family) {
   return family == AF_INET6 ? &tenant6 : &tenant4;
 }
 
+/* Ports whose NetKernel socket could not be made, so that the log says so once, not at every
+ * scan that finds the program's socket again. */
+#define SAID_MAX 64
+static struct {
+  int family;
+  uint16_t port;
+} said[SAID_MAX];
+static unsigned said_next;
+
+static bool said_before(int family, uint16_t port, bool remember) {
+  for (unsigned i = 0; i < SAID_MAX; i++)
+    if (said[i].family == family && said[i].port == port) return true;
+  if (remember) {
+    said[said_next % SAID_MAX].family = family;
+    said[said_next % SAID_MAX].port = port;
+    said_next++;
+  }
+  return false;
+}
+
 static struct uport *port_get(int family, uint16_t port, bool create) {
   for (struct uport *u = ports; u; u = u->next)
     if (u->family == family && u->port == port) return u;
@@ -92,10 +112,13 @@ static struct uport *port_get(int family, uint16_t port, bool create) {
   set_port(&ss, port);
   int fd = socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0); /* NetKernel's */
   if (fd < 0 || bind(fd, (struct sockaddr *)&ss, sa_len(&ss)) < 0) {
-    char s[80];
-    sa_str(&ss, s, sizeof(s));
-    say("UDP %s through NetKernel: %s", s, strerror(errno));
+    int e = errno;
     if (fd >= 0) close(fd);
+    if (!said_before(family, port, true)) {
+      char s[80];
+      sa_str(&ss, s, sizeof(s));
+      say("UDP %s through NetKernel: %s", s, strerror(e));
+    }
     return NULL;
   }
   struct uport *u = calloc(1, sizeof(*u));

@@ -441,3 +441,19 @@ def test_socket_behaviour_matches_native(family, tenant, peer_ns) -> None:
     finally:
         for s in servers:
             stop(s)
+
+
+def test_a_preloaded_programs_sockets_are_left_to_the_engine(tenant) -> None:
+    """A preloaded program's wildcard listener and UDP socket also have a kernel half in the
+    namespace (the engine's, for the tenant's loopback): the relay must not take them for a
+    static program's and try to listen for them (it would fail, and try again and again)."""
+    t = tenant(uname("sleave"))
+    code = (
+        "import socket,time\n"
+        "s=socket.create_server(('0.0.0.0',7381))\n"
+        "u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); u.bind(('0.0.0.0',7382))\n"
+        "time.sleep(1.5)\n"
+    )
+    run_checked(t, [PY, "-c", code])
+    log = run_checked(t, ["cat", "/run/netkernel/relay.log"]).stdout
+    assert ":7381" not in log and ":7382" not in log, log
