@@ -55,8 +55,14 @@
 #define SO_ORIGINAL_DST      80 /* linux/netfilter_ipv4.h */
 #define IP6T_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv6/ip6_tables.h */
 
-#define BUF_SIZE        (256 * 1024)
-#define SCAN_MS         200 /* how often the namespace's listeners are looked at */
+#define BUF_SIZE (256 * 1024)
+/* How often the namespace's listeners and UDP sockets are looked at: often while the tenant
+ * is busy (for a minute after the relay starts, a connection or datagram is relayed, or a
+ * listener comes or goes), seldom when it is idle, so that an idle tenant costs next to
+ * nothing: a server that starts then is found within SCAN_IDLE_MS. */
+#define SCAN_MS         200
+#define SCAN_IDLE_MS    1000
+#define BUSY_FOR_MS     60000
 #define MAX_MIRRORS     1024
 #define DEFAULT_PORT    61001 /* outside the ephemeral range: never a program's own port */
 #define MIRROR_BACKLOG  4096
@@ -284,6 +290,7 @@ static void pump(struct conn *c, struct end *e, uint32_t events) {
 /* Starts relaying between the accepted `a` and `b`, whose nonblocking connect() is under way
  * when `b_connecting` (or `a`'s, when `a_connecting`). */
 static void relay(int a, int b, bool a_connecting, bool b_connecting) {
+  busy();
   struct conn *c = conn_new(a, b);
   if (!c) {
     close_reset(a);
@@ -501,6 +508,7 @@ static void mirror_open(int family, const uint8_t *addr, uint16_t port, bool v6o
     mirror_listen(&m->fds[i]);
   }
   mirrors[n_mirrors++] = m;
+  busy();
 }
 
 static void mirror_close(struct mirror *m) {
@@ -547,6 +555,10 @@ static void accept_in(struct mirror_fd *m) {
     relay(a, b, true, false);
   }
 }
+
+long busy_until;
+
+void busy(void) { busy_until = now_ms() + BUSY_FOR_MS; }
 
 long now_ms(void) {
   struct timespec ts;
@@ -700,6 +712,7 @@ static void scan(void) {
     }
     mirror_close(m);
     mirrors[i] = mirrors[--n_mirrors];
+    busy();
   }
 }
 
@@ -715,12 +728,13 @@ static int serve(int port, int udp4, int udp6) {
   udp_init(udp4, udp6);
   say("relaying on port %d", port);
   long next_scan = 0;
+  busy_until = now_ms() + BUSY_FOR_MS;
   struct epoll_event evs[64];
   for (;;) {
     long now = now_ms();
     if (now >= next_scan) {
       scan();
-      next_scan = now + SCAN_MS;
+      next_scan = now + (now < busy_until ? SCAN_MS : SCAN_IDLE_MS);
     }
     int n = epoll_wait(ep, evs, 64, (int)(next_scan - now));
     for (int i = 0; i < n; i++) {

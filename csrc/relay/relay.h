@@ -20,6 +20,7 @@ void set_port(struct sockaddr_storage *ss, uint16_t port);
 bool is_loopback(int family, const uint8_t *a);
 bool is_any(int family, const uint8_t *a);
 long now_ms(void);
+void busy(void); /* the tenant is active: look at its sockets often for a while */
 
 void udp_init(int tproxy4, int tproxy6);
 void udp_event(void *tag);

@@ -185,6 +185,7 @@ static struct uflow *flow_get(struct uport *u, const struct sockaddr_storage *pe
 
 static void to_peer(struct uport *u, const struct sockaddr_storage *peer, size_t len) {
   u->last_used = now_ms();
+  busy();
   /* Errors are the datagram's alone (a rate limit, an unreachable peer): dropped, as the
    * kernel drops what it cannot send. */
   sendto(u->nkfd, dgram, len, MSG_DONTWAIT, (const struct sockaddr *)peer, sa_len(peer));
