@@ -12,7 +12,7 @@
  * The other way round, it watches the namespace's TCP listeners (sock_diag) and listens on
  * the same address and port through NetKernel; what it accepts there it connects, from the
  * client's own address and port (IP_FREEBIND), to the program's listener, so the program
- * sees its real peer.
+ * sees its real peer. UDP, both ways, is in udp.c.
  *
  * So everything the engine knows of these connections comes through GuestLib, with the
  * engine's checks, the tenant's policy (rate limits, max_sockets) and its NSM, and the program
@@ -44,6 +44,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -306,6 +307,40 @@ static void relay(int a, int b, bool a_connecting, bool b_connecting) {
   pump(c, NULL, 0);
 }
 
+/* A listener whose accept() failed for want of a resource (descriptors: EMFILE, ENFILE;
+ * NetKernel's max_sockets or max_memory: EMFILE, ENOBUFS) stays readable: it is left out of
+ * the epoll set until the next scan rather than retried in a loop. Its connections wait in
+ * the backlog meanwhile. */
+#define MAX_PAUSED 64
+static struct {
+  int fd;
+  void *tag;
+} paused[MAX_PAUSED];
+static unsigned n_paused;
+
+static void pause_listener(int fd, void *tag, const char *what) {
+  say("%s: %s; accepting again in a moment", what, strerror(errno));
+  struct epoll_event ev = {.events = 0, .data.ptr = tag};
+  if (n_paused == MAX_PAUSED || epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) < 0) return;
+  paused[n_paused].fd = fd;
+  paused[n_paused].tag = tag;
+  n_paused++;
+}
+
+static void resume_listeners(void) {
+  for (unsigned i = 0; i < n_paused; i++) {
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = paused[i].tag};
+    epoll_ctl(ep, EPOLL_CTL_MOD, paused[i].fd, &ev); /* fails harmlessly if it was closed */
+  }
+  n_paused = 0;
+}
+
+static bool accept_failed(int fd, void *tag, const char *what) {
+  if (errno == EINTR || errno == ECONNABORTED) return false; /* try the next one */
+  if (errno != EAGAIN && errno != EWOULDBLOCK) pause_listener(fd, tag, what);
+  return true;
+}
+
 /* -- out: programs' connections to the world ---------------------------------------------- */
 
 /* The listeners that redirected connections arrive at, one per family. */
@@ -342,18 +377,17 @@ static int listen_kernel(int family, const char *addr, int port) {
   return fd;
 }
 
-static void accept_out(int lfd, int family) {
+static void accept_out(struct out_listener *l) {
   for (;;) {
-    int a = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int a = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (a < 0) {
-      if (errno == EINTR) continue;
-      if (errno != EAGAIN && errno != EWOULDBLOCK) say("accept: %s", strerror(errno));
-      return;
+      if (accept_failed(l->fd, l, "accepting a program's connection")) return;
+      continue;
     }
     struct sockaddr_storage dst = {0};
     socklen_t dl = sizeof(dst);
-    int r = family == AF_INET6 ? getsockopt(a, SOL_IPV6, IP6T_SO_ORIGINAL_DST, &dst, &dl)
-                               : getsockopt(a, SOL_IP, SO_ORIGINAL_DST, &dst, &dl);
+    int r = l->family == AF_INET6 ? getsockopt(a, SOL_IPV6, IP6T_SO_ORIGINAL_DST, &dst, &dl)
+                                  : getsockopt(a, SOL_IP, SO_ORIGINAL_DST, &dst, &dl);
     if (r < 0) { /* a program that connected to the relay itself: nowhere to go */
       close_reset(a);
       continue;
@@ -523,9 +557,8 @@ static void accept_in(struct mirror_fd *m) {
     socklen_t pl = sizeof(peer), ml = sizeof(me);
     int b = accept4(m->fd, (struct sockaddr *)&peer, &pl, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (b < 0) {
-      if (errno == EINTR) continue;
-      if (errno != EAGAIN && errno != EWOULDBLOCK) say("accept: %s", strerror(errno));
-      return;
+      if (accept_failed(m->fd, m, "accepting through NetKernel for a program's listener")) return;
+      continue;
     }
     nodelay(b);
     getsockname(b, (struct sockaddr *)&me, &ml);
@@ -690,6 +723,7 @@ static void tcp_listener_found(int family, const uint8_t *addr, uint16_t port, b
 }
 
 static void scan(void) {
+  resume_listeners();
   if (diag_fd < 0) {
     diag_fd = (int)syscall(SYS_socket, AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
     if (diag_fd < 0) return;
@@ -719,6 +753,12 @@ static void scan(void) {
 /* -- main ------------------------------------------------------------------------------------ */
 
 static int serve(int port, int udp4, int udp6) {
+  /* Two descriptors per relayed connection: as many as the sandbox lets us have. */
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
   ep = epoll_create1(EPOLL_CLOEXEC);
   if (ep < 0) return 1;
   out4.fd = listen_kernel(AF_INET, "127.0.0.1", port);
@@ -740,8 +780,7 @@ static int serve(int port, int udp4, int udp6) {
     for (int i = 0; i < n; i++) {
       enum kind k = *(enum kind *)evs[i].data.ptr;
       if (k == K_OUT_LISTENER) {
-        struct out_listener *l = evs[i].data.ptr;
-        accept_out(l->fd, l->family);
+        accept_out(evs[i].data.ptr);
       } else if (k == K_MIRROR) {
         accept_in(evs[i].data.ptr);
       } else if (k != K_END) {
