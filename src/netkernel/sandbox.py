@@ -48,14 +48,13 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from . import cgroups, relay
+from . import cgroups, netns, relay
 from .config import ENGINE_SOCKET, RELAY_PORT, RUN_DIR, STATE_DIR, TENANTS_DIR, libdir
 from .errors import InstallError, NetKernelError
 
@@ -89,7 +88,6 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUTS = 0x04000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
-T = TypeVar("T")
 
 
 class SandboxError(NetKernelError):
@@ -352,7 +350,7 @@ def _start_holder(rec: dict[str, Any]) -> int:
     except OSError as e:
         raise SandboxError(f"tenant {rec['name']}: cannot open {e.filename}: {e.strerror}") from None
     try:
-        udp = _in_netns(rec["netns_path"], relay.transparent_udp_sockets)
+        udp = netns.run_in_netns(rec["netns"], relay.transparent_udp_sockets)
     except OSError as e:
         os.close(filt)
         raise SandboxError(f"tenant {rec['name']}: cannot make the relay's UDP sockets: {e}") from None
@@ -443,27 +441,6 @@ def _relay_listens(pid: int) -> bool:
         return False
     want = f":{RELAY_PORT:04X}"
     return any(f[1].endswith(want) and f[3] == "0A" for f in (ln.split() for ln in lines) if len(f) > 3)
-
-
-def _in_netns(path: str, fn: Callable[[], T]) -> T:
-    """``fn()`` run in a thread that entered the network namespace at ``path`` (setns moves
-    only the calling thread; sockets stay in the namespace they were made in)."""
-    out: list[T] = []
-    err: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            _setns_path(path, CLONE_NEWNET)
-            out.append(fn())
-        except BaseException as e:
-            err.append(e)
-
-    th = threading.Thread(target=target, name="netns")
-    th.start()
-    th.join()
-    if err:
-        raise err[0]
-    return out[0]
 
 
 def _userns_hint() -> str:

@@ -364,6 +364,33 @@ def test_policy_applies_to_static_programs(static_bin, nk_daemon, tenant, peer_n
     assert any(x["name"] == t.name for x in info["tenants"])
 
 
+def test_rate_limit_applies_to_static_programs(static_bin, tenant, peer_ns, nk_tmpdir) -> None:
+    """The tenant's rate_tx holds a static program's upload too (its bytes are the relay's,
+    through the engine). A loose bound: the limit, not a benchmark."""
+    t, peer = tenant(uname("srate")), peer_ns()
+    nk("tenant", "set", t.name, "--rate-tx", "40Mbit", check=True)
+    got = nk_tmpdir / "sink.bin"
+    sink = peer.popen(
+        [PY, "-c", NC_SINK, peer.ipv4, "7391", str(got)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    blob = nk_tmpdir / "up.bin"
+    want = make_random_file(blob, 8 * MiB)
+    try:
+        wait_line(sink, r"^READY")
+        start = time.monotonic()
+        run_checked(t, ["sh", "-c", f"{BUSYBOX} nc {peer.ipv4} 7391 < {blob}"], timeout=120)
+        assert sink.wait(timeout=60) == 0, describe(sink)
+        elapsed = time.monotonic() - start
+    finally:
+        stop(sink)
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == want
+    mbit = 8 * MiB * 8 / elapsed / 1e6
+    assert mbit < 40 * 1.5, f"{mbit:.1f} Mbit/s through a 40 Mbit/s limit"
+
+
 def test_a_static_listener_takes_a_port_netkernel_frees(static_bin, tenant, peer_ns) -> None:
     """A static server whose port is held through NetKernel (here by a preloaded program on
     the tenant's address) is reachable as soon as that one goes: the relay keeps trying."""
