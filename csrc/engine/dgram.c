@@ -4,6 +4,9 @@
  * Received datagrams come back as records with their source.
  */
 #include <errno.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
 
 #include "engine.h"
 
@@ -34,6 +37,34 @@ static int endpoint_for(struct nk_esock *es, const struct nk_addr *dst) {
   return k;
 }
 
+/* Control messages a datagram may be sent with, checked as the kernel checks them: a record
+ * that carries anything else, or a value out of range (GuestLib refuses those with EINVAL
+ * before they reach the ring), is the tenant's garbage. */
+bool nk_dgram_cmsgs_ok(const void *ctl, size_t len) {
+  const unsigned char *p = ctl;
+  size_t off = 0;
+  while (off < len) {
+    struct cmsghdr c;
+    if (len - off < sizeof(c)) return false;
+    memcpy(&c, p + off, sizeof(c));
+    if (c.cmsg_len != CMSG_LEN(sizeof(int)) || c.cmsg_len > len - off) return false;
+    int v;
+    memcpy(&v, p + off + CMSG_LEN(0), sizeof(v));
+    if (c.cmsg_level == IPPROTO_IP && c.cmsg_type == IP_TTL) {
+      if (v < 1 || v > 255) return false;
+    } else if (c.cmsg_level == IPPROTO_IP && c.cmsg_type == IP_TOS) {
+      if (v < 0 || v > 255) return false;
+    } else if (c.cmsg_level == IPPROTO_IPV6 &&
+               (c.cmsg_type == IPV6_HOPLIMIT || c.cmsg_type == IPV6_TCLASS)) {
+      if (v < -1 || v > 255) return false;
+    } else {
+      return false;
+    }
+    off += CMSG_SPACE(sizeof(int));
+  }
+  return true;
+}
+
 static void transmit(struct nk_esock *es) {
   uint64_t budget = engine.service_bytes;
   for (int sent = 0;; sent++) {
@@ -50,7 +81,15 @@ static void transmit(struct nk_esock *es) {
     struct nk_dgram h;
     uint32_t tail = atomic_load_explicit(es->tx.tail, memory_order_relaxed);
     nk_ring_copy_out(&es->tx, tail, &h, sizeof(h)); /* read once, then validate the copy */
-    if (h.len > NK_DGRAM_MAX || (int64_t)NK_DGRAM_SPACE(h.len) > fill) {
+    if (h.len > NK_DGRAM_MAX || h.cmsg_len > NK_DGRAM_CMSG_MAX ||
+        (int64_t)NK_DGRAM_SPACE_CMSG(h.len, h.cmsg_len) > fill) {
+      nk_sock_fail(es, ECONNRESET, NK_END_BROKEN);
+      return;
+    }
+    _Alignas(struct cmsghdr) unsigned char ctl[NK_DGRAM_CMSG_MAX];
+    uint32_t clen = h.cmsg_len, payload = tail + sizeof(h) + ((clen + 7u) & ~7u);
+    if (clen) nk_ring_copy_out(&es->tx, tail + sizeof(h), ctl, clen);
+    if (clen && !nk_dgram_cmsgs_ok(ctl, clen)) {
       nk_sock_fail(es, ECONNRESET, NK_END_BROKEN);
       return;
     }
@@ -68,7 +107,7 @@ static void transmit(struct nk_esock *es) {
     if (k >= 0) {
       struct nk_endpoint *e = &es->ep[k];
       if (!nk_policy_dgram(es, e->nsm, NK_TX, h.len)) return;
-      int n = e->ops->send_dgram(es, k, dst.family ? &dst : NULL, tail + sizeof(h), h.len);
+      int n = e->ops->send_dgram(es, k, dst.family ? &dst : NULL, payload, h.len, ctl, clen);
       if (n == -EAGAIN) {
         es->can_write = false;
         return; /* the stack says when it has room */
@@ -79,7 +118,7 @@ static void transmit(struct nk_esock *es) {
       }
       /* Other errors drop the datagram, as UDP would. */
     }
-    nk_ring_consume(&es->tx, (uint32_t)NK_DGRAM_SPACE(h.len));
+    nk_ring_consume(&es->tx, (uint32_t)NK_DGRAM_SPACE_CMSG(h.len, clen));
   }
 }
 

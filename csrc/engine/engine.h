@@ -99,10 +99,11 @@ struct nk_ep_ops {
    * application asked for, once flushed), and the stack into the receive ring. */
   void (*transmit)(struct nk_esock *es);
   void (*receive)(struct nk_esock *es);
-  /* One datagram at transmit ring position pos (dst family 0: the connected peer): bytes
-   * taken, -EAGAIN to try again when the stack has room, another -errno: dropped. */
+  /* One datagram at transmit ring position pos (dst family 0: the connected peer), with the
+   * control messages ctl (checked: nk_dgram_cmsgs_ok; a stack without them ignores them):
+   * bytes taken, -EAGAIN to try again when the stack has room, another -errno: dropped. */
   int (*send_dgram)(struct nk_esock *es, int k, const struct nk_addr *dst, uint32_t pos,
-                    uint32_t len);
+                    uint32_t len, const void *ctl, size_t ctl_len);
   void (*recv_dgrams)(struct nk_esock *es, int k); /* NULL: they come as events */
   void (*shutdown_rd)(struct nk_esock *es);
   /* The application closed es: flush endpoint 0 and close it; true when es may be freed. */
@@ -296,6 +297,7 @@ struct nk_esock {
   bool active;
   bool freed; /* on the graveyard: events still queued for it are ignored */
   bool v6only;
+  bool want_cmsg; /* the application asked for control messages on received datagrams */
   bool linger0;
   struct linger linger;    /* as the application set it (SO_LINGER is not passed on) */
   uint32_t sndbuf, rcvbuf; /* SO_SNDBUF / SO_RCVBUF as the program set them, 0 = not set */
@@ -475,6 +477,7 @@ int nk_sock_shutdown(struct nk_esock *es, int how);
 
 /* dgram.c */
 void nk_dgram_service(struct nk_esock *es);
+bool nk_dgram_cmsgs_ok(const void *ctl, size_t len);
 
 /* listener.c */
 void nk_sock_calibrate(void);

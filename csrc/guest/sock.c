@@ -550,28 +550,110 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
 
 /* ---- data path: datagrams ---- */
 
+/* The control messages of sendmsg() that set a datagram's TTL / hop limit and TOS / traffic
+ * class, checked as the kernel checks them (ip_cmsg_send, ip6_datagram_send_ctl) and written
+ * as int-sized messages into out (abi.h); packet info (the source address, which is the
+ * tenant's anyway) and other levels are passed over, as a socket of the other family passes
+ * them over. Returns the bytes written, or -EINVAL. */
+static int dgram_cmsgs(const struct msghdr *msg, int family, unsigned char *out) {
+  if (!msg->msg_control || msg->msg_controllen < sizeof(struct cmsghdr)) return 0;
+  size_t used = 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR((struct msghdr *)msg); c;
+       c = CMSG_NXTHDR((struct msghdr *)msg, c)) {
+    if (c->cmsg_len < CMSG_LEN(0)) return -EINVAL;
+    int v = 0, level = c->cmsg_level, type = c->cmsg_type;
+    bool int_sized = c->cmsg_len == CMSG_LEN(sizeof(int));
+    if (int_sized) memcpy(&v, CMSG_DATA(c), sizeof(v));
+    if (level == IPPROTO_IP && family == AF_INET) {
+      if (type == IP_PKTINFO || type == IP_RETOPTS) continue;
+      if (type == IP_TTL) {
+        if (!int_sized || v < 1 || v > 255) return -EINVAL;
+      } else if (type == IP_TOS) {
+        if (c->cmsg_len == CMSG_LEN(sizeof(uint8_t))) v = *CMSG_DATA(c);
+        else if (!int_sized) return -EINVAL;
+        if (v < 0 || v > 255) return -EINVAL;
+      } else {
+        return -EINVAL;
+      }
+    } else if (level == IPPROTO_IPV6 && family == AF_INET6) {
+      if (type == IPV6_PKTINFO) continue;
+      if (type != IPV6_HOPLIMIT && type != IPV6_TCLASS) return -EINVAL;
+      if (!int_sized || v < -1 || v > 255) return -EINVAL;
+    } else {
+      continue;
+    }
+    if (used + CMSG_SPACE(sizeof(int)) > NK_DGRAM_CMSG_MAX) return -EINVAL;
+    struct cmsghdr o = {.cmsg_len = CMSG_LEN(sizeof(int)), .cmsg_level = level, .cmsg_type = type};
+    memset(out + used, 0, CMSG_SPACE(sizeof(int)));
+    memcpy(out + used, &o, sizeof(o));
+    memcpy(out + used + CMSG_LEN(0), &v, sizeof(v));
+    used += CMSG_SPACE(sizeof(int));
+  }
+  return (int)used;
+}
+
+/* The received datagram's control messages (in the ring at `at`, clen bytes) into the
+ * application's buffer: those that fit whole, and MSG_CTRUNC if any did not, as the kernel
+ * does (put_cmsg). */
+static void dgram_cmsgs_out(struct nk_ring *rx, uint32_t at, uint32_t clen, struct msghdr *msg) {
+  _Alignas(struct cmsghdr) unsigned char in[NK_DGRAM_CMSG_MAX];
+  size_t room = msg->msg_control ? msg->msg_controllen : 0, used = 0;
+  msg->msg_controllen = 0;
+  if (clen > sizeof(in)) return;
+  nk_ring_copy_out(rx, at, in, clen);
+  for (size_t off = 0; off + sizeof(struct cmsghdr) <= clen;) {
+    struct cmsghdr c;
+    memcpy(&c, in + off, sizeof(c));
+    if (c.cmsg_len < CMSG_LEN(0) || c.cmsg_len > clen - off) break;
+    size_t space = CMSG_SPACE(c.cmsg_len - CMSG_LEN(0));
+    if (room - used < sizeof(struct cmsghdr)) {
+      msg->msg_flags |= MSG_CTRUNC;
+      break;
+    }
+    char *to = (char *)msg->msg_control + used;
+    if (room - used < c.cmsg_len) { /* as much as fits, its length saying so */
+      c.cmsg_len = room - used;
+      memcpy(to, &c, sizeof(c));
+      memcpy(to + sizeof(c), in + off + sizeof(c), c.cmsg_len - sizeof(c));
+      msg->msg_flags |= MSG_CTRUNC;
+      used = room;
+      break;
+    }
+    memcpy(to, in + off, c.cmsg_len);
+    used += space < room - used ? space : room - used;
+    off += space;
+  }
+  msg->msg_controllen = used;
+}
+
 static ssize_t dgram_send(int fd, int slot, const struct msghdr *msg, int flags) {
   struct nk_slot *s = nk_slot_at(slot);
   size_t len = iov_total(msg->msg_iov, msg->msg_iovlen);
   struct nk_dgram h = {.len = (uint32_t)len};
+  _Alignas(struct cmsghdr) unsigned char ctl[NK_DGRAM_CMSG_MAX];
+  int clen = dgram_cmsgs(msg, (int)s->family, ctl);
+  if (clen < 0) return clen;
+  h.cmsg_len = (uint16_t)clen;
   if (msg->msg_name && msg->msg_namelen) {
     int r = nk_addr_from_sockaddr(&h.addr, msg->msg_name, msg->msg_namelen);
     if (r < 0) return r;
   } else if (atomic_load(&s->state) != NK_ST_CONNECTED) {
     return -EDESTADDRREQ;
   }
-  if (len > NK_DGRAM_MAX || NK_DGRAM_SPACE(len) > nk_g.ring_size) return -EMSGSIZE;
+  if (len > NK_DGRAM_MAX || NK_DGRAM_SPACE_CMSG(len, clen) > nk_g.ring_size) return -EMSGSIZE;
   bool nonblock = is_nonblock(fd, flags);
   struct nk_ring tx;
   nk_slot_rings(slot, &tx, NULL);
-  uint32_t need = (uint32_t)NK_DGRAM_SPACE(len);
+  uint32_t need = (uint32_t)NK_DGRAM_SPACE_CMSG(len, clen);
+  uint32_t cspace = ((uint32_t)clen + 7u) & ~7u;
   for (;;) {
     lock(&s->tx_lock);
     if (nk_ring_space(&tx) >= need) {
       uint32_t at = atomic_load_explicit(tx.head, memory_order_relaxed);
       nk_ring_copy_in(&tx, at, &h, sizeof(h));
+      if (clen) nk_ring_copy_in(&tx, at + sizeof(h), ctl, (uint32_t)clen);
       size_t vi = 0, voff = 0;
-      gather_in(&tx, at + sizeof(h), msg->msg_iov, &vi, &voff, (uint32_t)len);
+      gather_in(&tx, at + sizeof(h) + cspace, msg->msg_iov, &vi, &voff, (uint32_t)len);
       nk_ring_produce(&tx, need);
       unlock(&s->tx_lock);
       doorbell(slot);
@@ -595,18 +677,19 @@ static ssize_t dgram_recv(int fd, int slot, struct msghdr *msg, int flags) {
       uint32_t at = atomic_load_explicit(rx.tail, memory_order_relaxed);
       struct nk_dgram h;
       nk_ring_copy_out(&rx, at, &h, sizeof(h));
+      uint32_t cspace = ((uint32_t)h.cmsg_len + 7u) & ~7u;
       size_t cap = iov_total(msg->msg_iov, msg->msg_iovlen);
       uint32_t n = h.len < cap ? h.len : (uint32_t)cap;
       size_t vi = 0, voff = 0;
-      scatter_out(&rx, at + sizeof(h), msg->msg_iov, &vi, &voff, n);
+      scatter_out(&rx, at + sizeof(h) + cspace, msg->msg_iov, &vi, &voff, n);
+      msg->msg_flags = h.len > cap ? MSG_TRUNC : 0;
+      dgram_cmsgs_out(&rx, at + sizeof(h), h.cmsg_len, msg);
       if (!(flags & MSG_PEEK)) {
-        nk_ring_consume(&rx, (uint32_t)NK_DGRAM_SPACE(h.len));
+        nk_ring_consume(&rx, (uint32_t)NK_DGRAM_SPACE_CMSG(h.len, h.cmsg_len));
         drained(fd, slot, &rx, true);
       }
       unlock(&s->rx_lock);
       if (!(flags & MSG_PEEK)) after_consume(slot);
-      msg->msg_flags = h.len > cap ? MSG_TRUNC : 0;
-      msg->msg_controllen = 0;
       if (msg->msg_name) {
         struct sockaddr_storage ss;
         socklen_t sl = nk_addr_to_sockaddr(&h.addr, (int)s->family, &ss);

@@ -237,7 +237,8 @@ static int ext_setopt(struct nk_esock *es, int k, int level, int name, const voi
  * outgoing area. dst family 0: the connected peer. False when it was dropped (area full, NSM
  * down), as UDP may drop. */
 static int ext_send_dgram(struct nk_esock *es, int k, const struct nk_addr *dst, uint32_t pos,
-                          uint32_t len) {
+                          uint32_t len, const void *ctl, size_t ctl_len) {
+  (void)ctl, (void)ctl_len; /* the external-NSM interface carries no control messages */
   struct nk_ext *x = ext_of(es, k);
   if (!up(x) || es->ep[k].id == NK_EXT_LOST) return -ENETDOWN;
   struct nk_sl_area *a = &x->sh->dg_out;

@@ -286,17 +286,73 @@ static void kernel_receive(struct nk_esock *es) {
 /* ---- datagrams ---- */
 
 static int kernel_send_dgram(struct nk_esock *es, int k, const struct nk_addr *dst, uint32_t pos,
-                             uint32_t len) {
+                             uint32_t len, const void *ctl, size_t ctl_len) {
   struct iovec iov[2];
   int cnt = nk_ring_iov(&es->tx, pos, len, iov);
   struct sockaddr_storage ss;
-  struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
+  struct msghdr mh = {.msg_iov = iov,
+                      .msg_iovlen = (size_t)cnt,
+                      .msg_control = ctl_len ? (void *)ctl : NULL,
+                      .msg_controllen = ctl_len};
   if (dst) {
     mh.msg_name = &ss;
     mh.msg_namelen = nk_addr_to_sa(dst, &ss);
   }
   ssize_t n = sendmsg(fd_of(es, k), &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
   return n < 0 ? -errno : (int)n;
+}
+
+/* A datagram for a socket that asked for control messages (IP_RECVTTL and the like): they
+ * go in the record between header and payload (abi.h), so the payload is received aside and
+ * copied after them. Only the kinds the application may have asked for are passed on; a
+ * packet-info message names the interface the tenant sees its addresses on, its `lo` (1),
+ * not the NSM's. -EAGAIN: the ring has no room for the largest record. */
+static ssize_t recv_with_cmsgs(struct nk_esock *es, int k, int fd, uint32_t head, uint32_t len,
+                               int64_t fill, struct sockaddr_storage *ss, struct nk_dgram *h) {
+  if (es->rx.size - (uint64_t)fill < NK_DGRAM_SPACE_CMSG(len, NK_DGRAM_CMSG_MAX)) return -EAGAIN;
+  static char data[NK_DGRAM_MAX + 1];
+  _Alignas(struct cmsghdr) unsigned char ctl[512], out[NK_DGRAM_CMSG_MAX];
+  struct iovec iov = {data, sizeof(data)};
+  struct msghdr mh = {.msg_name = ss,
+                      .msg_namelen = sizeof(*ss),
+                      .msg_iov = &iov,
+                      .msg_iovlen = 1,
+                      .msg_control = ctl,
+                      .msg_controllen = sizeof(ctl)};
+  ssize_t n = recvmsg(fd, &mh, MSG_DONTWAIT);
+  if (n < 0) return -errno;
+  if ((size_t)n > len) n = len; /* cannot grow between the peek and now; but never more */
+  size_t used = 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+    bool ip = c->cmsg_level == IPPROTO_IP &&
+              (c->cmsg_type == IP_TTL || c->cmsg_type == IP_TOS || c->cmsg_type == IP_PKTINFO);
+    bool ip6 = c->cmsg_level == IPPROTO_IPV6 &&
+               (c->cmsg_type == IPV6_HOPLIMIT || c->cmsg_type == IPV6_TCLASS ||
+                c->cmsg_type == IPV6_PKTINFO);
+    size_t space = CMSG_SPACE(c->cmsg_len - CMSG_LEN(0));
+    if (!(ip || ip6) || used + space > sizeof(out)) continue;
+    memset(out + used, 0, space);
+    memcpy(out + used, c, c->cmsg_len);
+    if (!es->ep[k].loop) {
+      struct cmsghdr *o = (struct cmsghdr *)(out + used);
+      if (ip && c->cmsg_type == IP_PKTINFO) {
+        struct in_pktinfo pi;
+        memcpy(&pi, CMSG_DATA(o), sizeof(pi));
+        pi.ipi_ifindex = 1;
+        memcpy(CMSG_DATA(o), &pi, sizeof(pi));
+      } else if (ip6 && c->cmsg_type == IPV6_PKTINFO) {
+        struct in6_pktinfo pi;
+        memcpy(&pi, CMSG_DATA(o), sizeof(pi));
+        pi.ipi6_ifindex = 1;
+        memcpy(CMSG_DATA(o), &pi, sizeof(pi));
+      }
+    }
+    used += space;
+  }
+  h->cmsg_len = (uint16_t)used;
+  nk_ring_copy_in(&es->rx, head + sizeof(*h), out, (uint32_t)((used + 7u) & ~7u));
+  nk_ring_copy_in(&es->rx, head + sizeof(*h) + ((used + 7u) & ~7u), data, (uint32_t)n);
+  return n;
 }
 
 /* Datagrams per service: the tenant drains the ring as fast as it likes. */
@@ -331,17 +387,28 @@ static void kernel_recv_dgrams(struct nk_esock *es, int k) {
     }
     atomic_store_explicit(&s->rx_stalled, 0, memory_order_relaxed); /* S1 withdrawn: see there */
     uint32_t head = atomic_load_explicit(es->rx.head, memory_order_relaxed);
-    struct iovec iov[2];
-    int cnt = nk_ring_iov(&es->rx, head + sizeof(struct nk_dgram), (uint32_t)len, iov);
     struct sockaddr_storage ss;
-    struct msghdr mh = {
-        .msg_name = &ss, .msg_namelen = sizeof(ss), .msg_iov = iov, .msg_iovlen = (size_t)cnt};
-    ssize_t n = recvmsg(fd, &mh, MSG_DONTWAIT);
-    if (n < 0) return;
-    struct nk_dgram h = {.len = (uint32_t)n};
+    struct nk_dgram h = {0};
+    ssize_t n;
+    if (!es->want_cmsg) {
+      struct iovec iov[2];
+      int cnt = nk_ring_iov(&es->rx, head + sizeof(struct nk_dgram), (uint32_t)len, iov);
+      struct msghdr mh = {
+          .msg_name = &ss, .msg_namelen = sizeof(ss), .msg_iov = iov, .msg_iovlen = (size_t)cnt};
+      n = recvmsg(fd, &mh, MSG_DONTWAIT);
+      if (n < 0) return;
+    } else {
+      n = recv_with_cmsgs(es, k, fd, head, (uint32_t)len, fill, &ss, &h);
+      if (n == -EAGAIN) {
+        if (nk_sock_rx_stall(es, need + NK_DGRAM_CMSG_MAX)) return;
+        continue;
+      }
+      if (n < 0) return;
+    }
+    h.len = (uint32_t)n;
     nk_addr_from_sa(&h.addr, &ss);
     nk_ring_copy_in(&es->rx, head, &h, sizeof(h));
-    nk_ring_produce(&es->rx, (uint32_t)NK_DGRAM_SPACE((uint32_t)n));
+    nk_ring_produce(&es->rx, (uint32_t)NK_DGRAM_SPACE_CMSG((uint32_t)n, h.cmsg_len));
     nk_sock_count(es, NK_RX, (uint64_t)n);
     nk_policy_charge_dgram(es, es->ep[k].nsm, NK_RX, (uint32_t)n);
   }

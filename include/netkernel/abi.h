@@ -36,7 +36,7 @@
 #define NK_PIN_OFFSET(s, f, off) NK_STATIC_ASSERT(offsetof(struct s, f) == (off), #s "." #f)
 
 #define NK_REGION_MAGIC 0x4e4b5247u /* "NKRG" */
-#define NK_ABI_VERSION  2
+#define NK_ABI_VERSION  3
 #define NK_CACHELINE    64
 
 #define NK_DEFAULT_RING_SIZE (1024u * 1024u) /* bytes per direction per socket */
@@ -221,18 +221,27 @@ NK_PIN_OFFSET(nk_region, engine_sleeping, NK_CACHELINE);
 NK_PIN_OFFSET(nk_region, doorbell_summary, 2 * NK_CACHELINE);
 NK_PIN_OFFSET(nk_region, doorbell, 3 * NK_CACHELINE);
 
-/* A UDP datagram in a ring: header, then len payload bytes, then padding to 8 bytes. */
+/* A UDP datagram in a ring: header, then cmsg_len bytes of control messages padded to 8
+ * bytes, then len payload bytes padded to 8 bytes. The control messages are laid out as the
+ * kernel's (struct cmsghdr, CMSG_ALIGN), of the kinds a program may give sendmsg() or ask
+ * recvmsg() for on a UDP socket: on rx IP_TTL, IP_TOS, IP_PKTINFO, IPV6_HOPLIMIT,
+ * IPV6_TCLASS, IPV6_PKTINFO; on tx IP_TTL, IP_TOS, IPV6_HOPLIMIT, IPV6_TCLASS. */
 struct nk_dgram {
   uint32_t len;
-  uint32_t reserved;
+  uint16_t cmsg_len; /* at most NK_DGRAM_CMSG_MAX */
+  uint16_t reserved;
   struct nk_addr addr; /* destination on tx, source on rx */
 };
 NK_PIN_SIZE(nk_dgram, 32);
 NK_PIN_OFFSET(nk_dgram, len, 0);
-NK_PIN_OFFSET(nk_dgram, reserved, 4);
+NK_PIN_OFFSET(nk_dgram, cmsg_len, 4);
+NK_PIN_OFFSET(nk_dgram, reserved, 6);
 NK_PIN_OFFSET(nk_dgram, addr, 8);
-#define NK_DGRAM_MAX        65507u
-#define NK_DGRAM_SPACE(len) (sizeof(struct nk_dgram) + (((len) + 7u) & ~7u))
+#define NK_DGRAM_MAX      65507u
+#define NK_DGRAM_CMSG_MAX 192u
+#define NK_DGRAM_SPACE_CMSG(len, cmsg_len) \
+  (sizeof(struct nk_dgram) + (((cmsg_len) + 7u) & ~7u) + (((len) + 7u) & ~7u))
+#define NK_DGRAM_SPACE(len) NK_DGRAM_SPACE_CMSG(len, 0u)
 
 /* ---- Messages on the proxy fd (AF_UNIX SOCK_SEQPACKET, guest end <-> engine end) ---- */
 

@@ -338,11 +338,19 @@ static void op_tx_dgram(struct nk_fuzz_in *in) {
   struct nk_slot *s = slot(i);
   uint32_t head = atomic_load(&s->tx_head.v);
   if (len > 2048 && !(flags & 4)) h.len = len = len % 2048; /* mostly datagrams that fit */
-  uint32_t space = (uint32_t)NK_DGRAM_SPACE(len);
+  /* Control messages: anything (mostly shorter than the most the engine takes). */
+  uint8_t ctl[256] = {0};
+  if (flags & 8) {
+    h.cmsg_len = in_u16(in) % (flags & 16 ? 65536 : 256);
+    in_bytes(in, ctl, h.cmsg_len < sizeof(ctl) ? h.cmsg_len : sizeof(ctl));
+  }
+  uint32_t space = (uint32_t)NK_DGRAM_SPACE_CMSG(len, h.cmsg_len);
   if (flags & 1) space = in_u16(in); /* a head that disagrees with the record */
   uint8_t *data = ring_data(i, 0);
   const uint8_t *hb = (const uint8_t *)&h;
   for (uint32_t k = 0; k < sizeof(h); k++) data[(head + k) % RING] = hb[k];
+  for (uint32_t k = 0; k < h.cmsg_len && k < sizeof(ctl); k++)
+    data[(head + sizeof(h) + k) % RING] = ctl[k];
   if (flags & 2) head += 4; /* a record that does not start at the head */
   atomic_store(&s->tx_head.v, head + space);
   doorbell(i);
@@ -360,7 +368,7 @@ static void op_rx_read(struct nk_fuzz_in *in) {
     struct nk_dgram h;
     uint8_t *d = ring_data(i, 1);
     for (uint32_t k = 0; k < sizeof(h); k++) ((uint8_t *)&h)[k] = d[(tail + k) % RING];
-    n = fill >= sizeof(h) ? (uint32_t)NK_DGRAM_SPACE(h.len > RING ? 0 : h.len) : 0;
+    n = fill >= sizeof(h) ? (uint32_t)NK_DGRAM_SPACE_CMSG(h.len > RING ? 0 : h.len, h.cmsg_len) : 0;
   }
   atomic_store(&s->rx_tail.v, tail + n);
   guest_drain(i);
