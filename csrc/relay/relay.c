@@ -68,6 +68,10 @@
 #define DEFAULT_PORT    61001 /* outside the ephemeral range: never a program's own port */
 #define MIRROR_BACKLOG  4096
 #define RESTART_DELAY_S 1
+/* A program that refuses a connection its mirror accepted has just stopped listening: it
+ * exited, or restarts (the scan has not seen the gap). The client is held this long, the
+ * connect tried again at every scan, rather than reset at once. */
+#define PROGRAM_WAIT_MS 5000
 
 static FILE *logf;
 
@@ -151,6 +155,12 @@ struct conn {
   struct pipe_buf a2b, b2a;
   bool dead;
   struct conn *next_dead;
+  /* Inbound: a connects from `client` to the program at `to`; by_port: from the client's own
+   * port, which a connection of the program's may still hold (below). */
+  struct sockaddr_storage client, to;
+  bool by_port;
+  long wait_until;        /* inbound: how long a refusing program is waited for (ms) */
+  struct conn *next_wait; /* on `waiting` while a has no socket */
 };
 
 int ep;
@@ -161,6 +171,10 @@ static struct conn *graveyard;
 static void conn_close(struct conn *c, bool reset) {
   if (c->dead) return;
   for (struct end *e = &c->a; e; e = e == &c->a ? &c->b : NULL) {
+    /* Out of the epoll set first: close() takes a descriptor out only when no other refers
+     * to its file, and GuestLib may hold one for a while, which would leave events pointing
+     * at this connection after it is freed. */
+    epoll_ctl(ep, EPOLL_CTL_DEL, e->fd, NULL);
     if (reset) close_reset(e->fd);
     else close(e->fd);
   }
@@ -247,6 +261,59 @@ static int move(struct end *from, struct end *to, struct pipe_buf *p) {
   return moved;
 }
 
+static int connect_as(const struct sockaddr_storage *peer, const struct sockaddr_storage *to,
+                      bool any_port, bool *by_port);
+static bool watch(struct end *e);
+static bool wait_for_program(struct conn *c);
+
+/* The program refused a connection from the client's own port: a connection of its own from
+ * that port may still be in TIME_WAIT (it closed first, then the client reused the port), and
+ * a SYN that lands on it is answered with a reset. From any port of the client's address. */
+static bool retry_any_port(struct conn *c) {
+  bool by_port;
+  int a = connect_as(&c->client, &c->to, true, &by_port);
+  if (a < 0) return false;
+  epoll_ctl(ep, EPOLL_CTL_DEL, c->a.fd, NULL);
+  close(c->a.fd);
+  c->a.fd = a;
+  c->a.rd = c->a.wr = true;
+  c->by_port = false;
+  if (!watch(&c->a)) {
+    conn_close(c, true);
+    return true;
+  }
+  return true;
+}
+
+static struct conn *waiting;
+
+static bool wait_for_program(struct conn *c) {
+  if (now_ms() >= c->wait_until) return false;
+  epoll_ctl(ep, EPOLL_CTL_DEL, c->a.fd, NULL);
+  close(c->a.fd);
+  c->a.fd = -1;
+  c->next_wait = waiting;
+  waiting = c;
+  return true;
+}
+
+/* At each scan: the held connections try the program again (the connect's end comes as an
+ * event, and a refusal puts them back here until their time is up). */
+static void retry_waiting(void) {
+  struct conn *list = waiting;
+  waiting = NULL;
+  while (list) {
+    struct conn *c = list;
+    list = c->next_wait;
+    if (c->dead) continue;
+    bool by_port;
+    c->a.fd = connect_as(&c->client, &c->to, true, &by_port);
+    c->by_port = false;
+    c->a.rd = c->a.wr = true;
+    if (c->a.fd < 0 || !watch(&c->a)) conn_close(c, true); /* close(-1) does nothing */
+  }
+}
+
 /* Work on `c` after `events` on its end `e` (NULL, 0: just made). */
 static void pump(struct conn *c, struct end *e, uint32_t events) {
   if (c->dead) return;
@@ -270,6 +337,8 @@ static void pump(struct conn *c, struct end *e, uint32_t events) {
         err = errno;
       }
     }
+    if (err == ECONNREFUSED && c->connecting == &c->a && c->by_port && retry_any_port(c)) return;
+    if (err == ECONNREFUSED && c->connecting == &c->a && wait_for_program(c)) return;
     if (err) {
       conn_close(c, true);
       return;
@@ -290,7 +359,9 @@ static void pump(struct conn *c, struct end *e, uint32_t events) {
 
 /* Starts relaying between the accepted `a` and `b`, whose nonblocking connect() is under way
  * when `b_connecting` (or `a`'s, when `a_connecting`). */
-static void relay(int a, int b, bool a_connecting, bool b_connecting) {
+static void relay(int a, int b, bool a_connecting, bool b_connecting,
+                  const struct sockaddr_storage *client, const struct sockaddr_storage *to,
+                  bool by_port) {
   busy();
   struct conn *c = conn_new(a, b);
   if (!c) {
@@ -299,6 +370,12 @@ static void relay(int a, int b, bool a_connecting, bool b_connecting) {
     return;
   }
   c->connecting = a_connecting ? &c->a : b_connecting ? &c->b : NULL;
+  if (client) {
+    c->client = *client;
+    c->to = *to;
+    c->by_port = by_port;
+    c->wait_until = now_ms() + PROGRAM_WAIT_MS;
+  }
   if (!watch(&c->a) || !watch(&c->b)) {
     say("epoll: %s", strerror(errno));
     conn_close(c, true);
@@ -325,6 +402,12 @@ static void pause_listener(int fd, void *tag, const char *what) {
   paused[n_paused].fd = fd;
   paused[n_paused].tag = tag;
   n_paused++;
+}
+
+/* A listener closed while paused: forgotten, so that its number, reused, is not touched. */
+static void unpause(int fd) {
+  for (unsigned i = 0; i < n_paused; i++)
+    if (paused[i].fd == fd) paused[i--] = paused[--n_paused];
 }
 
 static void resume_listeners(void) {
@@ -407,7 +490,7 @@ static void accept_out(struct out_listener *l) {
       close(b);
       continue;
     }
-    relay(a, b, false, true);
+    relay(a, b, false, true, NULL, NULL, false);
   }
 }
 
@@ -547,8 +630,39 @@ static void mirror_open(int family, const uint8_t *addr, uint16_t port, bool v6o
 
 static void mirror_close(struct mirror *m) {
   for (int i = 0; i < 2; i++)
-    if (m->fds[i].fd >= 0) close(m->fds[i].fd);
+    if (m->fds[i].fd >= 0) {
+      unpause(m->fds[i].fd);
+      epoll_ctl(ep, EPOLL_CTL_DEL, m->fds[i].fd, NULL); /* as in conn_close */
+      close(m->fds[i].fd);
+    }
   free(m);
+}
+
+/* A kernel socket connecting (non-blocking) to the program's listener at `to`, from the
+ * client's own address and port, so that the program sees its real peer: the namespace
+ * routes every address to `lo`, and IP_FREEBIND lets us bind one we do not hold. If that
+ * port cannot be used here (taken, or its last connection to `to` in TIME_WAIT), or
+ * `any_port`, any port of the client's address will do; *by_port says which. -1: failed. */
+static int connect_as(const struct sockaddr_storage *peer, const struct sockaddr_storage *to,
+                      bool any_port, bool *by_port) {
+  for (int attempt = any_port; attempt < 2; attempt++) {
+    struct sockaddr_storage from = *peer;
+    if (attempt) set_port(&from, 0);
+    int a = kernel_socket(peer->ss_family, SOCK_STREAM);
+    if (a < 0) return -1;
+    int one = 1;
+    if (peer->ss_family == AF_INET6) setsockopt(a, IPPROTO_IPV6, IPV6_FREEBIND, &one, sizeof(one));
+    else setsockopt(a, IPPROTO_IP, IP_FREEBIND, &one, sizeof(one));
+    setsockopt(a, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    nodelay(a);
+    if (bind(a, (const struct sockaddr *)&from, sa_len(&from)) == 0 &&
+        (connect(a, (const struct sockaddr *)to, sa_len(to)) == 0 || errno == EINPROGRESS)) {
+      *by_port = attempt == 0;
+      return a;
+    }
+    close(a);
+  }
+  return -1;
 }
 
 static void accept_in(struct mirror_fd *m) {
@@ -562,30 +676,13 @@ static void accept_in(struct mirror_fd *m) {
     }
     nodelay(b);
     getsockname(b, (struct sockaddr *)&me, &ml);
-    int a = kernel_socket(peer.ss_family, SOCK_STREAM);
+    bool by_port;
+    int a = connect_as(&peer, &me, false, &by_port);
     if (a < 0) {
       close_reset(b);
       continue;
     }
-    /* From the client's own address and port, so that the program sees its real peer: the
-     * namespace routes every address to `lo`, and IP_FREEBIND lets us bind one we do not
-     * hold. If that port is taken here, any port of the client's address will do. */
-    int one = 1;
-    if (peer.ss_family == AF_INET6) setsockopt(a, IPPROTO_IPV6, IPV6_FREEBIND, &one, sizeof(one));
-    else setsockopt(a, IPPROTO_IP, IP_FREEBIND, &one, sizeof(one));
-    setsockopt(a, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(a, (struct sockaddr *)&peer, sa_len(&peer)) < 0) {
-      if (peer.ss_family == AF_INET6) ((struct sockaddr_in6 *)&peer)->sin6_port = 0;
-      else ((struct sockaddr_in *)&peer)->sin_port = 0;
-      bind(a, (struct sockaddr *)&peer, sa_len(&peer));
-    }
-    nodelay(a);
-    if (connect(a, (struct sockaddr *)&me, sa_len(&me)) < 0 && errno != EINPROGRESS) {
-      close(a);
-      close_reset(b);
-      continue;
-    }
-    relay(a, b, true, false);
+    relay(a, b, true, false, &peer, &me, by_port);
   }
 }
 
@@ -724,6 +821,7 @@ static void tcp_listener_found(int family, const uint8_t *addr, uint16_t port, b
 
 static void scan(void) {
   resume_listeners();
+  retry_waiting();
   if (diag_fd < 0) {
     diag_fd = (int)syscall(SYS_socket, AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
     if (diag_fd < 0) return;

@@ -280,6 +280,7 @@ void udp_scan_end(long now) {
       continue;
     }
     *p = f->next;
+    epoll_ctl(ep, EPOLL_CTL_DEL, f->kfd, NULL);
     close(f->kfd);
     f->kfd = -1;
     f->up->flows--;
@@ -294,6 +295,7 @@ void udp_scan_end(long now) {
       continue;
     }
     *p = u->next;
+    epoll_ctl(ep, EPOLL_CTL_DEL, u->nkfd, NULL); /* as in conn_close (relay.c) */
     close(u->nkfd);
     u->nkfd = -1;
     n_ports--;

@@ -18,7 +18,8 @@ programs off, since the namespace still has nothing but ``lo``):
   so that one tenant cannot fill the host's conntrack table (``nf_conntrack_max``, shared by
   all namespaces); pure loopback traffic is not tracked at all;
 - ``ip_unprivileged_port_start=0``: a static server may listen on port 80 of its own
-  namespace, as root in a container may (GuestLib programs get low ports through the engine).
+  namespace, as root in a container may (GuestLib programs get low ports through the engine);
+  ``tcp_tw_reuse=1``, for the relay's connections to a program's listener (below).
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def setup(t: Tenant) -> None:
     netns.ip("route", "add", "local", "default", "dev", "lo", "src", t.ipv4, netns=ns)
     netns.ip("-6", "route", "add", "local", "default", "dev", "lo", "src", t.ipv6, netns=ns)
     netns.sysctl("net.ipv4.ip_unprivileged_port_start", "0", netns=ns)
+    # The relay connects to a program's listener from each client's address and port; when
+    # a client reuses a port, the relay's last connection from it may still be in TIME_WAIT.
+    netns.sysctl("net.ipv4.tcp_tw_reuse", "1", netns=ns)
     try:
         proc = subprocess.run(
             ["ip", "netns", "exec", ns, "nft", "-f", "-"],

@@ -484,3 +484,46 @@ def test_a_preloaded_programs_sockets_are_left_to_the_engine(tenant) -> None:
     run_checked(t, [PY, "-c", code])
     log = run_checked(t, ["cat", "/run/netkernel/relay.log"]).stdout
     assert ":7381" not in log and ":7382" not in log, log
+
+
+ECHO_CLIENT_RETRY = """
+import socket, sys, time
+end = time.monotonic() + 20
+while True:
+    try:
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+        break
+    except ConnectionRefusedError:
+        if time.monotonic() > end:
+            raise
+        time.sleep(0.05)
+s.sendall(b"after the restart")
+s.shutdown(socket.SHUT_WR)
+got = b""
+while data := s.recv(100):
+    got += data
+print(got.decode())
+"""
+
+
+def test_a_static_server_restarting_on_its_port_loses_no_client(static_bin, tenant, peer_ns) -> None:
+    """A client that connects while the program is between two runs on the same port is
+    either refused (and tries again) or held until the new one listens: never accepted and
+    then reset."""
+    t, peer = tenant(uname("srestart")), peer_ns()
+    net = str(static_bin / "net")
+    first = t.popen([net, "server", "7396"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_line(first, r"^READY")
+    wait_port(peer, t.ipv4, 7396, timeout=20)
+    stop(first)
+    client = peer.popen(
+        [PY, "-c", ECHO_CLIENT_RETRY, t.ipv4, "7396"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    time.sleep(0.3)
+    second = t.popen([net, "server", "7396"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0, err
+        assert out.decode().strip() == "after the restart"
+    finally:
+        stop(second)

@@ -558,6 +558,8 @@ class Bench(Fabric):
         exe = self._go_http()
         d = self.opts.duration
 
+        errors: dict[str, dict[str, int]] = {}
+
         def run(place: Place) -> tuple[float, str]:
             log = f"gohttp-{place.name}.log"
             listen = f"{url_host(place.listen or place.addr)}:{HTTP_PORT}"
@@ -568,10 +570,15 @@ class Bench(Fabric):
                         self.peer, wrk(url, d, False), d + 60, f"wrk against the Go server ({place.name})"
                     )
                 r = self._parse_against(parse_wrk, out, server, place, "Go server", log)
-            note = f" (socket errors {r.total_socket_errors})" if r.total_socket_errors else ""
+            mine = errors.setdefault(place.name, {})
+            for k, v in r.socket_errors.items():
+                mine[k] = mine.get(k, 0) + v
+            note = f" (socket errors {r.socket_errors})" if r.total_socket_errors else ""
             return r.requests_per_sec, f"{r.requests_per_sec:,.0f} req/s{note}"
 
         self.repeat(res, run)
+        for side, errs in errors.items():
+            res.extra[f"{side}_socket_errors"] = errs
 
     def m_redis(self, res: MetricResult, test: str, clients: int = REDIS_CLIENTS) -> None:
         def run(place: Place) -> tuple[float, str]:
