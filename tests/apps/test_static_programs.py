@@ -207,7 +207,8 @@ with open(sys.argv[3], "wb") as f:
         f.write(data)
 """
 
-NC_SOURCE = """
+# A client's connect, tried again while refused (a listener not there yet).
+CONNECT_RETRYING = """
 import socket, sys, time
 end = time.monotonic() + 20
 while True:
@@ -217,11 +218,17 @@ while True:
     except ConnectionRefusedError:
         if time.monotonic() > end:
             raise
-        time.sleep(0.1)
+        time.sleep(0.05)
+"""
+
+NC_SOURCE = (
+    CONNECT_RETRYING
+    + """
 with open(sys.argv[3], "rb") as f:
     s.sendfile(f)
 s.close()
 """
+)
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
@@ -486,17 +493,9 @@ def test_a_preloaded_programs_sockets_are_left_to_the_engine(tenant) -> None:
     assert ":7381" not in log and ":7382" not in log, log
 
 
-ECHO_CLIENT_RETRY = """
-import socket, sys, time
-end = time.monotonic() + 20
-while True:
-    try:
-        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-        break
-    except ConnectionRefusedError:
-        if time.monotonic() > end:
-            raise
-        time.sleep(0.05)
+ECHO_CLIENT_RETRY = (
+    CONNECT_RETRYING
+    + """
 s.sendall(b"after the restart")
 s.shutdown(socket.SHUT_WR)
 got = b""
@@ -504,6 +503,7 @@ while data := s.recv(100):
     got += data
 print(got.decode())
 """
+)
 
 
 def test_a_static_server_restarting_on_its_port_loses_no_client(static_bin, tenant, peer_ns) -> None:
