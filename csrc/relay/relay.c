@@ -263,8 +263,6 @@ static int move(struct end *from, struct end *to, struct pipe_buf *p) {
 
 static int connect_as(const struct sockaddr_storage *peer, const struct sockaddr_storage *to,
                       bool any_port, bool *by_port);
-static bool watch(struct end *e);
-static bool wait_for_program(struct conn *c);
 
 /* The program refused a connection from the client's own port: a connection of its own from
  * that port may still be in TIME_WAIT (it closed first, then the client reused the port), and
@@ -278,10 +276,7 @@ static bool retry_any_port(struct conn *c) {
   c->a.fd = a;
   c->a.rd = c->a.wr = true;
   c->by_port = false;
-  if (!watch(&c->a)) {
-    conn_close(c, true);
-    return true;
-  }
+  if (!watch(&c->a)) conn_close(c, true);
   return true;
 }
 

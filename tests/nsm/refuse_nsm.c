@@ -38,8 +38,8 @@ static int refuse_connect(struct nk_esock *es, const struct nk_addr *dst) {
 static void refuse_transmit(struct nk_esock *es) { (void)es; }
 
 static int refuse_send_dgram(struct nk_esock *es, int k, const struct nk_addr *dst, uint32_t pos,
-                             uint32_t len) {
-  (void)dst, (void)pos, (void)len;
+                             uint32_t len, const void *ctl, size_t ctl_len) {
+  (void)dst, (void)pos, (void)len, (void)ctl, (void)ctl_len;
   return -refused(es, k);
 }
 
