@@ -362,8 +362,8 @@ int nk_sock_setopt(struct nk_esock *es, int level, int name, const void *val, so
   }
   remember_opt(es, level, name, val, len);
   if ((level == IPPROTO_IP && (name == IP_RECVTTL || name == IP_RECVTOS || name == IP_PKTINFO)) ||
-      (level == IPPROTO_IPV6 && (name == IPV6_RECVHOPLIMIT || name == IPV6_RECVTCLASS ||
-                                 name == IPV6_RECVPKTINFO)))
+      (level == IPPROTO_IPV6 &&
+       (name == IPV6_RECVHOPLIMIT || name == IPV6_RECVTCLASS || name == IPV6_RECVPKTINFO)))
     es->want_cmsg = true; /* the kernel socket adds them; the engine passes them on */
   if (level == SOL_SOCKET && len >= sizeof(int)) { /* for the rings' sizes (tenant.c) */
     int v;
