@@ -519,13 +519,18 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
       unlock(&s->rx_lock);
       continue;
     }
+    /* X3: the end flag first, then the error. The engine stores the error before the flag
+     * (nk_sock_fail), so with the flag seen the error is too; the other way round, a reset
+     * landing between the two loads read as a clean EOF (seen once in ~400 runs of
+     * linger_zero_reset under load). */
+    bool eof = atomic_load(&s->rx_eof);
     int err = atomic_load(&s->rx_err);
     if (err && !peek) err = take_error(s);
     if (err) {
       unlock(&s->rx_lock);
       return got ? (ssize_t)got : -err;
     }
-    if (atomic_load(&s->rx_eof)) {
+    if (eof) {
       unlock(&s->rx_lock);
       NK_LOG(2, "fd %d slot %d: EOF after %zu (want %zu)", fd, slot, got, total);
       return (ssize_t)got;
