@@ -208,6 +208,49 @@ static void take_preopts(struct nk_esock *es) {
   }
 }
 
+/* Linux lets a TCP socket whose connect failed connect again. Here the failure hung up its
+ * proxy (the guest end reads POLLHUP|POLLERR, as Linux shows it), so the socket goes on as a
+ * new one on the fresh proxy rfd, with the old one's options and bind; the old slot stays
+ * reserved until its guest end is gone (GuestLib puts the new end in its place). */
+static void renew(struct nk_tenant *t, const struct nk_req *req, int rfd, struct nk_rep *rep) {
+  struct nk_esock *old = nk_esock_get(t, req->slot, req->gen);
+  if (!old || old->closing || old->kind != NK_KIND_STREAM || !old->dead ||
+      old->state != NK_ST_NEW) {
+    rep->err = old ? -EINVAL : -EBADF;
+  } else if (rfd < 0 || !proxy_fd_ok(rfd)) {
+    rep->err = -EINVAL;
+  } else {
+    struct nk_esock *es = nk_esock_alloc(t, rfd, old->family, SOCK_STREAM, req->inode);
+    if (!es) {
+      rep->err = -errno;
+    } else {
+      rfd = -1;
+      (void)nk_fd_refuse_rights(es->proxy, false);
+      es->proxy_in_tenant_ns = true;
+      nk_epoll_add(es->proxy, EPOLLIN, &es->h_proxy);
+      nk_opts_share(es, old);
+      es->sndbuf = old->sndbuf;
+      es->rcvbuf = old->rcvbuf;
+      es->linger = old->linger;
+      es->linger0 = old->linger0;
+      es->v6only = old->v6only;
+      /* An explicit bind outlives the failed attempt, as Linux's does. */
+      if (old->bound) {
+        struct nk_addr b = old->bind_addr;
+        int r = nk_sock_bind(es, &b);
+        if (r < 0)
+          NK_LOG(1, "tenant %s slot %u: bind again after a failed connect: %s", t->name, es->slot,
+                 strerror(-r));
+      }
+      NK_LOG(1, "tenant %s slot %u renewed as slot %u after a failed connect", t->name, old->slot,
+             es->slot);
+      rep->slot = es->slot;
+      rep->gen = es->gen;
+    }
+  }
+  if (rfd >= 0) nk_close_later(rfd);
+}
+
 static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
   struct nk_rep rep;
   memset(&rep, 0, sizeof(rep));
@@ -256,6 +299,11 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
       }
     }
     if (rfd >= 0) nk_close_later(rfd);
+    reply(c, &rep, NULL, 0);
+    return;
+  }
+  if (req->op == NK_OP_RENEW) {
+    renew(t, req, rfd, &rep);
     reply(c, &rep, NULL, 0);
     return;
   }

@@ -160,7 +160,12 @@ static bool writable_now(struct nk_esock *es) {
 
 /* The engine end of the proxy, closed. Where it refuses descriptors, nothing queued on it can
  * make the close block; elsewhere the closer thread does it (fds.c), a moment later: the
- * shutdown both ways shows the guest end its hang-up (POLLHUP) now, as the close would. */
+ * shutdown both ways shows the guest end its hang-up (POLLHUP) now, as the close would.
+ * The blocker queued on it (held, or not read yet) is taken right after, so the guest end
+ * also turns writable now: Linux shows a failed non-blocking connect POLLOUT with its POLLHUP.
+ * The hang-up comes first, as a program that waits for POLLOUT and then looks for
+ * POLLERR/POLLHUP in the same event needs; POLLOUT follows a moment later. Only blockers
+ * travel this way, one at a time; the closer drains anything else a tenant queued. */
 void nk_sock_close_proxy(struct nk_esock *es) {
   if (es->proxy < 0) return;
   if (es->proxy_rights_refused) {
@@ -170,8 +175,12 @@ void nk_sock_close_proxy(struct nk_esock *es) {
     /* The tenant may hold a copy of this end, which would keep it in the set. */
     nk_epoll_del(es->proxy);
     shutdown(es->proxy, SHUT_RDWR);
+    char buf[NK_BLOCKER_SIZE];
+    for (int i = 0; i < 2 && nk_recv_untrusted(es->proxy, buf, sizeof(buf), MSG_DONTWAIT) > 0;
+         i++) {}
     nk_close_later_proxy(es->proxy);
   }
+  es->blocker_held = false;
   es->proxy = -1;
 }
 
@@ -201,6 +210,8 @@ void nk_sock_fail(struct nk_esock *es, int err, enum nk_end how) {
   es->dead = true;
   if (how == NK_END_REFUSED) {
     es->state = NK_ST_NEW;
+    /* Before the state the guest waits for: its next connect() renews the socket. */
+    if (es->kind == NK_KIND_STREAM) atomic_store(&s->renew, 1);
   } else {
     es->state = NK_ST_CLOSED;
     atomic_store(&s->rx_err, err);

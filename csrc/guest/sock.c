@@ -262,17 +262,63 @@ static int simple_req(int slot, uint32_t op, int32_t arg0, const struct nk_addr 
   return r < 0 ? r : rep->err;
 }
 
+/* A stream socket whose connect failed: the engine hung up its proxy (the application saw
+ * POLLHUP|POLLERR there, as Linux shows a failed connect), and Linux lets the socket be used
+ * again. A fresh proxy takes the old one's place at fd, with its descriptor and file flags;
+ * the engine makes it a new socket with the old one's options and bind (NK_OP_RENEW). Other
+ * descriptors of the old proxy (a dup(), a fork's) stay with the failed socket. */
+static int renew(int fd, int *slot) {
+  struct nk_slot *old = nk_slot_at(*slot);
+  int sv[2];
+  if (nk_libc.socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return -errno;
+  int one = 1;
+  nk_libc.setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
+  struct stat st;
+  fstat(sv[0], &st);
+  struct nk_req req = {
+      .op = NK_OP_RENEW, .slot = (uint32_t)*slot, .gen = old->gen, .inode = st.st_ino};
+  struct nk_rep rep;
+  int r = nk_ctl_call(&req, sv[1], &rep);
+  nk_libc.close(sv[1]);
+  if (r == 0) r = rep.err;
+  if (r == 0 && rep.slot >= nk_g.nslots) r = -EIO;
+  int fdfl = nk_libc.fcntl(fd, F_GETFD);
+  int fl = nk_libc.fcntl(fd, F_GETFL);
+  if (r == 0 && nk_libc.dup3(sv[0], fd, fdfl > 0 && (fdfl & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0)
+    r = -errno;
+  nk_libc.close(sv[0]); /* on failure, the engine frees the new socket on this hang-up */
+  if (r < 0) return r;
+  bool nonblock = fl >= 0 && (fl & O_NONBLOCK);
+  if (nonblock) nk_libc.fcntl(fd, F_SETFL, O_NONBLOCK);
+  struct nk_slot *s = nk_slot_at((int)rep.slot);
+  s->rcvtimeo_ms = old->rcvtimeo_ms;
+  s->sndtimeo_ms = old->sndtimeo_ms;
+  s->rcvlowat = old->rcvlowat;
+  nk_note_nonblock((int)rep.slot, nonblock);
+  nk_fd_set(fd, (int)rep.slot);
+  NK_LOG(2, "fd %d: slot %d renewed as slot %u after a failed connect", fd, *slot, rep.slot);
+  *slot = (int)rep.slot;
+  return 0;
+}
+
 int nk_bind(int fd, int slot, const struct sockaddr *sa, socklen_t len) {
-  (void)fd;
   struct nk_addr a;
   int r = nk_addr_from_sockaddr(&a, sa, len);
   if (r < 0) return r;
+  if (atomic_load(&nk_slot_at(slot)->renew)) {
+    atomic_store(&nk_slot_at(slot)->async_connect, 0);
+    if ((r = renew(fd, &slot)) < 0) return r;
+  }
   struct nk_rep rep;
   return simple_req(slot, NK_OP_BIND, 0, &a, &rep);
 }
 
 int nk_listen(int fd, int slot, int backlog) {
-  (void)fd;
+  if (atomic_load(&nk_slot_at(slot)->renew)) {
+    atomic_store(&nk_slot_at(slot)->async_connect, 0);
+    int r = renew(fd, &slot);
+    if (r < 0) return r;
+  }
   struct nk_rep rep;
   return simple_req(slot, NK_OP_LISTEN, backlog, NULL, &rep);
 }
@@ -320,6 +366,8 @@ int nk_accept4(int fd, int slot, struct sockaddr *sa, socklen_t *len, int flags)
   }
 }
 
+static int take_error(struct nk_slot *s);
+
 int nk_connect(int fd, int slot, const struct sockaddr *sa, socklen_t len) {
   struct nk_slot *s = nk_slot_at(slot);
   struct nk_addr a;
@@ -331,6 +379,16 @@ int nk_connect(int fd, int slot, const struct sockaddr *sa, socklen_t len) {
     if (st == NK_ST_CONNECTED) return atomic_exchange(&s->async_connect, 0) ? 0 : -EISCONN;
     if (st == NK_ST_CONNECTING) return -EALREADY;
     if (a.family == 0) return -EAFNOSUPPORT;
+    if (atomic_load(&s->renew)) {
+      /* Linux: a connect that failed after EINPROGRESS ends on the next connect(), which
+       * reports the error unless SO_ERROR took it; the one after that starts afresh. */
+      if (atomic_exchange(&s->async_connect, 0)) {
+        int err = take_error(s);
+        return err ? -err : -ECONNABORTED;
+      }
+      if ((r = renew(fd, &slot)) < 0) return r;
+      s = nk_slot_at(slot);
+    }
   }
   struct nk_rep rep;
   r = simple_req(slot, NK_OP_CONNECT, 0, &a, &rep);

@@ -132,7 +132,10 @@ struct nk_slot {
   /* A listener whose tenant may not open one more socket: the errno accept() reports (EMFILE
    * or ENOBUFS) while its connections wait in the stack, 0 otherwise. */
   NK_ATOMIC(int32_t) accept_err;
-  uint32_t reserved2[9];
+  /* A stream socket whose connect failed, its proxy hung up: Linux lets the socket connect
+   * again, so GuestLib's next connect() brings a new proxy first (NK_OP_RENEW). */
+  NK_ATOMIC(uint32_t) renew;
+  uint32_t reserved2[8];
   /* line 7: guest side */
   NK_ATOMIC(uint32_t) rx_ack; /* ready records consumed by the guest (counter) */
   NK_ATOMIC(uint32_t) kick;   /* set with the doorbell bit (which is what the engine acts on) */
@@ -169,6 +172,7 @@ NK_PIN_OFFSET(nk_slot, tx_closed, 6 * NK_CACHELINE + 12);
 NK_PIN_OFFSET(nk_slot, rx_stalled, 6 * NK_CACHELINE + 16);
 NK_PIN_OFFSET(nk_slot, ready_sent, 6 * NK_CACHELINE + 20);
 NK_PIN_OFFSET(nk_slot, accept_err, 6 * NK_CACHELINE + 24);
+NK_PIN_OFFSET(nk_slot, renew, 6 * NK_CACHELINE + 28);
 NK_PIN_OFFSET(nk_slot, rx_ack, 7 * NK_CACHELINE);
 NK_PIN_OFFSET(nk_slot, kick, 7 * NK_CACHELINE + 4);
 NK_PIN_OFFSET(nk_slot, tx_lock, 7 * NK_CACHELINE + 8);
@@ -283,6 +287,10 @@ NK_PIN_OFFSET(nk_newconn, local, 40);
 #define NK_OP_SETSOCKOPT   7
 #define NK_OP_GETSOCKOPT   8
 #define NK_OP_LINGER_CLOSE 9 /* reserved */
+/* A stream socket whose connect failed (slot's renew set), with the engine end of a fresh
+ * proxy socketpair: the reply names a new socket that inherits the old one's options and
+ * bind. The old slot stays the old proxy's until its guest end is gone. */
+#define NK_OP_RENEW 10
 
 #define NK_OPT_MAX 256
 
@@ -295,7 +303,7 @@ struct nk_req {
   int32_t arg2; /* SOCKET: protocol */
   uint32_t optlen;
   uint32_t reserved;
-  uint64_t inode; /* SOCKET: inode of the guest end */
+  uint64_t inode; /* SOCKET, RENEW: inode of the guest end */
   struct nk_addr addr;
   uint8_t optval[NK_OPT_MAX];
 };
