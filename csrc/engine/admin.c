@@ -169,13 +169,19 @@ static void conn_line(struct nk_admin *a, struct nk_tenant *t, uint32_t i, struc
   /* Which path carries it: an NSM, the tenant's loopback, or shared memory (then the peer's
    * tenant is named too). */
   const char *path = es->shm ? "shm" : m ? "nsm" : es->ep_count ? "loopback" : "-";
+  /* Who moves the bytes between the socket's rings and its program: GuestLib in the program,
+   * or the engine itself for the tenant's relay (direct.c; its readiness and ends shown). */
+  char direct[96] = " carrier=guest";
+  if (es->direct >= 0)
+    snprintf(direct, sizeof(direct), " carrier=direct direct=rd:%d,wr:%d,hup:%d,eof:%d,shut:%d",
+             es->direct_rd, es->direct_wr, es->direct_hup, es->direct_eof, es->direct_shut);
   char peer_tenant[80] = "";
   if (es->shm_peer)
     snprintf(peer_tenant, sizeof(peer_tenant), " peer_tenant=%s", es->shm_peer->t->name);
   out(a,
       "conn tenant=%s slot=%u kind=%s state=%s nsm=%s path=%s%s proto=%s local=%s peer=%s tx_bytes=%llu"
       " rx_bytes=%llu tx_queued=%lld rx_queued=%lld ready_sent=%u rx_ack=%u blocker=%d stalled=%u"
-      " throttled=%d%s",
+      " throttled=%d%s%s",
       t->name, i, kind_name(es->kind), es->closing ? "closing" : state_name(es->state),
       es->shm ? "shm"
       : m     ? m->name
@@ -184,7 +190,7 @@ static void conn_line(struct nk_admin *a, struct nk_tenant *t, uint32_t i, struc
       (unsigned long long)es->tx_bytes, (unsigned long long)es->rx_bytes,
       (long long)nk_ring_fill_checked(&es->tx), (long long)nk_ring_fill_checked(&es->rx),
       es->ready_sent, atomic_load(&sl->rx_ack), es->blocker_held, atomic_load(&sl->rx_stalled),
-      es->throttled, tcp);
+      es->throttled, direct, tcp);
 }
 
 static void command(struct nk_admin *a, char *line) {

@@ -302,6 +302,15 @@ static void handle_req(struct nk_ctl *c, struct nk_req *req, int rfd) {
     reply(c, &rep, NULL, 0);
     return;
   }
+  if (req->op == NK_OP_ATTACH) {
+    struct nk_esock *es = nk_esock_get(t, req->slot, req->gen);
+    if (!es || es->closing) rep.err = -EBADF;
+    else if (rfd < 0) rep.err = -EINVAL;
+    else if ((rep.err = nk_direct_attach(es, rfd)) == 0) rfd = -1; /* the socket's now */
+    if (rfd >= 0) nk_close_later(rfd);
+    reply(c, &rep, NULL, 0);
+    return;
+  }
   if (req->op == NK_OP_RENEW) {
     renew(t, req, rfd, &rep);
     reply(c, &rep, NULL, 0);

@@ -47,7 +47,8 @@ enum nk_htype {
   NK_H_DNS,
   NK_H_DNS_UP,
   NK_H_SIGNAL,
-  NK_H_NSM, /* an NSM kind's own descriptor (obj: the NSM, idx: which, its business) */
+  NK_H_NSM,    /* an NSM kind's own descriptor (obj: the NSM, idx: which, its business) */
+  NK_H_DIRECT, /* a program's TCP socket the engine carries itself (direct.c) */
 };
 struct nk_handle {
   enum nk_htype type;
@@ -290,6 +291,12 @@ struct nk_esock {
   bool zombie;             /* engine end closed to show POLLHUP; freed when the guest end is gone */
   uint64_t guest_ino;      /* inode of the guest end, from sock_diag (zombies only) */
   struct nk_esock *next_zombie, **prev_zombie; /* engine.zombies */
+  /* direct.c: the relay's end of a program's connection, carried by the engine in place of
+   * GuestLib (-1: none); its cached edge-triggered readiness and hang-up; the program's FIN
+   * read, ours passed on; a reset to give it. */
+  int direct;
+  struct nk_handle h_direct;
+  bool direct_rd, direct_wr, direct_hup, direct_eof, direct_shut, direct_rst;
   bool blocker_held;
   bool shut_wr_pending;
   bool closing; /* the guest closed its last reference: flush, then free */
@@ -439,6 +446,13 @@ int nk_ep_find(const struct nk_esock *es, const struct nk_addr *dst); /* -1: non
 void nk_ep_close(struct nk_esock *es, int k, bool rst);
 void nk_ep_drop_last(struct nk_esock *es); /* close the endpoint just opened */
 void nk_ep_close_all(struct nk_esock *es, bool rst);
+
+/* ---- a program's connection carried directly (direct.c) ---- */
+int nk_direct_attach(struct nk_esock *es, int fd);
+void nk_direct_event(struct nk_esock *es, uint32_t ev);
+void nk_direct_in(struct nk_esock *es);
+void nk_direct_out(struct nk_esock *es);
+void nk_direct_close(struct nk_esock *es);
 void nk_ep_move(struct nk_esock *es, int to, int from, uint32_t events);
 void nk_ep_keep_only(struct nk_esock *es, int k);
 void nk_ep_local(struct nk_esock *es, int k, struct nk_addr *out);

@@ -226,6 +226,9 @@ static void dispatch(struct epoll_event *ev) {
     case NK_H_PROXY:
       if (!((struct nk_esock *)h->obj)->freed) nk_sock_proxy_event(h->obj, ev->events);
       break;
+    case NK_H_DIRECT:
+      if (!((struct nk_esock *)h->obj)->freed) nk_direct_event(h->obj, ev->events);
+      break;
     case NK_H_ENDPOINT:
       if (!((struct nk_esock *)h->obj)->freed) nk_kernel_event(h->obj, h->idx, ev->events);
       break;

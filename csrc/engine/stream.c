@@ -40,10 +40,13 @@ void nk_sock_service(struct nk_esock *es) {
       nk_dgram_service(es);
     } else if (es->state == NK_ST_CONNECTED && es->ep_count) {
       const struct nk_ep_ops *ops = es->ep[0].ops;
+      nk_direct_in(es);
       ops->transmit(es);
+      nk_direct_in(es); /* what the transmit made room for */
       if (!es->dead && ops->receive) ops->receive(es);
     }
   }
+  nk_direct_out(es);
   if (es->closing) {
     finish_close(es);
     return;

@@ -326,6 +326,7 @@ struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int 
   es->type = type;
   es->kind = type == SOCK_DGRAM ? NK_KIND_DGRAM : NK_KIND_STREAM;
   es->proxy = proxy;
+  es->direct = -1;
   es->pending_fd = -1;
   es->state = NK_ST_NEW;
   es->can_write = true;
@@ -426,6 +427,7 @@ void nk_esock_free(struct nk_esock *es) {
   if (es->pending_fd >= 0) close(es->pending_fd);
   nk_opts_drop(es);
   nk_sock_close_proxy(es);
+  nk_direct_close(es); /* in the proxy's place in the budget */
   nk_fds_give(t, NK_SOCK_FDS + es->ep_fds);
   /* Unlink from the active and throttled lists. */
   struct nk_esock *prev = NULL;

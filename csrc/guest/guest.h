@@ -108,6 +108,7 @@ void nk_fd_copy(int from, int to);
 struct nk_slot *nk_slot_at(int slot);
 void nk_slot_rings(int slot, struct nk_ring *tx, struct nk_ring *rx);
 int nk_socket(int domain, int type, int protocol);
+int nk_attach(int fd, int slot, int kfd);
 int nk_bind(int fd, int slot, const struct sockaddr *sa, socklen_t len);
 int nk_listen(int fd, int slot, int backlog);
 int nk_accept4(int fd, int slot, struct sockaddr *sa, socklen_t *len, int flags);

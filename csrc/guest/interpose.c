@@ -302,3 +302,16 @@ NK_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t
   return s < 0 ? nk_libc.setsockopt(fd, level, name, val, len)
                : (int)ret(nk_setsockopt(fd, s, level, name, val, len));
 }
+
+/* Not a libc function: the tenant's relay (csrc/relay) finds it with dlsym() and hands the
+ * engine a program's connection with it. fd: a connected NetKernel stream socket; kfd: the
+ * relay's kernel TCP socket to the program. 0, or -1 with errno (ENOTSOCK: fd is not one of
+ * NetKernel's; EOPNOTSUPP: an engine without NK_OP_ATTACH). */
+NK_EXPORT int netkernel_attach(int fd, int kfd) {
+  int s = OURS(fd);
+  if (s < 0) {
+    errno = ENOTSOCK;
+    return -1;
+  }
+  return (int)ret(nk_attach(fd, s, kfd));
+}

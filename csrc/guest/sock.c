@@ -301,6 +301,16 @@ static int renew(int fd, int *slot) {
   return 0;
 }
 
+/* The tenant's relay hands a program's connection to the engine (NK_OP_ATTACH): kfd, the
+ * relay's end of it, is carried by the engine from now on, and fd may be closed. */
+int nk_attach(int fd, int slot, int kfd) {
+  (void)fd;
+  struct nk_req req = {.op = NK_OP_ATTACH, .slot = (uint32_t)slot, .gen = nk_slot_at(slot)->gen};
+  struct nk_rep rep;
+  int r = nk_ctl_call(&req, kfd, &rep);
+  return r < 0 ? r : rep.err;
+}
+
 int nk_bind(int fd, int slot, const struct sockaddr *sa, socklen_t len) {
   struct nk_addr a;
   int r = nk_addr_from_sockaddr(&a, sa, len);

@@ -26,6 +26,7 @@
  */
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ifaddrs.h>
@@ -309,6 +310,33 @@ static void retry_waiting(void) {
   }
 }
 
+/* GuestLib's netkernel_attach(): the relay runs with GuestLib preloaded. */
+static int (*attach)(int nk_fd, int kernel_fd);
+static bool attach_looked_up;
+
+/* Both ends connected, nothing read from either yet: the engine takes the program's end
+ * (`a`) and carries the connection itself (csrc/engine/direct.c), reading it into the
+ * NetKernel socket's rings and writing them out to it, so that its bytes no longer pass
+ * through here: per request two copies, six system calls and two wake-ups less. The relay
+ * lets go of both descriptors; the connection outlives it. False (the relay carries it
+ * itself): no GuestLib, or the engine refused (one from before NK_OP_ATTACH). */
+static bool hand_off(struct conn *c) {
+  if (!attach_looked_up) {
+    attach_looked_up = true;
+    attach = (int (*)(int, int))dlsym(RTLD_DEFAULT, "netkernel_attach");
+    say("carrying connections %s", attach ? "in the engine" : "through the relay");
+  }
+  if (!attach || attach(c->b.fd, c->a.fd) < 0) return false;
+  for (struct end *e = &c->a; e; e = e == &c->a ? &c->b : NULL) {
+    epoll_ctl(ep, EPOLL_CTL_DEL, e->fd, NULL); /* as in conn_close */
+    close(e->fd);
+  }
+  c->dead = true;
+  c->next_dead = graveyard;
+  graveyard = c;
+  return true;
+}
+
 /* Work on `c` after `events` on its end `e` (NULL, 0: just made). */
 static void pump(struct conn *c, struct end *e, uint32_t events) {
   if (c->dead) return;
@@ -339,6 +367,7 @@ static void pump(struct conn *c, struct end *e, uint32_t events) {
       return;
     }
     c->connecting = NULL;
+    if (hand_off(c)) return;
   }
   int r1, r2;
   do {

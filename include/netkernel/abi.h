@@ -291,6 +291,11 @@ NK_PIN_OFFSET(nk_newconn, local, 40);
  * proxy socketpair: the reply names a new socket that inherits the old one's options and
  * bind. The old slot stays the old proxy's until its guest end is gone. */
 #define NK_OP_RENEW 10
+/* A connected stream socket and, as SCM_RIGHTS, a connected TCP socket of the tenant's (the
+ * relay's end of a program's connection in the tenant's namespace): from now on the engine
+ * moves the socket's bytes to and from that TCP socket itself, in place of GuestLib, and
+ * lets go of the proxy. */
+#define NK_OP_ATTACH 11
 
 #define NK_OPT_MAX 256
 

@@ -707,7 +707,8 @@ def cmd_conns(args: argparse.Namespace) -> int:
                 [
                     c["tenant"],
                     c.get("nsm"),
-                    f"shm:{c['peer_tenant']}" if c.get("peer_tenant") else c.get("path"),
+                    (f"shm:{c['peer_tenant']}" if c.get("peer_tenant") else c.get("path") or "")
+                    + ("/relay" if c.get("carrier") == "direct" else ""),
                     c.get("proto"),
                     c.get("kind"),
                     c.get("tcp_state") or c.get("state"),

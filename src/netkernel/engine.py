@@ -97,6 +97,9 @@ class Conn:
     nsm: str | None = None  # "shm" for the shared-memory path
     path: str | None = None  # nsm, shm (between colocated tenants) or loopback
     peer_tenant: str | None = None  # the other end's tenant, on the shm path
+    # guest: GuestLib moves the bytes in the program; direct: the engine moves them to and from
+    # the program's kernel socket itself (a static or Go program's connection, by the relay)
+    carrier: str | None = None
     proto: str | None = None
     local: str | None = None
     peer: str | None = None

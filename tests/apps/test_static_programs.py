@@ -527,3 +527,59 @@ def test_a_static_server_restarting_on_its_port_loses_no_client(static_bin, tena
         assert out.decode().strip() == "after the restart"
     finally:
         stop(second)
+
+
+HELD_CLIENT = """
+import hashlib, os, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+s.sendall(b"hello")
+assert s.recv(5) == b"hello"
+print("CONNECTED", s.getsockname()[1], flush=True)
+sys.stdin.readline()
+data = os.urandom(8 << 20)
+s.sendall(data)
+s.shutdown(socket.SHUT_WR)
+h, n = hashlib.sha256(), 0
+while chunk := s.recv(1 << 16):
+    h.update(chunk)
+    n += len(chunk)
+ok = n == len(data) and h.digest() == hashlib.sha256(data).digest()
+print("OK" if ok else f"MISMATCH {n}", flush=True)
+"""
+
+
+def test_relayed_connections_are_carried_by_the_engine_and_outlive_the_relay(tenant, peer_ns) -> None:
+    """Once a static program's connection is up both ways, the relay hands the program's end
+    to the engine (`carrier` direct in `conns`), which moves its bytes from then on: the relay
+    can die (and restart) under it, and 8 MiB each way still arrive intact. A preloaded
+    program's connection stays GuestLib's."""
+    t, peer = tenant(uname("scarry")), peer_ns()
+    server = peer.popen([PY, "-u", str(PROGS / "echo_server.py"), peer.ipv4, "7398"], stdout=subprocess.PIPE)
+    clients = []
+    try:
+        wait_line(server, r"^READY")
+        for preload in (False, True):
+            wrap = [] if preload else ["env", "-u", "LD_PRELOAD"]
+            c = t.popen(
+                [*wrap, PY, "-u", "-c", HELD_CLIENT, peer.ipv4, "7398"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            clients.append(c)
+            wait_line(c, r"^CONNECTED")
+        conns = json.loads(nk("conns", "--tenant", t.name, "--json", check=True).stdout)["conns"]
+        carriers = sorted(c.get("carrier") for c in conns if c["peer"].endswith(":7398"))
+        assert carriers == ["direct", "guest"], conns
+        # The relay's worker (the newest of its two processes) dies; its parent restarts it.
+        run_checked(t, ["sh", "-c", "kill -9 $(pgrep -n netkernel-relay)"])
+        for c in clients:
+            out, err = c.communicate("go\n", timeout=120)
+            assert c.returncode == 0 and out.splitlines()[-1] == "OK", describe(c)
+        log = run_checked(t, ["cat", "/run/netkernel/relay.log"]).stdout
+        assert "restarting" in log, log
+    finally:
+        for c in clients:
+            stop(c)
+        stop(server)

@@ -6,7 +6,7 @@
  * namespace check sees a tenant process. The input is then a sequence of requests (struct
  * nk_req, every field chosen by the input, often from tables of meaningful values) sent with
  * descriptors of every kind a tenant can pass: none, a proper proxy end, a listening or
- * unconnected SEQPACKET socket, a TCP socket, a pipe, a regular file, an eventfd, a memfd, a
+ * unconnected SEQPACKET socket, a TCP socket unconnected or established, a pipe, a regular file, an eventfd, a memfd, a
  * stream socketpair, the control connection itself, another socket's proxy, a proxy with
  * descriptors queued on it, and several or 253 at once; messages of the wrong size; rounds of
  * the engine's loop; reconnects and hang-ups. Replies are read as GuestLib would and the
@@ -137,6 +137,30 @@ static int proxy_pair(int *guest) {
   return sv[1];
 }
 
+/* A loopback TCP connection's one end, with 100 bytes and the end of the stream waiting. */
+static int tcp_established(void) {
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  socklen_t al = sizeof(a);
+  int l = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), c = -1, s = -1;
+  if (l >= 0 && bind(l, (struct sockaddr *)&a, sizeof(a)) == 0 && listen(l, 1) == 0 &&
+      getsockname(l, (struct sockaddr *)&a, &al) == 0) {
+    c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c >= 0 && connect(c, (struct sockaddr *)&a, sizeof(a)) == 0)
+      s = accept4(l, NULL, NULL, SOCK_CLOEXEC);
+  }
+  if (s >= 0) {
+    char b[100] = {0};
+    (void)!write(s, b, sizeof(b));
+    close(s);
+  }
+  if (l >= 0) close(l);
+  if (s < 0 && c >= 0) {
+    close(c);
+    c = -1;
+  }
+  return c;
+}
+
 /* One descriptor of the given kind to pass; *guest gets the proxy's guest end, if any. Every
  * descriptor returned is the harness's to close after sending. */
 static int make_fd(int kind, int *guest) {
@@ -215,6 +239,9 @@ static int make_fd(int kind, int *guest) {
       return epoll_create1(EPOLL_CLOEXEC);
     case 14: /* the tenant's region, as REGISTER handed it out */
       return T ? dup(T->memfd) : -1;
+    case 15: /* an established TCP connection (ATTACH's kind), bytes and the peer's FIN
+              * waiting on it */
+      return tcp_established();
     default:
       return open("/dev/null", O_RDONLY | O_CLOEXEC);
   }
@@ -286,8 +313,10 @@ static void send_req(struct nk_fuzz_in *in) {
                                  NK_OP_SETSOCKOPT,
                                  NK_OP_GETSOCKOPT,
                                  NK_OP_LINGER_CLOSE,
+                                 NK_OP_RENEW,
+                                 NK_OP_ATTACH,
                                  0,
-                                 10,
+                                 12,
                                  0xffffffffu};
   static const int32_t domains[] = {AF_INET, AF_INET6, AF_UNIX, 0, -1, AF_PACKET, AF_NETLINK};
   static const int32_t types[] = {

@@ -229,6 +229,8 @@ OPS = {
     "setsockopt": 6,
     "getsockopt": 7,
     "linger_close": 8,
+    "renew": 9,
+    "attach": 10,
 }
 DOMAIN = {"inet": 0, "inet6": 1, "unix": 2}
 TYPE = {"stream": 0, "dgram": 1, "raw": 2}
@@ -319,6 +321,22 @@ CONTROL = {
     + c_req("bind", 0, addr=ADDR["tenant6"])
     + c_req("listen", 0, u8(1))
     + c_tick(2),
+    # A connection on the tenant's loopback (listener on lo4:7000), attached to a TCP
+    # connection the harness made (make_fd kind 15: bytes and a FIN waiting), then again.
+    "attach": c_socket("inet", "stream")
+    + c_tick()
+    + c_req("bind", 0, addr=ADDR["lo4"] | 0x10)
+    + c_req("listen", 0, u8(4))
+    + c_socket("inet", "stream")
+    + c_tick()
+    + c_req("connect", 1, addr=ADDR["lo4"] | 0x10)
+    + c_tick(2)
+    + c_req("attach", 1, fds=15)
+    + c_tick(2)
+    + c_req("attach", 1, fds=15)
+    + c_req("attach", 0, fds=2)
+    + c_req("renew", 1, fds=0)
+    + c_tick(4),
     "bad-targets": c_socket("inet", "stream")
     + c_tick()
     + c_req("bind", 0x40)

@@ -10,7 +10,9 @@ echo. Lines that name this side's own address start with "own ".
 import errno
 import select
 import socket
+import struct
 import sys
+import time
 
 host, echo, closed, udp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -69,6 +71,33 @@ print("own udp", u.getsockname()[0])
 u.send(b"again")
 print("udp connected", u.recv(100))
 u.close()
+
+# Resets, both ways: the peer's reaches us; ours reaches the peer (asked on a new connection).
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect((host, echo))
+s.sendall(b"RESET\n")
+try:
+    print("reset by the peer: recv", s.recv(10))
+except OSError as e:
+    print("reset by the peer:", err(e))
+s.close()
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect((host, echo))
+s.sendall(b"TAG probe-reset\n")
+print("tagged", s.recv(100))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+for _ in range(100):
+    a = socket.create_connection((host, echo), timeout=10)
+    a.sendall(b"ASK probe-reset\n")
+    answer = a.recv(100)
+    a.close()
+    if answer != b"open":
+        break
+    time.sleep(0.05)
+print("our reset, as the peer saw it:", answer)
 
 # A closed port.
 s = socket.socket(fam, socket.SOCK_STREAM)

@@ -6,8 +6,9 @@
 //	                               prints "READY <sha256 of the blob>"
 //	nkgo get URL                   prints "OK <sha256> <length>" of the body
 //	nkgo echoserve ADDR            TCP echo server; prints "READY"
-//	nkgo echoclient ADDR N BYTES   N concurrent connections, each sends BYTES and checks
-//	                               the echo; prints "OK <N> <local address of the first>"
+//	nkgo echoclient ADDR N BYTES   N concurrent connections, each echoes a byte, then (all
+//	                               of them open) sends BYTES and checks the echo; prints
+//	                               "OK <N> <local address of the first>"
 //	nkgo udpserve ADDR             UDP echo; prints "READY"
 //	nkgo udpclient ADDR N          N datagrams, each echoed before the next (resent if lost);
 //	                               prints "OK <N> <local address>"
@@ -84,7 +85,7 @@ func main() {
 		n, _ := strconv.Atoi(os.Args[3])
 		size, _ := strconv.Atoi(os.Args[4])
 		var wg sync.WaitGroup
-		errs := make(chan error, n)
+		errs := make(chan error, 2*n)
 		first := make(chan string, 1)
 		// All connections are open before any sends: they are concurrent, not in turn.
 		conns := make([]net.Conn, n)
@@ -96,6 +97,22 @@ func main() {
 			conns[i] = c
 		}
 		first <- conns[0].LocalAddr().String()
+		// Open end to end, all at once: a byte echoed on each before any sends more (a
+		// relayed dial completes before the connection behind it exists).
+		var pinged sync.WaitGroup
+		for i, c := range conns {
+			pinged.Add(1)
+			go func(i int, c net.Conn) {
+				defer pinged.Done()
+				b := []byte{'p'}
+				if _, err := c.Write(b); err != nil {
+					errs <- fmt.Errorf("connection %d: ping: %v", i, err)
+				} else if _, err := io.ReadFull(c, b); err != nil {
+					errs <- fmt.Errorf("connection %d: ping: %v", i, err)
+				}
+			}(i, c)
+		}
+		pinged.Wait()
 		for i, c := range conns {
 			wg.Add(1)
 			go func(i int, c net.Conn) {
