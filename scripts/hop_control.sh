@@ -8,6 +8,7 @@
 #
 #   scripts/hop_control.sh [SECONDS_PER_RUN] [RUNS]      (default 5 s, 3 runs each)
 #
+# Keep-alive requests (32 connections), then a connection per request (Connection: close).
 # Needs root, gcc, golang-go and wrk. Prints each run and the medians' ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,20 +52,28 @@ for _ in $(seq 50); do
     sleep 0.1
 done
 
-rate() { # port -> requests/s
-    ip netns exec "$cli" wrk -t1 -c32 -d"${secs}s" "http://10.251.0.1:$1/1k.bin" |
+rate() { # port [wrk options] -> requests/s
+    local port=$1
+    shift
+    ip netns exec "$cli" wrk -t1 -c32 -d"${secs}s" "$@" "http://10.251.0.1:$port/1k.bin" |
         awk '/^Requests\/sec:/ {print $2}'
 }
-direct=()
-hopped=()
-for i in $(seq "$runs"); do
-    d=$(rate 80)
-    h=$(rate 81)
-    echo "run $i: direct ${d} req/s, through the hop ${h} req/s"
-    direct+=("$d")
-    hopped+=("$h")
-done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-md=$(median "${direct[@]}")
-mh=$(median "${hopped[@]}")
-awk -v d="$md" -v h="$mh" 'BEGIN {printf "median: direct %.0f req/s, through the hop %.0f req/s: %.2f\n", d, h, h / d}'
+# Keep-alive (the request rate), then a connection per request (the connection rate).
+for mode in keep-alive close; do
+    opts=()
+    [ "$mode" = close ] && opts=(-H "Connection: close")
+    direct=()
+    hopped=()
+    for i in $(seq "$runs"); do
+        d=$(rate 80 "${opts[@]}")
+        h=$(rate 81 "${opts[@]}")
+        echo "$mode run $i: direct ${d} req/s, through the hop ${h} req/s"
+        direct+=("$d")
+        hopped+=("$h")
+    done
+    md=$(median "${direct[@]}")
+    mh=$(median "${hopped[@]}")
+    awk -v m="$mode" -v d="$md" -v h="$mh" \
+        'BEGIN {printf "%s median: direct %.0f req/s, through the hop %.0f req/s: %.2f\n", m, d, h, h / d}'
+done

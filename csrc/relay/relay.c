@@ -8,7 +8,8 @@
  * an address that is not the tenant's own is redirected (nftables, `redirect`) to this relay's
  * listener on the tenant's loopback; the relay — itself a process of the tenant, in its
  * sandbox, with GuestLib preloaded — reads the original destination (SO_ORIGINAL_DST) and
- * connects there through NetKernel like any tenant program, then relays the bytes both ways.
+ * connects there through NetKernel like any tenant program; once that connection is up, it
+ * hands the program's end to the engine, which carries the bytes from then on (hand_off()).
  * The other way round, it watches the namespace's TCP listeners (sock_diag) and listens on
  * the same address and port through NetKernel; what it accepts there it connects, from the
  * client's own address and port (IP_FREEBIND), to the program's listener, so the program
@@ -18,8 +19,8 @@
  * engine's checks, the tenant's policy (rate limits, max_sockets) and its NSM, and the program
  * keeps the kernel's socket semantics (blocking or not, epoll, SO_ERROR, shutdown, options)
  * for its own end. What differs from a program GuestLib reaches is written down in
- * docs/architecture.md: two more copies and a loopback hop per byte, and a connect() that
- * succeeds before the peer answers (a refused one shows as a reset).
+ * docs/architecture.md: a loopback hop per byte, and a connect() that succeeds before the
+ * peer answers (a refused one shows as a reset).
  *
  * One process, one thread, edge-triggered epoll; a supervising parent restarts it if it dies.
  * It is part of the tenant: the tenant can kill it or feed it garbage, and hurts only itself.
@@ -30,6 +31,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ifaddrs.h>
+#include <linux/filter.h>
 #include <linux/inet_diag.h>
 #include <linux/netlink.h>
 #include <linux/rtnetlink.h>
@@ -39,6 +41,7 @@
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -872,6 +875,54 @@ static void scan(void) {
   }
 }
 
+/* A program's listener that closes is seen at once, not at the next scan: its mirror would
+ * otherwise hold the port for up to a scan's interval, and a program started on that port
+ * with GuestLib meanwhile would find it taken (EADDRINUSE). The kernel announces each TCP
+ * socket of the namespace as it is destroyed (sock_diag's destroy groups); a filter keeps
+ * all but the listeners' announcements from waking us. Unavailable (an older kernel): the
+ * scans alone. */
+static struct {
+  enum kind kind; /* K_GONE */
+  int fd;
+} gone = {K_GONE, -1};
+
+static void watch_listeners_go(void) {
+  int fd = (int)syscall(SYS_socket, AF_NETLINK, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                        NETLINK_SOCK_DIAG);
+  if (fd < 0) return;
+  /* Accept a message whose inet_diag_msg (after the 16-byte nlmsghdr) has idiag_state
+   * TCP_LISTEN; drop the rest. */
+  struct sock_filter code[] = {
+      BPF_STMT(BPF_LD | BPF_B | BPF_ABS,
+               NLMSG_HDRLEN + offsetof(struct inet_diag_msg, idiag_state)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 10 /* TCP_LISTEN */, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, 0xffff),
+      BPF_STMT(BPF_RET | BPF_K, 0),
+  };
+  struct sock_fprog prog = {.len = sizeof(code) / sizeof(code[0]), .filter = code};
+  int groups[] = {SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY};
+  bool ok = setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof(prog)) == 0;
+  for (int i = 0; ok && i < 2; i++)
+    ok = setsockopt(fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &groups[i], sizeof(int)) == 0;
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &gone};
+  if (!ok || epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+    say("listeners that close are found by the scans only: %s", strerror(errno));
+    close(fd);
+    return;
+  }
+  gone.fd = fd;
+}
+
+/* A listener went: its announcements read (ENOBUFS: some were lost, which the scan that
+ * follows makes up for). */
+static void listener_gone(void) {
+  static char buf[8192] __attribute__((aligned(8)));
+  for (;;) {
+    ssize_t n = recv(gone.fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n <= 0 && errno != ENOBUFS) return;
+  }
+}
+
 /* -- main ------------------------------------------------------------------------------------ */
 
 static int serve(int port, int udp4, int udp6) {
@@ -888,6 +939,7 @@ static int serve(int port, int udp4, int udp6) {
   if (out4.fd < 0 && out6.fd < 0) return 1;
   find_tenant_addresses();
   udp_init(udp4, udp6);
+  watch_listeners_go();
   say("relaying on port %d", port);
   long next_scan = 0;
   busy_until = now_ms() + BUSY_FOR_MS;
@@ -905,6 +957,9 @@ static int serve(int port, int udp4, int udp6) {
         accept_out(evs[i].data.ptr);
       } else if (k == K_MIRROR) {
         accept_in(evs[i].data.ptr);
+      } else if (k == K_GONE) {
+        listener_gone();
+        next_scan = 0; /* its mirror goes now */
       } else if (k != K_END) {
         udp_event(evs[i].data.ptr);
       } else {

@@ -7,7 +7,7 @@
 #include <sys/socket.h>
 
 /* Tags in epoll data tell what woke us: every struct registered starts with one. */
-enum kind { K_OUT_LISTENER, K_MIRROR, K_END, K_UDP_TPROXY, K_UDP_PORT, K_UDP_FLOW };
+enum kind { K_OUT_LISTENER, K_MIRROR, K_END, K_UDP_TPROXY, K_UDP_PORT, K_UDP_FLOW, K_GONE };
 
 extern int ep;                                   /* the relay's epoll */
 extern struct sockaddr_storage tenant4, tenant6; /* the tenant's addresses (family 0: none) */

@@ -266,6 +266,15 @@ class Fabric:
                 f"{timeout:.0f}s:\n{tail(self.log_text(log_name))}" + self._log_hint(place)
             )
 
+    def wait_gone(self, place: Place, port: int, timeout: float = 5) -> None:
+        """After a server stopped: until its port refuses connections from the peer, so that
+        the next run's server finds it free. In a tenant the relay's listener for a static
+        server outlives it for a moment (until the relay sees the server's listener go);
+        nginx started with GuestLib then found the port taken and the run measured 0."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and netns.tcp_accepts(PEER_NS, place.addr, port, 0.2):
+            time.sleep(0.05)
+
     # -- setup and teardown ----------------------------------------------------------------
     def setup(self) -> None:
         self.status = api.ping() or {}

@@ -361,6 +361,7 @@ class Bench(Fabric):
             yield p
         finally:
             self.stop(p)
+            self.wait_gone(place, port)
 
     def m_iperf3(self, res: MetricResult, streams: int, receive: bool) -> None:
         d = self.opts.duration
