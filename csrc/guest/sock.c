@@ -224,10 +224,9 @@ static void copy_out_addr(const struct sockaddr_storage *ss, socklen_t sl, struc
 
 /* ---- socket lifecycle ---- */
 
-int nk_socket(int domain, int type, int protocol) {
-  int base = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
-  int r = nk_ensure_registered();
-  if (r < 0) return r;
+/* A request that brings a new proxy (NK_OP_SOCKET, NK_OP_RENEW): a socketpair made, its
+ * engine end sent with the guest end's inode. The guest end, or -errno. */
+static int proxy_req(struct nk_req *req, struct nk_rep *rep) {
   int sv[2];
   if (nk_libc.socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return -errno;
   /* The smallest send buffer makes one blocker record enough to read as unwritable. */
@@ -235,22 +234,32 @@ int nk_socket(int domain, int type, int protocol) {
   nk_libc.setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
   struct stat st;
   fstat(sv[0], &st);
-  struct nk_req req = {
-      .op = NK_OP_SOCKET, .arg0 = domain, .arg1 = base, .arg2 = protocol, .inode = st.st_ino};
-  struct nk_rep rep;
-  r = nk_ctl_call(&req, sv[1], &rep);
+  req->inode = st.st_ino;
+  int r = nk_ctl_call(req, sv[1], rep);
   nk_libc.close(sv[1]);
-  if (r == 0) r = rep.err;
+  if (r == 0) r = rep->err;
+  if (r == 0 && rep->slot >= nk_g.nslots) r = -EIO;
   if (r < 0) {
-    nk_libc.close(sv[0]);
+    nk_libc.close(sv[0]); /* the engine frees a socket it made when this end goes */
     return r;
   }
-  if (!(type & SOCK_CLOEXEC)) nk_libc.fcntl(sv[0], F_SETFD, 0);
-  if (type & SOCK_NONBLOCK) nk_libc.fcntl(sv[0], F_SETFL, O_NONBLOCK);
-  nk_note_nonblock((int)rep.slot, type & SOCK_NONBLOCK);
-  nk_fd_set(sv[0], (int)rep.slot);
-  NK_LOG(2, "socket(%d,%d,%d) = fd %d slot %u", domain, base, protocol, sv[0], rep.slot);
   return sv[0];
+}
+
+int nk_socket(int domain, int type, int protocol) {
+  int base = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
+  int r = nk_ensure_registered();
+  if (r < 0) return r;
+  struct nk_req req = {.op = NK_OP_SOCKET, .arg0 = domain, .arg1 = base, .arg2 = protocol};
+  struct nk_rep rep;
+  int fd = proxy_req(&req, &rep);
+  if (fd < 0) return fd;
+  if (!(type & SOCK_CLOEXEC)) nk_libc.fcntl(fd, F_SETFD, 0);
+  if (type & SOCK_NONBLOCK) nk_libc.fcntl(fd, F_SETFL, O_NONBLOCK);
+  nk_note_nonblock((int)rep.slot, type & SOCK_NONBLOCK);
+  nk_fd_set(fd, (int)rep.slot);
+  NK_LOG(2, "socket(%d,%d,%d) = fd %d slot %u", domain, base, protocol, fd, rep.slot);
+  return fd;
 }
 
 static int simple_req(int slot, uint32_t op, int32_t arg0, const struct nk_addr *addr,
@@ -263,30 +272,20 @@ static int simple_req(int slot, uint32_t op, int32_t arg0, const struct nk_addr 
 }
 
 /* A stream socket whose connect failed: the engine hung up its proxy (the application saw
- * POLLHUP|POLLERR there, as Linux shows a failed connect), and Linux lets the socket be used
+ * POLLHUP and POLLOUT there, as it waited for the connect), and Linux lets the socket be used
  * again. A fresh proxy takes the old one's place at fd, with its descriptor and file flags;
  * the engine makes it a new socket with the old one's options and bind (NK_OP_RENEW). Other
  * descriptors of the old proxy (a dup(), a fork's) stay with the failed socket. */
 static int renew(int fd, int *slot) {
   struct nk_slot *old = nk_slot_at(*slot);
-  int sv[2];
-  if (nk_libc.socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) return -errno;
-  int one = 1;
-  nk_libc.setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
-  struct stat st;
-  fstat(sv[0], &st);
-  struct nk_req req = {
-      .op = NK_OP_RENEW, .slot = (uint32_t)*slot, .gen = old->gen, .inode = st.st_ino};
+  struct nk_req req = {.op = NK_OP_RENEW, .slot = (uint32_t)*slot, .gen = old->gen};
   struct nk_rep rep;
-  int r = nk_ctl_call(&req, sv[1], &rep);
-  nk_libc.close(sv[1]);
-  if (r == 0) r = rep.err;
-  if (r == 0 && rep.slot >= nk_g.nslots) r = -EIO;
+  int g = proxy_req(&req, &rep);
+  if (g < 0) return g;
   int fdfl = nk_libc.fcntl(fd, F_GETFD);
   int fl = nk_libc.fcntl(fd, F_GETFL);
-  if (r == 0 && nk_libc.dup3(sv[0], fd, fdfl > 0 && (fdfl & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0)
-    r = -errno;
-  nk_libc.close(sv[0]); /* on failure, the engine frees the new socket on this hang-up */
+  int r = nk_libc.dup3(g, fd, fdfl > 0 && (fdfl & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0 ? -errno : 0;
+  nk_libc.close(g); /* on failure, the engine frees the new socket on this hang-up */
   if (r < 0) return r;
   bool nonblock = fl >= 0 && (fl & O_NONBLOCK);
   if (nonblock) nk_libc.fcntl(fd, F_SETFL, O_NONBLOCK);
