@@ -919,7 +919,8 @@ static void listener_gone(void) {
   static char buf[8192] __attribute__((aligned(8)));
   for (;;) {
     ssize_t n = recv(gone.fd, buf, sizeof(buf), MSG_DONTWAIT);
-    if (n <= 0 && errno != ENOBUFS) return;
+    if (n < 0 && errno == ENOBUFS) continue;
+    if (n <= 0) return;
   }
 }
 
