@@ -209,7 +209,7 @@ static void take_preopts(struct nk_esock *es) {
 }
 
 /* Linux lets a TCP socket whose connect failed connect again. Here the failure hung up its
- * proxy (the guest end reads POLLHUP|POLLERR, as Linux shows it), so the socket goes on as a
+ * proxy (the guest end reads POLLHUP, then POLLOUT), so the socket goes on as a
  * new one on the fresh proxy rfd, with the old one's options and bind; the old slot stays
  * reserved until its guest end is gone (GuestLib puts the new end in its place). */
 static void renew(struct nk_tenant *t, const struct nk_req *req, int rfd, struct nk_rep *rep) {
