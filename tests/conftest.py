@@ -103,7 +103,24 @@ def nk_daemon() -> Iterator[Daemon]:
         pytest.fail(f"netkernel up failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     d = Daemon()
     yield d
+    # The daemon restarts an engine that dies, so a crash no test asked for would go unseen
+    # (tests that kill it on purpose bring up a fresh daemon afterwards).
+    died = engine_restarts()
     nk("down")
+    assert died == 0, f"the engine died {died} time(s) during the session (see the daemon's log)"
+
+
+def engine_restarts() -> int:
+    """How often the daemon restarted a dead engine (0 when it never died); -1: no daemon."""
+    proc = nk("status", "--json")
+    return int(json.loads(proc.stdout).get("engine_restarts", 0)) if proc.returncode == 0 else -1
+
+
+def engine_never_died() -> bool:
+    """The engine is alive and was never restarted: what tests of hostile input check."""
+    proc = nk("status", "--json")
+    st = json.loads(proc.stdout) if proc.returncode == 0 else {}
+    return bool(st.get("engine_pid")) and st.get("engine_restarts") == 0
 
 
 def _del_peer(name: str) -> None:

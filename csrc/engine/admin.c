@@ -260,6 +260,10 @@ static void command(struct nk_admin *a, char *line) {
     nk_tenant_del(t);
     return out(a, "ok");
   }
+  if (!strcmp(cmd, "serve") && argc == 1) {
+    nk_control_serve();
+    return out(a, "ok");
+  }
   if (!strcmp(cmd, "dns-upstream") && argc == 3) {
     struct nk_addr u;
     if (nk_addr_parse(argv[1], &u) < 0) return err(a, EINVAL, "bad address '%s'", argv[1]);

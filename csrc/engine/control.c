@@ -28,14 +28,27 @@ static struct nk_ctl *ctls;
 static int ctl_listen_fd = -1;
 static struct nk_handle h_ctl_listen = {NK_H_CTL_LISTEN, 0, NULL};
 
-int nk_control_listen(const char *path) {
+/* fd >= 0: a listening socket the daemon made and keeps, so that it outlives this engine
+ * (tenants' sandboxes bind-mount the socket file: a new socket at the path would not reach
+ * them) and connections made while no engine runs wait in its queue for the next one. */
+int nk_control_listen(const char *path, int fd) {
   /* Tenant processes run as various users (nginx workers as www-data): the socket is open to
    * all, and the namespace check on each connection decides. */
-  int fd = nk_unix_listen(path, SOCK_SEQPACKET, 0666, 512);
+  bool kept = fd >= 0;
+  if (fd < 0) fd = nk_unix_listen(path, SOCK_SEQPACKET, 0666, 512);
   if (fd < 0) return fd;
   ctl_listen_fd = fd;
-  nk_epoll_add(fd, EPOLLIN, &h_ctl_listen);
+  if (!kept) nk_control_serve();
   return 0;
+}
+
+/* The daemon's socket is answered once the daemon has added every tenant back ("serve"):
+ * a process whose tenant this engine does not know yet would be refused, not kept waiting. */
+void nk_control_serve(void) {
+  static bool serving;
+  if (serving || ctl_listen_fd < 0) return;
+  serving = true;
+  nk_epoll_add(ctl_listen_fd, EPOLLIN, &h_ctl_listen);
 }
 
 #ifndef SO_PEERPIDFD

@@ -289,6 +289,8 @@ struct nk_esock {
   bool guest_shut_wr;      /* the application called shutdown(SHUT_WR) */
   bool proxy_in_tenant_ns; /* the guest made the socketpair (in its namespace) */
   bool zombie;             /* engine end closed to show POLLHUP; freed when the guest end is gone */
+  bool adopted;            /* a zombie an adopted region brought (keep.c) */
+  bool kept;               /* a listener the daemon keeps a record of (keep.c) */
   uint64_t guest_ino;      /* inode of the guest end, from sock_diag (zombies only) */
   struct nk_esock *next_zombie, **prev_zombie; /* engine.zombies */
   /* direct.c: the relay's end of a program's connection, carried by the engine in place of
@@ -410,6 +412,28 @@ int nk_fds_may_take(const struct nk_tenant *t, uint32_t n);
 int nk_fds_take(struct nk_tenant *t, uint32_t n);
 void nk_fds_give(struct nk_tenant *t, uint32_t n);
 
+/* keep.c: what outlives the engine. A listener's record, as the daemon keeps it between one
+ * engine and the next; NK_KEPT_VERSION changes with its layout (an engine refuses others). */
+#define NK_KEPT_VERSION 1
+struct nk_kept_listener {
+  uint32_t version, size;
+  uint32_t slot, gen;
+  int32_t family, backlog;
+  struct nk_addr bind_addr;
+  uint32_t sndbuf, rcvbuf;
+  uint8_t v6only, linger0, pad[2];
+  struct linger linger;
+  int32_t nopts;
+  struct nk_opt opts[NK_MAX_OPTS];
+};
+int nk_keep_init(int fd);
+void nk_keep_region(struct nk_tenant *t);
+void nk_keep_forget(struct nk_tenant *t);
+void nk_keep_listener(struct nk_esock *es);
+void nk_keep_drop(struct nk_esock *es);
+bool nk_keep_take_region(const char *name, int *memfd, int *doorbell);
+void nk_keep_restore(struct nk_tenant *t);
+
 /* main.c */
 int nk_epoll_add(int fd, uint32_t events, struct nk_handle *h);
 int nk_epoll_mod(int fd, uint32_t events, struct nk_handle *h);
@@ -431,6 +455,8 @@ int nk_tenant_del(struct nk_tenant *t);
 void nk_sock_size_rings(struct nk_esock *es);
 struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int type,
                                 uint64_t inode);
+struct nk_esock *nk_esock_alloc_at(struct nk_tenant *t, uint32_t slot, uint32_t gen, int proxy,
+                                   int family, int type);
 struct nk_esock *nk_esock_get(struct nk_tenant *t, uint32_t slot, uint32_t gen);
 void nk_esock_free(struct nk_esock *es);
 void nk_esock_reap(void); /* also releases deleted tenants and closed control connections */
@@ -478,6 +504,7 @@ void nk_sock_hang_up(struct nk_esock *es);
 void nk_sock_close_proxy(struct nk_esock *es);
 void nk_sock_sweep_zombies(void);
 void nk_sock_unzombie(struct nk_esock *es); /* off engine.zombies */
+void nk_sock_adopt_zombie(struct nk_esock *es, uint64_t guest_ino);
 void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev);
 bool nk_sock_rx_stall(struct nk_esock *es, uint32_t need); /* true: still short of room */
 void nk_sock_set_local(struct nk_esock *es, const struct nk_addr *a);
@@ -570,7 +597,8 @@ uint64_t nk_tenant_region_bytes(const struct nk_tenant *t);
 
 /* control.c, admin.c */
 uint64_t nk_peer_netns(int fd, struct ucred *cred);
-int nk_control_listen(const char *path);
+int nk_control_listen(const char *path, int fd); /* fd >= 0: the daemon's socket */
+void nk_control_serve(void);                     /* the daemon's socket: from now on */
 void nk_control_event(struct nk_handle *h, uint32_t ev);
 int nk_admin_listen(const char *path);
 void nk_admin_event(struct nk_handle *h, uint32_t ev);

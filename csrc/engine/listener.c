@@ -225,6 +225,7 @@ int nk_sock_listen(struct nk_esock *es, int backlog) {
     for (int k = 0; k < es->ep_count; k++) es->ep[k].ops->listen(es, k, backlog);
     es->backlog = backlog;
     proxy_fit_backlog(es, backlog);
+    nk_keep_listener(es);
     return 0;
   }
   if (es->state != NK_ST_NEW && es->state != NK_ST_BOUND) return -EINVAL;
@@ -248,5 +249,6 @@ int nk_sock_listen(struct nk_esock *es, int backlog) {
   atomic_store(&s->state, NK_ST_LISTEN);
   listen_watch(es, true);
   nk_shm_listener_add(es);
+  nk_keep_listener(es);
   return 0;
 }

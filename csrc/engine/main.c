@@ -63,7 +63,7 @@ uint64_t nk_now_ns(void) {
 
 static void usage(void) {
   fprintf(stderr,
-          "usage: netkernel-engine [--control PATH] [--admin PATH]\n"
+          "usage: netkernel-engine [--control PATH] [--admin PATH] [--control-fd FD] [--keep FD]\n"
           "  normally started by the NetKernel daemon (netkernel up)\n");
 }
 
@@ -256,9 +256,12 @@ static void dispatch(struct epoll_event *ev) {
 
 int main(int argc, char **argv) {
   const char *ctl = "/run/netkernel/engine.sock", *adm = "/run/netkernel/admin.sock";
+  int ctl_fd = -1, keep_fd = -1;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--control") && i + 1 < argc) ctl = argv[++i];
     else if (!strcmp(argv[i], "--admin") && i + 1 < argc) adm = argv[++i];
+    else if (!strcmp(argv[i], "--control-fd") && i + 1 < argc) ctl_fd = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--keep") && i + 1 < argc) keep_fd = atoi(argv[++i]);
     else {
       usage();
       return 2;
@@ -294,7 +297,17 @@ int main(int argc, char **argv) {
     return 1;
   }
   nk_sock_calibrate();
-  if ((r = nk_control_listen(ctl)) < 0 || (r = nk_admin_listen(adm)) < 0) {
+  /* Before the admin socket: the daemon adds tenants back only once this engine took what
+   * the last one left. A daemon that does not answer costs that, never the start. */
+  if (keep_fd >= 0) {
+    fcntl(keep_fd, F_SETFD, FD_CLOEXEC);
+    (void)nk_keep_init(keep_fd);
+  }
+  if (ctl_fd >= 0) { /* accept_ctl() takes connections until EAGAIN */
+    fcntl(ctl_fd, F_SETFD, FD_CLOEXEC);
+    fcntl(ctl_fd, F_SETFL, fcntl(ctl_fd, F_GETFL) | O_NONBLOCK);
+  }
+  if ((r = nk_control_listen(ctl, ctl_fd)) < 0 || (r = nk_admin_listen(adm)) < 0) {
     fprintf(stderr, "netkernel-engine: cannot listen on %s / %s: %s\n", ctl, adm, strerror(-r));
     return 1;
   }
@@ -362,7 +375,7 @@ int main(int argc, char **argv) {
     if (work) last_work = nk_now_ns();
   }
   NK_INFO("stopping");
-  unlink(ctl);
+  if (ctl_fd < 0) unlink(ctl);
   unlink(adm);
   return 0;
 }

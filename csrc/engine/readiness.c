@@ -83,6 +83,15 @@ void nk_sock_proxy_shutdown(struct nk_esock *es) {
   if (es->proxy >= 0) shutdown(es->proxy, SHUT_WR);
 }
 
+static void zombie_link(struct nk_esock *es) {
+  es->zombie = true;
+  engine.nzombies++;
+  es->next_zombie = engine.zombies;
+  if (engine.zombies) engine.zombies->prev_zombie = &es->next_zombie;
+  es->prev_zombie = &engine.zombies;
+  engine.zombies = es;
+}
+
 /* The connection is over in both directions (reset, refused, or FIN both ways): close the
  * engine end so the guest end reads POLLIN|POLLOUT|POLLHUP|POLLRDHUP, as Linux reports. The
  * slot stays reserved (its ring may hold unread bytes and the guest still maps it) until the
@@ -99,12 +108,16 @@ void nk_sock_hang_up(struct nk_esock *es) {
   nk_sock_close_proxy(es);
   es->blocker_held = false;
   es->guest_ino = ino;
-  es->zombie = true;
-  engine.nzombies++;
-  es->next_zombie = engine.zombies;
-  if (engine.zombies) engine.zombies->prev_zombie = &es->next_zombie;
-  es->prev_zombie = &engine.zombies;
-  engine.zombies = es;
+  zombie_link(es);
+}
+
+/* A socket of an adopted region (tenant.c adopt_slots): its proxy's engine end died with the
+ * last engine, so the guest end shows POLLHUP already. Which namespace its pair was made in is
+ * not known here: it is looked for in both. */
+void nk_sock_adopt_zombie(struct nk_esock *es, uint64_t guest_ino) {
+  es->guest_ino = guest_ino;
+  es->adopted = true;
+  zombie_link(es);
 }
 
 void nk_sock_unzombie(struct nk_esock *es) {
@@ -119,7 +132,11 @@ void nk_sock_sweep_zombies(void) {
   for (struct nk_esock *es = engine.zombies, *next; es; es = next) {
     next = es->next_zombie;
     if (es->closing) continue;
-    if (nk_diag_exists(es->proxy_in_tenant_ns ? es->t : NULL, es->guest_ino) == 0) {
+    bool gone =
+        es->adopted
+            ? nk_diag_exists(es->t, es->guest_ino) == 0 && nk_diag_exists(NULL, es->guest_ino) == 0
+            : nk_diag_exists(es->proxy_in_tenant_ns ? es->t : NULL, es->guest_ino) == 0;
+    if (gone) {
       es->closing = true;
       nk_sock_activate(es);
     }
@@ -168,6 +185,7 @@ static bool writable_now(struct nk_esock *es) {
  * travel this way, one at a time; the closer drains anything else a tenant queued. */
 void nk_sock_close_proxy(struct nk_esock *es) {
   if (es->proxy < 0) return;
+  nk_keep_drop(es);
   if (es->proxy_rights_refused) {
     /* An end the engine made and never shared: the close takes it out of the epoll set. */
     close(es->proxy);

@@ -145,7 +145,20 @@ static uint32_t env_u32(const char *name, uint32_t dflt) {
   return v && *v ? (uint32_t)strtoul(v, NULL, 0) : dflt;
 }
 
-static int region_create(struct nk_tenant *t) {
+/* A region the daemon kept from the last engine (keep.c): the same memfd, of the size this
+ * engine would make, still sealed against resizing (else a tenant's truncate could SIGBUS us). */
+static int region_adoptable(int fd, uint64_t size) {
+  struct stat st;
+  if (fstat(fd, &st) < 0) return -errno;
+  if ((uint64_t)st.st_size != size) return -EMEDIUMTYPE;
+  int seals = fcntl(fd, F_GET_SEALS);
+  int need = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+  if (seals < 0 || (seals & need) != need) return -EPERM;
+  return 0;
+}
+
+/* adopt: a kept region's memfd (ownership passes), or -1 for a new one. */
+static int region_create(struct nk_tenant *t, int adopt) {
   uint32_t ring = env_u32("NETKERNEL_RING_SIZE", NK_DEFAULT_RING_SIZE);
   uint32_t nslots = env_u32("NETKERNEL_SLOTS", NK_DEFAULT_SLOTS);
   if (ring < 4096 || (ring & (ring - 1)) || nslots == 0 || nslots > NK_MAX_SLOTS) return -EINVAL;
@@ -162,14 +175,21 @@ static int region_create(struct nk_tenant *t) {
    * huge page would commit 2 MiB for the first byte of a ring. Sealed against shrinking and
    * growing before anyone else sees it: a tenant (or an external NSM) that could truncate it
    * would make the engine's next access a SIGBUS. */
-  int fd = memfd_create(nm, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-  if (fd < 0) return -errno;
-  if (ftruncate(fd, (off_t)size) < 0) {
+  int fd = adopt;
+  if (fd >= 0) {
+    int r = region_adoptable(fd, size);
+    if (r < 0) {
+      close(fd);
+      return r;
+    }
+  } else if ((fd = memfd_create(nm, MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
+    return -errno;
+  } else if (ftruncate(fd, (off_t)size) < 0) {
     int e = errno;
     close(fd);
     return -e;
   }
-  if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+  if (adopt < 0 && fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
     int e = errno;
     close(fd);
     return -e;
@@ -196,6 +216,8 @@ static int region_create(struct nk_tenant *t) {
   t->rings = t->base + rings_off;
   return 0;
 }
+
+static void adopt_slots(struct nk_tenant *t);
 
 int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name, const char *v4,
                   const char *v6, struct nk_tenant **out) {
@@ -229,7 +251,16 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
     goto fail_ns;
   }
   t->id = ++engine.next_tenant_id;
-  if ((r = region_create(t)) < 0) goto fail_ns;
+  int kept_memfd = -1, kept_doorbell = -1;
+  bool adopt = nk_keep_take_region(name, &kept_memfd, &kept_doorbell);
+  if ((r = region_create(t, kept_memfd)) < 0) {
+    if (adopt) {
+      /* Its processes keep the old region and doorbell: they cannot use this engine. */
+      NK_EVENT("region_not_adopted", "tenant=%s error=%s", name, strerrorname_np(-r));
+      close(kept_doorbell);
+    }
+    goto fail_ns;
+  }
   t->socks = calloc(t->nslots, sizeof(*t->socks));
   t->free_stack = calloc(t->nslots, sizeof(*t->free_stack));
   if (!t->socks || !t->free_stack) {
@@ -237,7 +268,7 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
     goto fail_socks;
   }
   t->nfree = 0; /* slots come from hwm until some are freed */
-  t->doorbell_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  t->doorbell_fd = adopt ? kept_doorbell : eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (t->doorbell_fd < 0) {
     r = -errno;
     goto fail_socks;
@@ -250,6 +281,11 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
   nk_fds_recount();
   NK_INFO("tenant %s (id %u) on nsm %s: %s %s", name, t->id, nsm->name, v4, v6);
   if (nsm->type->tenant_on) nsm->type->tenant_on(nsm, t);
+  if (adopt) {
+    nk_keep_restore(t); /* its listeners first, at their slots */
+    adopt_slots(t);
+  }
+  nk_keep_region(t);
   *out = t;
   return 0;
 fail_socks:
@@ -265,6 +301,7 @@ fail_free:
 }
 
 int nk_tenant_del(struct nk_tenant *t) {
+  nk_keep_forget(t);
   for (uint32_t i = 0; i < t->hwm; i++)
     if (t->socks[i]) nk_esock_free(t->socks[i]);
   nk_fds_give(t, t->fds); /* its control connections are closed by the caller */
@@ -297,31 +334,18 @@ int nk_tenant_del(struct nk_tenant *t) {
   return 0;
 }
 
-struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int type,
-                                uint64_t inode) {
-  int r = nk_tenant_admit(t);
-  if (r < 0) {
-    errno = -r;
-    return NULL;
-  }
+/* The socket at slot i, of generation gen, its budget taken (nk_tenant_admit). */
+static struct nk_esock *esock_init(struct nk_tenant *t, uint32_t i, uint32_t gen, int proxy,
+                                   int family, int type) {
   struct nk_esock *es = calloc(1, sizeof(*es));
   if (!es) {
     nk_fds_give(t, NK_SOCK_FDS);
     errno = ENOBUFS;
     return NULL;
   }
-  uint32_t i;
-  if (t->nfree) {
-    i = t->free_stack[--t->nfree];
-    if (t->cold > t->nfree) t->cold = t->nfree;
-  } else {
-    i = t->hwm++; /* nk_tenant_admit checked there is one */
-    atomic_store_explicit(&t->rg->slots_hwm, t->hwm, memory_order_release);
-  }
-  struct nk_slot *s = &t->slots[i];
   es->t = t;
   es->slot = i;
-  es->gen = s->gen + 1; /* the engine's copy decides; the region copy is informational */
+  es->gen = gen;
   es->family = family;
   es->type = type;
   es->kind = type == SOCK_DGRAM ? NK_KIND_DGRAM : NK_KIND_STREAM;
@@ -333,11 +357,11 @@ struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int 
   for (int k = 0; k < NK_MAX_EP; k++)
     es->ep[k] = (struct nk_endpoint){.fd = -1, .id = NK_EXT_LOST, .h = {NK_H_ENDPOINT, k, es}};
   /* Reset the shared header before the guest can see the slot. */
+  struct nk_slot *s = &t->slots[i];
   memset(s, 0, sizeof(*s));
   s->gen = es->gen;
   s->kind = (uint32_t)es->kind;
   s->family = (uint32_t)family;
-  s->inode = inode;
   uint8_t *ring = t->rings + (uint64_t)i * 2u * t->ring_size;
   nk_ring_init(&es->tx, ring, t->ring_size, &s->tx_head, &s->tx_tail);
   nk_ring_init(&es->rx, ring + t->ring_size, t->ring_size, &s->rx_head, &s->rx_tail);
@@ -346,6 +370,100 @@ struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int 
   t->nsocks++;
   t->ring_bytes += 2ull * t->ring_size;
   return es;
+}
+
+struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int type,
+                                uint64_t inode) {
+  int r = nk_tenant_admit(t);
+  if (r < 0) {
+    errno = -r;
+    return NULL;
+  }
+  uint32_t i;
+  if (t->nfree) {
+    i = t->free_stack[--t->nfree];
+    if (t->cold > t->nfree) t->cold = t->nfree;
+  } else {
+    i = t->hwm++; /* nk_tenant_admit checked there is one */
+    atomic_store_explicit(&t->rg->slots_hwm, t->hwm, memory_order_release);
+  }
+  /* The engine's copy of the generation decides; the region's copy is informational. */
+  uint32_t gen = t->slots[i].gen + 1;
+  struct nk_esock *es = esock_init(t, i, gen, proxy, family, type);
+  if (!es) {
+    t->free_stack[t->nfree++] = i;
+    return NULL;
+  }
+  t->slots[i].inode = inode;
+  return es;
+}
+
+/* At a given slot, outside the free stack (keep.c: an adopted region's listeners, while
+ * the free stack is still empty). */
+struct nk_esock *nk_esock_alloc_at(struct nk_tenant *t, uint32_t i, uint32_t gen, int proxy,
+                                   int family, int type) {
+  if (i >= t->nslots || (i < t->hwm && t->socks[i])) {
+    errno = EINVAL;
+    return NULL;
+  }
+  int r = nk_tenant_admit(t);
+  if (r < 0) {
+    errno = -r;
+    return NULL;
+  }
+  if (i >= t->hwm) {
+    t->hwm = i + 1;
+    atomic_store_explicit(&t->rg->slots_hwm, t->hwm, memory_order_release);
+  }
+  return esock_init(t, i, gen, proxy, family, type);
+}
+
+/* An adopted region's slots, after its listeners came back: every other socket that was
+ * open under the last engine is reset, as Linux reports a connection whose host restarted
+ * (ECONNRESET, then EOF and EPIPE; a connect under way is refused and may be tried again),
+ * and its slot comes back when its guest end is gone (sock_diag, as for any reset socket).
+ * What the slots say is the tenant's word and is only believed about its own sockets. */
+static void adopt_slots(struct nk_tenant *t) {
+  uint32_t hwm = atomic_load(&t->rg->slots_hwm);
+  if (hwm > t->nslots) hwm = t->nslots;
+  if (hwm > t->hwm) t->hwm = hwm;
+  atomic_store(&t->rg->slots_hwm, t->hwm);
+  uint32_t dead = 0;
+  for (uint32_t j = t->hwm; j-- > 0;) { /* low slots end on top of the free stack */
+    if (t->socks[j]) continue;
+    struct nk_slot *s = &t->slots[j];
+    uint64_t ino = s->inode;
+    int family = s->family == AF_INET ? AF_INET : AF_INET6;
+    struct nk_esock *es = NULL;
+    if (ino && nk_tenant_admit(t) == 0)
+      es =
+          esock_init(t, j, s->gen, -1, family, s->kind == NK_KIND_DGRAM ? SOCK_DGRAM : SOCK_STREAM);
+    if (!es) {
+      s->inode = 0;
+      s->kind = NK_KIND_FREE;
+      t->free_stack[t->nfree++] = j;
+      continue;
+    }
+    /* esock_init cleared the slot: the guest's view of the end is written again. */
+    s->inode = ino;
+    es->dead = true;
+    if (s->kind == NK_KIND_STREAM && atomic_load(&s->state) == NK_ST_CONNECTING) {
+      atomic_store(&s->so_error, ECONNREFUSED);
+      atomic_store(&s->renew, 1);
+      es->state = NK_ST_NEW;
+    } else {
+      atomic_store(&s->rx_err, ECONNRESET);
+      atomic_store(&s->rx_eof, 1);
+      atomic_store(&s->tx_closed, EPIPE);
+      es->state = NK_ST_CLOSED;
+    }
+    atomic_store(&s->state, es->state);
+    nk_sock_adopt_zombie(es, ino);
+    dead++;
+  }
+  t->cold = 0;
+  NK_EVENT("region_adopted", "tenant=%s slots=%u reset=%u listeners=%u", t->name, t->hwm, dead,
+           t->nsocks - dead);
 }
 
 /* A buffer size as Linux takes it from SO_SNDBUF / SO_RCVBUF, for a ring: the next power of

@@ -91,16 +91,24 @@ static int ctl_connect(void) {
 /* Sends req (with send_fd attached when >= 0) and waits for the reply. Up to two fds that
  * come back are stored in rep-adjacent out parameters by the REGISTER path only. */
 static int ctl_call_fds(struct nk_req *req, int send_fd, struct nk_rep *rep, int *fds, int nfds) {
-  if (t_ctl < 0) {
-    int fd = ctl_connect();
-    if (fd < 0) return fd;
-    t_ctl = fd;
-  }
   ssize_t n;
-  do
-    n = nk_send_with_fds(nk_libc.sendmsg, t_ctl, req, sizeof(*req), &send_fd, send_fd >= 0,
-                         MSG_NOSIGNAL);
-  while (n < 0 && errno == EINTR);
+  for (int tries = 0;; tries++) {
+    if (t_ctl < 0) {
+      int fd = ctl_connect();
+      if (fd < 0) return fd;
+      t_ctl = fd;
+    }
+    do
+      n = nk_send_with_fds(nk_libc.sendmsg, t_ctl, req, sizeof(*req), &send_fd, send_fd >= 0,
+                           MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n >= 0 || tries > 0 || (errno != EPIPE && errno != ECONNRESET && errno != ENOTCONN)) break;
+    /* The engine this connection went to is gone (the daemon starts another at once, on the
+     * same socket): the request never left, so it goes to the next engine. */
+    NK_LOG(1, "the engine went away: reconnecting");
+    nk_libc.close(t_ctl);
+    t_ctl = -1;
+  }
   if (n < 0) goto dead;
   union {
     char buf[CMSG_SPACE(sizeof(int) * NK_FDPASS_MAX)];

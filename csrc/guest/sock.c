@@ -416,7 +416,9 @@ int nk_connect(int fd, int slot, const struct sockaddr *sa, socklen_t len) {
     if (w == -EINTR) return -EINTR;
     if (w < 0) return w;
     if (atomic_load(&s->state) != NK_ST_CONNECTING) break;
-    if (w == 2) return -ECONNRESET;
+    /* Hung up while connecting, with no outcome recorded: the engine died under the
+     * connect (it records one before it hangs up). As Linux reports a host that restarted. */
+    if (w == 2) return -ECONNREFUSED;
   }
   /* T2: the state was loaded first; pairs with T1 in the engine (so_error, then the state). */
   int err = atomic_exchange(&s->so_error, 0);
@@ -492,6 +494,30 @@ static int take_error(struct nk_slot *s) {
   return rx ? rx : so;
 }
 
+/* The proxy hung up and the slot records no end: the engine died under the socket. The end
+ * is recorded as a reset's is, so that the calls that follow show what Linux shows after one
+ * (EOF, EPIPE); the next engine records the same. Returns the reset's errno. */
+static int orphaned(struct nk_slot *s) {
+  uint32_t open = 0;
+  atomic_compare_exchange_strong(&s->tx_closed, &open, EPIPE);
+  atomic_store(&s->rx_eof, 1);
+  return ECONNRESET;
+}
+
+/* The engine died under a connecting or connected socket: its proxy hung up, and no outcome is
+ * in the slot (the engine records one before it hangs up; the next engine records a reset,
+ * but may not have yet). What Linux reports for a connection whose peer host restarted. */
+static int orphan_error(int fd, struct nk_slot *s) {
+  uint32_t st = atomic_load(&s->state);
+  if (st != NK_ST_CONNECTING && st != NK_ST_CONNECTED) return 0;
+  struct pollfd p = {.fd = fd, .events = 0};
+  if (poll(&p, 1, 0) != 1 || !(p.revents & POLLHUP)) return 0;
+  if (atomic_load(&s->state) != st || atomic_load(&s->so_error) || atomic_load(&s->rx_err) ||
+      atomic_load(&s->tx_closed) || atomic_load(&s->rx_eof))
+    return 0;
+  return st == NK_ST_CONNECTING ? ECONNREFUSED : ECONNRESET;
+}
+
 static ssize_t stream_send(int fd, int slot, const struct iovec *iov, size_t iovcnt, int flags) {
   struct nk_slot *s = nk_slot_at(slot);
   size_t total = iov_total(iov, iovcnt), done = 0, vi = 0, voff = 0;
@@ -512,7 +538,7 @@ static ssize_t stream_send(int fd, int slot, const struct iovec *iov, size_t iov
         if (nonblock) return done ? (ssize_t)done : -EAGAIN;
         int w = wait_fd(fd, POLLOUT, s->sndtimeo_ms);
         if (w <= 0) return done ? (ssize_t)done : (w == 0 ? -EAGAIN : w);
-        if (w == 2 && atomic_load(&s->state) == NK_ST_CONNECTING) return -ECONNRESET;
+        if (w == 2 && atomic_load(&s->state) == NK_ST_CONNECTING) return -ECONNREFUSED;
         continue;
       }
       return done ? (ssize_t)done : epipe(flags);
@@ -557,7 +583,7 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
     int w = wait_fd(fd, POLLOUT, s->rcvtimeo_ms);
     if (w <= 0) return w == 0 ? -EAGAIN : w;
     st = atomic_load(&s->state);
-    if (w == 2 && st == NK_ST_CONNECTING) return -ECONNRESET;
+    if (w == 2 && st == NK_ST_CONNECTING) return -ECONNREFUSED;
   }
   if (st != NK_ST_CONNECTED && st != NK_ST_CLOSED) return -ENOTCONN;
   if (total == 0) return 0;
@@ -612,7 +638,7 @@ static ssize_t stream_recv(int fd, int slot, const struct iovec *iov, size_t iov
     }
     if (got && !waitall) return (ssize_t)got;
     if (nonblock) return got ? (ssize_t)got : -EAGAIN;
-    if (hup) return got ? (ssize_t)got : -ECONNRESET;
+    if (hup) return got ? (ssize_t)got : -orphaned(s);
     int w = wait_fd(fd, POLLIN, s->rcvtimeo_ms);
     if (w == 0) return got ? (ssize_t)got : -EAGAIN;
     if (w < 0) return got ? (ssize_t)got : w;
@@ -956,14 +982,15 @@ int nk_setsockopt(int fd, int slot, int level, int name, const void *val, sockle
 }
 
 int nk_getsockopt(int fd, int slot, int level, int name, void *val, socklen_t *len) {
-  (void)fd;
   struct nk_slot *s = nk_slot_at(slot);
+  int r;
   if (!len) return -EFAULT;
   if (level == SOL_SOCKET) {
     switch (name) {
       case SO_ERROR:
         if (s->kind == NK_KIND_DGRAM) return put_int(val, len, atomic_exchange(&s->so_error, 0));
-        return put_int(val, len, take_error(s));
+        if ((r = take_error(s)) == 0) r = orphan_error(fd, s);
+        return put_int(val, len, r);
       case SO_TYPE:
         return put_int(val, len, s->kind == NK_KIND_DGRAM ? SOCK_DGRAM : SOCK_STREAM);
       case SO_DOMAIN:
@@ -992,7 +1019,7 @@ int nk_getsockopt(int fd, int slot, int level, int name, void *val, socklen_t *l
                        .arg1 = name,
                        .optlen = *len > NK_OPT_MAX ? NK_OPT_MAX : *len};
   struct nk_rep rep;
-  int r = nk_ctl_call(&req, -1, &rep);
+  r = nk_ctl_call(&req, -1, &rep);
   if (r < 0) return r;
   if (rep.err) return rep.err;
   socklen_t n = rep.optlen < *len ? rep.optlen : *len;

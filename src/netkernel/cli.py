@@ -507,6 +507,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"netkernel: running (daemon pid {status['pid']}, engine pid {status['engine_pid']}, "
         f"up {status['uptime']:.0f}s), {status['tenants']} tenant(s)"
     )
+    if status.get("engine_failed"):
+        print(f"engine: DOWN: {status['engine_failed']}")
+    elif status.get("engine_restarts"):
+        print(f"engine: restarted {status['engine_restarts']} time(s) after it died (see the daemon's log)")
     if status.get("metrics"):
         print(f"metrics: {status['metrics']}")
     if status.get("connections"):

@@ -1,5 +1,6 @@
 """The NetKernel daemon: builds the fabric, runs the engine and the DNS responder, and
-serves the control API and the metrics endpoint until told to stop (or until the engine dies).
+serves the control API and the metrics endpoint until told to stop. An engine that dies is
+restarted (supervise.py); one that keeps dying is left down, and the daemon says why.
 
 Start-up is all or nothing: everything the config asks for (NSMs with their sysctls, tenants
 with their policy, the metrics endpoint) is in place before the API socket appears, and any
@@ -18,6 +19,7 @@ import fcntl
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +32,7 @@ from .api import ApiServer
 from .config import (
     ADMIN_SOCKET,
     BRIDGE,
+    ENGINE_SOCKET,
     LOCK_FILE,
     MAX_NSMS,
     MAX_TENANTS,
@@ -63,6 +66,7 @@ from .errors import (
     TenantError,
     UnknownNSMError,
 )
+from .keep import Keeper
 from .metrics import MetricsServer
 from .records import NSM, Tenant
 
@@ -83,6 +87,13 @@ class Daemon:
         self.nsms: dict[str, NSM] = {}  # in creation order: the first is the default
         self.tenants: dict[str, Tenant] = {}
         self.engine: subprocess.Popen[bytes] | None = None
+        # Kept across engines (supervise.py): the socket tenants reach the engine on, and
+        # what tenants hold of the engine (regions, doorbells, listeners).
+        self.control_sock: socket.socket | None = None
+        self.keeper = Keeper()
+        self.engine_crashes: list[float] = []  # monotonic times of deaths, CRASH_WINDOW back
+        self.engine_restarts = 0
+        self.engine_failed: str | None = None  # why no engine runs, when none does
         self.fd_limit: supervise.FdLimit | None = None  # set as the engine starts
         self.engine_client = EngineClient(ADMIN_SOCKET)
         self.dns: DNSServer | None = None
@@ -137,6 +148,7 @@ class Daemon:
         for nsm_config in self.config.nsms:
             self._create_nsm(nsm_config)
         supervise.start_engine(self)
+        self.engine_client.serve()  # no tenant yet: its processes may come at once
         self.dns = DNSServer(str(self.config.bridge_ipv4), 53, self.resolve)
         self.dns.start()
         log.info("dns: answering on %s:53", self.config.bridge_ipv4)
@@ -201,6 +213,11 @@ class Daemon:
             supervise.stop_nsm_process(self, name)
         self.engine_client.close()
         supervise.stop_engine(self)
+        self.keeper.close()
+        if self.control_sock is not None:
+            self.control_sock.close()
+            self.control_sock = None
+            ENGINE_SOCKET.unlink(missing_ok=True)
         self._cleanup_keep_lock()
         os.close(self._lock_fd)
         self._lock_fd = None
@@ -456,6 +473,7 @@ class Daemon:
                     steer.forget_tenant(BRIDGE, t.ipv4, t.ipv6)
                 except Exception as e:  # the tenant goes anyway; its rules match nothing now
                     log.warning("tenant %s: removing its steering rules failed: %s", name, e)
+            self.keeper.forget(name)
             self._delete_tenant_fabric(t)
             del self.tenants[name]
             self.rates.forget(name)

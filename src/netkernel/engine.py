@@ -262,7 +262,8 @@ class EngineClient:
                         data.append(reply)
                 except (OSError, ConnectionError) as e:
                     self._close()
-                    if attempt == 1 or not isinstance(e, (BrokenPipeError, ConnectionError)):
+                    # ConnectionError covers a reset (the engine died and a new one runs).
+                    if attempt == 1 or not isinstance(e, ConnectionError):
                         raise NetKernelError(f"engine admin socket {self.path}: {e}") from None
         raise AssertionError("unreachable")
 
@@ -283,6 +284,10 @@ class EngineClient:
 
     def dns_upstream(self, ip: str, port: int) -> None:
         self.request(f"dns-upstream {ip} {port}")
+
+    def serve(self) -> None:
+        """Tenants' processes may connect from now on (every tenant is known)."""
+        self.request("serve")
 
     def nsm_del(self, name: str) -> None:
         self.request(f"nsm-del {name}")

@@ -1,7 +1,11 @@
 """The daemon's child processes: the engine, and the stack of each external NSM (lwIP). Each
 is started, waited for until it is ready, watched and stopped here.
 
-A dead NSM process is restarted; a dead engine stops the daemon. The functions take the
+A dead NSM process is restarted. A dead engine is restarted too, at once: the daemon owns the
+control socket tenants connect to and keeps what they hold of the engine (keep.py), so the
+next engine adopts every tenant's region and listeners; the connections that were open are
+reset. An engine that dies CRASH_LIMIT times within CRASH_WINDOW seconds is left down, and
+`status` says why. The functions take the
 Daemon whose processes they are. start_engine and
 register_nsm run at start-up and, for register_nsm, within add_nsm with the Daemon's lock
 held; the NSM watcher thread takes that lock itself before it starts a new process, so that
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import socket
 import subprocess
 import threading
 import time
@@ -127,7 +132,10 @@ def register_nsm(d: Daemon, nsm: NSM) -> None:
         s = stats.nsm(nsm.name) if stats else None
         if s is None:
             d.engine_client.nsm_add(nsm.name, path, str(nsm.socket))
-        start_nsm_process(d, nsm)
+        # A stack whose engine died waits for the next one and connects by itself.
+        proc = d.nsm_procs.get(nsm.name)
+        if proc is None or proc.poll() is not None:
+            start_nsm_process(d, nsm)
         _wait_nsm_up(d, nsm, 1)
     else:
         d.engine_client.nsm_add(nsm.name, path)
@@ -192,13 +200,45 @@ def raise_fd_limit() -> FdLimit:
     return FdLimit(limit=limit, wanted=wanted, raised=raised)
 
 
+CRASH_LIMIT = 5  # engine deaths within CRASH_WINDOW after which it is left down
+CRASH_WINDOW = 60.0
+
+
+def control_socket() -> socket.socket:
+    """The socket tenants' processes reach the engine on. The daemon makes it and keeps it
+    across engines: sandboxes bind-mount the file, so a new socket at the path would not
+    reach them, and a process that connects while no engine runs waits in its queue."""
+    ENGINE_SOCKET.unlink(missing_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    s.bind(str(ENGINE_SOCKET))
+    # Tenant processes that dropped root (nginx workers) must still reach the engine;
+    # it tells tenants apart by network namespace, not by file permissions.
+    os.chmod(ENGINE_SOCKET, 0o666)
+    s.listen(512)
+    return s
+
+
 def start_engine(d: Daemon) -> None:
+    """Start an engine, hand it what the last one left, and register the NSMs with it."""
     binary = engine_binary()
     d.fd_limit = raise_fd_limit()
     log.info("host limits allow %s", d.fd_limit.describe())
-    for path in (ENGINE_SOCKET, ADMIN_SOCKET):
-        path.unlink(missing_ok=True)
-    cmd = [str(binary), "--control", str(ENGINE_SOCKET), "--admin", str(ADMIN_SOCKET)]
+    ADMIN_SOCKET.unlink(missing_ok=True)
+    if d.control_sock is None:
+        d.control_sock = control_socket()
+    ours, theirs = d.keeper.channel()
+    ctl_fd = d.control_sock.fileno()
+    cmd = [
+        str(binary),
+        "--control",
+        str(ENGINE_SOCKET),
+        "--admin",
+        str(ADMIN_SOCKET),
+        "--control-fd",
+        str(ctl_fd),
+        "--keep",
+        str(theirs.fileno()),
+    ]
     nice = d.config.engine_nice
     if nice:
         # nice(1) sets it before exec, so every engine thread inherits it (a later
@@ -210,9 +250,19 @@ def start_engine(d: Daemon) -> None:
     # Its own session gives it its own autogroup, whose weight we can set without
     # touching the shell the daemon was started from.
     d.engine = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, start_new_session=True, stderr=subprocess.PIPE if relay else None
+        cmd,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        stderr=subprocess.PIPE if relay else None,
+        pass_fds=(ctl_fd, theirs.fileno()),
     )
+    theirs.close()
     engine = d.engine
+    try:
+        d.keeper.hand_over(ours)
+    except OSError as e:  # it died at once: wait_ready says so
+        log.warning("handing the engine what the last one left: %s", e)
+    threading.Thread(target=_read_keep, args=(d, ours), name="engine-keep", daemon=True).start()
     if nice:
         try:
             netns.set_autogroup_nice(engine.pid, nice)
@@ -230,24 +280,74 @@ def start_engine(d: Daemon) -> None:
     # Recorded so that `netkernel down` can stop an engine orphaned by a killed daemon.
     ENGINE_PID_FILE.write_text(f"{engine.pid}\n")
     wait_ready(ADMIN_SOCKET, lambda: engine.poll() is None)
-    if ENGINE_SOCKET.exists():
-        # Tenant processes that dropped root (nginx workers) must still reach the engine;
-        # it tells tenants apart by network namespace, not by file permissions.
-        os.chmod(ENGINE_SOCKET, 0o666)
-    threading.Thread(target=_watch_engine, args=(d,), name="engine-watch", daemon=True).start()
+    threading.Thread(target=_watch_engine, args=(d, engine), name="engine-watch", daemon=True).start()
     for nsm in d.nsms.values():
         register_nsm(d, nsm)
     d.engine_client.dns_upstream(str(d.config.bridge_ipv4), 53)
     log.info("engine ready (pid %d)", engine.pid)
 
 
-def _watch_engine(d: Daemon) -> None:
-    assert d.engine is not None
-    status = d.engine.wait()
-    if not d.stopping:
-        log_event("engine_exited", logging.ERROR, status=status, action="stopping the daemon")
-        d.exit_code = 1
-        d.stop_event.set()
+def _read_keep(d: Daemon, sock: socket.socket) -> None:
+    try:
+        d.keeper.read(sock)
+    finally:
+        sock.close()
+
+
+def restart_engine(d: Daemon) -> None:
+    """A new engine in the dead one's place, with every NSM, tenant and policy again.
+    Called with the Daemon's lock held."""
+    d.engine_client.close()
+    start_engine(d)
+    for t in d.tenants.values():
+        t.id = d.engine_client.tenant_add(t.name, str(netns.netns_path(t.netns)), t.nsm, t.ipv4, t.ipv6)
+        d.engine_client.tenant_set(t.name, t.policy.engine_args())
+    d.engine_client.serve()
+
+
+def _watch_engine(d: Daemon, engine: subprocess.Popen[bytes]) -> None:
+    status = engine.wait()
+    if d.stopping or d.engine is not engine:
+        return
+    now = time.monotonic()
+    d.engine_crashes = [t for t in d.engine_crashes if now - t < CRASH_WINDOW] + [now]
+    if len(d.engine_crashes) >= CRASH_LIMIT:
+        d.engine_failed = (
+            f"the engine died {len(d.engine_crashes)} times within {CRASH_WINDOW:.0f} s "
+            f"(last exit status {status}); it is not restarted: tenants have no network. "
+            "See the daemon's log, then restart NetKernel (netkernel down; netkernel up)"
+        )
+        log_event(
+            "engine_given_up",
+            logging.ERROR,
+            status=status,
+            deaths=len(d.engine_crashes),
+            window_s=CRASH_WINDOW,
+            action="not restarting it",
+        )
+        return
+    log_event("engine_exited", logging.ERROR, status=status, pid=engine.pid, action="restarting it")
+    with d.lock:
+        if d.stopping:
+            return
+        try:
+            restart_engine(d)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the daemon says so and stays
+            d.engine_failed = f"restarting the engine failed: {e}"
+            log_event("engine_restart_failed", logging.ERROR, error=str(e))
+            if d.engine is not None and d.engine.poll() is None:
+                d.engine.kill()
+            return
+    d.engine_restarts += 1
+    regions, listeners = d.keeper.counts()
+    log_event(
+        "engine_restarted",
+        pid=d.engine.pid if d.engine else None,
+        seconds=round(time.monotonic() - now, 3),
+        tenants=len(d.tenants),
+        listeners_kept=listeners,
+        restarts=d.engine_restarts,
+    )
 
 
 def stop_engine(d: Daemon) -> None:

@@ -133,7 +133,10 @@ def status(d: Daemon) -> dict[str, Any]:
     return {
         "running": True,
         "pid": os.getpid(),
-        "engine_pid": d.engine.pid if d.engine else None,
+        "engine_pid": d.engine.pid if d.engine and d.engine.poll() is None else None,
+        # Restarts after the engine died (supervise.py), and why none runs when none does.
+        "engine_restarts": d.engine_restarts,
+        "engine_failed": d.engine_failed,
         "uptime": round(time.time() - d.started, 1),
         "nsms": [_nsm_summary(d, n) for n in list(d.nsms.values())],
         "tenants": len(d.tenants),

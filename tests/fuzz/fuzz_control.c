@@ -501,7 +501,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   int fd = open(file_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (fd < 0 || write(fd, "netkernel", 9) != 9) nk_fuzz_die("%s: %s", file_path, strerror(errno));
   close(fd);
-  if ((r = nk_control_listen(ctl_path)) < 0) nk_fuzz_die("control listen: %s", strerror(-r));
+  if ((r = nk_control_listen(ctl_path, -1)) < 0) nk_fuzz_die("control listen: %s", strerror(-r));
   return 0;
 }
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import TENANT_PY  # noqa: E402
+from conftest import TENANT_PY, engine_never_died  # noqa: E402
 from helpers_c import build_c
 
 HERE = Path(__file__).resolve().parent
@@ -26,7 +26,7 @@ SOURCE = HERE / "progs" / "source.py"
 
 
 def engine_alive() -> bool:
-    return subprocess.run(["pgrep", "-f", "netkernel-engine"], capture_output=True).returncode == 0
+    return engine_never_died()  # a restarted engine would hide a crash
 
 
 def transfer(src_tenant: Any, peer: Any, size_mb: int, port: int) -> None:

@@ -793,6 +793,26 @@ static void request(void *ctx, const struct nk_nqe *e) {
   }
 }
 
+/* The engine went away (it crashed, or is being replaced): its sockets, and the tenants it
+ * gave us, are over. Every connection is reset, so peers learn at once rather than at their
+ * next timeout; the stack itself (ARP, the TAP) stays, for the next engine. */
+static void engine_gone(void) {
+  for (uint32_t id = 0; id < NK_SL_MAX_SOCKS; id++) {
+    struct conn *c = conns[id];
+    if (!c) continue;
+    conn_drop_pcb(c, true);
+    if (c->rxq) pbuf_free(c->rxq);
+    conns[id] = NULL;
+    free(c);
+  }
+  while (tnetifs) {
+    struct tnetif *tn = tnetifs;
+    tnetifs = tn->next;
+    netif_remove(&tn->nif);
+    free(tn);
+  }
+}
+
 static const struct nk_sl_handlers handlers = {
     .tenant_add = tenant_add,
     .tenant_del = tenant_del,
@@ -877,6 +897,19 @@ int main(int argc, char **argv) {
   uint64_t last_work = now_ns();
   in_loop = 1;
   for (;;) {
+    if (!sl) {
+      /* Wait for the next engine (the daemon restarts a dead one at once); a stack that came
+       * back on its own keeps its ARP and NDP state, and needs no restart of its own. */
+      struct timespec pause = {0, 20 * 1000 * 1000};
+      nanosleep(&pause, NULL);
+      LOCK_TCPIP_CORE();
+      tap_read_batch(); /* frames for the tenants that were: dropped, not queued up */
+      UNLOCK_TCPIP_CORE();
+      if (!(sl = nk_sl_connect(engine, err, sizeof(err)))) continue;
+      fprintf(stderr, "netkernel-lwip: serving %s again\n", engine);
+      nk_sl_fds(sl, &ctl, &bell);
+      last_work = now_ns();
+    }
     LOCK_TCPIP_CORE();
     int frames = tap_read_batch();
     int reqs = nk_sl_dispatch(sl, &handlers, NULL, 256);
@@ -884,8 +917,14 @@ int main(int argc, char **argv) {
     nk_sl_flush(sl);
     UNLOCK_TCPIP_CORE();
     if (reqs < 0) {
-      fprintf(stderr, "netkernel-lwip: the engine went away: exiting\n");
-      return 0;
+      fprintf(stderr, "netkernel-lwip: the engine went away: its connections are reset\n");
+      LOCK_TCPIP_CORE();
+      engine_gone();
+      gso_flush(); /* the resets go out now */
+      UNLOCK_TCPIP_CORE();
+      nk_sl_close(sl);
+      sl = NULL;
+      continue;
     }
     uint64_t now = now_ns();
     if (frames || reqs) {

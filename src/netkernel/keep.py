@@ -1,0 +1,120 @@
+"""What the daemon keeps for the next engine: the kernel objects tenants hold that the engine
+made, so that an engine that dies (or is replaced) does not take them along.
+
+Each tenant's region memfd and doorbell eventfd, and the engine end of each listener's proxy
+fd with the engine's record of it, come over a SOCK_SEQPACKET pair (the engine's ``--keep
+FD``; csrc/engine/keep.c has the format). The daemon reads the text line that starts each
+message for its key and keeps the rest as the engine wrote it; a new engine gets it all back
+at start-up, before it answers on its admin socket. Descriptors are owned here until handed
+over, and closed when the engine says a listener or tenant is gone, or the tenant is deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+from .daemon_log import log
+
+MAX_MESSAGE = 8192  # a listener's record is under 2 KiB (struct nk_kept_listener)
+
+
+@dataclass
+class _Kept:
+    message: bytes
+    fds: list[int]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+class Keeper:
+    """The kept objects, and the reader of one engine's channel at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._regions: dict[str, _Kept] = {}
+        self._listeners: dict[tuple[str, int, int], _Kept] = {}
+
+    # -- the engine's side ------------------------------------------------------------------
+    def channel(self) -> tuple[socket.socket, socket.socket]:
+        """A new pair: (ours, the engine's). The engine's end goes to its --keep."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs.set_inheritable(True)
+        return ours, theirs
+
+    def hand_over(self, sock: socket.socket) -> None:
+        """Send a starting engine what the last one left, then "end". The engine reads as we
+        write (before its admin socket opens), so a full buffer only makes us wait."""
+        with self._lock:
+            items = [(k.message, list(k.fds)) for k in self._regions.values()]
+            items += [(k.message, list(k.fds)) for k in self._listeners.values()]
+        for message, fds in items:
+            socket.send_fds(sock, [message], fds)
+        sock.sendall(b"end\n")
+
+    def read(self, sock: socket.socket) -> None:
+        """Until the engine's end closes: take what it keeps and forgets."""
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
+            except OSError:
+                return
+            if not data and not fds:
+                return
+            try:
+                self._take(data, fds)
+            except (ValueError, IndexError):
+                log.warning("keep channel: a message the daemon cannot read: %r", data[:80])
+                for fd in fds:
+                    os.close(fd)
+
+    def _take(self, data: bytes, fds: list[int]) -> None:
+        head, _, _ = data.partition(b"\n")
+        words = head.decode("ascii").split(" ")
+        kind, tenant = words[0], words[1]
+        with self._lock:
+            if kind == "region" and len(fds) == 2:
+                old = self._regions.pop(tenant, None)
+                self._regions[tenant] = _Kept(data, fds)
+            elif kind == "listener" and len(fds) == 1:
+                key = (tenant, int(words[2]), int(words[3]))
+                old = self._listeners.pop(key, None)
+                self._listeners[key] = _Kept(data, fds)
+            elif kind == "drop" and not fds:
+                old = self._listeners.pop((tenant, int(words[2]), int(words[3])), None)
+            elif kind == "forget" and not fds:
+                self._forget(tenant)
+                return
+            else:
+                raise ValueError(kind)
+        if old is not None:
+            old.close()
+
+    # -- the daemon's side ------------------------------------------------------------------
+    def forget(self, tenant: str) -> None:
+        """The tenant is gone: its region and listeners are nobody's any more."""
+        with self._lock:
+            self._forget(tenant)
+
+    def _forget(self, tenant: str) -> None:
+        region = self._regions.pop(tenant, None)
+        if region is not None:
+            region.close()
+        for key in [k for k in self._listeners if k[0] == tenant]:
+            self._listeners.pop(key).close()
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._regions), len(self._listeners)
+
+    def close(self) -> None:
+        with self._lock:
+            for k in [*self._regions.values(), *self._listeners.values()]:
+                k.close()
+            self._regions.clear()
+            self._listeners.clear()
