@@ -88,49 +88,55 @@ static int ctl_connect(void) {
   return fd;
 }
 
+/* Requests that may go again to the next engine when the connection died with them: they
+ * change nothing the next engine would know of (its state starts afresh), or only read. */
+static bool resendable(uint32_t op) {
+  return op == NK_OP_REGISTER || op == NK_OP_SOCKET || op == NK_OP_RENEW || op == NK_OP_GETSOCKOPT;
+}
+
 /* Sends req (with send_fd attached when >= 0) and waits for the reply. Up to two fds that
- * come back are stored in rep-adjacent out parameters by the REGISTER path only. */
+ * come back are stored in rep-adjacent out parameters by the REGISTER path only.
+ * The engine may die, and the daemon start another on the same socket, at any point: a
+ * request that never left goes to the next engine; one that died with the engine goes again
+ * if resendable(), else fails as the socket call would on a host that restarted. */
 static int ctl_call_fds(struct nk_req *req, int send_fd, struct nk_rep *rep, int *fds, int nfds) {
-  ssize_t n;
   for (int tries = 0;; tries++) {
     if (t_ctl < 0) {
       int fd = ctl_connect();
       if (fd < 0) return fd;
       t_ctl = fd;
     }
+    ssize_t n;
     do
       n = nk_send_with_fds(nk_libc.sendmsg, t_ctl, req, sizeof(*req), &send_fd, send_fd >= 0,
                            MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
-    if (n >= 0 || tries > 0 || (errno != EPIPE && errno != ECONNRESET && errno != ENOTCONN)) break;
-    /* The engine this connection went to is gone (the daemon starts another at once, on the
-     * same socket): the request never left, so it goes to the next engine. */
-    NK_LOG(1, "the engine went away: reconnecting");
+    bool sent = n >= 0;
+    if (sent) {
+      union {
+        char buf[CMSG_SPACE(sizeof(int) * NK_FDPASS_MAX)];
+        struct cmsghdr align;
+      } cm;
+      struct iovec riov = {.iov_base = rep, .iov_len = sizeof(*rep)};
+      struct msghdr rh = {.msg_iov = &riov,
+                          .msg_iovlen = 1,
+                          .msg_control = cm.buf,
+                          .msg_controllen = sizeof(cm.buf)};
+      do n = nk_libc.recvmsg(t_ctl, &rh, MSG_CMSG_CLOEXEC);
+      while (n < 0 && errno == EINTR);
+      if (n == (ssize_t)sizeof(*rep)) {
+        nk_take_fds(&rh, fds, nfds, nk_libc_close);
+        return 0;
+      }
+      if (n >= 0) nk_take_fds(&rh, NULL, 0, nk_libc_close);
+    }
+    /* The engine went away: an error for the caller, never a hang. */
+    NK_LOG(tries ? 0 : 1, "lost the control connection to the engine");
     nk_libc.close(t_ctl);
     t_ctl = -1;
+    if (tries == 0 && (!sent || resendable(req->op))) continue;
+    return sent && req->op == NK_OP_CONNECT ? -ECONNREFUSED : -ENETDOWN;
   }
-  if (n < 0) goto dead;
-  union {
-    char buf[CMSG_SPACE(sizeof(int) * NK_FDPASS_MAX)];
-    struct cmsghdr align;
-  } cm;
-  struct iovec riov = {.iov_base = rep, .iov_len = sizeof(*rep)};
-  struct msghdr rh = {
-      .msg_iov = &riov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
-  do n = nk_libc.recvmsg(t_ctl, &rh, MSG_CMSG_CLOEXEC);
-  while (n < 0 && errno == EINTR);
-  if (n != (ssize_t)sizeof(*rep)) {
-    if (n >= 0) nk_take_fds(&rh, NULL, 0, nk_libc_close);
-    goto dead;
-  }
-  nk_take_fds(&rh, fds, nfds, nk_libc_close);
-  return 0;
-dead:
-  /* The engine went away: this is an error for the caller, never a hang. */
-  NK_LOG(0, "lost the control connection to the engine");
-  nk_libc.close(t_ctl);
-  t_ctl = -1;
-  return -ENETDOWN;
 }
 
 int nk_ctl_call(struct nk_req *req, int send_fd, struct nk_rep *rep) {

@@ -989,7 +989,9 @@ int nk_getsockopt(int fd, int slot, int level, int name, void *val, socklen_t *l
     switch (name) {
       case SO_ERROR:
         if (s->kind == NK_KIND_DGRAM) return put_int(val, len, atomic_exchange(&s->so_error, 0));
-        if ((r = take_error(s)) == 0) r = orphan_error(fd, s);
+        /* Again after the orphan check: a next engine that adopted the socket meanwhile has
+         * stored the error before the state the check found changed (T1). */
+        if ((r = take_error(s)) == 0 && (r = orphan_error(fd, s)) == 0) r = take_error(s);
         return put_int(val, len, r);
       case SO_TYPE:
         return put_int(val, len, s->kind == NK_KIND_DGRAM ? SOCK_DGRAM : SOCK_STREAM);

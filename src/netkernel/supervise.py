@@ -305,6 +305,15 @@ def restart_engine(d: Daemon) -> None:
     d.engine_client.serve()
 
 
+def _no_engine(d: Daemon) -> None:
+    """No engine will come: processes waiting on the control socket get an error now
+    (ENETDOWN from GuestLib), not a wait that never ends. The file stays (connections to it
+    are refused): sandboxes bind-mount it, and `netkernel run` still starts programs."""
+    if d.control_sock is not None:
+        d.control_sock.close()
+        d.control_sock = None
+
+
 def _watch_engine(d: Daemon, engine: subprocess.Popen[bytes]) -> None:
     status = engine.wait()
     if d.stopping or d.engine is not engine:
@@ -325,6 +334,7 @@ def _watch_engine(d: Daemon, engine: subprocess.Popen[bytes]) -> None:
             window_s=CRASH_WINDOW,
             action="not restarting it",
         )
+        _no_engine(d)
         return
     log_event("engine_exited", logging.ERROR, status=status, pid=engine.pid, action="restarting it")
     with d.lock:
@@ -337,6 +347,7 @@ def _watch_engine(d: Daemon, engine: subprocess.Popen[bytes]) -> None:
             log_event("engine_restart_failed", logging.ERROR, error=str(e))
             if d.engine is not None and d.engine.poll() is None:
                 d.engine.kill()
+            _no_engine(d)
             return
     d.engine_restarts += 1
     regions, listeners = d.keeper.counts()

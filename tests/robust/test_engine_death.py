@@ -22,10 +22,11 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import TENANT_PY, nk, wait_port
 
 HERE = Path(__file__).resolve().parent
@@ -65,10 +66,9 @@ for i in range(100):
 CONNECT_LOOP = """
 import errno, json, socket, sys, time
 host, port, duration = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-out = {"ok": 0, "errors": {}, "ok_after_error": 0}
+out = {"ok": 0, "errors": {}, "ok_last_2s": 0}
 payload = bytes(range(256)) * 16
 end = time.monotonic() + duration
-seen_error = False
 while time.monotonic() < end:
     try:
         with socket.create_connection((host, port), timeout=10) as s:
@@ -81,10 +81,9 @@ while time.monotonic() < end:
                 got += d
             assert got == payload
         out["ok"] += 1
-        if seen_error:
-            out["ok_after_error"] += 1
+        if end - time.monotonic() < 2:
+            out["ok_last_2s"] += 1
     except OSError as e:
-        seen_error = True
         name = errno.errorcode.get(e.errno, str(e)) if e.errno else type(e).__name__
         out["errors"][name] = out["errors"].get(name, 0) + 1
 print(json.dumps(out), flush=True)
@@ -110,6 +109,16 @@ while True:
     c, _ = srv.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_daemon_after(nk_daemon: Any) -> Iterator[None]:
+    """These tests kill the engine on purpose: the session's check that it never died (and
+    the tests after these) get a fresh daemon."""
+    yield
+    nk("down")
+    proc = nk("up")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def kill_engine() -> tuple[int, float]:
@@ -326,7 +335,8 @@ def test_connection_setup_during_engine_death(nk_daemon: Any, tenant: Any, peer_
             out, _ = p.communicate(timeout=60)  # bounded: every attempt has a timeout
             res = json.loads(out)
             print(f"\nconnect loop: {res}")
-            assert res["ok"] > 0 and res["ok_after_error"] > 0, res
+            # Connections work again after the kill (at 2 s of 6): the last 2 s had some.
+            assert res["ok"] > 0 and res["ok_last_2s"] > 0, res
             # What Linux reports for connections to a host that restarted, nothing else (no
             # timeout: a hang would show as one).
             assert set(res["errors"]) <= {"ECONNREFUSED", "ECONNRESET", "EPIPE", "ECONNABORTED"}, res
@@ -389,26 +399,25 @@ def test_tenant_on_lwip_carries_on(nk_daemon: Any, tenant: Callable[..., Any], p
         nk("nsm", "remove", name)
 
 
-def test_an_engine_that_keeps_dying_is_left_down(nk_daemon: Any) -> None:
-    try:
-        pid = int(ENGINE_PID.read_text())
-        for _ in range(8):
-            os.kill(pid, signal.SIGKILL)
-            st: dict[str, Any] = {}
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                st = json.loads(nk("status", "--json").stdout or "{}")
-                if st.get("engine_failed") or (st.get("engine_pid") and st["engine_pid"] != pid):
-                    break
-                time.sleep(0.05)
-            if st.get("engine_failed"):
+def test_an_engine_that_keeps_dying_is_left_down(nk_daemon: Any, tenant: Any) -> None:
+    t = tenant(f"dd{uuid.uuid4().hex[:6]}")
+    pid = int(ENGINE_PID.read_text())
+    st: dict[str, Any] = {}
+    for _ in range(8):
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            st = json.loads(nk("status", "--json").stdout or "{}")
+            if st.get("engine_failed") or (st.get("engine_pid") and st["engine_pid"] != pid):
                 break
-            pid = int(st["engine_pid"])
-        assert st.get("engine_failed"), st
-        assert "times within" in st["engine_failed"] and st["engine_pid"] is None, st
-        text = nk("status").stdout
-        assert "engine: DOWN" in text and "netkernel down" in text, text
-    finally:
-        nk("down")
-        proc = nk("up")
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+            time.sleep(0.05)
+        if st.get("engine_failed"):
+            break
+        pid = int(st["engine_pid"])
+    assert st.get("engine_failed"), st
+    assert "times within" in st["engine_failed"] and st["engine_pid"] is None, st
+    text = nk("status").stdout
+    assert "engine: DOWN" in text and "netkernel down" in text, text
+    # Nothing waits for an engine that will not come: a program's socket() fails at once.
+    r = t.run([TENANT_PY, "-c", "import socket; socket.socket()"], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "Network is down" in r.stderr, r.stderr
