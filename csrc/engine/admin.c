@@ -193,6 +193,16 @@ static void conn_line(struct nk_admin *a, struct nk_tenant *t, uint32_t i, struc
       es->throttled, direct, tcp);
 }
 
+/* The reply, whole, before the engine ends (handover): the daemon waits for it. */
+static void admin_flush_now(struct nk_admin *a) {
+  size_t off = 0;
+  while (off < a->outlen) {
+    ssize_t n = send(a->fd, a->out + off, a->outlen - off, MSG_NOSIGNAL);
+    if (n <= 0) break;
+    off += (size_t)n;
+  }
+}
+
 static void command(struct nk_admin *a, char *line) {
   char *argv[16];
   int argc = 0;
@@ -259,6 +269,16 @@ static void command(struct nk_admin *a, char *line) {
     nk_control_forget_tenant(t);
     nk_tenant_del(t);
     return out(a, "ok");
+  }
+  if (!strcmp(cmd, "state-version") && argc == 1) return out(a, "ok %s", nk_state_version());
+  if (!strcmp(cmd, "handover") && argc == 1) {
+    /* A live upgrade: everything to the daemon for the next engine, then this one ends at
+     * once, leaving every descriptor as it is (no close, no reset: they are the next one's). */
+    int r = nk_keep_handover();
+    if (r < 0) return err(a, -r, "cannot hand over: no keep channel");
+    out(a, "ok %d", r);
+    admin_flush_now(a);
+    _exit(0);
   }
   if (!strcmp(cmd, "serve") && argc == 1) {
     nk_control_serve();

@@ -48,6 +48,7 @@ void nk_control_serve(void) {
   static bool serving;
   if (serving || ctl_listen_fd < 0) return;
   serving = true;
+  nk_keep_finish();
   nk_epoll_add(ctl_listen_fd, EPOLLIN, &h_ctl_listen);
 }
 
@@ -115,6 +116,33 @@ static void ctl_close(struct nk_ctl *c) {
     }
   c->next = dead_ctls;
   dead_ctls = c;
+}
+
+/* A live upgrade: each tenant's control connection goes to the next engine, requests queued on
+ * it included (each was answered before this engine took the next). Refused ones are closed:
+ * their processes learn EMFILE... by ENETDOWN, then connect again. */
+unsigned nk_control_hand_over(void) {
+  unsigned n = 0;
+  for (struct nk_ctl *c = ctls; c; c = c->next)
+    if (c->fd >= 0 && !c->refused && c->t && nk_keep_ctl(c->t, c->fd)) n++;
+  return n;
+}
+
+int nk_control_adopt(struct nk_tenant *t, int fd) {
+  struct nk_ctl *c = calloc(1, sizeof(*c));
+  if (!c) return -ENOMEM;
+  if (nk_fds_take(t, 1) < 0) {
+    free(c);
+    return -EMFILE;
+  }
+  c->fd = fd;
+  c->t = t;
+  t->ctls++;
+  c->h = (struct nk_handle){NK_H_CTL, 0, c};
+  c->next = ctls;
+  ctls = c;
+  nk_epoll_add(fd, EPOLLIN | EPOLLRDHUP, &c->h);
+  return 0;
 }
 
 void nk_control_reap(void) {

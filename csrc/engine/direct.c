@@ -47,6 +47,10 @@ static bool tcp_established(int fd) {
          (ti.tcpi_state == TCP_ESTABLISHED || ti.tcpi_state == TCP_CLOSE_WAIT);
 }
 
+void nk_direct_watch(struct nk_esock *es) {
+  if (es->direct >= 0) nk_epoll_add(es->direct, DIRECT_EVENTS, &es->h_direct);
+}
+
 int nk_direct_attach(struct nk_esock *es, int fd) {
   if (es->kind != NK_KIND_STREAM || es->state != NK_ST_CONNECTED || es->dead || es->closing ||
       es->direct >= 0 || !es->ep_count)

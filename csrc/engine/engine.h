@@ -342,6 +342,7 @@ struct nk_esock {
    * host. The engine copies the sender's transmit ring into the receiver's receive ring. */
   bool shm;                   /* this connection runs (or ran) on it: for `conns` */
   struct nk_esock *shm_peer;  /* the other end; NULL once it is gone */
+  bool shm_waiting;           /* handed over, its peer not yet (keep.c): wait, not gone */
   bool shm_fin_sent;          /* our end of the byte stream was delivered to the peer */
   bool in_port_map;           /* listener reachable by the shared-memory path */
   struct nk_esock *next_port; /* chain of listeners hashed by port */
@@ -426,6 +427,31 @@ struct nk_kept_listener {
   int32_t nopts;
   struct nk_opt opts[NK_MAX_OPTS];
 };
+/* A socket as a live upgrade hands it over: the engine's own record of it, copied whole
+ * (hence esock_size: an engine built with another layout refuses it), with what its
+ * pointers named, by name, and which descriptors came with it (fdmask, in NK_KEPT_FD_*
+ * order). */
+enum { NK_KEPT_EP_NONE, NK_KEPT_EP_KERNEL, NK_KEPT_EP_SHM, NK_KEPT_EP_OTHER };
+enum { NK_KEPT_FD_PROXY, NK_KEPT_FD_DIRECT, NK_KEPT_FD_PENDING, NK_KEPT_FD_EP };
+struct nk_kept_sock {
+  uint32_t version, size, esock_size, fdmask;
+  uint8_t ep_kind[NK_MAX_EP];
+  char ep_nsm[NK_MAX_EP][32];
+  char peer_tenant[64]; /* its shared-memory peer, if any */
+  uint32_t peer_slot, peer_gen;
+  int32_t nopts;
+  struct nk_opt opts[NK_MAX_OPTS];
+  struct nk_esock es;
+};
+struct nk_kept_counters {
+  uint32_t version, pad;
+  uint64_t tx_bytes, rx_bytes, refused_sockets, refused_memory, rings_shrunk, region_trimmed;
+  uint64_t dns_relayed, dns_dropped, cpu_total_ns, cpu_skips;
+};
+int nk_keep_handover(void); /* sockets handed over, or -errno */
+const char *nk_state_version(void);
+bool nk_keep_ctl(struct nk_tenant *t, int fd);
+void nk_keep_finish(void);
 int nk_keep_init(int fd);
 void nk_keep_region(struct nk_tenant *t);
 void nk_keep_forget(struct nk_tenant *t);
@@ -479,6 +505,7 @@ void nk_direct_event(struct nk_esock *es, uint32_t ev);
 void nk_direct_in(struct nk_esock *es);
 void nk_direct_out(struct nk_esock *es);
 void nk_direct_close(struct nk_esock *es);
+void nk_direct_watch(struct nk_esock *es); /* its descriptor on a new engine's epoll */
 void nk_ep_move(struct nk_esock *es, int to, int from, uint32_t events);
 void nk_ep_keep_only(struct nk_esock *es, int k);
 void nk_ep_local(struct nk_esock *es, int k, struct nk_addr *out);
@@ -505,6 +532,7 @@ void nk_sock_close_proxy(struct nk_esock *es);
 void nk_sock_sweep_zombies(void);
 void nk_sock_unzombie(struct nk_esock *es); /* off engine.zombies */
 void nk_sock_adopt_zombie(struct nk_esock *es, uint64_t guest_ino);
+void nk_sock_relink_zombie(struct nk_esock *es); /* a zombie handed over: on engine.zombies */
 void nk_sock_proxy_event(struct nk_esock *es, uint32_t ev);
 bool nk_sock_rx_stall(struct nk_esock *es, uint32_t need); /* true: still short of room */
 void nk_sock_set_local(struct nk_esock *es, const struct nk_addr *a);
@@ -597,8 +625,10 @@ uint64_t nk_tenant_region_bytes(const struct nk_tenant *t);
 
 /* control.c, admin.c */
 uint64_t nk_peer_netns(int fd, struct ucred *cred);
-int nk_control_listen(const char *path, int fd); /* fd >= 0: the daemon's socket */
-void nk_control_serve(void);                     /* the daemon's socket: from now on */
+int nk_control_listen(const char *path, int fd);   /* fd >= 0: the daemon's socket */
+void nk_control_serve(void);                       /* the daemon's socket: from now on */
+unsigned nk_control_hand_over(void);               /* a live upgrade: every connection */
+int nk_control_adopt(struct nk_tenant *t, int fd); /* one the last engine handed over */
 void nk_control_event(struct nk_handle *h, uint32_t ev);
 int nk_admin_listen(const char *path);
 void nk_admin_event(struct nk_handle *h, uint32_t ev);

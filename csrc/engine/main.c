@@ -64,6 +64,7 @@ uint64_t nk_now_ns(void) {
 static void usage(void) {
   fprintf(stderr,
           "usage: netkernel-engine [--control PATH] [--admin PATH] [--control-fd FD] [--keep FD]\n"
+          "       netkernel-engine --state-version\n"
           "  normally started by the NetKernel daemon (netkernel up)\n");
 }
 
@@ -262,7 +263,11 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--admin") && i + 1 < argc) adm = argv[++i];
     else if (!strcmp(argv[i], "--control-fd") && i + 1 < argc) ctl_fd = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--keep") && i + 1 < argc) keep_fd = atoi(argv[++i]);
-    else {
+    else if (!strcmp(argv[i], "--state-version")) {
+      /* For `netkernel upgrade`: can this binary take sockets over from the running one? */
+      printf("%s\n", nk_state_version());
+      return 0;
+    } else {
       usage();
       return 2;
     }

@@ -120,6 +120,8 @@ void nk_sock_adopt_zombie(struct nk_esock *es, uint64_t guest_ino) {
   zombie_link(es);
 }
 
+void nk_sock_relink_zombie(struct nk_esock *es) { zombie_link(es); }
+
 void nk_sock_unzombie(struct nk_esock *es) {
   if (!es->prev_zombie) return;
   *es->prev_zombie = es->next_zombie;

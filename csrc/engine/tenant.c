@@ -462,7 +462,7 @@ static void adopt_slots(struct nk_tenant *t) {
     dead++;
   }
   t->cold = 0;
-  NK_EVENT("region_adopted", "tenant=%s slots=%u reset=%u listeners=%u", t->name, t->hwm, dead,
+  NK_EVENT("region_adopted", "tenant=%s slots=%u reset=%u kept=%u", t->name, t->hwm, dead,
            t->nsocks - dead);
 }
 

@@ -232,6 +232,7 @@ static void peer_gone(struct nk_esock *es) {
 
 static void shm_transmit(struct nk_esock *es) {
   struct nk_esock *p = es->shm_peer;
+  if (!p && es->shm_waiting) return; /* a live upgrade brings its peer back in a moment */
   if (!p) {
     peer_gone(es);
     return;
@@ -259,6 +260,7 @@ static void unlink_pair(struct nk_esock *es, int err);
  * while its last bytes wait for room in the peer's ring (the peer's reads bring us back). */
 static bool shm_finish(struct nk_esock *es) {
   struct nk_esock *p = es->shm_peer;
+  if (!p && es->shm_waiting) return false; /* its peer comes back with a live upgrade */
   if (!p || es->dead) return true;
   int64_t unread = nk_ring_fill_checked(&es->rx);
   int64_t incoming = nk_ring_fill_checked(&p->tx);

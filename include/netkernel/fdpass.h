@@ -12,7 +12,7 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
-#define NK_FDPASS_MAX 4 /* the most any NetKernel message carries */
+#define NK_FDPASS_MAX 10 /* the most any NetKernel message carries (a socket handed over) */
 
 /* Sends len bytes of buf on sock as one message with nfds descriptors attached, through
  * send (sendmsg, or GuestLib's pointer to libc's own). Returns what send() does. */

@@ -74,6 +74,7 @@ OPS: dict[str, Op] = {
         },
     ),
     "nsm-remove": Op(required={"name": (str,)}),
+    "upgrade": Op(optional={"engine": (str,)}),
     "shutdown": Op(),
 }
 _TYPE_NAMES = {int: "a number", str: "a string", dict: "an object", bool: "true or false"}

@@ -184,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     command(sub, "down", help="stop everything and remove what `up` created")
 
+    upg = command(
+        sub,
+        "upgrade",
+        help="replace the running engine live: open connections carry on (also: SIGHUP to the daemon)",
+    )
+    upg.add_argument(
+        "--engine",
+        type=Path,
+        metavar="PATH",
+        help="the new engine binary (default: the one installed with this netkernel)",
+    )
+
     st = command(sub, "status", help="is the daemon running; NSMs and tenant count")
     st.add_argument("--json", action="store_true")
 
@@ -489,6 +501,20 @@ def _wait_gone(pid: int, what: str) -> None:
 
 def _print_json(doc: object, compact: bool = False) -> None:
     print(json.dumps(doc, indent=None if compact else 2))
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    engine = args.engine
+    if engine is not None:
+        engine = engine.resolve()
+        if not engine.is_file() or not os.access(engine, os.X_OK):
+            args.parser.error(f"--engine {args.engine}: not an executable file")
+    r = api.call("upgrade", engine=str(engine) if engine else None)
+    print(
+        f"netkernel: engine upgraded: pid {r['old_pid']} -> {r['pid']}, {r['sockets']} socket(s) "
+        f"handed over, data path paused {r['pause_ms']:.1f} ms"
+    )
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -858,6 +884,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up,
     "down": cmd_down,
     "status": cmd_status,
+    "upgrade": cmd_upgrade,
     "run": cmd_run,
     "tenant": cmd_tenant,
     "ps": cmd_ps,

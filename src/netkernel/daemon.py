@@ -91,6 +91,8 @@ class Daemon:
         # what tenants hold of the engine (regions, doorbells, listeners).
         self.control_sock: socket.socket | None = None
         self.keeper = Keeper()
+        self.keep_reader: threading.Thread | None = None  # reads the running engine's channel
+        self.upgrade_requested = threading.Event()  # SIGHUP
         self.engine_crashes: list[float] = []  # monotonic times of deaths, CRASH_WINDOW back
         self.engine_restarts = 0
         self.engine_failed: str | None = None  # why no engine runs, when none does
@@ -179,8 +181,10 @@ class Daemon:
         )
 
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
+        # SIGHUP upgrades the engine live (as `netkernel upgrade`), as daemons reload.
+        signal.signal(signal.SIGHUP, lambda *_: (self.upgrade_requested.set(), self.stop_event.set()))
         try:
             self.start()
         except NetKernelError as e:
@@ -191,8 +195,18 @@ class Daemon:
             log.exception("start-up failed")
             self.teardown()
             return 1
-        while not self.stop_event.wait(1.0):
-            pass
+        while True:
+            self.stop_event.wait(1.0)
+            if self.upgrade_requested.is_set():
+                self.upgrade_requested.clear()
+                self.stop_event.clear()
+                try:
+                    supervise.upgrade_engine(self)
+                except NetKernelError as e:
+                    log.error("upgrade (SIGHUP) failed: %s", e)
+                continue
+            if self.stop_event.is_set():
+                break
         self.teardown()
         return self.exit_code
 

@@ -328,4 +328,4 @@ def wait_ready(path: Path, alive: Callable[[], bool], timeout: float = 10.0) -> 
             raise NetKernelError("the engine exited during start-up (see the log)")
         if time.monotonic() > deadline:
             raise NetKernelError(f"the engine did not open {path} within {timeout:.0f}s")
-        time.sleep(0.05)
+        time.sleep(0.002)  # a restart or an upgrade waits on this: the data path is paused

@@ -4,9 +4,10 @@ checked a request's version, op and fields before it gets here."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import move, views
+from . import move, supervise, views
 from .api import Handler
 from .config import Policy, policy_with
 from .errors import DaemonError, TenantError
@@ -58,6 +59,10 @@ def api_handlers(d: Daemon) -> dict[str, Handler]:
         d.remove_nsm(req["name"])
         return {}
 
+    def upgrade(req: dict[str, Any]) -> dict[str, Any]:
+        binary = req.get("engine")
+        return supervise.upgrade_engine(d, Path(binary) if binary else None)
+
     def shutdown(req: dict[str, Any]) -> dict[str, Any]:
         d.stop_event.set()
         return {"pid": os.getpid()}
@@ -73,5 +78,6 @@ def api_handlers(d: Daemon) -> dict[str, Handler]:
         "nsm-list": lambda req: {"nsms": views.nsm_list(d)},
         "nsm-add": nsm_add,
         "nsm-remove": nsm_remove,
+        "upgrade": upgrade,
         "shutdown": shutdown,
     }

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from .daemon_log import log
 
-MAX_MESSAGE = 8192  # a listener's record is under 2 KiB (struct nk_kept_listener)
+MAX_MESSAGE = 16384  # a handed-over socket's record is about 5 KiB (struct nk_kept_sock)
+MAX_FDS = 10  # NK_FDPASS_MAX: a socket's proxy, direct and pending ends and six endpoints
 
 
 @dataclass
@@ -39,6 +40,10 @@ class Keeper:
         self._lock = threading.Lock()
         self._regions: dict[str, _Kept] = {}
         self._listeners: dict[tuple[str, int, int], _Kept] = {}
+        # A live upgrade's (supervise.upgrade_engine): every socket, control connection and
+        # tenant's counters of the engine that handed over, for the next one only.
+        self._handover: list[tuple[str, _Kept]] = []
+        self.handed_over = threading.Event()
 
     # -- the engine's side ------------------------------------------------------------------
     def channel(self) -> tuple[socket.socket, socket.socket]:
@@ -52,16 +57,22 @@ class Keeper:
         write (before its admin socket opens), so a full buffer only makes us wait."""
         with self._lock:
             items = [(k.message, list(k.fds)) for k in self._regions.values()]
+            items += [(k.message, list(k.fds)) for _t, k in self._handover]
             items += [(k.message, list(k.fds)) for k in self._listeners.values()]
-        for message, fds in items:
-            socket.send_fds(sock, [message], fds)
-        sock.sendall(b"end\n")
+            handover, self._handover = self._handover, []
+        try:
+            for message, fds in items:
+                socket.send_fds(sock, [message], fds)
+            sock.sendall(b"end\n")
+        finally:
+            for _t, k in handover:  # the engine has its own copies now (or never will)
+                k.close()
 
     def read(self, sock: socket.socket) -> None:
         """Until the engine's end closes: take what it keeps and forgets."""
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
+                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
             except OSError:
                 return
             if not data and not fds:
@@ -76,8 +87,15 @@ class Keeper:
     def _take(self, data: bytes, fds: list[int]) -> None:
         head, _, _ = data.partition(b"\n")
         words = head.decode("ascii").split(" ")
-        kind, tenant = words[0], words[1]
+        kind = words[0]
+        if kind == "handed-over":
+            self.handed_over.set()
+            return
+        tenant = words[1]
         with self._lock:
+            if kind in ("sock", "ctl", "counters"):
+                self._handover.append((tenant, _Kept(data, fds)))
+                return
             if kind == "region" and len(fds) == 2:
                 old = self._regions.pop(tenant, None)
                 self._regions[tenant] = _Kept(data, fds)
@@ -107,6 +125,9 @@ class Keeper:
             region.close()
         for key in [k for k in self._listeners if k[0] == tenant]:
             self._listeners.pop(key).close()
+        for _t, k in [h for h in self._handover if h[0] == tenant]:
+            k.close()
+        self._handover = [h for h in self._handover if h[0] != tenant]
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
@@ -114,7 +135,8 @@ class Keeper:
 
     def close(self) -> None:
         with self._lock:
-            for k in [*self._regions.values(), *self._listeners.values()]:
+            for k in [*self._regions.values(), *self._listeners.values(), *(h[1] for h in self._handover)]:
                 k.close()
             self._regions.clear()
             self._listeners.clear()
+            self._handover.clear()

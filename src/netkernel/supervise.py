@@ -218,9 +218,9 @@ def control_socket() -> socket.socket:
     return s
 
 
-def start_engine(d: Daemon) -> None:
+def start_engine(d: Daemon, binary: Path | None = None) -> None:
     """Start an engine, hand it what the last one left, and register the NSMs with it."""
-    binary = engine_binary()
+    binary = binary or engine_binary()
     d.fd_limit = raise_fd_limit()
     log.info("host limits allow %s", d.fd_limit.describe())
     ADMIN_SOCKET.unlink(missing_ok=True)
@@ -262,7 +262,8 @@ def start_engine(d: Daemon) -> None:
         d.keeper.hand_over(ours)
     except OSError as e:  # it died at once: wait_ready says so
         log.warning("handing the engine what the last one left: %s", e)
-    threading.Thread(target=_read_keep, args=(d, ours), name="engine-keep", daemon=True).start()
+    d.keep_reader = threading.Thread(target=_read_keep, args=(d, ours), name="engine-keep", daemon=True)
+    d.keep_reader.start()
     if nice:
         try:
             netns.set_autogroup_nice(engine.pid, nice)
@@ -294,15 +295,89 @@ def _read_keep(d: Daemon, sock: socket.socket) -> None:
         sock.close()
 
 
-def restart_engine(d: Daemon) -> None:
+def restart_engine(d: Daemon, binary: Path | None = None) -> None:
     """A new engine in the dead one's place, with every NSM, tenant and policy again.
     Called with the Daemon's lock held."""
     d.engine_client.close()
-    start_engine(d)
+    start_engine(d, binary)
     for t in d.tenants.values():
         t.id = d.engine_client.tenant_add(t.name, str(netns.netns_path(t.netns)), t.nsm, t.ipv4, t.ipv6)
         d.engine_client.tenant_set(t.name, t.policy.engine_args())
     d.engine_client.serve()
+
+
+def state_version(binary: Path) -> str:
+    """What an engine binary must match to take sockets over (its kept records' layout)."""
+    try:
+        proc = subprocess.run([str(binary), "--state-version"], capture_output=True, text=True, timeout=10)
+    except OSError as e:
+        raise EngineError("state-version", "ENOEXEC", f"cannot run {binary}: {e}") from None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise EngineError(
+            "state-version", "ENOEXEC", f"{binary} does not say what socket state it keeps (--state-version)"
+        )
+    return proc.stdout.strip()
+
+
+def upgrade_engine(d: Daemon, binary: Path | None = None) -> dict[str, object]:
+    """Replace the running engine by `binary` (default: the installed one) without dropping a
+    connection: the old engine hands every socket, control connection and counter to the
+    daemon and ends; the new one takes them over. An incompatible binary is refused first,
+    and nothing stops."""
+    binary = Path(binary) if binary else engine_binary()
+    with d.lock:
+        old = d.engine
+        if old is None or old.poll() is not None:
+            raise EngineError("upgrade", "ESRCH", "no engine is running (see: netkernel status)")
+        theirs = state_version(binary)
+        ours = d.engine_client.request("state-version").value
+        if theirs != ours:
+            raise EngineError(
+                "upgrade",
+                "EPROTO",
+                f"{binary} keeps socket state version {theirs}, the running engine {ours}: it "
+                "cannot take the sockets over; nothing was changed (a restart would reset "
+                "every connection: netkernel down; netkernel up)",
+            )
+        started = time.monotonic()
+        d.engine = None  # its exit is ours, not a crash
+        d.keeper.handed_over.clear()
+        try:
+            sockets = int(d.engine_client.request("handover").value or 0)
+        except Exception:
+            d.engine = old
+            raise
+        try:
+            old.wait(10)
+        except subprocess.TimeoutExpired:
+            old.kill()
+            old.wait()
+        if d.keep_reader is not None:
+            d.keep_reader.join(10)  # every record the old engine wrote is here
+        handed = d.keeper.handed_over.is_set()
+        try:
+            restart_engine(d, binary)
+        except Exception as e:
+            d.engine_failed = f"the upgraded engine did not start: {e}"
+            log_event("engine_upgrade_failed", logging.ERROR, error=str(e), binary=str(binary))
+            _no_engine(d)
+            raise
+        pause = time.monotonic() - started
+    log_event(
+        "engine_upgraded",
+        pid=d.engine.pid if d.engine else None,
+        old_pid=old.pid,
+        binary=str(binary),
+        sockets=sockets,
+        complete=handed,
+        pause_ms=round(pause * 1000, 1),
+    )
+    return {
+        "pid": d.engine.pid if d.engine else None,
+        "old_pid": old.pid,
+        "sockets": sockets,
+        "pause_ms": round(pause * 1000, 1),
+    }
 
 
 def _no_engine(d: Daemon) -> None:
