@@ -119,8 +119,8 @@ static void ctl_close(struct nk_ctl *c) {
 }
 
 /* A live upgrade: each tenant's control connection goes to the next engine, requests queued on
- * it included (each was answered before this engine took the next). Refused ones are closed:
- * their processes learn EMFILE... by ENETDOWN, then connect again. */
+ * it included (each was answered before this engine took the next). A refused one is not: it
+ * closes with this engine, and its process's next request goes again on a new connection. */
 unsigned nk_control_hand_over(void) {
   unsigned n = 0;
   for (struct nk_ctl *c = ctls; c; c = c->next)

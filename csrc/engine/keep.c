@@ -88,11 +88,9 @@ static bool keep_send_wait(const char *line, const void *rec, size_t reclen, con
     struct pollfd p = {.fd = keep_fd, .events = POLLOUT};
     if (!wait || errno != EAGAIN || poll(&p, 1, 5000) != 1) break;
   }
-  {
-    NK_INFO("keep channel: '%.*s' not kept (%s): it will not outlive this engine", (int)(n - 1),
-            line, strerror(errno));
-    if (errno == EPIPE || errno == ECONNRESET) keep_fd = -1;
-  }
+  NK_INFO("keep channel: '%.*s' not kept (%s): it will not outlive this engine", (int)(n - 1), line,
+          strerror(errno));
+  if (errno == EPIPE || errno == ECONNRESET) keep_fd = -1;
   return false;
 }
 
@@ -133,8 +131,7 @@ void nk_keep_listener(struct nk_esock *es) {
   }
   char line[128];
   snprintf(line, sizeof(line), "listener %s %u %u\n", es->t->name, es->slot, es->gen);
-  keep_send(line, &k, sizeof(k), &es->proxy, 1);
-  es->kept = true;
+  es->kept = keep_send_wait(line, &k, sizeof(k), &es->proxy, 1, false) || es->kept;
 }
 
 void nk_keep_drop(struct nk_esock *es) {
