@@ -480,8 +480,10 @@ class Daemon:
             netns.kill_netns_processes([t.netns])
             try:
                 self.engine_client.tenant_del(name)
-            except EngineError as e:
-                log.warning("tenant %s: %s", name, e)  # gone from the engine is what we want
+            except NetKernelError as e:
+                # Gone from the engine is what we want; a dead engine's next one will not be
+                # given the tenant (nor its region: keeper.forget below).
+                log.warning("tenant %s: %s", name, e)
             if t.steered:
                 try:
                     steer.forget_tenant(BRIDGE, t.ipv4, t.ipv6)
