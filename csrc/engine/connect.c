@@ -3,6 +3,7 @@
  * shared-memory path to a listener on this host).
  */
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 
 #include "engine.h"
@@ -23,7 +24,7 @@ static uint16_t port_of(struct nk_esock *es, int k) {
 
 /* Binding maps the application's address onto the tenant's: a wildcard means the tenant's
  * addresses on its NSM plus its own loopback; loopback stays in the tenant's namespace. */
-int nk_sock_bind(struct nk_esock *es, const struct nk_addr *req) {
+static int bind_once(struct nk_esock *es, const struct nk_addr *req) {
   if (es->bound || es->ep_count) return -EINVAL;
   struct nk_tenant *t = es->t;
   struct nk_addr a = *req;
@@ -69,6 +70,34 @@ int nk_sock_bind(struct nk_esock *es, const struct nk_addr *req) {
   return 0;
 fail:
   nk_ep_close_all(es, false);
+  return r;
+}
+
+/* Listeners of t on port whose every guest reference is gone, their hang-up not seen yet, are
+ * closed now; true if there was one. Linux's close() frees a listener's port before it
+ * returns; here the engine learns of the close from the proxy's hang-up, in the same event
+ * batch as, or after, a bind that the program made right after it (iperf3 opens a new
+ * listener at once after a failed test, and exited on the EADDRINUSE: found by the soak). */
+static bool reap_closed_listeners(struct nk_tenant *t, uint16_t port) {
+  bool any = false;
+  for (uint32_t i = 0; i < t->hwm; i++) {
+    struct nk_esock *l = t->socks[i];
+    if (!l || l->kind != NK_KIND_LISTENER || l->closing || l->freed || l->proxy < 0 ||
+        l->bind_addr.port != port)
+      continue;
+    struct pollfd p = {.fd = l->proxy};
+    if (poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLERR))) {
+      nk_sock_proxy_event(l, EPOLLHUP);
+      any = true;
+    }
+  }
+  return any;
+}
+
+int nk_sock_bind(struct nk_esock *es, const struct nk_addr *req) {
+  int r = bind_once(es, req);
+  if (r == -EADDRINUSE && req->port && reap_closed_listeners(es->t, req->port))
+    r = bind_once(es, req);
   return r;
 }
 

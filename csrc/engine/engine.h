@@ -134,6 +134,12 @@ struct nk_nsm_type {
   bool (*poll)(struct nk_nsm *m); /* while the engine polls: true when it found work */
   void (*set_sleeping)(struct nk_nsm *m, bool v); /* the engine is about to sleep, or woke */
   void (*event)(struct nk_nsm *m, int which, uint32_t ev); /* its epoll handles (NK_H_NSM) */
+  /* A live upgrade (keep.c): give the next engine what it takes to go on serving m's sockets
+   * (nk_keep_nsm_out); false: its sockets are not handed over (they read as reset). Its init
+   * takes the record back (nk_keep_nsm_in); resume runs once every tenant and socket is
+   * back. NULL: its sockets are plain descriptors, handed over with them. */
+  bool (*hand_over)(struct nk_nsm *m);
+  void (*resume)(struct nk_nsm *m);
   struct nk_nsm_type *next;
 };
 void nk_nsm_register(struct nk_nsm_type *type);
@@ -147,7 +153,8 @@ struct nk_nsm {
   uint64_t bandwidth_bps;   /* the operator's figure for the uplink; 0 = not shared by weight */
   struct nk_bucket link[2]; /* what the engine lets through, per direction, when shared */
   uint64_t bytes[2];
-  void *priv; /* the kind's own state */
+  void *priv;       /* the kind's own state */
+  bool handed_over; /* a live upgrade gave its state to the next engine */
   struct nk_nsm *next;
 };
 extern const struct nk_ep_ops nk_kernel_ep_ops; /* also the tenant's loopback */
@@ -431,7 +438,7 @@ struct nk_kept_listener {
  * (hence esock_size: an engine built with another layout refuses it), with what its
  * pointers named, by name, and which descriptors came with it (fdmask, in NK_KEPT_FD_*
  * order). */
-enum { NK_KEPT_EP_NONE, NK_KEPT_EP_KERNEL, NK_KEPT_EP_SHM, NK_KEPT_EP_OTHER };
+enum { NK_KEPT_EP_NONE, NK_KEPT_EP_KERNEL, NK_KEPT_EP_SHM, NK_KEPT_EP_NSM, NK_KEPT_EP_OTHER };
 enum { NK_KEPT_FD_PROXY, NK_KEPT_FD_DIRECT, NK_KEPT_FD_PENDING, NK_KEPT_FD_EP };
 struct nk_kept_sock {
   uint32_t version, size, esock_size, fdmask;
@@ -444,13 +451,17 @@ struct nk_kept_sock {
   struct nk_esock es;
 };
 struct nk_kept_counters {
-  uint32_t version, pad;
+  uint32_t version, id; /* id: the tenant's, kept (an external NSM knows tenants by it) */
   uint64_t tx_bytes, rx_bytes, refused_sockets, refused_memory, rings_shrunk, region_trimmed;
   uint64_t dns_relayed, dns_dropped, cpu_total_ns, cpu_skips;
 };
 int nk_keep_handover(void); /* sockets handed over, or -errno */
 const char *nk_state_version(void);
 bool nk_keep_ctl(struct nk_tenant *t, int fd);
+bool nk_keep_nsm_out(struct nk_nsm *m, const void *rec, size_t len, const int *fds, int nfds);
+/* The record a kind's hand_over sent for m (malloc'd, the caller frees), or NULL. */
+void *nk_keep_nsm_in(const char *name, size_t *len, int *fds, int *nfds);
+uint32_t nk_keep_tenant_id(const char *name); /* the last engine's id for it, or 0 */
 void nk_keep_finish(void);
 int nk_keep_init(int fd);
 void nk_keep_region(struct nk_tenant *t);

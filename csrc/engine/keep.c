@@ -39,7 +39,7 @@
 static int keep_fd = -1;
 
 /* What the daemon handed back at start-up, taken as tenants are added again. */
-enum stash_kind { ST_REGION, ST_LISTENER, ST_SOCK, ST_CTL, ST_COUNTERS };
+enum stash_kind { ST_REGION, ST_LISTENER, ST_SOCK, ST_CTL, ST_COUNTERS, ST_NSM };
 struct stash {
   char tenant[64];
   enum stash_kind kind;
@@ -50,12 +50,15 @@ struct stash {
     struct nk_kept_sock sock;
     struct nk_kept_counters counters;
   } rec;
+  void *blob; /* ST_NSM: the kind's record */
+  size_t blob_len;
   struct stash *next;
 };
 
 static void stash_free(struct stash *s) {
   for (int i = 0; i < s->nfds; i++)
     if (s->fds[i] >= 0) close(s->fds[i]);
+  free(s->blob);
   free(s);
 }
 
@@ -70,7 +73,8 @@ struct peer_link {
 static struct peer_link *peer_links;
 static struct stash *stash;
 
-#define KEEP_MSG_MAX (sizeof(struct nk_kept_sock) + 160)
+#define KEEP_MSG_MAX 16384 /* a socket's record is about 5 KiB, an external NSM's about 9 */
+_Static_assert(sizeof(struct nk_kept_sock) + 160 <= KEEP_MSG_MAX, "a socket's record fits");
 
 /* wait: a handover, which the daemon reads as we write (else a full channel loses it). */
 static bool keep_send_wait(const char *line, const void *rec, size_t reclen, const int *fds,
@@ -147,8 +151,11 @@ void nk_keep_drop(struct nk_esock *es) {
 static uint8_t ep_kind(const struct nk_endpoint *e) {
   if (e->ops == &nk_kernel_ep_ops) return NK_KEPT_EP_KERNEL;
   if (e->ops == &nk_shm_ep_ops) return NK_KEPT_EP_SHM;
+  if (e->nsm && e->nsm->handed_over && e->ops == e->nsm->type->ep) return NK_KEPT_EP_NSM;
   return NK_KEPT_EP_OTHER;
 }
+
+static bool all_nsms_handed = true; /* an NSM that could not: closed ids may name sockets */
 
 /* A socket's record and descriptors; false when it cannot be handed over (an endpoint on an
  * external NSM: that stack resets its sockets when this engine goes, and the next engine
@@ -182,7 +189,7 @@ static bool hand_over_sock(struct nk_esock *es) {
       fds[n++] = e->fd;
     }
   }
-  if (es->ep_held) return false; /* an external NSM still holds a closed endpoint */
+  if (es->ep_held && !all_nsms_handed) return false; /* a closed endpoint an NSM still holds */
   if (es->opts) {
     k.nopts = es->opts->n;
     memcpy(k.opts, es->opts->o, sizeof(k.opts[0]) * (size_t)es->opts->n);
@@ -206,10 +213,21 @@ const char *nk_state_version(void) {
   return v;
 }
 
+bool nk_keep_nsm_out(struct nk_nsm *m, const void *rec, size_t len, const int *fds, int nfds) {
+  char line[96];
+  snprintf(line, sizeof(line), "nsm %s\n", m->name);
+  return keep_send_wait(line, rec, len, fds, nfds, true);
+}
+
 int nk_keep_handover(void) {
   if (keep_fd < 0) return -ENOTCONN;
   unsigned socks = 0, skipped = 0;
   char line[128];
+  /* The NSMs first: which of their sockets can go depends on whether they could. */
+  for (struct nk_nsm *m = engine.nsms; m; m = m->next) {
+    m->handed_over = m->type->hand_over && m->type->hand_over(m);
+    if (m->type->hand_over && !m->handed_over) all_nsms_handed = false;
+  }
   for (struct nk_tenant *t = engine.tenants; t; t = t->next) {
     for (uint32_t i = 0; i < t->hwm; i++) {
       struct nk_esock *es = t->socks[i];
@@ -218,6 +236,7 @@ int nk_keep_handover(void) {
       else skipped++;
     }
     struct nk_kept_counters c = {.version = NK_KEPT_VERSION,
+                                 .id = t->id,
                                  .tx_bytes = t->tx_bytes,
                                  .rx_bytes = t->rx_bytes,
                                  .refused_sockets = t->refused_sockets,
@@ -282,6 +301,10 @@ static int read_stash(void) {
       memcpy(&s->rec.sock, buf + head, body);
     } else if (sscanf(buf, "ctl %63s", s->tenant) == 1 && s->nfds == 1) {
       s->kind = ST_CTL;
+    } else if (sscanf(buf, "nsm %63s", s->tenant) == 1 && (s->blob = malloc(body ? body : 1))) {
+      s->kind = ST_NSM;
+      memcpy(s->blob, buf + head, body);
+      s->blob_len = body;
     } else if (sscanf(buf, "counters %63s", s->tenant) == 1 &&
                body == sizeof(struct nk_kept_counters)) {
       s->kind = ST_COUNTERS;
@@ -313,6 +336,25 @@ static struct stash *take(enum stash_kind kind, const char *name) {
     return s;
   }
   return NULL;
+}
+
+void *nk_keep_nsm_in(const char *name, size_t *len, int *fds, int *nfds) {
+  struct stash *s = take(ST_NSM, name);
+  if (!s) return NULL;
+  void *blob = s->blob;
+  *len = s->blob_len;
+  *nfds = s->nfds;
+  memcpy(fds, s->fds, sizeof(int) * (size_t)s->nfds);
+  free(s);
+  return blob;
+}
+
+uint32_t nk_keep_tenant_id(const char *name) {
+  for (struct stash *s = stash; s; s = s->next)
+    if (s->kind == ST_COUNTERS && !strcmp(s->tenant, name) &&
+        s->rec.counters.version == NK_KEPT_VERSION)
+      return s->rec.counters.id;
+  return 0;
 }
 
 /* The region and doorbell the daemon kept for tenant name (ownership passes), or false. */
@@ -423,8 +465,11 @@ static int restore_sock(struct nk_tenant *t, struct stash *st) {
     return -EINVAL;
   struct nk_nsm *nsms[NK_MAX_EP] = {0};
   for (int j = 0; j < o->ep_count; j++) {
-    if (k->ep_kind[j] != NK_KEPT_EP_KERNEL && k->ep_kind[j] != NK_KEPT_EP_SHM) return -EINVAL;
+    uint8_t kind = k->ep_kind[j];
+    if (kind != NK_KEPT_EP_KERNEL && kind != NK_KEPT_EP_SHM && kind != NK_KEPT_EP_NSM)
+      return -EINVAL;
     if (k->ep_nsm[j][0] && !(nsms[j] = nk_nsm_find(k->ep_nsm[j]))) return -ENOENT;
+    if (kind == NK_KEPT_EP_NSM && !nsms[j]) return -EINVAL;
   }
   struct nk_esock *es = malloc(sizeof(*es));
   if (!es) return -ENOMEM;
@@ -455,7 +500,9 @@ static int restore_sock(struct nk_tenant *t, struct stash *st) {
       *e = (struct nk_endpoint){.fd = -1, .id = NK_EXT_LOST, .h = e->h};
       continue;
     }
-    e->ops = k->ep_kind[j] == NK_KEPT_EP_KERNEL ? &nk_kernel_ep_ops : &nk_shm_ep_ops;
+    e->ops = k->ep_kind[j] == NK_KEPT_EP_KERNEL ? &nk_kernel_ep_ops
+             : k->ep_kind[j] == NK_KEPT_EP_SHM  ? &nk_shm_ep_ops
+                                                : nsms[j]->type->ep;
     e->nsm = nsms[j];
     e->fd = next_fd(st, k->fdmask, NK_KEPT_FD_EP + j, &at);
   }
@@ -493,7 +540,8 @@ static int restore_sock(struct nk_tenant *t, struct stash *st) {
     nk_epoll_add(es->proxy, EPOLLIN | (es->pending_listen_out ? EPOLLOUT : 0), &es->h_proxy);
   for (int j = 0; j < es->ep_count; j++) {
     struct nk_endpoint *e = &es->ep[j];
-    if (e->fd < 0 || !e->ops->watch) continue;
+    /* A kernel socket's events come by epoll; an NSM kind's watch learns the socket's ids. */
+    if (!e->ops->watch || (e->ops == &nk_kernel_ep_ops && e->fd < 0)) continue;
     if (es->kind == NK_KIND_LISTENER)
       e->ops->watch(es, j, nk_sock_accept_queue_full(es) ? 0 : EPOLLIN);
     else e->ops->watch(es, j, NK_EP_DATA_EVENTS);
@@ -549,6 +597,8 @@ void nk_keep_restore(struct nk_tenant *t) {
 /* Every tenant is back ("serve"): shared-memory pairs are joined again, the control
  * connections handed over are answered, and what no tenant took is let go. */
 void nk_keep_finish(void) {
+  for (struct nk_nsm *m = engine.nsms; m; m = m->next)
+    if (m->type->resume) m->type->resume(m);
   join_peers();
   while (peer_links) { /* peers that did not come: alone now, as after the peer's close */
     struct peer_link *l = peer_links;

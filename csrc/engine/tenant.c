@@ -250,17 +250,23 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
     r = -EBUSY; /* a tenant must have a namespace of its own */
     goto fail_ns;
   }
-  t->id = ++engine.next_tenant_id;
+  /* A live upgrade keeps a tenant's id (an external NSM names tenants by it). */
+  uint32_t kept_id = nk_keep_tenant_id(name);
+  for (struct nk_tenant *o = engine.tenants; o && kept_id; o = o->next)
+    if (o->id == kept_id) kept_id = 0;
+  t->id = kept_id ? kept_id : ++engine.next_tenant_id;
+  if (t->id > engine.next_tenant_id) engine.next_tenant_id = t->id;
   int kept_memfd = -1, kept_doorbell = -1;
   bool adopt = nk_keep_take_region(name, &kept_memfd, &kept_doorbell);
-  if ((r = region_create(t, kept_memfd)) < 0) {
-    if (adopt) {
-      /* Its processes keep the old region and doorbell: they cannot use this engine. */
-      NK_EVENT("region_not_adopted", "tenant=%s error=%s", name, strerrorname_np(-r));
-      close(kept_doorbell);
-    }
-    goto fail_ns;
+  if (adopt && (r = region_create(t, kept_memfd)) < 0) {
+    /* Made by an engine with another layout (NETKERNEL_SLOTS, NETKERNEL_RING_SIZE): a new
+     * one. The tenant's running processes keep the old region and cannot use this engine;
+     * the tenant stays, for processes started from now on. */
+    NK_EVENT("region_not_adopted", "tenant=%s error=%s", name, strerrorname_np(-r));
+    close(kept_doorbell);
+    adopt = false;
   }
+  if (!adopt && (r = region_create(t, -1)) < 0) goto fail_ns;
   t->socks = calloc(t->nslots, sizeof(*t->socks));
   t->free_stack = calloc(t->nslots, sizeof(*t->free_stack));
   if (!t->socks || !t->free_stack) {

@@ -56,7 +56,9 @@ struct nk_ext {
   size_t ncloses, closes_cap;
   uint32_t tenants[MAX_TENANTS_SEEN]; /* ids whose region the NSM has */
   uint32_t ntenants;
-  bool broken; /* broke the protocol or timed out inside a call: taken down at the next poll */
+  bool broken;   /* broke the protocol or timed out inside a call: taken down at the next poll */
+  bool resuming; /* taken over from the last engine: its events wait until every socket is back */
+  struct ext_kept *kept; /* while resuming */
 };
 
 static const struct nk_ep_ops ext_ep_ops;
@@ -521,7 +523,7 @@ static bool handle(struct nk_ext *x, const struct nk_nqe *e) {
 }
 
 static bool ext_poll(struct nk_ext *x) {
-  if (!up(x)) return false;
+  if (!up(x) || x->resuming) return false;
   if (x->broken) {
     ext_down(x, "protocol error or no answer");
     return true;
@@ -712,6 +714,118 @@ static void ext_event(struct nk_nsm *m, int which, uint32_t ev) {
   }
 }
 
+/* ---- a live upgrade: the NSM process stays connected, to the next engine ---- */
+
+/* What the next engine needs besides the sockets (which carry their ids): the process's
+ * connection, queues and doorbells (the daemon keeps them open, so the process sees nothing),
+ * the tenants it was given, the request tag, and the ids being closed (their sockets named by
+ * tenant, slot and generation). Bounded: an NSM with more in flight is not handed over (its
+ * sockets then read as reset, as when the process dies). */
+#define KEPT_TENANTS 256
+#define KEPT_CLOSING 64
+#define KEPT_CLOSES  32
+struct ext_kept {
+  uint32_t version, size;
+  uint32_t tag, connects, ntenants, nclosing, ncloses;
+  uint32_t tenants[KEPT_TENANTS];
+  struct {
+    uint32_t id, slot, gen;
+    char tenant[64]; /* "" when its socket is gone already */
+  } closing[KEPT_CLOSING];
+  struct nk_nqe closes[KEPT_CLOSES];
+};
+
+static bool ext_hand_over(struct nk_nsm *m) {
+  struct nk_ext *x = m->priv;
+  if (!up(x) || x->broken || x->ntenants > KEPT_TENANTS || x->ncloses > KEPT_CLOSES) return false;
+  static struct ext_kept k;
+  memset(&k, 0, sizeof(k));
+  k.version = NK_KEPT_VERSION;
+  k.size = sizeof(k);
+  k.tag = x->tag;
+  k.connects = x->connects;
+  k.ntenants = x->ntenants;
+  memcpy(k.tenants, x->tenants, sizeof(k.tenants[0]) * x->ntenants);
+  k.ncloses = (uint32_t)x->ncloses;
+  memcpy(k.closes, x->closes, sizeof(k.closes[0]) * x->ncloses);
+  for (uint32_t id = 0; id < NK_SL_MAX_SOCKS; id++) {
+    struct ext_ref *r = &x->ref[id];
+    if (r->state != REF_CLOSING) continue;
+    if (k.nclosing == KEPT_CLOSING) return false;
+    k.closing[k.nclosing].id = id;
+    if (r->es) {
+      snprintf(k.closing[k.nclosing].tenant, 64, "%s", r->es->t->name);
+      k.closing[k.nclosing].slot = r->es->slot;
+      k.closing[k.nclosing].gen = r->es->gen;
+    }
+    k.nclosing++;
+  }
+  int fds[4] = {x->cfd, x->shfd, x->nsm_bell, x->engine_bell};
+  return nk_keep_nsm_out(m, &k, sizeof(k), fds, 4);
+}
+
+/* In init: the process, queues and doorbells the last engine handed over, if any. */
+static bool ext_take_over(struct nk_ext *x) {
+  size_t len;
+  int fds[NK_FDPASS_MAX], nfds = 0;
+  struct ext_kept *k = nk_keep_nsm_in(x->m->name, &len, fds, &nfds);
+  if (!k) return false;
+  void *sh = MAP_FAILED;
+  bool ok = nfds == 4 && len == sizeof(*k) && k->version == NK_KEPT_VERSION &&
+            k->size == sizeof(*k) && k->ntenants <= KEPT_TENANTS && k->nclosing <= KEPT_CLOSING &&
+            k->ncloses <= KEPT_CLOSES;
+  if (ok)
+    sh = mmap(NULL, sizeof(struct nk_sl_shared), PROT_READ | PROT_WRITE, MAP_SHARED, fds[1], 0);
+  if (!ok || sh == MAP_FAILED) {
+    NK_INFO("nsm %s: what the last engine handed over is unusable: its process starts over",
+            x->m->name);
+    for (int i = 0; i < nfds; i++) close(fds[i]);
+    free(k);
+    return false;
+  }
+  x->cfd = fds[0];
+  x->shfd = fds[1];
+  x->nsm_bell = fds[2];
+  x->engine_bell = fds[3];
+  x->sh = sh;
+  x->tag = k->tag;
+  x->connects = k->connects;
+  x->ntenants = k->ntenants;
+  memcpy(x->tenants, k->tenants, sizeof(k->tenants[0]) * k->ntenants);
+  for (uint32_t i = 0; i < k->ncloses; i++) post_close(x, k->closes[i].sock, k->closes[i].arg);
+  for (uint32_t i = 0; i < k->nclosing; i++) {
+    uint32_t id = k->closing[i].id;
+    if (id >= NK_SL_MAX_SOCKS) continue;
+    x->ref[id] = (struct ext_ref){.state = REF_CLOSING};
+  }
+  x->kept = k; /* the closing ids' sockets are named once they are back (ext_resume) */
+  x->resuming = true;
+  NK_EVENT("nsm_taken_over", "nsm=%s tenants=%u closing=%u", x->m->name, k->ntenants, k->nclosing);
+  return true;
+}
+
+/* Every tenant and socket is back: the closing ids find their sockets, and the process's
+ * events are read again. */
+static void ext_resume(struct nk_nsm *m) {
+  struct nk_ext *x = m->priv;
+  if (!x || !x->resuming) return;
+  struct ext_kept *k = x->kept;
+  for (uint32_t i = 0; k && i < k->nclosing; i++) {
+    uint32_t id = k->closing[i].id;
+    if (id >= NK_SL_MAX_SOCKS || !k->closing[i].tenant[0]) continue;
+    k->closing[i].tenant[63] = 0;
+    struct nk_tenant *t = nk_tenant_find(k->closing[i].tenant);
+    struct nk_esock *es = t ? nk_esock_get(t, k->closing[i].slot, k->closing[i].gen) : NULL;
+    if (es && es->ep_held) x->ref[id].es = es; /* its ep_held came with it */
+  }
+  free(k);
+  x->kept = NULL;
+  x->resuming = false;
+  nk_epoll_add(x->cfd, EPOLLRDHUP, &x->h_ctl);
+  nk_epoll_add(x->engine_bell, EPOLLIN, &x->h_bell);
+  ext_poll(x);
+}
+
 /* "external:PATH": the NSM process connects to the engine at PATH. */
 static int ext_init(struct nk_nsm *m, const char *path) {
   if (!path) return -EINVAL;
@@ -739,6 +853,7 @@ static int ext_init(struct nk_nsm *m, const char *path) {
   x->h_bell = (struct nk_handle){NK_H_NSM, H_BELL, m};
   nk_epoll_add(x->lfd, EPOLLIN, &x->h_listen);
   m->priv = x;
+  ext_take_over(x);
   return 0;
 }
 
@@ -750,6 +865,7 @@ static void ext_fini(struct nk_nsm *m) {
   close(x->lfd);
   unlink(x->path);
   free(x->closes);
+  free(x->kept);
   free(x->ref);
   free(x);
   m->priv = NULL;
@@ -795,5 +911,7 @@ static struct nk_nsm_type external_type = {
     .poll = ext_poll_nsm,
     .set_sleeping = ext_set_sleeping,
     .event = ext_event,
+    .hand_over = ext_hand_over,
+    .resume = ext_resume,
 };
 NK_NSM_TYPE(external_type)

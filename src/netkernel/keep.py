@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .daemon_log import log
 
-MAX_MESSAGE = 16384  # a handed-over socket's record is about 5 KiB (struct nk_kept_sock)
+MAX_MESSAGE = 32768  # records: a socket's about 5 KiB, an external NSM's about 8 (keep.c)
 MAX_FDS = 10  # NK_FDPASS_MAX: a socket's proxy, direct and pending ends and six endpoints
 
 
@@ -40,8 +40,9 @@ class Keeper:
         self._lock = threading.Lock()
         self._regions: dict[str, _Kept] = {}
         self._listeners: dict[tuple[str, int, int], _Kept] = {}
-        # A live upgrade's (supervise.upgrade_engine): every socket, control connection and
-        # tenant's counters of the engine that handed over, for the next one only.
+        # A live upgrade's (supervise.upgrade_engine): every socket, control connection,
+        # tenant's counters and external NSM's state of the engine that handed over, for the
+        # next one only (an NSM's is keyed by its name where a tenant's is).
         self._handover: list[tuple[str, _Kept]] = []
         self.handed_over = threading.Event()
 
@@ -93,7 +94,7 @@ class Keeper:
             return
         tenant = words[1]
         with self._lock:
-            if kind in ("sock", "ctl", "counters"):
+            if kind in ("sock", "ctl", "counters", "nsm"):
                 self._handover.append((tenant, _Kept(data, fds)))
                 return
             if kind == "region" and len(fds) == 2:

@@ -157,6 +157,121 @@ def test_upgrade_on_the_shared_memory_path(tenant: Any) -> None:
         stop(server)
 
 
+@pytest.mark.parametrize("direction", ["tenant-sends", "tenant-receives"])
+def test_upgrade_with_a_tenant_on_lwip(direction: str, tenant: Any, peer_ns: Any) -> None:
+    """The lwIP process stays connected through the upgrade (the daemon holds its connection,
+    queues and doorbells for the next engine): its connections carry on, it is not restarted."""
+    name = f"lw{uname('x')[-6:]}"
+    r = nk("nsm", "add", name, "--type", "lwip")
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        t = tenant(uname("uplw"), name)
+        peer = peer_ns()
+        size = 512 << 20
+        peer_dir, tenant_dir = ("recv", "send") if direction == "tenant-sends" else ("send", "recv")
+        server = peer.popen(
+            [PY, "-u", str(BULK), "listen", "0.0.0.0", "7521", peer_dir, str(size)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_line(server, r"^READY")
+            lwip = subprocess.run(
+                ["pgrep", "-f", f"nsm-{name}.sock"], capture_output=True, text=True
+            ).stdout.split()
+            client = t.popen(
+                [PY, str(BULK), "connect", peer.ipv4, "7521", tenant_dir, str(size)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            pauses = upgrades_during(client, 2, every=0.5)
+            c_out, c_err = client.communicate(timeout=300)
+            assert client.returncode == 0, describe(client, c_out, c_err)
+            s_out, s_err = server.communicate(timeout=60)
+            assert server.returncode == 0, describe(server, s_out, s_err)
+            assert done(c_out) == done(s_out.decode()) and done(c_out)[1] == size
+            now = subprocess.run(
+                ["pgrep", "-f", f"nsm-{name}.sock"], capture_output=True, text=True
+            ).stdout.split()
+            assert lwip and lwip == now, (lwip, now)
+            print(f"lwIP transfer across upgrades, pauses {pauses} ms")
+        finally:
+            stop(server)
+    finally:
+        for tn in json.loads(nk("ps", "--json").stdout)["tenants"]:
+            if tn["nsm"] == name:
+                nk("tenant", "delete", tn["name"])
+        nk("nsm", "remove", name)
+
+
+# Connects, sends 4 KiB, reads them back, closes, for DURATION seconds; prints a JSON summary.
+CONNECT_LOOP = """
+import errno, json, socket, sys, time
+host, port, duration = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+out = {"ok": 0, "errors": {}}
+payload = bytes(range(256)) * 16
+end = time.monotonic() + duration
+while time.monotonic() < end:
+    try:
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                d = s.recv(65536)
+                if not d:
+                    raise ConnectionError(errno.ECONNRESET, "early EOF")
+                got += d
+            assert got == payload
+        out["ok"] += 1
+    except OSError as e:
+        name = errno.errorcode.get(e.errno, str(e)) if e.errno else type(e).__name__
+        out["errors"][name] = out["errors"].get(name, 0) + 1
+print(json.dumps(out), flush=True)
+"""
+
+ECHO = """
+import socket, sys, threading
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=256, reuse_port=False)
+def serve(c):
+    with c:
+        while d := c.recv(65536):
+            c.sendall(d)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def test_connections_made_during_upgrades_succeed(tenant: Any, peer_ns: Any) -> None:
+    """New connections both ways, back to back, while the engine is replaced twice: none
+    fails (a connect waits in the kernel's backlog or the control socket's queue)."""
+    t = tenant(uname("upgcx"))
+    peer = peer_ns()
+    echo_peer = peer.popen([PY, "-c", ECHO, "7511"])
+    echo_tenant = t.popen([PY, "-c", ECHO, "7512"])
+    try:
+        wait_port(peer, peer.ipv4, 7511)
+        wait_port(peer, t.ipv4, 7512)
+        loops = [
+            t.popen([PY, "-c", CONNECT_LOOP, peer.ipv4, "7511", "4"], stdout=subprocess.PIPE, text=True),
+            peer.popen([PY, "-c", CONNECT_LOOP, t.ipv4, "7512", "4"], stdout=subprocess.PIPE, text=True),
+        ]
+        time.sleep(1.0)
+        pauses = [upgrade()]
+        time.sleep(1.0)
+        pauses.append(upgrade())
+        for p in loops:
+            out, _ = p.communicate(timeout=120)
+            res = json.loads(out)
+            print(f"connect loop across upgrades (pauses {pauses} ms): {res}")
+            assert res["ok"] > 0 and not res["errors"], res
+    finally:
+        for p in (echo_peer, echo_tenant):
+            p.kill()
+            p.wait()
+
+
 def test_an_incompatible_engine_is_refused(tenant: Any, peer_ns: Any, tmp_path: Path) -> None:
     fake = tmp_path / "netkernel-engine"
     fake.write_text("#!/bin/sh\necho 999/1/1\n")
