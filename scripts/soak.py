@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netkernel.bench.workloads import redis_server
+
 NK = [sys.executable, "-m", "netkernel"]
 PY = "/usr/bin/python3"
 ENGINE_PID = Path("/run/netkernel/engine.pid")
@@ -119,6 +121,8 @@ class Soak:
         self.stop = threading.Event()
         # Kills: (monotonic time, the workloads they cut: None for all, the engine's).
         self.kills: list[tuple[float, set[str] | None]] = []
+        self.t0 = time.monotonic()
+        self.fault_log: list[tuple[float, str]] = []  # (monotonic time, what) of every fault
         self.faults: dict[str, int] = {
             "engine_killed": 0,
             "engine_upgraded": 0,
@@ -152,7 +156,9 @@ class Soak:
                 s.cut += 1
             else:
                 s.unexpected += 1
-                s.errors.append(why[:300])
+                # When, against the faults' times, for whoever looks into it.
+                near = ", ".join(f"{what} {at - time.monotonic():+.1f}s" for at, what in self.fault_log[-3:])
+                s.errors.append(f"[t={started - self.t0:.1f}s; last faults: {near or 'none'}] {why}"[:400])
 
     def hung(self, name: str, what: str) -> None:
         with self.lock:
@@ -309,6 +315,8 @@ class Soak:
             self.fault(what)
 
     def fault(self, what: str) -> None:
+        with self.lock:
+            self.fault_log.append((time.monotonic(), what))
         if what == "engine_kill":
             with self.lock:
                 self.kills.append((time.monotonic(), None))
@@ -431,18 +439,7 @@ class Soak:
                 stderr=subprocess.DEVNULL,
             )
         )
-        self.serve(
-            rds,
-            "redis-server",
-            "--port",
-            "6379",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        )
+        self.serve(rds, *redis_server(6379))
         self.serve(ipf, "iperf3", "-s")
         for host, port in ((self.web_ip, 80), (self.redis_ip, 6379), (self.iperf_ip, 5201)):
             self.wait_port(host, port)

@@ -110,6 +110,16 @@ def nk_daemon() -> Iterator[Daemon]:
     assert died == 0, f"the engine died {died} time(s) during the session (see the daemon's log)"
 
 
+@pytest.fixture(scope="module")
+def fresh_daemon_after(nk_daemon: Daemon) -> Iterator[None]:
+    """For tests that kill the engine on purpose: the session's check that it never died,
+    and the tests after them, get a fresh daemon."""
+    yield
+    nk("down")
+    proc = nk("up")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def engine_restarts() -> int:
     """How often the daemon restarted a dead engine (0 when it never died); -1: no daemon."""
     proc = nk("status", "--json")

@@ -20,14 +20,17 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import TENANT_PY, nk, wait_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "apps"))
 
 HERE = Path(__file__).resolve().parent
 SINK = HERE / "progs" / "sink.py"
@@ -61,64 +64,9 @@ for i in range(100):
         time.sleep(0.1)
 """
 
-# Connects, sends 4 KiB, reads them back, closes, for DURATION seconds; prints a JSON summary
-# of what each attempt ended with. Every attempt is bounded: a hang shows as a timeout.
-CONNECT_LOOP = """
-import errno, json, socket, sys, time
-host, port, duration = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-out = {"ok": 0, "errors": {}, "ok_last_2s": 0}
-payload = bytes(range(256)) * 16
-end = time.monotonic() + duration
-while time.monotonic() < end:
-    try:
-        with socket.create_connection((host, port), timeout=10) as s:
-            s.sendall(payload)
-            got = b""
-            while len(got) < len(payload):
-                d = s.recv(65536)
-                if not d:
-                    raise ConnectionError(errno.ECONNRESET, "early EOF")
-                got += d
-            assert got == payload
-        out["ok"] += 1
-        if end - time.monotonic() < 2:
-            out["ok_last_2s"] += 1
-    except OSError as e:
-        name = errno.errorcode.get(e.errno, str(e)) if e.errno else type(e).__name__
-        out["errors"][name] = out["errors"].get(name, 0) + 1
-print(json.dumps(out), flush=True)
-"""
-
-ECHO = """
-import socket, sys, threading
-srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", int(sys.argv[1])))
-srv.listen(256)
-def serve(c):
-    try:
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            c.sendall(d)
-    except OSError:
-        pass
-    c.close()
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_daemon_after(nk_daemon: Any) -> Iterator[None]:
-    """These tests kill the engine on purpose: the session's check that it never died (and
-    the tests after these) get a fresh daemon."""
-    yield
-    nk("down")
-    proc = nk("up")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+CONNECT_LOOP = HERE / "progs" / "connect_loop.py"
+ECHO = HERE / "progs" / "echo.py"
+pytestmark = pytest.mark.usefixtures("fresh_daemon_after")  # the engine is killed on purpose
 
 
 def kill_engine() -> tuple[int, float]:
@@ -208,54 +156,19 @@ def test_engine_killed_during_a_1gib_transfer(nk_daemon: Any, tenant: Any, peer_
             p.wait()
 
 
-NGINX_CONF = """\
-worker_processes 2;
-daemon off;
-master_process on;
-user root;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ use epoll; worker_connections 1024; }}
-http {{
-    access_log off;
-    sendfile on;
-    client_body_temp_path {d}/tmp/body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
-    default_type application/octet-stream;
-    server {{
-        listen 80 reuseport;
-        listen [::]:80;
-        root {d}/www;
-    }}
-}}
-"""
-
-
 def test_nginx_serves_again_after_engine_death(
     nk_daemon: Any, tenant: Any, peer_ns: Any, nk_tmpdir: Path
 ) -> None:
+    from test_nginx import Nginx  # noqa: PLC0415 (tests/apps, on the path below)
+
     t = tenant(f"ngx{uuid.uuid4().hex[:6]}")
     peer = peer_ns()
-    d = nk_tmpdir
-    (d / "tmp").mkdir()
-    (d / "www").mkdir()
-    (d / "www").chmod(0o755)
-    small = os.urandom(1024)
-    (d / "www" / "1k.bin").write_bytes(small)
+    ng = Nginx(t, nk_tmpdir)  # 2 workers, epoll, sendfile; www/1k.bin and more
+    small = (nk_tmpdir / "www" / "1k.bin").read_bytes()
     body = os.urandom(32 << 20)
-    (d / "www" / "32m.bin").write_bytes(body)
+    (nk_tmpdir / "www" / "32m.bin").write_bytes(body)
     want = hashlib.sha256(body).hexdigest()
-    (d / "nginx.conf").write_text(NGINX_CONF.format(d=d))
-    t.grant(d)
-    ng = t.popen(
-        ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    ng.start()
     url = f"http://{t.ipv4}/32m.bin"
     try:
         wait_port(peer, t.ipv4, 80, timeout=20)
@@ -295,7 +208,7 @@ def test_nginx_serves_again_after_engine_death(
             f"nginx served again {served_s:.3f}s later"
         )
         assert whole < 64, "the engine's death must have cut the requests under way"
-        assert ng.poll() is None, "nginx must not have died"
+        assert ng.proc is not None and ng.proc.poll() is None, "nginx must not have died"
         for u in (url, f"http://[{t.ipv6}]/32m.bin"):
             r = peer.run(["curl", "-sS", "--max-time", "20", "-g", u], capture_output=True, timeout=60)
             assert r.returncode == 0 and hashlib.sha256(r.stdout).hexdigest() == want, r.stderr
@@ -309,24 +222,17 @@ def test_nginx_serves_again_after_engine_death(
         assert w.returncode == 0 and "Socket errors" not in w.stdout and "Non-2xx" not in w.stdout, w.stdout
         assert wait_new_engine(old) != old
     finally:
-        ng.send_signal(signal.SIGTERM)
-        try:
-            ng.wait(15)
-        except subprocess.TimeoutExpired:
-            ng.kill()
-            ng.wait()
+        ng.stop()
 
 
 def test_connection_setup_during_engine_death(nk_daemon: Any, tenant: Any, peer_ns: Any) -> None:
     t = tenant(f"cnx{uuid.uuid4().hex[:6]}")
     peer = peer_ns()
-    echo = peer.popen([TENANT_PY, "-c", ECHO, "7301"])
+    echo = peer.popen([TENANT_PY, str(ECHO), "7301"])
     try:
         wait_port(peer, peer.ipv4, 7301)
         loops = [
-            t.popen(
-                [TENANT_PY, "-c", CONNECT_LOOP, peer.ipv4, "7301", "6"], stdout=subprocess.PIPE, text=True
-            )
+            t.popen([TENANT_PY, str(CONNECT_LOOP), peer.ipv4, "7301", "6"], stdout=subprocess.PIPE, text=True)
             for _ in range(2)
         ]
         time.sleep(2.0)
@@ -353,11 +259,11 @@ def test_tenant_on_lwip_carries_on(nk_daemon: Any, tenant: Callable[..., Any], p
     try:
         t = tenant(f"lwt{uuid.uuid4().hex[:6]}", name)
         peer = peer_ns()
-        echo = peer.popen([TENANT_PY, "-c", ECHO, "7401"])
+        echo = peer.popen([TENANT_PY, str(ECHO), "7401"])
         try:
             wait_port(peer, peer.ipv4, 7401)
             before = t.run(
-                [TENANT_PY, "-c", CONNECT_LOOP, peer.ipv4, "7401", "1"],
+                [TENANT_PY, str(CONNECT_LOOP), peer.ipv4, "7401", "1"],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -373,7 +279,7 @@ def test_tenant_on_lwip_carries_on(nk_daemon: Any, tenant: Callable[..., Any], p
             deadline = time.monotonic() + 20
             while True:
                 r = t.run(
-                    [TENANT_PY, "-c", CONNECT_LOOP, peer.ipv4, "7401", "1"],
+                    [TENANT_PY, str(CONNECT_LOOP), peer.ipv4, "7401", "1"],
                     capture_output=True,
                     text=True,
                     timeout=60,

@@ -30,6 +30,7 @@ from apputil import PROGS, PY, describe, stop, uname, wait_line  # noqa: E402
 from conftest import nk, wait_port  # noqa: E402
 
 GIB = 1 << 30
+PROGS_HERE = Path(__file__).resolve().parent / "progs"
 BULK = PROGS / "bulk.py"
 
 
@@ -73,35 +74,46 @@ def upgrades_during(proc: subprocess.Popen[Any], times: int, every: float = 0.4)
     return pauses
 
 
-@pytest.mark.parametrize("direction", ["tenant-sends", "tenant-receives"])
-def test_upgrade_during_1gib_transfer(direction: str, tenant: Any, peer_ns: Any) -> None:
-    t = tenant(uname("upg"))
-    peer = peer_ns()
-    peer_dir, tenant_dir = ("recv", "send") if direction == "tenant-sends" else ("send", "recv")
-    server = peer.popen(
-        [PY, "-u", str(BULK), "listen", "0.0.0.0", "7501", peer_dir, str(GIB)],
+def bulk_across_upgrades(
+    server_at: Any, host: str, server_dir: str, client_at: Any, port: int, size: int, every: float = 0.4
+) -> list[float]:
+    """size bytes between bulk.py listening in server_at (on host) and connecting from
+    client_at, the engine upgraded while it runs; both ends' sha256 must agree."""
+    client_dir = "send" if server_dir == "recv" else "recv"
+    server = server_at.popen(
+        [PY, "-u", str(BULK), "listen", host, str(port), server_dir, str(size)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     try:
         wait_line(server, r"^READY")
-        client = t.popen(
-            [PY, str(BULK), "connect", peer.ipv4, "7501", tenant_dir, str(GIB)],
+        client = client_at.popen(
+            [PY, str(BULK), "connect", server_at.ipv4, str(port), client_dir, str(size)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        old = status()["engine_pid"]
-        pauses = upgrades_during(client, 2)
+        pauses = upgrades_during(client, 2, every)
         c_out, c_err = client.communicate(timeout=300)
         assert client.returncode == 0, describe(client, c_out, c_err)
         s_out, s_err = server.communicate(timeout=60)
         assert server.returncode == 0, describe(server, s_out, s_err)
-        assert done(c_out) == done(s_out.decode()) and done(c_out)[1] == GIB
-        assert status()["engine_pid"] != old
-        print(f"pauses: {pauses} ms")
+        assert done(c_out) == done(s_out.decode()) and done(c_out)[1] == size
+        return pauses
     finally:
         stop(server)
+
+
+@pytest.mark.parametrize("direction", ["tenant-sends", "tenant-receives"])
+def test_upgrade_during_1gib_transfer(direction: str, tenant: Any, peer_ns: Any) -> None:
+    t = tenant(uname("upg"))
+    peer = peer_ns()
+    old = status()["engine_pid"]
+    pauses = bulk_across_upgrades(
+        peer, "0.0.0.0", "recv" if direction == "tenant-sends" else "send", t, 7501, GIB
+    )
+    assert status()["engine_pid"] != old
+    print(f"pauses: {pauses} ms")
 
 
 def test_upgrade_under_wrk_against_nginx(tenant: Any, peer_ns: Any, nk_tmpdir: Path) -> None:
@@ -131,30 +143,22 @@ def test_upgrade_under_wrk_against_nginx(tenant: Any, peer_ns: Any, nk_tmpdir: P
 
 def test_upgrade_on_the_shared_memory_path(tenant: Any) -> None:
     a, b = tenant(uname("upsa")), tenant(uname("upsb"))
-    server = b.popen(
-        [PY, "-u", str(BULK), "listen", b.ipv4, "7502", "recv", str(GIB)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_line(server, r"^READY")
-        client = a.popen(
-            [PY, str(BULK), "connect", b.ipv4, "7502", "send", str(GIB)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        time.sleep(0.5)
-        paths = {c["path"] for c in json.loads(nk("conns", "--tenant", a.name, "--json").stdout)["conns"]}
-        assert "shm" in paths, paths
-        upgrades_during(client, 2, every=0.3)
-        c_out, c_err = client.communicate(timeout=300)
-        assert client.returncode == 0, describe(client, c_out, c_err)
-        s_out, s_err = server.communicate(timeout=60)
-        assert server.returncode == 0, describe(server, s_out, s_err)
-        assert done(c_out) == done(s_out.decode()) and done(c_out)[1] == GIB
-    finally:
-        stop(server)
+    seen: set[str] = set()
+
+    def paths() -> None:  # once the connection is up: it must be on the shm path
+        for _ in range(20):
+            time.sleep(0.1)
+            r = nk("conns", "--tenant", a.name, "--json")
+            if r.returncode == 0:  # (not while an upgrade holds the engine)
+                seen.update(c["path"] for c in json.loads(r.stdout)["conns"])
+            if "shm" in seen:
+                return
+
+    probe = threading.Thread(target=paths)
+    probe.start()
+    bulk_across_upgrades(b, b.ipv4, "recv", a, 7502, GIB, every=0.3)
+    probe.join()
+    assert "shm" in seen, seen
 
 
 @pytest.mark.parametrize("direction", ["tenant-sends", "tenant-receives"])
@@ -167,37 +171,16 @@ def test_upgrade_with_a_tenant_on_lwip(direction: str, tenant: Any, peer_ns: Any
     try:
         t = tenant(uname("uplw"), name)
         peer = peer_ns()
-        size = 512 << 20
-        peer_dir, tenant_dir = ("recv", "send") if direction == "tenant-sends" else ("send", "recv")
-        server = peer.popen(
-            [PY, "-u", str(BULK), "listen", "0.0.0.0", "7521", peer_dir, str(size)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            wait_line(server, r"^READY")
-            lwip = subprocess.run(
-                ["pgrep", "-f", f"nsm-{name}.sock"], capture_output=True, text=True
-            ).stdout.split()
-            client = t.popen(
-                [PY, str(BULK), "connect", peer.ipv4, "7521", tenant_dir, str(size)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            pauses = upgrades_during(client, 2, every=0.5)
-            c_out, c_err = client.communicate(timeout=300)
-            assert client.returncode == 0, describe(client, c_out, c_err)
-            s_out, s_err = server.communicate(timeout=60)
-            assert server.returncode == 0, describe(server, s_out, s_err)
-            assert done(c_out) == done(s_out.decode()) and done(c_out)[1] == size
-            now = subprocess.run(
-                ["pgrep", "-f", f"nsm-{name}.sock"], capture_output=True, text=True
-            ).stdout.split()
-            assert lwip and lwip == now, (lwip, now)
-            print(f"lwIP transfer across upgrades, pauses {pauses} ms")
-        finally:
-            stop(server)
+        lwip = subprocess.run(
+            ["pgrep", "-f", f"nsm-{name}.sock"], capture_output=True, text=True
+        ).stdout.split()
+        server_dir = "recv" if direction == "tenant-sends" else "send"
+        pauses = bulk_across_upgrades(peer, "0.0.0.0", server_dir, t, 7521, 512 << 20, every=0.5)
+        now = subprocess.run(
+            ["pgrep", "-f", f"nsm-{name}.sock"], capture_output=True, text=True
+        ).stdout.split()
+        assert lwip and lwip == now, (lwip, now)
+        print(f"lwIP transfer across upgrades, pauses {pauses} ms")
     finally:
         for tn in json.loads(nk("ps", "--json").stdout)["tenants"]:
             if tn["nsm"] == name:
@@ -205,57 +188,27 @@ def test_upgrade_with_a_tenant_on_lwip(direction: str, tenant: Any, peer_ns: Any
         nk("nsm", "remove", name)
 
 
-# Connects, sends 4 KiB, reads them back, closes, for DURATION seconds; prints a JSON summary.
-CONNECT_LOOP = """
-import errno, json, socket, sys, time
-host, port, duration = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-out = {"ok": 0, "errors": {}}
-payload = bytes(range(256)) * 16
-end = time.monotonic() + duration
-while time.monotonic() < end:
-    try:
-        with socket.create_connection((host, port), timeout=10) as s:
-            s.sendall(payload)
-            got = b""
-            while len(got) < len(payload):
-                d = s.recv(65536)
-                if not d:
-                    raise ConnectionError(errno.ECONNRESET, "early EOF")
-                got += d
-            assert got == payload
-        out["ok"] += 1
-    except OSError as e:
-        name = errno.errorcode.get(e.errno, str(e)) if e.errno else type(e).__name__
-        out["errors"][name] = out["errors"].get(name, 0) + 1
-print(json.dumps(out), flush=True)
-"""
-
-ECHO = """
-import socket, sys, threading
-srv = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=256, reuse_port=False)
-def serve(c):
-    with c:
-        while d := c.recv(65536):
-            c.sendall(d)
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-
-
 def test_connections_made_during_upgrades_succeed(tenant: Any, peer_ns: Any) -> None:
     """New connections both ways, back to back, while the engine is replaced twice: none
     fails (a connect waits in the kernel's backlog or the control socket's queue)."""
     t = tenant(uname("upgcx"))
     peer = peer_ns()
-    echo_peer = peer.popen([PY, "-c", ECHO, "7511"])
-    echo_tenant = t.popen([PY, "-c", ECHO, "7512"])
+    echo_peer = peer.popen([PY, str(PROGS_HERE / "echo.py"), "7511"])
+    echo_tenant = t.popen([PY, str(PROGS_HERE / "echo.py"), "7512"])
     try:
         wait_port(peer, peer.ipv4, 7511)
         wait_port(peer, t.ipv4, 7512)
         loops = [
-            t.popen([PY, "-c", CONNECT_LOOP, peer.ipv4, "7511", "4"], stdout=subprocess.PIPE, text=True),
-            peer.popen([PY, "-c", CONNECT_LOOP, t.ipv4, "7512", "4"], stdout=subprocess.PIPE, text=True),
+            t.popen(
+                [PY, str(PROGS_HERE / "connect_loop.py"), peer.ipv4, "7511", "4"],
+                stdout=subprocess.PIPE,
+                text=True,
+            ),
+            peer.popen(
+                [PY, str(PROGS_HERE / "connect_loop.py"), t.ipv4, "7512", "4"],
+                stdout=subprocess.PIPE,
+                text=True,
+            ),
         ]
         time.sleep(1.0)
         pauses = [upgrade()]

@@ -11,24 +11,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import nk
 
 SOAK = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
 
 
-@pytest.fixture(autouse=True)
-def fresh_daemon_after(nk_daemon: Any) -> Iterator[None]:
-    """The soak kills the engine on purpose: the session's check that it never died (and the
-    tests after this one) get a fresh daemon."""
-    yield
-    nk("down")
-    proc = nk("up")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+pytestmark = pytest.mark.usefixtures("fresh_daemon_after")  # it kills the engine on purpose
 
 
 def test_short_soak(tmp_path: Path) -> None:
