@@ -183,8 +183,14 @@ class Daemon:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
-        # SIGHUP upgrades the engine live (as `netkernel upgrade`), as daemons reload.
-        signal.signal(signal.SIGHUP, lambda *_: (self.upgrade_requested.set(), self.stop_event.set()))
+
+        # SIGHUP upgrades the engine live (as `netkernel upgrade`), as daemons reload: the
+        # main loop below does it, woken through stop_event.
+        def on_hup(*_: object) -> None:
+            self.upgrade_requested.set()
+            self.stop_event.set()
+
+        signal.signal(signal.SIGHUP, on_hup)
         try:
             self.start()
         except NetKernelError as e:
