@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netkernel import netns, pids
 from netkernel.bench.workloads import redis_server
 
 NK = [sys.executable, "-m", "netkernel"]
@@ -108,6 +110,7 @@ class Stats:
     hung: int = 0
     bytes: int = 0
     connections: int = 0
+    relisten: int = 0  # iperf3 refused while its server re-made its listener, then served
     errors: list[str] = field(default_factory=list)
 
 
@@ -241,7 +244,19 @@ class Soak:
 
     def iperf(self, name: str, started: float) -> None:
         rev = ["-R"] if random.random() < 0.5 else []
-        r = run(self.in_peer("iperf3", "-c", self.iperf_ip, "-t", "3", "-J", *rev), timeout=OP_TIMEOUT)
+        # iperf3's server closes its listening socket after every test and makes a new one
+        # (strace: close, then socket/bind/listen ~4 ms later natively): a client that starts
+        # in that gap is refused, natively too, and the soak starts the next client a few ms
+        # after the last ended. Such a refusal is tried again (counted, in `relisten`); one
+        # that lasts beyond a second is a failure.
+        deadline = time.monotonic() + 1.0
+        while True:
+            r = run(self.in_peer("iperf3", "-c", self.iperf_ip, "-t", "3", "-J", *rev), timeout=OP_TIMEOUT)
+            if "Connection refused" not in r.stdout + r.stderr or time.monotonic() > deadline:
+                break
+            with self.lock:
+                self.stats.setdefault(name, Stats()).relisten += 1
+            time.sleep(0.05)
         try:
             res = json.loads(r.stdout)
             nbytes = int(res["end"]["sum_received"]["bytes"])
@@ -329,22 +344,13 @@ class Soak:
                 self.hung("faults", f"upgrade failed: {r.stderr}")
             self.faults["engine_upgraded"] += 1
         elif what == "lwip_kill":
-            pids = run(["pgrep", "-f", f"netkernel-lwip.*nsm-{self.lwip}.sock"]).stdout.split()
             with self.lock:
                 self.kills.append((time.monotonic(), {"lwip"}))
-            for pid in pids:
-                os.kill(int(pid), signal.SIGKILL)
-            self.faults["lwip_killed"] += bool(pids)
+            self.faults["lwip_killed"] += kill_matching(f"netkernel-lwip.*nsm-{self.lwip}.sock")
         elif what == "tenant_kill":
-            pids = run(["pgrep", "-f", "soakx-bulk"]).stdout.split()
             with self.lock:
                 self.kills.append((time.monotonic(), {"bulk"}))
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.faults["tenant_killed"] += bool(pids)
+            self.faults["tenant_killed"] += kill_matching("soakx-bulk")
 
     # -- leaks -----------------------------------------------------------------------------
     @staticmethod
@@ -475,7 +481,7 @@ class Soak:
         }
         totals = Stats()
         for s in self.stats.values():
-            for k in ("ok", "cut", "unexpected", "corrupt", "hung", "bytes", "connections"):
+            for k in ("ok", "cut", "unexpected", "corrupt", "hung", "bytes", "connections", "relisten"):
                 setattr(totals, k, getattr(totals, k) + getattr(s, k))
         leaked = bool(
             leaks["engine_fds"] > 0 or leaks["daemon_fds"] > 0 or leaks["namespaces"] or leaks["tenants"]
@@ -508,11 +514,26 @@ class Soak:
         self.procs = []
         nk("nsm", "remove", self.lwip)
         if self.peer in run(["ip", "netns", "list"]).stdout:
-            subprocess.run(["ip", "netns", "pids", self.peer], capture_output=True)
-            for pid in run(["ip", "netns", "pids", self.peer]).stdout.split():
-                os.kill(int(pid), signal.SIGKILL)
+            netns.kill_netns_processes([self.peer], grace=1.0)
             subprocess.run(["ip", "netns", "del", self.peer], capture_output=True)
             subprocess.run(["ip", "link", "del", self.peer], capture_output=True)
+
+
+def kill_matching(pattern: str) -> bool:
+    """SIGKILL the processes whose command line matches (as pgrep -f), each only if it still
+    does once pinned: pid numbers wrap within a minute here (netkernel/pids.py)."""
+    sent = False
+    for pid in run(["pgrep", "-f", pattern]).stdout.split():
+        sent |= pids.signal_if(int(pid), signal.SIGKILL, lambda p: _cmdline_matches(p, pattern))
+    return sent
+
+
+def _cmdline_matches(pid: int, pattern: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return re.search(pattern, cmdline) is not None
 
 
 def frange(start: float, stop: float, step: float) -> list[float]:
@@ -538,7 +559,9 @@ def report(r: dict[str, Any]) -> str:
     for n, s in r["workloads"].items():
         lines.append(
             f"  {n:7s} ok {s['ok']:6d} cut {s['cut']:3d} unexpected {s['unexpected']} corrupt {s['corrupt']} "
-            f"hung {s['hung']}" + (f"  e.g. {s['errors'][0]!r}" if s["errors"] else "")
+            f"hung {s['hung']}"
+            + (f" (refused between tests, then served: {s['relisten']})" if s["relisten"] else "")
+            + (f"  e.g. {s['errors'][0]!r}" if s["errors"] else "")
         )
     return "\n".join(lines)
 

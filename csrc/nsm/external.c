@@ -89,6 +89,19 @@ static bool post(struct nk_ext *x, struct nk_nqe *q) {
   return true;
 }
 
+/* Every tenant waits while the engine waits for the NSM: waits over 2 ms are logged (at most
+ * once a second, with how many there were) so an operator can see a slow NSM. */
+static void note_wait(struct nk_ext *x, uint32_t op, uint64_t ns) {
+  static uint64_t last_ns, slow;
+  if (ns < 2000000) return;
+  slow++;
+  uint64_t now = nk_now_ns();
+  if (now - last_ns < 1000000000ull) return;
+  NK_EVENT("nsm_slow_reply", "nsm=%s op=%u ms=%.1f slow_replies=%llu", x->m->name, op, ns / 1e6,
+           (unsigned long long)slow);
+  last_ns = now;
+}
+
 static int sync_req(struct nk_ext *x, struct nk_nqe *q, struct nk_nqe *rep) {
   if (!up(x) || x->broken) return -ENETDOWN;
   q->tag = ++x->tag;
@@ -103,6 +116,7 @@ static int sync_req(struct nk_ext *x, struct nk_nqe *q, struct nk_nqe *rep) {
     while (nk_sl_pop(&x->sh->rep, &r)) {
       if (r.op == NK_SLR_DONE && r.tag == q->tag) {
         *rep = r;
+        note_wait(x, q->op, nk_now_ns() - t0);
         return 0;
       } /* else: the answer to a request that timed out earlier */
       if (++popped > NK_SL_QUEUE_LEN) {

@@ -24,10 +24,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import pids
 from .errors import NetKernelError
 
 log = logging.getLogger(__name__)
@@ -187,16 +189,21 @@ class Cgroups:
 
     def kill(self, tenant: str) -> None:
         """SIGKILL every process in the tenant's cgroups (none can leave them: moving a process
-        needs write access to the target's cgroup.procs, which a tenant has nowhere)."""
-        for _ in range(10):
-            pids = self.pids(tenant)
-            if not pids:
-                return
-            for pid in pids:
+        needs write access to the target's cgroup.procs, which a tenant has nowhere). v2's
+        ``cgroup.kill`` does it in the kernel, atomically against forks; elsewhere each PID is
+        signalled only if it is still in the cgroup once pinned (pids.py: numbers are reused)."""
+        for place in self.places.values():
+            if place.v2:
                 try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
+                    _write(place.tenant_dir(tenant) / "cgroup.kill", "1")
+                except (OSError, CgroupError):
+                    pass  # before Linux 5.14, or gone: the loop below
+        for _ in range(10):
+            found = self.pids(tenant)
+            if not found:
+                return
+            for pid in found:
+                pids.signal_if(pid, signal.SIGKILL, lambda p: p in self.pids(tenant))
             time.sleep(0.05)
 
     def remove(self, tenant: str, wait: float = 5.0) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import pids
 from .config import NETNS_DIR
 from .errors import NetlinkError
 
@@ -228,18 +230,22 @@ def netns_inode(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+def _in_netns(pid: int, want: tuple[int, int]) -> bool:
+    return netns_inode(Path(f"/proc/{pid}/ns/net")) == want
+
+
 def pids_in_netns(name: str) -> list[int]:
     """PIDs whose network namespace is netns ``name`` (by nsfs inode)."""
     want = netns_inode(netns_path(name))
     if want is None:
         return []
-    pids = []
+    found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         if netns_inode(Path(entry.path) / "ns" / "net") == want:
-            pids.append(int(entry.name))
-    return sorted(pids)
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 def kill_netns_processes(names: Iterable[str], grace: float = 2.0) -> None:
@@ -249,12 +255,12 @@ def kill_netns_processes(names: Iterable[str], grace: float = 2.0) -> None:
     def signal_all(sig: int) -> int:
         count = 0
         for name in names:
+            want = netns_inode(netns_path(name))
+            if want is None:
+                continue
             for pid in pids_in_netns(name):
-                try:
-                    os.kill(pid, sig)
-                    count += 1
-                except ProcessLookupError:
-                    pass
+                # Only if the number is still a process in that namespace (pids.py).
+                count += pids.signal_if(pid, sig, functools.partial(_in_netns, want=want))
         return count
 
     if not signal_all(signal.SIGTERM):
