@@ -201,6 +201,18 @@ def parse_conns(lines: tuple[str, ...] | list[str]) -> list[Conn]:
     return out
 
 
+def tenant_add_line(name: str, netns_path: str, nsm: str, ipv4: str, ipv6: str) -> str:
+    return f"tenant-add {name} {netns_path} {nsm} {ipv4} {ipv6}"
+
+
+def tenant_id(reply: Reply) -> int:
+    """The engine's id for a tenant it added (-1 if it did not say)."""
+    try:
+        return int(reply.value.split()[0])
+    except (ValueError, IndexError):
+        return -1
+
+
 class EngineClient:
     def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
         self.path = str(path)
@@ -241,25 +253,41 @@ class EngineClient:
         return line.decode("utf-8", "replace").rstrip("\r")
 
     def request(self, line: str) -> Reply:
-        if "\n" in line:
+        return self.pipeline([line])[0]
+
+    def pipeline(self, lines: list[str]) -> list[Reply]:
+        """Send every request at once and read the replies in order: the engine answers each
+        complete line it has, so N requests cost one wait instead of N (a restart or an upgrade
+        re-adds every tenant while the data path is paused). The first request the engine
+        refused raises its EngineError once every reply is read."""
+        if any("\n" in line for line in lines):
             raise ValueError("request must be one line")
         with self._lock:
             # One reconnect: the engine may have dropped an idle connection.
             for attempt in (0, 1):
                 try:
                     s = self._connect()
-                    s.sendall(line.encode() + b"\n")
-                    data: list[str] = []
-                    while True:
-                        reply = self._readline(s)
-                        if reply == "ok" or reply.startswith("ok "):
-                            return Reply(tuple(data), reply[3:])
-                        if reply.startswith("err"):
-                            parts = reply.split(" ", 2)
-                            name = parts[1] if len(parts) > 1 else "EIO"
-                            msg = parts[2] if len(parts) > 2 else ""
-                            raise EngineError(line, name, msg)
-                        data.append(reply)
+                    s.sendall(b"".join(line.encode() + b"\n" for line in lines))
+                    replies: list[Reply] = []
+                    refused: EngineError | None = None
+                    for line in lines:
+                        data: list[str] = []
+                        while True:
+                            reply = self._readline(s)
+                            if reply == "ok" or reply.startswith("ok "):
+                                replies.append(Reply(tuple(data), reply[3:]))
+                                break
+                            if reply.startswith("err"):
+                                parts = reply.split(" ", 2)
+                                name = parts[1] if len(parts) > 1 else "EIO"
+                                msg = parts[2] if len(parts) > 2 else ""
+                                refused = refused or EngineError(line, name, msg)
+                                replies.append(Reply(tuple(data), ""))
+                                break
+                            data.append(reply)
+                    if refused is not None:
+                        raise refused
+                    return replies
                 except (OSError, ConnectionError) as e:
                     self._close()
                     # ConnectionError covers a reset (the engine died and a new one runs).
@@ -273,11 +301,7 @@ class EngineClient:
         self.request(f"nsm-add {name} {netns_path}" + (f" external:{socket}" if socket else ""))
 
     def tenant_add(self, name: str, netns_path: str, nsm: str, ipv4: str, ipv6: str) -> int:
-        value = self.request(f"tenant-add {name} {netns_path} {nsm} {ipv4} {ipv6}").value
-        try:
-            return int(value.split()[0])
-        except (ValueError, IndexError):
-            return -1
+        return tenant_id(self.request(tenant_add_line(name, netns_path, nsm, ipv4, ipv6)))
 
     def tenant_del(self, name: str) -> None:
         self.request(f"tenant-del {name}")

@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import select
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING
 from . import netns
 from .config import ADMIN_SOCKET, ENGINE_PID_FILE, ENGINE_SOCKET, engine_binary, format_rate, lwip_binary
 from .daemon_log import engine_log_relay, log, log_event
-from .engine import wait_ready
+from .engine import tenant_add_line, tenant_id, wait_ready
 from .errors import EngineError, NSMError
 from .fabric import LWIP_TAP
 from .records import NSM
@@ -56,8 +58,18 @@ def start_nsm_process(d: Daemon, nsm: NSM) -> None:
         "--prefix6",
         str(c.ipv6_prefix.prefixlen),
     ]
+    # It is a network stack the engine waits on (a socket() on it is a round trip while
+    # every tenant waits): the engine's CPU weight, not a tenant program's.
+    nice = c.engine_nice
+    if nice:
+        cmd = ["nice", "-n", str(nice), *cmd]
     # Its log goes where the daemon's goes; its own session keeps terminal signals away.
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+    if nice:
+        try:
+            netns.set_autogroup_nice(proc.pid, nice)
+        except OSError as e:
+            log.warning("cannot set NSM %s's autogroup nice to %d (%s)", nsm.name, nice, e)
     d.nsm_procs[nsm.name] = proc
     log_event("nsm_process_started", nsm=nsm.name, pid=proc.pid)
     threading.Thread(
@@ -300,10 +312,15 @@ def restart_engine(d: Daemon, binary: Path | None = None) -> None:
     Called with the Daemon's lock held."""
     d.engine_client.close()
     start_engine(d, binary)
-    for t in d.tenants.values():
-        t.id = d.engine_client.tenant_add(t.name, str(netns.netns_path(t.netns)), t.nsm, t.ipv4, t.ipv6)
-        d.engine_client.tenant_set(t.name, t.policy.engine_args())
-    d.engine_client.serve()
+    tenants = list(d.tenants.values())
+    lines: list[str] = []
+    for t in tenants:
+        lines.append(tenant_add_line(t.name, str(netns.netns_path(t.netns)), t.nsm, t.ipv4, t.ipv6))
+        lines.append(f"tenant-set {t.name} {t.policy.engine_args()}")
+    # In one batch, with `serve` last: the data path waits on this (see EngineClient.pipeline).
+    replies = d.engine_client.pipeline([*lines, "serve"])
+    for i, t in enumerate(tenants):
+        t.id = tenant_id(replies[2 * i])
 
 
 def state_version(binary: Path) -> str:
@@ -339,6 +356,9 @@ def upgrade_engine(d: Daemon, binary: Path | None = None) -> dict[str, object]:
                 "cannot take the sockets over; nothing was changed (a restart would reset "
                 "every connection: netkernel down; netkernel up)",
             )
+        # Its exit is waited for on a pidfd, opened while it surely runs: Popen.wait(timeout)
+        # polls with sleeps that double up to 50 ms, all of it data-path pause.
+        exited = _exit_watch(old)
         started = time.monotonic()
         d.engine = None  # its exit is ours, not a crash
         d.keeper.handed_over.clear()
@@ -346,12 +366,11 @@ def upgrade_engine(d: Daemon, binary: Path | None = None) -> dict[str, object]:
             sockets = int(d.engine_client.request("handover").value or 0)
         except Exception:
             d.engine = old
+            exited(0)  # closes the pidfd
             raise
-        try:
-            old.wait(10)
-        except subprocess.TimeoutExpired:
+        if not exited(10):
             old.kill()
-            old.wait()
+        old.wait()
         if d.keep_reader is not None:
             d.keep_reader.join(10)  # every record the old engine wrote is here
         handed = d.keeper.handed_over.is_set()
@@ -378,6 +397,33 @@ def upgrade_engine(d: Daemon, binary: Path | None = None) -> dict[str, object]:
         "sockets": sockets,
         "pause_ms": round(pause * 1000, 1),
     }
+
+
+def _exit_watch(proc: subprocess.Popen[bytes]) -> Callable[[float], bool]:
+    """A function that waits up to its argument in seconds for ``proc`` to exit (True if it
+    did), woken by the exit itself."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except OSError:
+        return lambda timeout: _popen_exited(proc, timeout)
+
+    def wait(timeout: float) -> bool:
+        try:
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            return bool(p.poll(timeout * 1000))
+        finally:
+            os.close(fd)
+
+    return wait
+
+
+def _popen_exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _no_engine(d: Daemon) -> None:
