@@ -3,7 +3,8 @@
 A PID read from ``/proc`` or ``cgroup.procs`` may name another process by the time it is
 signalled: numbers are reused as soon as a process is reaped, and with ``pid_max`` 32768 (the
 default on small hosts) a busy host wraps within a minute. ``kill(pid)`` after such a lookup
-once SIGKILLed an unrelated program while a tenant was being deleted. A pidfd pins the process
+can SIGKILL an unrelated program while a tenant is being deleted (the likely cause of one a
+soak saw). A pidfd pins the process
 it was opened on: checking that the number still belongs where we found it *after* opening the
 pidfd proves the pidfd is the process we meant (if the number moved on meanwhile, the pidfd's
 process is gone and the signal fails with ESRCH, harmlessly).
