@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__, api, bench, config, netns
+from . import __version__, api, bench, config, lab, netns
 from . import tenant as launcher
 from .config import (
     ENGINE_PID_FILE,
@@ -336,6 +336,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--out", metavar="DIR", type=Path, help="also write results.md, results.json and charts/*.png there"
     )
+
+    lb = command(sub, "lab", help="several NetKernel hosts on this machine, joined by a shaped fabric")
+    lsub = lb.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    lu = command(lsub, "up", help="build the hosts and the fabric, and start a daemon on each")
+    lu.add_argument("--hosts", type=_argument_type(_positive_int, "count"), default=3, help="default: 3")
+    lu.add_argument(
+        "--link",
+        action="append",
+        default=[],
+        metavar="HOST:SPEC",
+        help="shape a host's link, both ways: e.g. h3:rate=300mbit,delay=2ms,loss=0.1%%,queue=20ms",
+    )
+    lu.add_argument(
+        "--subnet",
+        action="append",
+        default=[],
+        metavar="HOST=PREFIX",
+        help="a host's IPv4 subnet instead of 198.18.(16*i).0/20",
+    )
+    command(lsub, "down", help="stop the hosts' daemons and remove the lab")
+    ls_ = command(lsub, "status", help="the hosts, their addresses and links")
+    ls_.add_argument("--json", action="store_true")
+    le = command(lsub, "exec", help="run a command on a host (e.g. netkernel run ... there)")
+    le.add_argument("host")
+    le.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     return p
 
 
@@ -880,6 +905,56 @@ def cmd_nsm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    require_root()
+    if args.lab_command == "up":
+        hosts = lab.plan(args.hosts, args.link, args.subnet)
+        lab.up(hosts)
+        for h in hosts:
+            link = ",".join(f"{k}={v}" for k, v in h.link.items()) or "unshaped"
+            print(
+                f"{h.name}: {h.ipv4_subnet} {h.ipv6_prefix}, fabric {h.fabric_v4}, zone {h.zone}, link {link}"
+            )
+        print("netkernel: lab up (run commands on a host with `netkernel lab exec HOST -- CMD`)")
+        return 0
+    if args.lab_command == "down":
+        problems = lab.down()
+        for p in problems:
+            print(f"netkernel: {p}", file=sys.stderr)
+        print("netkernel: lab down" + (" (with the problems above)" if problems else ""))
+        return 1 if problems else 0
+    if args.lab_command == "status":
+        rows = lab.status()
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(
+                table(
+                    ["HOST", "DAEMON", "IPV4", "IPV6", "FABRIC", "ZONE", "LINK"],
+                    [
+                        [
+                            r["host"],
+                            r["daemon_pid"] or "stopped",
+                            r["ipv4_subnet"],
+                            r["ipv6_prefix"],
+                            " ".join(r["fabric"]),  # type: ignore[arg-type]
+                            r["zone"],
+                            ",".join(f"{k}={v}" for k, v in r["link"].items()) or "-",  # type: ignore[attr-defined]
+                        ]
+                        for r in rows
+                    ],
+                )
+            )
+        return 0
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        args.parser.error("lab exec: missing command (usage: netkernel lab exec HOST -- CMD [ARGS...])")
+    argv = lab.exec_argv(lab.find(lab.load(), args.host), cmd)
+    os.execvp(argv[0], argv)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up,
     "down": cmd_down,
@@ -892,6 +967,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "top": cmd_top,
     "nsm": cmd_nsm,
     "bench": bench.main,
+    "lab": cmd_lab,
 }
 
 

@@ -129,6 +129,19 @@ def guestlib() -> Path:
     return path
 
 
+_ZONE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def check_zone(name: object) -> str:
+    """A DNS zone such as ``h1.lab``: lower-case labels, no trailing dot."""
+    if not isinstance(name, str) or len(name) > 200 or not _ZONE_RE.match(name.lower().rstrip(".")):
+        raise ValueError(f"{name!r} is not a DNS zone; use letters, digits and '-', e.g. \"h1.lab\"")
+    zone = name.lower().rstrip(".")
+    if zone == "netkernel" or zone.endswith(".netkernel"):
+        raise ValueError(f"{name!r}: the zone netkernel is NetKernel's own (<tenant>.tenant.netkernel)")
+    return zone
+
+
 def check_nsm_name(name: str) -> str:
     if not _NSM_NAME_RE.match(name):
         raise ConfigError(
@@ -402,6 +415,13 @@ class Config:
     ipv6_prefix: ipaddress.IPv6Network = ipaddress.IPv6Network("fd6e:6b00::/64")
     nsms: tuple[NSMConfig, ...] = (NSMConfig("kernel"),)
     dns_hosts: tuple[tuple[str, str], ...] = field(default=())
+    # Prefixes beyond this host that its NSMs may reach through it (the host routes them, e.g.
+    # other NetKernel hosts' subnets across a fabric); empty: the NSMs reach only the bridge.
+    routes: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # The host's own DNS zone (``<tenant>.<zone>`` answers like ``<tenant>.tenant.netkernel``)
+    # and other hosts' zones with the DNS server that answers for each.
+    dns_zone: str | None = None
+    dns_forward: tuple[tuple[str, str], ...] = ()
     api_socket: Path = DAEMON_SOCKET
     api_group: str | None = None  # members may use the API too (socket 0660)
     metrics_listen: tuple[str, int] | None = DEFAULT_METRICS_LISTEN  # None: no endpoint
@@ -644,10 +664,36 @@ def _parse_daemon(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _parse_network(data: dict[str, Any]) -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network]:
+Route = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _parse_routes(net: dict[str, Any], path: KeyPath, own: tuple[Route, Route]) -> tuple[Route, ...]:
+    raw = net.get("routes", [])
+    if not isinstance(raw, list):
+        raise ConfigValueError(path + ("routes",), 'must be a list of prefixes, e.g. ["198.20.0.0/16"]')
+    out: list[Route] = []
+    for i, item in enumerate(raw):
+        try:
+            r = ipaddress.ip_network(item) if isinstance(item, str) else None
+        except ValueError as e:
+            raise ConfigValueError(path + ("routes", i), f'{e}; use a prefix, e.g. "198.20.0.0/16"') from None
+        if r is None:
+            raise ConfigValueError(path + ("routes", i), f'{item!r} is not a prefix, e.g. "198.20.0.0/16"')
+        if r.prefixlen == 0:
+            raise ConfigValueError(path + ("routes", i), f"{r} is a default route: list prefixes instead")
+        for o in own:
+            if r.version == o.version and r.overlaps(o):
+                raise ConfigValueError(path + ("routes", i), f"{r} overlaps this host's own subnet {o}")
+        out.append(r)
+    return tuple(out)
+
+
+def _parse_network(
+    data: dict[str, Any],
+) -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network, tuple[Route, ...]]:
     path: KeyPath = ("network",)
     net = _table(data, "network")
-    _check_keys(net, ("ipv4_subnet", "ipv6_prefix"), path)
+    _check_keys(net, ("ipv4_subnet", "ipv6_prefix", "routes"), path)
     default = Config()
     try:
         v4 = ipaddress.IPv4Network(_string(net, "ipv4_subnet", path, str(default.ipv4_subnet)))
@@ -661,7 +707,7 @@ def _parse_network(data: dict[str, Any]) -> tuple[ipaddress.IPv4Network, ipaddre
         raise ConfigValueError(path + ("ipv4_subnet",), f"{v4} is too small (need /22 or larger)")
     if v6.prefixlen > 96:
         raise ConfigValueError(path + ("ipv6_prefix",), f"{v6} is too small (need /96 or larger)")
-    return v4, v6
+    return v4, v6, _parse_routes(net, path, (v4, v6))
 
 
 def _parse_policy(table: dict[str, Any], base: Policy, path: KeyPath) -> Policy:
@@ -752,7 +798,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         if key not in sections:
             raise ConfigValueError((key,), f"unknown section (known: {', '.join(sections)})")
     daemon = _parse_daemon(data)
-    v4, v6 = _parse_network(data)
+    v4, v6, routes = _parse_network(data)
 
     defaults_table = _table(data, "defaults")
     _check_keys(defaults_table, tuple(POLICY_PARSERS), ("defaults",))
@@ -781,7 +827,23 @@ def parse_config(data: dict[str, Any]) -> Config:
         tenants.append(tenant)
 
     dns = _table(data, "dns")
-    _check_keys(dns, ("hosts",), ("dns",))
+    _check_keys(dns, ("hosts", "zone", "forward"), ("dns",))
+    zone = None
+    if "zone" in dns:
+        zone = _parse_value(check_zone, dns["zone"], ("dns", "zone"))
+    forward: list[tuple[str, str]] = []
+    for fzone, server in _table(dns, "forward", ("dns",)).items():
+        fz = _parse_value(check_zone, fzone, ("dns", "forward", fzone))
+        try:
+            ipaddress.ip_address(server)
+        except (ValueError, TypeError):
+            raise ConfigValueError(
+                ("dns", "forward", fzone),
+                f'{server!r} is not an IP address; use the zone\'s DNS server, e.g. "198.20.0.1"',
+            ) from None
+        if fz == zone:
+            raise ConfigValueError(("dns", "forward", fzone), "is this host's own zone")
+        forward.append((fz, str(server)))
     hosts = _table(dns, "hosts", ("dns",))
     pairs: list[tuple[str, str]] = []
     for name, addr in hosts.items():
@@ -798,6 +860,9 @@ def parse_config(data: dict[str, Any]) -> Config:
         ipv6_prefix=v6,
         nsms=tuple(nsms),
         dns_hosts=tuple(pairs),
+        routes=routes,
+        dns_zone=zone,
+        dns_forward=tuple(forward),
         defaults=defaults,
         tenants=tuple(tenants),
         **daemon,

@@ -56,6 +56,7 @@ from .config import (
 )
 from .daemon_log import configure_logging, log, log_event
 from .dns import TENANT_SUFFIX, Addrs, DNSServer, HostsFile
+from .dns import ask as dns_ask
 from .engine import EngineClient, EngineStats
 from .errors import (
     ConfigError,
@@ -261,11 +262,16 @@ class Daemon:
 
     # -- DNS ----------------------------------------------------------------------------
     def resolve(self, name: str) -> Addrs | None:
-        if name.endswith(TENANT_SUFFIX):
-            t = self.tenants.get(name[: -len(TENANT_SUFFIX)])
-            if t is None:
-                return None
-            return [ipaddress.ip_address(t.ipv4), ipaddress.ip_address(t.ipv6)]
+        zone = self.config.dns_zone
+        for suffix in (TENANT_SUFFIX, f".{zone}" if zone else None):
+            if suffix and name.endswith(suffix):
+                t = self.tenants.get(name[: -len(suffix)])
+                if t is None:
+                    return None
+                return [ipaddress.ip_address(t.ipv4), ipaddress.ip_address(t.ipv6)]
+        for fzone, server in self.config.dns_forward:
+            if name.endswith("." + fzone):
+                return dns_ask(server, name)
         configured = [ipaddress.ip_address(a) for n, a in self.config.dns_hosts if n == name]
         if configured:
             return configured

@@ -217,3 +217,29 @@ def parse_answers(reply: bytes) -> tuple[int, list[str]]:
         elif rtype == QTYPE_AAAA:
             out.append(str(ipaddress.IPv6Address(data)))
     return flags & 0xF, out
+
+
+def ask(server: str, name: str, timeout: float = 0.5) -> Addrs | None:
+    """A and AAAA of ``name`` from another host's responder (a zone in ``[dns] forward``); None
+    when it says NXDOMAIN or does not answer (logged: the zone's host may be down)."""
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    out: Addrs = []
+    with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(timeout)
+        s.connect((server, 53))
+        for qtype in (QTYPE_A, QTYPE_AAAA):
+            qid = int.from_bytes(os.urandom(2), "big")
+            try:
+                s.send(make_query(name, qtype, qid))
+                while True:  # skip stray datagrams: only the answer to this query counts
+                    reply = s.recv(4096)
+                    if len(reply) >= 12 and struct.unpack_from("!H", reply)[0] == qid:
+                        break
+                rcode, addrs = parse_answers(reply)
+            except (OSError, struct.error, IndexError, ValueError) as e:
+                log.warning("dns: %s did not answer for %s: %s", server, name, e)
+                return None
+            if rcode == RCODE_NXDOMAIN:
+                return None
+            out += [ipaddress.ip_address(a) for a in addrs]
+    return out

@@ -65,7 +65,7 @@ def allow_congestion_control(name: str) -> None:
 
 def build_bridge(c: Config) -> None:
     # The firewall first: no NSM ever reaches the host's services on the bridge address.
-    guard.install(BRIDGE, c.bridge_ipv4, c.bridge_ipv6)
+    guard.install(BRIDGE, c.bridge_ipv4, c.bridge_ipv6, c.routes)
     netns.bridge_add(BRIDGE)
     netns.addr_add(BRIDGE, f"{c.bridge_ipv4}/{c.ipv4_subnet.prefixlen}")
     netns.addr_add(BRIDGE, f"{c.bridge_ipv6}/{c.ipv6_prefix.prefixlen}")
@@ -113,6 +113,10 @@ def _create_kernel_nsm(c: Config, nsm: NSM, v4: str, v6: str) -> None:
     netns.veth_into(NSM_VETH_PREFIX + nsm.name, ns, "eth0", BRIDGE)
     netns.addr_add("eth0", f"{v4}/{c.ipv4_subnet.prefixlen}", netns=ns)
     netns.addr_add("eth0", f"{v6}/{c.ipv6_prefix.prefixlen}", netns=ns)
+    # Other hosts' subnets (config routes) through this host; nothing else.
+    for r in c.routes:
+        via = c.bridge_ipv4 if r.version == 4 else c.bridge_ipv6
+        netns.ip("route", "add", str(r), "via", str(via), netns=ns)
     if nsm_config.congestion_control:
         allow_congestion_control(nsm_config.congestion_control)
         netns.sysctl("net.ipv4.tcp_congestion_control", nsm_config.congestion_control, netns=ns)

@@ -33,8 +33,28 @@ def table_name(bridge: str) -> str:
     return TABLE_PREFIX + bridge
 
 
-def ruleset(bridge: str, v4: ipaddress.IPv4Address, v6: ipaddress.IPv6Address) -> str:
+Route = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _routed(bridge: str, routes: tuple[Route, ...]) -> tuple[str, str]:
+    """Rules for the config's routes: NSMs may reach those prefixes through the host, and be
+    reached from them, but what comes from there is kept off the host's own services as what
+    comes over the bridge is."""
+    fwd, inp = [], []
+    for r in routes:
+        fam = "ip" if r.version == 4 else "ip6"
+        fwd.append(f'    iifname "{bridge}" {fam} daddr {r} accept')
+        fwd.append(f'    oifname "{bridge}" {fam} saddr {r} accept')
+        inp.append(f"    {fam} saddr {r} ct state established,related accept")
+        inp.append(f'    {fam} saddr {r} counter drop comment "other hosts\' NSMs do not reach this host"')
+    return "\n".join(fwd) + ("\n" if fwd else ""), "\n".join(inp) + ("\n" if inp else "")
+
+
+def ruleset(
+    bridge: str, v4: ipaddress.IPv4Address, v6: ipaddress.IPv6Address, routes: tuple[Route, ...] = ()
+) -> str:
     t = table_name(bridge)
+    fwd, inp = _routed(bridge, routes)
     return f"""table inet {t} {{
   chain input {{
     type filter hook input priority -10; policy accept;
@@ -43,10 +63,10 @@ def ruleset(bridge: str, v4: ipaddress.IPv4Address, v6: ipaddress.IPv6Address) -
     iifname "{bridge}" ip6 daddr {v6} udp dport 53 accept
     iifname "{bridge}" icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
     iifname "{bridge}" counter drop comment "NSMs do not reach the host's services"
-  }}
+{inp}  }}
   chain forward {{
     type filter hook forward priority -10; policy accept;
-    iifname "{bridge}" oifname != "{bridge}" counter drop comment "no route out of the fabric"
+{fwd}    iifname "{bridge}" oifname != "{bridge}" counter drop comment "no route out of the fabric"
     oifname "{bridge}" iifname != "{bridge}" counter drop comment "nor into it"
   }}
 }}
@@ -57,7 +77,9 @@ def _nft(script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([NFT, "-f", "-"], input=script, capture_output=True, text=True)
 
 
-def install(bridge: str, v4: ipaddress.IPv4Address, v6: ipaddress.IPv6Address) -> None:
+def install(
+    bridge: str, v4: ipaddress.IPv4Address, v6: ipaddress.IPv6Address, routes: tuple[Route, ...] = ()
+) -> None:
     """The table, replacing any earlier one of this bridge."""
     if shutil.which(NFT) is None:
         raise GuardError(
@@ -65,7 +87,7 @@ def install(bridge: str, v4: ipaddress.IPv4Address, v6: ipaddress.IPv6Address) -
             "away from the host's own services (apt-get install nftables)"
         )
     remove(bridge)
-    r = _nft(ruleset(bridge, v4, v6))
+    r = _nft(ruleset(bridge, v4, v6, routes))
     if r.returncode != 0:
         raise GuardError(f"cannot install the host firewall for {bridge}: {r.stderr.strip()}")
 

@@ -19,6 +19,7 @@ from netkernel.config import (
     format_rate,
     load_config,
     locate_key,
+    parse_config,
     parse_rate,
     parse_size,
     policy_with,
@@ -162,7 +163,31 @@ BAD = [
     ('[network]\nipv4_subnet = "198.18.0.0/24"\n', 2, "network.ipv4_subnet", ["too small"]),
     ('[dns]\nhosts = { "a.example" = "nowhere" }\n', 2, 'dns.hosts."a.example"', ["not an IP address"]),
     ("[oops]\n", 1, "oops", ["unknown section", "daemon"]),
+    ('[network]\nroutes = ["198.18.4.0/24"]\n', 2, "network.routes[0]", ["overlaps this host's own subnet"]),
+    ('[network]\nroutes = ["0.0.0.0/0"]\n', 2, "network.routes[0]", ["default route"]),
+    ('[network]\nroutes = ["nowhere"]\n', 2, "network.routes[0]", ["does not appear to be"]),
+    ('[dns]\nzone = "a..b"\n', 2, "dns.zone", ["not a DNS zone"]),
+    ('[dns]\nzone = "x.netkernel"\n', 2, "dns.zone", ["NetKernel's own"]),
+    (
+        '[dns]\nzone = "h1.lab"\nforward = { "h1.lab" = "198.20.0.1" }\n',
+        3,
+        'dns.forward."h1.lab"',
+        ["own zone"],
+    ),
+    ('[dns]\nforward = { "h2.lab" = "h2" }\n', 2, 'dns.forward."h2.lab"', ["not an IP address"]),
 ]
+
+
+def test_routes_zone_and_forwarded_zones() -> None:
+    c = parse_config(
+        {
+            "network": {"ipv4_subnet": "198.20.0.0/20", "routes": ["198.20.16.0/20", "fd6e:6b02::/64"]},
+            "dns": {"zone": "H1.Lab.", "forward": {"h2.lab": "198.20.16.1"}},
+        }
+    )
+    assert [str(r) for r in c.routes] == ["198.20.16.0/20", "fd6e:6b02::/64"]
+    assert c.dns_zone == "h1.lab" and c.dns_forward == (("h2.lab", "198.20.16.1"),)
+    assert Config().routes == () and Config().dns_zone is None
 
 
 @pytest.mark.parametrize(("text", "line", "key", "words"), BAD, ids=[b[2] for b in BAD])
