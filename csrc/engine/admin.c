@@ -101,11 +101,13 @@ static bool kv_u64(const char *arg, const char *key, uint64_t *out) {
 /* tenant-set NAME key=value...: all checked before any is applied. */
 static void tenant_set(struct nk_admin *a, struct nk_tenant *t, int argc, char **argv) {
   uint64_t rate_tx = t->rate[NK_TX] * 8, rate_rx = t->rate[NK_RX] * 8, weight = t->weight,
-           max_sockets = t->max_sockets, max_memory = t->max_memory, shm = t->shm;
+           max_sockets = t->max_sockets, max_memory = t->max_memory, shm = t->shm,
+           tenant_cc = t->cc.on;
   for (int i = 2; i < argc; i++) {
     uint64_t v;
     if (kv_u64(argv[i], "rate_tx", &v)) rate_tx = v;
     else if (kv_u64(argv[i], "shm", &v) && v <= 1) shm = v;
+    else if (kv_u64(argv[i], "tenant_cc", &v) && v <= 1) tenant_cc = v;
     else if (kv_u64(argv[i], "rate_rx", &v)) rate_rx = v;
     else if (kv_u64(argv[i], "weight", &v)) weight = v;
     else if (kv_u64(argv[i], "max_sockets", &v)) max_sockets = v;
@@ -113,7 +115,7 @@ static void tenant_set(struct nk_admin *a, struct nk_tenant *t, int argc, char *
     else
       return err(a, EINVAL,
                  "bad setting '%s' (known: rate_tx, rate_rx, weight, max_sockets, "
-                 "max_memory, each =unsigned integer; shm=0|1)",
+                 "max_memory, each =unsigned integer; shm=0|1, tenant_cc=0|1)",
                  argv[i]);
   }
   if (weight < 1 || weight > 1000) return err(a, EINVAL, "weight must be 1..1000");
@@ -126,10 +128,12 @@ static void tenant_set(struct nk_admin *a, struct nk_tenant *t, int argc, char *
   t->max_sockets = (uint32_t)max_sockets;
   t->max_memory = max_memory;
   t->shm = shm; /* new connections; those on the path stay there */
+  nk_cc_set(t, tenant_cc);
   NK_EVENT("policy_set",
-           "tenant=%s rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu shm=%d",
+           "tenant=%s rate_tx=%llu rate_rx=%llu weight=%u max_sockets=%u max_memory=%llu shm=%d "
+           "tenant_cc=%d",
            t->name, (unsigned long long)rate_tx, (unsigned long long)rate_rx, t->weight,
-           t->max_sockets, (unsigned long long)t->max_memory, t->shm);
+           t->max_sockets, (unsigned long long)t->max_memory, t->shm, t->cc.on);
   out(a, "ok");
 }
 
@@ -299,7 +303,8 @@ static void command(struct nk_admin *a, char *line) {
           " refused_sockets=%llu refused_memory=%llu slots=%u engine_ns=%llu engine_skips=%llu shm=%d"
           " fds=%u fd_limit=%llu ctls=%u dns_relayed=%llu dns_dropped=%llu region_bytes=%llu"
           " region_trimmed=%llu rings_shrunk=%llu throttle_wakes=%llu throttle_late_ns=%llu"
-          " rate_late_credit=%llu",
+          " rate_late_credit=%llu tenant_cc=%d cc_rate=%llu cc_sent=%llu cc_qdelay_us=%u"
+          " cc_flows=%u cc_retrans=%llu cc_cuts=%llu",
           t->name, t->id, t->nsm->name, t->nsocks, (unsigned long long)t->tx_bytes,
           (unsigned long long)t->rx_bytes, (unsigned long long)nk_tenant_memory(t),
           (unsigned long long)t->rate[NK_TX] * 8, (unsigned long long)t->rate[NK_RX] * 8, t->weight,
@@ -311,7 +316,10 @@ static void command(struct nk_admin *a, char *line) {
           (unsigned long long)t->region_trimmed, (unsigned long long)t->rings_shrunk,
           (unsigned long long)(t->throttle_wakes[NK_TX] + t->throttle_wakes[NK_RX]),
           (unsigned long long)(t->throttle_late_ns[NK_TX] + t->throttle_late_ns[NK_RX]),
-          (unsigned long long)(t->rate_late_credit[NK_TX] + t->rate_late_credit[NK_RX]));
+          (unsigned long long)(t->rate_late_credit[NK_TX] + t->rate_late_credit[NK_RX]), t->cc.on,
+          (unsigned long long)t->cc.rate * 8, (unsigned long long)(t->cc.sent_bps * 8),
+          t->cc.qdelay_us, t->cc.flows, (unsigned long long)t->cc.retrans,
+          (unsigned long long)t->cc.cuts);
     for (struct nk_nsm *m = engine.nsms; m; m = m->next) {
       uint32_t tenants = 0, socks = 0;
       for (struct nk_tenant *t = engine.tenants; t; t = t->next) {

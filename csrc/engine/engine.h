@@ -67,6 +67,28 @@ struct nk_bucket {
   uint64_t last_ns;
 };
 
+/* Token buckets (policy.c): nk_bucket_set refills to the burst, nk_bucket_refill adds what
+ * accrued and returns the tokens, nk_bucket_wait is the ns until need bytes are there. */
+void nk_bucket_set(struct nk_bucket *b, uint64_t rate);
+double nk_bucket_refill(struct nk_bucket *b, uint64_t now);
+uint64_t nk_bucket_wait(const struct nk_bucket *b, uint64_t need);
+
+/* Tenant-level congestion control (tenant_cc.c): one sending rate for all of a tenant's
+ * connections through its NSM, cut when they see congestion and raised by its weight. */
+struct nk_cc {
+  bool on;
+  uint64_t rate;   /* bytes/s the tenant may send now; 0 = not limited (no congestion yet) */
+  double cut_rate; /* what it delivered when last cut (bytes/s) */
+  struct nk_bucket bucket;
+  uint64_t last_ns, last_tx_ns, cut_ns;
+  uint64_t tx_mark;   /* the tenant's tx_bytes at the last tick */
+  double sent_bps;    /* what it sent, smoothed (bytes/s) */
+  uint32_t qdelay_us; /* its connections' queueing delay (srtt - min_rtt), last tick */
+  uint32_t flows;     /* connections sampled at the last tick */
+  uint64_t retrans;   /* segments its connections retransmitted, in all */
+  uint64_t cuts;      /* times its rate was cut */
+};
+
 /* ---- NSMs and endpoints: one file per kind (csrc/nsm/), registered by name ---- */
 struct nk_nsm;
 struct nk_tenant;
@@ -223,6 +245,7 @@ struct nk_tenant {
   /* Throttled sockets woken, per direction; how late past their tokens' due time in total;
    * and the rate tokens kept for it over those late wakes (policy.c, late_wake). */
   uint64_t throttle_wakes[2], throttle_late_ns[2], rate_late_credit[2];
+  struct nk_cc cc;    /* tenant-level congestion control (tenant_cc.c) */
   bool shm;           /* its connections to colocated tenants may use the shared-memory path */
   uint32_t ephemeral; /* next local port for a shared-memory connection */
   struct nk_tenant *next_active;
@@ -333,6 +356,9 @@ struct nk_esock {
   struct nk_addr local, peer;
   struct nk_optset *opts; /* NULL: none set */
   uint64_t tx_bytes, rx_bytes;
+  uint64_t cc_tx_mark; /* tx_bytes when tenant_cc last sampled it */
+  uint32_t cc_retrans; /* its TCP_INFO total_retrans then */
+  uint64_t cc_acked;   /* and bytes_acked */
   struct nk_ring tx, rx;
   /* Rings that moved bulk data give their pages back once the connection is quiet
    * (tenant.c: shrink): on its tenant's bulk list from NK_TRIM_BYTES moved until then. */
@@ -391,6 +417,7 @@ struct nk_engine {
   int spare_fd;
   uint32_t record_size; /* kernel memory one NEWCONN record takes on a proxy (listener.c) */
   uint64_t next_trim_ns;
+  uint64_t next_cc_ns; /* next tenant_cc tick; UINT64_MAX while no such tenant sends */
   bool stop;
 };
 extern struct nk_engine engine;
@@ -622,6 +649,11 @@ int nk_tenant_admissible(struct nk_tenant *t); /* the same check, nothing taken 
 bool nk_policy_dgram(struct nk_esock *es, struct nk_nsm *m, int dir, uint32_t len);
 void nk_policy_charge_dgram(struct nk_esock *es, struct nk_nsm *m, int dir, uint32_t len);
 void nk_tenant_set_rate(struct nk_tenant *t, int dir, uint64_t bits_per_s);
+/* tenant_cc.c */
+void nk_cc_set(struct nk_tenant *t, bool on);
+void nk_cc_tick(uint64_t now);
+uint64_t nk_cc_grant(struct nk_tenant *t, uint64_t now, uint64_t need, uint64_t *wait);
+void nk_cc_charge(struct nk_tenant *t, uint64_t n);
 void nk_nsm_set_bandwidth(struct nk_nsm *m, uint64_t bits_per_s);
 uint64_t nk_tenant_memory(const struct nk_tenant *t);
 

@@ -374,6 +374,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < n; i++) dispatch(&evs[i]);
     bool work = n > 0;
     nk_policy_wake_due(nk_now_ns());
+    nk_cc_tick(nk_now_ns());
     work |= scan_all();
     work |= run_active();
     nk_esock_reap();

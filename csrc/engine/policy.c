@@ -26,7 +26,7 @@
 #define NK_FAIR_RETRY_NS  200000ull        /* an ineligible tenant looks again after 0.2 ms */
 #define NK_REFUSAL_LOG_NS 1000000000ull
 
-static void bucket_set(struct nk_bucket *b, uint64_t rate) {
+void nk_bucket_set(struct nk_bucket *b, uint64_t rate) {
   b->rate = rate;
   uint64_t burst = rate * NK_BURST_NS / 1000000000ull;
   b->burst = burst > NK_BURST_MIN ? burst : NK_BURST_MIN;
@@ -34,7 +34,7 @@ static void bucket_set(struct nk_bucket *b, uint64_t rate) {
   b->last_ns = nk_now_ns();
 }
 
-static double bucket_refill(struct nk_bucket *b, uint64_t now) {
+double nk_bucket_refill(struct nk_bucket *b, uint64_t now) {
   if (now > b->last_ns) {
     /* Above the burst only by a late wake's credit (late_wake), kept until it is spent. */
     double cap = b->tokens > (double)b->burst ? b->tokens : (double)b->burst;
@@ -46,20 +46,20 @@ static double bucket_refill(struct nk_bucket *b, uint64_t now) {
 }
 
 /* Nanoseconds until the bucket holds need bytes. */
-static uint64_t bucket_wait(const struct nk_bucket *b, uint64_t need) {
+uint64_t nk_bucket_wait(const struct nk_bucket *b, uint64_t need) {
   if (b->tokens >= (double)need) return 0;
   return (uint64_t)(((double)need - b->tokens) * 1e9 / (double)b->rate) + 1000;
 }
 
 void nk_tenant_set_rate(struct nk_tenant *t, int dir, uint64_t bits_per_s) {
   t->rate[dir] = bits_per_s / 8;
-  bucket_set(&t->bucket[dir], t->rate[dir]);
+  nk_bucket_set(&t->bucket[dir], t->rate[dir]);
 }
 
 void nk_nsm_set_bandwidth(struct nk_nsm *m, uint64_t bits_per_s) {
   m->bandwidth_bps = bits_per_s;
   for (int d = 0; d < 2; d++)
-    bucket_set(&m->link[d], (uint64_t)((double)bits_per_s / 8 * NK_LINK_SHARE));
+    nk_bucket_set(&m->link[d], (uint64_t)((double)bits_per_s / 8 * NK_LINK_SHARE));
 }
 
 /* The smallest virtual time among the backlogged tenants sharing m (t itself included). */
@@ -90,15 +90,21 @@ static void throttle(struct nk_esock *es, int dir, uint64_t until) {
 uint64_t nk_policy_grant(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t want,
                          uint64_t need) {
   struct nk_tenant *t = es->t;
-  if (!m || want == 0 || (!t->rate[dir] && !m->link[dir].rate)) return want;
+  bool cc = dir == NK_TX && t->cc.rate;
+  if (!m || want == 0 || (!t->rate[dir] && !m->link[dir].rate && !cc)) return want;
   uint64_t now = nk_now_ns();
   uint64_t grant = want, wait = 0;
   if (t->rate[dir]) {
     struct nk_bucket *b = &t->bucket[dir];
     uint64_t n = need < b->burst ? need : b->burst;
-    double have = bucket_refill(b, now);
-    if (have < (double)n) wait = bucket_wait(b, n);
+    double have = nk_bucket_refill(b, now);
+    if (have < (double)n) wait = nk_bucket_wait(b, n);
     else if ((double)grant > have) grant = (uint64_t)have;
+  }
+  if (cc) {
+    uint64_t w = 0, have = nk_cc_grant(t, now, need, &w);
+    if (w > wait) wait = w;
+    else if (grant > have) grant = have;
   }
   if (m->link[dir].rate) {
     /* Coming back from idle: no credit for the time away. */
@@ -109,13 +115,13 @@ uint64_t nk_policy_grant(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_
     t->active_until[dir] = now + NK_BACKLOG_NS;
     struct nk_bucket *b = &m->link[dir];
     uint64_t n = need < b->burst ? need : b->burst;
-    double have = bucket_refill(b, now);
+    double have = nk_bucket_refill(b, now);
     if (t->vt[dir] > share_floor(t, m, dir, now) + NK_SLACK) {
-      uint64_t w = bucket_wait(b, n);
+      uint64_t w = nk_bucket_wait(b, n);
       w = w > NK_FAIR_RETRY_NS ? w : NK_FAIR_RETRY_NS;
       if (w > wait) wait = w;
     } else if (have < (double)n) {
-      uint64_t w = bucket_wait(b, n);
+      uint64_t w = nk_bucket_wait(b, n);
       if (w > wait) wait = w;
     } else if ((double)grant > have) {
       grant = (uint64_t)have;
@@ -144,6 +150,7 @@ void nk_policy_charge(struct nk_esock *es, struct nk_nsm *m, int dir, uint64_t n
   struct nk_tenant *t = es->t;
   m->bytes[dir] += n;
   if (t->rate[dir]) t->bucket[dir].tokens -= (double)n;
+  if (dir == NK_TX && t->cc.rate) nk_cc_charge(t, n);
   if (m->link[dir].rate) {
     m->link[dir].tokens -= (double)n;
     t->vt[dir] += (double)n / (double)(t->weight ? t->weight : 1);

@@ -44,7 +44,7 @@ socket_override: Path | None = None
 
 _NUMBER_OR_TEXT = (int, str)
 _POLICY_FIELDS: dict[str, tuple[type, ...]] = {key: _NUMBER_OR_TEXT for key in config.POLICY_PARSERS}
-_POLICY_FIELDS["shm"] = (bool, int, str)
+_POLICY_FIELDS["shm"] = _POLICY_FIELDS["tenant_cc"] = (bool, int, str)
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,13 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
         "both tenants must allow it)",
     )
     p.add_argument(
+        "--tenant-cc",
+        type=_argument_type(config.parse_switch, "switch"),
+        metavar="on|off",
+        help="tenant-level congestion control: at a congested link between hosts, all the "
+        "tenant's connections together take one share by weight (default off)",
+    )
+    p.add_argument(
         "--max-process-memory",
         type=_argument_type(config.parse_size, "size"),
         metavar="SIZE",
@@ -142,6 +149,7 @@ def _policy_args(args: argparse.Namespace) -> dict[str, Any]:
         "max_sockets": args.max_sockets,
         "max_memory": args.max_memory,
         "shm": args.shm,
+        "tenant_cc": args.tenant_cc,
         "max_process_memory": args.max_process_memory,
         "max_processes": args.max_processes,
     }
@@ -354,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="HOST=PREFIX",
         help="a host's IPv4 subnet instead of 198.18.(16*i).0/20",
+    )
+    lu.add_argument(
+        "--congestion-control",
+        metavar="NAME",
+        help="TCP congestion control of every host's NSM (default: the kernel's default)",
     )
     command(lsub, "down", help="stop the hosts' daemons and remove the lab")
     ls_ = command(lsub, "status", help="the hosts, their addresses and links")
@@ -908,7 +921,7 @@ def cmd_nsm(args: argparse.Namespace) -> int:
 def cmd_lab(args: argparse.Namespace) -> int:
     require_root()
     if args.lab_command == "up":
-        hosts = lab.plan(args.hosts, args.link, args.subnet)
+        hosts = lab.plan(args.hosts, args.link, args.subnet, args.congestion_control)
         lab.up(hosts)
         for h in hosts:
             link = ",".join(f"{k}={v}" for k, v in h.link.items()) or "unshaped"

@@ -286,6 +286,9 @@ class Policy:
     max_memory: int = 0
     # Connections to colocated tenants over shared memory; both ends' tenants must allow it.
     shm: bool = True
+    # Tenant-level congestion control (engine: tenant_cc.c): at a bottleneck between hosts the
+    # tenant's connections together take a share by weight, however many there are.
+    tenant_cc: bool = False
     # The tenant's cgroup (cgroups.py): memory of its processes, and how many there may be.
     max_process_memory: int = DEFAULT_PROCESS_MEMORY
     max_processes: int = DEFAULT_PROCESSES
@@ -302,6 +305,7 @@ class Policy:
             f"weight={self.weight} max_sockets={self.max_sockets or 'unlimited'} "
             f"max_memory={format_size(self.max_memory, zero='unlimited')} "
             f"shm={'on' if self.shm else 'off'} "
+            f"tenant_cc={'on' if self.tenant_cc else 'off'} "
             f"max_process_memory={format_size(self.max_process_memory, zero='unlimited')} "
             f"max_processes={self.max_processes or 'unlimited'}"
         )
@@ -314,6 +318,7 @@ POLICY_PARSERS: dict[str, Callable[[object], int | bool]] = {
     "max_sockets": parse_max_sockets,
     "max_memory": parse_size,
     "shm": parse_switch,
+    "tenant_cc": parse_switch,
     "max_process_memory": parse_size,
     "max_processes": parse_max_processes,
 }

@@ -57,6 +57,13 @@ class TenantStats:
     throttle_wakes: int  # its sockets woken after waiting for rate/link tokens
     throttle_late_ns: int  # how late past their due time, in total
     rate_late_credit: int  # rate tokens kept for it over late wakes (bytes)
+    tenant_cc: int  # tenant-level congestion control on (1) or off (0)
+    cc_rate: int  # the rate it may send now (bits/s), 0: not limited (no congestion seen)
+    cc_sent: int  # what it sends (bits/s, smoothed)
+    cc_qdelay_us: int  # queueing delay its sending connections saw at the last sample
+    cc_flows: int  # connections sampled then
+    cc_retrans: int  # segments its connections retransmitted, in all
+    cc_cuts: int  # times congestion cut its rate
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import cgroups, netns, pids
-from .config import parse_rate
+from .config import check_congestion_control, parse_rate
 from .errors import NetKernelError
 
 LAB_DIR = Path("/run/netkernel-lab")
@@ -63,6 +63,7 @@ class Host:
     ipv4_subnet: str
     ipv6_prefix: str
     link: dict[str, str] = field(default_factory=dict)
+    congestion_control: str | None = None  # its NSM's; None: the kernel's default
     cgroups: list[str] = field(default_factory=list)  # its daemon's, one per controller
 
     @property
@@ -124,11 +125,21 @@ def parse_link(text: str) -> tuple[str, dict[str, str]]:
     return host, out
 
 
-def plan(hosts: int, links: list[str], subnets: list[str]) -> list[Host]:
+def plan(
+    hosts: int, links: list[str], subnets: list[str], congestion_control: str | None = None
+) -> list[Host]:
     """The hosts to build; LabError for anything wrong, before anything exists."""
     if not 2 <= hosts <= MAX_HOSTS:
         raise LabError(f"--hosts {hosts}: a lab has 2 to {MAX_HOSTS} hosts")
-    out = [Host(f"h{i}", i, *default_subnets(i)) for i in range(1, hosts + 1)]
+    if congestion_control is not None:
+        try:
+            check_congestion_control(congestion_control)
+        except ValueError as e:
+            raise LabError(f"--congestion-control: {e}") from None
+    out = [
+        Host(f"h{i}", i, *default_subnets(i), congestion_control=congestion_control)
+        for i in range(1, hosts + 1)
+    ]
     by_name = {h.name: h for h in out}
 
     def host(name: str, what: str) -> Host:
@@ -183,6 +194,8 @@ def host_config(h: Host, hosts: list[Host]) -> str:
         *(f'"{o.zone}" = "{o.dns_server}"' for o in others),
         "",
     ]
+    if h.congestion_control:
+        lines += ["[[nsm]]", 'name = "kernel"', f'congestion_control = "{h.congestion_control}"', ""]
     return "\n".join(lines)
 
 
