@@ -11,7 +11,7 @@ and sinkb, sampled every 0.5 s on h3's clock, over the window where the senders 
 - equal weights with tenant_cc on: A:B should be ~1;
 - weights 2:1: A:B should be ~2;
 - B alone: its share of the link (utilisation);
-- B joins A after JOIN s: seconds until A:B stays within 0.8-1.25.
+- A joins B, and B joins A, after JOIN s: seconds until A:B stays within 0.8-1.25.
 
 Usage: python3 scripts/fairness.py [--rate 300mbit] [--seconds 15] [--json FILE] [--quick]
 Needs root and `pip install .`; builds and removes its own lab (fails if one is up).
@@ -91,10 +91,12 @@ def iperf(
         out["error"] = r.stdout[-2000:] + r.stderr[-2000:]
 
 
-def run_pair(seconds: float, join_after: float = 0.0, b_only: bool = False) -> dict[str, Any]:
-    """B (1 flow) for join_after + seconds, A (8 flows) for seconds from join_after on; the
-    receivers' byte counts every INTERVAL, on h3's clock: {"t": [...], "a": [...], "b": [...]}
-    (bits/s per interval), with the window where both sent marked by "both" (first, last)."""
+def run_pair(
+    seconds: float, join_after: float = 0.0, b_only: bool = False, late: str = "a"
+) -> dict[str, Any]:
+    """Both tenants for ``seconds``, the ``late`` one starting ``join_after`` s after the other
+    (which then runs join_after + seconds); the receivers' byte counts every INTERVAL, on h3's
+    clock: {"t": [...], "a": [...], "b": [...]} (bits/s per interval)."""
     res_a: dict[str, Any] = {}
     res_b: dict[str, Any] = {}
     total = seconds + join_after
@@ -104,11 +106,11 @@ def run_pair(seconds: float, join_after: float = 0.0, b_only: bool = False) -> d
         poll["r"] = on("h3", sys.executable, "-c", POLL, str(total + 3), str(INTERVAL), timeout=total + 60)
 
     threads = [threading.Thread(target=poller)]
-    threads.append(threading.Thread(target=iperf, args=("h2", "b", "sinkb", 1, total, 0.3, res_b)))
+    a_run, a_delay = (seconds, 0.3 + join_after) if late == "a" else (total, 0.3)
+    b_run, b_delay = (seconds, 0.3 + join_after) if late == "b" else (total, 0.3)
+    threads.append(threading.Thread(target=iperf, args=("h2", "b", "sinkb", 1, b_run, b_delay, res_b)))
     if not b_only:
-        threads.append(
-            threading.Thread(target=iperf, args=("h1", "a", "sinka", 8, seconds, 0.3 + join_after, res_a))
-        )
+        threads.append(threading.Thread(target=iperf, args=("h1", "a", "sinka", 8, a_run, a_delay, res_a)))
     for t in threads:
         t.start()
     for t in threads:
@@ -159,6 +161,7 @@ def convergence(r: dict[str, Any], join_at: float, lo: float, hi: float, end: fl
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", default="300mbit", help="the bottleneck (h3's link), default 300mbit")
+    ap.add_argument("--queue", default="5ms", help="the bottleneck's queue, in time (default 5ms)")
     ap.add_argument("--seconds", type=float, default=15, help="each run (default 15)")
     ap.add_argument("--join", type=float, default=5, help="B runs alone this long before A joins")
     ap.add_argument("--quick", action="store_true", help="6 s runs (CI)")
@@ -178,7 +181,7 @@ def main() -> int:
         "--hosts",
         "3",
         "--link",
-        f"h3:rate={args.rate}",
+        f"h3:rate={args.rate},queue={args.queue}",
         "--congestion-control",
         args.congestion_control,
     )
@@ -220,15 +223,17 @@ def main() -> int:
         _, b = window(alone, skip, b_only=True)
         fig["b_alone"] = {"b_mbit": b / 1e6, "utilisation": b / link, **alone}
         print(f"{'b_alone':>12}: B {b / 1e6:6.1f} Mbit/s  link {b / link:.2f}", flush=True)
-        join = run_pair(seconds, join_after=args.join)
-        first_a = next((t for t, a in zip(join["t"], join["a"], strict=True) if a > 0), args.join)
-        conv = convergence(join, first_a, 0.8, 1.25, first_a + seconds - 1)
-        fig["join"] = {"converged_s": conv, **join}
-        print(
-            f"{'join':>12}: A:B within 0.8-1.25 (1 s windows) "
-            f"{conv if conv is not None else 'never'} s after A started",
-            flush=True,
-        )
+        for late in ("a", "b"):
+            join = run_pair(seconds, join_after=args.join, late=late)
+            first = next((t for t, x in zip(join["t"], join[late], strict=True) if x > 0), args.join)
+            conv = convergence(join, first, 0.8, 1.25, first + seconds - 1)
+            name = f"{late}_joins"
+            fig[name] = {"converged_s": conv, **join}
+            print(
+                f"{name:>12}: A:B within 0.8-1.25 (1 s windows) "
+                f"{conv if conv is not None else 'never'} s after {late.upper()} started",
+                flush=True,
+            )
     finally:
         nk("lab", "down", check=False)
     if args.json:

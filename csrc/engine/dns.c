@@ -28,6 +28,22 @@ static bool dns_admit(struct nk_tenant *t) {
   return true;
 }
 
+/* A free entry for a query, or one whose answer never came (glibc gave up on it after 5 s
+ * long before); -1 when all are waiting for answers. */
+#define NK_DNS_STALE_NS 10000000000ull
+static int dns_entry(struct nk_tenant *t) {
+  uint64_t now = nk_now_ns();
+  for (unsigned k = 0; k < NK_DNS_PENDING; k++) {
+    unsigned idx = (t->dns_next + k) % NK_DNS_PENDING;
+    struct nk_dns_query *q = &t->dns_pending[idx];
+    if (!q->used || now - q->sent_ns > NK_DNS_STALE_NS) {
+      t->dns_next = idx + 1;
+      return (int)idx;
+    }
+  }
+  return -1;
+}
+
 int nk_dns_open(struct nk_tenant *t) {
   int fd = nk_in_netns(t->netns_fd, AF_INET, SOCK_DGRAM);
   if (fd < 0) return fd;
@@ -92,18 +108,23 @@ void nk_dns_event(struct nk_tenant *t, bool upstream) {
     if (n < 0) return;
     if (n < 12) continue; /* shorter than a DNS header */
     uint16_t id = (uint16_t)(buf[0] << 8 | buf[1]);
-    unsigned idx = id % NK_DNS_PENDING;
     if (!upstream) {
       if (!engine.dns_upstream.family) continue;
-      if (!dns_admit(t)) {
+      int idx = dns_entry(t);
+      if (idx < 0 || !dns_admit(t)) {
         t->dns_dropped++;
         continue;
       }
       t->dns_relayed++;
-      t->dns_pending[idx].id = id;
-      t->dns_pending[idx].used = true;
-      t->dns_pending[idx].client = from;
-      t->dns_pending[idx].len = fl;
+      struct nk_dns_query *q = &t->dns_pending[idx];
+      q->id = id;
+      q->up_id = (uint16_t)((unsigned)(++t->dns_gen) << 8 | (unsigned)idx);
+      q->used = true;
+      q->sent_ns = nk_now_ns();
+      q->client = from;
+      q->len = fl;
+      buf[0] = (uint8_t)(q->up_id >> 8);
+      buf[1] = (uint8_t)q->up_id;
       struct sockaddr_storage ss;
       socklen_t l = nk_addr_to_sa(&engine.dns_upstream, &ss);
       sendto(t->dns_up_fd, buf, (size_t)n, MSG_DONTWAIT, (struct sockaddr *)&ss, l);
@@ -113,8 +134,12 @@ void nk_dns_event(struct nk_tenant *t, bool upstream) {
       nk_addr_from_sa(&src, &from);
       if (!nk_addr_eq_ip(&src, &engine.dns_upstream) || src.port != engine.dns_upstream.port)
         continue;
-      if (!t->dns_pending[idx].used || t->dns_pending[idx].id != id) continue;
-      t->dns_pending[idx].used = false;
+      struct nk_dns_query *q = &t->dns_pending[id & (NK_DNS_PENDING - 1)];
+      if (!q->used || q->up_id != id) continue;
+      q->used = false;
+      buf[0] = (uint8_t)(q->id >> 8);
+      buf[1] = (uint8_t)q->id;
+      int idx = (int)(q - t->dns_pending);
       sendto(t->dns_fd, buf, (size_t)n, MSG_DONTWAIT,
              (struct sockaddr *)&t->dns_pending[idx].client, t->dns_pending[idx].len);
     }

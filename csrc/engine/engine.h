@@ -80,7 +80,7 @@ struct nk_cc {
   uint64_t rate;   /* bytes/s the tenant may send now; 0 = not limited (no congestion yet) */
   double cut_rate; /* what it delivered when last cut (bytes/s) */
   struct nk_bucket bucket;
-  uint64_t last_ns, last_tx_ns, cut_ns;
+  uint64_t last_ns, last_tx_ns, cut_ns, started_ns;
   uint64_t tx_mark;   /* the tenant's tx_bytes at the last tick */
   double sent_bps;    /* what it sent, smoothed (bytes/s) */
   uint32_t qdelay_us; /* its connections' queueing delay (srtt - min_rtt), last tick */
@@ -255,12 +255,19 @@ struct nk_tenant {
   uint64_t region_trimmed; /* bytes of free slots' ring pages taken back (tenant.c) */
   int diag_fd;             /* NETLINK_SOCK_DIAG in the tenant's namespace */
   bool dead;               /* deleted: freed after the current event batch */
-  struct {
-    uint16_t id;
+  /* Queries relayed and not answered yet. Each goes upstream under an id of the engine's
+   * (index | generation << 8): two queries that share an id (glibc's A and AAAA can, one time
+   * in 256; two programs can too) never take each other's answer (dns.c). */
+  struct nk_dns_query {
+    uint16_t id;    /* the client's */
+    uint16_t up_id; /* the one sent upstream */
     bool used;
+    uint64_t sent_ns;
     struct sockaddr_storage client;
     socklen_t len;
   } dns_pending[NK_DNS_PENDING];
+  uint32_t dns_next; /* where the search for a free entry starts */
+  uint8_t dns_gen;
   struct nk_tenant *next;
 };
 

@@ -25,9 +25,11 @@
 #define NK_CC_TICK_NS    10000000ull  /* 10 ms between samples */
 #define NK_CC_IDLE_NS    500000000ull /* no tx for 0.5 s: the limit is dropped */
 #define NK_CC_TARGET_US  1000         /* queueing delay above which the path is congested */
-#define NK_CC_BETA       0.10         /* a cut takes this much of the rate */
+#define NK_CC_BETA       0.07         /* a cut takes this much of the rate */
 #define NK_CC_STEP       (1.5e6 / 8)  /* bytes/s added per tick per unit of weight (150 Mbit/s/s) */
 #define NK_CC_MIN_RATE   (1e6 / 8)    /* never below 1 Mbit/s */
+#define NK_CC_DEPTH_MAX  4            /* a cut is at most 4 times NK_CC_BETA */
+#define NK_CC_GRACE_NS   100000000ull /* a tenant starting to send is not cut for 100 ms */
 #define NK_CC_PLATEAU    0.25         /* the slowest step, as a fraction of the full one */
 #define NK_CC_HOLD_TICKS 3            /* after a cut, let the queue drain before judging again */
 #define NK_CC_BURST_NS   2000000ull   /* the bucket holds 2 ms of the rate (at least 64 KiB) */
@@ -120,6 +122,7 @@ static void tick(struct nk_tenant *t, uint64_t now) {
     cc->flows = 0;
     return;
   }
+  if (now - cc->last_tx_ns > NK_CC_IDLE_NS) cc->started_ns = now; /* from idle */
   cc->last_tx_ns = now;
   if (dt <= 0) return;
   uint64_t retrans, acked;
@@ -130,11 +133,18 @@ static void tick(struct nk_tenant *t, uint64_t now) {
   double bps = (double)acked / dt;
   cc->sent_bps = cc->sent_bps ? 0.75 * cc->sent_bps + 0.25 * bps : bps;
   bool congested = retrans > 0 || cc->qdelay_us > NK_CC_TARGET_US;
-  bool holding = now - cc->cut_ns < NK_CC_HOLD_TICKS * NK_CC_TICK_NS;
+  /* No cut just after a cut (the queue needs time to drain) nor while the tenant's connections
+   * are starting (what they delivered so far says nothing of their share). */
+  bool holding =
+      now - cc->cut_ns < NK_CC_HOLD_TICKS * NK_CC_TICK_NS || now - cc->started_ns < NK_CC_GRACE_NS;
   if (congested && !holding) {
     double base = cc->rate && (double)cc->rate < cc->sent_bps ? (double)cc->rate : cc->sent_bps;
+    /* The deeper the queue, the deeper the cut (as DCTCP scales its cut by the marks seen):
+     * a tenant far over its share gives most of it back in one step. */
+    double depth = (double)cc->qdelay_us / NK_CC_TARGET_US;
+    double beta = NK_CC_BETA * (depth < 1 ? 1 : depth > NK_CC_DEPTH_MAX ? NK_CC_DEPTH_MAX : depth);
     cc->cut_rate = base;
-    set_rate(t, base * (1 - NK_CC_BETA), now);
+    set_rate(t, base * (1 - beta), now);
     cc->cut_ns = now;
     cc->cuts++;
   } else if (!congested && cc->rate) {

@@ -797,8 +797,30 @@ def cmd_conns(args: argparse.Namespace) -> int:
     return 0
 
 
-TOP_HEADERS = ["NAME", "NSM", "SOCKETS", "TX/S", "RX/S", "LIMIT-TX", "LIMIT-RX", "WEIGHT", "TX", "RX"]
+TOP_HEADERS = [
+    "NAME",
+    "NSM",
+    "SOCKETS",
+    "TX/S",
+    "RX/S",
+    "LIMIT-TX",
+    "LIMIT-RX",
+    "WEIGHT",
+    "CC-ALLOWED",
+    "QDELAY",
+    "RETRANS",
+    "TX",
+    "RX",
+]
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def _cc_allowed(t: dict[str, Any]) -> str | None:
+    """What tenant_cc lets the tenant send: off, no limit yet (no congestion seen), a rate."""
+    if not t["policy"]["tenant_cc"]:
+        return "off"
+    rate = t["cc_rate_bps"]
+    return None if rate is None else "unlimited" if rate == 0 else format_rate(rate) + "/s"
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -823,6 +845,11 @@ def cmd_top(args: argparse.Namespace) -> int:
                         _limit(t["policy"]["rate_tx"]),
                         _limit(t["policy"]["rate_rx"]),
                         t["policy"]["weight"],
+                        _cc_allowed(t),
+                        None
+                        if t["cc_queue_delay_seconds"] is None or not t["policy"]["tenant_cc"]
+                        else f"{t['cc_queue_delay_seconds'] * 1000:.2f}ms",
+                        t["cc_retransmits"] if t["policy"]["tenant_cc"] else None,
                         _bytes(t["tx_bytes"]),
                         _bytes(t["rx_bytes"]),
                     ]

@@ -87,6 +87,25 @@ class NetKernelCollector(Collector):
             "Engine rounds the tenant sat out for being over its share of engine time",
             labels=labels,
         )
+        cc_rate = GaugeMetricFamily(
+            "netkernel_tenant_cc_allowed_bps",
+            "Tenant-level congestion control: the egress rate it allows the tenant now, in bits/s "
+            "(0 = not limited: no congestion seen, or tenant_cc off)",
+            labels=labels,
+        )
+        cc_qdelay = GaugeMetricFamily(
+            "netkernel_tenant_cc_queue_delay_seconds",
+            "Queueing delay the tenant's sending connections see (smoothed RTT above their minimum)",
+            labels=labels,
+        )
+        cc_retrans = CounterMetricFamily(
+            "netkernel_tenant_cc_retransmits",
+            "Segments the tenant's connections retransmitted",
+            labels=labels,
+        )
+        cc_cuts = CounterMetricFamily(
+            "netkernel_tenant_cc_cuts", "Times congestion cut the tenant's allowed rate", labels=labels
+        )
         for t in snap.tenants:
             values = [t.name, t.nsm]
             s = t.stats
@@ -99,11 +118,16 @@ class NetKernelCollector(Collector):
                 memory.add_metric(values, float(s.memory))
                 engine.add_metric(values, s.engine_ns / 1e9)
                 skips.add_metric(values, float(s.engine_skips))
+                cc_rate.add_metric(values, float(s.cc_rate))
+                cc_qdelay.add_metric(values, s.cc_qdelay_us / 1e6)
+                cc_retrans.add_metric(values, float(s.cc_retrans))
+                cc_cuts.add_metric(values, float(s.cc_cuts))
             # The engine's view when it reports one, else the policy the daemon gave it.
             limit_tx.add_metric(values, float(s.rate_tx if s else t.policy.rate_tx))
             limit_rx.add_metric(values, float(s.rate_rx if s else t.policy.rate_rx))
             weight.add_metric(values, float(s.weight if s else t.policy.weight))
         yield from (tx, rx, refused, sockets, memory, engine, skips, limit_tx, limit_rx, weight)
+        yield from (cc_rate, cc_qdelay, cc_retrans, cc_cuts)
 
         nsm_tx = CounterMetricFamily("netkernel_nsm_tx_bytes", "Bytes sent through the NSM", labels=["nsm"])
         nsm_rx = CounterMetricFamily(

@@ -229,6 +229,13 @@ def ps(d: Daemon) -> list[dict[str, Any]]:
                 "throttle_wakes": s.throttle_wakes if s else None,
                 "throttle_late_seconds": s.throttle_late_ns / 1e9 if s else None,
                 "rate_late_credit_bytes": s.rate_late_credit if s else None,
+                # Tenant-level congestion control: the rate it may send now (0: not limited,
+                # no congestion seen), and the congestion its connections see.
+                "cc_rate_bps": s.cc_rate if s else None,
+                "cc_delivered_bps": s.cc_sent if s else None,
+                "cc_queue_delay_seconds": s.cc_qdelay_us / 1e6 if s else None,
+                "cc_retransmits": s.cc_retrans if s else None,
+                "cc_cuts": s.cc_cuts if s else None,
                 "policy": asdict(t.policy),
                 "draining": list(t.draining),
             }

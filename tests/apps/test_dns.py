@@ -186,3 +186,65 @@ def test_config_dns_hosts(nk_daemon, tenant, peer_ns, nk_tmpdir) -> None:
     finally:
         nk("down")
         nk("up", check=True)
+
+
+# Queries straight to the tenant's stub, with chosen ids: two that share an id modulo 256
+# (glibc's parallel A and AAAA do, one lookup in 256, and the stub once kept one of them per
+# id % 256: the other's answer was dropped and glibc waited 5 s), and the same id from two
+# sockets at once. Each must get its own answer, under its own id.
+RAW_IDS = r"""
+import socket, struct, sys
+
+def make_query(name, qtype, qid):
+    q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\x00" + struct.pack("!HH", qtype, 1)
+
+def answers(r):
+    pos = 12
+    while r[pos]:
+        pos += r[pos] + 1
+    pos += 5
+    out = []
+    for _ in range(struct.unpack_from("!H", r, 6)[0]):
+        rtype, _, _, n = struct.unpack_from("!HHIH", r, pos + 2)
+        pos += 12
+        if rtype == 1:
+            out.append(socket.inet_ntoa(r[pos : pos + n]))
+        pos += n
+    return out
+
+a, b = sys.argv[1], sys.argv[2]
+s1 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for s in (s1, s2):
+    s.settimeout(3)
+    s.connect(("127.0.0.53", 53))
+s1.send(make_query(a, 1, 0x0105))
+s1.send(make_query(b, 1, 0x0205))
+s2.send(make_query(b, 1, 0x0105))
+got = {}
+for s, tag in ((s1, "s1"), (s1, "s1"), (s2, "s2")):
+    r = s.recv(4096)
+    qid = struct.unpack_from("!H", r)[0]
+    got[(tag, hex(qid))] = answers(r)
+print(sorted(got.items()))
+"""
+
+
+def test_stub_keeps_queries_that_share_an_id_apart(tenant) -> None:
+    a = tenant(uname("dnsid"))
+    b = tenant(uname("dnsidb"))
+    proc = run_checked(
+        a, [PY, "-c", RAW_IDS, f"{a.name}.tenant.netkernel", f"{b.name}.tenant.netkernel"], timeout=60
+    )
+    assert proc.stdout.strip() == str(
+        sorted(
+            {
+                ("s1", "0x105"): [a.ipv4],
+                ("s1", "0x205"): [b.ipv4],
+                ("s2", "0x105"): [b.ipv4],
+            }.items()
+        )
+    ), describe(proc)

@@ -171,7 +171,8 @@ TENANT_LINE = (
     "refused_memory=0 slots=1024 engine_ns=5000 engine_skips=0 shm=1 fds=4 fd_limit=512 ctls=1 "
     "dns_relayed=2 dns_dropped=0 region_bytes=65536 region_trimmed=0 rings_shrunk=0 "
     "throttle_wakes=0 "
-    "throttle_late_ns=0 rate_late_credit=0"
+    "throttle_late_ns=0 rate_late_credit=0 tenant_cc=0 cc_rate=0 cc_sent=0 cc_qdelay_us=0 cc_flows=0 "
+    "cc_retrans=0 cc_cuts=0"
 )
 NSM_LINE = "nsm kernel type=kernel tenants=1 sockets=3 tx_bytes=100 rx_bytes=200 bandwidth=0 up=1 connects=0"
 
@@ -399,6 +400,7 @@ def test_ps_json_shape(nk_daemon: Daemon, tenant) -> None:  # type: ignore[no-un
             "max_sockets": config.ENGINE_SLOTS,
             "max_memory": 0,
             "shm": True,
+            "tenant_cc": False,
             "max_process_memory": 4 << 30,
             "max_processes": 4096,
         }
@@ -565,7 +567,7 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
         proc = nk("tenant", "set", "t-op", "--weight", "5", "--max-sockets", "5000", check=True)
         assert proc.stdout.strip() == (
             "tenant t-op: rate_tx=100Mbit rate_rx=100Mbit weight=5 "
-            "max_sockets=5000 max_memory=unlimited shm=on "
+            "max_sockets=5000 max_memory=unlimited shm=on tenant_cc=off "
             "max_process_memory=4GiB max_processes=4096"
         )
 

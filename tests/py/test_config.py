@@ -260,7 +260,8 @@ def test_policy_changes_and_caps() -> None:
     p = policy_with(Policy(), {"rate_tx": "200Mbit", "weight": "3", "max_memory": "512MiB"})
     assert p == Policy(rate_tx=200_000_000, weight=3, max_memory=512 << 20)
     assert p.engine_args() == (
-        f"rate_tx=200000000 rate_rx=0 weight=3 max_sockets={config.ENGINE_SLOTS} max_memory=536870912 shm=1"
+        f"rate_tx=200000000 rate_rx=0 weight=3 max_sockets={config.ENGINE_SLOTS} max_memory=536870912 shm=1 "
+        "tenant_cc=0"
     )
     # More sockets than the engine's slots could never open: capped there.
     assert policy_with(Policy(), {"max_sockets": 5000}).max_sockets == 5000
