@@ -164,7 +164,7 @@ def main() -> int:
     ap.add_argument("--queue", default="5ms", help="the bottleneck's queue, in time (default 5ms)")
     ap.add_argument("--seconds", type=float, default=15, help="each run (default 15)")
     ap.add_argument("--join", type=float, default=5, help="B runs alone this long before A joins")
-    ap.add_argument("--quick", action="store_true", help="6 s runs (CI)")
+    ap.add_argument("--quick", action="store_true", help="8 s runs (CI)")
     ap.add_argument(
         "--congestion-control",
         default="cubic",
@@ -172,7 +172,7 @@ def main() -> int:
     )
     ap.add_argument("--json", metavar="FILE", help="also write the figures there")
     args = ap.parse_args()
-    seconds = 6.0 if args.quick else args.seconds
+    seconds = 8.0 if args.quick else args.seconds
     skip = 2.0  # the first 2 s of each run are its start-up, not its share
     link = parse_rate(args.rate)
     nk(

@@ -5,8 +5,10 @@
  * Here every tenant with tenant_cc on gets one sending rate for all its connections through
  * its NSM, adjusted every tick (NK_CC_TICK_NS) from what those connections see, read from the
  * NSM's own TCP_INFO: retransmissions, and queueing delay (smoothed RTT above the connection's
- * minimum RTT). Congestion cuts the rate to (1 - NK_CC_BETA) of what the tenant was sending;
- * otherwise it grows by NK_CC_STEP per tick times the tenant's weight. This is AIMD per tenant
+ * minimum RTT), and bytes acknowledged (what the path delivered). Congestion cuts the rate to
+ * (1 - NK_CC_BETA x queue depth in targets, at most 4) of what the tenant delivered; otherwise
+ * it grows by NK_CC_STEP per tick times the tenant's weight (slower just below the rate of the
+ * last cut, where the path was full, as CUBIC does). This is AIMD per tenant
  * rather than per flow: tenants that share a bottleneck see its queue together, so their
  * rates converge to shares in proportion to their additive steps, i.e. to their weights, on
  * whatever host each runs, with no message between hosts and no knowledge of the link.
