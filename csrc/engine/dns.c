@@ -5,6 +5,7 @@
  * that need TCP come back truncated and glibc reports the failure. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 
@@ -118,7 +119,8 @@ void nk_dns_event(struct nk_tenant *t, bool upstream) {
       t->dns_relayed++;
       struct nk_dns_query *q = &t->dns_pending[idx];
       q->id = id;
-      q->up_id = (uint16_t)((unsigned)(++t->dns_gen) << 8 | (unsigned)idx);
+      /* The high byte random: an answer that guesses the id of a pending query is harder. */
+      q->up_id = (uint16_t)((arc4random() & 0xff) << 8 | (unsigned)idx);
       q->used = true;
       q->sent_ns = nk_now_ns();
       q->client = from;

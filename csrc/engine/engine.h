@@ -85,6 +85,7 @@ struct nk_cc {
   double sent_bps;    /* what it sent, smoothed (bytes/s) */
   uint32_t qdelay_us; /* its connections' queueing delay (srtt - min_rtt), last tick */
   uint32_t flows;     /* connections sampled at the last tick */
+  uint32_t cursor;    /* the slot the next sample starts at */
   uint64_t retrans;   /* segments its connections retransmitted, in all */
   uint64_t cuts;      /* times its rate was cut */
 };
@@ -256,7 +257,7 @@ struct nk_tenant {
   int diag_fd;             /* NETLINK_SOCK_DIAG in the tenant's namespace */
   bool dead;               /* deleted: freed after the current event batch */
   /* Queries relayed and not answered yet. Each goes upstream under an id of the engine's
-   * (index | generation << 8): two queries that share an id (glibc's A and AAAA can, one time
+   * (index | random << 8): two queries that share an id (glibc's A and AAAA can, one time
    * in 256; two programs can too) never take each other's answer (dns.c). */
   struct nk_dns_query {
     uint16_t id;    /* the client's */
@@ -267,7 +268,6 @@ struct nk_tenant {
     socklen_t len;
   } dns_pending[NK_DNS_PENDING];
   uint32_t dns_next; /* where the search for a free entry starts */
-  uint8_t dns_gen;
   struct nk_tenant *next;
 };
 

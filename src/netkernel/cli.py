@@ -815,12 +815,18 @@ TOP_HEADERS = [
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
-def _cc_allowed(t: dict[str, Any]) -> str | None:
-    """What tenant_cc lets the tenant send: off, no limit yet (no congestion seen), a rate."""
-    if not t["policy"]["tenant_cc"]:
-        return "off"
-    rate = t["cc_rate_bps"]
-    return None if rate is None else "unlimited" if rate == 0 else format_rate(rate) + "/s"
+def _cc_columns(t: dict[str, Any]) -> list[str | None]:
+    """CC-ALLOWED, QDELAY, RETRANS: what tenant_cc lets the tenant send (off, unlimited until
+    congestion is seen, or a rate) and the congestion its connections see. A daemon of an
+    older version reports none of it: blanks."""
+    if not t["policy"].get("tenant_cc"):
+        return ["off", None, None]
+    rate, qdelay = t.get("cc_rate_bps"), t.get("cc_queue_delay_seconds")
+    return [
+        None if rate is None else "unlimited" if rate == 0 else format_rate(rate) + "/s",
+        None if qdelay is None else f"{qdelay * 1000:.2f}ms",
+        t.get("cc_retransmits"),
+    ]
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -845,11 +851,7 @@ def cmd_top(args: argparse.Namespace) -> int:
                         _limit(t["policy"]["rate_tx"]),
                         _limit(t["policy"]["rate_rx"]),
                         t["policy"]["weight"],
-                        _cc_allowed(t),
-                        None
-                        if t["cc_queue_delay_seconds"] is None or not t["policy"]["tenant_cc"]
-                        else f"{t['cc_queue_delay_seconds'] * 1000:.2f}ms",
-                        t["cc_retransmits"] if t["policy"]["tenant_cc"] else None,
+                        *_cc_columns(t),
                         _bytes(t["tx_bytes"]),
                         _bytes(t["rx_bytes"]),
                     ]

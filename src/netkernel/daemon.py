@@ -56,6 +56,7 @@ from .config import (
 )
 from .daemon_log import configure_logging, log, log_event
 from .dns import TENANT_SUFFIX, Addrs, DNSServer, HostsFile
+from .dns import TTL as DNS_TTL
 from .dns import ask as dns_ask
 from .engine import EngineClient, EngineStats
 from .errors import (
@@ -70,6 +71,10 @@ from .errors import (
 from .keep import Keeper
 from .metrics import MetricsServer
 from .records import NSM, Tenant
+
+# Names asked of other hosts ([dns] forward) whose answers are kept; past this the table is
+# emptied (a tenant asking random names must not grow the daemon).
+FORWARD_CACHE_MAX = 4096
 
 
 class Daemon:
@@ -103,6 +108,7 @@ class Daemon:
         self.api: ApiServer | None = None
         self.metrics: MetricsServer | None = None
         self.hosts = HostsFile()
+        self._forward_cache: dict[str, tuple[float, Addrs | None]] = {}
         self.stop_event = threading.Event()
         self.stopping = False
         self.exit_code = 0
@@ -152,7 +158,9 @@ class Daemon:
             self._create_nsm(nsm_config)
         supervise.start_engine(self)
         self.engine_client.serve()  # no tenant yet: its processes may come at once
-        self.dns = DNSServer(str(self.config.bridge_ipv4), 53, self.resolve)
+        self.dns = DNSServer(
+            str(self.config.bridge_ipv4), 53, self.resolve, slow=lambda n: self.forward_server(n) is not None
+        )
         self.dns.start()
         log.info("dns: answering on %s:53", self.config.bridge_ipv4)
         missing = self.cgroups.missing()
@@ -269,13 +277,33 @@ class Daemon:
                 if t is None:
                     return None
                 return [ipaddress.ip_address(t.ipv4), ipaddress.ip_address(t.ipv6)]
-        for fzone, server in self.config.dns_forward:
-            if name.endswith("." + fzone):
-                return dns_ask(server, name)
+        server = self.forward_server(name)
+        if server is not None:
+            return self._forwarded(server, name)
         configured = [ipaddress.ip_address(a) for n, a in self.config.dns_hosts if n == name]
         if configured:
             return configured
         return self.hosts.lookup(name)
+
+    def forward_server(self, name: str) -> str | None:
+        """The DNS server of another host's zone that ``name`` is in ([dns] forward), if any."""
+        for fzone, server in self.config.dns_forward:
+            if name.endswith("." + fzone):
+                return server
+        return None
+
+    def _forwarded(self, server: str, name: str) -> Addrs | None:
+        """Another host's answer, kept for the answers' TTL: a tenant asking the same name in
+        a loop costs that host one question per TTL."""
+        now = time.monotonic()
+        hit = self._forward_cache.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        addrs = dns_ask(server, name)
+        if len(self._forward_cache) >= FORWARD_CACHE_MAX:
+            self._forward_cache.clear()
+        self._forward_cache[name] = (now + DNS_TTL, addrs)
+        return addrs
 
     # -- NSMs -------------------------------------------------------------------------------
     def get_nsm(self, name: str) -> NSM:
@@ -417,7 +445,9 @@ class Daemon:
                 policy or self.config.defaults,
                 rw=rw,
                 ro=ro,
-                uid_slot=sandbox.uid_slot(name),
+                # Its uid range belongs to its name; on a host with a DNS zone, to its full name
+                # there: the hosts of a lab share this machine's record and must not share uids.
+                uid_slot=sandbox.uid_slot(f"{name}.{self.config.dns_zone}" if self.config.dns_zone else name),
             )
             engine_added = False
             try:

@@ -15,7 +15,9 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ RCODE_FORMERR = 1
 RCODE_NXDOMAIN = 3
 RCODE_NOTIMP = 4
 TTL = 5  # tenants come and go; keep caches short
+MAX_FORWARDS = 64  # queries for other hosts' zones waiting for an answer, at most
+FORWARD_WORKERS = 4
 TENANT_SUFFIX = ".tenant.netkernel"
 
 Addrs = list[ipaddress.IPv4Address | ipaddress.IPv6Address]
@@ -145,12 +149,21 @@ class HostsFile:
 class DNSServer:
     """UDP responder on one address, served by a daemon thread."""
 
-    def __init__(self, host: str, port: int, resolve: Resolver) -> None:
+    def __init__(
+        self, host: str, port: int, resolve: Resolver, slow: Callable[[str], bool] | None = None
+    ) -> None:
+        """``slow(name)``: the name is answered by asking another host ([dns] forward); such
+        queries are answered by a few worker threads, at most MAX_FORWARDS waiting, so that a
+        slow or unreachable host never holds up the names this host answers itself."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.bind((host, port))
         self.address = self.sock.getsockname()
         self.resolve = resolve
+        self.slow = slow
+        self.forwards_dropped = 0
+        self._forwarding = threading.BoundedSemaphore(MAX_FORWARDS)
+        self._pool = ThreadPoolExecutor(max_workers=FORWARD_WORKERS, thread_name_prefix="dns-forward")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="dns", daemon=True)
 
@@ -165,6 +178,7 @@ class DNSServer:
         except OSError:
             pass
         self._thread.join(timeout=2)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.sock.close()
 
     def _serve(self) -> None:
@@ -177,23 +191,49 @@ class DNSServer:
                 continue
             if not query and self._stop.is_set():
                 return
-            try:
-                reply = build_response(query, self.resolve)
-            except Exception:  # a bad packet must never kill the responder
-                log.exception("dns: failed to answer a query from %s", peer)
-                continue
-            if reply is not None:
+            if self.slow is not None and self._is_slow(query):
+                if not self._forwarding.acquire(blocking=False):
+                    self.forwards_dropped += 1  # the client asks again, as of a busy resolver
+                    continue
                 try:
-                    self.sock.sendto(reply, peer)
-                except OSError as e:
-                    log.debug("dns: reply to %s failed: %s", peer, os.strerror(e.errno or 0))
+                    self._pool.submit(self._answer_forwarded, query, peer)
+                except RuntimeError:  # shut down meanwhile
+                    self._forwarding.release()
+                continue
+            self._answer(query, peer)
+
+    def _is_slow(self, query: bytes) -> bool:
+        try:
+            name = parse_query(query)[2]
+        except FormatError:
+            return False
+        return self.slow is not None and self.slow(name.rstrip("."))
+
+    def _answer_forwarded(self, query: bytes, peer: Any) -> None:
+        try:
+            self._answer(query, peer)
+        finally:
+            self._forwarding.release()
+
+    def _answer(self, query: bytes, peer: Any) -> None:
+        try:
+            reply = build_response(query, self.resolve)
+        except Exception:  # a bad packet must never kill the responder
+            log.exception("dns: failed to answer a query from %s", peer)
+            return
+        if reply is not None:
+            try:
+                self.sock.sendto(reply, peer)
+            except OSError as e:
+                log.debug("dns: reply to %s failed: %s", peer, os.strerror(e.errno or 0))
 
 
 def make_query(name: str, qtype: int, qid: int = 0x1234) -> bytes:
     """A standard recursive query (used by tests and `netkernel` diagnostics)."""
     q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
     for label in name.rstrip(".").split("."):
-        q += bytes([len(label)]) + label.encode()
+        raw = label.encode("utf-8", "replace")[:63]
+        q += bytes([len(raw)]) + raw
     return q + b"\x00" + struct.pack("!HH", qtype, QCLASS_IN)
 
 
@@ -220,16 +260,17 @@ def parse_answers(reply: bytes) -> tuple[int, list[str]]:
 
 
 def ask(server: str, name: str, timeout: float = 0.5) -> Addrs | None:
-    """A and AAAA of ``name`` from another host's responder (a zone in ``[dns] forward``); None
-    when it says NXDOMAIN or does not answer (logged: the zone's host may be down)."""
+    """A and AAAA of ``name`` from another host's responder (a zone in ``[dns] forward``),
+    each waited for at most ``timeout``; None when it says NXDOMAIN or does not answer
+    (logged: the zone's host may be down)."""
     family = socket.AF_INET6 if ":" in server else socket.AF_INET
     out: Addrs = []
     with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
-        s.connect((server, 53))
         for qtype in (QTYPE_A, QTYPE_AAAA):
             qid = int.from_bytes(os.urandom(2), "big")
             try:
+                s.connect((server, 53))
                 s.send(make_query(name, qtype, qid))
                 while True:  # skip stray datagrams: only the answer to this query counts
                     reply = s.recv(4096)

@@ -65,7 +65,7 @@ def allow_congestion_control(name: str) -> None:
 
 def build_bridge(c: Config) -> None:
     # The firewall first: no NSM ever reaches the host's services on the bridge address.
-    guard.install(BRIDGE, c.bridge_ipv4, c.bridge_ipv6, c.routes)
+    guard.install(BRIDGE, c.bridge_ipv4, c.bridge_ipv6, c.routes, (c.ipv4_subnet, c.ipv6_prefix))
     netns.bridge_add(BRIDGE)
     netns.addr_add(BRIDGE, f"{c.bridge_ipv4}/{c.ipv4_subnet.prefixlen}")
     netns.addr_add(BRIDGE, f"{c.bridge_ipv6}/{c.ipv6_prefix.prefixlen}")

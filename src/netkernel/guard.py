@@ -36,11 +36,20 @@ def table_name(bridge: str) -> str:
 Route = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _routed(bridge: str, routes: tuple[Route, ...]) -> tuple[str, str]:
+def _routed(bridge: str, routes: tuple[Route, ...], own: tuple[Route, ...]) -> tuple[str, str]:
     """Rules for the config's routes: NSMs may reach those prefixes through the host, and be
     reached from them, but what comes from there is kept off the host's own services as what
-    comes over the bridge is."""
+    comes over the bridge is. Only this host's own subnets may leave the bridge (no NSM can
+    spoof today; this keeps it so). A host is kept from the prefixes it lists itself: routes
+    between hosts must be listed on both."""
     fwd, inp = [], []
+    if routes:
+        for o in own:
+            fam = "ip" if o.version == 4 else "ip6"
+            fwd.append(
+                f'    iifname "{bridge}" meta nfproto {"ipv4" if o.version == 4 else "ipv6"} '
+                f'{fam} saddr != {o} counter drop comment "only this host\'s addresses leave it"'
+            )
     for r in routes:
         fam = "ip" if r.version == 4 else "ip6"
         fwd.append(f'    iifname "{bridge}" {fam} daddr {r} accept')
@@ -51,10 +60,14 @@ def _routed(bridge: str, routes: tuple[Route, ...]) -> tuple[str, str]:
 
 
 def ruleset(
-    bridge: str, v4: ipaddress.IPv4Address, v6: ipaddress.IPv6Address, routes: tuple[Route, ...] = ()
+    bridge: str,
+    v4: ipaddress.IPv4Address,
+    v6: ipaddress.IPv6Address,
+    routes: tuple[Route, ...] = (),
+    own: tuple[Route, ...] = (),
 ) -> str:
     t = table_name(bridge)
-    fwd, inp = _routed(bridge, routes)
+    fwd, inp = _routed(bridge, routes, own)
     return f"""table inet {t} {{
   chain input {{
     type filter hook input priority -10; policy accept;
@@ -78,7 +91,11 @@ def _nft(script: str) -> subprocess.CompletedProcess[str]:
 
 
 def install(
-    bridge: str, v4: ipaddress.IPv4Address, v6: ipaddress.IPv6Address, routes: tuple[Route, ...] = ()
+    bridge: str,
+    v4: ipaddress.IPv4Address,
+    v6: ipaddress.IPv6Address,
+    routes: tuple[Route, ...] = (),
+    own: tuple[Route, ...] = (),
 ) -> None:
     """The table, replacing any earlier one of this bridge."""
     if shutil.which(NFT) is None:
@@ -87,7 +104,7 @@ def install(
             "away from the host's own services (apt-get install nftables)"
         )
     remove(bridge)
-    r = _nft(ruleset(bridge, v4, v6, routes))
+    r = _nft(ruleset(bridge, v4, v6, routes, own))
     if r.returncode != 0:
         raise GuardError(f"cannot install the host firewall for {bridge}: {r.stderr.strip()}")
 

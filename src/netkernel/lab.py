@@ -4,9 +4,10 @@ Each host is a network namespace ``nklab-<host>`` (its "host network") in which 
 in a mount namespace of its own: its /run/netkernel (bound from the lab's directory, so the
 lab can read its pid file), its /run/netns (a tmpfs: its NSM and tenant namespaces are
 invisible to the other hosts) and its /var/log, and its own cgroup (``netkernel-lab.<host>``
-beside the caller's), under which it makes its tenants' cgroups. Everything else — the
-installed netkernel, /etc, /var/lib/netkernel (so tenant uid ranges never collide) — is the
-machine's. Each daemon builds its own bridge, NSMs and tenants exactly as on a real host.
+below the caller's), under which it makes its tenants' cgroups. Everything else — the
+installed netkernel, /etc, /var/lib/netkernel — is the machine's: tenant uid ranges are
+recorded there by full name (``web.h1.lab``), so tenants of different hosts never share one.
+Each daemon builds its own bridge, NSMs and tenants exactly as on a real host.
 
 The fabric joins the hosts: a namespace ``nklab-fabric`` holding a bridge, one veth per host
 (``fab0`` in the host, ``<host>`` on the bridge), 100.64.0.<i>/24 and fd6e:6bff::<i>/64 on the
@@ -25,6 +26,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -46,7 +48,6 @@ FABRIC_V4 = ipaddress.IPv4Network("100.64.0.0/24")
 FABRIC_V6 = ipaddress.IPv6Network("fd6e:6bff::/64")
 CGROUP_PREFIX = "netkernel-lab."
 MAX_HOSTS = 8
-_HOST_RE = re.compile(r"^h[1-9]$")
 _LINK_KEYS = ("rate", "delay", "loss", "queue")
 _TIME_RE = re.compile(r"^\d+(\.\d+)?(us|ms|s)$")
 _LOSS_RE = re.compile(r"^\d+(\.\d+)?%$")
@@ -263,11 +264,12 @@ def _start_daemon(h: Host) -> None:
     dirs = h.cgroups
     for cg in dirs:
         Path(cg).mkdir(exist_ok=True)
+    q = shlex.quote
     script = (
-        f"mount --bind {run_dir} /run/netkernel && "
+        f"mount --bind {q(str(run_dir))} /run/netkernel && "
         "mount -t tmpfs -o mode=0755,size=1m nklab-netns /run/netns && "
-        f"mount --bind {log_dir} /var/log && "
-        f'exec "$0" -m netkernel up --config {conf}'
+        f"mount --bind {q(str(log_dir))} /var/log && "
+        f'exec "$0" -m netkernel up --config {q(str(conf))}'
     )
     r = subprocess.run(
         [
@@ -284,6 +286,7 @@ def _start_daemon(h: Host) -> None:
         ],
         capture_output=True,
         text=True,
+        cwd="/",  # `python -m` imports from the working directory first
         preexec_fn=lambda: _enter_cgroups(dirs),
     )
     if r.returncode != 0:
@@ -293,6 +296,13 @@ def _start_daemon(h: Host) -> None:
             else ""
         )
         raise LabError(f"host {h.name}: the daemon did not start: {(r.stderr or r.stdout).strip()}\n{log}")
+    # Its tenants' cgroups are made below its own: hosts sharing one would share them.
+    pid = daemon_pid(h)
+    own = Path(f"/proc/{pid}/cgroup").read_text() if pid else ""
+    if dirs and f"/{CGROUP_PREFIX}{h.name}" not in own:
+        raise LabError(
+            f"host {h.name}: its daemon is not in its cgroup {CGROUP_PREFIX}{h.name} ({own.strip()!r})"
+        )
 
 
 def up(hosts: list[Host]) -> None:
@@ -362,12 +372,17 @@ def load() -> list[Host]:
 
 
 def daemon_pid(h: Host) -> int | None:
+    """The host's daemon, if it runs: the pid in its pid file, and only while that process is
+    in the host's network namespace (a pid reused by another program, the machine's own daemon
+    say, must never be entered or stopped as a lab host)."""
     try:
         pid = int((h.dir / "run" / "daemon.pid").read_text())
-        os.kill(pid, 0)
-        return pid
     except (OSError, ValueError):
         return None
+    want = netns.netns_inode(netns.netns_path(h.netns))
+    if want is None or netns.netns_inode(Path(f"/proc/{pid}/ns/net")) != want:
+        return None
+    return pid
 
 
 def exec_argv(h: Host, cmd: list[str]) -> list[str]:

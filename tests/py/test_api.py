@@ -195,6 +195,21 @@ def test_top_prints_one_json_object_per_refresh(
     out = capsys.readouterr().out
     assert "\x1b[" not in out  # not a terminal: plain successive tables
     assert out.count("NAME") == 2 and "8Mbit/s" in out
+    assert "CC-ALLOWED" in out and " off " in out  # tenant_cc not in its policy: off
+
+    # With tenant_cc: the rate it allows now and the congestion seen.
+    cc = {
+        **tenant,
+        "name": "db",
+        "policy": {**tenant["policy"], "tenant_cc": True},  # type: ignore[dict-item]
+        "cc_rate_bps": 120_000_000,
+        "cc_queue_delay_seconds": 0.0015,
+        "cc_retransmits": 7,
+    }
+    monkeypatch.setattr(srv, "handlers", {**srv.handlers, "ps": lambda req: {"tenants": [cc]}})
+    assert cli.main(["top", "--iterations", "1", "--interval", "0.01"]) == 0
+    row = next(ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("db "))
+    assert row[0] == "db" and ["120Mbit/s", "1.50ms", "7"] == row[8:11], row
 
 
 def test_daemon_error_text_reaches_the_cli(

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -160,6 +161,40 @@ def test_dns_responder(tmp_path: Path) -> None:
     finally:
         c.close()
         server.stop()
+
+
+def test_dns_forwarded_zones_do_not_hold_up_local_names() -> None:
+    """Names another host answers ([dns] forward) are asked by worker threads: a host that does
+    not answer delays only those, and at most MAX_FORWARDS wait."""
+    import ipaddress
+
+    release = threading.Event()
+
+    def resolve(name: str) -> dns.Addrs | None:
+        if name.endswith(".h3.lab"):
+            release.wait(5)  # the other host is slow
+            return [ipaddress.ip_address("198.18.49.1")]
+        return [ipaddress.ip_address("198.18.17.1")] if name == "a.h1.lab" else None
+
+    server = dns.DNSServer("127.0.0.1", 0, resolve, slow=lambda n: n.endswith(".h3.lab"))
+    server.start()
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(2)
+    try:
+        for i in range(dns.MAX_FORWARDS + 10):
+            c.sendto(dns.make_query(f"n{i}.h3.lab", dns.QTYPE_A, qid=i), server.address)
+        c.sendto(dns.make_query("a.h1.lab", dns.QTYPE_A, qid=0xF00D), server.address)
+        reply = c.recv(512)  # the local name first, while every forward waits
+        assert reply[:2] == b"\xf0\x0d" and dns.parse_answers(reply) == (0, ["198.18.17.1"])
+        release.set()
+        answered = set()
+        while len(answered) < dns.MAX_FORWARDS:
+            answered.add(struct.unpack_from("!H", c.recv(512))[0])
+        assert server.forwards_dropped == 10
+    finally:
+        release.set()
+        server.stop()
+        c.close()
 
 
 # -- engine admin client against a fake admin server -----------------------------------------
@@ -557,6 +592,7 @@ def test_operator_control(nk_daemon: Daemon, tmp_path: Path, peer_ns) -> None:  
             "max_sockets": 64,
             "max_memory": 512 << 20,
             "shm": False,
+            "tenant_cc": False,
             "max_process_memory": 4 << 30,
             "max_processes": 4096,
         }
