@@ -274,7 +274,7 @@ def test_policy_changes_and_caps() -> None:
         policy_with(Policy(), {"burst": 1})
     # The shared-memory switch: TOML booleans, on/off from the command line.
     assert policy_with(Policy(), {"shm": False}).shm is False
-    assert policy_with(Policy(), {"shm": "off"}).engine_args().endswith("shm=0")
+    assert policy_with(Policy(), {"shm": "off"}).engine_args().endswith("shm=0 tenant_cc=0")
     with pytest.raises(ValueError, match=r"^shm: 'sometimes' is not a switch; use true or false"):
         policy_with(Policy(), {"shm": "sometimes"})
 
