@@ -11,7 +11,8 @@ and sinkb, sampled every 0.5 s on h3's clock, over the window where the senders 
 - equal weights with tenant_cc on: A:B should be ~1;
 - weights 2:1: A:B should be ~2;
 - B alone: its share of the link (utilisation);
-- A joins B, and B joins A, after JOIN s: seconds until A:B stays within 0.8-1.25.
+- A joins B, and B joins A, after JOIN s: seconds until A:B stays within 0.8-1.25; and when
+  the one that joined leaves, seconds until the other has 0.9 of what B got alone again.
 
 Usage: python3 scripts/fairness.py [--rate 300mbit] [--seconds 15] [--json FILE] [--quick]
 Needs root and `pip install .`; builds and removes its own lab (fails if one is up).
@@ -92,14 +93,14 @@ def iperf(
 
 
 def run_pair(
-    seconds: float, join_after: float = 0.0, b_only: bool = False, late: str = "a"
+    seconds: float, join_after: float = 0.0, b_only: bool = False, late: str = "a", stay: float = 0.0
 ) -> dict[str, Any]:
-    """Both tenants for ``seconds``, the ``late`` one starting ``join_after`` s after the other
-    (which then runs join_after + seconds); the receivers' byte counts every INTERVAL, on h3's
-    clock: {"t": [...], "a": [...], "b": [...]} (bits/s per interval)."""
+    """Both tenants for ``seconds``, the ``late`` one starting ``join_after`` s after the other,
+    which runs on ``stay`` s after the late one has left; the receivers' byte counts every
+    INTERVAL, on h3's clock: {"t": [...], "a": [...], "b": [...]} (bits/s per interval)."""
     res_a: dict[str, Any] = {}
     res_b: dict[str, Any] = {}
-    total = seconds + join_after
+    total = seconds + join_after + stay
     poll: dict[str, Any] = {}
 
     def poller() -> None:
@@ -141,6 +142,18 @@ def window(r: dict[str, Any], skip: float, b_only: bool = False) -> tuple[float,
     if not idx:
         raise SystemExit(f"no steady traffic measured: {r}")
     return sum(r["a"][i] for i in idx) / len(idx), sum(r["b"][i] for i in idx) / len(idx)
+
+
+def regain(r: dict[str, Any], stays: str, left_at: float, want: float) -> float | None:
+    """Seconds from the other tenant's last bytes until ``stays`` gets ``want`` bits/s (1 s
+    windows)."""
+    idx = [i for i, t in enumerate(r["t"]) if t > left_at]
+    per = int(round(1 / INTERVAL))
+    for k in range(len(idx) - per + 1):
+        w = idx[k : k + per]
+        if sum(r[stays][i] for i in w) / per >= want:
+            return round(r["t"][w[-1]] - left_at, 2)
+    return None
 
 
 def convergence(r: dict[str, Any], join_at: float, lo: float, hi: float, end: float) -> float | None:
@@ -223,15 +236,23 @@ def main() -> int:
         _, b = window(alone, skip, b_only=True)
         fig["b_alone"] = {"b_mbit": b / 1e6, "utilisation": b / link, **alone}
         print(f"{'b_alone':>12}: B {b / 1e6:6.1f} Mbit/s  link {b / link:.2f}", flush=True)
+        stay = 4.0
         for late in ("a", "b"):
-            join = run_pair(seconds, join_after=args.join, late=late)
+            join = run_pair(seconds, join_after=args.join, late=late, stay=stay)
+            stays = "b" if late == "a" else "a"
             first = next((t for t, x in zip(join["t"], join[late], strict=True) if x > 0), args.join)
-            conv = convergence(join, first, 0.8, 1.25, first + seconds - 1)
+            last = max(t for t, x in zip(join["t"], join[late], strict=True) if x > 0)
+            conv = convergence(join, first, 0.8, 1.25, last - INTERVAL)
+            # When the late one leaves, the other should have the link again (0.9 of what B got
+            # alone).
+            back = regain(join, stays, last, 0.9 * b)
             name = f"{late}_joins"
-            fig[name] = {"converged_s": conv, **join}
+            fig[name] = {"converged_s": conv, "regained_s": back, **join}
             print(
                 f"{name:>12}: A:B within 0.8-1.25 (1 s windows) "
-                f"{conv if conv is not None else 'never'} s after {late.upper()} started",
+                f"{conv if conv is not None else 'never'} s after {late.upper()} started; "
+                f"{stays.upper()} back at 0.9 of the link {back if back is not None else 'never'} s "
+                f"after {late.upper()} left",
                 flush=True,
             )
     finally:

@@ -212,6 +212,11 @@ def tenant_add_line(name: str, netns_path: str, nsm: str, ipv4: str, ipv6: str) 
     return f"tenant-add {name} {netns_path} {nsm} {ipv4} {ipv6}"
 
 
+def tenant_set_line(name: str, settings: str) -> str:
+    """``settings``: ``key=value ...`` (see config.Policy.engine_args)."""
+    return f"tenant-set {name} {settings}"
+
+
 def tenant_id(reply: Reply) -> int:
     """The engine's id for a tenant it added (-1 if it did not say)."""
     try:
@@ -328,7 +333,7 @@ class EngineClient:
 
     def tenant_set(self, name: str, settings: str) -> None:
         """``settings``: ``key=value ...`` (see config.Policy.engine_args)."""
-        self.request(f"tenant-set {name} {settings}")
+        self.request(tenant_set_line(name, settings))
 
     def tenant_move(self, name: str, nsm: str) -> None:
         self.request(f"tenant-move {name} {nsm}")

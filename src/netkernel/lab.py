@@ -243,7 +243,7 @@ def _shape(netns_name: str, dev: str, link: dict[str, str]) -> None:
 
 
 def _host_cgroup_dirs(name: str) -> list[str]:
-    """Beside the caller's own cgroup, per controller (as a service manager would give)."""
+    """Below the caller's own cgroup, per controller (as a service manager would give)."""
     return sorted({str(p.base / f"{CGROUP_PREFIX}{name}") for p in cgroups.discover().values()})
 
 

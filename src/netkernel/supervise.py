@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from . import netns
 from .config import ADMIN_SOCKET, ENGINE_PID_FILE, ENGINE_SOCKET, engine_binary, format_rate, lwip_binary
 from .daemon_log import engine_log_relay, log, log_event
-from .engine import tenant_add_line, tenant_id, wait_ready
+from .engine import tenant_add_line, tenant_id, tenant_set_line, wait_ready
 from .errors import EngineError, NSMError
 from .fabric import LWIP_TAP
 from .records import NSM
@@ -316,7 +316,7 @@ def restart_engine(d: Daemon, binary: Path | None = None) -> None:
     lines: list[str] = []
     for t in tenants:
         lines.append(tenant_add_line(t.name, str(netns.netns_path(t.netns)), t.nsm, t.ipv4, t.ipv6))
-        lines.append(f"tenant-set {t.name} {t.policy.engine_args()}")
+        lines.append(tenant_set_line(t.name, t.policy.engine_args()))
     # In one batch, with `serve` last: the data path waits on this (see EngineClient.pipeline).
     replies = d.engine_client.pipeline([*lines, "serve"])
     for i, t in enumerate(tenants):
