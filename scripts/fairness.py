@@ -257,9 +257,10 @@ def main() -> int:
             )
     finally:
         nk("lab", "down", check=False)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(fig, f, indent=1)
+        # Written even when a run failed part-way, so that what was measured is kept.
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(fig, f, indent=1)
     return 0
 
 

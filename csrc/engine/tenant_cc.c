@@ -30,7 +30,7 @@
 #define NK_CC_BETA       0.07         /* a cut takes this much of the rate */
 #define NK_CC_STEP       (1.5e6 / 8)  /* bytes/s added per tick per unit of weight (150 Mbit/s/s) */
 #define NK_CC_MIN_RATE   (1e6 / 8)    /* never below 1 Mbit/s */
-#define NK_CC_DEPTH_MAX  4            /* a cut is at most 4 times NK_CC_BETA */
+#define NK_CC_DEPTH_MAX  2            /* a cut is at most 2 times NK_CC_BETA */
 #define NK_CC_GRACE_NS   100000000ull /* a tenant starting to send is not cut for 100 ms */
 #define NK_CC_PLATEAU    0.25         /* the slowest step, as a fraction of the full one */
 #define NK_CC_HOLD_TICKS 3            /* after a cut, let the queue drain before judging again */

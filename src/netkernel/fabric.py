@@ -54,7 +54,14 @@ def allow_congestion_control(name: str) -> None:
     key = "net.ipv4.tcp_allowed_congestion_control"
     allowed = (netns.sysctl_get(key) or "").split()
     if name not in allowed:
-        netns.sysctl(key, " ".join([*allowed, name]))
+        try:
+            netns.sysctl(key, " ".join([*allowed, name]))
+        except NetKernelError as e:
+            # Only the host's own namespace may change it (a lab host's daemon cannot).
+            raise NetKernelError(
+                f"{e}: {name!r} is not in the host's {key} ({' '.join(allowed)}); add it from "
+                f"the host's network namespace: sysctl -w {key}=\"{' '.join([*allowed, name])}\""
+            ) from None
         log_event(
             "host_sysctl_changed",
             key=key,

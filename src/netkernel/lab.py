@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import cgroups, netns, pids
+from . import cgroups, fabric, netns, pids
 from .config import check_congestion_control, parse_rate
 from .errors import NetKernelError
 
@@ -320,6 +320,10 @@ def up(hosts: list[Host]) -> None:
 
 
 def _build(hosts: list[Host]) -> None:
+    # A host's daemon runs in a network namespace, where the host-wide list of allowed
+    # congestion controls is read-only: add its NSMs' algorithm from here.
+    for cc in {h.congestion_control for h in hosts if h.congestion_control}:
+        fabric.allow_congestion_control(cc)
     netns.netns_add(FABRIC_NETNS)
     netns.ip("link", "add", FABRIC_BRIDGE, "type", "bridge", netns=FABRIC_NETNS)
     for dev in ("lo", FABRIC_BRIDGE):

@@ -28,6 +28,7 @@ def test_tenants_share_a_bottleneck_between_hosts_by_weight(tmp_path: Path) -> N
     print(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
     fig = json.loads(out.read_text())
+    # Each figure's line is in r.stdout, which pytest shows when an assertion below fails.
     # The control: without tenant_cc, Linux shares per flow and A's 8 flows take most of the
     # link. This is what shows the bottleneck is real and shared.
     assert fig["control"]["ratio"] > 2.0, fig["control"]["ratio"]
