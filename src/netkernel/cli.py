@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__, api, bench, config, lab, netns
+from . import __version__, api, bench, config, lab, netns, vm
 from . import tenant as launcher
 from .config import (
     ENGINE_PID_FILE,
@@ -374,6 +374,30 @@ def build_parser() -> argparse.ArgumentParser:
     le = command(lsub, "exec", help="run a command on a host (e.g. netkernel run ... there)")
     le.add_argument("host")
     le.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    v = command(sub, "vm", help="VM tenants: QEMU guests whose only network is NetKernel")
+    vsub = v.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    vs = command(vsub, "start", help="boot a VM as tenant NAME (created if needed); it has no NIC")
+    vs.add_argument("name")
+    vs.add_argument(
+        "--memory", default="512M", metavar="SIZE", help="guest memory, e.g. 512M or 2G (default 512M)"
+    )
+    vs.add_argument("--cpus", type=_argument_type(_positive_int, "count"), default=1, help="default: 1")
+    vs.add_argument("--nsm", help="the tenant's NSM (default: the first)")
+    vs.add_argument(
+        "--accel",
+        choices=("tcg", "kvm"),
+        help="force QEMU's accelerator (default: tcg; this machine's KVM cannot run a stock kernel)",
+    )
+    vt = command(vsub, "stop", help="power the VM off (its tenant stays; `tenant delete` removes it)")
+    vt.add_argument("name")
+    vl = command(vsub, "list", help="running VMs")
+    vl.add_argument("--json", action="store_true")
+    ve = command(vsub, "exec", help="run a command in the VM; its output and exit status come back")
+    ve.add_argument("name")
+    ve.add_argument("--cwd", default="/", help="its working directory in the guest (default /)")
+    ve.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="add to its environment")
+    ve.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     return p
 
 
@@ -997,6 +1021,67 @@ def cmd_lab(args: argparse.Namespace) -> int:
     os.execvp(argv[0], argv)
 
 
+def cmd_vm(args: argparse.Namespace) -> int:
+    require_root()
+    if args.vm_command == "start":
+        st = vm.start(
+            args.name, vm.parse_memory(args.memory), args.cpus, vm.accel_choice(args.accel), args.nsm
+        )
+        print(
+            f"vm {st['name']} up in {st['boot_s']:.1f} s ({st['accel']}, {st['cpus']} cpu, "
+            f"{st['memory_mib']} MiB): tenant {st['tenant']}, {st['ipv4']}, {st['ipv6']}; no NIC "
+            f"(run commands with `netkernel vm exec {st['name']} -- CMD`)"
+        )
+        return 0
+    if args.vm_command == "stop":
+        vm.stop(args.name)
+        print(f"vm {args.name} stopped")
+        return 0
+    if args.vm_command == "list":
+        rows = vm.vms()
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(
+                table(
+                    ["NAME", "TENANT", "ACCEL", "CPUS", "MEMORY", "UP", "QEMU-PID", "IPV4"],
+                    [
+                        [
+                            r["name"],
+                            r["tenant"],
+                            r["accel"],
+                            r["cpus"],
+                            f"{r['memory_mib']}M",
+                            f"{time.time() - r['started']:.0f}s",
+                            r["qemu"],
+                            r["ipv4"],
+                        ]
+                        for r in rows
+                    ],
+                )
+            )
+        return 0
+    cmd = list(args.cmd)
+    # Options may also come after NAME (argparse hands everything after it to cmd).
+    while cmd and cmd[0] in ("--cwd", "--env") and len(cmd) > 1:
+        if cmd[0] == "--cwd":
+            args.cwd = cmd[1]
+        else:
+            args.env.append(cmd[1])
+        cmd = cmd[2:]
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        args.parser.error("vm exec: missing command (usage: netkernel vm exec NAME -- CMD [ARGS...])")
+    env = {}
+    for kv in args.env:
+        key, eq, value = kv.partition("=")
+        if not eq or not key:
+            args.parser.error(f"vm exec: --env {kv!r}: give it as KEY=VALUE")
+        env[key] = value
+    return vm.exec_(args.name, cmd, cwd=args.cwd, env=env)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up,
     "down": cmd_down,
@@ -1010,6 +1095,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "nsm": cmd_nsm,
     "bench": bench.main,
     "lab": cmd_lab,
+    "vm": cmd_vm,
 }
 
 

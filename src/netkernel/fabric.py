@@ -60,7 +60,7 @@ def allow_congestion_control(name: str) -> None:
             # Only the host's own namespace may change it (a lab host's daemon cannot).
             raise NetKernelError(
                 f"{e}: {name!r} is not in the host's {key} ({' '.join(allowed)}); add it from "
-                f"the host's network namespace: sysctl -w {key}=\"{' '.join([*allowed, name])}\""
+                f'the host\'s network namespace: sysctl -w {key}="{" ".join([*allowed, name])}"'
             ) from None
         log_event(
             "host_sysctl_changed",
