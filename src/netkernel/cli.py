@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     vs.add_argument(
         "--accel",
         choices=("tcg", "kvm"),
-        help="force QEMU's accelerator (default: tcg; this machine's KVM cannot run a stock kernel)",
+        help="force QEMU's accelerator (default: kvm where hardware KVM is present, else tcg)",
     )
     vt = command(vsub, "stop", help="power the VM off (its tenant stays; `tenant delete` removes it)")
     vt.add_argument("name")

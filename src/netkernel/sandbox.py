@@ -212,7 +212,7 @@ def _become_tenant(rec: dict[str, Any], holder: int | None) -> None:
 # -- the holder: the namespaces all processes of a tenant share ---------------------------
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
@@ -220,7 +220,7 @@ def _start_time(pid: int) -> str | None:
 
 
 def _holder_alive(rec: dict[str, Any], pid: int, start: str) -> bool:
-    if _start_time(pid) != start:
+    if start_time(pid) != start:
         return False
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(rec["netns_path"]).st_ino
@@ -268,7 +268,7 @@ def holder(rec: dict[str, Any]) -> int:
         except (OSError, ValueError):
             pass
         pid = _start_holder(rec)
-        start = _start_time(pid)
+        start = start_time(pid)
         if start is None:
             raise SandboxError(f"tenant {rec['name']}: its namespaces' holder died at once")
         # The holder's processes (bubblewrap outside, its init, the relay that keeps it up),
@@ -284,7 +284,7 @@ def _holder_record(name: str) -> tuple[int, set[int]] | None:
     """Tenant ``name``'s holder: its init's pid and all its processes' (None: it has none)."""
     try:
         pid, start, *own = (TENANTS_DIR / name / "holder.pid").read_text().split()
-        if _start_time(int(pid)) == start:
+        if start_time(int(pid)) == start:
             return int(pid), {int(p) for p in own}
     except (OSError, ValueError):
         pass
@@ -428,7 +428,7 @@ def _start_holder(rec: dict[str, Any]) -> int:
     while time.monotonic() < deadline:
         if _children(pid) and _relay_listens(pid):
             return pid
-        if _start_time(pid) is None:
+        if start_time(pid) is None:
             break
         time.sleep(0.005)
     raise SandboxError(f"tenant {rec['name']}: its sandbox did not come up{_userns_hint()}")

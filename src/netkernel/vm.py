@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import api
+from . import api, cgroups, pids
 from . import sandbox as launcher
 from .config import LOG_FILE, RUN_DIR, STATE_DIR, libdir
 from .errors import NetKernelError
@@ -348,6 +348,8 @@ class Supervisor:
         # QEMU itself gets no GuestLib: it makes no network sockets.
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/", "TMPDIR": "/var/tmp"}
         cmd, fds = launcher.command(self.tenant, holder, argv, [], env)
+        if self.accel == "kvm":  # the sandbox's /dev has no kvm of its own
+            cmd[cmd.index("--seccomp") : cmd.index("--seccomp")] = ["--dev-bind", "/dev/kvm", "/dev/kvm"]
         log = open(log_path(self.name), "ab")  # noqa: SIM115 (QEMU's serial console, for its life)
         try:
             self.qemu = subprocess.Popen(
@@ -390,6 +392,9 @@ class Supervisor:
             "tenant": self.name,
             "supervisor": os.getpid(),
             "qemu": self.qemu.pid if self.qemu else 0,
+            # Start times: a number alone may name another process by the time it is signalled.
+            "qemu_start": launcher.start_time(self.qemu.pid) if self.qemu else None,
+            "supervisor_start": launcher.start_time(os.getpid()),
             "memory_mib": self.memory,
             "cpus": self.cpus,
             "accel": self.accel,
@@ -499,6 +504,9 @@ def supervise(argv: list[str]) -> int:
     ap.add_argument("--accel", choices=("tcg", "kvm"), required=True)
     args = ap.parse_args(argv)
     tenant = api.call("tenant-create", name=args.name)["tenant"]
+    # In the tenant's cgroups: what a hostile guest makes this process do (frames to parse)
+    # is charged to the tenant, and ending the tenant ends its VM's supervisor too.
+    cgroups.join(tenant.get("cgroups") or {})
     sup = Supervisor(args.name, tenant, args.memory, args.cpus, args.accel)
     signal.signal(signal.SIGTERM, lambda *_: sup.qemu.kill() if sup.qemu else sys.exit(1))
     try:
@@ -516,15 +524,31 @@ def supervise(argv: list[str]) -> int:
 # ---- what the CLI calls ------------------------------------------------------------------
 
 
+def kvm_usable() -> str | None:
+    """Why KVM cannot run a stock guest here, or None when it can. Only hardware KVM
+    (kvm_intel, kvm_amd) counts: a software KVM such as kvm_pvm, which these machines have,
+    cannot boot a stock kernel (../shared/reference/qemu-ivshmem)."""
+    if not os.path.exists("/dev/kvm"):
+        return "there is no /dev/kvm"
+    mods = [m for m in ("kvm_intel", "kvm_amd") if os.path.exists(f"/sys/module/{m}")]
+    if not mods:
+        others = [m for m in ("kvm_pvm",) if os.path.exists(f"/sys/module/{m}")]
+        return (
+            "/dev/kvm is "
+            + (others[0] if others else "not hardware KVM")
+            + ", which cannot run a stock kernel"
+        )
+    return None
+
+
 def accel_choice(force: str | None) -> str:
-    """KVM where it works, TCG otherwise. KVM here is checked by opening /dev/kvm only: a KVM
-    that cannot run a stock kernel (this project's CI machines have kvm_pvm) must be told apart
-    by the operator, who can force tcg."""
+    """KVM where it works, TCG otherwise; ``force`` picks one."""
+    why = kvm_usable()
+    if force == "kvm" and why:
+        raise VMError(f"--accel kvm: {why} (leave --accel out, or give --accel tcg)")
     if force:
-        if force == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            raise VMError("--accel kvm: /dev/kvm is not usable here")
         return force
-    return "tcg"
+    return "tcg" if why else "kvm"
 
 
 def start(name: str, memory: int, cpus: int, accel: str, nsm: str | None) -> dict[str, Any]:
@@ -590,14 +614,24 @@ def stop(name: str) -> None:
     s = _connect(name)
     with s:
         send_frame(s, POWEROFF, 0)
-        s.settimeout(30)
+        s.settimeout(15)  # the supervisor closes it once QEMU has exited
         try:
             s.recv(1)
         except OSError:
             pass
-    deadline = time.monotonic() + 20
+    # A guest that does not power off (or no longer reads its port) is stopped the hard way:
+    # QEMU (bubblewrap, which takes it along) and the supervisor, each if it is still this VM's.
+    deadline = time.monotonic() + 5
     while st and _alive(int(st["supervisor"])) and time.monotonic() < deadline:
         time.sleep(0.05)
+    if st and _alive(int(st["supervisor"])):
+        for key in ("qemu", "supervisor"):
+            since: str | None = st.get(f"{key}_start")
+
+            def same(p: int, since: str | None = since) -> bool:
+                return since is not None and launcher.start_time(p) == since
+
+            pids.signal_if(int(st[key]), signal.SIGKILL, same)
 
 
 def guest_env(name: str) -> dict[str, str]:

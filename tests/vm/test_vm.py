@@ -150,4 +150,10 @@ def test_vm_mistakes_say_what_to_do(nk_daemon: Daemon, vm: str) -> None:
     assert r.returncode != 0 and "missing command" in r.stderr
     r = nk("vm", "exec", vm, "--env", "NOEQUALS", "--", "true")
     assert r.returncode != 0 and "KEY=VALUE" in r.stderr
+    r = nk("vm", "start", "vmt3", "--accel", "kvm")
+    if r.returncode != 0:  # no hardware KVM here: said so, and nothing started
+        assert "--accel kvm" in r.stderr and "tcg" in r.stderr, r.stderr
+    else:
+        nk("vm", "stop", "vmt3", timeout=60)
+    nk("tenant", "delete", "vmt3")
     assert not any(x["name"] == "vmt3" for x in vm_list())
