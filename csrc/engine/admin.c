@@ -260,9 +260,15 @@ static void command(struct nk_admin *a, char *line) {
     nk_tenant_move_done(t);
     return out(a, "ok");
   }
-  if (!strcmp(cmd, "tenant-add") && argc == 6) {
+  if (!strcmp(cmd, "tenant-add") && (argc == 6 || argc == 8)) {
+    /* [slots ring]: the tenant's own region layout (a VM tenant's), else the engine's. */
+    unsigned long slots = argc == 8 ? strtoul(argv[6], NULL, 10) : 0;
+    unsigned long ring = argc == 8 ? strtoul(argv[7], NULL, 10) : 0;
+    if (slots > NK_MAX_SLOTS || ring > (1ul << 30))
+      return err(a, EINVAL, "tenant-add: region of %lu slots of %lu bytes", slots, ring);
     struct nk_tenant *t;
-    int r = nk_tenant_add(argv[1], argv[2], argv[3], argv[4], argv[5], &t);
+    int r = nk_tenant_add(argv[1], argv[2], argv[3], argv[4], argv[5], (uint32_t)slots,
+                          (uint32_t)ring, &t);
     if (r == -ENOENT) return err(a, ENOENT, "unknown nsm '%s'", argv[3]);
     if (r < 0) return err(a, -r, "cannot add tenant %s: %s", argv[1], strerror(-r));
     return out(a, "ok %u", t->id);

@@ -521,7 +521,7 @@ int nk_tenant_move_done(struct nk_tenant *t);
 struct nk_tenant *nk_tenant_find(const char *name);
 struct nk_tenant *nk_tenant_by_ino(uint64_t ino);
 int nk_tenant_add(const char *name, const char *netns_path, const char *nsm, const char *v4,
-                  const char *v6, struct nk_tenant **out);
+                  const char *v6, uint32_t slots, uint32_t ring, struct nk_tenant **out);
 int nk_tenant_del(struct nk_tenant *t);
 void nk_sock_size_rings(struct nk_esock *es);
 struct nk_esock *nk_esock_alloc(struct nk_tenant *t, int proxy, int family, int type,

@@ -147,20 +147,29 @@ static uint32_t env_u32(const char *name, uint32_t dflt) {
 
 /* A region the daemon kept from the last engine (keep.c): the same memfd, of the size this
  * engine would make, still sealed against resizing (else a tenant's truncate could SIGBUS us). */
+/* The region's file is a power of two long (the rest past `size` is never touched): a VM
+ * tenant's guest maps it as an ivshmem PCI BAR, and a BAR's size is a power of two. */
+static uint64_t region_file_size(uint64_t size) {
+  uint64_t f = 4096;
+  while (f < size) f <<= 1;
+  return f;
+}
+
 static int region_adoptable(int fd, uint64_t size) {
   struct stat st;
   if (fstat(fd, &st) < 0) return -errno;
-  if ((uint64_t)st.st_size != size) return -EMEDIUMTYPE;
+  if ((uint64_t)st.st_size != region_file_size(size)) return -EMEDIUMTYPE;
   int seals = fcntl(fd, F_GET_SEALS);
   int need = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
   if (seals < 0 || (seals & need) != need) return -EPERM;
   return 0;
 }
 
-/* adopt: a kept region's memfd (ownership passes), or -1 for a new one. */
-static int region_create(struct nk_tenant *t, int adopt) {
-  uint32_t ring = env_u32("NETKERNEL_RING_SIZE", NK_DEFAULT_RING_SIZE);
-  uint32_t nslots = env_u32("NETKERNEL_SLOTS", NK_DEFAULT_SLOTS);
+/* adopt: a kept region's memfd (ownership passes), or -1 for a new one. slots, ring: this
+ * tenant's layout, or 0 for the engine's (a VM tenant's is small: its guest maps it whole). */
+static int region_create(struct nk_tenant *t, int adopt, uint32_t slots, uint32_t ring_bytes) {
+  uint32_t ring = ring_bytes ? ring_bytes : env_u32("NETKERNEL_RING_SIZE", NK_DEFAULT_RING_SIZE);
+  uint32_t nslots = slots ? slots : env_u32("NETKERNEL_SLOTS", NK_DEFAULT_SLOTS);
   if (ring < 4096 || (ring & (ring - 1)) || nslots == 0 || nslots > NK_MAX_SLOTS) return -EINVAL;
   t->ring_size = ring;
   t->nslots = nslots;
@@ -184,7 +193,7 @@ static int region_create(struct nk_tenant *t, int adopt) {
     }
   } else if ((fd = memfd_create(nm, MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
     return -errno;
-  } else if (ftruncate(fd, (off_t)size) < 0) {
+  } else if (ftruncate(fd, (off_t)region_file_size(size)) < 0) {
     int e = errno;
     close(fd);
     return -e;
@@ -220,7 +229,7 @@ static int region_create(struct nk_tenant *t, int adopt) {
 static void adopt_slots(struct nk_tenant *t);
 
 int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name, const char *v4,
-                  const char *v6, struct nk_tenant **out) {
+                  const char *v6, uint32_t slots, uint32_t ring, struct nk_tenant **out) {
   if (strlen(name) >= sizeof(((struct nk_tenant *)0)->name)) return -ENAMETOOLONG;
   if (nk_tenant_find(name)) return -EEXIST;
   struct nk_nsm *nsm = nk_nsm_find(nsm_name);
@@ -258,7 +267,7 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
   if (t->id > engine.next_tenant_id) engine.next_tenant_id = t->id;
   int kept_memfd = -1, kept_doorbell = -1;
   bool adopt = nk_keep_take_region(name, &kept_memfd, &kept_doorbell);
-  if (adopt && (r = region_create(t, kept_memfd)) < 0) {
+  if (adopt && (r = region_create(t, kept_memfd, slots, ring)) < 0) {
     /* Made by an engine with another layout (NETKERNEL_SLOTS, NETKERNEL_RING_SIZE): a new
      * one. The tenant's running processes keep the old region and cannot use this engine;
      * the tenant stays, for processes started from now on. */
@@ -266,7 +275,7 @@ int nk_tenant_add(const char *name, const char *netns_path, const char *nsm_name
     close(kept_doorbell);
     adopt = false;
   }
-  if (!adopt && (r = region_create(t, -1)) < 0) goto fail_ns;
+  if (!adopt && (r = region_create(t, -1, slots, ring)) < 0) goto fail_ns;
   t->socks = calloc(t->nslots, sizeof(*t->socks));
   t->free_stack = calloc(t->nslots, sizeof(*t->free_stack));
   if (!t->socks || !t->free_stack) {

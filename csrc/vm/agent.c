@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -25,8 +26,9 @@
 #include <unistd.h>
 
 #include "netkernel/vmport.h"
+#include "vm.h"
 
-#define ROOT "/mnt/root"
+#define ROOT NK_VM_ROOT
 
 struct chan {
   bool used;
@@ -41,7 +43,7 @@ struct chan {
 static struct chan chans[NK_VMPORT_MAXCHAN];
 static int port = -1;
 
-static void say(const char *fmt, ...) {
+void nk_vm_say(const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   fprintf(stderr, "netkernel-vm-agent: ");
@@ -50,13 +52,13 @@ static void say(const char *fmt, ...) {
   va_end(ap);
 }
 
-static void write_all(int fd, const void *p, size_t n) {
+void nk_vm_write_all(int fd, const void *p, size_t n) {
   const char *c = p;
   while (n) {
     ssize_t w = write(fd, c, n);
     if (w < 0 && errno == EINTR) continue;
     if (w <= 0) {
-      say("the exec port failed: %s", strerror(errno));
+      nk_vm_say("a port failed: %s", strerror(errno));
       reboot(RB_POWER_OFF); /* nobody can reach this guest any more */
       _exit(1);
     }
@@ -67,12 +69,13 @@ static void write_all(int fd, const void *p, size_t n) {
 
 static void send_frame(uint16_t type, uint16_t chan, const void *p, uint32_t len) {
   struct nk_vmframe h = {.len = len, .type = type, .chan = chan};
-  write_all(port, &h, sizeof(h));
-  if (len) write_all(port, p, len);
+  char buf[sizeof(h) + NK_VMPORT_MAX];
+  memcpy(buf, &h, sizeof(h));
+  if (len) memcpy(buf + sizeof(h), p, len);
+  nk_vm_write_all(port, buf, sizeof(h) + len); /* one write: a frame is never torn */
 }
 
-/* The port is /dev/vportNpM, whose name (in sysfs) is NK_VMPORT_NAME. */
-static int open_port(void) {
+int nk_vm_open_port(const char *want) {
   for (int tries = 0; tries < 500; tries++) {
     DIR *d = opendir("/sys/class/virtio-ports");
     struct dirent *e;
@@ -84,7 +87,7 @@ static int open_port(void) {
       if (!f) continue;
       if (fgets(name, sizeof(name), f)) name[strcspn(name, "\n")] = 0;
       fclose(f);
-      if (strcmp(name, NK_VMPORT_NAME) != 0) continue;
+      if (strcmp(name, want) != 0) continue;
       snprintf(path, sizeof(path), "/dev/%s", e->d_name);
       closedir(d);
       return open(path, O_RDWR | O_CLOEXEC);
@@ -292,15 +295,17 @@ int main(void) {
   sigaddset(&chld, SIGCHLD);
   sigprocmask(SIG_BLOCK, &chld, NULL);
   int sfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
-  port = open_port();
+  port = nk_vm_open_port(NK_VMPORT_NAME);
   if (port < 0 || sfd < 0) {
-    say("no exec port %s: %s", NK_VMPORT_NAME, strerror(errno));
+    nk_vm_say("no exec port %s: %s", NK_VMPORT_NAME, strerror(errno));
     reboot(RB_POWER_OFF);
     return 1;
   }
   struct timespec up;
   clock_gettime(CLOCK_BOOTTIME, &up);
   uint32_t ms = (uint32_t)(up.tv_sec * 1000 + up.tv_nsec / 1000000);
+  pthread_t net;
+  pthread_create(&net, NULL, nk_vm_net, NULL); /* the guest's network, beside the commands */
   send_frame(NK_VM_READY, 0, &ms, sizeof(ms));
 
   static char in[sizeof(struct nk_vmframe) + NK_VMPORT_MAX];
@@ -345,7 +350,7 @@ int main(void) {
         if (have < sizeof(h)) break;
         memcpy(&h, in, sizeof(h));
         if (h.len > NK_VMPORT_MAX) {
-          say("frame of %u bytes from the host: port reset", h.len);
+          nk_vm_say("frame of %u bytes from the host: port reset", h.len);
           have = 0;
           break;
         }

@@ -42,8 +42,11 @@
 #define NK_DEFAULT_RING_SIZE (1024u * 1024u) /* bytes per direction per socket */
 /* Sockets per tenant region. The slot array and the rings are reserved for all of them but
  * committed only where used (the memfd is sparse): the table costs address space, not memory,
- * and the tenant's policy (max_sockets, max_memory) is what bounds it. */
-#define NK_DEFAULT_SLOTS          131072u
+ * and the tenant's policy (max_sockets, max_memory) is what bounds it. 64 short of 2^17 so
+ * that the whole region (rings, slot array, header) fits in 256 GiB: a VM tenant's guest sees
+ * it as a PCI BAR, which must be a power of two, and QEMU's guests are given 256 GiB BARs but
+ * not 512 GiB ones. */
+#define NK_DEFAULT_SLOTS          131008u
 #define NK_DOORBELL_WORDS(nslots) (((nslots) + 63u) / 64u)
 #define NK_MAX_SLOTS              (1u << 20)
 

@@ -59,7 +59,9 @@ OPS: dict[str, Op] = {
     "status": Op(),
     "ps": Op(),
     "conns": Op(optional={"tenant": (str,)}),
-    "tenant-create": Op(required={"name": (str,)}, optional={"nsm": (str,), **_POLICY_FIELDS}),
+    "tenant-create": Op(
+        required={"name": (str,)}, optional={"nsm": (str,), "kind": (str,), **_POLICY_FIELDS}
+    ),
     "tenant-delete": Op(required={"name": (str,)}),
     "tenant-set": Op(required={"name": (str,)}, optional=_POLICY_FIELDS),
     "tenant-move": Op(required={"name": (str,), "nsm": (str,)}),

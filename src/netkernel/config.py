@@ -83,7 +83,7 @@ def _abi_constant(name: str, fallback: int) -> int:
 
 # Socket slots in a tenant region (NK_DEFAULT_SLOTS) and the most a region may have
 # (NK_MAX_SLOTS). max_sockets above the slots is capped there: more could never open.
-ENGINE_SLOTS = _abi_constant("NK_DEFAULT_SLOTS", 131072)
+ENGINE_SLOTS = _abi_constant("NK_DEFAULT_SLOTS", 131008)
 MAX_SLOTS = _abi_constant("NK_MAX_SLOTS", 1 << 20)
 MAX_WEIGHT = 1000
 # A tenant's processes: memory (their cgroup's limit) and tasks. A fork bomb or a memory hog

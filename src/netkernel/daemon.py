@@ -15,6 +15,7 @@ API and metrics show (views.py), the API's operations (handlers.py) and the log
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import ipaddress
 import os
@@ -408,6 +409,7 @@ class Daemon:
         policy: Policy | None = None,
         rw: tuple[Path, ...] = (),
         ro: tuple[Path, ...] = (),
+        kind: str = "namespace",
     ) -> tuple[Tenant, bool]:
         """The tenant, created if new (policy None: the config's defaults), and whether it
         was created."""
@@ -421,6 +423,11 @@ class Daemon:
                     raise TenantError(
                         f"tenant {name!r} is on NSM {existing.nsm!r}; move it with: "
                         f"netkernel tenant move {name} --nsm {nsm_name}"
+                    )
+                if kind != existing.kind:
+                    raise TenantError(
+                        f"tenant {name!r} exists as a {existing.kind} tenant, not a {kind} one "
+                        f"(its region is laid out for that): delete it first (netkernel tenant delete {name})"
                     )
                 if policy is not None and policy != existing.policy:
                     raise TenantError(
@@ -448,12 +455,16 @@ class Daemon:
                 # Its uid range belongs to its name; on a host with a DNS zone, to its full name
                 # there: the hosts of a lab share this machine's record and must not share uids.
                 uid_slot=sandbox.uid_slot(f"{name}.{self.config.dns_zone}" if self.config.dns_zone else name),
+                kind=kind,
             )
+            if t.region and not 0 < t.policy.max_sockets <= t.region[0]:
+                # A VM's region has fewer slots: its default limit is what they hold.
+                t.policy = dataclasses.replace(t.policy, max_sockets=t.region[0])
             engine_added = False
             try:
                 fabric.create_tenant(t, self.nsms[nsm], self.cgroups)
                 t.id = self.engine_client.tenant_add(
-                    name, str(netns.netns_path(t.netns)), nsm, t.ipv4, t.ipv6
+                    name, str(netns.netns_path(t.netns)), nsm, t.ipv4, t.ipv6, t.region
                 )
                 engine_added = True
                 self._apply_policy(t, t.policy)

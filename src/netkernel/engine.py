@@ -208,8 +208,12 @@ def parse_conns(lines: tuple[str, ...] | list[str]) -> list[Conn]:
     return out
 
 
-def tenant_add_line(name: str, netns_path: str, nsm: str, ipv4: str, ipv6: str) -> str:
-    return f"tenant-add {name} {netns_path} {nsm} {ipv4} {ipv6}"
+def tenant_add_line(
+    name: str, netns_path: str, nsm: str, ipv4: str, ipv6: str, region: tuple[int, int] | None = None
+) -> str:
+    """region: (slots, ring bytes) of the tenant's region, or None for the engine's default."""
+    extra = f" {region[0]} {region[1]}" if region else ""
+    return f"tenant-add {name} {netns_path} {nsm} {ipv4} {ipv6}{extra}"
 
 
 def tenant_set_line(name: str, settings: str) -> str:
@@ -312,8 +316,16 @@ class EngineClient:
         """socket: an external NSM (a stack in its own process) connects to the engine there."""
         self.request(f"nsm-add {name} {netns_path}" + (f" external:{socket}" if socket else ""))
 
-    def tenant_add(self, name: str, netns_path: str, nsm: str, ipv4: str, ipv6: str) -> int:
-        return tenant_id(self.request(tenant_add_line(name, netns_path, nsm, ipv4, ipv6)))
+    def tenant_add(
+        self,
+        name: str,
+        netns_path: str,
+        nsm: str,
+        ipv4: str,
+        ipv6: str,
+        region: tuple[int, int] | None = None,
+    ) -> int:
+        return tenant_id(self.request(tenant_add_line(name, netns_path, nsm, ipv4, ipv6, region)))
 
     def tenant_del(self, name: str) -> None:
         self.request(f"tenant-del {name}")

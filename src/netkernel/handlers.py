@@ -26,7 +26,10 @@ def api_handlers(d: Daemon) -> dict[str, Handler]:
             policy = policy_with(d.config.defaults, changes) if changes else None
         except ValueError as e:
             raise TenantError(str(e)) from None
-        t, created = d.create_tenant(req["name"], req.get("nsm"), policy)
+        kind = req.get("kind", "namespace")
+        if kind not in ("namespace", "vm"):
+            raise TenantError(f"tenant-create: kind {kind!r}: give 'namespace' or 'vm'")
+        t, created = d.create_tenant(req["name"], req.get("nsm"), policy, kind=kind)
         return {"tenant": t.record(), "created": created}
 
     def tenant_set(req: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,10 @@ class NSM:
         return RUN_DIR / f"nsm-{self.config.name}.sock"
 
 
+# A VM tenant's region: 4,096 sockets with 128 KiB rings, 1 GiB (2 MiB of guest page tables).
+VM_REGION = (4096, 128 * 1024)
+
+
 @dataclass
 class Tenant:
     name: str
@@ -58,6 +62,14 @@ class Tenant:
     rw: tuple[Path, ...] = ()  # host paths the config lets it write
     ro: tuple[Path, ...] = ()
     uid_slot: int = 0  # which host uid range is its own (sandbox.uid_slot: by name, for good)
+    kind: str = "namespace"  # or "vm": a QEMU guest (netkernel vm), with a region it can map
+
+    @property
+    def region(self) -> tuple[int, int] | None:
+        """(slots, ring bytes) of its region when not the engine's default: a VM's guest maps
+        the region as a PCI BAR, whose page tables the guest kernel builds whole at mmap (the
+        default 256 GiB would take 512 MiB of them), so a VM gets a small one."""
+        return VM_REGION if self.kind == "vm" else None
 
     @property
     def netns(self) -> str:

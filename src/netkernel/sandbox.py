@@ -82,6 +82,7 @@ GUESTLIB_HOST_DIR = RUN_DIR / "lib"
 GUESTLIB_DIR = str(GUESTLIB_HOST_DIR)
 # The relay (relay.py) is the holder's program: it lives as long as the tenant's namespaces.
 RELAY_NAME = "netkernel-relay"
+VM_BRIDGE_NAME = "netkernel-vm-bridge"  # a VM tenant's network, host half (csrc/vm/bridge.c)
 RELAY_LOG = "/run/netkernel/relay.log"  # in the tenant's private /run
 CLONE_NEWNET = 0x40000000
 CLONE_NEWIPC = 0x08000000
@@ -652,7 +653,7 @@ def install_guestlib() -> None:
     directory only root may enter (a pyenv under /root), and bubblewrap opens them as the
     tenant's root."""
     GUESTLIB_HOST_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    for name, mode in (("libnetkernel.so", 0o644), (RELAY_NAME, 0o755)):
+    for name, mode in (("libnetkernel.so", 0o644), (RELAY_NAME, 0o755), (VM_BRIDGE_NAME, 0o755)):
         tmp = GUESTLIB_HOST_DIR / f".{name}.new"
         shutil.copyfile(libdir() / name, tmp)
         os.chmod(tmp, mode)

@@ -315,7 +315,7 @@ def restart_engine(d: Daemon, binary: Path | None = None) -> None:
     tenants = list(d.tenants.values())
     lines: list[str] = []
     for t in tenants:
-        lines.append(tenant_add_line(t.name, str(netns.netns_path(t.netns)), t.nsm, t.ipv4, t.ipv6))
+        lines.append(tenant_add_line(t.name, str(netns.netns_path(t.netns)), t.nsm, t.ipv4, t.ipv6, t.region))
         lines.append(tenant_set_line(t.name, t.policy.engine_args()))
     # In one batch, with `serve` last: the data path waits on this (see EngineClient.pipeline).
     replies = d.engine_client.pipeline([*lines, "serve"])

@@ -35,7 +35,7 @@ from typing import Any
 
 from . import api, cgroups, pids
 from . import sandbox as launcher
-from .config import LOG_FILE, RUN_DIR, STATE_DIR, libdir
+from .config import ENGINE_SOCKET, LOG_FILE, RUN_DIR, STATE_DIR, libdir
 from .errors import NetKernelError
 
 VM_DIR = RUN_DIR / "vms"  # root only: NAME.json (state), NAME.sock (exec), NAME.stop
@@ -43,10 +43,13 @@ CACHE_DIR = STATE_DIR / "vm"  # initramfs images, readable by tenants (QEMU open
 LOG_DIR = LOG_FILE.parent
 AGENT = "netkernel-vm-agent"
 PORT_NAME = "nk.exec"
+NET_PORT_NAME = "nk.net"
+GUEST_SOCKET = "/run/netkernel/engine.sock"  # csrc/vm/vm.h
+GUEST_LIB = "/run/netkernel/lib/libnetkernel.so"
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 90.0  # TCG on a busy 2-core machine: a normal boot takes 3-8 s
 # The guest's kernel modules, in the order of their dependencies (resolved from modules.dep).
-MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay")
+MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay", "unix_diag")
 
 # Frames of the exec port (include/netkernel/vmport.h).
 FRAME = struct.Struct("<IHH")
@@ -65,6 +68,7 @@ B=/bin/busybox
 $B mount -t proc proc /proc
 $B mount -t sysfs sys /sys
 $B mount -t devtmpfs dev /dev
+$B ip link set lo up  # the only device; the DNS relay listens on it (127.0.0.53)
 for m in $($B cat /modules/order); do
     $B insmod /modules/$m.ko || echo "netkernel-vm: cannot load module $m"
 done
@@ -81,6 +85,11 @@ $B mkdir -p /mnt/root/dev/pts /mnt/root/dev/shm
 $B mount -t devpts devpts /mnt/root/dev/pts
 # /run is the host's own (its sockets mean nothing here); /tmp comes from the host, written to the overlay.
 for d in /run /dev/shm; do $B mount -t tmpfs -o mode=1777 tmp /mnt/root$d; done
+# GuestLib, from the tenant's view of the host, where the guest's programs preload it; the
+# agent answers for the engine on /run/netkernel/engine.sock.
+$B mkdir -p /mnt/root/run/netkernel/lib
+$B cp /mnt/lower/run/netkernel/lib/libnetkernel.so /mnt/root/run/netkernel/lib/ \
+    || echo "netkernel-vm: no GuestLib: the guest's programs will have no network"
 $B hostname "$($B sed -n 's/.*nkname=\\([^ ]*\\).*/\\1/p' /proc/cmdline)"
 exec /agent
 """
@@ -301,7 +310,7 @@ class Supervisor:
         self.qemu: subprocess.Popen[bytes] | None = None
         self.qemu_pid = 0
 
-    def qemu_argv(self, kernel: Kernel, initrd: Path, port_fd: int) -> list[str]:
+    def qemu_argv(self, kernel: Kernel, initrd: Path, port_fd: int, net_fd: int) -> list[str]:
         accel = "kvm" if self.accel == "kvm" else "tcg"
         return [
             qemu_binary(),
@@ -336,17 +345,37 @@ class Supervisor:
             f"socket,id=port,fd={port_fd}",
             "-device",
             f"virtserialport,chardev=port,name={PORT_NAME}",
+            "-chardev",
+            f"socket,id=net,fd={net_fd}",
+            "-device",
+            f"virtserialport,chardev=net,name={NET_PORT_NAME}",
         ]
 
     def boot(self) -> None:
         kernel = find_kernel()
         initrd = initramfs(kernel)
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        net_host, net_guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for s in (guest_end, net_host, net_guest):
+            s.set_inheritable(True)
         self.port = host_end
-        argv = self.qemu_argv(kernel, initrd, guest_end.fileno())
+        # The bridge registers with the engine, gives the region to QEMU as an ivshmem device
+        # and starts it; then it relays the guest's network port (csrc/vm/bridge.c).
+        bridge = str(launcher.GUESTLIB_HOST_DIR / launcher.VM_BRIDGE_NAME)
+        argv = [
+            bridge,
+            str(net_host.fileno()),
+            "--",
+            *self.qemu_argv(kernel, initrd, guest_end.fileno(), net_guest.fileno()),
+        ]
         holder = launcher.holder(self.tenant)
-        # QEMU itself gets no GuestLib: it makes no network sockets.
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/", "TMPDIR": "/var/tmp"}
+        # Neither gets GuestLib: the bridge talks to the engine itself, QEMU has no sockets.
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/",
+            "TMPDIR": "/var/tmp",
+            "NETKERNEL_SOCKET": str(ENGINE_SOCKET),
+        }
         cmd, fds = launcher.command(self.tenant, holder, argv, [], env)
         if self.accel == "kvm":  # the sandbox's /dev has no kvm of its own
             cmd[cmd.index("--seccomp") : cmd.index("--seccomp")] = ["--dev-bind", "/dev/kvm", "/dev/kvm"]
@@ -354,7 +383,7 @@ class Supervisor:
         try:
             self.qemu = subprocess.Popen(
                 cmd,
-                pass_fds=(*fds, guest_end.fileno()),
+                pass_fds=(*fds, guest_end.fileno(), net_host.fileno(), net_guest.fileno()),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -364,7 +393,8 @@ class Supervisor:
         finally:
             for n in fds:
                 os.close(n)
-            guest_end.close()
+            for s in (guest_end, net_host, net_guest):
+                s.close()
             log.close()
         started = time.monotonic()
         host_end.settimeout(BOOT_TIMEOUT)
@@ -503,7 +533,7 @@ def supervise(argv: list[str]) -> int:
     ap.add_argument("--cpus", type=int, required=True)
     ap.add_argument("--accel", choices=("tcg", "kvm"), required=True)
     args = ap.parse_args(argv)
-    tenant = api.call("tenant-create", name=args.name)["tenant"]
+    tenant = api.call("tenant-create", name=args.name, kind="vm")["tenant"]
     # In the tenant's cgroups: what a hostile guest makes this process do (frames to parse)
     # is charged to the tenant, and ending the tenant ends its VM's supervisor too.
     cgroups.join(tenant.get("cgroups") or {})
@@ -558,7 +588,7 @@ def start(name: str, memory: int, cpus: int, accel: str, nsm: str | None) -> dic
     qemu_binary()
     find_kernel()
     initramfs(find_kernel())  # its errors before anything starts
-    api.call("tenant-create", name=name, nsm=nsm)
+    api.call("tenant-create", name=name, nsm=nsm, kind="vm")
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = log_path(name)
     log.write_bytes(b"")
@@ -639,6 +669,9 @@ def guest_env(name: str) -> dict[str, str]:
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": "/root",
         "NETKERNEL_TENANT": name,
+        # The guest's programs get their sockets from NetKernel, as a namespace tenant's.
+        "LD_PRELOAD": GUEST_LIB,
+        "NETKERNEL_SOCKET": GUEST_SOCKET,
     }
     for k in ("TERM", "LANG", "LC_ALL"):
         if k in os.environ:

@@ -510,7 +510,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   nk_fuzz_fd_baseline();
   nkeep = nknown = 0;
   int r = nk_tenant_add("fuzz", nk_fuzz_ns_tenant_path, "nsm", NK_FUZZ_TENANT_V4, NK_FUZZ_TENANT_V6,
-                        &T);
+                        0, 0, &T);
   if (r < 0) nk_fuzz_die("tenant: %s", strerror(-r));
   ctl_connect();
   NK_FUZZ_CHECK(T->ctls == 1, "the control connection was not accepted for the tenant");

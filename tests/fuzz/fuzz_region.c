@@ -116,7 +116,7 @@ static void setup(void) {
   nk_fuzz_drain_server(loop_udp, false);
   nk_nsm_set_bandwidth(nsm, 0);
   int r = nk_tenant_add("fuzz", nk_fuzz_ns_tenant_path, "nsm", NK_FUZZ_TENANT_V4, NK_FUZZ_TENANT_V6,
-                        &T);
+                        0, 0, &T);
   if (r < 0) nk_fuzz_die("tenant: %s", strerror(-r));
   int inprog;
 

@@ -255,7 +255,7 @@ static void setup(void) {
   next_accept = 0;
   nsm_connect();
   int r = nk_tenant_add("fuzz", nk_fuzz_ns_tenant_path, "ext", NK_FUZZ_TENANT_V4, NK_FUZZ_TENANT_V6,
-                        &T);
+                        0, 0, &T);
   if (r < 0) nk_fuzz_die("tenant: %s", strerror(-r));
   drain_ctl();
   connected(AF_INET, NK_FUZZ_NSM_V4, 80, false);

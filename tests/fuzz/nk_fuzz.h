@@ -514,7 +514,7 @@ static void nk_fuzz_neighbour_init(const char *nsm_name) {
   nk_fuzz_addr_add(NK_FUZZ_NEIGHBOUR_V6);
   nk_fuzz_setns(nk_fuzz_ns_engine);
   int r = nk_tenant_add("neighbour", ns_path, nsm_name, NK_FUZZ_NEIGHBOUR_V4, NK_FUZZ_NEIGHBOUR_V6,
-                        &nk_fuzz_nbr.t);
+                        0, 0, &nk_fuzz_nbr.t);
   if (r < 0) nk_fuzz_die("neighbour tenant: %s", strerror(-r));
   nk_fuzz_nbr.server = nk_fuzz_socket_in(nk_fuzz_ns_nsm, AF_INET, SOCK_STREAM, NK_FUZZ_NSM_V4,
                                          NK_FUZZ_NEIGHBOUR_PORT);
