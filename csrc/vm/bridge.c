@@ -36,6 +36,7 @@
 #include "netkernel/abi.h"
 #include "netkernel/fdpass.h"
 #include "netkernel/vmnet.h"
+#include "port.h"
 
 #define MAX_CONNS 1024
 
@@ -48,13 +49,9 @@ struct conn { /* an engine control connection, for one of the guest's */
   int new_fd;      /* that proxy's host end until the reply */
 };
 
-struct proxy {
-  int fd; /* the host proxy's "guest" end; the engine holds the other */
-  bool blocked;
-};
-
 static struct conn conns[MAX_CONNS];
-static struct proxy *guest_ids, *host_ids; /* by id, each NK_VMNET_IDS long */
+/* By id: the host proxy's "guest" end (the engine holds the other). */
+static struct nk_vm_proxies proxies;
 static uint32_t next_host_id = 1;
 static int ep, port, doorbell = -1, dns = -1;
 static const char *engine_path;
@@ -71,26 +68,10 @@ static void die(const char *fmt, ...) {
 
 static uint64_t tag(enum kind k, uint32_t v) { return (uint64_t)k << 32 | v; }
 
-static struct proxy *proxy_of(uint32_t id) {
-  if (id & NK_VMNET_HOSTID) {
-    id &= ~NK_VMNET_HOSTID;
-    return id && id < NK_VMNET_IDS ? &host_ids[id] : NULL;
-  }
-  return id && id < NK_VMNET_IDS ? &guest_ids[id] : NULL;
-}
+static struct nk_vm_proxy *proxy_of(uint32_t id) { return nk_vm_proxy(&proxies, id); }
 
 static void put(uint16_t type, uint32_t a, uint32_t b, const void *p, uint32_t len) {
-  struct nk_vmnet h = {.len = len, .type = type, .a = a, .b = b};
-  char buf[sizeof(h) + NK_VMNET_MAX];
-  memcpy(buf, &h, sizeof(h));
-  if (len) memcpy(buf + sizeof(h), p, len);
-  size_t n = sizeof(h) + len, off = 0;
-  while (off < n) {
-    ssize_t w = write(port, buf + off, n - off);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) die("the network port failed: %s", strerror(errno));
-    off += (size_t)w;
-  }
+  if (!nk_vm_put(port, type, a, b, p, len)) die("the network port failed: %s", strerror(errno));
 }
 
 static int engine_connect(void) {
@@ -104,7 +85,7 @@ static int engine_connect(void) {
 
 static void close_fd(int fd) { close(fd); }
 
-static void drop_proxy(uint32_t id, struct proxy *p) {
+static void drop_proxy(uint32_t id, struct nk_vm_proxy *p) {
   (void)id;
   if (p->fd >= 0) close(p->fd); /* also leaves the epoll set */
   p->fd = -1;
@@ -115,17 +96,11 @@ static void drop_proxy(uint32_t id, struct proxy *p) {
 static void on_ctl(uint32_t c) {
   struct conn *k = &conns[c];
   struct nk_rep rep;
-  union {
-    char buf[CMSG_SPACE(sizeof(int) * NK_FDPASS_MAX)];
-    struct cmsghdr align;
-  } cm;
-  struct iovec iov = {.iov_base = &rep, .iov_len = sizeof(rep)};
-  struct msghdr mh = {
-      .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
-  ssize_t n = recvmsg(k->fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  /* REGISTER's region and doorbell are closed: the guest has its own. */
+  ssize_t n = nk_recv_with_fds(k->fd, &rep, sizeof(rep), NULL, 0, MSG_CMSG_CLOEXEC | MSG_DONTWAIT,
+                               close_fd);
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-  nk_take_fds(&mh, NULL, 0, close_fd); /* REGISTER's region and doorbell: the guest has its own */
-  if (n != (ssize_t)sizeof(rep)) {     /* the engine went away: the guest's GuestLib is told so */
+  if (n != (ssize_t)sizeof(rep)) { /* the engine went away: the guest's GuestLib is told so */
     memset(&rep, 0, sizeof(rep));
     rep.err = -ENETDOWN;
     close(k->fd);
@@ -134,7 +109,7 @@ static void on_ctl(uint32_t c) {
   if (!k->pending) return; /* nothing asked: nothing to answer */
   k->pending = false;
   if (k->new_id) {
-    struct proxy *p = proxy_of(k->new_id);
+    struct nk_vm_proxy *p = proxy_of(k->new_id);
     if (rep.err == 0 && p && p->fd < 0) {
       p->fd = k->new_fd;
       struct epoll_event ev = {.events = EPOLLIN, .data.u64 = tag(K_PROXY, k->new_id)};
@@ -150,7 +125,7 @@ static void on_ctl(uint32_t c) {
 
 /* A record the engine sent on a proxy: READY, or NEWCONN with the new proxy. */
 static void on_proxy(uint32_t id, uint32_t events) {
-  struct proxy *p = proxy_of(id);
+  struct nk_vm_proxy *p = proxy_of(id);
   if (!p || p->fd < 0) return;
   if (events & EPOLLOUT && p->blocked) { /* the engine took the blocker: the socket has room */
     p->blocked = false;
@@ -161,16 +136,9 @@ static void on_proxy(uint32_t id, uint32_t events) {
   if (!(events & (EPOLLIN | EPOLLHUP | EPOLLERR))) return;
   for (;;) {
     char rec[sizeof(struct nk_newconn)];
-    union {
-      char buf[CMSG_SPACE(sizeof(int) * NK_FDPASS_MAX)];
-      struct cmsghdr align;
-    } cm;
-    struct iovec iov = {.iov_base = rec, .iov_len = sizeof(rec)};
-    struct msghdr mh = {
-        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
-    ssize_t n = recvmsg(p->fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-    int fd = -1;
-    nk_take_fds(&mh, &fd, 1, close_fd);
+    int fd;
+    ssize_t n = nk_recv_with_fds(p->fd, rec, sizeof(rec), &fd, 1, MSG_CMSG_CLOEXEC | MSG_DONTWAIT,
+                                 close_fd);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && errno == EAGAIN) return;
     if (n <= 0) {
@@ -186,7 +154,7 @@ static void on_proxy(uint32_t id, uint32_t events) {
       uint32_t nid = NK_VMNET_HOSTID | next_host_id++;
       /* Ids are not reused: a million accepted connections per VM boot (enough for now;
        * reuse needs the guest to confirm it is done with the id). */
-      struct proxy *q = proxy_of(nid);
+      struct nk_vm_proxy *q = proxy_of(nid);
       q->fd = fd;
       q->blocked = false;
       struct epoll_event ev = {.events = EPOLLIN, .data.u64 = tag(K_PROXY, nid)};
@@ -223,7 +191,7 @@ static void on_frame(struct nk_vmnet *h, char *p) {
       struct nk_req req;
       memcpy(&req, p, sizeof(req));
       bool brings = req.op == NK_OP_SOCKET || req.op == NK_OP_RENEW;
-      struct proxy *np = brings ? proxy_of(h->b) : NULL;
+      struct nk_vm_proxy *np = brings ? proxy_of(h->b) : NULL;
       if (k->fd < 0 || k->pending || req.op == NK_OP_ATTACH ||
           (brings && (!np || np->fd >= 0 || (h->b & NK_VMNET_HOSTID)))) {
         struct nk_rep rep = {.err = k->fd < 0 ? -ENETDOWN : -EINVAL};
@@ -253,12 +221,12 @@ static void on_frame(struct nk_vmnet *h, char *p) {
       break;
     }
     case NK_VMNET_CLOSED: {
-      struct proxy *q = proxy_of(h->a);
+      struct nk_vm_proxy *q = proxy_of(h->a);
       if (q && q->fd >= 0) drop_proxy(h->a, q);
       break;
     }
     case NK_VMNET_BLOCK: {
-      struct proxy *q = proxy_of(h->a);
+      struct nk_vm_proxy *q = proxy_of(h->a);
       if (!q || q->fd < 0 || q->blocked) break;
       static const char blocker[NK_BLOCKER_SIZE];
       if (send(q->fd, blocker, sizeof(blocker), MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
@@ -286,22 +254,10 @@ static void on_frame(struct nk_vmnet *h, char *p) {
 }
 
 static void on_port(void) {
-  static char in[sizeof(struct nk_vmnet) + NK_VMNET_MAX];
-  static size_t have;
-  ssize_t r = read(port, in + have, sizeof(in) - have);
-  if (r < 0 && (errno == EINTR || errno == EAGAIN)) return;
-  if (r <= 0) die("the guest's network port closed");
-  have += (size_t)r;
-  for (;;) {
-    struct nk_vmnet h;
-    if (have < sizeof(h)) return;
-    memcpy(&h, in, sizeof(h));
-    if (h.len > NK_VMNET_MAX) die("a frame of %u bytes from the guest", h.len);
-    if (have < sizeof(h) + h.len) return;
-    on_frame(&h, in + sizeof(h));
-    have -= sizeof(h) + h.len;
-    memmove(in, in + sizeof(h) + h.len, have);
-  }
+  static struct nk_vm_reader in;
+  int r = nk_vm_read(port, &in, on_frame);
+  if (r == 0) die("the guest's network port closed");
+  if (r < 0) die("a frame longer than %u bytes from the guest", NK_VMNET_MAX);
 }
 
 int main(int argc, char **argv) {
@@ -312,10 +268,7 @@ int main(int argc, char **argv) {
   if (!engine_path) die("NETKERNEL_SOCKET is not set");
   signal(SIGPIPE, SIG_IGN);
   for (int i = 0; i < MAX_CONNS; i++) conns[i] = (struct conn){.fd = -1, .new_fd = -1};
-  guest_ids = calloc(NK_VMNET_IDS, sizeof(*guest_ids));
-  host_ids = calloc(NK_VMNET_IDS, sizeof(*host_ids));
-  if (!guest_ids || !host_ids) die("out of memory");
-  for (uint32_t i = 0; i < NK_VMNET_IDS; i++) guest_ids[i].fd = host_ids[i].fd = -1;
+  if (nk_vm_proxies_init(&proxies) < 0) die("out of memory");
 
   /* Register, as GuestLib does: the region's memfd and the doorbell. */
   int ctl = engine_connect();
@@ -324,16 +277,9 @@ int main(int argc, char **argv) {
   if (nk_send_with_fds(sendmsg, ctl, &req, sizeof(req), NULL, 0, MSG_NOSIGNAL) < 0)
     die("register: %s", strerror(errno));
   struct nk_rep rep;
-  union {
-    char buf[CMSG_SPACE(sizeof(int) * NK_FDPASS_MAX)];
-    struct cmsghdr align;
-  } cm;
-  struct iovec iov = {.iov_base = &rep, .iov_len = sizeof(rep)};
-  struct msghdr mh = {
-      .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
   int fds[2];
-  if (recvmsg(ctl, &mh, 0) != sizeof(rep)) die("register: no reply from the engine");
-  nk_take_fds(&mh, fds, 2, close_fd);
+  if (nk_recv_with_fds(ctl, &rep, sizeof(rep), fds, 2, 0, close_fd) != sizeof(rep))
+    die("register: no reply from the engine");
   if (rep.err || fds[0] < 0 || fds[1] < 0)
     die("the engine refused this VM: %s", strerror(-rep.err));
   doorbell = fds[1];

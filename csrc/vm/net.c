@@ -13,10 +13,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/inet_diag.h>
-#include <linux/netlink.h>
-#include <linux/sock_diag.h>
-#include <linux/unix_diag.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -26,6 +22,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -33,7 +30,9 @@
 
 #include "netkernel/abi.h"
 #include "netkernel/fdpass.h"
+#include "netkernel/unixdiag.h"
 #include "netkernel/vmnet.h"
+#include "port.h"
 #include "vm.h"
 
 #define MAX_CONNS 1024
@@ -46,15 +45,9 @@ struct conn { /* a GuestLib control connection */
   uint32_t new_id; /* the proxy it brings */
 };
 
-struct proxy {
-  int fd;       /* our end; the program holds the other */
-  uint64_t ino; /* the program's end */
-  bool blocked;
-  bool zombie; /* the connection is over and our end closed; waiting for the program's to go */
-};
-
 static struct conn conns[MAX_CONNS];
-static struct proxy *guest_ids, *host_ids;
+/* By id: our end of each proxy pair (the program holds the other). */
+static struct nk_vm_proxies proxies;
 static uint32_t next_id = 1;
 static int ep, port, bar = -1, doorbell = -1;
 static uint8_t *region;
@@ -78,20 +71,13 @@ static uint64_t region_len, bar_len; /* what we map of the region; the whole BAR
 
 static uint64_t tag(enum kind k, uint32_t v) { return (uint64_t)k << 32 | v; }
 
-static struct proxy *proxy_of(uint32_t id) {
-  if (id & NK_VMNET_HOSTID) {
-    id &= ~NK_VMNET_HOSTID;
-    return id && id < NK_VMNET_IDS ? &host_ids[id] : NULL;
-  }
-  return id && id < NK_VMNET_IDS ? &guest_ids[id] : NULL;
-}
+static struct nk_vm_proxy *proxy_of(uint32_t id) { return nk_vm_proxy(&proxies, id); }
 
 static void put(uint16_t type, uint32_t a, uint32_t b, const void *p, uint32_t len) {
-  struct nk_vmnet h = {.len = len, .type = type, .a = a, .b = b};
-  char buf[sizeof(h) + NK_VMNET_MAX];
-  memcpy(buf, &h, sizeof(h));
-  if (len) memcpy(buf + sizeof(h), p, len);
-  nk_vm_write_all(port, buf, sizeof(h) + len);
+  if (!nk_vm_put(port, type, a, b, p, len)) { /* nobody can reach this guest any more */
+    nk_vm_say("the network port failed: %s", strerror(errno));
+    reboot(RB_POWER_OFF);
+  }
 }
 
 static void close_fd(int fd) { close(fd); }
@@ -150,17 +136,10 @@ static void end_conn(uint32_t c) {
 static void on_ctl(uint32_t c) {
   struct conn *k = &conns[c];
   struct nk_req req;
-  union {
-    char buf[CMSG_SPACE(sizeof(int) * NK_FDPASS_MAX)];
-    struct cmsghdr align;
-  } cm;
-  struct iovec iov = {.iov_base = &req, .iov_len = sizeof(req)};
-  struct msghdr mh = {
-      .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
-  ssize_t n = recvmsg(k->fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  int fd;
+  ssize_t n =
+      nk_recv_with_fds(k->fd, &req, sizeof(req), &fd, 1, MSG_CMSG_CLOEXEC | MSG_DONTWAIT, close_fd);
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-  int fd = -1;
-  nk_take_fds(&mh, &fd, 1, close_fd);
   if (n <= 0) {
     if (fd >= 0) close(fd);
     end_conn(c);
@@ -178,7 +157,7 @@ static void on_ctl(uint32_t c) {
   uint32_t id = 0;
   if (brings) {
     id = next_id++; /* not reused, as the bridge's: see there */
-    guest_ids[id] = (struct proxy){.fd = fd, .ino = req.inode};
+    *proxy_of(id) = (struct nk_vm_proxy){.fd = fd, .ino = req.inode};
   } else if (fd >= 0) {
     close(fd);
   }
@@ -200,7 +179,7 @@ static void on_rep(uint32_t c, const char *p, uint32_t len) {
     else nfds = 2;
   }
   if (k->new_id) {
-    struct proxy *q = proxy_of(k->new_id);
+    struct nk_vm_proxy *q = proxy_of(k->new_id);
     if (rep.err == 0) {
       int big = 1 << 20; /* room for the records the engine sends before they are read */
       setsockopt(q->fd, SOL_SOCKET, SO_SNDBUF, &big, sizeof(big));
@@ -217,7 +196,7 @@ static void on_rep(uint32_t c, const char *p, uint32_t len) {
 
 /* A program queued a blocker on a proxy (its transmit ring is full), or closed its end. */
 static void on_proxy(uint32_t id, uint32_t events) {
-  struct proxy *q = proxy_of(id);
+  struct nk_vm_proxy *q = proxy_of(id);
   if (!q || q->fd < 0) return;
   if (events & EPOLLIN && !q->blocked) {
     char probe[NK_BLOCKER_SIZE];
@@ -242,41 +221,14 @@ static void on_proxy(uint32_t id, uint32_t events) {
 /* Whether the socket with inode ino still exists in the guest: 1 yes, 0 no, -errno. */
 static int diag_exists(uint64_t ino) {
   if (diag < 0) diag = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
-  if (diag < 0) return -errno;
-  struct {
-    struct nlmsghdr nh;
-    struct unix_diag_req r;
-  } req = {
-      .nh = {.nlmsg_len = sizeof(req),
-             .nlmsg_type = SOCK_DIAG_BY_FAMILY,
-             .nlmsg_flags = NLM_F_REQUEST},
-      .r = {.sdiag_family = AF_UNIX,
-            .udiag_states = ~0u,
-            .udiag_ino = (uint32_t)ino,
-            .udiag_cookie = {INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE}},
-  };
-  if (send(diag, &req, sizeof(req), 0) < 0) return -errno;
-  union {
-    char buf[4096];
-    struct nlmsghdr align;
-  } u;
-  ssize_t n = recv(diag, u.buf, sizeof(u.buf), 0);
-  if (n < 0) return -errno;
-  struct nlmsghdr *h = &u.align;
-  if (!NLMSG_OK(h, (size_t)n)) return -EPROTO;
-  if (h->nlmsg_type == NLMSG_ERROR) {
-    struct nlmsgerr *e = NLMSG_DATA(h);
-    return e->error == -ENOENT ? 0 : e->error;
-  }
-  return h->nlmsg_type == SOCK_DIAG_BY_FAMILY &&
-         ((struct unix_diag_msg *)NLMSG_DATA(h))->udiag_ino == (uint32_t)ino;
+  return diag < 0 ? -errno : nk_unix_diag(diag, ino, NULL);
 }
 
 /* Zombies whose program end is gone: the bridge lets the host's go, and the engine the slot. */
 static void sweep(void) {
   size_t kept = 0;
   for (size_t i = 0; i < nzombies; i++) {
-    struct proxy *q = proxy_of(zombies[i]);
+    struct nk_vm_proxy *q = proxy_of(zombies[i]);
     int r = q && q->ino ? diag_exists(q->ino) : 0;
     if (r != 0) { /* still there (or no answer: look again) */
       zombies[kept++] = zombies[i];
@@ -330,12 +282,12 @@ static void on_frame(struct nk_vmnet *h, char *p) {
       on_rep(h->a, p, h->len);
       break;
     case NK_VMNET_READY: {
-      struct proxy *q = proxy_of(h->a);
+      struct nk_vm_proxy *q = proxy_of(h->a);
       if (q && q->fd >= 0 && h->len == 1) send(q->fd, p, 1, MSG_NOSIGNAL | MSG_DONTWAIT);
       break;
     }
     case NK_VMNET_NEWCONN: {
-      struct proxy *l = proxy_of(h->a), *q = proxy_of(h->b);
+      struct nk_vm_proxy *l = proxy_of(h->a), *q = proxy_of(h->b);
       if (!l || !q || !(h->b & NK_VMNET_HOSTID) || q->fd >= 0 ||
           h->len != sizeof(struct nk_newconn))
         break;
@@ -360,14 +312,14 @@ static void on_frame(struct nk_vmnet *h, char *p) {
           __atomic_store_n(&((struct nk_slot *)(region + off))->inode, (uint64_t)st.st_ino,
                            __ATOMIC_RELEASE);
       }
-      *q = (struct proxy){.fd = sv[1], .ino = (uint64_t)st.st_ino};
+      *q = (struct nk_vm_proxy){.fd = sv[1], .ino = (uint64_t)st.st_ino};
       watch(sv[1], EPOLLIN, tag(K_PROXY, h->b), EPOLL_CTL_ADD);
       nk_send_with_fds(sendmsg, l->fd, &nc, sizeof(nc), &sv[0], 1, MSG_NOSIGNAL | MSG_DONTWAIT);
       close(sv[0]);
       break;
     }
     case NK_VMNET_UNBLOCK: {
-      struct proxy *q = proxy_of(h->a);
+      struct nk_vm_proxy *q = proxy_of(h->a);
       if (!q || q->fd < 0 || !q->blocked) break;
       char rec[NK_BLOCKER_SIZE];
       recv(q->fd, rec, sizeof(rec), MSG_DONTWAIT); /* the program's end is writable again */
@@ -379,7 +331,7 @@ static void on_frame(struct nk_vmnet *h, char *p) {
       /* As the engine does for a namespace tenant: close our end, so the program's reads
        * POLLIN|POLLOUT|POLLHUP as Linux reports, and keep the socket until the program's end
        * is gone (its ring may hold bytes it has not read yet). */
-      struct proxy *q = proxy_of(h->a);
+      struct nk_vm_proxy *q = proxy_of(h->a);
       if (!q || q->fd < 0 || q->zombie) break;
       close(q->fd);
       q->fd = -1;
@@ -402,28 +354,13 @@ static void on_frame(struct nk_vmnet *h, char *p) {
 }
 
 static void on_port(void) {
-  static char in[sizeof(struct nk_vmnet) + NK_VMNET_MAX];
-  static size_t have;
-  ssize_t r = read(port, in + have, sizeof(in) - have);
-  if (r < 0 && (errno == EINTR || errno == EAGAIN)) return;
-  if (r <= 0) {
-    usleep(100000); /* no bridge on the other side yet */
-    return;
-  }
-  have += (size_t)r;
-  for (;;) {
-    struct nk_vmnet h;
-    if (have < sizeof(h)) return;
-    memcpy(&h, in, sizeof(h));
-    if (h.len > NK_VMNET_MAX) { /* the host's bridge is ours; a broken one ends the network */
-      nk_vm_say("a frame of %u bytes from the bridge: the network stops", h.len);
-      close(port);
-      pthread_exit(NULL);
-    }
-    if (have < sizeof(h) + h.len) return;
-    on_frame(&h, in + sizeof(h));
-    have -= sizeof(h) + h.len;
-    memmove(in, in + sizeof(h) + h.len, have);
+  static struct nk_vm_reader in;
+  int r = nk_vm_read(port, &in, on_frame);
+  if (r == 0) usleep(100000); /* no bridge on the other side yet */
+  if (r < 0) {                /* the host's bridge is ours; a broken one ends the network */
+    nk_vm_say("a frame longer than %u bytes from the bridge: the network stops", NK_VMNET_MAX);
+    close(port);
+    pthread_exit(NULL);
   }
 }
 
@@ -450,10 +387,7 @@ void *nk_vm_net(void *arg) {
     nk_vm_say("no NetKernel region on the ivshmem device: the guest has no network");
     return NULL;
   }
-  guest_ids = calloc(NK_VMNET_IDS, sizeof(*guest_ids));
-  host_ids = calloc(NK_VMNET_IDS, sizeof(*host_ids));
-  if (!guest_ids || !host_ids) return NULL;
-  for (uint32_t i = 0; i < NK_VMNET_IDS; i++) guest_ids[i].fd = host_ids[i].fd = -1;
+  if (nk_vm_proxies_init(&proxies) < 0) return NULL;
   for (int c = 0; c < MAX_CONNS; c++) conns[c].fd = -1;
   doorbell = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   int lfd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);

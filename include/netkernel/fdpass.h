@@ -61,4 +61,21 @@ static inline int nk_take_fds(struct msghdr *mh, int *out, int want, void (*rest
   return total;
 }
 
+/* Receives one message of at most len bytes on sock (recvmsg), its first `want` descriptors
+ * into out[] and any others to rest(). Returns what recvmsg() does. */
+static inline ssize_t nk_recv_with_fds(int sock, void *buf, size_t len, int *out, int want,
+                                       int flags, void (*rest)(int fd)) {
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * NK_FDPASS_MAX)];
+    struct cmsghdr align;
+  } cm;
+  struct iovec iov = {.iov_base = buf, .iov_len = len};
+  struct msghdr mh = {
+      .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf, .msg_controllen = sizeof(cm.buf)};
+  ssize_t n = recvmsg(sock, &mh, flags);
+  if (n < 0) mh.msg_controllen = 0; /* nothing came: the buffer holds no descriptors */
+  nk_take_fds(&mh, out, want, rest);
+  return n;
+}
+
 #endif
