@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__, api, bench, config, lab, netns, vm
+from . import __version__, api, bench, config, lab, netns, pids, vm
 from . import tenant as launcher
 from .config import (
     ENGINE_PID_FILE,
@@ -412,21 +412,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -524,7 +509,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         except NetKernelError as e:
             log.warning("shutdown request failed (%s); sending SIGTERM", e)
             os.kill(pid, signal.SIGTERM)
-    elif pid is not None and _pid_alive(pid):
+    elif pid is not None and pids.alive(pid):
         # A daemon that no longer answers: ask the OS instead.
         was_running = True
         os.kill(pid, signal.SIGTERM)
@@ -553,7 +538,7 @@ def _is_engine(pid: int) -> bool:
 
 def _wait_gone(pid: int, what: str) -> None:
     deadline = time.monotonic() + STOP_TIMEOUT
-    while _pid_alive(pid):
+    while pids.alive(pid):
         if time.monotonic() > deadline:
             log.warning("%s (pid %d) did not stop; killing it", what, pid)
             os.kill(pid, signal.SIGKILL)

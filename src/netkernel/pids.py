@@ -32,3 +32,20 @@ def signal_if(pid: int, sig: int, still_ours: Callable[[int], bool]) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie child of ours counts as gone)."""
+    if pid <= 0:  # kill() would signal a process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

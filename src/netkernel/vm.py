@@ -235,22 +235,12 @@ def log_path(name: str) -> Path:
     return LOG_DIR / f"netkernel-vm-{name}.log"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_state(name: str) -> dict[str, Any] | None:
     try:
         st: dict[str, Any] = json.loads(_state_path(name).read_text())
     except (OSError, ValueError):
         return None
-    if not _alive(int(st.get("supervisor", 0))):
+    if not pids.alive(int(st.get("supervisor", 0))):
         return None
     return st
 
@@ -652,9 +642,9 @@ def stop(name: str) -> None:
     # A guest that does not power off (or no longer reads its port) is stopped the hard way:
     # QEMU (bubblewrap, which takes it along) and the supervisor, each if it is still this VM's.
     deadline = time.monotonic() + 5
-    while st and _alive(int(st["supervisor"])) and time.monotonic() < deadline:
+    while st and pids.alive(int(st["supervisor"])) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if st and _alive(int(st["supervisor"])):
+    if st and pids.alive(int(st["supervisor"])):
         for key in ("qemu", "supervisor"):
             since: str | None = st.get(f"{key}_start")
 
