@@ -145,8 +145,6 @@ static uint32_t env_u32(const char *name, uint32_t dflt) {
   return v && *v ? (uint32_t)strtoul(v, NULL, 0) : dflt;
 }
 
-/* A region the daemon kept from the last engine (keep.c): the same memfd, of the size this
- * engine would make, still sealed against resizing (else a tenant's truncate could SIGBUS us). */
 /* The region's file is a power of two long (the rest past `size` is never touched): a VM
  * tenant's guest maps it as an ivshmem PCI BAR, and a BAR's size is a power of two. */
 static uint64_t region_file_size(uint64_t size) {
@@ -155,6 +153,8 @@ static uint64_t region_file_size(uint64_t size) {
   return f;
 }
 
+/* A region the daemon kept from the last engine (keep.c): the same memfd, of the size this
+ * engine would make, still sealed against resizing (else a tenant's truncate could SIGBUS us). */
 static int region_adoptable(int fd, uint64_t size) {
   struct stat st;
   if (fstat(fd, &st) < 0) return -errno;

@@ -188,6 +188,12 @@ static void on_frame(struct nk_vmnet *h, char *p) {
     case NK_VMNET_CTL_REQ: {
       if (h->a >= MAX_CONNS || h->len != sizeof(struct nk_req)) break;
       struct conn *k = &conns[h->a];
+      if (k->fd < 0 && (k->fd = engine_connect()) >= 0) {
+        /* The engine died and the daemon started another (its regions are kept): this
+         * connection goes to the new one, as GuestLib's would. */
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = tag(K_CTL, h->a)};
+        epoll_ctl(ep, EPOLL_CTL_ADD, k->fd, &ev);
+      }
       struct nk_req req;
       memcpy(&req, p, sizeof(req));
       bool brings = req.op == NK_OP_SOCKET || req.op == NK_OP_RENEW;
@@ -211,7 +217,7 @@ static void on_frame(struct nk_vmnet *h, char *p) {
         k->new_fd = sv[0];
       }
       /* req.inode is the guest end's inode: the engine writes it into the slot, where the
-     * guest's GuestLib looks its sockets up; it is not the engine's to check. */
+       * guest's GuestLib looks its sockets up; it is not the engine's to check. */
       ssize_t n;
       do n = nk_send_with_fds(sendmsg, k->fd, &req, sizeof(req), &sv[1], brings, MSG_NOSIGNAL);
       while (n < 0 && errno == EINTR);
